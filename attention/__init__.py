@@ -1,0 +1,1 @@
+"""Attention over the paged KV cache (backends arrive with the attention issue)."""
