@@ -1,0 +1,51 @@
+"""PagedKV: page-major K/V tensors plus the PagePool that hands their pages out.
+
+    storage[page, layer, k_or_v, token, kv_head, dim]      (num_pages, *spec.page_shape)
+
+Why page-major: all of one page's K and V, for every layer, is one contiguous block, so moving a
+run of consecutive pages between device and host is a single ``copy_`` whatever the model depth
+(a layer-major layout would need 2 x num_layers copies per run). Each layer's K and V are still
+the ``[num_pages, page_size, num_kv_heads, head_dim]`` tensors paged kernels take: strided views
+whose last dimension is contiguous; flash-attn reads the page stride from the tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+from baton_paged.allocator.kv_spec import KVCacheSpec
+from baton_paged.allocator.page_pool import PagePool
+
+
+class PagedKV:
+    """``num_pages`` pages of ``spec`` on ``device``; a page id indexes ``storage`` and ``pool``."""
+
+    def __init__(
+        self,
+        spec: KVCacheSpec,
+        num_pages: int,
+        device: torch.device | str,
+        *,
+        pin_memory: bool = False,
+        name: str = "page pool",
+    ):
+        self.spec = spec
+        self.pool = PagePool(num_pages, name=name)
+        # Zeroed, not empty: the padded backend reads whole pages and must never meet NaN garbage.
+        self.storage = torch.zeros(
+            (num_pages, *spec.page_shape), dtype=spec.dtype, device=device, pin_memory=pin_memory
+        )
+
+    @property
+    def num_pages(self) -> int:
+        return self.pool.num_pages
+
+    @property
+    def device(self) -> torch.device:
+        return self.storage.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.storage.nbytes
+
+    def check_integrity(self) -> None:
+        self.pool.check_integrity()
