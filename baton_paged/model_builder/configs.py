@@ -1,0 +1,63 @@
+"""Model shapes the builder knows: three architectures at two sizes.
+
+``tiny`` is for unit tests (a forward takes microseconds); ``small`` is a ~28M-parameter model
+whose decode step costs enough for benchmarks to mean something on a CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import GPT2Config, LlamaConfig, PretrainedConfig, Qwen2Config
+
+ARCHS = ("llama", "qwen2", "gpt2")
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    """GQA for Llama/Qwen2; GPT-2 has no GQA and uses ``num_heads``."""
+    intermediate_size: int
+    max_positions: int
+
+
+SIZES = {
+    "tiny": ModelSize(512, 64, 2, 4, 2, 128, 1024),
+    "small": ModelSize(4096, 512, 8, 8, 4, 1408, 2048),
+}
+
+
+def model_config(arch: str, size: str, eos_token_id: int) -> PretrainedConfig:
+    """The HF config of ``arch`` at ``size``, with ``eos_token_id`` as BOS, EOS and padding."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
+    s = SIZES[size]
+    special = {"bos_token_id": eos_token_id, "eos_token_id": eos_token_id}
+    special["pad_token_id"] = eos_token_id
+    if arch == "gpt2":
+        return GPT2Config(
+            vocab_size=s.vocab_size,
+            n_embd=s.hidden_size,
+            n_layer=s.num_layers,
+            n_head=s.num_heads,
+            n_positions=s.max_positions,
+            **special,
+        )
+    config_class = LlamaConfig if arch == "llama" else Qwen2Config
+    return config_class(
+        vocab_size=s.vocab_size,
+        hidden_size=s.hidden_size,
+        num_hidden_layers=s.num_layers,
+        num_attention_heads=s.num_heads,
+        num_key_value_heads=s.num_kv_heads,
+        intermediate_size=s.intermediate_size,
+        max_position_embeddings=s.max_positions,
+        tie_word_embeddings=False,
+        **special,
+    )

@@ -1,0 +1,106 @@
+"""The model builder: deterministic random-weight HF checkpoints that plain HF loads and runs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from baton_paged.model_builder import (
+    MARKER_FILE,
+    build_model,
+    cached_model,
+    model_config,
+    read_marker,
+)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_checkpoint_loads_and_generates_with_plain_hf(tiny_model_dir, arch):
+    path = tiny_model_dir(arch)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.model_type == arch
+    ids = tokenizer("def main():\n    return 42", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert out.shape == (1, ids.shape[1] + 5)
+    assert read_marker(path) == {"random_weights": True, "arch": arch, "size": "tiny", "seed": 0}
+
+
+def test_tokenizer_is_byte_level_and_round_trips_any_text(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    text = "héllo wörld ✓ \x00 tabs\tand\nnewlines 🙂"
+    assert tokenizer.decode(tokenizer(text).input_ids) == text
+    assert (
+        tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token_id == tokenizer.eos_token_id
+    )
+
+
+def test_chat_template_only_where_the_real_architecture_has_one(tiny_model_dir):
+    chat = AutoTokenizer.from_pretrained(tiny_model_dir("qwen2"))
+    prompt = chat.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert prompt == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert AutoTokenizer.from_pretrained(tiny_model_dir("gpt2")).chat_template is None
+
+
+def test_same_arguments_give_the_same_checkpoint(tmp_path, tiny_model_dir):
+    again = build_model(tmp_path / "again", "llama", "tiny")
+    first = tiny_model_dir("llama")
+    a, b = load_file(first / "model.safetensors"), load_file(again / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (first / "tokenizer.json").read_text() == (again / "tokenizer.json").read_text()
+    other_seed = load_file(
+        build_model(tmp_path / "seed1", "llama", "tiny", seed=1) / "model.safetensors"
+    )
+    assert not torch.equal(
+        a["model.layers.0.mlp.up_proj.weight"], other_seed["model.layers.0.mlp.up_proj.weight"]
+    )
+
+
+def test_building_does_not_disturb_the_global_rng(tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    build_model(tmp_path, "gpt2", "tiny")
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize(("arch", "millions"), [("llama", 27.8), ("qwen2", 27.8), ("gpt2", 28.3)])
+def test_small_is_about_28m_parameters(arch, millions):
+    config = model_config(arch, "small", eos_token_id=0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.1)
+    if arch == "llama":
+        assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (
+            512,
+            8,
+            8,
+        )
+        assert (config.num_key_value_heads, config.vocab_size) == (4, 4096)
+
+
+@pytest.mark.parametrize(("arch", "size"), [("mamba", "tiny"), ("llama", "huge")])
+def test_unknown_arch_or_size_is_refused_before_writing(tmp_path, arch, size):
+    with pytest.raises(ValueError, match="unknown"):
+        build_model(tmp_path / "m", arch, size)
+    assert not (tmp_path / "m").exists()
+
+
+def test_marker_is_absent_for_foreign_checkpoints(tmp_path):
+    assert read_marker(tmp_path) is None
+    (tmp_path / MARKER_FILE).write_text(json.dumps({"random_weights": True}))
+    assert read_marker(tmp_path) == {"random_weights": True}
+
+
+def test_cached_model_builds_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("BATON_PAGED_CACHE", str(tmp_path))
+    first = cached_model("gpt2", "tiny")
+    assert first == tmp_path / "models" / "gpt2-tiny-seed0"
+    stamp = (first / "model.safetensors").stat().st_mtime_ns
+    assert cached_model("gpt2", "tiny") == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["gpt2-tiny-seed0"]
