@@ -1,0 +1,75 @@
+"""The one interface every attention backend implements, and what a backend is asked to support.
+
+A backend's ``forward`` writes the step's new K/V into the paged cache through the slot mapping,
+then attends every packed query token to its own request's context (bottom-right causal: query
+``i`` of a request with ``q`` new tokens and context ``c`` sees keys ``<= c - q + i``). Inputs
+and output are packed: query ``[T, Hq, D]``, key/value ``[T, Hkv, D]``, output ``[T, Hq, D]``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from baton_paged.allocator.kv_cache import KVCache
+from baton_paged.attention.metadata import AttentionMetadata
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly chosen backend cannot run here; the message says why."""
+
+
+@dataclass(frozen=True)
+class AttentionRequirements:
+    """What the engine will ask of a backend; capability checks answer from this alone."""
+
+    device: torch.device
+    dtype: torch.dtype
+    page_size: int
+    head_dim: int
+    num_query_heads: int
+    num_kv_heads: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 for MHA)."""
+        return self.num_query_heads // self.num_kv_heads
+
+
+class AttentionBackend(ABC):
+    """Paged attention over a ``KVCache`` for one step described by ``AttentionMetadata``."""
+
+    name: ClassVar[str]
+    preferred_page_size: ClassVar[int] = 16
+
+    @classmethod
+    def unsupported_reason(cls, req: AttentionRequirements) -> str | None:
+        """Why this backend cannot serve ``req`` (missing package, device, dtype...), or None.
+        The default suits backends built from plain PyTorch ops, which run wherever torch does."""
+        return None
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        cache.write(layer, meta.slot_mapping, key, value)
+        return self.attend(query, cache.key(layer), cache.value(layer), meta, scale)
+
+    @abstractmethod
+    def attend(
+        self,
+        query: torch.Tensor,
+        key_pages: torch.Tensor,
+        value_pages: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Packed ``[T, Hq, D]`` output from the pages ``[P, page_size, Hkv, D]`` of one layer."""

@@ -1,0 +1,84 @@
+"""Choosing an attention backend by name or automatically, with imports kept lazy.
+
+Backend modules are imported only when asked for, so a missing flash-attn or xformers never
+breaks ``import baton_paged``. ``auto`` takes the first backend in the device's preference order
+that can serve the requirements; naming a backend that cannot run is an error that says why,
+never a silent substitution.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import replace
+
+from baton_paged.attention.base import (
+    AttentionBackend,
+    AttentionRequirements,
+    BackendUnavailableError,
+)
+
+AUTO = "auto"
+
+BACKENDS = {
+    "torch": "baton_paged.attention.torch_backend:TorchBackend",
+    "padded": "baton_paged.attention.padded_backend:PaddedBackend",
+    "flash_attn": "baton_paged.attention.flash_backend:FlashAttnBackend",
+    "xformers": "baton_paged.attention.xformers_backend:XformersBackend",
+}
+
+# On CUDA the varlen kernels win; the single-launch padded batch beats one SDPA launch per
+# request. On CPU the torch backend's per-request forms win (attention/torch_backend.py).
+AUTO_ORDER = {
+    "cuda": ("flash_attn", "xformers", "padded"),
+    "cpu": ("torch",),
+}
+FALLBACK_ORDER = ("torch",)
+
+
+def backend_class(name: str) -> type[AttentionBackend]:
+    """The class registered as ``name``; ValueError naming the choices for an unknown name."""
+    if name not in BACKENDS:
+        choices = ", ".join([AUTO, *BACKENDS])
+        raise ValueError(f"unknown attention backend {name!r}; choose one of: {choices}")
+    module_name, class_name = BACKENDS[name].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def unsupported_reasons(req: AttentionRequirements) -> dict[str, str | None]:
+    """Every registered backend mapped to why it cannot serve ``req`` (None: it can)."""
+    return {name: backend_class(name).unsupported_reason(req) for name in BACKENDS}
+
+
+def available_backends(req: AttentionRequirements) -> list[str]:
+    return [name for name, reason in unsupported_reasons(req).items() if reason is None]
+
+
+def resolve_backend_name(name: str, req: AttentionRequirements) -> str:
+    """The backend ``name`` stands for: itself if it can serve ``req``, or the auto choice."""
+    if name != AUTO:
+        reason = backend_class(name).unsupported_reason(req)
+        if reason is not None:
+            raise BackendUnavailableError(f"attention backend {name!r} cannot run here: {reason}")
+        return name
+    for candidate in AUTO_ORDER.get(req.device.type, FALLBACK_ORDER):
+        if backend_class(candidate).unsupported_reason(req) is None:
+            return candidate
+    return FALLBACK_ORDER[0]
+
+
+def suggested_page_size(name: str, req: AttentionRequirements) -> int:
+    """The page size to build the cache with when the user did not choose one: that of the
+    backend ``name`` resolves to once each candidate is offered its own preferred size (so
+    ``auto`` on an Ampere+ GPU with a flash kernel gets 256-token pages). ``req.page_size`` is
+    ignored."""
+    candidates = AUTO_ORDER.get(req.device.type, FALLBACK_ORDER) if name == AUTO else (name,)
+    for candidate in candidates:
+        cls = backend_class(candidate)
+        if cls.unsupported_reason(replace(req, page_size=cls.preferred_page_size)) is None:
+            return cls.preferred_page_size
+    return backend_class(FALLBACK_ORDER[0]).preferred_page_size
+
+
+def create_backend(name: str, req: AttentionRequirements) -> AttentionBackend:
+    """A ready backend for ``req``: ``name`` is a registered backend or ``"auto"``."""
+    return backend_class(resolve_backend_name(name, req))()

@@ -1,0 +1,74 @@
+"""Backend registry: lazy imports, auto choice, and errors that name the reason."""
+
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from baton_paged.attention import (
+    AttentionRequirements,
+    BackendUnavailableError,
+    available_backends,
+    create_backend,
+    resolve_backend_name,
+    suggested_page_size,
+    unsupported_reasons,
+)
+from baton_paged.attention.padded_backend import PaddedBackend
+from baton_paged.attention.torch_backend import TorchBackend
+
+CPU = AttentionRequirements(torch.device("cpu"), torch.float32, 16, 64, 8, 4)
+CUDA_BF16 = AttentionRequirements(torch.device("cuda"), torch.bfloat16, 256, 64, 8, 4)
+
+
+def test_cpu_gets_the_torch_backend_by_default():
+    assert resolve_backend_name("auto", CPU) == "torch"
+    assert isinstance(create_backend("auto", CPU), TorchBackend)
+    assert isinstance(create_backend("padded", CPU), PaddedBackend)
+    assert available_backends(CPU) == ["torch", "padded"]
+    assert suggested_page_size("auto", CPU) == 16
+
+
+def test_unknown_name_lists_the_choices():
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'.*flash_attn"):
+        create_backend("flash", CPU)
+
+
+@pytest.mark.parametrize("name", ["flash_attn", "xformers"])
+def test_gpu_backend_chosen_on_cpu_says_it_needs_cuda(name):
+    with pytest.raises(BackendUnavailableError, match=f"'{name}' cannot run here: needs a CUDA"):
+        create_backend(name, CPU)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"dtype": torch.float32}, "float16 and bfloat16 only"),
+        ({"page_size": 16}, "multiple of 256, not 16"),
+        ({"head_dim": 12}, "head dim <= 256 and a multiple of 8, not 12"),
+        ({"head_dim": 512}, "not 512"),
+    ],
+)
+def test_flash_capability_checks_name_the_reason(change, message):
+    assert message in unsupported_reasons(replace(CUDA_BF16, **change))["flash_attn"]
+
+
+def test_importing_the_package_loads_no_optional_kernel():
+    code = (
+        "import sys, baton_paged.attention\n"
+        "loaded = [m for m in sys.modules if m.split('.')[0] in ('flash_attn', 'xformers')\n"
+        "          or m.endswith(('flash_backend', 'xformers_backend'))]\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+def test_auto_on_cuda_prefers_a_varlen_kernel_and_its_page_size():
+    req = AttentionRequirements(torch.device("cuda"), torch.bfloat16, 16, 64, 8, 4)
+    page_size = suggested_page_size("auto", req)
+    name = resolve_backend_name("auto", replace(req, page_size=page_size))
+    assert name in ("flash_attn", "xformers", "padded")
+    if name == "flash_attn":
+        assert page_size == 256
