@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache: step metadata and backends.
+"""Attention over the paged KV cache: step metadata, backends, and the transformers bridge.
 
 Installed as ``baton_paged.attention``. Optional kernels (flash-attn, xformers) are imported only
 when their backend is created, so importing this package never needs them.
@@ -8,6 +8,14 @@ from baton_paged.attention.base import (
     AttentionBackend,
     AttentionRequirements,
     BackendUnavailableError,
+)
+from baton_paged.attention.hf_bridge import (
+    ATTN_IMPLEMENTATION,
+    PagedStep,
+    UnsupportedModelError,
+    attach,
+    paged_attention,
+    unsupported_model_reason,
 )
 from baton_paged.attention.metadata import AttentionMetadata
 from baton_paged.attention.registry import (
@@ -21,15 +29,21 @@ from baton_paged.attention.registry import (
 )
 
 __all__ = [
+    "ATTN_IMPLEMENTATION",
     "AUTO",
     "BACKENDS",
     "AttentionBackend",
     "AttentionMetadata",
     "AttentionRequirements",
     "BackendUnavailableError",
+    "PagedStep",
+    "UnsupportedModelError",
+    "attach",
     "available_backends",
     "create_backend",
+    "paged_attention",
     "resolve_backend_name",
     "suggested_page_size",
+    "unsupported_model_reason",
     "unsupported_reasons",
 ]
