@@ -1,0 +1,162 @@
+"""The sampler: one step's logits in, one token per request out (plus log-probabilities on request).
+
+Order of operations, per row: suppressed ids are set to -inf (the engine forbids EOS and stop ids
+while a request is below ``min_tokens``; this applies to greedy rows too), then greedy rows take
+the argmax and random rows go through temperature, top-k, top-p and a multinomial draw.
+
+Two rules shape the code:
+- Greedy must match HF ``generate`` token for token, so greedy rows are a plain argmax (ties go to
+  the lowest id, as ``torch.argmax``) and float64 logits stay float64; other dtypes work in float32.
+- A seeded request must give the same tokens whatever else is in the batch, so each random row
+  draws from its own generator. The filtering before the draw is vectorised, but every operation
+  in it is row-wise, so a row's probabilities never depend on its neighbours.
+
+Log-probabilities are vLLM's default "raw" ones: ``log_softmax`` of the logits as the model gave
+them, before suppression, temperature and filtering, so they describe the model, not the sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from baton_paged.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """One token's log-probability, in vLLM's shape."""
+
+    logprob: float
+    rank: int
+    """1 + the number of tokens more likely than this one (tied tokens share a rank)."""
+    decoded_token: str | None = None
+    """The token's text; the sampler has no tokenizer, the engine fills it in."""
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """What the sampler needs to know about one row of logits."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    """The request's own generator (on the logits' device), or None for torch's default one."""
+    suppressed_token_ids: tuple[int, ...] = ()
+    """Token ids this row may not produce this step (EOS and stop ids below ``min_tokens``)."""
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob] | None]
+    """Per row: None if the request did not ask, else the sampled token first, then the top
+    ``params.logprobs`` tokens (one entry per token id)."""
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
+    """Sample one token per row of ``logits`` (``[N, V]``; row ``i`` belongs to ``rows[i]``)."""
+    if logits.ndim != 2 or logits.shape[0] != len(rows):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(rows)} rows")
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    scores = logits.detach().to(dtype=dtype, copy=True)
+    raw = _raw_logprobs(scores, rows)
+    _suppress(scores, rows)
+    tokens = torch.empty(len(rows), dtype=torch.long, device=scores.device)
+    greedy = [i for i, row in enumerate(rows) if row.params.is_greedy]
+    if greedy:
+        tokens[greedy] = scores[greedy].argmax(dim=-1)
+    random = [i for i, row in enumerate(rows) if not row.params.is_greedy]
+    if random:
+        tokens[random] = _sample_random(scores[random], [rows[i] for i in random])
+    token_ids = tokens.tolist()
+    return SampleResult(token_ids, _collect_logprobs(raw, token_ids, rows))
+
+
+def _suppress(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Set every row's suppressed ids to -inf in place, with one indexed write for the batch."""
+    row_index = [i for i, row in enumerate(rows) for _ in row.suppressed_token_ids]
+    if not row_index:
+        return
+    token_index = [t for row in rows for t in row.suppressed_token_ids]
+    device = scores.device
+    scores[torch.tensor(row_index, device=device), torch.tensor(token_index, device=device)] = (
+        float("-inf")
+    )
+
+
+def _sample_random(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Temperature, then top-k, then top-p, then one multinomial draw per row on its generator."""
+    temperatures = [row.params.temperature for row in rows]
+    scores = scores / torch.tensor(temperatures, dtype=scores.dtype, device=scores.device)[:, None]
+    if any(_filters(row.params) for row in rows):
+        scores = _top_k_top_p(scores, [row.params for row in rows])
+    probs = scores.softmax(dim=-1)
+    draws = [torch.multinomial(probs[i], 1, generator=row.generator) for i, row in enumerate(rows)]
+    return torch.cat(draws)
+
+
+def _filters(params: SamplingParams) -> bool:
+    return not params.top_k_disabled or params.top_p < 1
+
+
+def _top_k_top_p(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Set tokens outside each row's top-k, then outside its top-p nucleus, to -inf.
+
+    One stable descending sort serves both: top-k keeps the first k positions (exactly k tokens,
+    ties to the lowest id, so ``top_k=1`` is the greedy argmax); top-p then drops every token whose
+    more likely predecessors already reach ``top_p``, which keeps the smallest set reaching it and
+    always the top token (nothing precedes it, and ``top_p > 0``). A row with ``top_p == 1`` skips
+    top-p: rounding can make a float cumulative sum reach 1 before the tail, which would drop tokens
+    that should stay.
+    """
+    vocab = scores.shape[-1]
+    sorted_scores, order = scores.sort(dim=-1, descending=True, stable=True)
+    device = scores.device
+    top_k = torch.tensor([vocab if p.top_k_disabled else p.top_k for p in params], device=device)
+    positions = torch.arange(vocab, device=device)
+    sorted_scores = sorted_scores.masked_fill(positions >= top_k[:, None], float("-inf"))
+    probs = sorted_scores.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs
+    top_p = [p.top_p if p.top_p < 1 else float("inf") for p in params]
+    outside = before >= torch.tensor(top_p, dtype=probs.dtype, device=device)[:, None]
+    sorted_scores = sorted_scores.masked_fill(outside, float("-inf"))
+    return torch.empty_like(scores).scatter_(-1, order, sorted_scores)
+
+
+def _raw_logprobs(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> dict[int, torch.Tensor]:
+    """``log_softmax`` of the unmodified logits of the rows that asked, by row index."""
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    if not wanted:
+        return {}
+    logprobs = scores[wanted].log_softmax(dim=-1)
+    return dict(zip(wanted, logprobs, strict=True))
+
+
+def _collect_logprobs(
+    raw: dict[int, torch.Tensor], token_ids: Sequence[int], rows: Sequence[SamplingRow]
+) -> list[dict[int, Logprob] | None]:
+    return [
+        _row_logprobs(raw[i], token_ids[i], row.params.logprobs) if i in raw else None
+        for i, row in enumerate(rows)
+    ]
+
+
+def _row_logprobs(logprobs: torch.Tensor, sampled: int, top_n: int) -> dict[int, Logprob]:
+    """The sampled token, then the ``top_n`` most likely ones; a token in both appears once.
+
+    A rank counts strictly more likely tokens, so it does not depend on how ``topk`` orders ties.
+    Every token more likely than the j-th top value is itself among the first j - 1, so the top
+    tokens' ranks come from the top values alone, without another pass over the vocabulary.
+    """
+    sampled_logprob = logprobs[sampled]
+    sampled_rank = int((logprobs > sampled_logprob).sum()) + 1
+    result = {sampled: Logprob(float(sampled_logprob), sampled_rank)}
+    if top_n == 0:
+        return result
+    values, ids = logprobs.topk(min(top_n, logprobs.shape[-1]))
+    ranks = (values[None, :] > values[:, None]).sum(dim=-1) + 1
+    for token_id, value, rank in zip(ids.tolist(), values.tolist(), ranks.tolist(), strict=True):
+        result.setdefault(token_id, Logprob(value, rank))
+    return result

@@ -1,0 +1,138 @@
+"""SamplingParams: how one request turns logits into tokens and when it stops.
+
+Field names, defaults and meanings follow vLLM's ``SamplingParams`` so a vLLM script that uses this
+subset runs unchanged. Every value is checked once, here, when the request is made: the sampler and
+the engine's stop checks then trust them, and a bad request fails with a message naming the field
+instead of deep inside a step. Stop strings and ids are normalised to tuples, so the params are
+hashable and the engine never tests for None.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from numbers import Real
+
+GREEDY_TEMPERATURE = 1e-5
+"""Below this temperature sampling is greedy (argmax), as in vLLM: dividing by ~0 only overflows."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling and stopping settings of one request (a vLLM-compatible subset)."""
+
+    temperature: float = 1.0
+    """Softmax temperature; below 1e-5 decoding is greedy (argmax)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the fewest most likely tokens whose probability sums to at least
+    top_p, in (0, 1]; 1 keeps every token."""
+    top_k: int = 0
+    """Keep only the top_k most likely tokens; 0 or -1 keeps every token."""
+    seed: int | None = None
+    """Seed of this request's own random generator, so its tokens do not depend on the rest of the
+    batch; None draws from the engine's shared generator."""
+    max_tokens: int | None = 16
+    """Most tokens to generate; None means up to the model's context length."""
+    min_tokens: int = 0
+    """Tokens to generate before EOS or a stop token id may end the request."""
+    stop: str | list[str] | None = None
+    """String or strings that end generation when they appear in the output text; the text is
+    cut before the stop string."""
+    stop_token_ids: list[int] | None = None
+    """Token ids that end generation (besides EOS); they stay in the output token ids."""
+    ignore_eos: bool = False
+    """Keep generating after EOS (for benchmarks that need exactly max_tokens tokens)."""
+    logprobs: int | None = None
+    """Number of most likely tokens whose log-probabilities are returned per generated token,
+    besides the sampled token's own; None returns none."""
+    include_stop_str_in_output: bool = False
+    """Keep the matched stop string at the end of the output text."""
+    skip_special_tokens: bool = True
+    """Leave special tokens (EOS, chat markers) out of the output text."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", _normalise_stop(self.stop))
+        object.__setattr__(self, "stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
+        _check_temperature(self.temperature)
+        _check_top_p(self.top_p)
+        _check_top_k(self.top_k)
+        _check_optional_int("seed", self.seed, minimum=None)
+        _check_token_counts(self.max_tokens, self.min_tokens)
+        _check_optional_int("logprobs", self.logprobs, minimum=0)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def top_k_disabled(self) -> bool:
+        return self.top_k in (0, -1)
+
+
+def _is_int(value: object) -> bool:
+    """True for ints but not bools: ``top_k=True`` is a bug in the caller, not a 1."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _normalise_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:
+    strings = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    for string in strings:
+        if not isinstance(string, str):
+            raise ValueError(f"stop must be a string or a list of strings, got {string!r} in it")
+        if not string:
+            # "" occurs at every position: it would end every request before its first token.
+            raise ValueError(f"stop strings must be non-empty, got stop={list(strings)!r}")
+    return strings
+
+
+def _normalise_stop_token_ids(ids: Sequence[int] | None) -> tuple[int, ...]:
+    ids = tuple(ids or ())
+    for token_id in ids:
+        if not _is_int(token_id) or token_id < 0:
+            raise ValueError(
+                f"stop_token_ids must be token ids >= 0, got {token_id!r} in {list(ids)!r}"
+            )
+    return ids
+
+
+def _check_temperature(temperature: float) -> None:
+    if not isinstance(temperature, Real) or isinstance(temperature, bool):
+        raise ValueError(f"temperature must be a number, got {temperature!r}")
+    if math.isnan(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got temperature={temperature}")
+
+
+def _check_top_p(top_p: float) -> None:
+    if not isinstance(top_p, Real) or isinstance(top_p, bool):
+        raise ValueError(f"top_p must be a number, got {top_p!r}")
+    if not 0 < top_p <= 1:  # also rejects NaN
+        raise ValueError(f"top_p must be in (0, 1], got top_p={top_p}")
+
+
+def _check_top_k(top_k: int) -> None:
+    if not _is_int(top_k):
+        raise ValueError(f"top_k must be an int, got top_k={top_k!r}")
+    if top_k < -1:
+        raise ValueError(f"top_k must be -1 or 0 (disabled) or at least 1, got top_k={top_k}")
+
+
+def _check_optional_int(name: str, value: int | None, minimum: int | None) -> None:
+    if value is None:
+        return
+    if not _is_int(value):
+        raise ValueError(f"{name} must be an int or None, got {name}={value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {name}={value}")
+
+
+def _check_token_counts(max_tokens: int | None, min_tokens: int) -> None:
+    _check_optional_int("max_tokens", max_tokens, minimum=1)
+    _check_optional_int("min_tokens", min_tokens, minimum=0)
+    if min_tokens is None:
+        raise ValueError("min_tokens must be an int >= 0, got min_tokens=None")
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise ValueError(
+            f"min_tokens must be <= max_tokens, got min_tokens={min_tokens} > "
+            f"max_tokens={max_tokens}"
+        )

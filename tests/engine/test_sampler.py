@@ -1,0 +1,218 @@
+"""The sampler: greedy equals argmax, filters keep the right tokens, seeds are per request,
+draws follow the softmax, and log-probabilities are the model's raw ones."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from baton_paged.sampler import Logprob, SamplingRow, _top_k_top_p, sample
+from baton_paged.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0)
+
+
+def row(params: SamplingParams = GREEDY, seed: int | None = None, suppress=()) -> SamplingRow:
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return SamplingRow(params, generator, tuple(suppress))
+
+
+def random_logits(n: int, vocab: int = 64, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(n, vocab, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_greedy_is_argmax_for_every_dtype(dtype):
+    logits = random_logits(8, dtype=dtype)
+    result = sample(logits, [row() for _ in range(8)])
+    assert result.token_ids == logits.float().argmax(dim=-1).tolist()
+    assert result.logprobs == [None] * 8
+
+
+def test_float64_logits_are_not_rounded_to_float32():
+    logits = torch.zeros(1, 8, dtype=torch.float64)
+    logits[0, 2] = 1.0
+    logits[0, 5] = 1.0 + 1e-12  # the same float32 value as 1.0: float32 would pick 2
+    assert sample(logits, [row()]).token_ids == [5]
+
+
+def test_greedy_ties_go_to_the_lowest_id():
+    logits = torch.zeros(2, 6)
+    logits[0, [1, 4]] = 2.0
+    logits[1, [3, 5]] = 7.0
+    assert sample(logits, [row(), row()]).token_ids == [1, 3]
+
+
+def test_suppressed_ids_are_never_chosen_greedy_or_random():
+    logits = torch.full((2, 5), -5.0)
+    logits[:, 0] = 20.0  # e.g. EOS, overwhelmingly likely
+    logits[:, 3] = 1.0
+    rows = [row(suppress=(0,)), row(SamplingParams(temperature=1.0), seed=1, suppress=(0, 3))]
+    for _ in range(50):
+        tokens = sample(logits, rows).token_ids
+        assert tokens[0] == 3
+        assert tokens[1] not in (0, 3)
+
+
+def test_suppression_is_per_row():
+    logits = torch.zeros(2, 4)
+    logits[:, 2] = 5.0
+    assert sample(logits, [row(suppress=(2,)), row()]).token_ids == [0, 2]
+
+
+def test_input_logits_are_left_unchanged():
+    logits = random_logits(2)
+    before = logits.clone()
+    sample(logits, [row(suppress=(1, 2)), row(SamplingParams(top_k=3), seed=0, suppress=(0,))])
+    assert torch.equal(logits, before)
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy_even_with_ties():
+    logits = random_logits(16, vocab=32, seed=3)
+    logits[0, [4, 9]] = logits[0].max() + 1  # a tie: both must resolve to the lowest id
+    greedy = sample(logits, [row() for _ in range(16)]).token_ids
+    for params in (SamplingParams(top_k=1, temperature=1.5), SamplingParams(top_p=1e-6)):
+        for seed in range(3):
+            rows = [row(params, seed=seed + i) for i in range(16)]
+            assert sample(logits, rows).token_ids == greedy
+
+
+def draw_counts(logits_row: torch.Tensor, params: SamplingParams, draws: int, seed: int) -> Counter:
+    """``draws`` samples of one distribution, as one batch of identical rows sharing a generator."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [SamplingRow(params, generator) for _ in range(draws)]
+    return Counter(sample(logits_row.expand(draws, -1), rows).token_ids)
+
+
+def test_top_k_keeps_only_the_k_most_likely_tokens():
+    logits = torch.tensor([[0.5, 3.0, 2.9, -1.0, 2.8, 2.7]])
+    counts = draw_counts(logits, SamplingParams(top_k=3), draws=2000, seed=0)
+    assert set(counts) == {1, 2, 4}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_top_p():
+    probs = torch.tensor([[0.05, 0.4, 0.3, 0.15, 0.1]])
+    logits = probs.log()
+    # Sorted: 0.4, 0.3 (0.7), 0.15 (0.85 >= 0.8): three tokens.
+    counts = draw_counts(logits, SamplingParams(top_p=0.8), draws=3000, seed=1)
+    assert set(counts) == {1, 2, 3}
+    for token, p in ((1, 0.4), (2, 0.3), (3, 0.15)):
+        assert counts[token] / 3000 == pytest.approx(p / 0.85, abs=0.03)
+
+
+def test_top_k_then_top_p():
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log()
+    # top_k=3 renormalises to 4/9, 3/9, 2/9; top_p=0.7 then needs 4/9 + 3/9 = 0.78.
+    counts = draw_counts(logits, SamplingParams(top_k=3, top_p=0.7), draws=2000, seed=2)
+    assert set(counts) == {0, 1}
+
+
+def test_top_p_one_keeps_every_token():
+    # In float32 the top token's probability rounds to 1, so a cumulative-sum rule alone would
+    # drop the tail: top_p == 1 must mean no filtering at all.
+    scores = torch.tensor([[30.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    params = [SamplingParams(top_p=1.0, top_k=2), SamplingParams(top_p=1.0)]
+    filtered = _top_k_top_p(scores, params)
+    assert torch.isinf(filtered[0]).tolist() == [False, False, True, True]
+    assert torch.equal(filtered[1], scores[1])
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_draws_follow_the_tempered_softmax(temperature):
+    logits = torch.tensor([[1.0, 0.2, -0.5, 2.0, 0.0]])
+    draws = 6000
+    counts = draw_counts(logits, SamplingParams(temperature=temperature), draws, seed=4)
+    expected = (logits[0] / temperature).softmax(dim=-1)
+    for token in range(5):
+        assert counts[token] / draws == pytest.approx(float(expected[token]), abs=0.025)
+
+
+def run_steps(logits_steps, make_rows) -> list[list[int]]:
+    rows = make_rows()
+    return [sample(logits, rows).token_ids for logits in logits_steps]
+
+
+def test_a_seeded_row_is_reproducible_and_ignores_the_rest_of_the_batch():
+    vocab = 50
+    params = SamplingParams(temperature=1.3, top_k=20, top_p=0.9, seed=11)
+    steps = [random_logits(4, vocab, seed=s) for s in range(20)]
+
+    def alone():
+        return [row(params, seed=11)]
+
+    def crowded():
+        other = SamplingParams(temperature=0.9)
+        return [row(), row(other), row(params, seed=11), row(other, seed=5)]
+
+    solo = [tokens[0] for tokens in run_steps([s[2:3] for s in steps], alone)]
+    again = [tokens[0] for tokens in run_steps([s[2:3] for s in steps], alone)]
+    torch.manual_seed(123)  # the unseeded neighbour draws from the default generator
+    batched = [tokens[2] for tokens in run_steps(steps, crowded)]
+    assert solo == again == batched
+    assert len(set(solo)) > 3  # really random, not stuck on one token
+
+
+def test_different_seeds_give_different_tokens():
+    logits = torch.zeros(1, 1000)
+    tokens = {sample(logits, [row(SamplingParams(), seed=s)]).token_ids[0] for s in range(10)}
+    assert len(tokens) > 5
+
+
+def test_unseeded_rows_use_the_default_generator():
+    logits = torch.zeros(3, 1000)
+    rows = [row(SamplingParams()) for _ in range(3)]
+    torch.manual_seed(0)
+    first = sample(logits, rows).token_ids
+    torch.manual_seed(0)
+    assert sample(logits, rows).token_ids == first
+
+
+def test_logprobs_hold_the_sampled_token_and_the_top_n_raw_values():
+    logits = random_logits(3, vocab=40, seed=7)
+    rows = [
+        row(SamplingParams(temperature=0.0, logprobs=3)),
+        row(SamplingParams(temperature=2.0, top_k=5, logprobs=2), seed=0),
+        row(SamplingParams(temperature=0.0)),
+    ]
+    result = sample(logits, rows)
+    assert result.logprobs[2] is None
+    raw = logits.log_softmax(dim=-1)  # before temperature and top-k
+    order = raw.argsort(dim=-1, descending=True)
+    for i, n in ((0, 3), (1, 2)):
+        entries = result.logprobs[i]
+        sampled = result.token_ids[i]
+        assert next(iter(entries)) == sampled  # the sampled token comes first
+        expected_ids = {sampled, *order[i, :n].tolist()}
+        assert set(entries) == expected_ids
+        for token, entry in entries.items():
+            assert entry.logprob == pytest.approx(float(raw[i, token]), abs=1e-6)
+            assert entry.rank == int((raw[i] > raw[i, token]).sum()) + 1
+            assert entry.decoded_token is None
+        assert sorted(entries[t].rank for t in order[i, :n].tolist()) == list(range(1, n + 1))
+    assert sum(math.exp(e.logprob) for e in result.logprobs[0].values()) < 1
+
+
+def test_logprobs_are_taken_before_suppression():
+    logits = torch.tensor([[4.0, 3.0, 1.0, 0.0]])
+    result = sample(logits, [row(SamplingParams(temperature=0.0, logprobs=0), suppress=(0,))])
+    assert result.token_ids == [1]
+    (entry,) = result.logprobs[0].values()
+    assert entry.rank == 2  # token 0 is still more likely in the model's own distribution
+    assert entry.logprob == pytest.approx(float(logits.log_softmax(-1)[0, 1]))
+
+
+def test_logprobs_in_float64_are_exact():
+    logits = random_logits(1, vocab=16, dtype=torch.float64)
+    result = sample(logits, [row(SamplingParams(temperature=0.0, logprobs=1))])
+    token = result.token_ids[0]
+    assert result.logprobs[0][token] == Logprob(float(logits.log_softmax(-1)[0, token]), 1)
+
+
+def test_logits_must_match_the_rows():
+    with pytest.raises(ValueError, match="do not match 2 rows"):
+        sample(torch.zeros(3, 4), [row(), row()])
+    with pytest.raises(ValueError):
+        sample(torch.zeros(4), [row()])
