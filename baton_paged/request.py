@@ -1,0 +1,85 @@
+"""Request: one query's state from arrival to its last token.
+
+The scheduler and the engine share this object; the runner never sees it (it gets a frozen
+``StepPlan``). Token bookkeeping follows one rule: ``num_computed_tokens`` tokens of
+``all_token_ids`` have K/V in the cache, and a step computes the rest (a whole prompt, one decode
+token, a prefill chunk, or everything again after a recompute preemption).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from baton_paged.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered so that ``status > PREEMPTED`` means finished."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+
+    @property
+    def is_finished(self) -> bool:
+        return self > RequestStatus.PREEMPTED
+
+    @property
+    def finish_reason(self) -> str | None:
+        """vLLM/OpenAI finish_reason: "stop", "length", "abort", or None while unfinished."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    """``params.max_tokens`` capped by the model's context (resolved at admission)."""
+    eos_token_id: int | None
+    priority: int = 0
+    """Lower is served first (vLLM's convention); ties are first come, first served."""
+    prompt: str | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    generator: torch.Generator | None = None
+    stop_reason: int | str | None = None
+    """The stop token id or stop string that finished the request, if one did."""
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    finished_time: float | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens whose K/V the next forward must compute."""
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens at positions ``[start, end)`` of prompt + output."""
+        prompt_len = len(self.prompt_token_ids)
+        if end <= prompt_len:
+            return self.prompt_token_ids[start:end]
+        head = self.prompt_token_ids[start:prompt_len] if start < prompt_len else []
+        return head + self.output_token_ids[max(start - prompt_len, 0) : end - prompt_len]

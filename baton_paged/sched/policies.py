@@ -1,0 +1,139 @@
+"""Batching policies: how one iteration's forwards are formed from the scheduler's state.
+
+All four share the scheduler's helpers (page reservation, recompute preemption, admission in
+priority-then-FCFS order) and differ only in when newcomers join and how their prompts run:
+
+* ``baton``: newcomers join between any two iterations; their prompts run in a forward of their
+  own (the separate prefill), never stretching the running batch's decode step; finished requests
+  leave at once.
+* ``orca``: newcomers join between iterations too, but their whole prompts run inside the same
+  forward as the running batch's decode tokens (Orca's iteration-level batching).
+* ``static``: a batch is admitted only when the previous one has fully finished; finished
+  requests' slots stay empty until then.
+* ``chunked``: one forward per iteration under a token budget: every decode token first, then
+  prompt chunks (continuing ones before new ones).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from baton_paged.request import Request
+from baton_paged.sched.plan import ScheduledRow, StepPlan
+from baton_paged.sched.scheduler import Scheduler
+
+
+class Policy(ABC):
+    name: str
+
+    def __init__(self, token_budget: int):
+        self.token_budget = token_budget
+        """Most tokens per forward: prompts' under baton/orca/static, all under chunked."""
+
+    @abstractmethod
+    def plan(self, sched: Scheduler) -> StepPlan:
+        """The next iteration's forwards, with pages already reserved for them."""
+
+    def prompt_groups(self, sched: Scheduler, admitted: list[Request]) -> list[list[ScheduledRow]]:
+        """Whole prompts of the admitted requests, in groups of at most ``token_budget`` tokens
+        (a longer prompt runs alone)."""
+        groups: list[list[ScheduledRow]] = []
+        used = self.token_budget
+        for row in (sched.row(r) for r in admitted):
+            if used + len(row.token_ids) > self.token_budget:
+                groups.append([])
+                used = 0
+            groups[-1].append(row)
+            used += len(row.token_ids)
+        return groups
+
+
+class BatonPolicy(Policy):
+    name = "baton"
+
+    def plan(self, sched: Scheduler) -> StepPlan:
+        preempted = sched.reserve_decode_pages()
+        decoders = sched.decoders()
+        admitted = admit(sched, preempted)
+        forwards = [sched.forward(rows) for rows in self.prompt_groups(sched, admitted)]
+        if decoders:
+            forwards.append(sched.forward(sched.row(r) for r in decoders))
+        return _plan(sched, forwards, admitted, preempted)
+
+
+class OrcaPolicy(Policy):
+    name = "orca"
+
+    def plan(self, sched: Scheduler) -> StepPlan:
+        preempted = sched.reserve_decode_pages()
+        decoders = sched.decoders()
+        admitted = admit(sched, preempted)
+        prompts = self.prompt_groups(sched, admitted) or [[]]
+        # The first group of prompts shares the decode forward; more than the prefill budget
+        # (a burst of arrivals) runs as further forwards in the same iteration.
+        groups = [[sched.row(r) for r in decoders] + prompts[0], *prompts[1:]]
+        forwards = [sched.forward(group) for group in groups if group]
+        return _plan(sched, forwards, admitted, preempted)
+
+
+class StaticPolicy(Policy):
+    name = "static"
+
+    def plan(self, sched: Scheduler) -> StepPlan:
+        preempted = sched.reserve_decode_pages()
+        if sched.running:
+            forward = sched.forward(sched.row(r) for r in sched.decoders())
+            return _plan(sched, [forward], [], preempted)
+        admitted = admit(sched, preempted)
+        forwards = [sched.forward(rows) for rows in self.prompt_groups(sched, admitted)]
+        return _plan(sched, forwards, admitted, preempted)
+
+
+class ChunkedPolicy(Policy):
+    name = "chunked"
+
+    def plan(self, sched: Scheduler) -> StepPlan:
+        preempted = sched.reserve_decode_pages()
+        decoders = sched.decoders()[: self.token_budget]
+        rows = [sched.row(r) for r in decoders]
+        left = self.token_budget - len(rows)
+        # Prompts already in the batch hold pages for all their tokens (see Scheduler.admit).
+        for request in [r for r in sched.running.values() if r.num_pending_tokens > 1]:
+            if left:
+                rows.append(sched.row(request, min(left, request.num_pending_tokens)))
+                left -= len(rows[-1].token_ids)
+        admitted = []
+        while left and not preempted:
+            joined = sched.admit(max_requests=1)
+            if not joined:
+                break
+            admitted += joined
+            rows.append(sched.row(joined[0], min(left, joined[0].num_pending_tokens)))
+            left -= len(rows[-1].token_ids)
+        forwards = [sched.forward(rows)] if rows else []
+        return _plan(sched, forwards, admitted, preempted)
+
+
+def admit(sched: Scheduler, preempted: list[str]):
+    """Newcomers join unless this iteration had to preempt: the pool is too tight for them, and
+    a request just preempted must not be readmitted in the iteration that evicted it."""
+    return [] if preempted else sched.admit()
+
+
+def _plan(sched: Scheduler, forwards, admitted, preempted) -> StepPlan:
+    return StepPlan(
+        forwards=tuple(forwards),
+        offered_slots=sched.offered_slots,
+        admitted=tuple(r.request_id for r in admitted),
+        preempted=tuple(preempted),
+    )
+
+
+POLICIES = {cls.name: cls for cls in (BatonPolicy, OrcaPolicy, StaticPolicy, ChunkedPolicy)}
+
+
+def make_policy(name: str, max_prefill_tokens: int, max_num_batched_tokens: int) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
+    budget = max_num_batched_tokens if name == "chunked" else max_prefill_tokens
+    return POLICIES[name](budget)

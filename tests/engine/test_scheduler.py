@@ -1,0 +1,133 @@
+"""Scheduler and policies without a model: who runs when, in which forward, on which pages."""
+
+from __future__ import annotations
+
+import pytest
+from baton_paged.allocator import PagePool
+
+from baton_paged.request import Request, RequestStatus
+from baton_paged.sampling_params import SamplingParams
+from baton_paged.sched.policies import make_policy
+from baton_paged.sched.scheduler import Scheduler
+
+PAGE = 4
+
+
+def request(rid, prompt_len=6, max_tokens=3, priority=0):
+    return Request(
+        request_id=rid,
+        prompt_token_ids=list(range(1, prompt_len + 1)),
+        params=SamplingParams(temperature=0, max_tokens=max_tokens),
+        max_tokens=max_tokens,
+        eos_token_id=None,
+        priority=priority,
+    )
+
+
+def scheduler(num_pages=64, max_batch=4):
+    return Scheduler(PagePool(num_pages), PAGE, max_batch, max_pages_per_request=32)
+
+
+def run_plan(sched, plan):
+    """What the engine does with a plan: record computed K/V, append a token per sampling row,
+    finish requests at max_tokens."""
+    for forward in plan.forwards:
+        sched.forward_done(forward)
+        for row in forward.rows:
+            req = sched.running[row.request_id]
+            if row.sample:
+                req.output_token_ids.append(0)
+                if len(req.output_token_ids) == req.max_tokens:
+                    sched.finish(req, RequestStatus.FINISHED_LENGTH)
+    sched.check_integrity()
+
+
+def test_admission_is_by_priority_then_arrival():
+    sched = scheduler(max_batch=3)
+    for rid, prio in [("a", 1), ("b", 0), ("c", 1), ("d", 0)]:
+        sched.add(request(rid, priority=prio))
+    plan = make_policy("baton", 4096, 512).plan(sched)
+    assert plan.admitted == ("b", "d", "a")
+    assert [r.request_id for r in sched.waiting] == ["c"]
+
+
+def test_baton_prefills_newcomers_in_a_forward_of_their_own():
+    sched, policy = scheduler(), make_policy("baton", 4096, 512)
+    sched.add(request("old", max_tokens=5))
+    run_plan(sched, policy.plan(sched))
+    sched.add(request("new"))
+    plan = policy.plan(sched)
+    assert [[r.request_id for r in f.rows] for f in plan.forwards] == [["new"], ["old"]]
+    prefill, decode = plan.forwards
+    assert prefill.num_tokens == 6 and decode.num_decode_rows == 1
+    assert prefill.block_table.tolist() == [sched.batch.pages("new") + [0] * 30]
+
+
+def test_orca_runs_newcomers_inside_the_decode_forward():
+    sched, policy = scheduler(), make_policy("orca", 4096, 512)
+    sched.add(request("old", max_tokens=5))
+    run_plan(sched, policy.plan(sched))
+    sched.add(request("new"))
+    (forward,) = policy.plan(sched).forwards
+    assert [(r.request_id, len(r.token_ids), r.decode) for r in forward.rows] == [
+        ("old", 1, True),
+        ("new", 6, False),
+    ]
+
+
+def test_static_admits_only_when_the_whole_batch_has_finished():
+    sched, policy = scheduler(max_batch=2), make_policy("static", 4096, 512)
+    for rid, budget in [("short", 1), ("long", 4), ("next", 2)]:
+        sched.add(request(rid, max_tokens=budget))
+    admitted = []
+    while sched.has_work():
+        plan = policy.plan(sched)
+        admitted.append(plan.admitted)
+        run_plan(sched, plan)
+    assert [a for a in admitted if a] == [("short", "long"), ("next",)]
+    assert admitted.index(("next",)) == 4  # after long's 3 decode steps, not after short's 0
+
+
+def test_chunked_keeps_every_forward_within_the_token_budget():
+    sched, policy = scheduler(), make_policy("chunked", 4096, 5)
+    sched.add(request("a", prompt_len=12, max_tokens=4))
+    sched.add(request("b", prompt_len=3, max_tokens=4))
+    sizes = []
+    while sched.has_work():
+        plan = policy.plan(sched)
+        sizes.append([f.num_tokens for f in plan.forwards])
+        run_plan(sched, plan)
+    assert all(sum(s) <= 5 for s in sizes)
+    assert sizes[:3] == [[5], [5], [5]]  # a: 5 + 5, then a's last 2 with b's 3 tokens
+
+
+def test_admission_never_lets_a_later_request_overtake_one_that_does_not_fit():
+    sched, policy = scheduler(num_pages=4), make_policy("baton", 4096, 512)
+    sched.add(request("big", prompt_len=13))  # needs all 4 pages
+    sched.add(request("small", prompt_len=2))  # would fit in 1
+    held = sched.pool.allocate(1)  # a page held elsewhere: big cannot fit yet
+    assert policy.plan(sched).admitted == ()
+    sched.pool.free(held)
+    assert policy.plan(sched).admitted == ("big",)
+
+
+def test_victim_is_lowest_priority_then_most_recently_admitted():
+    sched = scheduler()
+    for rid, prio in [("a", 0), ("b", 2), ("c", 2), ("d", 1)]:
+        sched.add(request(rid, priority=prio))
+    sched.admit()
+    assert sched.choose_victim().request_id == "c"
+
+
+@pytest.mark.parametrize("policy", ["baton", "orca", "static", "chunked"])
+def test_decode_growth_preempts_by_recompute_when_pages_run_out(policy):
+    sched, pol = scheduler(num_pages=4, max_batch=2), make_policy(policy, 4096, 8)
+    sched.add(request("first", prompt_len=4, max_tokens=8))
+    sched.add(request("second", prompt_len=4, max_tokens=8))
+    preempted = []
+    while sched.has_work():
+        plan = pol.plan(sched)
+        preempted += plan.preempted
+        run_plan(sched, plan)
+    assert preempted and set(preempted) <= {"second"}
+    assert sched.pool.num_used == 0
