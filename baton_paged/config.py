@@ -1,0 +1,78 @@
+"""EngineConfig: every knob of one engine, validated once, documented once.
+
+Each field's docstring is the help text the CLI and the server show for it, so the two never
+drift apart. Validation happens in ``__post_init__``: a bad value fails before any model loads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from baton_paged.attention.registry import AUTO, BACKENDS
+from baton_paged.sched.policies import POLICIES
+
+DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str | None = None
+    """Local checkpoint directory or Hugging Face hub id; None = the built-in random-weight
+    small Llama (built and cached on first use)."""
+    dtype: str = "float32"
+    """Weights, activations and KV cache dtype: float32, float64, float16 or bfloat16."""
+    device: str = "cpu"
+    """torch device the model and KV cache live on (cpu, cuda, cuda:1, ...)."""
+    policy: str = "baton"
+    """Batching policy: baton (separate prefill, insert/remove between iterations), orca (prompts
+    prefilled inside the decode iteration), static (run-to-completion batches), chunked (decode +
+    prefill chunks under a token budget)."""
+    attention_backend: str = "auto"
+    """torch, padded, flash_attn, xformers, or auto (the fastest that runs on the device)."""
+    page_size: int | None = None
+    """Tokens per KV page; None = the attention backend's preference (16, or 256 for
+    flash_attn)."""
+    kv_memory: str = "1GiB"
+    """KV cache budget: bytes ('4GiB', '512MB') or a fraction of free device memory ('0.8')."""
+    max_batch_size: int = 32
+    """Most requests decoding together (batch slots)."""
+    max_model_len: int | None = None
+    """Longest prompt + output in tokens; None = the model's max_position_embeddings."""
+    max_prefill_tokens: int = 4096
+    """Most prompt tokens one prefill forward packs (a longer single prompt still runs alone)."""
+    max_num_batched_tokens: int = 512
+    """Token budget of one forward under the chunked policy (decode tokens + prefill chunks)."""
+    seed: int = 0
+    """Seed of the sampler's default generator (requests may carry their own seed)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("policy", self.policy, POLICIES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("attention_backend", self.attention_backend, (AUTO, *BACKENDS))
+        for name in ("max_batch_size", "max_prefill_tokens", "max_num_batched_tokens"):
+            _check_positive(name, getattr(self, name))
+        for name in ("page_size", "max_model_len"):
+            if getattr(self, name) is not None:
+                _check_positive(name, getattr(self, name))
+        torch.device(self.device)  # raises on a malformed device string
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def _check_positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

@@ -1,0 +1,78 @@
+"""LLM: the offline API, shaped like vLLM's for the subset we support.
+
+    llm = LLM("path/or/hub-id")                       # or LLM() for the built-in model
+    outs = llm.generate(["Hello", {"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=32))
+    outs[0].outputs[0].text, outs[0].outputs[0].token_ids, outs[0].outputs[0].finish_reason
+
+``LLM`` holds an ``Engine`` rather than being one, so its public surface stays this small.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from baton_paged.config import EngineConfig
+from baton_paged.engine import Engine, PromptInput
+from baton_paged.outputs import RequestOutput
+from baton_paged.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(
+        self, model: str | None = None, *, hf_model: Any = None, tokenizer: Any = None, **options
+    ):
+        """``model``: a local checkpoint or hub id (None: the built-in random-weight model).
+        ``hf_model`` + ``tokenizer``: an already-loaded transformers model to serve instead.
+        ``options``: any ``EngineConfig`` field (policy, dtype, device, max_batch_size, ...)."""
+        self.engine = Engine(EngineConfig(model=model, **options), hf_model, tokenizer)
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        priority: Sequence[int] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs come back in the order of ``prompts``.
+        All requests are validated before any is queued, so a bad one queues nothing."""
+        del use_tqdm  # accepted for vLLM compatibility; progress is not displayed
+        prompts = _as_list(prompts)
+        params = _per_prompt(sampling_params, len(prompts), SamplingParams())
+        priorities = _per_prompt(priority, len(prompts), 0)
+        for prompt, param in zip(prompts, params, strict=True):
+            self.engine.check_request(prompt, param)
+        ids = [
+            self.engine.add_request(prompt, param, priority=prio)
+            for prompt, param, prio in zip(prompts, params, priorities, strict=True)
+        ]
+        finished: dict[str, RequestOutput] = {}
+        while len(finished) < len(ids):
+            for output in self.engine.step():
+                if output.finished:
+                    finished[output.request_id] = output
+        return [finished[request_id] for request_id in ids]
+
+
+def _as_list(prompts) -> list:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(p, int) for p in prompts):
+        return [prompts]  # one prompt given as token ids
+    return prompts
+
+
+def _per_prompt(value, count: int, default) -> list:
+    if value is None:
+        return [default] * count
+    if isinstance(value, (SamplingParams, int)):
+        return [value] * count
+    value = list(value)
+    if len(value) != count:
+        raise ValueError(f"got {len(value)} per-prompt values for {count} prompts")
+    return value

@@ -1,0 +1,67 @@
+"""Loading a Hugging Face causal LM and choosing the attention backend and page size for it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from baton_paged.allocator import KVCacheSpec
+from baton_paged.attention import (
+    AttentionBackend,
+    AttentionRequirements,
+    create_backend,
+    suggested_page_size,
+)
+from baton_paged.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = ("llama", "small")
+"""The built-in model when none is named: a random-weight ~28M Llama built on first use."""
+
+
+def load_model(config: EngineConfig) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a local directory or hub id, in eval mode on the device."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = config.model
+    if path is None:
+        from baton_paged.model_builder import cached_model
+
+        path = str(cached_model(*DEFAULT_MODEL))
+        logger.warning("no model given: serving the built-in random-weight model at %s", path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=config.torch_dtype)
+    return model.to(config.device).eval(), tokenizer
+
+
+def model_max_len(model: Any) -> int:
+    length = getattr(_text_config(model), "max_position_embeddings", None)
+    if not length:
+        raise ValueError("the model config states no max_position_embeddings; set max_model_len")
+    return int(length)
+
+
+def choose_attention(config: EngineConfig, model: Any) -> tuple[int, AttentionBackend]:
+    """The page size (configured, else the backend's preference) and a ready backend."""
+    text_config = _text_config(model)
+    spec = KVCacheSpec.from_model_config(text_config)
+    req = AttentionRequirements(
+        device=torch.device(config.device),
+        dtype=config.torch_dtype,
+        page_size=config.page_size or 1,
+        head_dim=spec.head_dim,
+        num_query_heads=text_config.num_attention_heads,
+        num_kv_heads=spec.num_kv_heads,
+    )
+    page_size = config.page_size or suggested_page_size(config.attention_backend, req)
+    req = replace(req, page_size=page_size)
+    return page_size, create_backend(config.attention_backend, req)
+
+
+def _text_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config

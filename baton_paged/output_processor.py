@@ -1,0 +1,123 @@
+"""OutputProcessor: a request's text, logprobs and stop conditions as its tokens arrive.
+
+After each sampled token, in vLLM's order: EOS (unless ``ignore_eos``) or a stop token id ends
+the request with "stop" once ``min_tokens`` are out; a stop string ends it with "stop" and cuts the
+text before the match (after it with ``include_stop_str_in_output``); reaching ``max_tokens`` or
+the model's context ends it with "length".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from baton_paged.detokenizer import IncrementalDetokenizer, find_stop
+from baton_paged.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from baton_paged.request import Request, RequestStatus
+from baton_paged.sampler import Logprob
+
+
+@dataclass
+class _TextState:
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    stopped_text: str | None = field(default=None)
+    """The final text once a stop string cut it."""
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any, max_model_len: int):
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self._states: dict[str, _TextState] = {}
+
+    def add(self, request: Request) -> None:
+        params = request.params
+        detokenizer = IncrementalDetokenizer(
+            self.tokenizer, request.prompt_token_ids, params.skip_special_tokens
+        )
+        wants_logprobs = params.logprobs is not None
+        self._states[request.request_id] = _TextState(
+            detokenizer,
+            logprobs=[] if wants_logprobs else None,
+            cumulative_logprob=0.0 if wants_logprobs else None,
+        )
+
+    def suppressed_token_ids(self, request: Request) -> tuple[int, ...]:
+        """Tokens the request may not sample yet: EOS and stop ids before ``min_tokens``."""
+        params = request.params
+        if len(request.output_token_ids) >= params.min_tokens:
+            return ()
+        eos = () if params.ignore_eos or request.eos_token_id is None else (request.eos_token_id,)
+        return eos + params.stop_token_ids
+
+    def append(
+        self, request: Request, token: int, logprobs: dict[int, Logprob] | None
+    ) -> RequestStatus | None:
+        """Record one new token; return the finished status it causes, if any."""
+        request.output_token_ids.append(token)
+        state = self._states[request.request_id]
+        if logprobs is not None:
+            state.logprobs.append(logprobs)
+            state.cumulative_logprob += logprobs[token].logprob
+        new_text = state.detokenizer.add(token)
+        state.text += new_text
+        return self._check_stop(request, state, token, len(new_text))
+
+    def _check_stop(
+        self, request: Request, state: _TextState, token: int, new_chars: int
+    ) -> RequestStatus | None:
+        params = request.params
+        past_min = len(request.output_token_ids) >= params.min_tokens
+        if past_min and token == request.eos_token_id and not params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED
+        if past_min and token in params.stop_token_ids:
+            request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if past_min and params.stop and (match := find_stop(state.text, new_chars, params.stop)):
+            start, stop = match
+            state.stopped_text = state.text[
+                : start + (len(stop) if params.include_stop_str_in_output else 0)
+            ]
+            request.stop_reason = stop
+            return RequestStatus.FINISHED_STOPPED
+        if len(request.output_token_ids) >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def output(self, request: Request) -> RequestOutput:
+        """A snapshot of the request; the last one (finished) also releases its state."""
+        finished = request.status.is_finished
+        state = self._states[request.request_id]
+        if finished:
+            self._states.pop(request.request_id)
+            if state.stopped_text is None:
+                state.text += state.detokenizer.flush()
+        text = state.stopped_text if state.stopped_text is not None else state.text
+        completion = CompletionOutput(
+            index=0,
+            text=text,
+            token_ids=tuple(request.output_token_ids),
+            cumulative_logprob=state.cumulative_logprob,
+            logprobs=tuple(state.logprobs) if state.logprobs is not None else None,
+            finish_reason=request.status.finish_reason,
+            stop_reason=request.stop_reason,
+        )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=tuple(request.prompt_token_ids),
+            outputs=(completion,),
+            finished=finished,
+            metrics=RequestMetrics(
+                arrival_time=request.arrival_time,
+                first_token_time=request.first_token_time,
+                finished_time=request.finished_time,
+                token_times=tuple(request.token_times),
+                num_preemptions=request.num_preemptions,
+            ),
+        )

@@ -1,0 +1,59 @@
+"""What a caller gets back: vLLM's ``RequestOutput`` / ``CompletionOutput`` shape.
+
+Scripts written against vLLM read ``output.outputs[0].text``, ``.token_ids`` and
+``.finish_reason``; these classes keep those names. ``metrics`` adds BATON's per-request timings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from baton_paged.sampler import Logprob
+
+
+@dataclass(frozen=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    cumulative_logprob: float | None
+    logprobs: tuple[dict[int, Logprob], ...] | None
+    finish_reason: str | None
+    """"stop" (EOS, stop string or stop token), "length" (max_tokens or context), "abort"."""
+    stop_reason: int | str | None = None
+    """The stop string or stop token id that ended the request (None for EOS or length)."""
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class RequestMetrics:
+    """Monotonic-clock seconds (``time.monotonic``)."""
+
+    arrival_time: float
+    first_token_time: float | None
+    finished_time: float | None
+    token_times: tuple[float, ...]
+    num_preemptions: int
+
+    @property
+    def time_to_first_token(self) -> float | None:
+        if self.first_token_time is None:
+            return None
+        return self.first_token_time - self.arrival_time
+
+    @property
+    def inter_token_latencies(self) -> tuple[float, ...]:
+        times = self.token_times
+        return tuple(b - a for a, b in zip(times, times[1:], strict=False))
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: tuple[int, ...]
+    outputs: tuple[CompletionOutput, ...]
+    finished: bool
+    metrics: RequestMetrics

@@ -1,0 +1,127 @@
+"""The offline API and the engine's guard rails: vLLM-shaped calls, clear errors, counters."""
+
+from __future__ import annotations
+
+import pytest
+
+from baton_paged.config import EngineConfig
+from baton_paged.llm import LLM
+from baton_paged.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "params", "message"),
+    [
+        ("", GREEDY, "prompt is empty"),
+        ({"prompt_token_ids": []}, GREEDY, "prompt is empty"),
+        ({"prompt_token_ids": [1, 10**6]}, GREEDY, "token ids must be ints"),
+        ({"text": "x"}, GREEDY, "needs 'prompt' or 'prompt_token_ids'"),
+        ({"prompt_token_ids": [1] * 64}, GREEDY, "leaving no room"),
+        ({"prompt_token_ids": [1] * 30}, SamplingParams(max_tokens=30), "KV pages"),
+        ("hello", "not params", "expected SamplingParams"),
+    ],
+)
+def test_bad_request_is_refused_before_anything_is_queued(make_engine, prompt, params, message):
+    engine = make_engine(max_model_len=64, page_size=16, kv_memory="48KiB")  # 3 pages
+    with pytest.raises(ValueError, match=message):
+        engine.add_request(prompt, params)
+    assert not engine.has_unfinished_requests() and not engine.requests
+    assert engine.cache.pool.num_used == 0
+
+
+def test_duplicate_request_id_and_bad_priority(make_engine):
+    engine = make_engine()
+    engine.add_request("hello", GREEDY, request_id="a")
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("hello", GREEDY, request_id="a")
+    with pytest.raises(ValueError, match="priority must be an int"):
+        engine.add_request("hello", GREEDY, priority="high")
+    assert list(engine.requests) == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("policy", "fifo", "unknown policy 'fifo'"),
+        ("attention_backend", "flash", "unknown attention_backend 'flash'"),
+        ("max_batch_size", 0, "max_batch_size must be a positive integer"),
+        ("dtype", "int8", "unknown dtype"),
+    ],
+)
+def test_bad_engine_config_is_refused(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**{field: value})
+
+
+def test_llm_generate_takes_vllm_shaped_prompts_and_keeps_their_order(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float64", max_batch_size=2)
+    prompts = ["def main():", {"prompt_token_ids": [5, 6, 7]}, {"prompt": "import os"}]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (3, 9, 5)]
+    outputs = llm.generate(prompts, params)
+    assert [len(o.outputs[0].token_ids) for o in outputs] == [3, 9, 5]
+    assert [o.outputs[0].finish_reason for o in outputs] == ["length"] * 3
+    assert outputs[0].prompt == "def main():" and outputs[1].prompt_token_ids == (5, 6, 7)
+    tokenizer = llm.get_tokenizer()
+    for output in outputs:
+        assert output.outputs[0].text == tokenizer.decode(output.outputs[0].token_ids)
+        assert output.finished and output.metrics.time_to_first_token > 0
+        assert len(output.metrics.inter_token_latencies) == len(output.outputs[0].token_ids) - 1
+
+
+def test_llm_validates_every_prompt_before_queuing_any(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama")), dtype="float64")
+    with pytest.raises(ValueError, match="prompt is empty"):
+        llm.generate(["fine", ""], GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_stop_token_ids_min_tokens_and_stop_strings(make_engine):
+    engine = make_engine()
+    free = engine.add_request("abc", SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    tokens = list(_finish(engine)[free].outputs[0].token_ids)
+
+    stop_id = tokens[3]
+    first = tokens.index(stop_id) + 1
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop_token_ids=[stop_id])
+    stopped = _finish(engine, engine.add_request("abc", params))
+    assert stopped.outputs[0].token_ids == tuple(tokens[:first])
+    assert (stopped.outputs[0].finish_reason, stopped.outputs[0].stop_reason) == ("stop", stop_id)
+
+    text = engine.tokenizer.decode(tokens)
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=[stop])
+    cut = _finish(engine, engine.add_request("abc", params)).outputs[0]
+    assert cut.text == text[: text.index(stop)] and cut.stop_reason == stop
+
+
+def test_min_tokens_suppresses_stop_token_ids(make_engine):
+    """The greedy first token, made a stop id, may not be produced before min_tokens."""
+    engine = make_engine()
+    free = _finish(engine, engine.add_request("abc", SamplingParams(temperature=0, max_tokens=4)))
+    first = free.outputs[0].token_ids[0]
+    params = SamplingParams(temperature=0, max_tokens=4, min_tokens=2, stop_token_ids=[first])
+    out = _finish(engine, engine.add_request("abc", params)).outputs[0]
+    assert out.token_ids[0] != first and len(out.token_ids) >= 2
+
+
+def test_abort_frees_pages_at_once_wherever_the_request_is(make_engine):
+    engine = make_engine(max_batch_size=1)
+    running = engine.add_request("one", SamplingParams(max_tokens=50, ignore_eos=True))
+    waiting = engine.add_request("two", SamplingParams(max_tokens=50, ignore_eos=True))
+    engine.step()
+    assert engine.cache.pool.num_used > 0
+    assert engine.abort_request(waiting).outputs[0].finish_reason == "abort"
+    assert engine.abort_request(running).outputs[0].finish_reason == "abort"
+    assert engine.cache.pool.num_used == 0 and not engine.has_unfinished_requests()
+    assert engine.abort_request(running) is None
+    engine.scheduler.check_integrity()
+
+
+def _finish(engine, request_id=None):
+    """Step until idle; the final outputs by request id (or the one asked for)."""
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id: o for o in engine.step() if o.finished})
+    return finished if request_id is None else finished[request_id]
