@@ -1,7 +1,31 @@
 """baton-paged: BATON dynamic re-batching on a paged KV cache.
 
-Importing the package is cheap: torch and transformers load only when a component that needs
-them is imported (``baton_paged.allocator``, the model builder, the CLI's subcommands).
+    from baton_paged import LLM, SamplingParams
+    outputs = LLM().generate(["def main():"], SamplingParams(temperature=0, max_tokens=32))
+
+Importing the package is cheap: the public names below load torch and transformers only when
+first used (``module.__getattr__``), so ``baton-paged --help`` stays fast.
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "LLM": "baton_paged.llm",
+    "SamplingParams": "baton_paged.sampling_params",
+    "EngineConfig": "baton_paged.config",
+    "Engine": "baton_paged.engine",
+    "RequestOutput": "baton_paged.outputs",
+    "CompletionOutput": "baton_paged.outputs",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'baton_paged' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -34,3 +34,37 @@ def test_ci_runs_the_readme_test_command():
     assert marker in readme, "README.md must mark its test command"
     command = readme.split(marker, 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0].strip()
     assert command and command in ci
+
+
+def test_public_api_loads_on_first_use(tmp_path):
+    code = (
+        "import sys, baton_paged; before = 'torch' in sys.modules;"
+        "from baton_paged import LLM, SamplingParams, EngineConfig;"
+        "print(before, LLM.__module__, SamplingParams.__module__, EngineConfig.__module__)"
+    )
+    expected = "False baton_paged.llm baton_paged.sampling_params baton_paged.config"
+    assert run_python(code, tmp_path) == expected
+
+
+def test_every_python_folder_is_a_declared_package():
+    """A folder missing from setup.cfg works in an editable install and vanishes from a wheel."""
+    config = (REPO / "setup.cfg").read_text().split("packages =", 1)[1].split("package_dir", 1)[0]
+    declared = set(config.split())
+    roots = {"baton_paged": REPO / "baton_paged"}
+    roots |= {f"baton_paged.{name}": REPO / name for name in ("allocator", "attention", "plugins")}
+    found = set()
+    for package, root in roots.items():
+        for init in root.rglob("*.py"):
+            relative = init.parent.relative_to(root).parts
+            found.add(".".join((package, *relative)))
+    assert found <= declared, f"undeclared packages: {sorted(found - declared)}"
+    missing_inits = [p for p in found if not _init_file(p, roots).exists()]
+    assert not missing_inits, f"folders without __init__.py: {missing_inits}"
+
+
+def _init_file(package: str, roots: dict) -> Path:
+    for prefix, root in sorted(roots.items(), key=lambda item: -len(item[0])):
+        if package == prefix or package.startswith(prefix + "."):
+            rest = package[len(prefix) :].strip(".").split(".") if package != prefix else []
+            return root.joinpath(*rest, "__init__.py")
+    raise AssertionError(package)

@@ -18,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from baton_paged.allocator import BlockTable, OutOfPagesError, PagePool, pages_needed
-
 from baton_paged.request import Request, RequestStatus
 from baton_paged.sched.plan import ForwardBatch, ScheduledRow
 from baton_paged.sched.waiting_queue import WaitingQueue

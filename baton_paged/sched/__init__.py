@@ -1,0 +1,1 @@
+"""Scheduling: the waiting queue, the block-table scheduler, and the batching policies."""
