@@ -1,0 +1,342 @@
+"""Attention benchmark: one decode step of attention over the paged cache vs dense SDPA.
+
+    python benchmarks/bench_attention.py [--threads 1] [--repeats 200] [--device cpu|cuda]
+
+Shapes (issue text): batch 32, 8 query / 4 KV heads, head dim 64, one new token per request,
+context 256 ("uniform") or uniform random in [128, 384] ("ragged", mean ~256, seeded). Every
+request's pages are random page ids, as a pool hands them out after churn.
+
+Cases, all interleaved so drift hits them alike:
+- ``dense``: ``scaled_dot_product_attention`` over K/V already gathered into contiguous
+  ``[B, Hkv, S, D]`` tensors, query folded to ``[B, Hkv, G, D]`` (ragged: padded to the longest
+  context under a key mask built beforehand). The floor: attention with no paging at all.
+- every backend the registry says can run here, through ``backend.attend`` (attention alone,
+  metadata built once outside the timed region as the engine builds it once per step) and
+  ``backend.forward`` (plus the cache write of the step's new K/V).
+Each backend's output is checked against dense before anything is timed, so a fast but wrong
+backend cannot be reported.
+
+One timed call is a whole decode step's attention: ``--layers`` layers (default 8, the small
+model's depth) one after another, each with its own K/V, reported per layer (step time divided
+by layers). This is how the engine runs it, and it keeps the timing honest on CPU: with a single
+layer, 16 MiB of K/V sits in a 32 MiB L3 between calls and a case's speed depended on which case
+ran before it (measured: up to 10%, enough to put ``forward`` ahead of the ``attend`` inside it);
+across layers every layer's K/V comes cold from memory, for dense and paged alike, while a
+backend's gather workspace stays warm from layer to layer as in the engine.
+
+Target: the torch backend within 1.5x of dense on the uniform workload (paging overhead <= 50%);
+the padded backend is reported relative to torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from baton_paged.allocator import KVCache, KVCacheSpec, pages_needed
+from baton_paged.attention import AttentionMetadata, AttentionRequirements, create_backend
+from baton_paged.attention.registry import BACKENDS, backend_class
+from common import environment, interleaved, setup_threads, synchronizer, write_json
+
+BATCH = 32
+CONTEXT = 256
+RAGGED = (128, 384)
+QUERY_HEADS = 8
+KV_HEADS = 4
+HEAD_DIM = 64
+TARGET = 1.5
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+LayerCase = Callable[[int], torch.Tensor]
+
+
+@dataclass
+class Workload:
+    """One decode batch as dense tensors: the source every paged cache is filled from."""
+
+    name: str
+    contexts: list[int]
+    keys: torch.Tensor
+    """``[layers, B, Hkv, S_max, D]`` contiguous; positions past a context are padding."""
+    values: torch.Tensor
+    query: torch.Tensor
+    """``[B, Hq, D]``: the step's one new token per request, packed."""
+    mask: torch.Tensor | None
+    """``[B, 1, 1, S_max]`` key mask for ragged contexts; None when every context is S_max."""
+
+
+@dataclass
+class PagedBatch:
+    """The same batch held in a paged cache, with the step's metadata built once."""
+
+    cache: KVCache
+    meta: AttentionMetadata
+    new_keys: torch.Tensor
+    """``[layers, B, Hkv, D]``: each request's K at its last position, so ``forward``'s write is
+    a no-op on the cache contents and its output still matches dense."""
+    new_values: torch.Tensor
+
+
+def make_workload(
+    name: str, contexts: list[int], layers: int, device: torch.device, dtype: torch.dtype, seed: int
+) -> Workload:
+    """Random K/V/query drawn on the CPU from ``seed``, so every device sees the same numbers."""
+    gen = torch.Generator().manual_seed(seed)
+    span = max(contexts)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(device, dtype)
+
+    keys = randn(layers, BATCH, KV_HEADS, span, HEAD_DIM)
+    values = randn(layers, BATCH, KV_HEADS, span, HEAD_DIM)
+    mask = None
+    if min(contexts) != span:
+        valid = torch.tensor(contexts, device=device)
+        mask = (torch.arange(span, device=device) < valid[:, None])[:, None, None, :]
+    return Workload(name, contexts, keys, values, randn(BATCH, QUERY_HEADS, HEAD_DIM), mask)
+
+
+def dense_attention(w: Workload, layer: int, scale: float) -> torch.Tensor:
+    """The no-paging floor: SDPA straight on contiguous K/V, query heads folded per KV head."""
+    folded = w.query.view(BATCH, KV_HEADS, QUERY_HEADS // KV_HEADS, HEAD_DIM)
+    keys, values = w.keys[layer], w.values[layer]
+    out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=w.mask, scale=scale)
+    return out.view(BATCH, QUERY_HEADS, HEAD_DIM)
+
+
+def shuffled_block_table(
+    pages_per_request: list[int], num_pages: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Random, non-consecutive page ids per request (a pool after churn), rows padded with 0."""
+    ids = rng.permutation(num_pages)[: sum(pages_per_request)]
+    table = np.zeros((len(pages_per_request), max(pages_per_request)), dtype=np.int32)
+    start = 0
+    for row, n in enumerate(pages_per_request):
+        table[row, :n] = ids[start : start + n]
+        start += n
+    return table
+
+
+def fill_cache(cache: KVCache, layer: int, w: Workload, table: np.ndarray) -> None:
+    """Write every request's K/V into its pages through the cache's own slot-mapping write."""
+    page_size = cache.spec.page_size
+    slots, keys, values = [], [], []
+    for row, context in enumerate(w.contexts):
+        positions = np.arange(context)
+        slots.append(table[row, positions // page_size].astype(np.int64) * page_size)
+        slots[-1] += positions % page_size
+        keys.append(w.keys[layer, row, :, :context].transpose(0, 1))
+        values.append(w.values[layer, row, :, :context].transpose(0, 1))
+    mapping = torch.from_numpy(np.concatenate(slots)).to(cache.device)
+    cache.write(layer, mapping, torch.cat(keys), torch.cat(values))
+
+
+def paged_batch(w: Workload, page_size: int, seed: int, device: torch.device) -> PagedBatch:
+    """A cache twice the batch's size, all of it random (so a backend reading a wrong page shows
+    up in the check), with the batch written at shuffled pages."""
+    dtype = w.keys.dtype
+    spec = KVCacheSpec(len(w.keys), KV_HEADS, HEAD_DIM, page_size=page_size, dtype=dtype)
+    per_request = [pages_needed(c, page_size) for c in w.contexts]
+    cache = KVCache(spec, 2 * sum(per_request), device)
+    cache.storage.normal_(generator=torch.Generator(device).manual_seed(seed))
+    table = shuffled_block_table(per_request, cache.num_pages, np.random.default_rng(seed))
+    for layer in range(spec.num_layers):
+        fill_cache(cache, layer, w, table)
+    meta = AttentionMetadata.build([1] * BATCH, w.contexts, table, page_size, device)
+    last = torch.tensor(w.contexts, device=device) - 1
+    rows = torch.arange(BATCH, device=device)
+    new_keys = w.keys[:, rows, :, last].transpose(0, 1)  # advanced indices go first
+    return PagedBatch(cache, meta, new_keys, w.values[:, rows, :, last].transpose(0, 1))
+
+
+def backend_page_sizes(
+    device: torch.device, dtype: torch.dtype, page_size: int
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Each runnable backend's page size (the configured one, else its preferred one, as flash
+    needs 256-token pages) and why each other backend was skipped."""
+    req = AttentionRequirements(device, dtype, page_size, HEAD_DIM, QUERY_HEADS, KV_HEADS)
+    sizes, skipped = {}, {}
+    for name in BACKENDS:
+        cls = backend_class(name)
+        reason = cls.unsupported_reason(req)
+        preferred = replace(req, page_size=cls.preferred_page_size)
+        if reason is None:
+            sizes[name] = page_size
+        elif preferred.page_size != page_size and cls.unsupported_reason(preferred) is None:
+            sizes[name] = preferred.page_size
+        else:
+            skipped[name] = reason
+    return sizes, skipped
+
+
+def backend_cases(
+    w: Workload, batches: dict[int, PagedBatch], sizes: dict[str, int], scale: float
+) -> dict[str, tuple[LayerCase, LayerCase]]:
+    """name -> (attend, forward) of one layer, each checked on every layer against dense."""
+    tol = TOLERANCE[w.keys.dtype]
+    cases = {}
+    for name, page_size in sizes.items():
+        b = batches[page_size]
+        req = AttentionRequirements(
+            w.query.device, w.keys.dtype, page_size, HEAD_DIM, QUERY_HEADS, KV_HEADS
+        )
+        backend = create_backend(name, req)
+
+        def attend(layer: int, backend=backend, b=b) -> torch.Tensor:
+            k, v = b.cache.key(layer), b.cache.value(layer)
+            return backend.attend(w.query, k, v, b.meta, scale)
+
+        def forward(layer: int, backend=backend, b=b) -> torch.Tensor:
+            k, v = b.new_keys[layer], b.new_values[layer]
+            return backend.forward(w.query, k, v, b.cache, layer, b.meta, scale)
+
+        for layer in range(len(w.keys)):
+            expected = dense_attention(w, layer, scale)
+            for label, fn in (("attend", attend), ("forward", forward)):
+                msg = f"{name} {label}, {w.name} layer {layer}"
+                torch.testing.assert_close(fn(layer), expected, atol=tol, rtol=tol, msg=msg)
+        cases[name] = (attend, forward)
+    return cases
+
+
+def whole_step(fn: LayerCase, layers: int) -> Callable[[], list[torch.Tensor]]:
+    """``fn`` on every layer in turn, as the engine runs one step: the unit that is timed."""
+    return lambda: [fn(layer) for layer in range(layers)]
+
+
+def run_workload(w: Workload, sizes: dict[str, int], args, scale: float, sync) -> dict:
+    """Median seconds per layer of dense and of every backend's attend and forward, the cases
+    interleaved step by step."""
+    device = w.query.device
+    batches = {ps: paged_batch(w, ps, args.seed, device) for ps in set(sizes.values())}
+    paged = backend_cases(w, batches, sizes, scale)
+    timed = {"dense": whole_step(lambda layer: dense_attention(w, layer, scale), args.layers)}
+    for name, (attend, forward) in paged.items():
+        timed[name] = whole_step(attend, args.layers)
+        timed[f"{name} forward"] = whole_step(forward, args.layers)
+    steps = interleaved(timed, args.repeats, sync, warmup=2)
+    seconds = {name: step / args.layers for name, step in steps.items()}
+    dense = seconds["dense"]
+    cases = {"dense": {"attend_s": dense, "attend_vs_dense": 1.0}}
+    for name in paged:
+        cases[name] = {
+            "page_size": sizes[name],
+            "attend_s": seconds[name],
+            "attend_vs_dense": round(seconds[name] / dense, 3),
+            "forward_s": seconds[f"{name} forward"],
+            "forward_vs_dense": round(seconds[f"{name} forward"] / dense, 3),
+        }
+    result = {
+        "contexts": {"min": min(w.contexts), "max": max(w.contexts), "mean": _mean(w.contexts)},
+        "cases": cases,
+    }
+    if "torch" in cases and "padded" in cases:
+        result["padded_vs_torch"] = round(
+            cases["padded"]["attend_s"] / cases["torch"]["attend_s"], 3
+        )
+    return result
+
+
+def _mean(values: list[int]) -> float:
+    return round(sum(values) / len(values), 1)
+
+
+def workloads(layers: int, device: torch.device, dtype: torch.dtype, seed: int) -> list[Workload]:
+    """Uniform contexts, and ragged ones of about the same mean (seeded)."""
+    ragged = np.random.default_rng(seed).integers(RAGGED[0], RAGGED[1] + 1, BATCH).tolist()
+    return [
+        make_workload("uniform", [CONTEXT] * BATCH, layers, device, dtype, seed),
+        make_workload("ragged", ragged, layers, device, dtype, seed + 1),
+    ]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=200, help="timed steps per case")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), help="float32 on cpu, bfloat16 on cuda")
+    parser.add_argument("--layers", type=int, default=8, help="layers per timed step")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    threads = setup_threads(args.threads)
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    sync = synchronizer(device)
+    scale = 1 / math.sqrt(HEAD_DIM)
+    sizes, skipped = backend_page_sizes(device, dtype, args.page_size)
+
+    with torch.inference_mode():
+        results = {
+            w.name: run_workload(w, sizes, args, scale, sync)
+            for w in workloads(args.layers, device, dtype, args.seed)
+        }
+    torch_ratio = results["uniform"]["cases"].get("torch", {}).get("attend_vs_dense")
+    result = {
+        "environment": environment(threads, device),
+        "config": {
+            "batch": BATCH,
+            "context": CONTEXT,
+            "ragged_range": list(RAGGED),
+            "query_heads": QUERY_HEADS,
+            "kv_heads": KV_HEADS,
+            "head_dim": HEAD_DIM,
+            "page_size": args.page_size,
+            "dtype": str(dtype).removeprefix("torch."),
+            "layers": args.layers,
+            "repeats": args.repeats,
+            "timing": "median of repeats steps over all layers, divided by layers (s per layer)",
+            "seed": args.seed,
+            "checked_against_dense": {"atol": TOLERANCE[dtype], "rtol": TOLERANCE[dtype]},
+        },
+        "skipped": skipped,
+        "workloads": results,
+        "targets": {
+            "torch_vs_dense_max": TARGET,
+            "torch_vs_dense": torch_ratio,
+            "met": None if torch_ratio is None else torch_ratio <= TARGET,
+            "padded_vs_torch": {name: r.get("padded_vs_torch") for name, r in results.items()},
+        },
+    }
+    path = write_json(f"attention-{device.type}", result)
+    print_table(result)
+    print(f"\nwrote {path}")
+
+
+def print_table(result: dict) -> None:
+    env, cfg = result["environment"], result["config"]
+    print(f"torch {env['torch']}, {env['threads']} thread(s), device {env['device']}, ", end="")
+    print(f"{cfg['dtype']}, batch {cfg['batch']}, {cfg['query_heads']}/{cfg['kv_heads']} heads")
+    print("\n| workload | case | page | attend us/layer | vs dense | forward us/layer | vs dense |")
+    print("|---|---|---|---|---|---|---|")
+    for workload, r in result["workloads"].items():
+        for name, c in r["cases"].items():
+            cells = [workload, name, c.get("page_size", "-"), _us(c, "attend"), _us(c, "forward")]
+            print("| " + " | ".join(map(str, cells)) + " |")
+    for name, reason in result["skipped"].items():
+        print(f"skipped {name}: {reason}")
+    t = result["targets"]
+    print(f"\ntorch vs dense (uniform): {t['torch_vs_dense']} ", end="")
+    print(f"(target <= {t['torch_vs_dense_max']}, met: {t['met']})")
+    print(f"padded vs torch: {t['padded_vs_torch']}")
+
+
+def _us(case: dict, kind: str) -> str:
+    """``median us | ratio`` cells for ``kind`` (attend or forward); dashes where not timed."""
+    if f"{kind}_s" not in case:
+        return "- | -"
+    return f"{case[f'{kind}_s'] * 1e6:.1f} | {case[f'{kind}_vs_dense']:.2f}"
+
+
+if __name__ == "__main__":
+    main()
