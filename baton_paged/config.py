@@ -10,8 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from baton_paged.allocator import parse_memory_budget
 from baton_paged.attention.registry import AUTO, BACKENDS
+from baton_paged.memory_monitor import check_watermarks
 from baton_paged.sched.policies import POLICIES
+
+PREEMPTION_MODES = ("swap", "recompute")
 
 DTYPES = {
     "float32": torch.float32,
@@ -51,6 +55,23 @@ class EngineConfig:
     """Token budget of one forward under the chunked policy (decode tokens + prefill chunks)."""
     seed: int = 0
     """Seed of the sampler's default generator (requests may carry their own seed)."""
+    preemption_mode: str = "swap"
+    """How a preempted request leaves the device: swap (copy its K/V to the host swap pool when
+    that has room, else recompute) or recompute (free its pages; prefill prompt + output again
+    when it resumes)."""
+    swap_memory: str = "1GiB"
+    """Host swap pool: bytes ('4GiB') or a fraction of available host memory ('0.1'), capped at
+    the device pool's page count; '0' turns swapping off."""
+    memory_high_watermark: float = 0.95
+    """Memory pressure (page-pool occupancy, or device memory in use when watched) above which
+    the batch stops growing and sheds one request per iteration to host memory."""
+    memory_low_watermark: float = 0.85
+    """Pressure below which a shrunk batch grows again; the gap to the high watermark is the
+    hysteresis that stops requests swapping out and in on alternate iterations."""
+    watch_device_memory: bool = False
+    """Count device memory in use (NVML, else torch.cuda.mem_get_info; psutil on the CPU) as
+    pressure too. Off by default: the KV pools are allocated up front, so the reading tracks
+    other processes and activations rather than the cache."""
 
     def __post_init__(self) -> None:
         _check_choice("policy", self.policy, POLICIES)
@@ -61,7 +82,15 @@ class EngineConfig:
         for name in ("page_size", "max_model_len"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
+        _check_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
+        if self.swap_memory != "0":
+            parse_memory_budget(self.swap_memory)
+        check_watermarks(self.memory_high_watermark, self.memory_low_watermark)
         torch.device(self.device)  # raises on a malformed device string
+
+    @property
+    def swapping(self) -> bool:
+        return self.preemption_mode == "swap" and self.swap_memory != "0"
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -1,6 +1,7 @@
 """Engine: requests in, one iteration per ``step()``, outputs back.
 
 step():  plan = policy.plan(scheduler)       # who runs, pages reserved, frozen plan
+         runner.swap(plan)                    # preempted K/V to host, resumed K/V back
          for forward in plan.forwards:
              logits = runner.execute(forward) # packed varlen forward over the paged cache
              sample, append, stop             # finished requests leave the batch at once
@@ -15,10 +16,23 @@ from typing import Any
 
 import torch
 
-from baton_paged.allocator import KVCache, KVCacheSpec, pages_needed
+from baton_paged.allocator import (
+    HostSwapPool,
+    KVCache,
+    KVCacheSpec,
+    num_pages_for_budget,
+    pages_needed,
+)
 from baton_paged.attention import attach
 from baton_paged.config import EngineConfig
-from baton_paged.model_loading import choose_attention, load_model, model_max_len
+from baton_paged.device_memory import MemoryReader, device_memory_reader
+from baton_paged.memory_monitor import MemoryMonitor
+from baton_paged.model_loading import (
+    choose_attention,
+    eos_token_ids,
+    load_model,
+    model_max_len,
+)
 from baton_paged.model_runner import ModelRunner
 from baton_paged.output_processor import OutputProcessor
 from baton_paged.outputs import RequestOutput
@@ -34,30 +48,50 @@ PromptInput = str | Sequence[int] | dict
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, model: Any = None, tokenizer: Any = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        model: Any = None,
+        tokenizer: Any = None,
+        memory_reader: MemoryReader | None = None,
+    ):
         """Load ``config.model`` (or use an already-loaded HF ``model`` and ``tokenizer``), size
-        the KV cache from ``config.kv_memory`` and build the scheduler and runner."""
+        the KV cache from ``config.kv_memory`` and the host swap pool from ``config.swap_memory``,
+        and build the scheduler and runner. ``memory_reader`` replaces the device-memory reading
+        the memory monitor adds to page-pool occupancy (tests inject external pressure so)."""
         self.config = config
         if model is None:
             model, tokenizer = load_model(config)
         self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.max_model_len = config.max_model_len or model_max_len(model)
         attach(model, self.max_model_len)
         page_size, backend = choose_attention(config, model)
         spec = KVCacheSpec.from_model_config(model.config, page_size, config.torch_dtype)
         self.cache = KVCache.from_budget(spec, config.kv_memory, config.device)
+        self.host = self._host_pool(spec) if config.swapping else None
+        if memory_reader is None and config.watch_device_memory:
+            memory_reader = device_memory_reader(config.device)
+        self.monitor = MemoryMonitor(
+            self.cache.pool,
+            config.memory_high_watermark,
+            config.memory_low_watermark,
+            memory_reader,
+        )
         self.scheduler = Scheduler(
             self.cache.pool,
             page_size,
             config.max_batch_size,
             pages_needed(self.max_model_len, page_size),
+            host_pool=self.host.pool if self.host else None,
+            monitor=self.monitor,
         )
         self.policy = make_policy(
             config.policy, config.max_prefill_tokens, config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(model, self.cache, backend)
+        self.runner = ModelRunner(model, self.cache, backend, self.host)
         self.outputs = OutputProcessor(tokenizer, self.max_model_len)
-        self.stats = EngineStats()
+        self.stats = EngineStats(page_bytes=spec.bytes_per_page)
         self.requests: dict[str, Request] = {}
         self._generator = torch.Generator(config.device).manual_seed(config.seed)
         self._ids = itertools.count()
@@ -82,7 +116,7 @@ class Engine:
             prompt_token_ids=ids,
             params=params,
             max_tokens=max_tokens,
-            eos_token_id=self.tokenizer.eos_token_id,
+            eos_token_ids=self.eos_token_ids,
             priority=priority,
             prompt=text,
             generator=self._request_generator(params),
@@ -102,7 +136,8 @@ class Engine:
         return text, ids, self._check_fits(ids, params)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
-        """Stop a request wherever it is and free its pages now; None if it is not live."""
+        """Stop a request wherever it is (waiting, running, swapped) and free its device and host
+        pages now; None if it is not live."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
@@ -117,6 +152,8 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One iteration: every request that got a token reports its output."""
         plan = self.policy.plan(self.scheduler)
+        self.runner.swap(plan)
+        self.scheduler.swaps_issued(plan)
         batch_size = len(self.scheduler.running)
         touched: dict[str, Request] = {}
         for forward in plan.forwards:
@@ -125,6 +162,8 @@ class Engine:
             self._take_tokens(forward, logits, touched)
         generated = sum(row.sample for forward in plan.forwards for row in forward.rows)
         self.stats.record(plan, generated, batch_size)
+        host_pages = self.host.pool.num_used if self.host else 0
+        self.stats.record_memory(self.cache.pool.num_used, host_pages, self.monitor)
         outputs = [self.outputs.output(request) for request in touched.values()]
         for request in touched.values():
             if request.status.is_finished:
@@ -195,6 +234,11 @@ class Engine:
                 "lower max_tokens"
             )
         return max_tokens
+
+    def _host_pool(self, spec: KVCacheSpec) -> HostSwapPool:
+        """Host pages for swapped-out K/V, never more than the device pool holds."""
+        pages = num_pages_for_budget(spec, self.config.swap_memory, "cpu")
+        return HostSwapPool(spec, min(pages, self.cache.num_pages))
 
     def _request_generator(self, params: SamplingParams) -> torch.Generator | None:
         if params.seed is None:

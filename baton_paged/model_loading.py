@@ -45,6 +45,17 @@ def model_max_len(model: Any) -> int:
     return int(length)
 
 
+def eos_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    """Every token that ends a generation: the tokenizer's EOS plus the generation config's
+    (chat models list their end-of-turn token there, e.g. ``<|im_end|>``); HF ``generate`` and
+    vLLM stop on all of them."""
+    ids = [tokenizer.eos_token_id]
+    generation = getattr(model, "generation_config", None)
+    configured = getattr(generation, "eos_token_id", None)
+    ids += configured if isinstance(configured, list | tuple) else [configured]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
 def choose_attention(config: EngineConfig, model: Any) -> tuple[int, AttentionBackend]:
     """The page size (configured, else the backend's preference) and a ready backend."""
     text_config = _text_config(model)

@@ -12,17 +12,30 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from baton_paged.allocator import KVCache
+from baton_paged.allocator import HostSwapPool, KVCache, execute_swap
 from baton_paged.attention import AttentionBackend, AttentionMetadata, PagedStep
-from baton_paged.sched.plan import ForwardBatch
+from baton_paged.sched.plan import ForwardBatch, StepPlan
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, cache: KVCache, backend: AttentionBackend):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cache: KVCache,
+        backend: AttentionBackend,
+        host: HostSwapPool | None = None,
+    ):
         self.model = model
         self.cache = cache
         self.backend = backend
+        self.host = host
         self.device = cache.storage.device
+
+    def swap(self, plan: StepPlan) -> None:
+        """Issue the plan's page copies on the current stream: every swap-out before any swap-in,
+        and all before the forwards, which is what lets the scheduler reuse freed pages at once."""
+        for swap in (*plan.swap_out, *plan.swap_in):
+            execute_swap(swap, self.cache, self.host)
 
     @torch.inference_mode()
     def execute(self, forward: ForwardBatch) -> torch.Tensor:

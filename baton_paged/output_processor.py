@@ -50,7 +50,7 @@ class OutputProcessor:
         params = request.params
         if len(request.output_token_ids) >= params.min_tokens:
             return ()
-        eos = () if params.ignore_eos or request.eos_token_id is None else (request.eos_token_id,)
+        eos = () if params.ignore_eos else request.eos_token_ids
         return eos + params.stop_token_ids
 
     def append(
@@ -71,7 +71,7 @@ class OutputProcessor:
     ) -> RequestStatus | None:
         params = request.params
         past_min = len(request.output_token_ids) >= params.min_tokens
-        if past_min and token == request.eos_token_id and not params.ignore_eos:
+        if past_min and token in request.eos_token_ids and not params.ignore_eos:
             return RequestStatus.FINISHED_STOPPED
         if past_min and token in params.stop_token_ids:
             request.stop_reason = token

@@ -3,7 +3,8 @@
 The scheduler and the engine share this object; the runner never sees it (it gets a frozen
 ``StepPlan``). Token bookkeeping follows one rule: ``num_computed_tokens`` tokens of
 ``all_token_ids`` have K/V in the cache, and a step computes the rest (a whole prompt, one decode
-token, a prefill chunk, or everything again after a recompute preemption).
+token, a prefill chunk, or everything again after a recompute preemption). A request swapped to
+host memory keeps ``num_computed_tokens``: its K/V comes back by copy.
 """
 
 from __future__ import annotations
@@ -18,18 +19,21 @@ from baton_paged.sampling_params import SamplingParams
 
 
 class RequestStatus(enum.IntEnum):
-    """Ordered so that ``status > PREEMPTED`` means finished."""
+    """Ordered so that ``status >= FINISHED_STOPPED`` means finished."""
 
     WAITING = 0
     RUNNING = 1
     PREEMPTED = 2
-    FINISHED_STOPPED = 3
-    FINISHED_LENGTH = 4
-    FINISHED_ABORTED = 5
+    """Waiting to recompute its K/V from prompt + output (its pages were freed)."""
+    SWAPPED = 3
+    """Waiting with its K/V in the host swap pool, to be copied back."""
+    FINISHED_STOPPED = 4
+    FINISHED_LENGTH = 5
+    FINISHED_ABORTED = 6
 
     @property
     def is_finished(self) -> bool:
-        return self > RequestStatus.PREEMPTED
+        return self >= RequestStatus.FINISHED_STOPPED
 
     @property
     def finish_reason(self) -> str | None:
@@ -51,7 +55,8 @@ class Request:
     params: SamplingParams
     max_tokens: int
     """``params.max_tokens`` capped by the model's context (resolved at admission)."""
-    eos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    """Tokens that end the request unless ``ignore_eos`` (see ``model_loading.eos_token_ids``)."""
     priority: int = 0
     """Lower is served first (vLLM's convention); ties are first come, first served."""
     prompt: str | None = None

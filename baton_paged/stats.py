@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from baton_paged.memory_monitor import MemoryMonitor
 from baton_paged.sched.plan import StepPlan
 
 
@@ -24,6 +25,18 @@ class EngineStats:
     offered_slots: int = 0
     admitted: int = 0
     preemptions: int = 0
+    swap_preemptions: int = 0
+    """Preemptions whose K/V went to the host swap pool (the rest recompute)."""
+    pages_swapped_out: int = 0
+    pages_swapped_in: int = 0
+    page_bytes: int = 0
+    """Bytes of one KV page (all layers, K and V), to turn page counts into bytes."""
+    pages_in_use: int = 0
+    """Device pages owned after the last iteration."""
+    peak_pages_in_use: int = 0
+    host_pages_in_use: int = 0
+    high_watermark_crossings: int = 0
+    low_watermark_crossings: int = 0
     finished: int = 0
     aborted: int = 0
     batch_rows: int = 0
@@ -36,9 +49,32 @@ class EngineStats:
         self.offered_slots += plan.offered_slots
         self.admitted += len(plan.admitted)
         self.preemptions += len(plan.preempted)
+        self.swap_preemptions += len(plan.swap_out)
+        self.pages_swapped_out += sum(swap.num_pages for swap in plan.swap_out)
+        self.pages_swapped_in += sum(swap.num_pages for swap in plan.swap_in)
         self.batch_rows += running
         for forward in plan.forwards:
             self.prompt_tokens += forward.num_tokens - forward.num_decode_rows
+
+    def record_memory(self, pages: int, host_pages: int, monitor: MemoryMonitor | None) -> None:
+        self.pages_in_use = pages
+        self.peak_pages_in_use = max(self.peak_pages_in_use, pages)
+        self.host_pages_in_use = host_pages
+        if monitor is not None:
+            self.high_watermark_crossings = monitor.high_crossings
+            self.low_watermark_crossings = monitor.low_crossings
+
+    @property
+    def recompute_preemptions(self) -> int:
+        return self.preemptions - self.swap_preemptions
+
+    @property
+    def swapped_out_bytes(self) -> int:
+        return self.pages_swapped_out * self.page_bytes
+
+    @property
+    def swapped_in_bytes(self) -> int:
+        return self.pages_swapped_in * self.page_bytes
 
     @property
     def slot_efficiency(self) -> float:

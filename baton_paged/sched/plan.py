@@ -1,6 +1,7 @@
 """The scheduler -> runner contract: what to compute this iteration, as frozen data.
 
-An iteration runs one or more forwards in order. Under ``baton`` a step with newcomers runs two:
+An iteration first issues its swap copies (out, then in), then runs one or more forwards in
+order. Under ``baton`` a step with newcomers runs two:
 their prompts alone (the separate prefill), then the running batch's decode. Under ``orca`` and
 ``chunked`` one forward mixes both. Each row says which token positions of one request to compute
 and whether its last position yields a new token (a prefill chunk that stops short of the prompt's
@@ -12,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from baton_paged.allocator import SwapPlan
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,16 @@ class StepPlan:
     admitted: tuple[str, ...] = ()
     """Requests that joined the batch this iteration."""
     preempted: tuple[str, ...] = ()
-    """Requests whose pages were freed to make room; they recompute from the waiting queue."""
+    """Requests that left the batch early, swapped out or to recompute, back in the queue."""
+    swap_out: tuple[SwapPlan, ...] = ()
+    """Copies of preempted requests' K/V to the host pool; issued before anything else."""
+    swap_in: tuple[SwapPlan, ...] = ()
+    """Copies of resumed requests' K/V back to their new pages; issued before the forwards."""
+
+    @property
+    def num_recomputed(self) -> int:
+        """Preemptions that freed K/V rather than swapping it."""
+        return len(self.preempted) - len(self.swap_out)
 
     @property
     def is_empty(self) -> bool:

@@ -1,7 +1,8 @@
 """Batching policies: how one iteration's forwards are formed from the scheduler's state.
 
-All four share the scheduler's helpers (page reservation, recompute preemption, admission in
-priority-then-FCFS order) and differ only in when newcomers join and how their prompts run:
+All four share the scheduler's helpers (page reservation, memory-pressure scaling, admission in
+priority-then-FCFS order with preemption by swap or recompute) and differ only in when newcomers
+join and how their prompts run:
 
 * ``baton``: newcomers join between any two iterations; their prompts run in a forward of their
   own (the separate prefill), never stretching the running batch's decode step; finished requests
@@ -19,8 +20,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from baton_paged.request import Request
-from baton_paged.sched.plan import ScheduledRow, StepPlan
-from baton_paged.sched.scheduler import Scheduler
+from baton_paged.sched.plan import ForwardBatch, ScheduledRow, StepPlan
+from baton_paged.sched.scheduler import Scheduler, is_decoder
 
 
 class Policy(ABC):
@@ -52,81 +53,75 @@ class BatonPolicy(Policy):
     name = "baton"
 
     def plan(self, sched: Scheduler) -> StepPlan:
-        preempted = sched.reserve_decode_pages()
+        sched.begin_step()
+        sched.reserve_decode_pages()
+        admitted = sched.admit()
+        return sched.make_plan(self.prefill_then_decode(sched, admitted), admitted)
+
+    def prefill_then_decode(self, sched: Scheduler, admitted: list[Request]) -> list[ForwardBatch]:
+        """Newcomers' prompts in forwards of their own, then one decode forward for the batch
+        (requests swapped back in rejoin it directly: their K/V is already computed)."""
+        prompts = [r for r in admitted if not is_decoder(r)]
+        forwards = [sched.forward(rows) for rows in self.prompt_groups(sched, prompts)]
         decoders = sched.decoders()
-        admitted = admit(sched, preempted)
-        forwards = [sched.forward(rows) for rows in self.prompt_groups(sched, admitted)]
         if decoders:
             forwards.append(sched.forward(sched.row(r) for r in decoders))
-        return _plan(sched, forwards, admitted, preempted)
+        return forwards
 
 
 class OrcaPolicy(Policy):
     name = "orca"
 
     def plan(self, sched: Scheduler) -> StepPlan:
-        preempted = sched.reserve_decode_pages()
-        decoders = sched.decoders()
-        admitted = admit(sched, preempted)
-        prompts = self.prompt_groups(sched, admitted) or [[]]
+        sched.begin_step()
+        sched.reserve_decode_pages()
+        admitted = sched.admit()
+        prompts = self.prompt_groups(sched, [r for r in admitted if not is_decoder(r)]) or [[]]
         # The first group of prompts shares the decode forward; more than the prefill budget
         # (a burst of arrivals) runs as further forwards in the same iteration.
-        groups = [[sched.row(r) for r in decoders] + prompts[0], *prompts[1:]]
-        forwards = [sched.forward(group) for group in groups if group]
-        return _plan(sched, forwards, admitted, preempted)
+        decode = [sched.row(r) for r in sched.decoders()]
+        groups = [decode + prompts[0], *prompts[1:]]
+        return sched.make_plan([sched.forward(group) for group in groups if group], admitted)
 
 
-class StaticPolicy(Policy):
+class StaticPolicy(BatonPolicy):
     name = "static"
 
     def plan(self, sched: Scheduler) -> StepPlan:
-        preempted = sched.reserve_decode_pages()
+        sched.begin_step()
+        sched.reserve_decode_pages()
         if sched.running:
             forward = sched.forward(sched.row(r) for r in sched.decoders())
-            return _plan(sched, [forward], [], preempted)
-        admitted = admit(sched, preempted)
-        forwards = [sched.forward(rows) for rows in self.prompt_groups(sched, admitted)]
-        return _plan(sched, forwards, admitted, preempted)
+            return sched.make_plan([forward], [])
+        admitted = sched.admit()
+        return sched.make_plan(self.prefill_then_decode(sched, admitted), admitted)
 
 
 class ChunkedPolicy(Policy):
     name = "chunked"
 
     def plan(self, sched: Scheduler) -> StepPlan:
-        preempted = sched.reserve_decode_pages()
-        decoders = sched.decoders()[: self.token_budget]
-        rows = [sched.row(r) for r in decoders]
-        left = self.token_budget - len(rows)
-        # Prompts already in the batch hold pages for all their tokens (see Scheduler.admit).
-        for request in [r for r in sched.running.values() if r.num_pending_tokens > 1]:
-            if left:
-                rows.append(sched.row(request, min(left, request.num_pending_tokens)))
-                left -= len(rows[-1].token_ids)
+        sched.begin_step()
+        sched.reserve_decode_pages()
         admitted = []
-        while left and not preempted:
+        while self.tokens_left(sched) > 0:
             joined = sched.admit(max_requests=1)
             if not joined:
                 break
             admitted += joined
-            rows.append(sched.row(joined[0], min(left, joined[0].num_pending_tokens)))
-            left -= len(rows[-1].token_ids)
-        forwards = [sched.forward(rows)] if rows else []
-        return _plan(sched, forwards, admitted, preempted)
+        rows = [sched.row(r) for r in sched.decoders()[: self.token_budget]]
+        left = self.token_budget - len(rows)
+        # Prompts in the batch hold pages for all their tokens (see Scheduler.admit); the ones
+        # admitted earlier come first, so a started prompt finishes before a new one starts.
+        for request in [r for r in sched.running.values() if r.num_pending_tokens > 1]:
+            if left:
+                rows.append(sched.row(request, min(left, request.num_pending_tokens)))
+                left -= len(rows[-1].token_ids)
+        return sched.make_plan([sched.forward(rows)] if rows else [], admitted)
 
-
-def admit(sched: Scheduler, preempted: list[str]):
-    """Newcomers join unless this iteration had to preempt: the pool is too tight for them, and
-    a request just preempted must not be readmitted in the iteration that evicted it."""
-    return [] if preempted else sched.admit()
-
-
-def _plan(sched: Scheduler, forwards, admitted, preempted) -> StepPlan:
-    return StepPlan(
-        forwards=tuple(forwards),
-        offered_slots=sched.offered_slots,
-        admitted=tuple(r.request_id for r in admitted),
-        preempted=tuple(preempted),
-    )
+    def tokens_left(self, sched: Scheduler) -> int:
+        """Budget the running requests' pending tokens leave for another prompt."""
+        return self.token_budget - sum(r.num_pending_tokens for r in sched.running.values())
 
 
 POLICIES = {cls.name: cls for cls in (BatonPolicy, OrcaPolicy, StaticPolicy, ChunkedPolicy)}

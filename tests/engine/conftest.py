@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import cache
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -12,15 +14,36 @@ from baton_paged.engine import Engine
 
 @pytest.fixture
 def make_engine(tiny_model_dir):
-    """``make_engine(arch="llama", **EngineConfig fields)``: a fresh engine, model loaded once."""
+    """``make_engine(arch="llama", memory_reader=None, **EngineConfig fields)``: a fresh engine
+    (``memory_reader`` injects device-memory pressure), model loaded once."""
     loaded = {}
 
-    def make(arch: str = "llama", **options) -> Engine:
+    def make(arch: str = "llama", memory_reader=None, **options) -> Engine:
         path = tiny_model_dir(arch)
         if arch not in loaded:
             loaded[arch] = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
         config = EngineConfig(model=str(path), dtype="float64", **options)
-        return Engine(config, model, loaded[arch])
+        return Engine(config, model, loaded[arch], memory_reader=memory_reader)
 
     return make
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """``reference(arch, prompt, max_tokens)``: HF greedy tokens, memoised across tests."""
+
+    @cache
+    def generate(arch: str, prompt: tuple[int, ...], max_tokens: int) -> tuple[int, ...]:
+        model = load(arch)
+        ids = torch.tensor([prompt])
+        out = model.generate(
+            ids, max_new_tokens=max_tokens, do_sample=False, attention_mask=torch.ones_like(ids)
+        )
+        return tuple(out[0, len(prompt) :].tolist())
+
+    @cache
+    def load(arch: str):
+        return AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=torch.float64)
+
+    return generate

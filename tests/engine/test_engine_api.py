@@ -48,6 +48,10 @@ def test_duplicate_request_id_and_bad_priority(make_engine):
         ("attention_backend", "flash", "unknown attention_backend 'flash'"),
         ("max_batch_size", 0, "max_batch_size must be a positive integer"),
         ("dtype", "int8", "unknown dtype"),
+        ("preemption_mode", "drop", "unknown preemption_mode 'drop'"),
+        ("swap_memory", "lots", "not a memory budget"),
+        ("memory_low_watermark", 0.99, "0 < low < high <= 1"),
+        ("memory_high_watermark", 1.5, "0 < low < high <= 1"),
     ],
 )
 def test_bad_engine_config_is_refused(field, value, message):
@@ -125,3 +129,15 @@ def _finish(engine, request_id=None):
     while engine.has_unfinished_requests():
         finished.update({o.request_id: o for o in engine.step() if o.finished})
     return finished if request_id is None else finished[request_id]
+
+
+@pytest.mark.parametrize(("arch", "expected"), [("llama", (0, 2)), ("gpt2", (0,))])
+def test_every_generation_config_eos_ends_a_request(make_engine, arch, expected):
+    """Chat models list their end-of-turn token (<|im_end|> = 2) beside EOS in the generation
+    config; HF generate stops on both, so the engine must too (the preemption equivalence test
+    meets one)."""
+    engine = make_engine(arch)
+    assert engine.eos_token_ids == expected
+    engine.add_request("hi", SamplingParams(temperature=0, max_tokens=8, min_tokens=3))
+    request = next(iter(engine.requests.values()))
+    assert set(expected) <= set(engine.outputs.suppressed_token_ids(request))

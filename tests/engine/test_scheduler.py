@@ -3,43 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from baton_paged.allocator import PagePool
+from sched_helpers import request, run_plan, scheduler
 
-from baton_paged.request import Request, RequestStatus
-from baton_paged.sampling_params import SamplingParams
 from baton_paged.sched.policies import make_policy
-from baton_paged.sched.scheduler import Scheduler
-
-PAGE = 4
-
-
-def request(rid, prompt_len=6, max_tokens=3, priority=0):
-    return Request(
-        request_id=rid,
-        prompt_token_ids=list(range(1, prompt_len + 1)),
-        params=SamplingParams(temperature=0, max_tokens=max_tokens),
-        max_tokens=max_tokens,
-        eos_token_id=None,
-        priority=priority,
-    )
-
-
-def scheduler(num_pages=64, max_batch=4):
-    return Scheduler(PagePool(num_pages), PAGE, max_batch, max_pages_per_request=32)
-
-
-def run_plan(sched, plan):
-    """What the engine does with a plan: record computed K/V, append a token per sampling row,
-    finish requests at max_tokens."""
-    for forward in plan.forwards:
-        sched.forward_done(forward)
-        for row in forward.rows:
-            req = sched.running[row.request_id]
-            if row.sample:
-                req.output_token_ids.append(0)
-                if len(req.output_token_ids) == req.max_tokens:
-                    sched.finish(req, RequestStatus.FINISHED_LENGTH)
-    sched.check_integrity()
 
 
 def test_admission_is_by_priority_then_arrival():
