@@ -152,6 +152,7 @@ class Engine:
     def step(self) -> list[RequestOutput]:
         """One iteration: every request that got a token reports its output."""
         plan = self.policy.plan(self.scheduler)
+        self.stats.record_peak(self.cache.pool.num_used)  # before finished requests free pages
         self.runner.swap(plan)
         self.scheduler.swaps_issued(plan)
         batch_size = len(self.scheduler.running)

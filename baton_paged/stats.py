@@ -34,6 +34,8 @@ class EngineStats:
     pages_in_use: int = 0
     """Device pages owned after the last iteration."""
     peak_pages_in_use: int = 0
+    """Most device pages owned at once: sampled after planning, when the step's pages are all
+    reserved and before finished requests return theirs."""
     host_pages_in_use: int = 0
     high_watermark_crossings: int = 0
     low_watermark_crossings: int = 0
@@ -56,9 +58,11 @@ class EngineStats:
         for forward in plan.forwards:
             self.prompt_tokens += forward.num_tokens - forward.num_decode_rows
 
+    def record_peak(self, pages: int) -> None:
+        self.peak_pages_in_use = max(self.peak_pages_in_use, pages)
+
     def record_memory(self, pages: int, host_pages: int, monitor: MemoryMonitor | None) -> None:
         self.pages_in_use = pages
-        self.peak_pages_in_use = max(self.peak_pages_in_use, pages)
         self.host_pages_in_use = host_pages
         if monitor is not None:
             self.high_watermark_crossings = monitor.high_crossings

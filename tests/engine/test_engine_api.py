@@ -141,3 +141,14 @@ def test_every_generation_config_eos_ends_a_request(make_engine, arch, expected)
     engine.add_request("hi", SamplingParams(temperature=0, max_tokens=8, min_tokens=3))
     request = next(iter(engine.requests.values()))
     assert set(expected) <= set(engine.outputs.suppressed_token_ids(request))
+
+
+def test_peak_pages_include_the_last_step_of_a_finishing_request(make_engine):
+    """6 prompt + 4 new tokens on pages of 4: the last step computes position 8, so 3 pages are
+    held at once, even though they return to the pool within that same step."""
+    engine = make_engine(page_size=4)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request({"prompt_token_ids": [5] * 6}, params)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.stats.peak_pages_in_use == 3 and engine.stats.pages_in_use == 0
