@@ -1,0 +1,116 @@
+"""MemoryMonitor's watermarks and the device-memory readers (NVML, torch.cuda, psutil)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from baton_paged.allocator import PagePool
+
+from baton_paged import device_memory
+from baton_paged.device_memory import device_memory_reader, host_memory_used
+from baton_paged.memory_monitor import MemoryMonitor
+
+
+def test_hysteresis_holds_from_a_high_crossing_until_below_low():
+    readings = iter([0.5, 0.96, 0.9, 0.86, 0.84, 0.9, 0.97])
+    monitor = MemoryMonitor(PagePool(10), 0.95, 0.85, reader=lambda: next(readings))
+    states = [(monitor.update(), monitor.holding, monitor.above_high) for _ in range(7)]
+    assert [s[1] for s in states] == [False, True, True, True, False, False, True]
+    assert [s[2] for s in states] == [False, True, False, False, False, False, True]
+    assert (monitor.high_crossings, monitor.low_crossings) == (2, 1)
+
+
+def test_pressure_is_the_higher_of_pool_occupancy_and_the_device_reading():
+    pool = PagePool(10)
+    pool.allocate(6)
+    assert MemoryMonitor(pool).read() == 0.6
+    assert MemoryMonitor(pool, reader=lambda: 0.2).read() == 0.6
+    assert MemoryMonitor(pool, reader=lambda: 0.9).read() == 0.9
+
+
+def test_pool_allows_pages_up_to_the_high_watermark():
+    monitor = MemoryMonitor(PagePool(20), 0.9, 0.5)
+    assert monitor.pool_allows(18) and not monitor.pool_allows(19)
+
+
+@pytest.mark.parametrize(
+    ("high", "low"), [(0.8, 0.9), (0.9, 0.9), (1.2, 0.5), (0.9, 0.0), (True, 0.5)]
+)
+def test_bad_watermarks_are_refused(high, low):
+    with pytest.raises(ValueError, match="0 < low < high <= 1"):
+        MemoryMonitor(PagePool(4), high, low)
+
+
+def test_cpu_reads_host_memory():
+    reader = device_memory_reader("cpu")
+    assert reader is host_memory_used and 0.0 < reader() < 1.0
+
+
+class FakeNvml(types.ModuleType):
+    """The slice of pynvml the reader uses; ``uuid_ok`` decides whether lookup by UUID works."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, uuid_ok=True, init_error=None):
+        super().__init__("pynvml")
+        self.uuid_ok, self.init_error, self.looked_up = uuid_ok, init_error, []
+
+    def nvmlInit(self):  # noqa: N802 (pynvml's names)
+        if self.init_error:
+            raise self.init_error
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):  # noqa: N802
+        if not self.uuid_ok:
+            raise self.NVMLError("Not Found")
+        self.looked_up.append(uuid)
+        return "by-uuid"
+
+    def nvmlDeviceGetHandleByIndex(self, index):  # noqa: N802
+        self.looked_up.append(index)
+        return "by-index"
+
+    def nvmlDeviceGetMemoryInfo(self, handle):  # noqa: N802
+        return types.SimpleNamespace(used=30, total=120, free=90)
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A CUDA device 1 with a known UUID and 25% of its memory free, on any machine."""
+    props = types.SimpleNamespace(uuid="1234-abcd")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (25, 100))
+
+
+def install(monkeypatch, fake):
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    return fake
+
+
+def test_nvml_finds_the_device_by_uuid(monkeypatch, fake_cuda):
+    fake = install(monkeypatch, FakeNvml())
+    reader = device_memory_reader("cuda:1")
+    assert reader() == 0.25 and fake.looked_up == [b"GPU-1234-abcd"]
+
+
+def test_nvml_falls_back_to_the_index_when_the_uuid_is_unknown(monkeypatch, fake_cuda):
+    fake = install(monkeypatch, FakeNvml(uuid_ok=False))
+    assert device_memory_reader("cuda:1")() == 0.25 and fake.looked_up == [1]
+
+
+@pytest.mark.parametrize("broken", ["missing module", "no driver library"])
+def test_without_nvml_torch_cuda_answers(monkeypatch, fake_cuda, broken):
+    if broken == "missing module":
+        monkeypatch.setitem(sys.modules, "pynvml", None)  # import raises ImportError
+    else:
+        install(monkeypatch, FakeNvml(init_error=OSError("libnvidia-ml.so.1: not found")))
+    assert device_memory._nvml_reader(torch.device("cuda:1")) is None
+    assert device_memory_reader("cuda:1")() == 0.75  # 1 - free / total from mem_get_info
+
+
+@pytest.mark.gpu
+def test_real_device_reading_is_a_fraction():
+    assert 0.0 < device_memory_reader("cuda")() < 1.0
