@@ -42,3 +42,85 @@ def make_model(out_dir: str, arch: str, size: str, seed: int) -> None:
 
     path = build_model(out_dir, arch=arch, size=size, seed=seed)
     click.echo(f"wrote a random-weight {arch} ({size}) checkpoint to {path}")
+
+
+def engine_options(fn):
+    """One ``--flag`` per EngineConfig field, its help text the field's docstring."""
+    from baton_paged.config_fields import config_fields
+
+    for field in reversed(list(config_fields().values())):
+        flag = f"--{field.name.replace('_', '-')}"
+        if field.type is bool:
+            flag = f"{flag}/--no-{field.name.replace('_', '-')}"
+        option = click.option(
+            flag,
+            field.name,
+            type=field.type,
+            default=field.default,
+            show_default=field.default is not None,
+            help=field.doc,
+        )
+        fn = option(fn)
+    return fn
+
+
+def build_engine(options: dict):
+    """An Engine from CLI options; a bad value is a usage error, not a traceback."""
+    from baton_paged.config import EngineConfig
+    from baton_paged.engine import Engine
+
+    try:
+        config = EngineConfig(**options)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    return Engine(config)  # with no --model, load_model warns that the weights are random
+
+
+@main.command()
+@engine_options
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option(
+    "--api-key",
+    envvar="BATON_PAGED_API_KEY",
+    default=None,
+    help="Require 'Authorization: Bearer KEY' on /v1 routes (or set BATON_PAGED_API_KEY).",
+)
+@click.option("--served-model-name", default=None, help="Model id clients send (default: --model).")
+@click.option(
+    "--max-waiting",
+    type=int,
+    default=1024,
+    show_default=True,
+    help="Most requests waiting for a batch slot; more get HTTP 503.",
+)
+def serve(host, port, api_key, served_model_name, max_waiting, **options) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
+    /v1/models, /health), streaming included."""
+    import uvicorn
+
+    from baton_paged.async_engine import AsyncEngine
+    from baton_paged.server import build_app
+
+    engine = AsyncEngine(build_engine(options), max_waiting=max_waiting)
+    name = served_model_name or options["model"] or "baton-paged-default"
+    try:
+        uvicorn.run(build_app(engine, name, api_key), host=host, port=port, log_level="info")
+    finally:
+        engine.shutdown()
+
+
+@main.command()
+@click.argument("prompt")
+@click.option("--max-tokens", type=int, default=32, show_default=True, help="Tokens to generate.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@engine_options
+def generate(prompt, max_tokens, temperature, **options) -> None:
+    """Generate a completion of PROMPT once and print it."""
+    from baton_paged.llm import LLM
+    from baton_paged.sampling_params import SamplingParams
+
+    engine = build_engine(options)
+    llm = LLM.from_engine(engine)
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
+    click.echo(llm.generate([prompt], params)[0].outputs[0].text)

@@ -27,6 +27,13 @@ class LLM:
         ``options``: any ``EngineConfig`` field (policy, dtype, device, max_batch_size, ...)."""
         self.engine = Engine(EngineConfig(model=model, **options), hf_model, tokenizer)
 
+    @classmethod
+    def from_engine(cls, engine: Engine) -> LLM:
+        """Wrap an engine that is already built (the CLI builds one from its options)."""
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        return llm
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 

@@ -30,3 +30,27 @@ def test_cli_choices_match_the_builder():
 def test_version():
     result = CliRunner().invoke(cli.main, ["--version"])
     assert result.exit_code == 0 and "0.1.0" in result.output
+
+
+def test_serve_options_are_the_engine_config_fields_with_their_docs():
+    import dataclasses
+
+    from baton_paged.config import EngineConfig
+
+    result = CliRunner().invoke(cli.main, ["serve", "--help"])
+    assert result.exit_code == 0
+    for field in dataclasses.fields(EngineConfig):
+        assert f"--{field.name.replace('_', '-')}" in result.output
+    assert "KV cache budget: bytes" in " ".join(result.output.split())
+    assert "--api-key" in result.output and "127.0.0.1" in result.output
+
+
+def test_bad_engine_option_is_a_usage_error_before_any_model_loads(tmp_path):
+    result = CliRunner().invoke(cli.main, ["generate", "hi", "--policy", "fifo"])
+    assert result.exit_code == 2 and "unknown policy 'fifo'" in result.output
+
+
+def test_generate_prints_a_completion(tiny_model_dir):
+    args = ["generate", "def main():", "--model", str(tiny_model_dir("llama")), "--max-tokens", "4"]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 0, result.output

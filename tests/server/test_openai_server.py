@@ -1,0 +1,221 @@
+"""A real uvicorn server on 127.0.0.1 (random port), driven by the official ``openai`` client:
+the routes answer what the offline ``LLM`` answers, streams stream, errors keep OpenAI's shape
+and status, and a client that goes away frees its pages."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from types import SimpleNamespace
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from baton_paged.async_engine import AsyncEngine
+from baton_paged.config import EngineConfig
+from baton_paged.engine import Engine
+from baton_paged.llm import LLM
+from baton_paged.sampling_params import SamplingParams
+from baton_paged.server import build_app
+from baton_paged.server.chat import render_chat
+from baton_paged.server.protocol import ChatMessage
+
+KEY = "test-key"
+MODEL = "tiny-llama"
+
+
+def tiny_engine(path) -> Engine:
+    config = EngineConfig(model=str(path), dtype="float64", max_batch_size=8, max_model_len=256)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    return Engine(config, model, AutoTokenizer.from_pretrained(path))
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    path = tiny_model_dir("llama")
+    engine = AsyncEngine(tiny_engine(path), max_waiting=256)
+    uv = uvicorn.Server(uvicorn.Config(build_app(engine, MODEL, KEY), port=0, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.01)
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    yield SimpleNamespace(url=url, engine=engine, offline=LLM.from_engine(tiny_engine(path)))
+    uv.should_exit = True
+    thread.join(timeout=10)
+    engine.shutdown()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+def offline(server, prompt, max_tokens):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    return server.offline.generate([prompt], params)[0].outputs[0]
+
+
+def test_completion_equals_the_offline_llm(server, client):
+    reply = client.completions.create(
+        model=MODEL, prompt="def main():", max_tokens=12, temperature=0
+    )
+    expected = offline(server, "def main():", 12)
+    assert reply.choices[0].text == expected.text
+    assert reply.choices[0].finish_reason == expected.finish_reason
+    assert reply.usage.completion_tokens == len(expected.token_ids)
+    assert reply.object == "text_completion" and reply.model == MODEL
+
+
+def test_token_id_prompt(server, client):
+    reply = client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=5, temperature=0)
+    assert reply.choices[0].text == offline(server, {"prompt_token_ids": [5, 6, 7]}, 5).text
+
+
+def test_chat_uses_the_chat_template_and_equals_the_offline_llm(server, client):
+    messages = [{"role": "user", "content": "hello"}]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0
+    )
+    tokenizer = server.engine.engine.tokenizer
+    prompt = render_chat(tokenizer, [ChatMessage(**m) for m in messages])
+    assert "<|im_start|>user" in prompt  # the tiny Llama's ChatML template, not the fallback
+    assert reply.choices[0].message.content == offline(server, prompt, 10).text
+    assert reply.choices[0].message.role == "assistant" and reply.object == "chat.completion"
+
+
+def test_streams_add_up_to_the_whole_reply(server, client):
+    args = {"model": MODEL, "prompt": "import os", "max_tokens": 16, "temperature": 0}
+    whole = client.completions.create(**args)
+    chunks = list(
+        client.completions.create(**args, stream=True, stream_options={"include_usage": True})
+    )
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == whole.choices[0].finish_reason and set(finishes[:-1]) <= {None}
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_chat_stream(server, client):
+    messages = [{"role": "user", "content": "hi"}]
+    whole = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=8, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=8, temperature=0, stream=True
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ({"model": MODEL, "prompt": "x " * 400, "max_tokens": 4}, 400, "context"),
+        ({"model": MODEL, "prompt": "", "max_tokens": 4}, 400, "empty"),
+        ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n=1"),
+        ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
+        ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
+        ({"model": MODEL, "prompt": {"not": "a prompt"}}, 400, "malformed"),
+        ({"model": MODEL}, 400, "malformed"),
+    ],
+)
+def test_errors_have_openai_shape_and_change_nothing(server, body, status, message):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    reply = httpx.post(f"{server.url}/v1/completions", json=body, headers=headers)
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert message in error["message"] and error["code"] == status
+    assert not server.engine.engine.requests
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_bad_or_missing_api_key_is_401(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        reply = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}, headers=headers)
+        assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_full_queue_is_503(server, client, monkeypatch):
+    monkeypatch.setattr(server.engine, "max_waiting", 0)
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2)
+    assert raised.value.status_code == 503
+
+
+def wait_until(condition, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_pages(server):
+    engine = server.engine.engine
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=headers) as reply:
+        lines = reply.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        assert engine.cache.pool.num_used > 0
+    wait_until(lambda: not engine.requests and engine.cache.pool.num_used == 0)
+    assert engine.stats.aborted >= 1
+
+
+def test_64_concurrent_streaming_clients_all_complete(server):
+    async def one(client, i):
+        stream = await client.completions.create(
+            model=MODEL, prompt=f"request {i}", max_tokens=8, temperature=0, stream=True
+        )
+        return [chunk async for chunk in stream]
+
+    async def run_all():
+        async with openai.AsyncOpenAI(
+            base_url=f"{server.url}/v1", api_key=KEY, max_retries=0
+        ) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(64)))
+
+    results = asyncio.run(run_all())
+    assert all(chunks[-1].choices[0].finish_reason in ("stop", "length") for chunks in results)
+    wait_until(lambda: server.engine.engine.cache.pool.num_used == 0)
+
+
+def test_a_failing_iteration_fails_its_requests_and_the_server_keeps_serving(
+    server, client, monkeypatch
+):
+    engine = server.engine.engine
+    real_step = engine.step
+    calls = {"n": 0}
+
+    def step_failing_once():
+        calls["n"] += 1
+        if calls["n"] == 2:  # the request is in the batch by now (the first step admitted it)
+            raise RuntimeError("boom")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step_failing_once)
+    with pytest.raises(openai.InternalServerError) as raised:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=4)
+    assert raised.value.status_code == 500 and "boom" in str(raised.value)
+    assert engine.cache.pool.num_used == 0 and not engine.requests
+    reply = client.completions.create(model=MODEL, prompt="x", max_tokens=4, temperature=0)
+    assert reply.choices[0].finish_reason in ("stop", "length")
