@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from baton_paged.engine import Engine, PromptInput
@@ -48,6 +48,8 @@ class AsyncEngine:
         self._work = threading.Event()
         self._stopping = False
         self._streams: dict[str, _Stream] = {}
+        self.finish_listeners: list[Callable[[RequestOutput], None]] = []
+        """Called on the engine thread with every request's final output (metrics use it)."""
         self._thread = threading.Thread(target=self._loop, name="baton-engine", daemon=True)
         self._thread.start()
 
@@ -90,7 +92,7 @@ class AsyncEngine:
         """Stop a request wherever it is; its pages are free when this returns."""
         with self._lock:
             self._streams.pop(request_id, None)
-            self.engine.abort_request(request_id)
+            self._finished(self.engine.abort_request(request_id))
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -120,11 +122,17 @@ class AsyncEngine:
             return
         for output in outputs:
             self._deliver(output.request_id, output)
+            if output.finished:
+                self._finished(output)
 
     def _fail(self, request_ids: list[str], error: Exception) -> None:
         for request_id in request_ids:
-            self.engine.abort_request(request_id)
+            self._finished(self.engine.abort_request(request_id))
             self._deliver(request_id, RequestFailedError(f"{type(error).__name__}: {error}"))
+
+    def _finished(self, output: RequestOutput | None) -> None:
+        for listener in self.finish_listeners if output is not None else ():
+            listener(output)
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         finished = isinstance(item, Exception) or item.finished

@@ -1,4 +1,4 @@
-"""The FastAPI app: OpenAI's completions, chat completions and models routes, plus /health.
+"""The FastAPI app: OpenAI's completions, chat completions and models routes, /health, /metrics.
 
 Every route that generates turns its body into a prompt and ``SamplingParams`` first, so a bad
 request fails with a 400 before anything is queued. Streaming responses are server-sent events
@@ -16,11 +16,13 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from baton_paged.async_engine import AsyncEngine
 from baton_paged.outputs import RequestOutput
 from baton_paged.server.chat import render_chat
 from baton_paged.server.errors import APIError, error_body, install_handlers, status_of
+from baton_paged.server.metrics import ServerMetrics
 from baton_paged.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 
@@ -32,8 +34,11 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     install_handlers(app)
     guard = [Depends(bearer_check(api_key))] if api_key else []
     server = Routes(engine, model_name)
+    metrics = ServerMetrics(engine.engine)
+    engine.finish_listeners.append(metrics.observe)
 
     app.get("/health")(server.health)
+    app.get("/metrics")(lambda: Response(metrics.render(), media_type=CONTENT_TYPE_LATEST))
     app.get("/v1/models", dependencies=guard)(server.models)
     app.post("/v1/completions", dependencies=guard)(server.completions)
     app.post("/v1/chat/completions", dependencies=guard)(server.chat_completions)

@@ -219,3 +219,42 @@ def test_a_failing_iteration_fails_its_requests_and_the_server_keeps_serving(
     assert engine.cache.pool.num_used == 0 and not engine.requests
     reply = client.completions.create(model=MODEL, prompt="x", max_tokens=4, temperature=0)
     assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_metrics_parse_and_count_what_was_served(server, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.completions.create(model=MODEL, prompt="x", max_tokens=3, temperature=0)
+    text = httpx.get(f"{server.url}/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    expected = {
+        "baton:num_requests_running",
+        "baton:num_requests_waiting",
+        "baton:kv_cache_usage_perc",
+        "baton:time_to_first_token_seconds",
+        "baton:inter_token_latency_seconds",
+        "baton:e2e_request_latency_seconds",
+        "baton:generation_tokens",
+        "baton:prompt_tokens",
+        "baton:request_success",
+        "baton:slot_efficiency",
+        "baton:idle_slot_iterations",
+        "baton:preemptions",
+        "baton:swapped_bytes",
+    }
+    assert expected <= set(families)
+
+    def value(name, suffix="", **labels):
+        family = families[name]
+        return sum(
+            s.value
+            for s in family.samples
+            if s.name == name + suffix and labels.items() <= s.labels.items()
+        )
+
+    stats = server.engine.engine.stats
+    assert value("baton:generation_tokens", "_total") == stats.generated_tokens > 0
+    assert value("baton:request_success", "_total") >= 1
+    finished = value("baton:request_success", "_total")
+    not_aborted = finished - value("baton:request_success", "_total", finished_reason="abort")
+    assert not_aborted <= value("baton:time_to_first_token_seconds", "_count") <= finished
