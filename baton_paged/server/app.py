@@ -113,6 +113,8 @@ async def sse_events(first: RequestOutput, rest: AsyncIterator[RequestOutput], o
             yield sse(out.usage_chunk(last))
     except Exception as error:  # the request failed mid-stream: say so in the stream
         yield sse(error_body(status_of(error), str(error)))
+    finally:
+        await rest.aclose()  # a client gone mid-stream aborts its request now, not at GC
     yield "data: [DONE]\n\n"
 
 
