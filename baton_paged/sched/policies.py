@@ -113,7 +113,7 @@ class ChunkedPolicy(Policy):
         left = self.token_budget - len(rows)
         # Prompts in the batch hold pages for all their tokens (see Scheduler.admit); the ones
         # admitted earlier come first, so a started prompt finishes before a new one starts.
-        for request in [r for r in sched.running.values() if r.num_pending_tokens > 1]:
+        for request in [r for r in sched.running.values() if not is_decoder(r)]:
             if left:
                 rows.append(sched.row(request, min(left, request.num_pending_tokens)))
                 left -= len(rows[-1].token_ids)

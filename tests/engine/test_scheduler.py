@@ -97,3 +97,15 @@ def test_decode_growth_preempts_by_recompute_when_pages_run_out(policy):
         run_plan(sched, plan)
     assert preempted and set(preempted) <= {"second"}
     assert sched.pool.num_used == 0
+
+
+@pytest.mark.parametrize("policy", ["baton", "orca", "static", "chunked"])
+def test_a_one_token_prompt_is_prefilled(policy):
+    """One pending token but nothing computed yet: a prompt, not a decode (chunked once left
+    such a request in the batch forever)."""
+    sched, pol = scheduler(), make_policy(policy, 4096, 8)
+    sched.add(request("a", prompt_len=1, max_tokens=2))
+    plan = pol.plan(sched)
+    assert [(r.request_id, r.start, r.sample) for f in plan.forwards for r in f.rows] == [
+        ("a", 0, True)
+    ]
