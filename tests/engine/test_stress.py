@@ -1,6 +1,7 @@
 """Memory-pressure stress: hundreds of requests with random priorities, bursts, budgets and aborts
 on a 64-page pool while a fake monitor injects external pressure. Nothing may be lost or stuck,
-every finished output must equal an unconstrained run's, and both pools must end empty.
+every finished output must equal an unconstrained run's, both pools must end empty, and the batch
+must shrink and hold under pressure as the watermarks say.
 
 The default run holds a short version; ``pytest -m stress`` runs the long one.
 """
@@ -8,7 +9,7 @@ The default run holds a short version; ``pytest -m stress`` runs the long one.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -18,6 +19,10 @@ from baton_paged.sampling_params import SamplingParams
 POOL = {"page_size": 16, "kv_memory": "1MiB", "max_batch_size": 8}
 """64 pages of 16 tokens for the tiny float64 Llama (16 KiB a page)."""
 
+EDGE_LENGTHS = (1, 2, 15, 16, 17, 32, 33)
+"""Prompt lengths at page boundaries, and the one-token prompt: every fifth request takes the next
+one in turn, so every workload holds them all whatever the seed."""
+
 
 @dataclass(frozen=True)
 class Arrival:
@@ -26,6 +31,9 @@ class Arrival:
     prompt: tuple[int, ...]
     max_tokens: int
     priority: int
+    abortable: bool
+    """Only these (every other request) may be aborted: the others must finish on their own, so
+    a request that never would trips the step bound instead of being rescued by a random abort."""
 
 
 def workload(seed: int, count: int) -> list[Arrival]:
@@ -36,11 +44,16 @@ def workload(seed: int, count: int) -> list[Arrival]:
     while len(arrivals) < count:
         step += rng.choice((0, 1, 2, 5, 15))
         for _ in range(min(rng.randint(1, 12), count - len(arrivals))):
-            prompt = tuple(rng.randrange(1, 500) for _ in range(rng.randint(1, 60)))
-            budget = rng.randint(60, 120) if rng.random() < 0.1 else rng.randint(1, 30)
-            rid = str(len(arrivals))
-            arrivals.append(Arrival(rid, step, prompt, budget, rng.randint(0, 3)))
+            arrivals.append(arrival(rng, len(arrivals), step))
     return arrivals
+
+
+def arrival(rng: random.Random, index: int, step: int) -> Arrival:
+    edge = EDGE_LENGTHS[index // 5 % len(EDGE_LENGTHS)]
+    length = edge if index % 5 == 0 else rng.randint(1, 60)
+    prompt = tuple(rng.randrange(1, 500) for _ in range(length))
+    budget = rng.randint(60, 120) if rng.random() < 0.1 else rng.randint(1, 30)
+    return Arrival(str(index), step, prompt, budget, rng.randint(0, 3), index % 2 == 1)
 
 
 class Pressure:
@@ -58,64 +71,100 @@ class Pressure:
 
 
 class Aborter:
-    """Random aborts spread over the states a request can be in: at some iterations one request
-    that is waiting, running or swapped out (a state picked at random among those occupied)."""
+    """Aborts kept level across the states a request can be in (waiting, running, and swapped out
+    when there is a host pool): each comes from a state aborted from least so far, at a random
+    iteration when an abortable request is in it, or at once for a state not aborted from yet
+    (the swapped state is short-lived)."""
 
-    def __init__(self, seed: int, rate: float = 0.04):
+    def __init__(self, seed: int, arrivals: list[Arrival], rate: float = 0.1):
         self.rng = random.Random(seed)
         self.rate = rate
+        self.abortable = {a.request_id for a in arrivals if a.abortable}
+        self.aborted: set[str] = set()
         self.by_state: dict[str, int] = {"waiting": 0, "running": 0, "swapped": 0}
 
     def pick(self, engine: Engine) -> str | None:
-        if self.rng.random() >= self.rate:
+        states = self.abortable_by_state(engine)
+        fewest = min(self.by_state[state] for state in states)
+        due = [state for state, ids in states.items() if ids and self.by_state[state] == fewest]
+        if not due or (fewest and self.rng.random() >= self.rate):
             return None
-        sched = engine.scheduler
-        swapped = sorted(sched.swapped)
-        states = {
-            "waiting": sorted(r.request_id for r in sched.waiting if r.request_id not in swapped),
-            "running": sorted(sched.running),
-            "swapped": swapped,
-        }
-        occupied = [state for state, ids in states.items() if ids]
-        if not occupied:
-            return None
-        state = self.rng.choice(occupied)
+        state = self.rng.choice(due)
+        victim = self.rng.choice(states[state])
         self.by_state[state] += 1
-        return self.rng.choice(states[state])
+        self.aborted.add(victim)
+        return victim
+
+    def abortable_by_state(self, engine: Engine) -> dict[str, list[str]]:
+        sched = engine.scheduler
+        states = {
+            "waiting": [r.request_id for r in sched.waiting if r.request_id not in sched.swapped],
+            "running": list(sched.running),
+        }
+        if engine.host is not None:
+            states["swapped"] = list(sched.swapped)
+        return {state: sorted(set(ids) & self.abortable) for state, ids in states.items()}
 
 
-def drive(engine: Engine, arrivals: list[Arrival], aborter: Aborter | None = None) -> dict:
-    """Run to the end; return each request's final output. Fails if a request ends twice, the
-    pools disagree after any iteration, or the run takes more iterations than it could need."""
-    finals: dict = {}
+@dataclass
+class Run:
+    finals: dict = field(default_factory=dict)
+    """Each request's final output (finished or aborted), by request id."""
+    sheds: int = 0
+    """Iterations that began above the high watermark with more than one request running."""
+
+    def record(self, output) -> None:
+        assert output.request_id not in self.finals, f"request {output.request_id} ended twice"
+        self.finals[output.request_id] = output
+
+
+def drive(engine: Engine, arrivals: list[Arrival], aborter: Aborter | None = None) -> Run:
+    """Run to the end. Fails if a request ends twice, if after any iteration the pools disagree
+    or the batch broke the watermarks' rule, or if the run takes more iterations than it could
+    need: the bound is 6-20 times what these runs take, so only a stuck request reaches it."""
+    run = Run()
     pending = sorted(arrivals, key=lambda a: a.step)
-    limit = 20 * sum(a.max_tokens + len(a.prompt) for a in arrivals)
+    limit = pending[-1].step + sum(len(a.prompt) + a.max_tokens for a in arrivals)
     step = 0
     while pending or engine.has_unfinished_requests():
         while pending and pending[0].step <= step:
-            a = pending.pop(0)
-            params = SamplingParams(temperature=0, max_tokens=a.max_tokens)
-            prompt = {"prompt_token_ids": list(a.prompt)}
-            engine.add_request(prompt, params, request_id=a.request_id, priority=a.priority)
+            submit(engine, pending.pop(0))
         if aborter and (victim := aborter.pick(engine)):
-            record(finals, engine.abort_request(victim))
+            run.record(engine.abort_request(victim))
+        before = len(engine.scheduler.running)
         for out in engine.step():
             if out.finished:
-                record(finals, out)
+                run.record(out)
+        run.sheds += check_scaling(engine, before)
         engine.scheduler.check_integrity()
         step += 1
-        assert step < limit, f"stuck: {len(engine.requests)} requests unfinished after {step}"
-    return finals
+        assert step < limit, f"stuck: {sorted(engine.requests)} unfinished after {step} iterations"
+    return run
 
 
-def record(finals: dict, output) -> None:
-    assert output.request_id not in finals, f"request {output.request_id} ended twice"
-    finals[output.request_id] = output
+def submit(engine: Engine, a: Arrival) -> None:
+    params = SamplingParams(temperature=0, max_tokens=a.max_tokens)
+    prompt = {"prompt_token_ids": list(a.prompt)}
+    engine.add_request(prompt, params, request_id=a.request_id, priority=a.priority)
+
+
+def check_scaling(engine: Engine, before: int) -> int:
+    """The scaling itself, not only surviving it: while pressure holds, the batch never grows,
+    and above the high watermark it sheds a request per iteration, down to one. Returns 1 if this
+    iteration had to shed."""
+    monitor = engine.monitor
+    if not monitor.holding:
+        return 0
+    shed = monitor.above_high and before > 1
+    bound = before - 1 if shed else max(1, before)
+    running = len(engine.scheduler.running)
+    assert running <= bound, f"batch {before} -> {running} at pressure {monitor.pressure:.2f}"
+    return int(shed)
 
 
 def run_stress(make_engine, seed: int, count: int, policy: str, mode: str):
     """Run the workload under pressure and against an unconstrained engine; check the endings.
-    Returns the engine and the aborter for the callers' checks of what was exercised."""
+    Returns the engine, the aborter and the run for the callers' checks of what was exercised."""
     arrivals = workload(seed, count)
     engine = make_engine(
         policy=policy,
@@ -125,25 +174,35 @@ def run_stress(make_engine, seed: int, count: int, policy: str, mode: str):
         **POOL,
     )
     assert engine.cache.num_pages == 64
-    aborter = Aborter(seed)
-    finals = drive(engine, arrivals, aborter)
+    aborter = Aborter(seed, arrivals)
+    run = drive(engine, arrivals, aborter)
     reference = drive(make_engine(policy="baton", kv_memory="64MiB"), arrivals)
-
-    assert set(finals) == {a.request_id for a in arrivals}, "a request was lost"
-    for a in arrivals:
-        out = finals[a.request_id].outputs[0]
-        if out.finish_reason != "abort":
-            assert out.token_ids == reference[a.request_id].outputs[0].token_ids, a.request_id
+    check_endings(arrivals, run, reference, aborter)
     assert engine.cache.pool.num_used == 0 and not engine.requests
     assert engine.host is None or engine.host.pool.num_used == 0
-    assert sum(aborter.by_state.values()) == engine.stats.aborted
-    return engine, aborter
+    assert len(aborter.aborted) == engine.stats.aborted
+    return engine, aborter, run
 
 
-def assert_exercised(engine: Engine, aborter: Aborter, mode: str) -> None:
+def check_endings(arrivals: list[Arrival], run: Run, reference: Run, aborter: Aborter) -> None:
+    """Every request ended exactly once: aborted if and only if the test aborted it, otherwise
+    with the unconstrained run's tokens and finish reason."""
+    assert set(run.finals) == {a.request_id for a in arrivals}, "a request was lost"
+    for a in arrivals:
+        out = run.finals[a.request_id].outputs[0]
+        if a.request_id in aborter.aborted:
+            assert out.finish_reason == "abort", a.request_id
+        else:
+            ref = reference.finals[a.request_id].outputs[0]
+            assert (out.token_ids, out.finish_reason) == (ref.token_ids, ref.finish_reason), (
+                a.request_id
+            )
+
+
+def assert_exercised(engine: Engine, aborter: Aborter, run: Run, mode: str) -> None:
     """The run really hit what it claims to survive."""
     stats = engine.stats
-    assert stats.aborted > 0 and stats.high_watermark_crossings > 0
+    assert stats.aborted > 0 and stats.high_watermark_crossings > 0 and run.sheds > 0
     assert stats.low_watermark_crossings > 0
     assert aborter.by_state["waiting"] > 0 and aborter.by_state["running"] > 0, aborter.by_state
     if mode == "swap":
@@ -164,8 +223,8 @@ CASES = [
 
 @pytest.mark.parametrize(("policy", "mode"), CASES)
 def test_memory_pressure_short(make_engine, policy, mode):
-    engine, aborter = run_stress(make_engine, seed=1, count=60, policy=policy, mode=mode)
-    assert_exercised(engine, aborter, mode)
+    engine, aborter, run = run_stress(make_engine, seed=4, count=60, policy=policy, mode=mode)
+    assert_exercised(engine, aborter, run, mode)
     if (policy, mode) == ("baton", "swap"):  # a full host pool falls back to recompute
         assert engine.stats.recompute_preemptions > 0
 
@@ -174,5 +233,5 @@ def test_memory_pressure_short(make_engine, policy, mode):
 @pytest.mark.parametrize("seed", [2, 3, 4])
 @pytest.mark.parametrize(("policy", "mode"), CASES + [("orca", "recompute")])
 def test_memory_pressure_long(make_engine, seed, policy, mode):
-    engine, aborter = run_stress(make_engine, seed=seed, count=300, policy=policy, mode=mode)
-    assert_exercised(engine, aborter, mode)
+    engine, aborter, run = run_stress(make_engine, seed=seed, count=300, policy=policy, mode=mode)
+    assert_exercised(engine, aborter, run, mode)
