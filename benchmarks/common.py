@@ -66,3 +66,14 @@ def write_json(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy (every process, plus time the hypervisor
+    stole). Its change over a run minus our own processes' CPU time is what others took from the
+    cores: on 2 cores one other busy process slows OpenMP forwards far more than 2x."""
+    import psutil
+
+    t = psutil.cpu_times()
+    fields = ("user", "nice", "system", "irq", "softirq", "steal")
+    return sum(getattr(t, name, 0.0) for name in fields)
