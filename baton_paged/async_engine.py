@@ -1,13 +1,24 @@
 """AsyncEngine: the engine's step loop on a background thread, one async stream per request.
 
 The model forward is long, blocking, GIL-releasing torch work, so it runs on its own thread and
-the asyncio loop stays free to accept connections and write streams. One lock serialises every
-call into the ``Engine`` (add, abort, step): requests join and leave between iterations, exactly
-as BATON wants. Outputs cross back to each request's event loop with ``call_soon_threadsafe``.
+the asyncio loop stays free to accept connections and write streams. Only the engine thread
+touches the ``Engine``: the event loop checks and tokenizes a request itself (so bad input fails
+at once), then posts the add, or an abort, to an inbox that the engine thread applies between
+iterations, exactly where BATON lets requests join and leave. The event loop never waits for an
+iteration: a lock held across a forward would stall every stream for one iteration per arrival
+and, since a plain lock is not fair, starve submissions while the engine thread re-takes it.
+Outputs cross back to each request's event loop with ``call_soon_threadsafe``.
 
-A stream that is closed early (a client disconnecting, a cancelled task) aborts its request at
-once, which frees its pages. If an iteration raises, the requests it was running fail with that
-error (their pages freed) and the loop carries on with the rest.
+The loop runs on a thread of its own, or, with ``own_thread=False``, on whichever thread calls
+``run_loop`` (``baton-paged serve`` gives it the main thread and uvicorn a background one). That
+matters on CPU: torch's OpenMP runtime keeps one worker pool per thread that has run parallel
+work, and once two pools exist (the main thread's, from loading the model, and the engine
+thread's) their workers oversubscribe the cores and small ops lose their intra-op speedup; a
+step loop on a fresh thread ran about 1.5-2x slower than on the main thread.
+
+A stream that is closed early (a client disconnecting, a cancelled task) aborts its request
+before the next iteration, which frees its pages. If an iteration raises, the requests it was
+running fail with that error (their pages freed) and the loop carries on with the rest.
 """
 
 from __future__ import annotations
@@ -15,11 +26,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from baton_paged.engine import Engine, PromptInput
 from baton_paged.outputs import RequestOutput
+from baton_paged.request import Request
 from baton_paged.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -40,18 +53,27 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, max_waiting: int = 1024):
+    def __init__(self, engine: Engine, max_waiting: int = 1024, own_thread: bool = True):
         self.engine = engine
         self.max_waiting = max_waiting
         """Most requests waiting to join the batch; more are refused with QueueFullError."""
+        self._inbox: deque[Callable[[], None]] = deque()
+        """Adds and aborts posted by event loops, applied in order on the engine thread."""
+        self._streams: dict[str, _Stream] = {}
+        self._posted_adds = 0
+        """Adds in the inbox: they count towards the waiting bound before the engine sees them."""
         self._lock = threading.Lock()
+        """Guards the inbox, the streams and the count; never held across an engine call."""
         self._work = threading.Event()
         self._stopping = False
-        self._streams: dict[str, _Stream] = {}
+        self._looping = False
         self.finish_listeners: list[Callable[[RequestOutput], None]] = []
         """Called on the engine thread with every request's final output (metrics use it)."""
-        self._thread = threading.Thread(target=self._loop, name="baton-engine", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if own_thread:
+            self._looping = True  # healthy from the start, not from when the thread is scheduled
+            self._thread = threading.Thread(target=self.run_loop, name="baton-engine", daemon=True)
+            self._thread.start()
 
     async def generate(
         self,
@@ -78,39 +100,68 @@ class AsyncEngine:
     def submit(
         self, prompt: PromptInput, params: SamplingParams, request_id: str | None, priority: int
     ) -> tuple[str, _Stream]:
-        """Queue the request and open its stream on the calling event loop."""
+        """Check the request, open its stream on the calling event loop and post its add."""
+        request = self.engine.prepare_request(prompt, params, request_id, priority)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
-            if len(self.engine.scheduler.waiting) >= self.max_waiting:
+            if request.request_id in self._streams:
+                raise ValueError(f"request id {request.request_id!r} is already in use")
+            if len(self.engine.scheduler.waiting) + self._posted_adds >= self.max_waiting:
                 raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
-            request_id = self.engine.add_request(prompt, params, request_id, priority)
-            self._streams[request_id] = stream
+            self._streams[request.request_id] = stream
+            self._posted_adds += 1
+            self._inbox.append(lambda: self._add(request))
         self._work.set()
-        return request_id, stream
+        return request.request_id, stream
 
     def abort(self, request_id: str) -> None:
-        """Stop a request wherever it is; its pages are free when this returns."""
+        """Stop a request wherever it is; the engine thread frees its pages before its next
+        iteration. The stream gets nothing more."""
         with self._lock:
             self._streams.pop(request_id, None)
-            self._finished(self.engine.abort_request(request_id))
+            self._inbox.append(lambda: self._finished(self.engine.abort_request(request_id)))
+        self._work.set()
 
     def shutdown(self) -> None:
+        """Stop the loop after its current iteration (and wait for its own thread, if any)."""
         self._stopping = True
         self._work.set()
-        self._thread.join(timeout=30)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
     @property
     def is_running(self) -> bool:
-        return self._thread.is_alive()
+        return self._looping and not self._stopping
 
-    def _loop(self) -> None:
-        while not self._stopping:
-            if not self.engine.has_unfinished_requests():
-                self._work.wait(timeout=0.5)
-                self._work.clear()
-                continue
+    def run_loop(self) -> None:
+        """Apply posted adds and aborts and run iterations until ``shutdown``; blocks."""
+        self._looping = True
+        try:
+            while not self._stopping:
+                self._work.clear()  # before the inbox is read, so a later post wakes the wait
+                self._apply_inbox()
+                if self.engine.has_unfinished_requests():
+                    self._step()
+                else:
+                    self._work.wait()
+        finally:
+            self._looping = False
+
+    def _apply_inbox(self) -> None:
+        with self._lock:
+            posted = list(self._inbox)
+            self._inbox.clear()
+        for apply in posted:
+            apply()
+
+    def _add(self, request: Request) -> None:
+        try:
+            self.engine.enqueue(request)
+        except ValueError as error:  # its id came back into use after it was checked
+            self._deliver(request.request_id, error)
+        finally:
             with self._lock:
-                self._step()
+                self._posted_adds -= 1
 
     def _step(self) -> None:
         running = list(self.engine.scheduler.running)
@@ -136,6 +187,13 @@ class AsyncEngine:
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         finished = isinstance(item, Exception) or item.finished
-        stream = self._streams.pop(request_id, None) if finished else self._streams.get(request_id)
-        if stream is not None:
+        with self._lock:
+            streams = self._streams
+            stream = streams.pop(request_id, None) if finished else streams.get(request_id)
+        if stream is None:
+            return
+        try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # its event loop has closed: nobody will read it, so stop it
+            if not finished:
+                self.abort(request_id)

@@ -102,12 +102,36 @@ def serve(host, port, api_key, served_model_name, max_waiting, **options) -> Non
     from baton_paged.async_engine import AsyncEngine
     from baton_paged.server import build_app
 
-    engine = AsyncEngine(build_engine(options), max_waiting=max_waiting)
-    name = served_model_name or options["model"] or "baton-paged-default"
+    engine = AsyncEngine(build_engine(options), max_waiting=max_waiting, own_thread=False)
+    app = build_app(engine, served_model_name or options["model"] or "baton-paged-default", api_key)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    run_engine_on_main_thread(engine, server)
+    if not server.started:
+        raise SystemExit(1)  # uvicorn has logged why (a port in use, say)
+
+
+def run_engine_on_main_thread(engine, server) -> None:
+    """The step loop on the main thread, uvicorn on a background one (see AsyncEngine for why the
+    loop wants the thread that loaded the model). Ctrl-C or SIGTERM stops both gracefully."""
+    import signal
+    import threading
+
+    def serve_http() -> None:
+        try:
+            server.run()
+        finally:
+            engine.shutdown()  # the server is gone, whether stopped or failed to bind
+
+    http = threading.Thread(target=serve_http, name="baton-http")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    http.start()
     try:
-        uvicorn.run(build_app(engine, name, api_key), host=host, port=port, log_level="info")
+        engine.run_loop()
+    except KeyboardInterrupt:
+        pass
     finally:
-        engine.shutdown()
+        server.should_exit = True
+        http.join()
 
 
 @main.command()

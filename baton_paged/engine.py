@@ -104,6 +104,17 @@ class Engine:
         priority: int = 0,
     ) -> str:
         """Queue one request; raise ValueError (queuing nothing) when it can never be served."""
+        return self.enqueue(self.prepare_request(prompt, params, request_id, priority))
+
+    def prepare_request(
+        self,
+        prompt: PromptInput,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        priority: int = 0,
+    ) -> Request:
+        """Check and tokenize a request without touching the engine's state, so a server can do
+        it on its own thread while an iteration runs; ValueError says why it cannot run."""
         params = params or SamplingParams()
         request_id = str(next(self._ids)) if request_id is None else request_id
         if request_id in self.requests:
@@ -111,7 +122,7 @@ class Engine:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority must be an int, got {priority!r}")
         text, ids, max_tokens = self.check_request(prompt, params)
-        request = Request(
+        return Request(
             request_id=request_id,
             prompt_token_ids=ids,
             params=params,
@@ -121,10 +132,15 @@ class Engine:
             prompt=text,
             generator=self._request_generator(params),
         )
-        self.requests[request_id] = request
+
+    def enqueue(self, request: Request) -> str:
+        """Queue a request from ``prepare_request``."""
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
         self.outputs.add(request)
         self.scheduler.add(request)
-        return request_id
+        return request.request_id
 
     def check_request(
         self, prompt: PromptInput, params: SamplingParams

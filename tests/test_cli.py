@@ -1,5 +1,12 @@
 """The `baton-paged` command line."""
 
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
 from click.testing import CliRunner
 from transformers import AutoConfig
 
@@ -54,3 +61,39 @@ def test_generate_prints_a_completion(tiny_model_dir):
     args = ["generate", "def main():", "--model", str(tiny_model_dir("llama")), "--max-tokens", "4"]
     result = CliRunner().invoke(cli.main, args)
     assert result.exit_code == 0, result.output
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_serve(model_dir, port: int) -> subprocess.Popen:
+    command = [sys.executable, "-c", "from baton_paged.cli import main; main()", "serve"]
+    args = ["--model", str(model_dir), "--port", str(port), "--max-model-len", "128"]
+    return subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_serve_answers_and_stops_cleanly_on_sigterm(tiny_model_dir):
+    port = free_port()
+    server = start_serve(tiny_model_dir("llama"), port)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.stdout.read().decode()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server never became healthy"
+            time.sleep(0.2)
+        body = {"model": str(tiny_model_dir("llama")), "prompt": "hi", "max_tokens": 3}
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+        busy = start_serve(tiny_model_dir("llama"), port)  # the same port: it must fail, not hang
+        assert busy.wait(timeout=60) == 1 and b"address already in use" in busy.stdout.read()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
