@@ -3,15 +3,16 @@ the offline engine on the same workload.
 
     python benchmarks/bench_serving.py [--quick] [--repeats 1]
         [--policies baton,orca,chunked,static] [--rates 0.5,1,2,inf] [--batch-size 16]
-        [--num-requests 80] [--threads 2]
+        [--num-requests 56] [--threads 2]
 
 Server: ``baton-paged serve`` (the real CLI, uvicorn, ``AsyncEngine``) in a subprocess on
 127.0.0.1, one per policy, started by a two-line launcher that pins torch's threads (and sets
 ``OMP_NUM_THREADS``) to ``--threads`` before the CLI runs; small random-weight Llama, float32,
 the max batch, KV budget and prefill budget of ``bench_policies``. Client: this process, an
-asyncio ``httpx`` load generator, so the server's event loop and engine thread do not share a GIL
-with it; on a 2-core machine client and server still share the cores, which is part of what is
-measured (each run records both processes' CPU time / wall).
+asyncio ``httpx`` load generator, so the server's event loop (a background thread) and engine
+step loop (its main thread) do not share a GIL with it; on a 2-core machine client and server
+still share the cores, which is part of what is measured (each run records both processes'
+CPU time / wall).
 
 Workload: ``bench_policies``'s generator (seeded prompts of random token ids, 16-256 tokens;
 lognormal output budgets of mean 100, clipped to [4, 512]), sent as ``prompt: [ids]`` with
@@ -100,14 +101,25 @@ LAUNCHER = (
 
 @dataclass
 class RequestRecord:
-    """One streamed request as the client saw it (seconds, perf_counter differences)."""
+    """One streamed request as the client saw it (``time.perf_counter`` seconds)."""
 
-    ttft: float | None = None
-    latency: float | None = None
-    itl: list[float] = field(default_factory=list)
+    sent: float = 0.0
+    times: list[float] = field(default_factory=list)
+    """Arrival of every chunk with choices (vLLM's token events)."""
     output_tokens: int | None = None
-    chunks: int = 0
     error: str | None = None
+
+    @property
+    def ttft(self) -> float:
+        return self.times[0] - self.sent
+
+    @property
+    def latency(self) -> float:
+        return self.times[-1] - self.sent
+
+    @property
+    def itl(self) -> list[float]:
+        return np.diff(self.times).tolist()
 
 
 @dataclass
@@ -131,6 +143,9 @@ class ServingRun:
     itl_s: dict = field(default_factory=dict)
     e2e_s: dict = field(default_factory=dict)
     chunks_per_token: float | None = None
+    longest_silence_s: float | None = None
+    """Longest time no chunk reached any client while some request was in flight: one engine
+    iteration (a prefill one at most) is the floor; more means the server's event loop stalled."""
     client_cpu_per_wall: float = float("nan")
     server_cpu_per_wall: float = float("nan")
     other_cpu_per_wall: float = float("nan")
@@ -172,8 +187,7 @@ def request_body(prompt: list[int], budget: int) -> dict:
 async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> RequestRecord:
     """Send one streaming completion and time its chunks as vLLM's client does: every chunk
     with choices is a token event; the usage chunk gives the token count."""
-    record = RequestRecord()
-    sent = last = time.perf_counter()
+    record = RequestRecord(sent=time.perf_counter())
     try:
         async with client.stream("POST", url, json=body) as response:
             if response.status_code != 200:
@@ -187,20 +201,12 @@ async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> Request
                 if "error" in data:
                     record.error = f"in stream: {data['error'].get('message')}"
                 elif data.get("choices"):
-                    now = time.perf_counter()
-                    if record.ttft is None:
-                        record.ttft = now - sent
-                    else:
-                        record.itl.append(now - last)
-                    last = now
-                    record.chunks += 1
+                    record.times.append(time.perf_counter())
                 elif data.get("usage"):
                     record.output_tokens = data["usage"]["completion_tokens"]
     except Exception as error:  # recorded per request, the run goes on
         record.error = f"{type(error).__name__}: {error}"
-    if record.ttft is not None:
-        record.latency = last - sent
-    if record.error is None and (record.ttft is None or record.output_tokens is None):
+    if record.error is None and (not record.times or record.output_tokens is None):
         record.error = "stream ended without tokens or usage"
     return record
 
@@ -374,8 +380,23 @@ def fill_metrics(
     )
     run.itl_s = stats([gap for r, _ in ok for gap in r.itl])
     run.e2e_s = stats([r.latency for r, _ in ok])
-    chunks = sum(r.chunks for r, _ in ok)
+    chunks = sum(len(r.times) for r, _ in ok)
+    run.longest_silence_s = longest_silence([r for r, _ in ok])
     run.chunks_per_token = round(chunks / run.output_tokens, 4) if run.output_tokens else None
+
+
+def longest_silence(records: list[RequestRecord]) -> float | None:
+    """The longest gap between successive chunks (of any request) that some request spanned,
+    sent before the gap began and finished after it ended."""
+    times = np.sort(np.concatenate([r.times for r in records])) if records else np.array([])
+    if len(times) < 2:
+        return None
+    sent = np.array([r.sent for r in records])[:, None]
+    last = np.array([r.times[-1] for r in records])[:, None]
+    starts, ends = times[:-1], times[1:]
+    spanned = ((sent <= starts) & (last >= ends)).any(axis=0)
+    gaps = (ends - starts)[spanned]
+    return round(float(gaps.max()), 4) if len(gaps) else None
 
 
 def stats(values: list[float]) -> dict:
@@ -433,6 +454,7 @@ def describe(run: ServingRun) -> str:
     return (
         f"{run.output_tokens_per_s:7.1f} tok/s {run.duration_s:6.2f} s done {run.completed} "
         f"exact {run.exact} TTFT {ms(run.ttft_s)} ms TPOT {ms(run.tpot_s)} ms "
+        f"silence {run.longest_silence_s} s "
         f"ITL {ms(run.itl_s)} ms cpu client/server {run.client_cpu_per_wall}/"
         f"{run.server_cpu_per_wall} other {run.other_cpu_per_wall}"
         f"{' DISTURBED' if run.disturbed else ''} load {run.loadavg_1m} {run.server_stats}"
@@ -499,6 +521,8 @@ def summarize_rate(group: list[ServingRun]) -> dict:
             q: median([getattr(r, metric).get(q) for r in ok]) for q in ("mean", "p50", "p99")
         }
     row["chunks_per_token"] = median([r.chunks_per_token for r in ok])
+    silences = [r.longest_silence_s for r in ok if r.longest_silence_s is not None]
+    row["longest_silence_s"] = max(silences, default=None)
     row["tokens_per_iteration"] = median([r.server_stats.get("tokens_per_iteration") for r in ok])
     return row
 
@@ -538,7 +562,7 @@ def checks(summary: dict, runs: list[ServingRun], num_requests: int) -> list[dic
         }
     )
     disturbed = [f"{r.policy}@{r.rate}" for r in runs if r.disturbed]
-    found.append(check(f"disturbed HTTP runs: {', '.join(disturbed) or 'none'}", None, None))
+    found.append(check("disturbed HTTP runs (policy@rate)", ", ".join(disturbed) or "none", None))
     return found
 
 
@@ -556,12 +580,13 @@ def markdown(payload: dict) -> str:
     lines = [
         f"Rates are multiples of the offline baton engine's sustainable rate "
         f"({payload['sustainable_rate']:.3f} req/s); inf = all requests at t=0; offered = rate x "
-        "mean budget; tok/iter = the server's generated tokens per engine iteration. Medians "
-        "over repeats.",
+        "mean budget; tok/iter = the server's generated tokens per engine iteration; silence = "
+        "the longest time no chunk reached any client while a request was in flight (max over "
+        "repeats; an engine iteration is the floor). Medians over repeats.",
         "",
         "| policy | rate | req/s | offered tok/s | out tok/s | TTFT p50 / p99 s "
-        "| TPOT p50 / p99 ms | ITL p50 / p99 ms | e2e p50 / p99 s | tok/iter |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| TPOT p50 / p99 ms | ITL p50 / p99 ms | e2e p50 / p99 s | tok/iter | silence s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for policy, row in summary.items():
         lines += [rate_line(policy, f, row["rates"].get(f, {}), mean_budget) for f in factors]
@@ -589,7 +614,7 @@ def markdown(payload: dict) -> str:
 def rate_line(policy: str, factor: str, r: dict, mean_budget: float) -> str:
     rate = "inf" if factor == "inf" else f"{factor}x"
     if "output_tokens_per_s" not in r:
-        return f"| {policy} | {rate} | - | - | error | | | | | |"
+        return f"| {policy} | {rate} | - | - | error | | | | | | |"
     req_s = r["request_rate"]
     cells = [
         policy,
@@ -602,6 +627,7 @@ def rate_line(policy: str, factor: str, r: dict, mean_budget: float) -> str:
         pair(r["itl_s"], 1e3, ".1f"),
         pair(r["e2e_s"], 1, ".2f"),
         fmt(r["tokens_per_iteration"], spec=".1f"),
+        fmt(r["longest_silence_s"]),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -625,7 +651,7 @@ def plot(payload: dict, path: Path) -> None:
 
     summary, factors = payload["summary"], payload["args"]["rates"]
     finite = [float(f) * payload["sustainable_rate"] for f in factors if f != "inf"]
-    inf_x = 1.5 * max(finite) if finite else 1.0
+    inf_x = 2 * max(finite) if finite else 1.0
     xs = {f: (inf_x if f == "inf" else float(f) * payload["sustainable_rate"]) for f in factors}
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for k, (policy, row) in enumerate(summary.items()):
@@ -640,16 +666,19 @@ def plot(payload: dict, path: Path) -> None:
         latency_lines(axes[2], x, rates, "tpot_s", 1e3, color)
     mean_budget = payload["workload"]["budget"]["mean"]
     axes[0].plot(finite, [r * mean_budget for r in finite], "k:", label="offered load")
+    axes[0].plot([], [], "kx", label="offline engine (all at t=0)")
     titles = (
         "output tokens/s (x: offline engine)",
         "TTFT s (solid p50, dashed p99)",
         "TPOT ms (solid p50, dashed p99)",
     )
     for ax, title in zip(axes, titles, strict=True):
+        ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(
             list(xs.values()), [f"{x:.2f}" if f != "inf" else "inf" for f, x in xs.items()]
         )
-        ax.set_xlabel("request rate (req/s)")
+        ax.set_xlabel("request rate (req/s), log scale")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
@@ -699,7 +728,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--policies", default=None, help="default baton,orca,chunked,static")
     parser.add_argument("--rates", default=None, help="x sustainable or inf; 0.5,1,2,inf")
     parser.add_argument("--batch-size", type=int, default=None, help="default 16 (quick: 8)")
-    parser.add_argument("--num-requests", type=int, default=None, help="default 80 (quick: 16)")
+    parser.add_argument("--num-requests", type=int, default=None, help="default 56 (quick: 16)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--request-timeout", type=float, default=600.0)
@@ -711,7 +740,7 @@ def parse_args() -> argparse.Namespace:
         parser.error(f"policies from {', '.join(POLICIES)}, {TARGET_POLICY} included")
     args.rates = (args.rates or ",".join(QUICK_RATES if args.quick else RATE_FACTORS)).split(",")
     args.batch_size = args.batch_size or (8 if args.quick else 16)
-    args.num_requests = args.num_requests or (16 if args.quick else 80)
+    args.num_requests = args.num_requests or (16 if args.quick else 56)
     args.max_budget = 64 if args.quick else BUDGET_CLIP[1]
     args.name = args.name or ("serving-cpu-quick" if args.quick else "serving-cpu")
     return args
