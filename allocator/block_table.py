@@ -21,6 +21,7 @@ from collections.abc import Hashable, Sequence
 
 import numpy as np
 import torch
+
 from baton_paged.allocator.errors import IntegrityError
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from baton_paged.allocator.kv_spec import KVCacheSpec
 from baton_paged.allocator.memory_budget import MemoryBudget, num_pages_for_budget
 from baton_paged.allocator.paged_kv import PagedKV

@@ -11,6 +11,7 @@ import re
 
 import psutil
 import torch
+
 from baton_paged.allocator.kv_spec import KVCacheSpec
 
 _UNITS = {

@@ -12,6 +12,7 @@ whose last dimension is contiguous; flash-attn reads the page stride from the te
 from __future__ import annotations
 
 import torch
+
 from baton_paged.allocator.kv_spec import KVCacheSpec
 from baton_paged.allocator.page_pool import PagePool
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
 from baton_paged.allocator.kv_cache import KVCache
 from baton_paged.attention.metadata import AttentionMetadata
 

@@ -19,6 +19,7 @@ import inspect
 from collections.abc import Callable
 
 import torch
+
 from baton_paged.attention.base import AttentionBackend, AttentionRequirements
 from baton_paged.attention.metadata import AttentionMetadata
 

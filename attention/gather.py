@@ -9,6 +9,7 @@ all (the caller is done with a layer's gathered K/V before the next layer gather
 from __future__ import annotations
 
 import torch
+
 from baton_paged.attention.base import AttentionBackend
 
 

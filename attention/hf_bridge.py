@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from baton_paged.allocator.kv_cache import KVCache
 from baton_paged.attention.base import AttentionBackend
 from baton_paged.attention.metadata import AttentionMetadata

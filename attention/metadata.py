@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from baton_paged.allocator.slots import pages_needed
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from baton_paged.attention.gather import GatheringBackend
 from baton_paged.attention.metadata import AttentionMetadata, offsets_within
 

@@ -23,6 +23,7 @@ from collections import defaultdict
 
 import torch
 import torch.nn.functional as F
+
 from baton_paged.attention.gather import GatheringBackend
 from baton_paged.attention.metadata import AttentionMetadata
 

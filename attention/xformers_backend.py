@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 
 import torch
+
 from baton_paged.attention.base import AttentionRequirements
 from baton_paged.attention.gather import GatheringBackend
 from baton_paged.attention.metadata import AttentionMetadata

@@ -16,6 +16,9 @@ import argparse
 
 import numpy as np
 import torch
+from common import environment, interleaved, setup_threads, synchronizer, time_once, write_json
+from transformers import AutoModelForCausalLM, DynamicCache
+
 from baton_paged.allocator import (
     BlockTable,
     HostSwapPool,
@@ -29,9 +32,6 @@ from baton_paged.allocator import (
     plan_swap_out,
     release_source,
 )
-from common import environment, interleaved, setup_threads, synchronizer, time_once, write_json
-from transformers import AutoModelForCausalLM, DynamicCache
-
 from baton_paged.model_builder import cached_model
 
 BATCH = 32

@@ -38,10 +38,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from common import environment, interleaved, setup_threads, synchronizer, write_json
+
 from baton_paged.allocator import KVCache, KVCacheSpec, pages_needed
 from baton_paged.attention import AttentionMetadata, AttentionRequirements, create_backend
 from baton_paged.attention.registry import BACKENDS, backend_class
-from common import environment, interleaved, setup_threads, synchronizer, write_json
 
 BATCH = 32
 CONTEXT = 256

@@ -46,11 +46,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import transformers
-from baton_paged.allocator import pages_needed
 from bench_policies import BUDGET_CLIP, Clock, Workload, load_hf, make_workload
 from common import RESULTS, environment, setup_threads, write_json
 from transformers import AutoTokenizer
 
+from baton_paged.allocator import pages_needed
 from baton_paged.config import PREEMPTION_MODES, EngineConfig
 from baton_paged.engine import Engine
 from baton_paged.model_builder import cached_model

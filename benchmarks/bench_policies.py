@@ -44,12 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from baton_paged.allocator import pages_needed
 from common import RESULTS, environment, setup_threads, write_json
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.streamers import BaseStreamer
 
+from baton_paged.allocator import pages_needed
 from baton_paged.config import POLICIES, EngineConfig
 from baton_paged.engine import Engine
 from baton_paged.model_builder import cached_model

@@ -32,6 +32,16 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
+
 from baton_paged.allocator import (
     BlockTable,
     CopyRun,
@@ -49,15 +59,6 @@ from baton_paged.allocator import (
     plan_swap_out,
     release_source,
     slot_mapping,
-)
-from hypothesis import given, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import (
-    RuleBasedStateMachine,
-    initialize,
-    invariant,
-    precondition,
-    rule,
 )
 
 SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=4, page_size=4, dtype=torch.float32)

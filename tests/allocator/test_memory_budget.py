@@ -2,6 +2,7 @@
 
 import psutil
 import pytest
+
 from baton_paged.allocator import (
     KVCacheSpec,
     budget_bytes,

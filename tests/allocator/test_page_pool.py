@@ -1,6 +1,7 @@
 """PagePool: exact ids, reference counts, and errors that change nothing."""
 
 import pytest
+
 from baton_paged.allocator import IntegrityError, OutOfPagesError, PageOwnershipError, PagePool
 
 

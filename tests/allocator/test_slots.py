@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+
 from baton_paged.allocator import BlockTable, decode_slot_mapping, pages_needed, slot_mapping
 
 

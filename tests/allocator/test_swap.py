@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from baton_paged.allocator import (
     CopyRun,
     HostSwapPool,

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+
 from baton_paged.allocator import KVCache, KVCacheSpec, pages_needed, slot_mapping
 from baton_paged.attention import AttentionMetadata
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from paged_batch import KINDS, make_batch, naive_attention, random_lengths
+
 from baton_paged.attention import AttentionRequirements, create_backend
 from baton_paged.attention.registry import BACKENDS, backend_class
-from paged_batch import KINDS, make_batch, naive_attention, random_lengths
 
 TOLERANCE = {
     torch.float64: {"atol": 1e-10, "rtol": 1e-10},

@@ -6,16 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from baton_paged.allocator import KVCache, KVCacheSpec, pages_needed
-from baton_paged.attention import (
-    AttentionMetadata,
-    AttentionRequirements,
-    PagedStep,
-    UnsupportedModelError,
-    attach,
-    create_backend,
-    unsupported_model_reason,
-)
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -26,6 +16,17 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+)
+
+from baton_paged.allocator import KVCache, KVCacheSpec, pages_needed
+from baton_paged.attention import (
+    AttentionMetadata,
+    AttentionRequirements,
+    PagedStep,
+    UnsupportedModelError,
+    attach,
+    create_backend,
+    unsupported_model_reason,
 )
 
 PROMPT_LENS = (5, 17, 33, 40)

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+
 from baton_paged.attention import (
     AttentionRequirements,
     BackendUnavailableError,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from baton_paged.allocator import PagePool
-
 from baton_paged.memory_monitor import MemoryMonitor
 from baton_paged.request import Request, RequestStatus
 from baton_paged.sampling_params import SamplingParams

@@ -7,9 +7,9 @@ import types
 
 import pytest
 import torch
-from baton_paged.allocator import PagePool
 
 from baton_paged import device_memory
+from baton_paged.allocator import PagePool
 from baton_paged.device_memory import device_memory_reader, host_memory_used
 from baton_paged.memory_monitor import MemoryMonitor
 
