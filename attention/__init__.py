@@ -14,6 +14,7 @@ from baton_paged.attention.hf_bridge import (
     PagedStep,
     UnsupportedModelError,
     attach,
+    detach,
     paged_attention,
     unsupported_model_reason,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "PagedStep",
     "UnsupportedModelError",
     "attach",
+    "detach",
     "available_backends",
     "create_backend",
     "paged_attention",

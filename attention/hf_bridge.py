@@ -16,6 +16,7 @@ attached, and ``paged_attention`` refuses them again per call, so no output is s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from weakref import WeakKeyDictionary
 
 import torch
 
@@ -70,7 +71,8 @@ def _check_call(query: torch.Tensor, step: PagedStep | None, dropout: float, kwa
     if step is None:
         raise RuntimeError(
             f"attn_implementation={ATTN_IMPLEMENTATION!r} needs the step's metadata: call the "
-            f"model with {STEP_KWARG}=PagedStep(...) (the model runner does this)"
+            f"model with {STEP_KWARG}=PagedStep(...) (the model runner does this). A model lent "
+            "to an engine answers only through it until the engine is closed (LLM.close())"
         )
     if query.shape[0] != 1:
         raise RuntimeError(f"paged attention takes packed inputs of batch 1, got {query.shape[0]}")
@@ -127,7 +129,21 @@ def attach(model: torch.nn.Module, max_model_len: int) -> None:
     if reason is not None:
         raise UnsupportedModelError(reason)
     register()
+    previous = model.config._attn_implementation
+    if previous != ATTN_IMPLEMENTATION:
+        _PREVIOUS[model] = previous
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+def detach(model: torch.nn.Module) -> None:
+    """Give ``model`` back the attention it had before ``attach``, so code that lent it to an
+    engine can call it directly again."""
+    if model in _PREVIOUS:
+        model.set_attn_implementation(_PREVIOUS.pop(model))
+
+
+_PREVIOUS: WeakKeyDictionary[torch.nn.Module, str] = WeakKeyDictionary()
+"""Each attached model's attention implementation before ``attach``."""
 
 
 def register() -> None:

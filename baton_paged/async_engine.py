@@ -24,11 +24,13 @@ running fail with that error (their pages freed) and the loop carries on with th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from baton_paged.engine import Engine, PromptInput
 from baton_paged.outputs import RequestOutput
@@ -67,6 +69,8 @@ class AsyncEngine:
         self._work = threading.Event()
         self._stopping = False
         self._looping = False
+        self._loop_done = threading.Event()
+        self._loop_done.set()
         self.finish_listeners: list[Callable[[RequestOutput], None]] = []
         """Called on the engine thread with every request's final output (metrics use it)."""
         self._thread: threading.Thread | None = None
@@ -74,6 +78,21 @@ class AsyncEngine:
             self._looping = True  # healthy from the start, not from when the thread is scheduled
             self._thread = threading.Thread(target=self.run_loop, name="baton-engine", daemon=True)
             self._thread.start()
+
+    @classmethod
+    def build(
+        cls,
+        model: str | None = None,
+        *,
+        hf_model: Any = None,
+        tokenizer: Any = None,
+        max_waiting: int = 1024,
+        **options,
+    ) -> AsyncEngine:
+        """An AsyncEngine with its own thread, for a checkpoint or an already-loaded transformers
+        model (see ``Engine.build``)."""
+        engine = Engine.build(model, hf_model=hf_model, tokenizer=tokenizer, **options)
+        return cls(engine, max_waiting=max_waiting)
 
     async def generate(
         self,
@@ -123,11 +142,25 @@ class AsyncEngine:
         self._work.set()
 
     def shutdown(self) -> None:
-        """Stop the loop after its current iteration (and wait for its own thread, if any)."""
+        """Stop the loop after its current iteration (and wait for its own thread, if any);
+        ``close`` also hands the model back."""
         self._stopping = True
         self._work.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+
+    def close(self) -> None:
+        """Shut down, fail the streams still open and give the model back (``Engine.close``)."""
+        self.shutdown()
+        self._loop_done.wait(timeout=30)  # a caller-owned loop finishes its iteration first
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            with contextlib.suppress(RuntimeError):  # its event loop is already closed
+                stream.loop.call_soon_threadsafe(
+                    stream.queue.put_nowait, RequestFailedError("the engine was closed")
+                )
+        self.engine.close()
 
     @property
     def is_running(self) -> bool:
@@ -136,6 +169,7 @@ class AsyncEngine:
     def run_loop(self) -> None:
         """Apply posted adds and aborts and run iterations until ``shutdown``; blocks."""
         self._looping = True
+        self._loop_done.clear()
         try:
             while not self._stopping:
                 self._work.clear()  # before the inbox is read, so a later post wakes the wait
@@ -146,6 +180,7 @@ class AsyncEngine:
                     self._work.wait()
         finally:
             self._looping = False
+            self._loop_done.set()
 
     def _apply_inbox(self) -> None:
         with self._lock:

@@ -23,9 +23,10 @@ from baton_paged.allocator import (
     num_pages_for_budget,
     pages_needed,
 )
-from baton_paged.attention import attach
+from baton_paged.attention import attach, detach
 from baton_paged.config import EngineConfig
 from baton_paged.device_memory import MemoryReader, device_memory_reader
+from baton_paged.loaded_model import check_loaded_model, config_for_loaded_model
 from baton_paged.memory_monitor import MemoryMonitor
 from baton_paged.model_loading import (
     choose_attention,
@@ -62,6 +63,9 @@ class Engine:
         self.config = config
         if model is None:
             model, tokenizer = load_model(config)
+        else:
+            check_loaded_model(model, config)
+            model.eval()  # dropout would make greedy decoding random
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.max_model_len = config.max_model_len or model_max_len(model)
@@ -95,6 +99,18 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._generator = torch.Generator(config.device).manual_seed(config.seed)
         self._ids = itertools.count()
+
+    @classmethod
+    def build(
+        cls, model: str | None = None, *, hf_model: Any = None, tokenizer: Any = None, **options
+    ) -> Engine:
+        """An engine for a checkpoint (``model``: a directory or hub id; None: the built-in
+        model) or for an already-loaded transformers ``hf_model`` and its ``tokenizer``, whose
+        dtype and device it follows. ``options`` are ``EngineConfig`` fields."""
+        if hf_model is None:
+            return cls(EngineConfig(model=model, **options))
+        config = config_for_loaded_model(hf_model, tokenizer, {"model": model, **options})
+        return cls(config, hf_model, tokenizer)
 
     def add_request(
         self,
@@ -161,6 +177,13 @@ class Engine:
         request.finished_time = time.monotonic()
         self.stats.aborted += 1
         return self.outputs.output(request)
+
+    def close(self) -> None:
+        """Abort what is left and give the model back its own attention, so code that lent an
+        already-loaded model can call it directly again."""
+        for request_id in list(self.requests):
+            self.abort_request(request_id)
+        detach(self.runner.model)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()

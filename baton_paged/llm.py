@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from baton_paged.config import EngineConfig
 from baton_paged.engine import Engine, PromptInput
 from baton_paged.outputs import RequestOutput
 from baton_paged.sampling_params import SamplingParams
@@ -23,9 +22,10 @@ class LLM:
         self, model: str | None = None, *, hf_model: Any = None, tokenizer: Any = None, **options
     ):
         """``model``: a local checkpoint or hub id (None: the built-in random-weight model).
-        ``hf_model`` + ``tokenizer``: an already-loaded transformers model to serve instead.
-        ``options``: any ``EngineConfig`` field (policy, dtype, device, max_batch_size, ...)."""
-        self.engine = Engine(EngineConfig(model=model, **options), hf_model, tokenizer)
+        ``hf_model`` + ``tokenizer``: an already-loaded transformers model to serve instead (the
+        engine follows its dtype and device). ``options``: any ``EngineConfig`` field (policy,
+        max_batch_size, kv_memory, ...)."""
+        self.engine = Engine.build(model, hf_model=hf_model, tokenizer=tokenizer, **options)
 
     @classmethod
     def from_engine(cls, engine: Engine) -> LLM:
@@ -33,6 +33,16 @@ class LLM:
         llm = cls.__new__(cls)
         llm.engine = engine
         return llm
+
+    def close(self) -> None:
+        """Hand the model back (see ``Engine.close``); also runs on leaving a ``with`` block."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
