@@ -1,0 +1,45 @@
+"""baton-paged's OpenAI routes as an ASGI sub-application for an existing service.
+
+    from fastapi import FastAPI
+    from baton_paged.plugins.asgi import baton_app
+
+    app = FastAPI()                                   # the service you already run
+    llm = baton_app(hf_model=model, tokenizer=tokenizer, served_model_name="my-model")
+    app.mount("/llm", llm)                            # POST /llm/v1/completions, ...
+
+Any ASGI framework that mounts sub-applications (Starlette ``Mount``, FastAPI ``mount``) works.
+Mounted applications get no lifespan events, so the engine's step loop starts on its own thread
+when the app is built; stop it in the parent's shutdown with ``llm.state.engine.close()``.
+
+On CPU, torch runs the loop's small ops faster on the thread that loaded the model (see
+``AsyncEngine``); ``baton-paged serve`` arranges that, an embedding service may not.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+
+from baton_paged.async_engine import AsyncEngine
+from baton_paged.server import build_app
+
+
+def baton_app(
+    model: str | None = None,
+    *,
+    hf_model: Any = None,
+    tokenizer: Any = None,
+    served_model_name: str | None = None,
+    api_key: str | None = None,
+    max_waiting: int = 1024,
+    **options,
+) -> FastAPI:
+    """The routes of ``baton-paged serve`` (``/v1/completions``, ``/v1/chat/completions``,
+    ``/v1/models``, ``/health``, ``/metrics``) for a checkpoint or an already-loaded
+    transformers model. ``options`` are ``EngineConfig`` fields."""
+    engine = AsyncEngine.build(
+        model, hf_model=hf_model, tokenizer=tokenizer, max_waiting=max_waiting, **options
+    )
+    name = served_model_name or model or getattr(hf_model, "name_or_path", None) or "baton-paged"
+    return build_app(engine, name, api_key)
