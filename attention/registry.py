@@ -35,6 +35,21 @@ AUTO_ORDER = {
 FALLBACK_ORDER = ("torch",)
 
 
+def register_backend(name: str, target: str) -> None:
+    """Make the ``AttentionBackend`` at ``target`` (``"module:Class"``, imported when first
+    used) selectable as ``name`` (plugins call this; see ``baton_paged.plugins.registry``).
+    Registering the same target again changes nothing; a name in use for another is an error.
+    ``auto`` never picks a plugin's backend: it must be named."""
+    module_name, sep, class_name = target.partition(":")
+    if not (name and name != AUTO and sep and module_name and class_name):
+        raise ValueError(
+            f"register_backend needs a name and a 'module:Class' target, got {target!r}"
+        )
+    if BACKENDS.get(name, target) != target:
+        raise ValueError(f"attention backend name {name!r} is taken by {BACKENDS[name]}")
+    BACKENDS[name] = target
+
+
 def backend_class(name: str) -> type[AttentionBackend]:
     """The class registered as ``name``; ValueError naming the choices for an unknown name."""
     if name not in BACKENDS:

@@ -13,6 +13,7 @@ import torch
 from baton_paged.allocator import parse_memory_budget
 from baton_paged.attention.registry import AUTO, BACKENDS
 from baton_paged.memory_monitor import check_watermarks
+from baton_paged.plugins.registry import load_plugins
 from baton_paged.sched.policies import POLICIES
 
 PREEMPTION_MODES = ("swap", "recompute")
@@ -74,6 +75,7 @@ class EngineConfig:
     other processes and activations rather than the cache."""
 
     def __post_init__(self) -> None:
+        load_plugins()  # plugins may add policies and attention backends to the choices
         _check_choice("policy", self.policy, POLICIES)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("attention_backend", self.attention_backend, (AUTO, *BACKENDS))

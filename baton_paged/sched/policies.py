@@ -127,6 +127,20 @@ class ChunkedPolicy(Policy):
 POLICIES = {cls.name: cls for cls in (BatonPolicy, OrcaPolicy, StaticPolicy, ChunkedPolicy)}
 
 
+def register_policy(policy: type[Policy]) -> None:
+    """Make a ``Policy`` subclass selectable by its ``name`` (plugins call this; see
+    ``baton_paged.plugins.registry``). Registering the same class again changes nothing;
+    another class under a name in use is an error."""
+    if not (isinstance(policy, type) and issubclass(policy, Policy)):
+        raise TypeError(f"a policy must be a Policy subclass, got {policy!r}")
+    name = getattr(policy, "name", None)
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{policy.__qualname__} needs a non-empty str class attribute 'name'")
+    if POLICIES.get(name, policy) is not policy:
+        raise ValueError(f"policy name {name!r} is taken by {POLICIES[name].__qualname__}")
+    POLICIES[name] = policy
+
+
 def make_policy(name: str, max_prefill_tokens: int, max_num_batched_tokens: int) -> Policy:
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}")
