@@ -94,9 +94,19 @@ def build_engine(options: dict):
     show_default=True,
     help="Most requests waiting for a batch slot; more get HTTP 503.",
 )
-def serve(host, port, api_key, served_model_name, max_waiting, **options) -> None:
+@click.option(
+    "--replicas",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Serve N engine replicas on Ray Serve (pip install 'baton-paged[ray]'): a local Ray "
+    "instance, or the cluster this machine joined with `ray start`.",
+)
+def serve(host, port, api_key, served_model_name, max_waiting, replicas, **options) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health), streaming included."""
+    if replicas is not None:
+        serve_on_ray(host, port, replicas, api_key, served_model_name, max_waiting, options)
+        return
     import uvicorn
 
     from baton_paged.async_engine import AsyncEngine
@@ -108,6 +118,42 @@ def serve(host, port, api_key, served_model_name, max_waiting, **options) -> Non
     run_engine_on_main_thread(engine, server)
     if not server.started:
         raise SystemExit(1)  # uvicorn has logged why (a port in use, say)
+
+
+def serve_on_ray(host, port, replicas, api_key, served_model_name, max_waiting, options) -> None:
+    """The same routes from ``replicas`` engines behind Ray Serve's proxy, until Ctrl-C."""
+    from baton_paged.config import EngineConfig
+
+    try:
+        EngineConfig(**options)  # a bad option fails here, not in every replica
+        import ray
+        from ray import serve
+
+        from baton_paged.plugins.ray_serve import baton_application
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+    except ImportError as error:
+        hint = "--replicas needs Ray Serve: pip install 'baton-paged[ray]'"
+        raise click.UsageError(f"{hint} ({error})") from error
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop as on Ctrl-C, then clean up
+    ray.init()  # joins the cluster this machine is part of, or starts a local one
+    serve.start(http_options={"host": host, "port": port})
+    app = baton_application(
+        options,
+        served_model_name=served_model_name,
+        api_key=api_key,
+        max_waiting=max_waiting,
+        replicas=replicas,
+    )
+    try:
+        serve.run(app, name="baton-paged", route_prefix="/", blocking=True)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()  # stops the local instance ray.init started, with its agents
 
 
 def run_engine_on_main_thread(engine, server) -> None:
@@ -132,6 +178,20 @@ def run_engine_on_main_thread(engine, server) -> None:
     finally:
         server.should_exit = True
         http.join()
+
+
+@main.command("plugins")
+def list_plugins() -> None:
+    """List the plugins installed in the baton_paged.plugins entry-point group and whether each
+    loaded (BATON_PAGED_PLUGINS=a,b loads only those named)."""
+    from baton_paged.plugins.registry import GROUP, load_plugins
+
+    statuses = load_plugins()
+    if not statuses:
+        click.echo(f"no plugins installed in the {GROUP!r} entry-point group")
+    for status in statuses.values():
+        state = "loaded" if status.error is None else f"failed: {status.error}"
+        click.echo(f"{status.name}  {status.target}  {state}")
 
 
 @main.command()

@@ -97,3 +97,10 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(tiny_model_dir):
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
+
+
+def test_replicas_are_checked_before_ray_starts():
+    result = CliRunner().invoke(cli.main, ["serve", "--replicas", "0"])
+    assert result.exit_code == 2 and "--replicas" in result.output
+    result = CliRunner().invoke(cli.main, ["serve", "--replicas", "2", "--policy", "fifo"])
+    assert result.exit_code == 2 and "unknown policy 'fifo'" in result.output
