@@ -1,0 +1,103 @@
+"""Memory-pressure watermarks for the vLLM scheduler plugin, as plain Python.
+
+The vLLM scheduler (``baton_paged.plugins.vllm_scheduler``) reads vLLM's KV-cache usage once per
+step and asks a ``PressureGate`` two questions: shed a running request now, and may the batch
+grow? The answers follow the engine's own ``MemoryMonitor`` rules:
+
+* above the high watermark one running request is shed per step, down to a batch of one;
+* from a high crossing until usage falls below the low watermark the batch does not grow;
+* below the low watermark admission is open again.
+
+This module imports nothing from vLLM, so its rules are tested in the main environment too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+from baton_paged.memory_monitor import check_watermarks
+
+CONFIG_KEY = "baton"
+"""The key of vLLM's ``additional_config`` under which the plugin's settings live."""
+
+
+@dataclass(frozen=True)
+class PressureSettings:
+    """The plugin's settings, named as in ``EngineConfig`` so one vocabulary serves both."""
+
+    memory_high_watermark: float = 0.9
+    """KV-cache usage (0..1) above which the batch sheds one request per step and stops growing."""
+    memory_low_watermark: float = 0.7
+    """Usage below which a held batch grows again; the gap is the hysteresis."""
+
+    def __post_init__(self) -> None:
+        check_watermarks(self.memory_high_watermark, self.memory_low_watermark)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> PressureSettings:
+        """Read ``additional_config["baton"]``; defaults when absent, ValueError when malformed.
+
+        Unknown keys are refused rather than ignored, so a misspelt watermark cannot silently
+        leave the default in force.
+        """
+        section = _section(additional_config)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown key(s) {unknown} in additional_config[{CONFIG_KEY!r}]; "
+                f"known keys: {sorted(known)}"
+            )
+        return cls(**section)
+
+
+def _section(additional_config: Any) -> Mapping[str, Any]:
+    """The plugin's own part of ``additional_config`` (vLLM allows a dict or an object)."""
+    if not isinstance(additional_config, Mapping):
+        return {}
+    section = additional_config.get(CONFIG_KEY, {})
+    if not isinstance(section, Mapping):
+        raise ValueError(
+            f"additional_config[{CONFIG_KEY!r}] must be a mapping, got {type(section).__name__}"
+        )
+    return section
+
+
+class PressureGate:
+    """Hysteresis between the two watermarks, fed one usage reading per scheduler step."""
+
+    def __init__(self, settings: PressureSettings | None = None):
+        self.settings = settings or PressureSettings()
+        self.usage = 0.0
+        """The reading taken by the last ``update``."""
+        self.holding = False
+        """True from a high-watermark crossing until usage falls below the low watermark."""
+        self.high_crossings = 0
+        self.low_crossings = 0
+
+    def update(self, usage: float) -> None:
+        """Take this step's reading and move between open and holding."""
+        self.usage = usage
+        if not self.holding and usage > self.settings.memory_high_watermark:
+            self.holding = True
+            self.high_crossings += 1
+        elif self.holding and usage < self.settings.memory_low_watermark:
+            self.holding = False
+            self.low_crossings += 1
+
+    def should_shed(self, num_running: int) -> bool:
+        """Shed one request this step? Only above the high watermark, and never the last one."""
+        return self.usage > self.settings.memory_high_watermark and num_running > 1
+
+    def slot_cap(self, num_running: int, max_slots: int) -> int:
+        """How many requests may run after admission this step.
+
+        While holding, the batch keeps its size: a slot opens only when a request leaves (or is
+        preempted for a higher-priority one). An empty batch may always take one request, so a
+        hold can never stall the engine.
+        """
+        if not self.holding:
+            return max_slots
+        return min(max(num_running, 1), max_slots)

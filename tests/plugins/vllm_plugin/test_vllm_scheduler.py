@@ -1,0 +1,368 @@
+"""BatonScheduler driven directly, without a model: vLLM's own scheduler-test set-up, rebuilt.
+
+vLLM's wheel does not ship its tests, so the set-up of its ``tests/v1/core`` is rebuilt here: a
+``VllmConfig`` and a one-group ``KVCacheConfig`` made by hand (block size 16, a pool of a few
+blocks, no prefix caching), requests added directly, and a fake ``ModelRunnerOutput`` that
+samples one token per finished prefill or decode. Every step's block arithmetic is exact, so these
+tests pin down which request is preempted when, which a real engine only shows on average.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+from vllm import SamplingParams  # noqa: E402
+from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig  # noqa: E402
+from vllm.v1.core.sched.interface import PauseState  # noqa: E402
+from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
+from vllm.v1.kv_cache_interface import (  # noqa: E402
+    FullAttentionSpec,
+    KVCacheConfig,
+    KVCacheGroupSpec,
+)
+from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
+from vllm.v1.request import Request, RequestStatus  # noqa: E402
+from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
+
+from baton_paged.plugins.vllm_scheduler import BatonScheduler  # noqa: E402
+
+BLOCK = 16
+NO_SHEDDING = {"memory_high_watermark": 1.0, "memory_low_watermark": 0.5}
+"""Usage never exceeds 1.0, so these settings isolate priority preemption."""
+
+
+@pytest.fixture
+def make_scheduler(tiny_model_dir):
+    """``make_scheduler(usable_blocks, max_num_seqs, baton=..., policy=...)``."""
+
+    def make(usable_blocks, max_num_seqs=8, baton=None, policy="priority"):
+        model = ModelConfig(
+            model=str(tiny_model_dir("llama")),
+            dtype="float32",
+            max_model_len=256,
+            seed=0,
+            skip_tokenizer_init=True,
+        )
+        scheduler = SchedulerConfig(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=512,
+            max_model_len=256,
+            is_encoder_decoder=False,
+            policy=policy,
+        )
+        cache = CacheConfig(block_size=BLOCK, enable_prefix_caching=False)
+        extra = {} if baton is None else {"baton": baton}
+        config = VllmConfig(
+            model_config=model,
+            scheduler_config=scheduler,
+            cache_config=cache,
+            additional_config=extra,
+        )
+        num_blocks = usable_blocks + 1  # block 0 is vLLM's null block
+        cache.num_gpu_blocks = num_blocks
+        spec = FullAttentionSpec(
+            block_size=BLOCK, num_kv_heads=1, head_size=16, dtype=torch.float32
+        )
+        kv_cache = KVCacheConfig(
+            num_blocks=num_blocks,
+            kv_cache_tensors=[],
+            kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)],
+        )
+        return BatonScheduler(
+            vllm_config=config,
+            kv_cache_config=kv_cache,
+            structured_output_manager=StructuredOutputManager(config),
+            block_size=BLOCK,
+        )
+
+    return make
+
+
+def add(scheduler, request_id, prompt_len, priority=0, arrival=0.0, max_tokens=16):
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    prompt = [(7 * len(request_id) + i) % 500 + 1 for i in range(prompt_len)]
+    request = Request(request_id, prompt, params, None, arrival_time=arrival, priority=priority)
+    scheduler.add_request(request)
+    return request
+
+
+def fake_model_output(scheduler, out: SchedulerOutput) -> ModelRunnerOutput:
+    """What a model would return for ``out``: token 3 for each request past its prefill.
+
+    Build it right after ``schedule()``, while the scheduler still says which requests are in
+    the middle of a chunked prefill.
+    """
+    ids = list(out.num_scheduled_tokens)
+    sampled = [[] if scheduler.requests[r].is_prefill_chunk else [3] for r in ids]
+    index = {r: i for i, r in enumerate(ids)}
+    return ModelRunnerOutput(req_ids=ids, req_id_to_index=index, sampled_token_ids=sampled)
+
+
+def step(scheduler) -> SchedulerOutput:
+    """One synchronous engine step, as vLLM runs on the CPU: schedule, run, update."""
+    out = scheduler.schedule()
+    scheduler.update_from_output(out, fake_model_output(scheduler, out))
+    return out
+
+
+def newly_scheduled(out: SchedulerOutput) -> set[str]:
+    return {r.req_id for r in out.scheduled_new_reqs}
+
+
+def running_ids(scheduler) -> set[str]:
+    return {r.request_id for r in scheduler.running}
+
+
+# -- priority preemption at admission ---------------------------------------------------------
+
+
+def test_a_higher_priority_request_takes_the_blocks_of_the_latest_lower_one(make_scheduler):
+    s = make_scheduler(usable_blocks=8, baton=NO_SHEDDING)
+    add(s, "low-a", 40, priority=1, arrival=1.0)
+    add(s, "low-b", 40, priority=1, arrival=2.0)
+    step(s)  # 3 + 3 blocks taken, 2 free
+    low_b = s.requests["low-b"]
+    add(s, "high", 40, priority=0, arrival=3.0)  # needs 3 blocks
+
+    out = step(s)
+
+    assert out.preempted_req_ids == {"low-b"}
+    assert "high" in newly_scheduled(out) and out.num_scheduled_tokens["high"] == 40
+    assert running_ids(s) == {"low-a", "high"}
+    assert low_b.status == RequestStatus.PREEMPTED and low_b.num_computed_tokens == 0
+    assert s.baton_priority_preemptions == 1
+
+
+def test_equal_priority_never_preempts(make_scheduler):
+    s = make_scheduler(usable_blocks=8, baton=NO_SHEDDING)
+    add(s, "low-a", 40, priority=1, arrival=1.0)
+    add(s, "low-b", 40, priority=1, arrival=2.0)
+    step(s)
+    add(s, "peer", 40, priority=1, arrival=3.0)
+
+    out = step(s)
+
+    assert not out.preempted_req_ids and "peer" not in out.num_scheduled_tokens
+    assert running_ids(s) == {"low-a", "low-b"}
+    assert s.baton_priority_preemptions == 0
+
+
+def test_only_as_many_victims_as_the_newcomer_needs(make_scheduler):
+    s = make_scheduler(usable_blocks=10, baton=NO_SHEDDING)
+    for i, name in enumerate(("low-a", "low-b", "low-c")):
+        add(s, name, 40, priority=1, arrival=float(i))
+    step(s)  # 9 blocks taken, 1 free
+    add(s, "high", 70, priority=0, arrival=5.0)  # needs 5 blocks: two victims, not three
+
+    out = step(s)
+
+    assert out.preempted_req_ids == {"low-b", "low-c"}
+    assert running_ids(s) == {"low-a", "high"}
+    assert s.baton_priority_preemptions == 2
+
+
+def test_running_requests_growth_this_step_is_reserved_first(make_scheduler):
+    """Free blocks the running batch is about to take do not count as room for the newcomer."""
+    s = make_scheduler(usable_blocks=8, baton=NO_SHEDDING)
+    add(s, "low-a", 32, priority=1, arrival=1.0)
+    add(s, "low-b", 32, priority=1, arrival=2.0)
+    step(s)  # 2 + 2 blocks, both full: each next decode opens a third block
+    add(s, "high", 48, priority=0, arrival=3.0)  # 3 blocks; 4 free, but 2 of them are spoken for
+
+    out = step(s)
+
+    assert out.preempted_req_ids == {"low-b"}
+    assert "high" in newly_scheduled(out)
+
+
+def test_no_preemption_when_even_every_victim_would_not_make_room(make_scheduler):
+    s = make_scheduler(usable_blocks=10, baton=NO_SHEDDING)
+    add(s, "low-a", 40, priority=1, arrival=1.0)
+    add(s, "low-b", 40, priority=1, arrival=2.0)
+    step(s)
+    add(s, "huge", 200, priority=0, arrival=3.0)  # 13 blocks: more than the pool holds
+
+    out = step(s)
+
+    assert not out.preempted_req_ids
+    assert running_ids(s) == {"low-a", "low-b"}
+    assert s.baton_priority_preemptions == 0
+
+
+@pytest.mark.parametrize(
+    ("priorities", "victim"),
+    [((2, 1, 2), "c"), ((2, 3, 2), "b"), ((3, 1, 2), "a")],
+    ids=["latest-of-lowest", "lowest-in-the-middle", "lowest-is-oldest"],
+)
+def test_a_full_batch_gives_up_its_lowest_priority_latest_request(
+    make_scheduler, priorities, victim
+):
+    s = make_scheduler(usable_blocks=20, max_num_seqs=3, baton=NO_SHEDDING)
+    for i, (name, priority) in enumerate(zip("abc", priorities, strict=True)):
+        add(s, name, 10, priority=priority, arrival=float(i))
+    step(s)
+    add(s, "vip", 10, priority=0, arrival=9.0)
+
+    out = step(s)
+
+    assert out.preempted_req_ids == {victim}
+    assert "vip" in newly_scheduled(out)
+    assert s.max_num_active_reqs == 3, "the per-step slot cap must be restored"
+
+
+def test_fcfs_policy_never_preempts_for_admission(make_scheduler):
+    s = make_scheduler(usable_blocks=20, max_num_seqs=2, baton=NO_SHEDDING, policy="fcfs")
+    add(s, "a", 10, arrival=1.0)
+    add(s, "b", 10, arrival=2.0)
+    step(s)
+    add(s, "c", 10, arrival=3.0)
+
+    out = step(s)
+
+    assert not out.preempted_req_ids and "c" not in out.num_scheduled_tokens
+    assert s.baton_priority_preemptions == 0
+
+
+def drive_with_one_step_in_flight(scheduler, arrivals, max_steps=80):
+    """Drive as vLLM's engine core does under async scheduling: step N+1 is scheduled before
+    step N's output comes back. ``arrivals`` maps a step number to a callable adding requests.
+    Returns the number of tokens each request received."""
+    received: dict[str, int] = {}
+    in_flight = None
+    for number in range(max_steps):
+        if number in arrivals:
+            arrivals[number]()
+        out = scheduler.schedule()
+        model_output = fake_model_output(scheduler, out)
+        if in_flight is not None:
+            for outputs in scheduler.update_from_output(*in_flight).values():
+                for o in outputs.outputs:
+                    received[o.request_id] = received.get(o.request_id, 0) + len(o.new_token_ids)
+        in_flight = (out, model_output)
+        if not scheduler.get_num_unfinished_requests() and not out.num_scheduled_tokens:
+            break
+    return received
+
+
+def test_preempting_a_request_whose_step_is_in_flight_keeps_its_tokens_right(make_scheduler):
+    """The GPU path: async scheduling, so the victim's last step has not come back yet."""
+    s = make_scheduler(usable_blocks=20, max_num_seqs=2, baton=NO_SHEDDING)
+    add(s, "low-a", 20, priority=1, arrival=1.0, max_tokens=12)
+    add(s, "low-b", 20, priority=1, arrival=2.0, max_tokens=12)
+    late = {4: lambda: add(s, "vip", 20, priority=0, arrival=3.0, max_tokens=5)}
+
+    received = drive_with_one_step_in_flight(s, late)
+
+    assert s.baton_priority_preemptions == 1
+    assert received == {"low-a": 12, "low-b": 12, "vip": 5}
+    assert not s.requests and s.kv_cache_manager.usage == 0.0
+
+
+# -- memory-pressure shedding and hold ----------------------------------------------------------
+
+PRESSURE = {"memory_high_watermark": 0.8, "memory_low_watermark": 0.5}
+
+
+def fill_eight_blocks(s, policy_priority=1):
+    """Eight one-block requests (8-token prompts, 8 new tokens) fill a pool of eight blocks."""
+    for i in range(8):
+        add(s, f"r{i}", 8, priority=policy_priority, arrival=float(i), max_tokens=8)
+    out = step(s)
+    assert len(out.num_scheduled_tokens) == 8 and s.kv_cache_manager.usage == 1.0
+
+
+def test_above_the_high_watermark_one_request_is_shed_per_step(make_scheduler):
+    s = make_scheduler(usable_blocks=8, baton=PRESSURE)
+    fill_eight_blocks(s)
+
+    first, second, third = step(s), step(s), step(s)
+
+    assert first.preempted_req_ids == {"r7"}  # usage 1.0: lowest priority, latest arrival
+    assert second.preempted_req_ids == {"r6"}  # usage 7/8 is still above 0.8
+    assert not third.preempted_req_ids  # 6/8 is not
+    assert s.baton_pressure_sheds == 2
+    assert s.baton_gate.holding, "0.75 is above the low watermark: the hold goes on"
+    assert "r6" not in third.num_scheduled_tokens and "r7" not in third.num_scheduled_tokens
+
+
+def test_the_hold_ends_below_the_low_watermark_and_every_request_finishes(make_scheduler):
+    s = make_scheduler(usable_blocks=8, baton=PRESSURE)
+    fill_eight_blocks(s)
+    resumed_at = None
+    for number in range(2, 40):
+        out = step(s)
+        if resumed_at is None and "r7" in out.num_scheduled_tokens:
+            resumed_at = number
+            assert not s.baton_gate.holding and s.baton_gate.low_crossings == 1
+        if not s.get_num_unfinished_requests():
+            break
+
+    assert resumed_at is not None and s.baton_held_steps >= 5
+    assert s.baton_gate.high_crossings == 1 and s.baton_pressure_sheds == 2
+    assert not s.requests, "every request finished and freed its blocks"
+    assert s.kv_cache_manager.usage == 0.0
+
+
+def test_a_held_batch_lets_a_higher_priority_request_replace_a_lower_one(make_scheduler):
+    s = make_scheduler(usable_blocks=8, baton=PRESSURE)
+    fill_eight_blocks(s)
+    step(s), step(s), step(s)  # r7 and r6 shed, six running, holding
+    add(s, "vip", 8, priority=0, arrival=20.0, max_tokens=4)
+
+    out = step(s)
+
+    assert out.preempted_req_ids == {"r5"}
+    assert "vip" in newly_scheduled(out)
+    assert len(s.running) == 6, "the batch keeps its size while holding"
+    assert s.baton_priority_preemptions == 1
+
+
+def test_the_last_running_request_is_never_shed(make_scheduler):
+    s = make_scheduler(usable_blocks=4, baton=PRESSURE)
+    add(s, "only", 60, max_tokens=3)
+    for _ in range(3):
+        out = step(s)
+        assert not out.preempted_req_ids
+    assert s.baton_gate.high_crossings == 1 and s.baton_pressure_sheds == 0
+
+
+def test_a_paused_engine_is_left_alone(make_scheduler):
+    s = make_scheduler(usable_blocks=8, baton=PRESSURE)
+    fill_eight_blocks(s)
+    s.set_pause_state(PauseState.PAUSED_ALL)
+    assert not step(s).preempted_req_ids and s.baton_pressure_sheds == 0
+    s.set_pause_state(PauseState.UNPAUSED)
+    assert step(s).preempted_req_ids == {"r7"}
+
+
+def test_shedding_works_under_fcfs_too(make_scheduler):
+    s = make_scheduler(usable_blocks=8, baton=PRESSURE, policy="fcfs")
+    fill_eight_blocks(s, policy_priority=0)
+
+    assert step(s).preempted_req_ids == {"r7"}
+
+
+# -- settings ----------------------------------------------------------------------------------
+
+
+def test_defaults_apply_without_additional_config(make_scheduler):
+    settings = make_scheduler(usable_blocks=4).baton_gate.settings
+    assert (settings.memory_high_watermark, settings.memory_low_watermark) == (0.9, 0.7)
+
+
+@pytest.mark.parametrize(
+    ("baton", "message"),
+    [
+        ({"memory_high_watermark": 0.6, "memory_low_watermark": 0.7}, "0 < low < high <= 1"),
+        ({"memory_high_watermark": 1.5}, "0 < low < high <= 1"),
+        ({"memory_low_watermark": 0}, "0 < low < high <= 1"),
+        ({"memory_high_watermark": "0.9"}, "0 < low < high <= 1"),
+        ({"high_watermark": 0.9}, "unknown key"),
+    ],
+)
+def test_bad_settings_fail_when_the_scheduler_is_built(make_scheduler, baton, message):
+    with pytest.raises(ValueError, match=message):
+        make_scheduler(usable_blocks=4, baton=baton)
