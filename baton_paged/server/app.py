@@ -2,12 +2,14 @@
 
 Every route that generates turns its body into a prompt and ``SamplingParams`` first, so a bad
 request fails with a 400 before anything is queued. Streaming responses are server-sent events
-(``data: {json}``, ending ``data: [DONE]``); a client that goes away cancels the stream, which
-aborts the request and frees its pages at once (see ``AsyncEngine.generate``).
+(``data: {json}``, ending ``data: [DONE]``). A client that goes away, streaming or not, closes
+its output stream, which aborts the request and frees its pages at once (see
+``AsyncEngine.generate``) instead of decoding for nobody until ``max_tokens``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
@@ -66,14 +68,14 @@ class Routes:
         card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "baton-paged"}
         return {"object": "list", "data": [card]}
 
-    async def completions(self, body: CompletionRequest) -> Response:
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
         self.check_model(body)
-        return await self.respond(body, body.engine_prompt(), CompletionShape)
+        return await self.respond(body, body.engine_prompt(), CompletionShape, request)
 
-    async def chat_completions(self, body: ChatCompletionRequest) -> Response:
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body)
         prompt = render_chat(self.engine.engine.tokenizer, body.messages)
-        return await self.respond(body, prompt, ChatShape)
+        return await self.respond(body, prompt, ChatShape, request)
 
     def check_model(self, body: SamplingFields) -> None:
         if body.model is not None and body.model != self.model_name:
@@ -81,7 +83,7 @@ class Routes:
                 404, f"the model {body.model!r} does not exist; this server has {self.model_name!r}"
             )
 
-    async def respond(self, body: SamplingFields, prompt, shape: type) -> Response:
+    async def respond(self, body: SamplingFields, prompt, shape: type, request: Request):
         params = body.sampling_params()
         stream = self.engine.generate(prompt, params, priority=body.priority)
         first = await anext(stream)  # submission errors surface here, before any byte is sent
@@ -89,10 +91,42 @@ class Routes:
         if body.stream:
             events = sse_events(first, stream, out, body.include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        final = first
-        async for output in stream:
-            final = output
+        final = await last_output_unless_gone(first, stream, request)
+        if final is None:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         return JSONResponse(out.whole(final))
+
+
+async def last_output_unless_gone(first, rest: AsyncIterator[RequestOutput], request: Request):
+    """The request's final output, or None if the client disconnects first.
+
+    Starlette only notices a vanished client when it writes, and a non-streaming response writes
+    nothing until the end, so a watcher listens for the ASGI ``http.disconnect`` message and
+    closes the stream (aborting the request) when it comes first.
+    """
+    collecting = asyncio.ensure_future(_last(first, rest))
+    watching = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not collecting.done():
+            collecting.cancel()
+            await asyncio.gather(collecting, return_exceptions=True)
+        await rest.aclose()
+    return collecting.result() if not collecting.cancelled() else None
+
+
+async def _last(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> RequestOutput:
+    final = first
+    async for output in rest:
+        final = output
+    return final
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def sse_events(first: RequestOutput, rest: AsyncIterator[RequestOutput], out, usage: bool):

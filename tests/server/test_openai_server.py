@@ -181,6 +181,24 @@ def test_a_client_that_disconnects_mid_stream_frees_its_pages(server):
     assert engine.stats.aborted >= 1
 
 
+def test_a_non_streaming_client_that_disconnects_aborts_its_request(server, monkeypatch):
+    engine = server.engine.engine
+    real_step = engine.step
+
+    def slow_step():  # 200 tokens now take ~4 s, far past the client's patience
+        time.sleep(0.02)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    aborted = engine.stats.aborted
+    body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=0.5)
+    wait_until(lambda: engine.stats.aborted == aborted + 1, timeout=2)
+    wait_until(lambda: not engine.requests and engine.cache.pool.num_used == 0)
+
+
 def test_64_concurrent_streaming_clients_all_complete(server):
     async def one(client, i):
         stream = await client.completions.create(
