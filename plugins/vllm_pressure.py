@@ -91,13 +91,14 @@ class PressureGate:
         """Shed one request this step? Only above the high watermark, and never the last one."""
         return self.usage > self.settings.memory_high_watermark and num_running > 1
 
-    def slot_cap(self, num_running: int, max_slots: int) -> int:
-        """How many requests may run after admission this step.
+    def slot_cap(self, num_running: int, max_slots: int, num_parked: int = 0) -> int:
+        """How many slots may be in use after admission this step, counting ``num_parked``
+        requests that hold a slot without running (vLLM's paused streaming sessions).
 
         While holding, the batch keeps its size: a slot opens only when a request leaves (or is
         preempted for a higher-priority one). An empty batch may always take one request, so a
-        hold can never stall the engine.
+        hold can never stall the engine, however many parked requests keep their memory.
         """
         if not self.holding:
             return max_slots
-        return min(max(num_running, 1), max_slots)
+        return min(max(num_running, 1) + num_parked, max_slots)

@@ -15,10 +15,15 @@ are taken at the top of each step, before vLLM's ``schedule()`` runs, in vLLM's 
    is shed per step, lowest priority and latest arrival first, down to a batch of one; from then
    until usage falls below the low watermark the batch does not grow (a higher-priority request
    may still take a lower one's place).
-2. **Priority preemption at admission.** vLLM only preempts when a *running* request cannot grow;
-   a higher-priority request that arrives at a full batch waits. Here, when the highest-priority
-   waiting request cannot be admitted (no slot or not enough free blocks) and some running request
-   has a strictly lower priority, just enough of those are preempted for it to fit.
+2. **Priority preemption at admission** (``--scheduling-policy priority`` only; under FCFS
+   vLLM puts a preempted request back at the head of the queue, so evicting for a newcomer would
+   only churn). vLLM only preempts when a *running* request cannot grow; a higher-priority
+   request that arrives at a full batch waits. Here, when the highest-priority waiting request
+   cannot be admitted (no slot, too few free blocks, or no token budget left) and some running
+   request has a strictly lower priority, just enough of those are preempted for it to fit.
+
+Both act only on an unpaused engine: a paused one (``PAUSED_NEW`` drains, ``PAUSED_ALL`` stops)
+admits nothing from the waiting queue, so a request shed there would sit parked, uncounted.
 
 Every preemption goes through vLLM's ``_preempt_request`` (recompute: blocks freed, request back
 to waiting), so vLLM's bookkeeping, async-scheduling placeholders and worker notices stay right.
@@ -35,6 +40,7 @@ from dataclasses import dataclass
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.output import SchedulerOutput
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.request import Request, RequestStatus
 
 from baton_paged.plugins.vllm_pressure import PressureGate, PressureSettings
@@ -43,8 +49,11 @@ ADMISSIBLE = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 """Waiting statuses vLLM admits straight away (others wait on grammars, KV transfers...)."""
 
 
-def victim_order(requests: list[Request]) -> list[Request]:
-    """Lowest priority (largest number) first, then latest arrival: BATON's eviction order."""
+def victim_order(requests: list[Request], by_priority: bool = True) -> list[Request]:
+    """Lowest priority (largest number) first, then latest arrival: BATON's eviction order.
+    Without ``by_priority`` (FCFS, where vLLM ignores priorities) latest arrival only."""
+    if not by_priority:
+        return sorted(requests, key=lambda r: r.arrival_time, reverse=True)
     return sorted(requests, key=lambda r: (r.priority, r.arrival_time), reverse=True)
 
 
@@ -64,7 +73,7 @@ class BatonScheduler(AsyncScheduler):
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         slot_cap = self.max_num_active_reqs
-        if self._pause_state != PauseState.PAUSED_ALL:  # a paused engine is left as it is
+        if self._pause_state == PauseState.UNPAUSED:  # a paused engine is left as it is
             slot_cap = self._baton_decide()
         with self._baton_slot_cap(slot_cap):
             return super().schedule(throttle_prefills)
@@ -74,16 +83,20 @@ class BatonScheduler(AsyncScheduler):
         self.baton_gate.update(self.kv_cache_manager.usage)
         if self.baton_gate.should_shed(len(self.running)):
             self._baton_shed()
-        slot_cap = self.baton_gate.slot_cap(len(self.running), self.max_num_active_reqs)
+        slot_cap = self.baton_gate.slot_cap(
+            len(self.running), self.max_num_active_reqs, self.num_waiting_for_streaming_input
+        )
         self.baton_held_steps += int(self.baton_gate.holding)
-        self._baton_preempt_for_priority(slot_cap)
+        if self.policy == SchedulingPolicy.PRIORITY:
+            self._baton_preempt_for_priority(slot_cap)
         return slot_cap
 
     # -- memory pressure -------------------------------------------------------------------
 
     def _baton_shed(self) -> None:
         """Preempt the lowest-priority, latest running request to bring usage down."""
-        victims = victim_order([r for r in self.running if self._request_blocks_can_be_freed(r)])
+        sheddable = [r for r in self.running if self._request_blocks_can_be_freed(r)]
+        victims = victim_order(sheddable, by_priority=self.policy == SchedulingPolicy.PRIORITY)
         if victims:
             self._baton_preempt([victims[0]])
             self.baton_pressure_sheds += 1
@@ -114,9 +127,7 @@ class BatonScheduler(AsyncScheduler):
 
     def _baton_candidate(self) -> Request | None:
         """The request vLLM would try to admit first this step, if it is ready to be admitted."""
-        if self._pause_state != PauseState.UNPAUSED or self.kv_holding_waiting:
-            return None
-        if not self.waiting:
+        if self.kv_holding_waiting or not self.waiting:
             return None
         request = self.waiting.peek_request()
         if request.status not in ADMISSIBLE:
@@ -131,10 +142,11 @@ class BatonScheduler(AsyncScheduler):
         Empty when it already fits (vLLM admits it unaided) or when preempting every eligible
         request would still not make it fit (preempting then would only waste their work).
         """
-        need, hit_ids = self._baton_blocks_to_admit(candidate)
+        need, hit_ids = self._baton_need_to_admit(candidate)
         room = _Room(
             free=self.kv_cache_manager.block_pool.get_num_free_blocks(),
-            kept={r.request_id: self._baton_blocks_to_grow(r) for r in self.running},
+            budget=self.max_num_scheduled_tokens,
+            kept={r.request_id: self._baton_need_to_grow(r) for r in self.running},
         )
         eligible = victim_order(
             [
@@ -162,17 +174,19 @@ class BatonScheduler(AsyncScheduler):
 
     # -- block arithmetic, asked of vLLM's KV cache coordinator ---------------------------
 
-    def _baton_blocks_to_admit(self, request: Request) -> tuple[int, set[int]]:
-        """Blocks vLLM's admission check will want for ``request``, and its prefix-cache hits.
+    def _baton_need_to_admit(self, request: Request) -> tuple[_Need, set[int]]:
+        """The tokens and blocks vLLM's admission check will want for ``request``, and its
+        prefix-cache hits.
 
-        Hits already held by running requests cost nothing, as in vLLM's own check.
+        Hits already held by running requests cost nothing, as in vLLM's own check. With chunked
+        prefill one token of budget admits it; without, its whole uncached prompt must fit.
         """
         manager = self.kv_cache_manager
         hit_blocks, num_hit, _ = manager.get_computed_blocks(request)
         num_tokens = min(request.num_tokens, self.max_model_len)
         if not self.scheduler_reserve_full_isl:
             num_tokens = min(num_tokens, num_hit + self.max_num_scheduled_tokens)
-        need = manager.coordinator.get_num_blocks_to_allocate(
+        blocks = manager.coordinator.get_num_blocks_to_allocate(
             request_id=request.request_id,
             num_tokens=num_tokens,
             new_computed_blocks=hit_blocks.blocks,
@@ -183,17 +197,19 @@ class BatonScheduler(AsyncScheduler):
             apply_admission_cap=True,
             prefill_end=max(request.num_prompt_tokens, request.num_tokens - 1),
         )
-        return need, {b.block_id for blocks in hit_blocks.blocks for b in blocks}
+        chunked = self.scheduler_config.enable_chunked_prefill
+        tokens = 1 if chunked else self._baton_chunk(request.num_tokens - num_hit)
+        hit_ids = {b.block_id for group in hit_blocks.blocks for b in group}
+        return _Need(tokens, blocks), hit_ids
 
-    def _baton_blocks_to_grow(self, request: Request) -> int:
-        """New blocks a running request takes when vLLM schedules its next tokens this step."""
+    def _baton_need_to_grow(self, request: Request) -> _Need:
+        """The tokens a running request schedules this step and the new blocks they take."""
         computed = request.num_computed_tokens
         pending = request.num_tokens_with_spec + request.num_output_placeholders - computed
-        threshold = self.scheduler_config.long_prefill_token_threshold
-        pending = max(min(pending, threshold or pending, self.max_num_scheduled_tokens), 0)
+        pending = max(self._baton_chunk(pending), 0)
         main = min(computed + pending, self.max_model_len)
         manager = self.kv_cache_manager
-        return manager.coordinator.get_num_blocks_to_allocate(
+        blocks = manager.coordinator.get_num_blocks_to_allocate(
             request_id=request.request_id,
             num_tokens=min(main + self.num_lookahead_tokens, self.max_model_len),
             new_computed_blocks=manager.empty_kv_cache_blocks.blocks,
@@ -202,6 +218,12 @@ class BatonScheduler(AsyncScheduler):
             num_local_computed_tokens=computed,
             num_tokens_main_model=main,
         )
+        return _Need(pending, blocks)
+
+    def _baton_chunk(self, num_tokens: int) -> int:
+        """``num_tokens`` cut to what vLLM schedules of one request in one step."""
+        threshold = self.scheduler_config.long_prefill_token_threshold
+        return min(num_tokens, threshold or num_tokens, self.max_num_scheduled_tokens)
 
     def _baton_blocks_freed_by(self, request: Request, keep: set[int]) -> int:
         """Blocks that return to the free pool for good when ``request`` lets go of them.
@@ -218,18 +240,34 @@ class BatonScheduler(AsyncScheduler):
         )
 
 
+@dataclass(frozen=True)
+class _Need:
+    """What one request takes of a step: scheduled tokens and newly allocated blocks."""
+
+    tokens: int
+    blocks: int
+
+
 @dataclass
 class _Room:
-    """Free blocks and the running requests that stay, while victims are being chosen."""
+    """Free blocks, the token budget and the running requests that stay, while victims are
+    being chosen."""
 
     free: int
-    kept: dict[str, int]
-    """Each staying request's block growth this step: vLLM schedules them before admitting."""
+    budget: int
+    kept: dict[str, _Need]
+    """Each staying request's share of this step: vLLM schedules them before admitting."""
 
-    def admits(self, need: int, slots: int, watermark_blocks: int) -> bool:
-        """Would vLLM's admission loop take a request needing ``need`` blocks?"""
-        reserve = sum(self.kept.values()) + (watermark_blocks if self.kept else 0)
-        return len(self.kept) < slots and self.free >= need + reserve
+    def admits(self, need: _Need, slots: int, watermark_blocks: int) -> bool:
+        """Would vLLM's admission loop take a request needing ``need``?"""
+        kept = self.kept.values()
+        reserve = sum(n.blocks for n in kept) + (watermark_blocks if self.kept else 0)
+        tokens_left = self.budget - sum(n.tokens for n in kept)
+        return (
+            len(self.kept) < slots
+            and self.free >= need.blocks + reserve
+            and (tokens_left >= need.tokens)
+        )
 
     def release(self, request_id: str, freed_blocks: int) -> None:
         del self.kept[request_id]

@@ -85,6 +85,14 @@ def test_a_held_batch_keeps_its_size_and_an_empty_one_takes_one_request():
     assert g.slot_cap(num_running=3, max_slots=8) == 8
 
 
+def test_parked_requests_hold_slots_but_never_block_an_empty_batch():
+    g = gate()
+    g.update(0.99)
+    assert g.slot_cap(num_running=3, max_slots=8, num_parked=2) == 5
+    assert g.slot_cap(num_running=0, max_slots=8, num_parked=2) == 3
+    assert g.slot_cap(num_running=5, max_slots=8, num_parked=4) == 8
+
+
 def test_the_watermark_module_does_not_import_vllm(tmp_path):
     code = (
         "import sys, baton_paged.plugins.vllm_pressure;"

@@ -36,9 +36,10 @@ NO_SHEDDING = {"memory_high_watermark": 1.0, "memory_low_watermark": 0.5}
 
 @pytest.fixture
 def make_scheduler(tiny_model_dir):
-    """``make_scheduler(usable_blocks, max_num_seqs, baton=..., policy=...)``."""
+    """``make_scheduler(usable_blocks, max_num_seqs, baton=..., policy=..., token_budget=...)``;
+    a token budget below 512 turns chunked prefill on."""
 
-    def make(usable_blocks, max_num_seqs=8, baton=None, policy="priority"):
+    def make(usable_blocks, max_num_seqs=8, baton=None, policy="priority", token_budget=512):
         model = ModelConfig(
             model=str(tiny_model_dir("llama")),
             dtype="float32",
@@ -48,10 +49,11 @@ def make_scheduler(tiny_model_dir):
         )
         scheduler = SchedulerConfig(
             max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=512,
+            max_num_batched_tokens=token_budget,
             max_model_len=256,
             is_encoder_decoder=False,
             policy=policy,
+            enable_chunked_prefill=token_budget < 512,
         )
         cache = CacheConfig(block_size=BLOCK, enable_prefix_caching=False)
         extra = {} if baton is None else {"baton": baton}
@@ -81,10 +83,20 @@ def make_scheduler(tiny_model_dir):
     return make
 
 
-def add(scheduler, request_id, prompt_len, priority=0, arrival=0.0, max_tokens=16):
+def add(scheduler, request_id, prompt_len, priority=0, arrival=0.0, max_tokens=16, resumable=False):
+    """Add a request; ``resumable`` makes it a streaming-input session (adding its id again
+    sends the session's next chunk)."""
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     prompt = [(7 * len(request_id) + i) % 500 + 1 for i in range(prompt_len)]
-    request = Request(request_id, prompt, params, None, arrival_time=arrival, priority=priority)
+    request = Request(
+        request_id,
+        prompt,
+        params,
+        None,
+        arrival_time=arrival,
+        priority=priority,
+        resumable=resumable,
+    )
     scheduler.add_request(request)
     return request
 
@@ -213,17 +225,48 @@ def test_a_full_batch_gives_up_its_lowest_priority_latest_request(
     assert s.max_num_active_reqs == 3, "the per-step slot cap must be restored"
 
 
-def test_fcfs_policy_never_preempts_for_admission(make_scheduler):
+def test_fcfs_policy_never_preempts_for_admission_whatever_the_priorities(make_scheduler):
+    """vLLM takes priorities under FCFS but requeues a preempted request at the head of the
+    queue, so evicting for a newcomer would only recompute the victim, step after step."""
     s = make_scheduler(usable_blocks=20, max_num_seqs=2, baton=NO_SHEDDING, policy="fcfs")
-    add(s, "a", 10, arrival=1.0)
-    add(s, "b", 10, arrival=2.0)
+    add(s, "a", 10, priority=1, arrival=1.0, max_tokens=6)
+    add(s, "b", 10, priority=1, arrival=2.0, max_tokens=6)
     step(s)
-    add(s, "c", 10, arrival=3.0)
+    add(s, "vip", 10, priority=0, arrival=3.0, max_tokens=4)
+
+    preempted = [step(s).preempted_req_ids for _ in range(4)]
+
+    assert not any(preempted) and s.baton_priority_preemptions == 0
+    assert running_ids(s) == {"a", "b"}
+
+
+def test_no_victim_when_the_staying_requests_use_up_the_token_budget(make_scheduler):
+    """vLLM admits only while token budget is left after the running requests: preempting
+    for a newcomer that gets no budget anyway would throw the victim's work away."""
+    s = make_scheduler(usable_blocks=40, max_num_seqs=2, baton=NO_SHEDDING, token_budget=64)
+    add(s, "low", 8, priority=2, arrival=1.0, max_tokens=40)
+    step(s)
+    add(s, "long", 250, priority=0, arrival=2.0, max_tokens=4)
+    step(s)  # "long" is admitted and its prefill chunked: it takes the whole budget
+    add(s, "vip", 8, priority=1, arrival=3.0, max_tokens=4)
 
     out = step(s)
 
-    assert not out.preempted_req_ids and "c" not in out.num_scheduled_tokens
+    assert not out.preempted_req_ids and "vip" not in newly_scheduled(out)
     assert s.baton_priority_preemptions == 0
+
+
+def test_a_newcomer_that_would_get_budget_still_preempts_under_chunked_prefill(make_scheduler):
+    s = make_scheduler(usable_blocks=40, max_num_seqs=2, baton=NO_SHEDDING, token_budget=64)
+    add(s, "low-a", 8, priority=2, arrival=1.0, max_tokens=40)
+    add(s, "low-b", 8, priority=2, arrival=2.0, max_tokens=40)
+    step(s)
+    add(s, "vip", 100, priority=0, arrival=3.0, max_tokens=4)
+
+    out = step(s)
+
+    assert out.preempted_req_ids == {"low-b"}
+    assert out.num_scheduled_tokens["vip"] == 63, "the budget left after low-a's decode"
 
 
 def drive_with_one_step_in_flight(scheduler, arrivals, max_steps=80):
@@ -329,13 +372,35 @@ def test_the_last_running_request_is_never_shed(make_scheduler):
     assert s.baton_gate.high_crossings == 1 and s.baton_pressure_sheds == 0
 
 
-def test_a_paused_engine_is_left_alone(make_scheduler):
+@pytest.mark.parametrize("pause", [PauseState.PAUSED_ALL, PauseState.PAUSED_NEW])
+def test_a_paused_engine_is_left_alone(make_scheduler, pause):
+    """Under PAUSED_NEW vLLM drains the running requests and admits none from the waiting
+    queue: a request shed there would sit parked while the drain reports done."""
     s = make_scheduler(usable_blocks=8, baton=PRESSURE)
     fill_eight_blocks(s)
-    s.set_pause_state(PauseState.PAUSED_ALL)
+    s.set_pause_state(pause)
     assert not step(s).preempted_req_ids and s.baton_pressure_sheds == 0
     s.set_pause_state(PauseState.UNPAUSED)
     assert step(s).preempted_req_ids == {"r7"}
+
+
+def test_a_hold_admits_while_paused_streaming_sessions_keep_their_memory(make_scheduler):
+    """Paused sessions take run slots in vLLM's admission count and keep their blocks, so usage
+    stays high; the hold must still let an empty batch take a request."""
+    s = make_scheduler(usable_blocks=10, baton=PRESSURE)
+    add(s, "s1", 56, arrival=1.0, max_tokens=2, resumable=True)  # 4 blocks each
+    add(s, "s2", 56, arrival=2.0, max_tokens=2, resumable=True)
+    add(s, "r", 8, arrival=3.0, max_tokens=8)  # usage 0.9: r is shed, then runs alone
+    for _ in range(12):
+        step(s)
+    assert s.baton_gate.holding and s.num_waiting_for_streaming_input == 2
+    assert not s.running and "r" not in s.requests, "r finished"
+
+    add(s, "s1", 4, arrival=10.0, max_tokens=2, resumable=True)  # s1's next chunk
+    scheduled = [step(s).num_scheduled_tokens.get("s1", 0) for _ in range(3)]
+
+    assert scheduled[0] == 4, "the empty batch admits the chunk despite the hold"
+    assert s.baton_gate.holding
 
 
 def test_shedding_works_under_fcfs_too(make_scheduler):
