@@ -17,8 +17,10 @@ thread's) their workers oversubscribe the cores and small ops lose their intra-o
 step loop on a fresh thread ran about 1.5-2x slower than on the main thread.
 
 A stream that is closed early (a client disconnecting, a cancelled task) aborts its request
-before the next iteration, which frees its pages. If an iteration raises, the requests it was
-running fail with that error (their pages freed) and the loop carries on with the rest.
+before the next iteration, which frees its pages. If an iteration raises, the requests it may have
+left half-done fail with that error (their pages freed), those it had already finished get their
+output, and the loop carries on with the rest. If the loop itself ever stops, for a shutdown or a
+bug, every open stream fails and new requests are refused, so no caller waits forever.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ class QueueFullError(RuntimeError):
 
 class RequestFailedError(RuntimeError):
     """An engine iteration raised while this request was in it."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The step loop has stopped (shut down, or died); nothing more is served (HTTP 503)."""
 
 
 @dataclass
@@ -123,6 +129,8 @@ class AsyncEngine:
         request = self.engine.prepare_request(prompt, params, request_id, priority)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
+            if self._stopping:
+                raise EngineStoppedError("the engine has stopped and takes no more requests")
             if request.request_id in self._streams:
                 raise ValueError(f"request id {request.request_id!r} is already in use")
             if len(self.engine.scheduler.waiting) + self._posted_adds >= self.max_waiting:
@@ -153,14 +161,19 @@ class AsyncEngine:
         """Shut down, fail the streams still open and give the model back (``Engine.close``)."""
         self.shutdown()
         self._loop_done.wait(timeout=30)  # a caller-owned loop finishes its iteration first
+        self._fail_open_streams(EngineStoppedError("the engine was closed"))
+        self.engine.close()
+
+    def _fail_open_streams(self, error: Exception) -> None:
+        """Refuse new requests and end every open stream with ``error``."""
         with self._lock:
+            self._stopping = True
             streams, self._streams = list(self._streams.values()), {}
+            self._inbox.clear()
+            self._posted_adds = 0
         for stream in streams:
             with contextlib.suppress(RuntimeError):  # its event loop is already closed
-                stream.loop.call_soon_threadsafe(
-                    stream.queue.put_nowait, RequestFailedError("the engine was closed")
-                )
-        self.engine.close()
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
 
     @property
     def is_running(self) -> bool:
@@ -178,8 +191,12 @@ class AsyncEngine:
                     self._step()
                 else:
                     self._work.wait()
+        except Exception:
+            logger.exception("the engine's step loop died")
+            raise
         finally:
             self._looping = False
+            self._fail_open_streams(EngineStoppedError("the engine's step loop stopped"))
             self._loop_done.set()
 
     def _apply_inbox(self) -> None:
@@ -199,13 +216,12 @@ class AsyncEngine:
                 self._posted_adds -= 1
 
     def _step(self) -> None:
-        running = list(self.engine.scheduler.running)
         try:
             outputs = self.engine.step()
         except Exception as error:  # one bad iteration must not take the server down
-            logger.exception("engine iteration failed; failing the requests it ran")
-            self._fail(list(dict.fromkeys([*running, *self.engine.scheduler.running])), error)
-            return
+            logger.exception("engine iteration failed; failing the requests it left half-done")
+            outputs, suspect = self.engine.salvage_failed_step()
+            self._fail(suspect, error)
         for output in outputs:
             self._deliver(output.request_id, output)
             if output.finished:
@@ -218,7 +234,10 @@ class AsyncEngine:
 
     def _finished(self, output: RequestOutput | None) -> None:
         for listener in self.finish_listeners if output is not None else ():
-            listener(output)
+            try:
+                listener(output)
+            except Exception:  # a metrics bug must not stop the engine
+                logger.exception("finish listener %r failed", listener)
 
     def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
         finished = isinstance(item, Exception) or item.finished

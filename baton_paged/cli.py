@@ -95,13 +95,23 @@ def build_engine(options: dict):
     help="Most requests waiting for a batch slot; more get HTTP 503.",
 )
 @click.option(
+    "--drain-timeout",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Seconds the first Ctrl-C or SIGTERM gives requests in flight to finish (a second one "
+    "stops at once).",
+)
+@click.option(
     "--replicas",
     type=click.IntRange(min=1),
     default=None,
     help="Serve N engine replicas on Ray Serve (pip install 'baton-paged[ray]'): a local Ray "
     "instance, or the cluster this machine joined with `ray start`.",
 )
-def serve(host, port, api_key, served_model_name, max_waiting, replicas, **options) -> None:
+def serve(
+    host, port, api_key, served_model_name, max_waiting, drain_timeout, replicas, **options
+) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health), streaming included."""
     if replicas is not None:
@@ -114,7 +124,10 @@ def serve(host, port, api_key, served_model_name, max_waiting, replicas, **optio
 
     engine = AsyncEngine(build_engine(options), max_waiting=max_waiting, own_thread=False)
     app = build_app(engine, served_model_name or options["model"] or "baton-paged-default", api_key)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_timeout
+    )
+    server = uvicorn.Server(config)
     run_engine_on_main_thread(engine, server)
     if not server.started:
         raise SystemExit(1)  # uvicorn has logged why (a port in use, say)
@@ -158,7 +171,13 @@ def serve_on_ray(host, port, replicas, api_key, served_model_name, max_waiting, 
 
 def run_engine_on_main_thread(engine, server) -> None:
     """The step loop on the main thread, uvicorn on a background one (see AsyncEngine for why the
-    loop wants the thread that loaded the model). Ctrl-C or SIGTERM stops both gracefully."""
+    loop wants the thread that loaded the model).
+
+    The first Ctrl-C or SIGTERM stops uvicorn taking connections while the loop keeps stepping,
+    so requests in flight finish (uvicorn cuts them off after its ``timeout_graceful_shutdown``);
+    once uvicorn is done the loop stops. A second signal stops both at once. The handler only
+    sets flags, so a signal never lands in the middle of an iteration.
+    """
     import signal
     import threading
 
@@ -166,18 +185,24 @@ def run_engine_on_main_thread(engine, server) -> None:
         try:
             server.run()
         finally:
-            engine.shutdown()  # the server is gone, whether stopped or failed to bind
+            engine.shutdown()  # the server is gone, whether drained, stopped or failed to bind
+
+    def on_signal(signum, frame) -> None:
+        if server.should_exit:  # the second signal: stop now
+            server.force_exit = True
+            engine.shutdown()
+        server.should_exit = True
 
     http = threading.Thread(target=serve_http, name="baton-http")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     http.start()
     try:
         engine.run_loop()
-    except KeyboardInterrupt:
-        pass
     finally:
         server.should_exit = True
         http.join()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @main.command("plugins")

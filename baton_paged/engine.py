@@ -185,6 +185,18 @@ class Engine:
             self.abort_request(request_id)
         detach(self.runner.model)
 
+    def salvage_failed_step(self) -> tuple[list[RequestOutput], list[str]]:
+        """After ``step`` raised: the final outputs of requests that finished in its earlier
+        forwards (complete, so still theirs to deliver), and the ids of requests it may have
+        left half-done (running, or holding host pages a swap may not have finished), which the
+        caller aborts. Requests only waiting, with no pages anywhere, stay queued untouched."""
+        done = [r for r in self.requests.values() if r.status.is_finished]
+        for request in done:
+            del self.requests[request.request_id]
+        sched = self.scheduler
+        suspect = [rid for rid in self.requests if rid in sched.running or rid in sched.swapped]
+        return [self.outputs.output(r) for r in done], suspect
+
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
 

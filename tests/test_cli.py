@@ -1,5 +1,6 @@
 """The `baton-paged` command line."""
 
+import json
 import signal
 import socket
 import subprocess
@@ -75,20 +76,24 @@ def start_serve(model_dir, port: int) -> subprocess.Popen:
     return subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
+def wait_healthy(server: subprocess.Popen, port: int) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert server.poll() is None, server.stdout.read().decode()
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server never became healthy"
+        time.sleep(0.2)
+
+
 def test_serve_answers_and_stops_cleanly_on_sigterm(tiny_model_dir):
     port = free_port()
     server = start_serve(tiny_model_dir("llama"), port)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, server.stdout.read().decode()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server never became healthy"
-            time.sleep(0.2)
+        wait_healthy(server, port)
         body = {"model": str(tiny_model_dir("llama")), "prompt": "hi", "max_tokens": 3}
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
@@ -97,6 +102,29 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(tiny_model_dir):
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
+
+
+def test_sigterm_lets_a_stream_in_flight_finish_before_exiting(tiny_model_dir):
+    port = free_port()
+    server = start_serve(tiny_model_dir("llama"), port)
+    try:
+        wait_healthy(server, port)
+        body = {"prompt": "x", "max_tokens": 120, "ignore_eos": True, "stream": True}
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        with httpx.stream("POST", url, json=body, timeout=60) as reply:
+            events = []
+            for line in reply.iter_lines():
+                if line.startswith("data:"):
+                    events.append(line)
+                    if len(events) == 1:
+                        server.send_signal(signal.SIGTERM)
+        assert events[-1] == "data: [DONE]"
+        finish = json.loads(events[-2][len("data: ") :])["choices"][0]["finish_reason"]
+        assert finish == "length", "the stream ran to its end, not cut off by the shutdown"
+        assert server.wait(timeout=30) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
 
 
 def test_replicas_are_checked_before_ray_starts():

@@ -6,7 +6,7 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from baton_paged.async_engine import QueueFullError, RequestFailedError
+from baton_paged.async_engine import EngineStoppedError, QueueFullError, RequestFailedError
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -39,7 +39,7 @@ def status_of(error: Exception) -> int:
         return error.status
     if isinstance(error, ValueError):
         return 400
-    if isinstance(error, QueueFullError):
+    if isinstance(error, QueueFullError | EngineStoppedError):
         return 503
     return 500
 
@@ -54,6 +54,6 @@ def install_handlers(app) -> None:
         )
         return error_response(400, f"malformed request body: {details}")
 
-    for kind in (APIError, ValueError, QueueFullError, RequestFailedError):
+    for kind in (APIError, ValueError, QueueFullError, EngineStoppedError, RequestFailedError):
         app.add_exception_handler(kind, on_error)
     app.add_exception_handler(RequestValidationError, on_malformed)

@@ -12,7 +12,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from baton_paged.async_engine import AsyncEngine, QueueFullError, RequestFailedError
+from baton_paged.async_engine import (
+    AsyncEngine,
+    EngineStoppedError,
+    QueueFullError,
+    RequestFailedError,
+)
 from baton_paged.config import EngineConfig
 from baton_paged.engine import Engine
 from baton_paged.llm import LLM
@@ -182,6 +187,75 @@ def test_a_failing_iteration_fails_only_its_requests(engine):
 
     assert asyncio.run(scenario())
     assert engine.is_running and engine.engine.cache.pool.num_used == 0
+
+
+def test_a_request_that_finished_before_its_iteration_failed_still_gets_its_output(engine):
+    """BATON prefills a newcomer in its own forward; if it finishes there and the same
+    iteration's decode forward raises, it has its whole output, not an error or a hang."""
+    inner = engine.engine
+    real_execute = inner.runner.execute
+
+    def execute(forward):
+        short = inner.requests.get("short")
+        if short is not None and short.status.is_finished:
+            raise RuntimeError("boom after short finished")
+        return real_execute(forward)
+
+    inner.runner.execute = execute
+    one_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    long_params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+
+    async def scenario():
+        long_stream = engine.generate("def main():", long_params, "long")
+        await anext(long_stream)  # "long" is decoding
+        short = [out async for out in engine.generate("x", one_token, "short")]
+        with pytest.raises(RequestFailedError, match="boom"):
+            async for _ in long_stream:
+                pass
+        return short[-1]
+
+    short = asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert short.finished and len(short.outputs[0].token_ids) == 1
+    assert not inner.requests and inner.cache.pool.num_used == 0 and engine.is_running
+
+
+def test_a_failing_finish_listener_does_not_stop_the_loop(engine):
+    def broken_listener(output):
+        raise KeyError("listener bug")
+
+    engine.finish_listeners.append(broken_listener)
+
+    async def scenario():
+        return [await collect(engine, "x"), await collect(engine, "y")]
+
+    assert all(asyncio.run(scenario()))
+    assert engine.is_running
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_loop_fails_open_streams_and_refuses_new_requests(engine):
+    inner = engine.engine
+    real_has_work = inner.has_unfinished_requests
+    submitted = threading.Event()
+
+    def has_work_then_bug():
+        if submitted.is_set() and inner.stats.finished == 0 and inner.requests:
+            raise RuntimeError("a bug outside the iteration")
+        return real_has_work()
+
+    inner.has_unfinished_requests = has_work_then_bug
+
+    async def scenario():
+        stream = engine.generate("x", GREEDY, "victim")
+        submitted.set()
+        with pytest.raises(EngineStoppedError):
+            async for _ in stream:
+                pass
+        with pytest.raises(EngineStoppedError):
+            await anext(engine.generate("x", GREEDY, "late"))
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
+    assert not engine.is_running
 
 
 def test_a_stream_whose_event_loop_closed_is_aborted(engine):
