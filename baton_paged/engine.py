@@ -70,6 +70,15 @@ class Engine:
         self.eos_token_ids = eos_token_ids(model, tokenizer)
         self.max_model_len = config.max_model_len or model_max_len(model)
         attach(model, self.max_model_len)
+        try:
+            self._build_parts(model, memory_reader)
+        except BaseException:
+            detach(model)  # a lent model goes back as it came, whatever failed
+            raise
+
+    def _build_parts(self, model: Any, memory_reader: MemoryReader | None) -> None:
+        """The KV cache, host pool, monitor, scheduler, policy and runner around ``model``."""
+        config = self.config
         page_size, backend = choose_attention(config, model)
         spec = KVCacheSpec.from_model_config(model.config, page_size, config.torch_dtype)
         self.cache = KVCache.from_budget(spec, config.kv_memory, config.device)
@@ -94,7 +103,7 @@ class Engine:
             config.policy, config.max_prefill_tokens, config.max_num_batched_tokens
         )
         self.runner = ModelRunner(model, self.cache, backend, self.host)
-        self.outputs = OutputProcessor(tokenizer, self.max_model_len)
+        self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.stats = EngineStats(page_bytes=spec.bytes_per_page)
         self.requests: dict[str, Request] = {}
         self._generator = torch.Generator(config.device).manual_seed(config.seed)

@@ -99,3 +99,16 @@ def test_contradicting_options_are_refused(loaded, options, message):
 def test_a_non_model_is_refused(loaded):
     with pytest.raises(ValueError, match="must be a transformers model"):
         LLM(hf_model="gpt2", tokenizer=loaded[1])
+
+
+def test_a_failed_build_hands_the_model_back_untouched(loaded, hf_greedy):
+    """The KV budget is checked after the model is switched to paged attention: a build that
+    fails there must switch it back."""
+    model, tokenizer = loaded
+    with pytest.raises(ValueError):
+        LLM(hf_model=model, tokenizer=tokenizer, kv_memory="1")
+    ids = tokenizer("x", return_tensors="pt").input_ids
+    out = model.generate(
+        ids, max_new_tokens=4, do_sample=False, attention_mask=torch.ones_like(ids)
+    )
+    assert out[0, ids.shape[1] :].tolist() == hf_greedy(tokenizer, "x", 4)
