@@ -59,7 +59,9 @@ class BatonReplica:
             raise RuntimeError("the engine's step loop is not running")
 
     def __del__(self) -> None:
-        self.engine.close()
+        engine = getattr(self, "engine", None)  # absent when __init__ failed
+        if engine is not None:
+            engine.close()
 
 
 def baton_application(

@@ -14,7 +14,8 @@ import json
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -26,6 +27,8 @@ from baton_paged.server.chat import render_chat
 from baton_paged.server.errors import APIError, error_body, install_handlers, status_of
 from baton_paged.server.metrics import ServerMetrics
 from baton_paged.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+T = TypeVar("T")
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
@@ -86,35 +89,43 @@ class Routes:
     async def respond(self, body: SamplingFields, prompt, shape: type, request: Request):
         params = body.sampling_params()
         stream = self.engine.generate(prompt, params, priority=body.priority)
-        first = await anext(stream)  # submission errors surface here, before any byte is sent
+        # Submission errors surface with the first output, before any byte is sent.
+        first = await unless_gone(anext(stream), stream, request)
+        if first is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         out = shape(self.model_name)
         if body.stream:
             events = sse_events(first, stream, out, body.include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        final = await last_output_unless_gone(first, stream, request)
+        final = await unless_gone(_last(first, stream), stream, request)
         if final is None:
-            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(out.whole(final))
 
 
-async def last_output_unless_gone(first, rest: AsyncIterator[RequestOutput], request: Request):
-    """The request's final output, or None if the client disconnects first.
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a client that left; nobody reads it."""
 
-    Starlette only notices a vanished client when it writes, and a non-streaming response writes
-    nothing until the end, so a watcher listens for the ASGI ``http.disconnect`` message and
-    closes the stream (aborting the request) when it comes first.
+
+async def unless_gone(work: Awaitable[T], stream: AsyncIterator, request: Request) -> T | None:
+    """``work``'s result, or None if the client disconnects first, which closes ``stream``
+    (aborting its request).
+
+    Starlette notices a vanished client only while it writes a streaming body; a request still
+    queued for its first token, or a non-streaming one, writes nothing, so a watcher listens for
+    the ASGI ``http.disconnect`` message meanwhile.
     """
-    collecting = asyncio.ensure_future(_last(first, rest))
+    working = asyncio.ensure_future(work)
     watching = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({collecting, watching}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         watching.cancel()
-        if not collecting.done():
-            collecting.cancel()
-            await asyncio.gather(collecting, return_exceptions=True)
-        await rest.aclose()
-    return collecting.result() if not collecting.cancelled() else None
+        if not working.done():
+            working.cancel()
+            await asyncio.gather(working, return_exceptions=True)
+            await stream.aclose()
+    return None if working.cancelled() else working.result()
 
 
 async def _last(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> RequestOutput:

@@ -47,12 +47,15 @@ class SamplingFields(BaseModel):
             top_p=self.top_p,
             top_k=self.top_k,
             min_tokens=self.min_tokens,
-            max_tokens=self.max_tokens,
+            max_tokens=self.token_limit(),
             seed=self.seed,
             stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
         )
+
+    def token_limit(self) -> int | None:
+        return self.max_tokens
 
     @property
     def include_usage(self) -> bool:
@@ -81,3 +84,11 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    """OpenAI's current name for chat's limit; ``max_tokens`` is its deprecated alias."""
+
+    def token_limit(self) -> int | None:
+        limits = {self.max_completion_tokens, self.max_tokens} - {None}
+        if len(limits) > 1:
+            raise ValueError("max_completion_tokens and max_tokens disagree; send one of them")
+        return limits.pop() if limits else None

@@ -90,6 +90,16 @@ def test_chat_uses_the_chat_template_and_equals_the_offline_llm(server, client):
     assert reply.choices[0].message.role == "assistant" and reply.object == "chat.completion"
 
 
+def test_chat_takes_max_completion_tokens_and_refuses_a_contradicting_max_tokens(server, client):
+    messages = [{"role": "user", "content": "hello"}]
+    args = {"model": MODEL, "messages": messages, "temperature": 0}
+    extra = {"ignore_eos": True}
+    reply = client.chat.completions.create(**args, max_completion_tokens=3, extra_body=extra)
+    assert reply.usage.completion_tokens == 3
+    with pytest.raises(openai.BadRequestError, match="disagree"):
+        client.chat.completions.create(**args, max_completion_tokens=3, max_tokens=4)
+
+
 def test_streams_add_up_to_the_whole_reply(server, client):
     args = {"model": MODEL, "prompt": "import os", "max_tokens": 16, "temperature": 0}
     whole = client.completions.create(**args)
@@ -197,6 +207,40 @@ def test_a_non_streaming_client_that_disconnects_aborts_its_request(server, monk
         httpx.post(f"{server.url}/v1/completions", json=body, headers=headers, timeout=0.5)
     wait_until(lambda: engine.stats.aborted == aborted + 1, timeout=2)
     wait_until(lambda: not engine.requests and engine.cache.pool.num_used == 0)
+
+
+def test_a_client_that_leaves_before_its_first_token_is_never_prefilled(server, monkeypatch):
+    """It left while queued behind a long iteration: its abort follows its add through the
+    inbox, so no iteration ever holds it."""
+    engine = server.engine.engine
+    real_step, gate, entered = engine.step, threading.Event(), threading.Event()
+    held: list[set[str]] = []
+
+    def gated_step():
+        held.append(set(engine.requests))
+        entered.set()
+        assert gate.wait(timeout=30)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", gated_step)
+    aborted = engine.stats.aborted
+    url, headers = f"{server.url}/v1/completions", {"Authorization": f"Bearer {KEY}"}
+    blocker = threading.Thread(
+        target=httpx.post,
+        args=(url,),
+        kwargs={"json": {"prompt": "a", "max_tokens": 2}, "headers": headers, "timeout": 60},
+    )
+    blocker.start()
+    assert entered.wait(timeout=10)
+    for stream in (False, True):
+        body = {"prompt": "x", "max_tokens": 50, "stream": stream}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=body, headers=headers, timeout=0.5)
+    time.sleep(0.3)  # the server notices the disconnects
+    gate.set()
+    blocker.join(timeout=30)
+    wait_until(lambda: engine.stats.aborted == aborted + 2 and not engine.requests)
+    assert len(set().union(*held)) == 1, "only the blocker ever entered an iteration"
 
 
 def test_64_concurrent_streaming_clients_all_complete(server):
