@@ -4,6 +4,10 @@ After each sampled token, in vLLM's order: EOS (unless ``ignore_eos``) or a stop
 the request with "stop" once ``min_tokens`` are out; a stop string ends it with "stop" and cuts the
 text before the match (after it with ``include_stop_str_in_output``); reaching ``max_tokens`` or
 the model's context ends it with "length".
+
+While a stop string may still complete, snapshots hold back the text's last ``len(stop) - 1``
+characters: a stream must never send the start of a stop string that the final text then cuts,
+so every snapshot's text is a prefix of the final one.
 """
 
 from __future__ import annotations
@@ -97,7 +101,10 @@ class OutputProcessor:
             self._states.pop(request.request_id)
             if state.stopped_text is None:
                 state.text += state.detokenizer.flush()
-        text = state.stopped_text if state.stopped_text is not None else state.text
+        if state.stopped_text is not None:
+            text = state.stopped_text
+        else:
+            text = state.text if finished else _hold_back_stop_prefix(state.text, request.params)
         completion = CompletionOutput(
             index=0,
             text=text,
@@ -121,3 +128,11 @@ class OutputProcessor:
                 num_preemptions=request.num_preemptions,
             ),
         )
+
+
+def _hold_back_stop_prefix(text: str, params) -> str:
+    """``text`` less the tail that could be the start of a stop string the final text cuts."""
+    if not params.stop or params.include_stop_str_in_output:
+        return text
+    held = max(len(stop) for stop in params.stop) - 1
+    return text[: max(len(text) - held, 0)]

@@ -100,6 +100,23 @@ def test_stop_token_ids_min_tokens_and_stop_strings(make_engine):
     assert cut.text == text[: text.index(stop)] and cut.stop_reason == stop
 
 
+def test_streamed_snapshots_never_show_text_a_stop_string_cuts(make_engine):
+    """Each snapshot's text is a prefix of the final text, for stop strings that straddle
+    token boundaries (the start arrives a token before the end)."""
+    engine = make_engine()
+    free = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    text = _finish(engine, engine.add_request("abc", free)).outputs[0].text
+    for start in range(2, len(text) - 3):
+        stop = text[start : start + 3]
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop])
+        request_id = engine.add_request("abc", params)
+        snapshots = []
+        while engine.has_unfinished_requests():
+            snapshots += [o.outputs[0].text for o in engine.step() if o.request_id == request_id]
+        assert snapshots[-1] == text[: text.index(stop)]
+        assert all(snapshots[-1].startswith(s) for s in snapshots), (stop, snapshots)
+
+
 def test_min_tokens_suppresses_stop_token_ids(make_engine):
     """The greedy first token, made a stop id, may not be produced before min_tokens."""
     engine = make_engine()
