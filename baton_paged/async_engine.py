@@ -160,8 +160,11 @@ class AsyncEngine:
     def close(self) -> None:
         """Shut down, fail the streams still open and give the model back (``Engine.close``)."""
         self.shutdown()
-        self._loop_done.wait(timeout=30)  # a caller-owned loop finishes its iteration first
+        finished = self._loop_done.wait(timeout=30)  # the loop finishes its iteration first
         self._fail_open_streams(EngineStoppedError("the engine was closed"))
+        if not finished:  # closing now would free pages under a running forward
+            logger.warning("the step loop is still in an iteration; the engine is left open")
+            return
         self.engine.close()
 
     def _fail_open_streams(self, error: Exception) -> None:

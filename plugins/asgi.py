@@ -9,7 +9,8 @@
 
 Any ASGI framework that mounts sub-applications (Starlette ``Mount``, FastAPI ``mount``) works.
 Mounted applications get no lifespan events, so the engine's step loop starts on its own thread
-when the app is built; stop it in the parent's shutdown with ``llm.state.engine.close()``.
+when the app is built; stop it in the parent's shutdown with ``llm.state.engine.close()``. Served
+on its own (``uvicorn.run(baton_app(...))``), the app closes its engine at shutdown itself.
 
 On CPU, torch runs the loop's small ops faster on the thread that loaded the model (see
 ``AsyncEngine``); ``baton-paged serve`` arranges that, an embedding service may not.
@@ -17,6 +18,9 @@ On CPU, torch runs the loop's small ops faster on the thread that loaded the mod
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
@@ -42,4 +46,18 @@ def baton_app(
         model, hf_model=hf_model, tokenizer=tokenizer, max_waiting=max_waiting, **options
     )
     name = served_model_name or model or getattr(hf_model, "name_or_path", None) or "baton-paged"
-    return build_app(engine, name, api_key)
+    app = build_app(engine, name, api_key)
+    app.router.lifespan_context = _closing(engine)
+    return app
+
+
+def _closing(engine: AsyncEngine):
+    """A lifespan that closes ``engine`` (handing a lent model back) when the server stops; only
+    a top-level app gets it, a mounted one is closed by its parent."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        await asyncio.to_thread(engine.close)
+
+    return lifespan

@@ -71,3 +71,15 @@ def test_the_mount_keeps_its_api_key(host):
     client = openai.OpenAI(base_url=f"{url}/llm/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         client.models.list()
+
+
+def test_served_on_its_own_the_app_closes_its_engine_at_shutdown(tiny_model_dir):
+    from fastapi.testclient import TestClient
+
+    path = tiny_model_dir("llama")
+    model = load_reference(path)
+    llm = baton_app(hf_model=model, tokenizer=AutoTokenizer.from_pretrained(path))
+    with TestClient(llm) as client:  # runs the app's lifespan, as uvicorn.run would
+        assert client.get("/health").status_code == 200
+    assert not llm.state.engine.is_running
+    assert model.config._attn_implementation != "baton_paged", "the lent model was handed back"
