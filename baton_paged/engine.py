@@ -199,6 +199,7 @@ class Engine:
         forwards (complete, so still theirs to deliver), and the ids of requests it may have
         left half-done (running, or holding host pages a swap may not have finished), which the
         caller aborts. Requests only waiting, with no pages anywhere, stay queued untouched."""
+        self.scheduler.abandon_step()
         done = [r for r in self.requests.values() if r.status.is_finished]
         for request in done:
             del self.requests[request.request_id]

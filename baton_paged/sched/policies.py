@@ -104,24 +104,34 @@ class ChunkedPolicy(Policy):
         sched.begin_step()
         sched.reserve_decode_pages()
         admitted = []
-        while self.tokens_left(sched) > 0:
+        while self.tokens_left(sched) > 0 or self.head_outranks_the_batch(sched):
             joined = sched.admit(max_requests=1)
             if not joined:
                 break
             admitted += joined
-        rows = [sched.row(r) for r in sched.decoders()[: self.token_budget]]
-        left = self.token_budget - len(rows)
-        # Prompts in the batch hold pages for all their tokens (see Scheduler.admit); the ones
-        # admitted earlier come first, so a started prompt finishes before a new one starts.
-        for request in [r for r in sched.running.values() if not is_decoder(r)]:
-            if left:
-                rows.append(sched.row(request, min(left, request.num_pending_tokens)))
-                left -= len(rows[-1].token_ids)
+        # The budget goes by priority, then decodes before prompt chunks, then admission order:
+        # a request that took a lower one's place is computed now, and a started prompt
+        # finishes before a new one starts.
+        rows, left = [], self.token_budget
+        for request in sorted(
+            sched.running.values(), key=lambda r: (r.priority, not is_decoder(r))
+        ):
+            if left == 0:
+                break
+            rows.append(sched.row(request, min(left, request.num_pending_tokens)))
+            left -= len(rows[-1].token_ids)
         return sched.make_plan([sched.forward(rows)] if rows else [], admitted)
 
     def tokens_left(self, sched: Scheduler) -> int:
         """Budget the running requests' pending tokens leave for another prompt."""
         return self.token_budget - sum(r.num_pending_tokens for r in sched.running.values())
+
+    @staticmethod
+    def head_outranks_the_batch(sched: Scheduler) -> bool:
+        """Does the next waiting request have a higher priority than some running one? Then it
+        may take that one's place even when the token budget is spent."""
+        head = sched.waiting.peek()
+        return head is not None and any(r.priority > head.priority for r in sched.running.values())
 
 
 POLICIES = {cls.name: cls for cls in (BatonPolicy, OrcaPolicy, StaticPolicy, ChunkedPolicy)}

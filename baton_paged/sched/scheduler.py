@@ -99,6 +99,14 @@ class Scheduler:
         """The plan's swap copies are issued: the host pages swap-ins read from are free again."""
         for swap in plan.swap_in:
             self.host_pool.free(swap.host_pages)
+        self._swap_in = []
+
+    def abandon_step(self) -> None:
+        """The iteration failed before its swap copies were issued: free the host pages its
+        swap-ins were to read. Their requests are already rows; the caller aborts them."""
+        for swap in self._swap_in:
+            self.host_pool.free(swap.host_pages)
+        self._swap_in = []
 
     # Helpers for policies ---------------------------------------------------------------------
 
@@ -200,7 +208,7 @@ class Scheduler:
         """True if ``request`` fits now, or after preempting lower-priority running requests
         (which happens only when it then fits)."""
         needed = pages_needed(request.num_tokens, self.page_size)
-        if self.fits(needed, list(self.running.values()), self.pool.num_free):
+        if self.fits(needed, list(self.running.values()), self.pool.num_free, request):
             return True
         victims: list[Request] = []
         for victim in self.victim_order():
@@ -209,18 +217,20 @@ class Scheduler:
             victims.append(victim)
             others = [r for r in self.running.values() if r not in victims]
             freed = sum(self.batch.num_pages(v.request_id) for v in victims)
-            if self.fits(needed, others, self.pool.num_free + freed):
+            if self.fits(needed, others, self.pool.num_free + freed, request):
                 for v in victims:
                     self.preempt(v)
                 return True
         return False
 
-    def fits(self, needed: int, running: list[Request], free: int) -> bool:
-        """Could a request needing ``needed`` pages join ``running`` with ``free`` pages free?
-        An empty batch takes any request the pool can hold, so the queue always moves."""
+    def fits(self, needed: int, running: list[Request], free: int, newcomer: Request) -> bool:
+        """Could ``newcomer``, needing ``needed`` pages, join ``running`` with ``free`` pages
+        free, leaving every request (the newcomer too) the page its next token may open? Else the
+        newcomer would be the first victim of the next iteration, its prefill wasted. An empty
+        batch takes any request the pool can hold, so the queue always moves."""
         if not running:
             return needed <= free
-        due = sum(r.num_tokens % self.page_size == 0 for r in running)
+        due = sum(r.num_tokens % self.page_size == 0 for r in [*running, newcomer])
         if len(running) >= self.capacity or free - needed < due:
             return False
         used = self.pool.num_pages - free + needed + due

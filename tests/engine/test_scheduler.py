@@ -67,6 +67,33 @@ def test_chunked_keeps_every_forward_within_the_token_budget():
     assert sizes[:3] == [[5], [5], [5]]  # a: 5 + 5, then a's last 2 with b's 3 tokens
 
 
+def test_chunked_lets_a_higher_priority_request_in_when_decoders_spend_the_budget():
+    sched, policy = scheduler(max_batch=4), make_policy("chunked", 4096, 4)
+    for rid in "abcd":
+        sched.add(request(rid, priority=2, max_tokens=30))
+    while len(sched.running) < 4 or any(r.num_computed_tokens == 0 for r in sched.running.values()):
+        run_plan(sched, policy.plan(sched))
+    sched.add(request("urgent", priority=0, prompt_len=2, max_tokens=2))
+
+    plan = policy.plan(sched)
+
+    assert plan.admitted == ("urgent",) and plan.preempted == ("d",)
+    assert [row.request_id for row in plan.forwards[0].rows][0] == "urgent"
+
+
+def test_chunked_computes_a_higher_priority_prompt_before_a_long_lower_one():
+    sched, policy = scheduler(num_pages=200), make_policy("chunked", 4096, 8)
+    sched.add(request("bulk", priority=3, prompt_len=120, max_tokens=2))
+    run_plan(sched, policy.plan(sched))  # bulk's prefill takes the whole budget for 15 steps
+    sched.add(request("urgent", priority=0, prompt_len=2, max_tokens=2))
+
+    plan = policy.plan(sched)
+
+    assert plan.admitted == ("urgent",) and not plan.preempted
+    rows = {row.request_id: len(row.token_ids) for row in plan.forwards[0].rows}
+    assert rows == {"urgent": 2, "bulk": 6}
+
+
 def test_admission_never_lets_a_later_request_overtake_one_that_does_not_fit():
     sched, policy = scheduler(num_pages=4), make_policy("baton", 4096, 512)
     sched.add(request("big", prompt_len=13))  # needs all 4 pages
@@ -75,6 +102,22 @@ def test_admission_never_lets_a_later_request_overtake_one_that_does_not_fit():
     assert policy.plan(sched).admitted == ()
     sched.pool.free(held)
     assert policy.plan(sched).admitted == ("big",)
+
+
+def test_a_newcomer_waits_for_the_page_its_first_decode_opens():
+    """Admitting B into exactly its prompt's pages would make it the next iteration's victim
+    (its ninth token opens a page the pool no longer has): its prefill would be wasted."""
+    sched, policy = scheduler(num_pages=4), make_policy("baton", 4096, 64)
+    sched.add(request("A", prompt_len=6, max_tokens=8))
+    run_plan(sched, policy.plan(sched))  # A: 7 tokens on 2 pages
+    sched.add(request("B", prompt_len=8, max_tokens=4))  # 2 pages, then a third at once
+    assert policy.plan(sched).admitted == ()
+    plans = []
+    while sched.has_work():
+        plans.append(policy.plan(sched))
+        run_plan(sched, plans[-1])
+    assert not any(plan.preempted for plan in plans), "nobody's work was thrown away"
+    assert sched.pool.num_used == 0
 
 
 def test_victim_is_lowest_priority_then_most_recently_admitted():
