@@ -42,6 +42,10 @@ from baton_paged.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+IDLE_POLL_S = 0.5
+"""How often an idle step loop looks at the stop flag without being woken."""
+
+
 class QueueFullError(RuntimeError):
     """The waiting queue is at its bound; the caller should retry later (HTTP 503)."""
 
@@ -157,6 +161,11 @@ class AsyncEngine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
 
+    def stop_soon(self) -> None:
+        """``shutdown`` for a signal handler: it only sets a flag (taking a lock there could
+        deadlock the thread it interrupted), which an idle loop notices within ``IDLE_POLL_S``."""
+        self._stopping = True
+
     def close(self) -> None:
         """Shut down, fail the streams still open and give the model back (``Engine.close``)."""
         self.shutdown()
@@ -193,7 +202,7 @@ class AsyncEngine:
                 if self.engine.has_unfinished_requests():
                     self._step()
                 else:
-                    self._work.wait()
+                    self._work.wait(IDLE_POLL_S)
         except Exception:
             logger.exception("the engine's step loop died")
             raise
@@ -223,7 +232,11 @@ class AsyncEngine:
             outputs = self.engine.step()
         except Exception as error:  # one bad iteration must not take the server down
             logger.exception("engine iteration failed; failing the requests it left half-done")
-            outputs, suspect = self.engine.salvage_failed_step()
+            try:
+                outputs, suspect = self.engine.salvage_failed_step()
+            except Exception:  # nothing can be trusted now: fail every request, keep serving
+                logger.exception("could not sort out the failed iteration; failing every request")
+                outputs, suspect = [], list(self.engine.requests)
             self._fail(suspect, error)
         for output in outputs:
             self._deliver(output.request_id, output)
@@ -232,7 +245,10 @@ class AsyncEngine:
 
     def _fail(self, request_ids: list[str], error: Exception) -> None:
         for request_id in request_ids:
-            self._finished(self.engine.abort_request(request_id))
+            try:
+                self._finished(self.engine.abort_request(request_id))
+            except Exception:  # its pages are freed before its output is built; tell it anyway
+                logger.exception("aborting %s failed", request_id)
             self._deliver(request_id, RequestFailedError(f"{type(error).__name__}: {error}"))
 
     def _finished(self, output: RequestOutput | None) -> None:

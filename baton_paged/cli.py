@@ -176,7 +176,8 @@ def run_engine_on_main_thread(engine, server) -> None:
     The first Ctrl-C or SIGTERM stops uvicorn taking connections while the loop keeps stepping,
     so requests in flight finish (uvicorn cuts them off after its ``timeout_graceful_shutdown``);
     once uvicorn is done the loop stops. A second signal stops both at once. The handler only
-    sets flags, so a signal never lands in the middle of an iteration.
+    sets flags, so a signal never lands in the middle of an iteration and never waits on a
+    lock the interrupted main thread may hold.
     """
     import signal
     import threading
@@ -190,7 +191,7 @@ def run_engine_on_main_thread(engine, server) -> None:
     def on_signal(signum, frame) -> None:
         if server.should_exit:  # the second signal: stop now
             server.force_exit = True
-            engine.shutdown()
+            engine.stop_soon()
         server.should_exit = True
 
     http = threading.Thread(target=serve_http, name="baton-http")

@@ -185,7 +185,10 @@ class Engine:
         self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
         request.finished_time = time.monotonic()
         self.stats.aborted += 1
-        return self.outputs.output(request)
+        try:
+            return self.outputs.output(request)
+        finally:
+            self.outputs.release(request_id)
 
     def close(self) -> None:
         """Abort what is left and give the model back its own attention, so code that lent an
@@ -197,15 +200,17 @@ class Engine:
     def salvage_failed_step(self) -> tuple[list[RequestOutput], list[str]]:
         """After ``step`` raised: the final outputs of requests that finished in its earlier
         forwards (complete, so still theirs to deliver), and the ids of requests it may have
-        left half-done (running, or holding host pages a swap may not have finished), which the
-        caller aborts. Requests only waiting, with no pages anywhere, stay queued untouched."""
-        self.scheduler.abandon_step()
+        left half-done (running, or swapped out by it before the copies were issued), which the
+        caller aborts. Waiting requests, swapped ones included, stay queued untouched."""
+        unissued = self.scheduler.abandon_step()
         done = [r for r in self.requests.values() if r.status.is_finished]
         for request in done:
             del self.requests[request.request_id]
-        sched = self.scheduler
-        suspect = [rid for rid in self.requests if rid in sched.running or rid in sched.swapped]
-        return [self.outputs.output(r) for r in done], suspect
+        running = [rid for rid in self.requests if rid in self.scheduler.running]
+        outputs = [self.outputs.output(r) for r in done]
+        for request in done:
+            self.outputs.release(request.request_id)
+        return outputs, running + unissued
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
@@ -230,6 +235,7 @@ class Engine:
         for request in touched.values():
             if request.status.is_finished:
                 del self.requests[request.request_id]
+                self.outputs.release(request.request_id)
         return outputs
 
     def _take_tokens(

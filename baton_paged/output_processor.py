@@ -29,6 +29,8 @@ class _TextState:
     cumulative_logprob: float | None = None
     stopped_text: str | None = field(default=None)
     """The final text once a stop string cut it."""
+    flushed: bool = False
+    """The detokenizer's held-back text is in ``text`` (the request finished)."""
 
 
 class OutputProcessor:
@@ -48,6 +50,10 @@ class OutputProcessor:
             logprobs=[] if wants_logprobs else None,
             cumulative_logprob=0.0 if wants_logprobs else None,
         )
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request once its final output is built."""
+        self._states.pop(request_id, None)
 
     def suppressed_token_ids(self, request: Request) -> tuple[int, ...]:
         """Tokens the request may not sample yet: EOS and stop ids before ``min_tokens``."""
@@ -94,11 +100,12 @@ class OutputProcessor:
         return None
 
     def output(self, request: Request) -> RequestOutput:
-        """A snapshot of the request; the last one (finished) also releases its state."""
+        """A snapshot of the request (the same one again for a finished request, until
+        ``release``)."""
         finished = request.status.is_finished
         state = self._states[request.request_id]
-        if finished:
-            self._states.pop(request.request_id)
+        if finished and not state.flushed:
+            state.flushed = True
             if state.stopped_text is None:
                 state.text += state.detokenizer.flush()
         if state.stopped_text is not None:

@@ -104,11 +104,10 @@ class ChunkedPolicy(Policy):
         sched.begin_step()
         sched.reserve_decode_pages()
         admitted = []
-        while self.tokens_left(sched) > 0 or self.head_outranks_the_batch(sched):
-            joined = sched.admit(max_requests=1)
-            if not joined:
-                break
+        while self.tokens_left(sched) > 0 and (joined := sched.admit(max_requests=1)):
             admitted += joined
+        if self.head_outranks_the_batch(sched):  # one per iteration, past a spent budget
+            admitted += sched.admit(max_requests=1)
         # The budget goes by priority, then decodes before prompt chunks, then admission order:
         # a request that took a lower one's place is computed now, and a started prompt
         # finishes before a new one starts.
@@ -129,7 +128,7 @@ class ChunkedPolicy(Policy):
     @staticmethod
     def head_outranks_the_batch(sched: Scheduler) -> bool:
         """Does the next waiting request have a higher priority than some running one? Then it
-        may take that one's place even when the token budget is spent."""
+        may take that one's place (slot, pages or budget share) even when the budget is spent."""
         head = sched.waiting.peek()
         return head is not None and any(r.priority > head.priority for r in sched.running.values())
 

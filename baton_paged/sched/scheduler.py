@@ -99,14 +99,17 @@ class Scheduler:
         """The plan's swap copies are issued: the host pages swap-ins read from are free again."""
         for swap in plan.swap_in:
             self.host_pool.free(swap.host_pages)
-        self._swap_in = []
+        self._swap_in, self._swap_out = [], []
 
-    def abandon_step(self) -> None:
-        """The iteration failed before its swap copies were issued: free the host pages its
-        swap-ins were to read. Their requests are already rows; the caller aborts them."""
+    def abandon_step(self) -> list[str]:
+        """The iteration failed. If that was before its swap copies were issued, free the host
+        pages its swap-ins were to read (their requests are rows already, for the caller to
+        abort) and return the requests it swapped out, whose host copies never happened."""
         for swap in self._swap_in:
             self.host_pool.free(swap.host_pages)
-        self._swap_in = []
+        unissued = [rid for rid in self._preempted if rid in self.swapped] if self._swap_out else []
+        self._swap_in, self._swap_out = [], []
+        return unissued
 
     # Helpers for policies ---------------------------------------------------------------------
 

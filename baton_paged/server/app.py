@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 import uuid
@@ -29,6 +30,7 @@ from baton_paged.server.metrics import ServerMetrics
 from baton_paged.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
 
 
 def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
@@ -136,8 +138,14 @@ async def _last(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> Req
 
 
 async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+    """Return when the client disconnects. A server whose ``receive`` fails cannot say, so the
+    request is left to run (logged) rather than aborted on a guess."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0)  # never starve the loop, whatever receive() does
+    except Exception:
+        logger.warning("cannot watch for a client disconnect", exc_info=True)
+        await asyncio.Event().wait()  # until cancelled, when the work is done
 
 
 async def sse_events(first: RequestOutput, rest: AsyncIterator[RequestOutput], out, usage: bool):

@@ -11,12 +11,12 @@ LONG = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
 SHORT = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
 
 
-def swapped_out_low(make_engine):
+def swapped_out_low(make_engine, vip_params=SHORT):
     """An engine whose one slot holds "vip" while "low" waits swapped out to host memory."""
     engine = make_engine(max_batch_size=1, page_size=4)
     engine.add_request({"prompt_token_ids": [5] * 6}, LONG, request_id="low", priority=1)
     engine.step()
-    engine.add_request({"prompt_token_ids": [7] * 3}, SHORT, request_id="vip", priority=0)
+    engine.add_request({"prompt_token_ids": [7] * 3}, vip_params, request_id="vip", priority=0)
     engine.step()
     assert "low" in engine.scheduler.swapped
     return engine
@@ -64,3 +64,62 @@ def test_a_failure_after_the_swaps_were_issued_frees_each_host_page_once(make_en
         engine.abort_request(request_id)
     engine.scheduler.check_integrity()
     assert engine.cache.pool.num_used == 0 and engine.host.pool.num_used == 0
+
+
+def test_a_request_swapped_out_in_an_earlier_step_survives_a_failure(make_engine):
+    engine = swapped_out_low(make_engine, vip_params=LONG)
+    engine.step()  # "low" has sat in host memory for a whole successful iteration since
+
+    def execute_failing(forward):
+        raise RuntimeError("vip's decode failed")
+
+    engine.runner.execute = execute_failing
+    with pytest.raises(RuntimeError):
+        engine.step()
+
+    _, suspect = engine.salvage_failed_step()
+    assert suspect == ["vip"], "low's K/V was copied out steps ago: it stays queued"
+    engine.scheduler.check_integrity()
+
+
+def test_a_request_whose_swap_out_copy_failed_is_aborted(make_engine):
+    engine = make_engine(max_batch_size=1, page_size=4)
+    engine.add_request({"prompt_token_ids": [5] * 6}, LONG, request_id="low", priority=1)
+    engine.step()
+    engine.add_request({"prompt_token_ids": [7] * 3}, SHORT, request_id="vip", priority=0)
+
+    def swap_failing(plan):
+        raise RuntimeError("copy failed")
+
+    engine.runner.swap = swap_failing
+    with pytest.raises(RuntimeError, match="copy failed"):
+        engine.step()
+
+    _, suspect = engine.salvage_failed_step()
+    assert sorted(suspect) == ["low", "vip"]  # low's host copy never happened
+    for request_id in suspect:
+        engine.abort_request(request_id)
+    engine.scheduler.check_integrity()
+    assert engine.cache.pool.num_used == 0 and engine.host.pool.num_used == 0
+
+
+def test_a_failure_while_building_outputs_still_hands_back_finished_ones(make_engine):
+    engine = make_engine()
+    one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    engine.add_request("x", one, request_id="a")
+    engine.add_request("y", LONG, request_id="b")
+    real_output = engine.outputs.output
+
+    def output_failing_for_b(request):
+        if request.request_id == "b":
+            raise RuntimeError("detokenizer bug")
+        return real_output(request)
+
+    engine.outputs.output = output_failing_for_b
+    with pytest.raises(RuntimeError, match="detokenizer bug"):
+        engine.step()  # "a" finished in this step, its output built before "b" failed
+    engine.outputs.output = real_output
+
+    finished, suspect = engine.salvage_failed_step()
+    assert [o.request_id for o in finished] == ["a"] and finished[0].finished
+    assert suspect == ["b"]

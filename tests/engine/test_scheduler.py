@@ -94,6 +94,18 @@ def test_chunked_computes_a_higher_priority_prompt_before_a_long_lower_one():
     assert rows == {"urgent": 2, "bulk": 6}
 
 
+def test_chunked_admits_one_outranking_request_per_iteration_past_a_spent_budget():
+    sched, policy = scheduler(num_pages=200, max_batch=16), make_policy("chunked", 4096, 8)
+    sched.add(request("bulk", priority=3, prompt_len=120, max_tokens=2))
+    run_plan(sched, policy.plan(sched))
+    for i in range(4):
+        sched.add(request(f"u{i}", priority=1, prompt_len=40, max_tokens=2))
+
+    plan = policy.plan(sched)
+
+    assert plan.admitted == ("u0",), "the others would only hold pages with no tokens"
+
+
 def test_admission_never_lets_a_later_request_overtake_one_that_does_not_fit():
     sched, policy = scheduler(num_pages=4), make_policy("baton", 4096, 512)
     sched.add(request("big", prompt_len=13))  # needs all 4 pages

@@ -228,7 +228,7 @@ def test_a_failing_finish_listener_does_not_stop_the_loop(engine):
     async def scenario():
         return [await collect(engine, "x"), await collect(engine, "y")]
 
-    assert all(asyncio.run(scenario()))
+    assert all(asyncio.run(asyncio.wait_for(scenario(), 30)))
     assert engine.is_running
 
 

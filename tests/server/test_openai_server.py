@@ -5,6 +5,7 @@ and status, and a client that goes away frees its pages."""
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from types import SimpleNamespace
@@ -241,6 +242,46 @@ def test_a_client_that_leaves_before_its_first_token_is_never_prefilled(server, 
     blocker.join(timeout=30)
     wait_until(lambda: engine.stats.aborted == aborted + 2 and not engine.requests)
     assert len(set().union(*held)) == 1, "only the blocker ever entered an iteration"
+
+
+def test_a_server_whose_receive_fails_still_answers_instead_of_guessing_a_disconnect(server):
+    """An ASGI server's ``receive`` raising (a proxy hiccup) says nothing about the client: the
+    request runs to its end."""
+    body = json.dumps({"prompt": "x", "max_tokens": 5, "ignore_eos": True}).encode()
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await asyncio.sleep(0.01)
+        raise RuntimeError("proxy hiccup")
+
+    sent = []
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "path": "/v1/completions",
+        "raw_path": b"/v1/completions",
+        "root_path": "",
+        "scheme": "http",
+        "query_string": b"",
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"authorization", f"Bearer {KEY}".encode()),
+        ],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+    app = build_app(server.engine, MODEL, KEY)
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 30))
+    assert sent[0]["status"] == 200
+    assert json.loads(sent[1]["body"])["usage"]["completion_tokens"] == 5
 
 
 def test_64_concurrent_streaming_clients_all_complete(server):
