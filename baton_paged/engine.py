@@ -204,12 +204,11 @@ class Engine:
         caller aborts. Waiting requests, swapped ones included, stay queued untouched."""
         unissued = self.scheduler.abandon_step()
         done = [r for r in self.requests.values() if r.status.is_finished]
-        for request in done:
-            del self.requests[request.request_id]
-        running = [rid for rid in self.requests if rid in self.scheduler.running]
         outputs = [self.outputs.output(r) for r in done]
         for request in done:
+            del self.requests[request.request_id]
             self.outputs.release(request.request_id)
+        running = [rid for rid in self.requests if rid in self.scheduler.running]
         return outputs, running + unissued
 
     def has_unfinished_requests(self) -> bool:

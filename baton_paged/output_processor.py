@@ -31,6 +31,8 @@ class _TextState:
     """The final text once a stop string cut it."""
     flushed: bool = False
     """The detokenizer's held-back text is in ``text`` (the request finished)."""
+    stop_holdback: int = 0
+    """Characters an unfinished snapshot holds back: a stop string's start could be there."""
 
 
 class OutputProcessor:
@@ -49,6 +51,7 @@ class OutputProcessor:
             detokenizer,
             logprobs=[] if wants_logprobs else None,
             cumulative_logprob=0.0 if wants_logprobs else None,
+            stop_holdback=_stop_holdback(params),
         )
 
     def release(self, request_id: str) -> None:
@@ -110,8 +113,10 @@ class OutputProcessor:
                 state.text += state.detokenizer.flush()
         if state.stopped_text is not None:
             text = state.stopped_text
+        elif finished or not state.stop_holdback:
+            text = state.text
         else:
-            text = state.text if finished else _hold_back_stop_prefix(state.text, request.params)
+            text = state.text[: max(len(state.text) - state.stop_holdback, 0)]
         completion = CompletionOutput(
             index=0,
             text=text,
@@ -137,9 +142,8 @@ class OutputProcessor:
         )
 
 
-def _hold_back_stop_prefix(text: str, params) -> str:
-    """``text`` less the tail that could be the start of a stop string the final text cuts."""
+def _stop_holdback(params) -> int:
+    """How much of a snapshot's tail could be the start of a stop string the final text cuts."""
     if not params.stop or params.include_stop_str_in_output:
-        return text
-    held = max(len(stop) for stop in params.stop) - 1
-    return text[: max(len(text) - held, 0)]
+        return 0
+    return max(len(stop) for stop in params.stop) - 1

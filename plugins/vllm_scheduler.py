@@ -87,16 +87,21 @@ class BatonScheduler(AsyncScheduler):
             len(self.running), self.max_num_active_reqs, self.num_waiting_for_streaming_input
         )
         self.baton_held_steps += int(self.baton_gate.holding)
-        if self.policy == SchedulingPolicy.PRIORITY:
+        if self._baton_by_priority:
             self._baton_preempt_for_priority(slot_cap)
         return slot_cap
+
+    @property
+    def _baton_by_priority(self) -> bool:
+        """Priorities count only under vLLM's priority policy; FCFS ignores them."""
+        return self.policy == SchedulingPolicy.PRIORITY
 
     # -- memory pressure -------------------------------------------------------------------
 
     def _baton_shed(self) -> None:
         """Preempt the lowest-priority, latest running request to bring usage down."""
         sheddable = [r for r in self.running if self._request_blocks_can_be_freed(r)]
-        victims = victim_order(sheddable, by_priority=self.policy == SchedulingPolicy.PRIORITY)
+        victims = victim_order(sheddable, by_priority=self._baton_by_priority)
         if victims:
             self._baton_preempt([victims[0]])
             self.baton_pressure_sheds += 1

@@ -106,8 +106,8 @@ class ChunkedPolicy(Policy):
         admitted = []
         while self.tokens_left(sched) > 0 and (joined := sched.admit(max_requests=1)):
             admitted += joined
-        if self.head_outranks_the_batch(sched):  # one per iteration, past a spent budget
-            admitted += sched.admit(max_requests=1)
+        if self.tokens_left(sched) <= 0 and self.head_outranks_the_batch(sched):
+            admitted += sched.admit(max_requests=1)  # one per iteration past a spent budget
         # The budget goes by priority, then decodes before prompt chunks, then admission order:
         # a request that took a lower one's place is computed now, and a started prompt
         # finishes before a new one starts.
