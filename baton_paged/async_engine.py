@@ -38,6 +38,7 @@ from baton_paged.engine import Engine, PromptInput
 from baton_paged.outputs import RequestOutput
 from baton_paged.request import Request
 from baton_paged.sampling_params import SamplingParams
+from baton_paged.snapshot import EngineSnapshot
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, engine: Engine, max_waiting: int = 1024, own_thread: bool = True):
         self.engine = engine
+        self.tokenizer = engine.tokenizer
         self.max_waiting = max_waiting
         """Most requests waiting to join the batch; more are refused with QueueFullError."""
         self._inbox: deque[Callable[[], None]] = deque()
@@ -137,7 +139,7 @@ class AsyncEngine:
                 raise EngineStoppedError("the engine has stopped and takes no more requests")
             if request.request_id in self._streams:
                 raise ValueError(f"request id {request.request_id!r} is already in use")
-            if len(self.engine.scheduler.waiting) + self._posted_adds >= self.max_waiting:
+            if self.engine.snapshot.num_queued + self._posted_adds >= self.max_waiting:
                 raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
             self._streams[request.request_id] = stream
             self._posted_adds += 1
@@ -186,6 +188,11 @@ class AsyncEngine:
         for stream in streams:
             with contextlib.suppress(RuntimeError):  # its event loop is already closed
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+
+    @property
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's state after its latest iteration, add or abort; safe from any thread."""
+        return self.engine.snapshot
 
     @property
     def is_running(self) -> bool:

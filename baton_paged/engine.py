@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -43,6 +44,7 @@ from baton_paged.sampling_params import SamplingParams
 from baton_paged.sched.plan import ForwardBatch
 from baton_paged.sched.policies import make_policy
 from baton_paged.sched.scheduler import Scheduler
+from baton_paged.snapshot import EngineSnapshot
 from baton_paged.stats import EngineStats
 
 PromptInput = str | Sequence[int] | dict
@@ -108,6 +110,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._generator = torch.Generator(config.device).manual_seed(config.seed)
         self._ids = itertools.count()
+        self._publish()
 
     @classmethod
     def build(
@@ -165,6 +168,7 @@ class Engine:
         self.requests[request.request_id] = request
         self.outputs.add(request)
         self.scheduler.add(request)
+        self._publish()
         return request.request_id
 
     def check_request(
@@ -185,6 +189,7 @@ class Engine:
         self.scheduler.finish(request, RequestStatus.FINISHED_ABORTED)
         request.finished_time = time.monotonic()
         self.stats.aborted += 1
+        self._publish()
         try:
             return self.outputs.output(request)
         finally:
@@ -230,12 +235,29 @@ class Engine:
         self.stats.record(plan, generated, batch_size)
         host_pages = self.host.pool.num_used if self.host else 0
         self.stats.record_memory(self.cache.pool.num_used, host_pages, self.monitor)
+        self._publish()
         outputs = [self.outputs.output(request) for request in touched.values()]
         for request in touched.values():
             if request.status.is_finished:
                 del self.requests[request.request_id]
                 self.outputs.release(request.request_id)
         return outputs
+
+    def _publish(self) -> None:
+        """Replace ``snapshot`` (one assignment: readers on other threads see old or new)."""
+        sched = self.scheduler
+        self.snapshot = EngineSnapshot(
+            num_running=sched.num_running,
+            num_waiting=sched.num_waiting,
+            num_swapped=sched.num_swapped,
+            device_pages=self.cache.num_pages,
+            device_pages_used=self.cache.pool.num_used,
+            host_pages=self.host.num_pages if self.host else 0,
+            host_pages_used=self.host.pool.num_used if self.host else 0,
+            page_size=sched.page_size,
+            attention_backend=self.runner.backend.name,
+            stats=replace(self.stats),
+        )
 
     def _take_tokens(
         self, forward: ForwardBatch, logits: torch.Tensor, touched: dict[str, Request]

@@ -72,6 +72,19 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.waiting.push(request)
 
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Queued requests whose K/V is not in host memory."""
+        return len(self.waiting) - len(self.swapped)
+
+    @property
+    def num_swapped(self) -> int:
+        return len(self.swapped)
+
     def has_work(self) -> bool:
         return bool(self.running) or bool(self.waiting)
 

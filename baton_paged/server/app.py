@@ -41,7 +41,7 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     install_handlers(app)
     guard = [Depends(bearer_check(api_key))] if api_key else []
     server = Routes(engine, model_name)
-    metrics = ServerMetrics(engine.engine)
+    metrics = ServerMetrics(engine)
     engine.finish_listeners.append(metrics.observe)
 
     app.get("/health")(server.health)
@@ -79,7 +79,7 @@ class Routes:
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body)
-        prompt = render_chat(self.engine.engine.tokenizer, body.messages)
+        prompt = render_chat(self.engine.tokenizer, body.messages)
         return await self.respond(body, prompt, ChatShape, request)
 
     def check_model(self, body: SamplingFields) -> None:

@@ -1,8 +1,9 @@
 """Prometheus metrics for ``/metrics``, named like vLLM's (prefix ``baton:``) plus BATON's own.
 
 Engine state (running, waiting, KV usage, token and preemption counters) is read at scrape time
-from ``Engine`` and ``EngineStats``, so it can never drift from the engine; per-request latencies
-are histograms observed as each request finishes.
+from the engine's latest ``EngineSnapshot``, never from its live parts (a scrape runs on an HTTP
+thread while the step loop mutates them); per-request latencies are histograms observed as each
+request finishes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import itertools
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from baton_paged.engine import Engine
+from baton_paged.async_engine import AsyncEngine
 from baton_paged.outputs import RequestOutput
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -20,7 +21,7 @@ TOKEN_GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
 
 
 class ServerMetrics:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: AsyncEngine):
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(engine))
         histogram = lambda name, doc, buckets: Histogram(  # noqa: E731
@@ -62,19 +63,18 @@ class ServerMetrics:
 
 
 class EngineCollector:
-    """Gauges and counters read from the engine when Prometheus scrapes."""
+    """Gauges and counters read from the engine's snapshot when Prometheus scrapes."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: AsyncEngine):
         self.engine = engine
 
     def collect(self):
-        engine, stats = self.engine, self.engine.stats
-        sched = engine.scheduler
-        yield gauge("baton:num_requests_running", "Requests in the batch.", len(sched.running))
-        waiting = len(sched.waiting) - len(sched.swapped)
-        yield gauge("baton:num_requests_waiting", "Requests waiting to join.", waiting)
-        yield gauge("baton:num_requests_swapped", "Requests swapped to host.", len(sched.swapped))
-        usage = engine.cache.pool.num_used / engine.cache.num_pages
+        snap = self.engine.snapshot
+        stats = snap.stats
+        yield gauge("baton:num_requests_running", "Requests in the batch.", snap.num_running)
+        yield gauge("baton:num_requests_waiting", "Requests waiting to join.", snap.num_waiting)
+        yield gauge("baton:num_requests_swapped", "Requests swapped to host.", snap.num_swapped)
+        usage = snap.kv_cache_usage
         yield gauge("baton:kv_cache_usage_perc", "Device KV pages in use, 0-1.", usage)
         yield gauge("baton:slot_efficiency", "Tokens / offered batch slots.", stats.slot_efficiency)
         yield counter("baton:generation_tokens", "Generated tokens.", stats.generated_tokens)
