@@ -23,7 +23,7 @@ from baton_paged.allocator.memory_budget import (
 )
 from baton_paged.allocator.page_pool import PagePool
 from baton_paged.allocator.paged_kv import PagedKV
-from baton_paged.allocator.slots import decode_slot_mapping, pages_needed, slot_mapping
+from baton_paged.allocator.slots import offsets_within, pages_needed, slot_mapping
 from baton_paged.allocator.swap import (
     CopyRun,
     SwapDirection,
@@ -53,10 +53,10 @@ __all__ = [
     "SwapPlan",
     "budget_bytes",
     "coalesce_runs",
-    "decode_slot_mapping",
     "execute_swap",
     "free_memory_bytes",
     "num_pages_for_budget",
+    "offsets_within",
     "pages_needed",
     "parse_memory_budget",
     "plan_swap_in",

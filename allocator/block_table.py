@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 import numpy as np
-import torch
 
 from baton_paged.allocator.errors import IntegrityError
 
@@ -103,10 +102,6 @@ class BlockTable:
     def as_numpy(self) -> np.ndarray:
         """The ``(len(self), max_pages)`` int32 table; a view that later mutations change."""
         return self._table[: len(self._request_ids)]
-
-    def as_tensor(self) -> torch.Tensor:
-        """The table as a CPU int32 tensor sharing memory with ``as_numpy()``."""
-        return torch.from_numpy(self.as_numpy())
 
     def check_integrity(self) -> None:
         """Raise ``IntegrityError`` unless rows, ids and padding agree."""

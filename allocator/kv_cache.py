@@ -38,11 +38,3 @@ class KVCache(PagedKV):
         offsets = slot_mapping - pages * self.spec.page_size
         self._keys[layer][pages, offsets] = key
         self._values[layer][pages, offsets] = value
-
-    def gather(
-        self, layer: int, pages: torch.Tensor, num_tokens: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``num_tokens`` K and V ``[num_tokens, kv_heads, head_dim]`` in ``pages``."""
-        keys = self._keys[layer].index_select(0, pages).flatten(0, 1)[:num_tokens]
-        values = self._values[layer].index_select(0, pages).flatten(0, 1)[:num_tokens]
-        return keys, values

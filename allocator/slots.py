@@ -2,12 +2,11 @@
 
 A slot is ``page * page_size + offset``: token position ``pos`` of a request lives in page
 ``pages[pos // page_size]`` at offset ``pos % page_size``. Attention kernels write new K/V through
-a slot mapping (one slot per new token) and read old K/V through the block table.
+a slot mapping (one slot per new token) and read old K/V through the block table; both come from
+the same table, so they can never disagree.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -17,25 +16,32 @@ def pages_needed(num_tokens: int, page_size: int) -> int:
     return -(-num_tokens // page_size)
 
 
-def slot_mapping(pages: Sequence[int], start: int, end: int, page_size: int) -> np.ndarray:
-    """Slots of token positions ``[start, end)`` of one request whose K/V lives in ``pages``."""
-    if not 0 <= start <= end <= len(pages) * page_size:
-        raise ValueError(
-            f"positions [{start}, {end}) do not fit in {len(pages)} pages of {page_size} tokens"
-        )
-    positions = np.arange(start, end, dtype=np.int64)
-    page_ids = np.asarray(pages, dtype=np.int64)[positions // page_size]
-    return page_ids * page_size + positions % page_size
-
-
-def decode_slot_mapping(
-    block_table: np.ndarray, positions: np.ndarray, page_size: int
+def slot_mapping(
+    block_table: np.ndarray, starts: np.ndarray, ends: np.ndarray, page_size: int
 ) -> np.ndarray:
-    """Slots of one new token per row: row ``i`` writes position ``positions[i]``.
+    """Slots of positions ``[starts[b], ends[b])`` of every row ``b`` of ``block_table``, packed
+    in row order: the slots one forward writes its new tokens' K/V to (a decode row has
+    ``ends[b] == starts[b] + 1``). The pages must be allocated already (the scheduler grows them
+    before it plans the forward); ValueError if a position lies past a row's table."""
+    starts = np.asarray(starts, dtype=np.int64)
+    ends = np.asarray(ends, dtype=np.int64)
+    if starts.shape != ends.shape or (starts < 0).any() or (ends < starts).any():
+        raise ValueError("every row needs 0 <= start <= end")
+    if len(ends) and pages_needed(int(ends.max()), page_size) > block_table.shape[1]:
+        raise ValueError(
+            f"positions up to {int(ends.max())} do not fit in {block_table.shape[1]} pages of "
+            f"{page_size} tokens"
+        )
+    lengths = ends - starts
+    positions = np.repeat(starts, lengths) + offsets_within(lengths)
+    rows = np.repeat(np.arange(len(lengths)), lengths)
+    pages = block_table[rows, positions // page_size].astype(np.int64)
+    return pages * page_size + positions % page_size
 
-    ``block_table`` is the batch's ``(batch, max_pages)`` table and ``positions`` a ``(batch,)``
-    integer array; the pages must already be allocated (the scheduler grows them first).
-    """
-    rows = np.arange(len(positions))
-    page_ids = block_table[rows, positions // page_size].astype(np.int64)
-    return page_ids * page_size + positions % page_size
+
+def offsets_within(lengths: np.ndarray) -> np.ndarray:
+    """Each packed token's index within its own row: ``concat(arange(n) for n in lengths)``
+    without a Python loop."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    return np.arange(int(lengths.sum())) - offsets

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from baton_paged.allocator.slots import pages_needed
+from baton_paged.allocator.slots import pages_needed, slot_mapping
 
 
 @dataclass(frozen=True)
@@ -83,11 +83,7 @@ class AttentionMetadata:
         table = np.ascontiguousarray(block_table[: len(query), :width], dtype=np.int32)
         if (table < 0).any():
             raise ValueError("block table entries must be page ids >= 0 (pad rows with 0)")
-        starts = np.repeat(context - query, query)
-        positions = starts + offsets_within(query)
-        rows = np.repeat(np.arange(len(query)), query)
-        slots = table[rows, positions // page_size].astype(np.int64) * page_size
-        slots += positions % page_size
+        slots = slot_mapping(table, context - query, context, page_size)
 
         def to_device(array: np.ndarray) -> torch.Tensor:
             return torch.from_numpy(array).to(device, non_blocking=True)
@@ -106,13 +102,6 @@ class AttentionMetadata:
 
 def _cumulative(lengths: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-
-
-def offsets_within(lengths: np.ndarray) -> np.ndarray:
-    """Each packed token's index within its own request: ``concat(arange(n) for n in lengths)``
-    without a Python loop."""
-    offsets = np.repeat(np.cumsum(lengths) - lengths, lengths)
-    return np.arange(int(lengths.sum())) - offsets
 
 
 def _check_shapes(

@@ -13,8 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from baton_paged.allocator import offsets_within
 from baton_paged.attention.gather import GatheringBackend
-from baton_paged.attention.metadata import AttentionMetadata, offsets_within
+from baton_paged.attention.metadata import AttentionMetadata
 
 
 class PaddedBackend(GatheringBackend):

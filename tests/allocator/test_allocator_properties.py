@@ -53,7 +53,6 @@ from baton_paged.allocator import (
     PagePool,
     SwapDirection,
     coalesce_runs,
-    decode_slot_mapping,
     execute_swap,
     plan_swap_in,
     plan_swap_out,
@@ -586,19 +585,20 @@ def request_positions(draw):
 @given(request_positions(), st.integers(1, 5))
 def test_slot_mapping_matches_per_position_computation(case, overshoot):
     pages, start, end, page_size = case
-    slots = slot_mapping(pages, start, end, page_size)
+    table = np.array([pages or [0]])
+    slots = slot_mapping(table, [start], [end], page_size)
     naive = [pages[pos // page_size] * page_size + pos % page_size for pos in range(start, end)]
     assert slots.dtype == np.int64 and slots.tolist() == naive
     with pytest.raises(ValueError, match="do not fit"):
-        slot_mapping(pages, start, len(pages) * page_size + overshoot, page_size)
+        slot_mapping(table, [start], [max(len(pages), 1) * page_size + overshoot], page_size)
     if end > 0:
-        with pytest.raises(ValueError, match="do not fit"):
-            slot_mapping(pages, end, end - 1, page_size)
+        with pytest.raises(ValueError, match="start <= end"):
+            slot_mapping(table, [end], [end - 1], page_size)
 
 
 @settings(max_examples=100, deadline=None)
 @given(data=st.data(), page_size=st.integers(1, 6))
-def test_decode_slot_mapping_matches_per_row_computation(data, page_size):
+def test_decode_slots_match_per_row_computation(data, page_size):
     rows = data.draw(
         st.lists(st.lists(st.integers(0, 63), unique=True, min_size=1, max_size=6), max_size=5)
     )
@@ -606,7 +606,8 @@ def test_decode_slot_mapping_matches_per_row_computation(data, page_size):
     for i, pages in enumerate(rows):
         table.insert(i, pages)
     positions = [data.draw(st.integers(0, len(pages) * page_size - 1)) for pages in rows]
-    slots = decode_slot_mapping(table.as_numpy(), np.array(positions, dtype=np.int64), page_size)
+    positions = np.array(positions, dtype=np.int64)
+    slots = slot_mapping(table.as_numpy(), positions, positions + 1, page_size)
     naive = [
         pages[pos // page_size] * page_size + pos % page_size
         for pages, pos in zip(rows, positions, strict=True)
@@ -625,9 +626,12 @@ def test_written_slots_read_back_through_the_pages(case, seed):
     gen = torch.Generator().manual_seed(seed)
     kv_shape = (end, SPEC.num_kv_heads, SPEC.head_dim)
     key, value = torch.randn(kv_shape, generator=gen), torch.randn(kv_shape, generator=gen)
-    slots = torch.from_numpy(slot_mapping(pages, 0, end, SPEC.page_size))
+    table = np.array([pages or [0]])
+    slots = torch.from_numpy(slot_mapping(table, [0], [end], SPEC.page_size))
     cache.write(1, slots, key, value)
-    keys, values = cache.gather(1, torch.tensor(pages, dtype=torch.int64), end)
+    index = torch.tensor(pages, dtype=torch.int64)
+    keys = cache.key(1)[index].flatten(0, 1)[:end]
+    values = cache.value(1)[index].flatten(0, 1)[:end]
     assert torch.equal(keys, key) and torch.equal(values, value)
     others = [p for p in range(16) if p not in pages]
     assert not cache.storage[others].any() and not cache.storage[:, 0].any()

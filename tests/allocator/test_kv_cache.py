@@ -1,5 +1,6 @@
 """KVCache: geometry from HF configs, page-major views, writes through the slot mapping."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,14 +42,24 @@ def test_layer_views_alias_one_page_major_buffer():
     assert cache.nbytes == 5 * SPEC.bytes_per_page
 
 
-def test_write_then_gather_round_trips_across_pages():
+def read_back(cache: KVCache, layer: int, pages: list[int], num_tokens: int):
+    """The first ``num_tokens`` K and V stored in ``pages``, in position order."""
+    index = torch.tensor(pages, device=cache.device)
+    keys = cache.key(layer)[index].flatten(0, 1)[:num_tokens]
+    return keys, cache.value(layer)[index].flatten(0, 1)[:num_tokens]
+
+
+def slots_of(pages: list[int], num_tokens: int) -> torch.Tensor:
+    return torch.from_numpy(slot_mapping(np.array([pages]), [0], [num_tokens], SPEC.page_size))
+
+
+def test_write_then_read_back_round_trips_across_pages():
     cache = KVCache(SPEC, num_pages=6)
     pages = [4, 1, 3]
     keys = torch.randn(10, 2, 4)
     values = torch.randn(10, 2, 4)
-    slots = torch.from_numpy(slot_mapping(pages, 0, 10, SPEC.page_size))
-    cache.write(2, slots, keys, values)
-    got_k, got_v = cache.gather(2, torch.tensor(pages), 10)
+    cache.write(2, slots_of(pages, 10), keys, values)
+    got_k, got_v = read_back(cache, 2, pages, 10)
     assert torch.equal(got_k, keys) and torch.equal(got_v, values)
     # page 4 holds positions 0-3 in order, and no other layer was touched
     assert torch.equal(cache.key(2)[4], keys[:4])
@@ -62,10 +73,9 @@ def test_from_budget_rounds_down_to_whole_pages():
 
 
 @pytest.mark.gpu
-def test_cuda_cache_write_and_gather():
+def test_cuda_cache_write_and_read_back():
     cache = KVCache(SPEC, num_pages=4, device="cuda")
     keys = torch.randn(5, 2, 4, device="cuda")
-    slots = torch.from_numpy(slot_mapping([2, 0], 0, 5, 4)).cuda()
-    cache.write(0, slots, keys, keys * 2)
-    got_k, got_v = cache.gather(0, torch.tensor([2, 0], device="cuda"), 5)
+    cache.write(0, slots_of([2, 0], 5).cuda(), keys, keys * 2)
+    got_k, got_v = read_back(cache, 0, [2, 0], 5)
     assert torch.equal(got_k, keys) and torch.equal(got_v, keys * 2)

@@ -76,7 +76,7 @@ def make_batch(
     full_values = [rand(c, num_kv_heads, head_dim) for c in context_lens]
     rows = list(zip(query_lens, context_lens, full_keys, full_values, strict=True))
     for row, (q_len, k_len, keys, values) in enumerate(rows):
-        slots = slot_mapping(table[row, : widths[row]], 0, k_len - q_len, page_size)
+        slots = slot_mapping(table[[row], : widths[row]], [0], [k_len - q_len], page_size)
         earlier = slice(0, k_len - q_len)
         cache.write(0, torch.from_numpy(slots).to(device), keys[earlier], values[earlier])
     new = [slice(k_len - q_len, k_len) for q_len, k_len, _, _ in rows]

@@ -32,9 +32,9 @@ def test_slots_are_the_new_positions_through_each_requests_pages():
     meta = AttentionMetadata.build([1, 3, 5], [9, 3, 6], TABLE, page_size=4)
     expected = np.concatenate(
         [
-            slot_mapping([7, 2, 9], 8, 9, 4),
-            slot_mapping([4], 0, 3, 4),
-            slot_mapping([1, 8], 1, 6, 4),
+            slot_mapping(TABLE[[0]], [8], [9], 4),
+            slot_mapping(TABLE[[1]], [0], [3], 4),
+            slot_mapping(TABLE[[2]], [1], [6], 4),
         ]
     )
     assert meta.slot_mapping.tolist() == expected.tolist()
