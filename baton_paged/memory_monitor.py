@@ -20,7 +20,39 @@ from baton_paged.allocator import PagePool
 from baton_paged.device_memory import MemoryReader
 
 
-class MemoryMonitor:
+class Hysteresis:
+    """Two watermarks and the state between them, fed one reading per iteration: holding from a
+    reading above ``high`` until one below ``low``. The engine's ``MemoryMonitor`` and the vLLM
+    plugin's ``PressureGate`` both decide by it, so their rules cannot drift apart."""
+
+    def __init__(self, high_watermark: float, low_watermark: float):
+        check_watermarks(high_watermark, low_watermark)
+        self.high = high_watermark
+        self.low = low_watermark
+        self.reading = 0.0
+        """The last reading observed."""
+        self.holding = False
+        """True from a high-watermark crossing until a reading falls below the low watermark."""
+        self.high_crossings = 0
+        self.low_crossings = 0
+
+    def observe(self, reading: float) -> float:
+        """Take this iteration's reading and move between the two states; return it."""
+        self.reading = reading
+        if not self.holding and reading > self.high:
+            self.holding = True
+            self.high_crossings += 1
+        elif self.holding and reading < self.low:
+            self.holding = False
+            self.low_crossings += 1
+        return reading
+
+    @property
+    def above_high(self) -> bool:
+        return self.reading > self.high
+
+
+class MemoryMonitor(Hysteresis):
     def __init__(
         self,
         pool: PagePool,
@@ -28,36 +60,22 @@ class MemoryMonitor:
         low_watermark: float = 0.85,
         reader: MemoryReader | None = None,
     ):
-        check_watermarks(high_watermark, low_watermark)
+        super().__init__(high_watermark, low_watermark)
         self.pool = pool
-        self.high = high_watermark
-        self.low = low_watermark
         self.reader = reader
-        self.pressure = 0.0
+
+    @property
+    def pressure(self) -> float:
         """The reading taken by the last ``update``."""
-        self.holding = False
-        """True from a high-watermark crossing until pressure falls below the low watermark."""
-        self.high_crossings = 0
-        self.low_crossings = 0
+        return self.reading
 
     def read(self) -> float:
         occupancy = self.pool.num_used / self.pool.num_pages
         return max(occupancy, self.reader()) if self.reader else occupancy
 
     def update(self) -> float:
-        """Take this iteration's reading and move between the two states; return the reading."""
-        self.pressure = self.read()
-        if not self.holding and self.pressure > self.high:
-            self.holding = True
-            self.high_crossings += 1
-        elif self.holding and self.pressure < self.low:
-            self.holding = False
-            self.low_crossings += 1
-        return self.pressure
-
-    @property
-    def above_high(self) -> bool:
-        return self.pressure > self.high
+        """Read the pressure now and observe it; return the reading."""
+        return self.observe(self.read())
 
     def pool_allows(self, pages_used: int) -> bool:
         """Would ``pages_used`` owned pages keep the pool at or under the high watermark?"""

@@ -9,8 +9,9 @@ declaring, in its own ``setup.cfg``::
 
 Each entry point names a zero-argument callable. Every process calls each plugin once, before
 the first ``EngineConfig`` is checked, so ``--policy my_policy`` works on the command line, in
-``LLM(...)`` and in every Ray Serve replica alike. ``register`` calls ``register_policy`` and/or
-``register_attention_backend``, and must be safe to call again. ``BATON_PAGED_PLUGINS=a,b``
+``LLM(...)`` and in every Ray Serve replica alike. ``register`` calls ``register_policy``
+(``baton_paged.sched.policies``) and/or ``register_backend`` (``baton_paged.attention.registry``),
+and must be safe to call again. ``BATON_PAGED_PLUGINS=a,b``
 loads only the plugins named; an empty value loads none. A plugin that fails to load is logged
 and skipped: it must not take the server down, and asking for what it would have added then
 fails with the usual "unknown policy" error.

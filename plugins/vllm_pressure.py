@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from baton_paged.memory_monitor import check_watermarks
+from baton_paged.memory_monitor import Hysteresis, check_watermarks
 
 CONFIG_KEY = "baton"
 """The key of vLLM's ``additional_config`` under which the plugin's settings live."""
@@ -65,31 +65,25 @@ def _section(additional_config: Any) -> Mapping[str, Any]:
     return section
 
 
-class PressureGate:
-    """Hysteresis between the two watermarks, fed one usage reading per scheduler step."""
+class PressureGate(Hysteresis):
+    """The engine's watermark hysteresis, fed vLLM's KV-cache usage once per scheduler step."""
 
     def __init__(self, settings: PressureSettings | None = None):
         self.settings = settings or PressureSettings()
-        self.usage = 0.0
+        super().__init__(self.settings.memory_high_watermark, self.settings.memory_low_watermark)
+
+    @property
+    def usage(self) -> float:
         """The reading taken by the last ``update``."""
-        self.holding = False
-        """True from a high-watermark crossing until usage falls below the low watermark."""
-        self.high_crossings = 0
-        self.low_crossings = 0
+        return self.reading
 
     def update(self, usage: float) -> None:
         """Take this step's reading and move between open and holding."""
-        self.usage = usage
-        if not self.holding and usage > self.settings.memory_high_watermark:
-            self.holding = True
-            self.high_crossings += 1
-        elif self.holding and usage < self.settings.memory_low_watermark:
-            self.holding = False
-            self.low_crossings += 1
+        self.observe(usage)
 
     def should_shed(self, num_running: int) -> bool:
         """Shed one request this step? Only above the high watermark, and never the last one."""
-        return self.usage > self.settings.memory_high_watermark and num_running > 1
+        return self.above_high and num_running > 1
 
     def slot_cap(self, num_running: int, max_slots: int, num_parked: int = 0) -> int:
         """How many slots may be in use after admission this step, counting ``num_parked``
