@@ -2,15 +2,23 @@
 
 A plan is pure data that the scheduler makes and the model runner executes:
 
-    plan_swap_out(pages, host_pool)          reserve host pages        scheduler, no tensors
-    execute_swap(plan, cache, host)          copy runs of pages        runner, before the forward
-    release_source(plan, dev_pool, host_pool)  free the source pages   scheduler, after
+    plan_swap_out(pages, host_pool)            reserve host pages      scheduler, no tensors
+    plan_swap_in(host_pages, device_pool)      reserve device pages    scheduler, no tensors
+    execute_swap(plan, cache, host)            copy runs of pages      runner, before the forwards
+    release_source(plan, device_pool, host_pool)  free the source pages  scheduler, see below
 
-The source pages stay owned until the copy has been issued, so no plan's destination can be a
-page that another plan of the same step still has to read. Copies are issued on the current
-stream (``non_blocking``): every later kernel on that stream, including the forward that may
-overwrite a freed source page, runs after them. Host code that reads the host pool directly must
-synchronize first.
+The page-reuse rule. An iteration issues its work in three stages on one stream: every swap-out
+(device -> host), then every swap-in (host -> device), then the forwards; each stage runs after
+everything issued before it. A source page may go back to its pool, and be handed out again in
+the same iteration, as soon as nothing that could write it comes before the copy that reads it:
+
+* a swap-out reads device pages in the first stage, and device pages are written only in later
+  ones (swap-ins, forwards): its device pages are released when the swap-out is planned, so the
+  room a preemption makes serves a newcomer in the same iteration;
+* a swap-in reads host pages in the second stage, after the swap-outs that write host pages: its
+  host pages stay owned until the iteration's copies are issued, and are released then.
+
+Host code that reads the host pool directly must synchronize first: copies are ``non_blocking``.
 """
 
 from __future__ import annotations
@@ -118,6 +126,6 @@ def execute_swap(plan: SwapPlan, cache: KVCache, host: HostSwapPool) -> None:
 
 
 def release_source(plan: SwapPlan, device_pool: PagePool, host_pool: PagePool) -> None:
-    """Drop the plan's hold on the pages it copied from, once ``execute_swap`` has issued it."""
+    """Drop the plan's hold on the pages it copies from, when the page-reuse rule allows."""
     pool = device_pool if plan.direction is SwapDirection.OUT else host_pool
     pool.free(plan.source_pages)

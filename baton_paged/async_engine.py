@@ -34,7 +34,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from baton_paged.engine import Engine, PromptInput
+from baton_paged.engine import Engine
+from baton_paged.input_processor import PromptInput
 from baton_paged.outputs import RequestOutput
 from baton_paged.request import Request
 from baton_paged.sampling_params import SamplingParams
@@ -69,6 +70,8 @@ class AsyncEngine:
     def __init__(self, engine: Engine, max_waiting: int = 1024, own_thread: bool = True):
         self.engine = engine
         self.tokenizer = engine.tokenizer
+        self.inputs = engine.inputs
+        """Checks and tokenizes requests on the caller's thread; it reads nothing that changes."""
         self.max_waiting = max_waiting
         """Most requests waiting to join the batch; more are refused with QueueFullError."""
         self._inbox: deque[Callable[[], None]] = deque()
@@ -132,7 +135,7 @@ class AsyncEngine:
         self, prompt: PromptInput, params: SamplingParams, request_id: str | None, priority: int
     ) -> tuple[str, _Stream]:
         """Check the request, open its stream on the calling event loop and post its add."""
-        request = self.engine.prepare_request(prompt, params, request_id, priority)
+        request = self.inputs.prepare(prompt, params, request_id, priority)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if self._stopping:

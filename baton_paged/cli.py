@@ -68,9 +68,11 @@ def build_engine(options: dict):
     """An Engine from CLI options; a bad value is a usage error, not a traceback."""
     from baton_paged.config import EngineConfig
     from baton_paged.engine import Engine
+    from baton_paged.registries import check_registered
 
     try:
         config = EngineConfig(**options)
+        check_registered(config)
     except ValueError as error:
         raise click.UsageError(str(error)) from error
     return Engine(config)  # with no --model, load_model warns that the weights are random
@@ -136,9 +138,10 @@ def serve(
 def serve_on_ray(host, port, replicas, api_key, served_model_name, max_waiting, options) -> None:
     """The same routes from ``replicas`` engines behind Ray Serve's proxy, until Ctrl-C."""
     from baton_paged.config import EngineConfig
+    from baton_paged.registries import check_registered
 
     try:
-        EngineConfig(**options)  # a bad option fails here, not in every replica
+        check_registered(EngineConfig(**options))  # a bad option fails here, not in every replica
         import ray
         from ray import serve
 

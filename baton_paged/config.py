@@ -2,6 +2,8 @@
 
 Each field's docstring is the help text the CLI and the server show for it, so the two never
 drift apart. Validation happens in ``__post_init__``: a bad value fails before any model loads.
+A leaf module: the names plugins can extend (policies, attention backends) are checked against
+their registries where an engine is built (``registries.check_registered``).
 """
 
 from __future__ import annotations
@@ -10,11 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from baton_paged.allocator import parse_memory_budget
-from baton_paged.attention.registry import AUTO, BACKENDS
+from baton_paged.allocator.memory_budget import parse_memory_budget
 from baton_paged.memory_monitor import check_watermarks
-from baton_paged.plugins.registry import load_plugins
-from baton_paged.sched.policies import POLICIES
 
 PREEMPTION_MODES = ("swap", "recompute")
 
@@ -75,16 +74,13 @@ class EngineConfig:
     other processes and activations rather than the cache."""
 
     def __post_init__(self) -> None:
-        load_plugins()  # plugins may add policies and attention backends to the choices
-        _check_choice("policy", self.policy, POLICIES)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_choice("attention_backend", self.attention_backend, (AUTO, *BACKENDS))
+        check_choice("dtype", self.dtype, DTYPES)
         for name in ("max_batch_size", "max_prefill_tokens", "max_num_batched_tokens"):
             _check_positive(name, getattr(self, name))
         for name in ("page_size", "max_model_len"):
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
-        _check_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
+        check_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
         if self.swap_memory != "0":
             parse_memory_budget(self.swap_memory)
         check_watermarks(self.memory_high_watermark, self.memory_low_watermark)
@@ -99,7 +95,7 @@ class EngineConfig:
         return DTYPES[self.dtype]
 
 
-def _check_choice(name: str, value: str, choices) -> None:
+def check_choice(name: str, value: str, choices) -> None:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 

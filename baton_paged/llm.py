@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from baton_paged.engine import Engine, PromptInput
+from baton_paged.engine import Engine
+from baton_paged.input_processor import PromptInput
 from baton_paged.outputs import RequestOutput
 from baton_paged.sampling_params import SamplingParams
 
@@ -61,12 +62,11 @@ class LLM:
         prompts = _as_list(prompts)
         params = _per_prompt(sampling_params, len(prompts), SamplingParams())
         priorities = _per_prompt(priority, len(prompts), 0)
-        for prompt, param in zip(prompts, params, strict=True):
-            self.engine.check_request(prompt, param)
-        ids = [
-            self.engine.add_request(prompt, param, priority=prio)
+        requests = [
+            self.engine.inputs.prepare(prompt, param, priority=prio)
             for prompt, param, prio in zip(prompts, params, priorities, strict=True)
         ]
+        ids = [self.engine.enqueue(request) for request in requests]
         finished: dict[str, RequestOutput] = {}
         while len(finished) < len(ids):
             for output in self.engine.step():

@@ -33,7 +33,7 @@ class ModelRunner:
 
     def swap(self, plan: StepPlan) -> None:
         """Issue the plan's page copies on the current stream: every swap-out before any swap-in,
-        and all before the forwards, which is what lets the scheduler reuse freed pages at once."""
+        and all before the forwards (the order ``allocator/swap.py``'s page-reuse rule needs)."""
         for swap in (*plan.swap_out, *plan.swap_in):
             execute_swap(swap, self.cache, self.host)
 

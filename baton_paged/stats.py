@@ -44,7 +44,7 @@ class EngineStats:
     batch_rows: int = 0
     """Sum over iterations of running requests (for the mean batch occupancy)."""
 
-    def record(self, plan: StepPlan, generated: int, running: int) -> None:
+    def record(self, plan: StepPlan, generated: int) -> None:
         self.iterations += 1
         self.forwards += len(plan.forwards)
         self.generated_tokens += generated
@@ -54,7 +54,7 @@ class EngineStats:
         self.swap_preemptions += len(plan.swap_out)
         self.pages_swapped_out += sum(swap.num_pages for swap in plan.swap_out)
         self.pages_swapped_in += sum(swap.num_pages for swap in plan.swap_in)
-        self.batch_rows += running
+        self.batch_rows += plan.batch_size
         for forward in plan.forwards:
             self.prompt_tokens += forward.num_tokens - forward.num_decode_rows
 

@@ -1,11 +1,12 @@
-"""The scheduler -> runner contract: what to compute this iteration, as frozen data.
+"""The scheduler <-> engine contract, as frozen data: what an iteration does, and what it did.
 
-An iteration first issues its swap copies (out, then in), then runs one or more forwards in
-order. Under ``baton`` a step with newcomers runs two:
-their prompts alone (the separate prefill), then the running batch's decode. Under ``orca`` and
-``chunked`` one forward mixes both. Each row says which token positions of one request to compute
-and whether its last position yields a new token (a prefill chunk that stops short of the prompt's
-end does not).
+``Scheduler.schedule`` returns a ``StepPlan``; the engine carries it out and reports back a
+``StepResult`` through ``Scheduler.update``. An iteration first issues its swap copies (out, then
+in: the order the page-reuse rule in ``allocator/swap.py`` relies on), then runs one or more
+forwards in order. Under ``baton`` a step with newcomers runs two: their prompts alone (the
+separate prefill), then the running batch's decode. Under ``orca`` and ``chunked`` one forward
+mixes both. Each row says which token positions of one request to compute and whether its last
+position yields a new token (a prefill chunk that stops short of the prompt's end does not).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from baton_paged.allocator import SwapPlan
+from baton_paged.request import RequestStatus
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class ForwardBatch:
 @dataclass(frozen=True)
 class StepPlan:
     forwards: tuple[ForwardBatch, ...]
+    batch_size: int = 0
+    """Requests holding a batch slot once the plan is made: the batch its forwards serve."""
     offered_slots: int = 0
     """Batch slots work could fill this iteration: min(max batch size, requests running or
     waiting). Tokens generated / offered slots, summed over iterations, is slot efficiency."""
@@ -72,3 +76,28 @@ class StepPlan:
     @property
     def is_empty(self) -> bool:
         return not self.forwards
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What the engine did with a ``StepPlan``: all of it, or how far a failed step got."""
+
+    swaps_issued: bool = False
+    """The plan's swap copies were issued (so their source pages have been read)."""
+    forwards_run: int = 0
+    """How many of the plan's forwards ran, in order, writing their rows' K/V."""
+    finished: tuple[tuple[str, RequestStatus], ...] = ()
+    """Requests that finished on a token sampled in this step, and how."""
+
+
+@dataclass(frozen=True)
+class QueueSizes:
+    """Where the scheduler's requests are, as every call that changes that returns it (the
+    engine publishes it without reading scheduler state)."""
+
+    running: int
+    """Requests holding a batch slot."""
+    waiting: int
+    """Queued requests whose K/V is not in host memory (new, or to recompute)."""
+    swapped: int
+    """Queued requests whose K/V waits in the host swap pool."""

@@ -1,8 +1,9 @@
-"""Batching policies: how one iteration's forwards are formed from the scheduler's state.
+"""Batching policies: which forwards an iteration runs, formed through the scheduler's ``Step``.
 
-All four share the scheduler's helpers (page reservation, memory-pressure scaling, admission in
-priority-then-FCFS order with preemption by swap or recompute) and differ only in when newcomers
-join and how their prompts run:
+The scheduler opens every step the same way (memory-pressure shedding, the running requests'
+next pages reserved) and closes it into a plan; a policy only decides, in between, when
+newcomers join and how their prompts run. All admit in priority-then-FCFS order with preemption
+by swap or recompute (``Step.admit``):
 
 * ``baton``: newcomers join between any two iterations; their prompts run in a forward of their
   own (the separate prefill), never stretching the running batch's decode step; finished requests
@@ -20,8 +21,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from baton_paged.request import Request
-from baton_paged.sched.plan import ForwardBatch, ScheduledRow, StepPlan
-from baton_paged.sched.scheduler import Scheduler, is_decoder
+from baton_paged.sched.plan import ForwardBatch, ScheduledRow
+from baton_paged.sched.step import Step, is_decoder
 
 
 class Policy(ABC):
@@ -32,15 +33,15 @@ class Policy(ABC):
         """Most tokens per forward: prompts' under baton/orca/static, all under chunked."""
 
     @abstractmethod
-    def plan(self, sched: Scheduler) -> StepPlan:
-        """The next iteration's forwards, with pages already reserved for them."""
+    def form(self, step: Step) -> list[ForwardBatch]:
+        """This iteration's forwards, admitting through ``step`` as the policy sees fit."""
 
-    def prompt_groups(self, sched: Scheduler, admitted: list[Request]) -> list[list[ScheduledRow]]:
+    def prompt_groups(self, step: Step, admitted: list[Request]) -> list[list[ScheduledRow]]:
         """Whole prompts of the admitted requests, in groups of at most ``token_budget`` tokens
         (a longer prompt runs alone)."""
         groups: list[list[ScheduledRow]] = []
         used = self.token_budget
-        for row in (sched.row(r) for r in admitted):
+        for row in (step.row(r) for r in admitted):
             if used + len(row.token_ids) > self.token_budget:
                 groups.append([])
                 used = 0
@@ -52,85 +53,71 @@ class Policy(ABC):
 class BatonPolicy(Policy):
     name = "baton"
 
-    def plan(self, sched: Scheduler) -> StepPlan:
-        sched.begin_step()
-        sched.reserve_decode_pages()
-        admitted = sched.admit()
-        return sched.make_plan(self.prefill_then_decode(sched, admitted), admitted)
+    def form(self, step: Step) -> list[ForwardBatch]:
+        return self.prefill_then_decode(step, step.admit())
 
-    def prefill_then_decode(self, sched: Scheduler, admitted: list[Request]) -> list[ForwardBatch]:
+    def prefill_then_decode(self, step: Step, admitted: list[Request]) -> list[ForwardBatch]:
         """Newcomers' prompts in forwards of their own, then one decode forward for the batch
         (requests swapped back in rejoin it directly: their K/V is already computed)."""
         prompts = [r for r in admitted if not is_decoder(r)]
-        forwards = [sched.forward(rows) for rows in self.prompt_groups(sched, prompts)]
-        decoders = sched.decoders()
+        forwards = [step.forward(rows) for rows in self.prompt_groups(step, prompts)]
+        decoders = step.decoders()
         if decoders:
-            forwards.append(sched.forward(sched.row(r) for r in decoders))
+            forwards.append(step.forward(step.row(r) for r in decoders))
         return forwards
 
 
 class OrcaPolicy(Policy):
     name = "orca"
 
-    def plan(self, sched: Scheduler) -> StepPlan:
-        sched.begin_step()
-        sched.reserve_decode_pages()
-        admitted = sched.admit()
-        prompts = self.prompt_groups(sched, [r for r in admitted if not is_decoder(r)]) or [[]]
+    def form(self, step: Step) -> list[ForwardBatch]:
+        admitted = step.admit()
+        prompts = self.prompt_groups(step, [r for r in admitted if not is_decoder(r)]) or [[]]
         # The first group of prompts shares the decode forward; more than the prefill budget
         # (a burst of arrivals) runs as further forwards in the same iteration.
-        decode = [sched.row(r) for r in sched.decoders()]
+        decode = [step.row(r) for r in step.decoders()]
         groups = [decode + prompts[0], *prompts[1:]]
-        return sched.make_plan([sched.forward(group) for group in groups if group], admitted)
+        return [step.forward(group) for group in groups if group]
 
 
 class StaticPolicy(BatonPolicy):
     name = "static"
 
-    def plan(self, sched: Scheduler) -> StepPlan:
-        sched.begin_step()
-        sched.reserve_decode_pages()
-        if sched.running:
-            forward = sched.forward(sched.row(r) for r in sched.decoders())
-            return sched.make_plan([forward], [])
-        admitted = sched.admit()
-        return sched.make_plan(self.prefill_then_decode(sched, admitted), admitted)
+    def form(self, step: Step) -> list[ForwardBatch]:
+        if step.running:
+            return [step.forward(step.row(r) for r in step.decoders())]
+        return self.prefill_then_decode(step, step.admit())
 
 
 class ChunkedPolicy(Policy):
     name = "chunked"
 
-    def plan(self, sched: Scheduler) -> StepPlan:
-        sched.begin_step()
-        sched.reserve_decode_pages()
-        admitted = []
-        while self.tokens_left(sched) > 0 and (joined := sched.admit(max_requests=1)):
-            admitted += joined
-        if self.tokens_left(sched) <= 0 and self.head_outranks_the_batch(sched):
-            admitted += sched.admit(max_requests=1)  # one per iteration past a spent budget
+    def form(self, step: Step) -> list[ForwardBatch]:
+        while self.tokens_left(step) > 0 and step.admit(max_requests=1):
+            pass
+        if self.tokens_left(step) <= 0 and self.head_outranks_the_batch(step):
+            step.admit(max_requests=1)  # one per iteration past a spent budget
         # The budget goes by priority, then decodes before prompt chunks, then admission order:
         # a request that took a lower one's place is computed now, and a started prompt
         # finishes before a new one starts.
         rows, left = [], self.token_budget
-        for request in sorted(
-            sched.running.values(), key=lambda r: (r.priority, not is_decoder(r))
-        ):
+        for request in sorted(step.running, key=lambda r: (r.priority, not is_decoder(r))):
             if left == 0:
                 break
-            rows.append(sched.row(request, min(left, request.num_pending_tokens)))
+            rows.append(step.row(request, min(left, request.num_pending_tokens)))
             left -= len(rows[-1].token_ids)
-        return sched.make_plan([sched.forward(rows)] if rows else [], admitted)
+        return [step.forward(rows)] if rows else []
 
-    def tokens_left(self, sched: Scheduler) -> int:
+    def tokens_left(self, step: Step) -> int:
         """Budget the running requests' pending tokens leave for another prompt."""
-        return self.token_budget - sum(r.num_pending_tokens for r in sched.running.values())
+        return self.token_budget - sum(r.num_pending_tokens for r in step.running)
 
     @staticmethod
-    def head_outranks_the_batch(sched: Scheduler) -> bool:
+    def head_outranks_the_batch(step: Step) -> bool:
         """Does the next waiting request have a higher priority than some running one? Then it
         may take that one's place (slot, pages or budget share) even when the budget is spent."""
-        head = sched.waiting.peek()
-        return head is not None and any(r.priority > head.priority for r in sched.running.values())
+        head = step.waiting_head()
+        return head is not None and any(r.priority > head.priority for r in step.running)
 
 
 POLICIES = {cls.name: cls for cls in (BatonPolicy, OrcaPolicy, StaticPolicy, ChunkedPolicy)}

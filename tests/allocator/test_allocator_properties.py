@@ -2,8 +2,10 @@
 
 The stateful test plays random sequences of requests ("owners") against a small device
 ``KVCache``, a ``HostSwapPool`` of the same geometry and a ``BlockTable``: allocate, fork a shared
-prefix, free, swap out and back in, insert/grow/remove block-table rows, and misuse (out of pages,
-double free, foreign ids, over-free, fork of a free page, rejected table inserts/appends). The test
+prefix, free, engine iterations that swap some owners out and others back in under the page-reuse
+rule the engine follows (device pages of a swap-out reused in the same iteration), insert/grow/
+remove block-table rows, and misuse (out of pages, double free, foreign ids, over-free, fork of a
+free page, rejected table inserts/appends). The test
 keeps its own model of who owns which page and what every page must hold, and after every step
 checks that
 
@@ -52,6 +54,7 @@ from baton_paged.allocator import (
     PageOwnershipError,
     PagePool,
     SwapDirection,
+    SwapPlan,
     coalesce_runs,
     execute_swap,
     plan_swap_in,
@@ -59,6 +62,8 @@ from baton_paged.allocator import (
     release_source,
     slot_mapping,
 )
+from baton_paged.model_runner import ModelRunner
+from baton_paged.sched.plan import StepPlan
 
 SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=4, page_size=4, dtype=torch.float32)
 GARBAGE = float("nan")
@@ -219,76 +224,78 @@ class AllocatorMachine(RuleBasedStateMachine):
         self._drop(oid)
         self._trash_if_free(owner.on_device, owner.pages)
 
-    def _swap_out(self, oid: int) -> None:
+    @rule(data=st.data())
+    def iteration(self, data):
+        """One engine iteration's swaps, under the page-reuse rule (allocator/swap.py): each
+        swap-out releases its device pages as it is planned, so swap-ins and a newcomer may be
+        handed those very pages; the runner issues every out, then every in, then the forward
+        writes the newcomer's K/V; swap-ins' host pages are released once the copies are issued.
+        Some owners swapped out share pages with others (a shared prefix): those stay owned."""
+        self._begin()
+        device, host = self.cache.pool, self.host.pool
+        leaving = self._some(data, self._ids(True), "leaving")
+        returning = self._some(data, self._ids(False), "returning")
+        outs = [self._plan_out(oid) for oid in leaving]
+        ins = [self._plan_in(oid) for oid in returning]
+        newcomer = device.allocate(data.draw(st.integers(0, device.num_free), label="newcomer"))
+        runner = ModelRunner(None, self.cache, None, self.host)
+        runner.swap(
+            StepPlan(
+                (), swap_out=tuple(p for _, p in outs if p), swap_in=tuple(p for _, p in ins if p)
+            )
+        )
+        self._new_owner(Owner(True, newcomer, self._fill(newcomer)))  # the forward's writes
+        for oid, plan in outs:
+            if plan is not None:
+                self._trash_if_free(True, plan.device_pages)
+                self.owners[oid].on_device, self.owners[oid].pages = False, list(plan.host_pages)
+        for oid, plan in ins:
+            if plan is not None:
+                release_source(plan, device, host)
+                self._trash_if_free(False, plan.host_pages)
+                self.owners[oid].on_device, self.owners[oid].pages = True, list(plan.device_pages)
+
+    @staticmethod
+    def _some(data, ids: list[int], label: str) -> list[int]:
+        return (
+            data.draw(st.lists(st.sampled_from(ids), unique=True, max_size=3), label) if ids else []
+        )
+
+    def _plan_out(self, oid: int) -> tuple[int, SwapPlan | None]:
+        """Plan a swap-out as the scheduler does: host pages reserved, device pages released at
+        once; None (and nothing changed) when the host pool lacks room."""
         owner = self.owners[oid]
-        host_pool = self.host.pool
-        if len(owner.pages) > host_pool.num_free:
+        if len(owner.pages) > self.host.pool.num_free:
             before = self._state()
             with pytest.raises(OutOfPagesError):
-                plan_swap_out(owner.pages, host_pool)
+                plan_swap_out(owner.pages, self.host.pool)
             assert self._state() == before
-            return
-        plan = plan_swap_out(owner.pages, host_pool)
-        assert plan.direction is SwapDirection.OUT
-        assert plan.device_pages == tuple(owner.pages)
-        assert len(plan.host_pages) == len(set(plan.host_pages)) == len(owner.pages)
+            return oid, None
+        plan = plan_swap_out(owner.pages, self.host.pool)
+        assert plan.direction is SwapDirection.OUT and plan.device_pages == tuple(owner.pages)
         host_counts = self._counts(False)
         assert not any(host_counts[p] for p in plan.host_pages), "swap reserved owned host pages"
         if oid in self.table:
             self._table_remove(oid)
-        execute_swap(plan, self.cache, self.host)
         release_source(plan, self.cache.pool, self.host.pool)
-        self._trash_if_free(True, plan.device_pages)
-        owner.on_device, owner.pages = False, list(plan.host_pages)
+        owner.pages = []  # held by nobody until the copy lands; its data is what it must carry
+        return oid, plan
 
-    def _unshared(self) -> list[int]:
-        counts = self._counts(True)
-        return [
-            oid for oid in self._ids(True) if all(counts[p] == 1 for p in self.owners[oid].pages)
-        ]
-
-    def _shared(self) -> list[int]:
-        counts = self._counts(True)
-        return [
-            oid for oid in self._ids(True) if any(counts[p] > 1 for p in self.owners[oid].pages)
-        ]
-
-    @precondition(lambda self: self._unshared())
-    @rule(data=st.data())
-    def swap_out(self, data):
-        self._begin()
-        self._swap_out(data.draw(st.sampled_from(self._unshared()), label="owner"))
-
-    @precondition(lambda self: self._shared())
-    @rule(data=st.data())
-    def swap_out_shared(self, data):
-        """A request that shares a prefix leaves; the other owners keep the device pages."""
-        self._begin()
-        self._swap_out(data.draw(st.sampled_from(self._shared()), label="owner"))
-
-    @precondition(lambda self: self._ids(False))
-    @rule(data=st.data())
-    def swap_in(self, data):
-        self._begin()
-        oid = data.draw(st.sampled_from(self._ids(False)), label="owner")
+    def _plan_in(self, oid: int) -> tuple[int, SwapPlan | None]:
+        """Plan a swap-in: device pages reserved (maybe ones a swap-out just released), the host
+        pages held until the copies are issued; None when the device pool lacks room."""
         owner = self.owners[oid]
-        device_pool = self.cache.pool
-        if len(owner.pages) > device_pool.num_free:
+        if len(owner.pages) > self.cache.pool.num_free:
             before = self._state()
             with pytest.raises(OutOfPagesError):
-                plan_swap_in(owner.pages, device_pool)
+                plan_swap_in(owner.pages, self.cache.pool)
             assert self._state() == before
-            return
-        plan = plan_swap_in(owner.pages, device_pool)
+            return oid, None
+        plan = plan_swap_in(owner.pages, self.cache.pool)
         assert plan.direction is SwapDirection.IN and plan.host_pages == tuple(owner.pages)
         device_counts = self._counts(True)
         assert not any(device_counts[p] for p in plan.device_pages), "swap-in onto owned pages"
-        execute_swap(plan, self.cache, self.host)
-        release_source(plan, self.cache.pool, self.host.pool)
-        self._trash_if_free(False, plan.host_pages)
-        owner.on_device, owner.pages = True, list(plan.device_pages)
-        for page, expected in zip(owner.pages, owner.data, strict=True):
-            assert torch.equal(self.cache.storage[page], expected), f"page {page} swapped in wrong"
+        return oid, plan
 
     # ----------------------------------------------------------------------- block table
 
@@ -570,6 +577,28 @@ def test_swap_round_trip_of_scattered_pages_is_byte_exact(data, seed):
     assert cache.storage[untouched].isnan().all(), "swap-in wrote outside its device pages"
     cache.check_integrity()
     host.check_integrity()
+
+
+def test_swap_outs_are_issued_before_swap_ins_that_reuse_their_pages():
+    """Why the runner issues every swap-out first: a swap-in planned in the same iteration lands
+    on the very device pages a swap-out released at planning (the pool is LIFO)."""
+    gen = torch.Generator().manual_seed(0)
+    cache, host = KVCache(SPEC, 2), HostSwapPool(SPEC, 4, pin_memory=False)
+    leaving, arriving = random_pages(gen, 2, 1), random_pages(gen, 2, 10)
+    cache.storage[cache.pool.allocate(2)] = leaving
+    host.storage[host.pool.allocate(2)] = arriving
+    out = plan_swap_out([0, 1], host.pool)
+    release_source(out, cache.pool, host.pool)
+    back = plan_swap_in([0, 1], cache.pool)
+    assert back.device_pages == (0, 1), "the released pages are handed out again at once"
+
+    ModelRunner(None, cache, None, host).swap(StepPlan((), swap_out=(out,), swap_in=(back,)))
+
+    assert torch.equal(host.storage[list(out.host_pages)], leaving)
+    assert torch.equal(cache.storage[[0, 1]], arriving)
+    execute_swap(back, cache, host)  # had the swap-in gone first, the swap-out would read this
+    execute_swap(out, cache, host)
+    assert torch.equal(host.storage[list(out.host_pages)], arriving)
 
 
 @st.composite

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from baton_paged.config import EngineConfig
+from baton_paged.engine import Engine
 from baton_paged.llm import LLM
+from baton_paged.registries import check_registered
 from baton_paged.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=6)
@@ -56,7 +58,16 @@ def test_duplicate_request_id_and_bad_priority(make_engine):
 )
 def test_bad_engine_config_is_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
-        EngineConfig(**{field: value})
+        check_registered(EngineConfig(**{field: value}))
+
+
+def test_an_unknown_policy_fails_before_any_model_loads(monkeypatch):
+    def no_loading(config):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("baton_paged.engine.load_model", no_loading)
+    with pytest.raises(ValueError, match="unknown policy 'fifo'"):
+        Engine(EngineConfig(policy="fifo"))
 
 
 def test_llm_generate_takes_vllm_shaped_prompts_and_keeps_their_order(tiny_model_dir):
@@ -154,7 +165,7 @@ def test_every_generation_config_eos_ends_a_request(make_engine, arch, expected)
     config; HF generate stops on both, so the engine must too (the preemption equivalence test
     meets one)."""
     engine = make_engine(arch)
-    assert engine.eos_token_ids == expected
+    assert engine.inputs.eos_token_ids == expected
     engine.add_request("hi", SamplingParams(temperature=0, max_tokens=8, min_tokens=3))
     request = next(iter(engine.requests.values()))
     assert set(expected) <= set(engine.outputs.suppressed_token_ids(request))

@@ -123,3 +123,25 @@ def test_a_failure_while_building_outputs_still_hands_back_finished_ones(make_en
     finished, suspect = engine.salvage_failed_step()
     assert [o.request_id for o in finished] == ["a"] and finished[0].finished
     assert suspect == ["b"]
+
+
+def test_a_failure_inside_planning_names_every_request(make_engine):
+    """The scheduler's state cannot be trusted after its own planning raised: every request is
+    named, and aborting them all empties both pools."""
+    engine = swapped_out_low(make_engine, vip_params=LONG)
+    engine.add_request({"prompt_token_ids": [3] * 5}, SHORT, request_id="new", priority=0)
+
+    def form_failing(step):
+        step.admit()
+        raise RuntimeError("policy bug")
+
+    engine.scheduler.policy.form = form_failing
+    with pytest.raises(RuntimeError, match="policy bug"):
+        engine.step()
+
+    finished, suspect = engine.salvage_failed_step()
+    assert finished == [] and sorted(suspect) == ["low", "new", "vip"]
+    for request_id in suspect:
+        engine.abort_request(request_id)
+    engine.scheduler.check_integrity()
+    assert engine.cache.pool.num_used == 0 and engine.host.pool.num_used == 0

@@ -15,6 +15,7 @@ from baton_paged.attention.registry import BACKENDS, backend_class, register_bac
 from baton_paged.attention.torch_backend import TorchBackend
 from baton_paged.config import EngineConfig
 from baton_paged.plugins import registry
+from baton_paged.registries import check_registered
 from baton_paged.sched.policies import POLICIES, BatonPolicy, register_policy
 
 PLUGIN_MODULE = '''
@@ -27,9 +28,9 @@ class EchoPolicy(BatonPolicy):
     name = "echo_baton"
     plans = 0
 
-    def plan(self, sched):
+    def form(self, step):
         EchoPolicy.plans += 1
-        return super().plan(sched)
+        return super().form(step)
 
 
 def register():
@@ -82,7 +83,7 @@ def test_a_broken_plugin_is_reported_and_skipped(installed, caplog):
     statuses = registry.load_plugins()
     assert statuses["broken"].error == "RuntimeError: this plugin is broken"
     assert "failed to load" in caplog.text
-    assert EngineConfig(policy="echo_baton").policy == "echo_baton"  # the other one still loaded
+    check_registered(EngineConfig(policy="echo_baton"))  # the other one still loaded
 
 
 def test_plugins_load_once_per_process(installed):
@@ -93,7 +94,7 @@ def test_the_allow_list_chooses_which_plugins_load(installed, monkeypatch):
     monkeypatch.setenv(registry.ALLOW_LIST_ENV, "broken")
     assert list(registry.load_plugins()) == ["broken"]
     with pytest.raises(ValueError, match="unknown policy 'echo_baton'"):
-        EngineConfig(policy="echo_baton")
+        check_registered(EngineConfig(policy="echo_baton"))
 
 
 def test_an_empty_allow_list_loads_none(installed, monkeypatch):
@@ -131,7 +132,7 @@ def test_register_backend_adds_a_named_backend():
     try:
         register_backend("torch_again", target)
         assert backend_class("torch_again") is TorchBackend
-        assert EngineConfig(attention_backend="torch_again").attention_backend == "torch_again"
+        check_registered(EngineConfig(attention_backend="torch_again"))
         with pytest.raises(ValueError, match="taken by"):
             register_backend("torch", target.replace("TorchBackend", "Other"))
         with pytest.raises(ValueError, match="'module:Class'"):

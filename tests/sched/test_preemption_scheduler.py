@@ -6,27 +6,26 @@ import pytest
 from sched_helpers import request, run_plan, scheduler
 
 from baton_paged.request import RequestStatus
-from baton_paged.sched.policies import make_policy
 
 POLICIES = ("baton", "orca", "chunked")
 """The dynamic policies: static admits nobody while a batch runs, so it never preempts for one."""
 
 
-def started(sched, policy, *rids, priority=1, **shape):
+def started(sched, *rids, priority=1, **shape):
     """Admit ``rids`` and run one iteration (their prefill), so each has computed K/V."""
     for rid in rids:
         sched.add(request(rid, priority=priority, **shape))
-    run_plan(sched, policy.plan(sched))
+    run_plan(sched, sched.schedule())
     assert set(rids) <= set(sched.running)
 
 
 @pytest.mark.parametrize("name", POLICIES)
 def test_high_priority_arrival_swaps_out_the_newest_low_priority_request(name):
-    sched, policy = scheduler(max_batch=2, host_pages=16), make_policy(name, 4096, 64)
-    started(sched, policy, "old", "new", max_tokens=6)
+    sched = scheduler(max_batch=2, host_pages=16, policy=name, chunk_budget=64)
+    started(sched, "old", "new", max_tokens=6)
     pages = sched.batch.pages("new")
     sched.add(request("urgent", priority=0))
-    plan = policy.plan(sched)
+    plan = sched.schedule()
     assert plan.preempted == ("new",) and plan.admitted == ("urgent",)
     (swap,) = plan.swap_out
     assert swap.device_pages == tuple(pages[: len(swap.device_pages)])
@@ -39,10 +38,10 @@ def test_high_priority_arrival_swaps_out_the_newest_low_priority_request(name):
 
 @pytest.mark.parametrize("name", POLICIES)
 def test_without_host_room_the_victim_recomputes(name):
-    sched, policy = scheduler(max_batch=2, host_pages=1), make_policy(name, 4096, 64)
-    started(sched, policy, "old", "new", max_tokens=6)  # 6 prompt tokens: 2 pages each
+    sched = scheduler(max_batch=2, host_pages=1, policy=name, chunk_budget=64)
+    started(sched, "old", "new", max_tokens=6)  # 6 prompt tokens: 2 pages each
     sched.add(request("urgent", priority=0))
-    plan = policy.plan(sched)
+    plan = sched.schedule()
     assert plan.preempted == ("new",) and plan.swap_out == () and plan.num_recomputed == 1
     new = sched.waiting.peek()
     assert new.status is RequestStatus.PREEMPTED and new.num_computed_tokens == 0
@@ -50,42 +49,39 @@ def test_without_host_room_the_victim_recomputes(name):
 
 
 def test_equal_priority_never_preempts():
-    sched, policy = scheduler(max_batch=2, host_pages=16), make_policy("baton", 4096, 64)
-    started(sched, policy, "a", "b", priority=0)
+    sched = scheduler(max_batch=2, host_pages=16)
+    started(sched, "a", "b", priority=0)
     sched.add(request("c", priority=0))
-    plan = policy.plan(sched)
+    plan = sched.schedule()
     assert plan.preempted == () and plan.admitted == ()
 
 
 def test_preempts_only_when_that_makes_room():
     """The arrival needs 8 pages; evicting the one low-priority request frees 2 of the 3 missing,
     so nobody is evicted for nothing."""
-    sched, policy = (
-        scheduler(num_pages=8, max_batch=4, host_pages=16),
-        make_policy("baton", 4096, 64),
-    )
+    sched = scheduler(num_pages=8, max_batch=4, host_pages=16)
     sched.add(request("high", priority=0, prompt_len=12))  # 3 pages, priority 0
     sched.add(request("low", priority=2, prompt_len=8))  # 2 pages
-    run_plan(sched, policy.plan(sched))
+    run_plan(sched, sched.schedule())
     sched.add(request("huge", priority=1, prompt_len=29))  # 8 pages
-    plan = policy.plan(sched)
+    plan = sched.schedule()
     assert plan.preempted == () and plan.admitted == ()
 
 
 @pytest.mark.parametrize("name", POLICIES)
 def test_swapped_request_resumes_where_it_stopped(name):
-    sched, policy = scheduler(max_batch=2, host_pages=16), make_policy(name, 4096, 64)
-    started(sched, policy, "old", "new", max_tokens=8)
+    sched = scheduler(max_batch=2, host_pages=16, policy=name, chunk_budget=64)
+    started(sched, "old", "new", max_tokens=8)
     victim = sched.running["new"]
     tokens_before = list(victim.output_token_ids)
     sched.add(request("urgent", priority=0, max_tokens=2))
-    plan = policy.plan(sched)
+    plan = sched.schedule()
     swapped_pages = plan.swap_out[0].host_pages
     run_plan(sched, plan)
-    plan = policy.plan(sched)
+    plan = sched.schedule()
     while "new" not in sched.running:
         run_plan(sched, plan)
-        plan = policy.plan(sched)
+        plan = sched.schedule()
     (swap_in,) = plan.swap_in
     assert swap_in.host_pages == swapped_pages
     assert sched.batch.pages("new")[: swap_in.num_pages] == list(swap_in.device_pages)
@@ -94,18 +90,18 @@ def test_swapped_request_resumes_where_it_stopped(name):
     assert row.decode and len(row.token_ids) == 1  # straight back into the decode forward
     run_plan(sched, plan)
     while sched.has_work():
-        run_plan(sched, policy.plan(sched))
+        run_plan(sched, sched.schedule())
     assert len(victim.output_token_ids) == 8
     assert sched.pool.num_used == 0 and sched.host_pool.num_used == 0
 
 
 def test_finishing_a_swapped_request_frees_its_host_pages():
-    sched, policy = scheduler(max_batch=1, host_pages=16), make_policy("baton", 4096, 64)
-    started(sched, policy, "low", max_tokens=6)
+    sched = scheduler(max_batch=1, host_pages=16)
+    started(sched, "low", max_tokens=6)
     sched.add(request("urgent", priority=0))
-    run_plan(sched, policy.plan(sched))
+    run_plan(sched, sched.schedule())
     assert sched.host_pool.num_used > 0
-    sched.finish(_waiting(sched, "low"), RequestStatus.FINISHED_ABORTED)
+    sched.abort(_waiting(sched, "low"))
     sched.check_integrity()
     assert sched.host_pool.num_used == 0 and "low" not in sched.waiting
 
@@ -127,20 +123,26 @@ class Pressure:
 @pytest.mark.parametrize("name", POLICIES)
 def test_pressure_shrinks_one_request_per_iteration_then_holds_then_grows(name):
     pressure = Pressure()
-    sched = scheduler(max_batch=4, host_pages=64, watermarks=(0.9, 0.5), reader=pressure)
-    policy = make_policy(name, 4096, 64)
-    started(sched, policy, "a", "b", "c", "d", max_tokens=30)
+    sched = scheduler(
+        max_batch=4,
+        host_pages=64,
+        watermarks=(0.9, 0.5),
+        reader=pressure,
+        policy=name,
+        chunk_budget=64,
+    )
+    started(sched, "a", "b", "c", "d", max_tokens=30)
     pressure.value = 0.95
     sizes = []
     for _ in range(4):
-        run_plan(sched, policy.plan(sched))
+        run_plan(sched, sched.schedule())
         sizes.append(len(sched.running))
     assert sizes == [3, 2, 1, 1]  # down to one, never zero
     pressure.value = 0.7  # between the watermarks: hold, no growth
-    run_plan(sched, policy.plan(sched))
+    run_plan(sched, sched.schedule())
     assert len(sched.running) == 1 and sched.monitor.holding
     pressure.value = 0.3
-    run_plan(sched, policy.plan(sched))
+    run_plan(sched, sched.schedule())
     assert len(sched.running) == 4 and not sched.monitor.holding
     assert (sched.monitor.high_crossings, sched.monitor.low_crossings) == (1, 1)
 
@@ -148,24 +150,22 @@ def test_pressure_shrinks_one_request_per_iteration_then_holds_then_grows(name):
 def test_high_priority_arrival_takes_a_slot_while_pressure_holds_the_batch():
     pressure = Pressure()
     sched = scheduler(max_batch=4, host_pages=64, watermarks=(0.9, 0.5), reader=pressure)
-    policy = make_policy("baton", 4096, 64)
-    started(sched, policy, "a", "b", max_tokens=30)
+    started(sched, "a", "b", max_tokens=30)
     pressure.value = 0.7
     sched.monitor.holding = True  # as after a crossing; the batch may not grow past 2
     sched.add(request("low", priority=1))
-    assert policy.plan(sched).admitted == ()
+    assert sched.schedule().admitted == ()
     sched.add(request("urgent", priority=0))
-    plan = policy.plan(sched)
+    plan = sched.schedule()
     assert plan.admitted == ("urgent",) and plan.preempted == ("b",)
     assert len(sched.running) == 2
 
 
 def test_admission_keeps_the_pool_under_the_high_watermark():
     sched = scheduler(num_pages=10, max_batch=4, watermarks=(0.75, 0.5))
-    policy = make_policy("baton", 4096, 64)
     for rid in "abc":
         sched.add(request(rid, prompt_len=8, max_tokens=2))  # 2 pages + 1 due next step
-    plan = policy.plan(sched)
+    plan = sched.schedule()
     assert plan.admitted == ("a", "b")  # a third would take the pool past 7.5 of 10 pages
     run_plan(sched, plan)
 
@@ -173,4 +173,4 @@ def test_admission_keeps_the_pool_under_the_high_watermark():
 def test_an_empty_batch_admits_a_request_the_watermark_alone_would_refuse():
     sched = scheduler(num_pages=4, max_batch=2, watermarks=(0.5, 0.25))
     sched.add(request("whole-pool", prompt_len=13, max_tokens=1))  # 4 pages: 100% > 50%
-    assert make_policy("baton", 4096, 64).plan(sched).admitted == ("whole-pool",)
+    assert sched.schedule().admitted == ("whole-pool",)

@@ -5,24 +5,24 @@ from __future__ import annotations
 import pytest
 from sched_helpers import request, run_plan, scheduler
 
-from baton_paged.sched.policies import make_policy
+from baton_paged.sched.step import victim_order
 
 
 def test_admission_is_by_priority_then_arrival():
     sched = scheduler(max_batch=3)
     for rid, prio in [("a", 1), ("b", 0), ("c", 1), ("d", 0)]:
         sched.add(request(rid, priority=prio))
-    plan = make_policy("baton", 4096, 512).plan(sched)
+    plan = sched.schedule()
     assert plan.admitted == ("b", "d", "a")
     assert [r.request_id for r in sched.waiting] == ["c"]
 
 
 def test_baton_prefills_newcomers_in_a_forward_of_their_own():
-    sched, policy = scheduler(), make_policy("baton", 4096, 512)
+    sched = scheduler()
     sched.add(request("old", max_tokens=5))
-    run_plan(sched, policy.plan(sched))
+    run_plan(sched, sched.schedule())
     sched.add(request("new"))
-    plan = policy.plan(sched)
+    plan = sched.schedule()
     assert [[r.request_id for r in f.rows] for f in plan.forwards] == [["new"], ["old"]]
     prefill, decode = plan.forwards
     assert prefill.num_tokens == 6 and decode.num_decode_rows == 1
@@ -30,11 +30,11 @@ def test_baton_prefills_newcomers_in_a_forward_of_their_own():
 
 
 def test_orca_runs_newcomers_inside_the_decode_forward():
-    sched, policy = scheduler(), make_policy("orca", 4096, 512)
+    sched = scheduler(policy="orca")
     sched.add(request("old", max_tokens=5))
-    run_plan(sched, policy.plan(sched))
+    run_plan(sched, sched.schedule())
     sched.add(request("new"))
-    (forward,) = policy.plan(sched).forwards
+    (forward,) = sched.schedule().forwards
     assert [(r.request_id, len(r.token_ids), r.decode) for r in forward.rows] == [
         ("old", 1, True),
         ("new", 6, False),
@@ -42,12 +42,12 @@ def test_orca_runs_newcomers_inside_the_decode_forward():
 
 
 def test_static_admits_only_when_the_whole_batch_has_finished():
-    sched, policy = scheduler(max_batch=2), make_policy("static", 4096, 512)
+    sched = scheduler(max_batch=2, policy="static")
     for rid, budget in [("short", 1), ("long", 4), ("next", 2)]:
         sched.add(request(rid, max_tokens=budget))
     admitted = []
     while sched.has_work():
-        plan = policy.plan(sched)
+        plan = sched.schedule()
         admitted.append(plan.admitted)
         run_plan(sched, plan)
     assert [a for a in admitted if a] == [("short", "long"), ("next",)]
@@ -55,12 +55,12 @@ def test_static_admits_only_when_the_whole_batch_has_finished():
 
 
 def test_chunked_keeps_every_forward_within_the_token_budget():
-    sched, policy = scheduler(), make_policy("chunked", 4096, 5)
+    sched = scheduler(policy="chunked", chunk_budget=5)
     sched.add(request("a", prompt_len=12, max_tokens=4))
     sched.add(request("b", prompt_len=3, max_tokens=4))
     sizes = []
     while sched.has_work():
-        plan = policy.plan(sched)
+        plan = sched.schedule()
         sizes.append([f.num_tokens for f in plan.forwards])
         run_plan(sched, plan)
     assert all(sum(s) <= 5 for s in sizes)
@@ -68,26 +68,26 @@ def test_chunked_keeps_every_forward_within_the_token_budget():
 
 
 def test_chunked_lets_a_higher_priority_request_in_when_decoders_spend_the_budget():
-    sched, policy = scheduler(max_batch=4), make_policy("chunked", 4096, 4)
+    sched = scheduler(max_batch=4, policy="chunked", chunk_budget=4)
     for rid in "abcd":
         sched.add(request(rid, priority=2, max_tokens=30))
     while len(sched.running) < 4 or any(r.num_computed_tokens == 0 for r in sched.running.values()):
-        run_plan(sched, policy.plan(sched))
+        run_plan(sched, sched.schedule())
     sched.add(request("urgent", priority=0, prompt_len=2, max_tokens=2))
 
-    plan = policy.plan(sched)
+    plan = sched.schedule()
 
     assert plan.admitted == ("urgent",) and plan.preempted == ("d",)
     assert [row.request_id for row in plan.forwards[0].rows][0] == "urgent"
 
 
 def test_chunked_computes_a_higher_priority_prompt_before_a_long_lower_one():
-    sched, policy = scheduler(num_pages=200), make_policy("chunked", 4096, 8)
+    sched = scheduler(num_pages=200, policy="chunked", chunk_budget=8)
     sched.add(request("bulk", priority=3, prompt_len=120, max_tokens=2))
-    run_plan(sched, policy.plan(sched))  # bulk's prefill takes the whole budget for 15 steps
+    run_plan(sched, sched.schedule())  # bulk's prefill takes the whole budget for 15 steps
     sched.add(request("urgent", priority=0, prompt_len=2, max_tokens=2))
 
-    plan = policy.plan(sched)
+    plan = sched.schedule()
 
     assert plan.admitted == ("urgent",) and not plan.preempted
     rows = {row.request_id: len(row.token_ids) for row in plan.forwards[0].rows}
@@ -95,38 +95,38 @@ def test_chunked_computes_a_higher_priority_prompt_before_a_long_lower_one():
 
 
 def test_chunked_admits_one_outranking_request_per_iteration_past_a_spent_budget():
-    sched, policy = scheduler(num_pages=200, max_batch=16), make_policy("chunked", 4096, 8)
+    sched = scheduler(num_pages=200, max_batch=16, policy="chunked", chunk_budget=8)
     sched.add(request("bulk", priority=3, prompt_len=120, max_tokens=2))
-    run_plan(sched, policy.plan(sched))
+    run_plan(sched, sched.schedule())
     for i in range(4):
         sched.add(request(f"u{i}", priority=1, prompt_len=40, max_tokens=2))
 
-    plan = policy.plan(sched)
+    plan = sched.schedule()
 
     assert plan.admitted == ("u0",), "the others would only hold pages with no tokens"
 
 
 def test_admission_never_lets_a_later_request_overtake_one_that_does_not_fit():
-    sched, policy = scheduler(num_pages=4), make_policy("baton", 4096, 512)
+    sched = scheduler(num_pages=4)
     sched.add(request("big", prompt_len=13))  # needs all 4 pages
     sched.add(request("small", prompt_len=2))  # would fit in 1
     held = sched.pool.allocate(1)  # a page held elsewhere: big cannot fit yet
-    assert policy.plan(sched).admitted == ()
+    assert sched.schedule().admitted == ()
     sched.pool.free(held)
-    assert policy.plan(sched).admitted == ("big",)
+    assert sched.schedule().admitted == ("big",)
 
 
 def test_a_newcomer_waits_for_the_page_its_first_decode_opens():
     """Admitting B into exactly its prompt's pages would make it the next iteration's victim
     (its ninth token opens a page the pool no longer has): its prefill would be wasted."""
-    sched, policy = scheduler(num_pages=4), make_policy("baton", 4096, 64)
+    sched = scheduler(num_pages=4, policy="baton", chunk_budget=64)
     sched.add(request("A", prompt_len=6, max_tokens=8))
-    run_plan(sched, policy.plan(sched))  # A: 7 tokens on 2 pages
+    run_plan(sched, sched.schedule())  # A: 7 tokens on 2 pages
     sched.add(request("B", prompt_len=8, max_tokens=4))  # 2 pages, then a third at once
-    assert policy.plan(sched).admitted == ()
+    assert sched.schedule().admitted == ()
     plans = []
     while sched.has_work():
-        plans.append(policy.plan(sched))
+        plans.append(sched.schedule())
         run_plan(sched, plans[-1])
     assert not any(plan.preempted for plan in plans), "nobody's work was thrown away"
     assert sched.pool.num_used == 0
@@ -136,18 +136,18 @@ def test_victim_is_lowest_priority_then_most_recently_admitted():
     sched = scheduler()
     for rid, prio in [("a", 0), ("b", 2), ("c", 2), ("d", 1)]:
         sched.add(request(rid, priority=prio))
-    sched.admit()
-    assert sched.choose_victim().request_id == "c"
+    sched.schedule()
+    assert victim_order(sched.running)[0].request_id == "c"
 
 
 @pytest.mark.parametrize("policy", ["baton", "orca", "static", "chunked"])
 def test_decode_growth_preempts_by_recompute_when_pages_run_out(policy):
-    sched, pol = scheduler(num_pages=4, max_batch=2), make_policy(policy, 4096, 8)
+    sched = scheduler(num_pages=4, max_batch=2, policy=policy, chunk_budget=8)
     sched.add(request("first", prompt_len=4, max_tokens=8))
     sched.add(request("second", prompt_len=4, max_tokens=8))
     preempted = []
     while sched.has_work():
-        plan = pol.plan(sched)
+        plan = sched.schedule()
         preempted += plan.preempted
         run_plan(sched, plan)
     assert preempted and set(preempted) <= {"second"}
@@ -158,9 +158,9 @@ def test_decode_growth_preempts_by_recompute_when_pages_run_out(policy):
 def test_a_one_token_prompt_is_prefilled(policy):
     """One pending token but nothing computed yet: a prompt, not a decode (chunked once left
     such a request in the batch forever)."""
-    sched, pol = scheduler(), make_policy(policy, 4096, 8)
+    sched = scheduler(policy=policy, chunk_budget=8)
     sched.add(request("a", prompt_len=1, max_tokens=2))
-    plan = pol.plan(sched)
+    plan = sched.schedule()
     assert [(r.request_id, r.start, r.sample) for f in plan.forwards for r in f.rows] == [
         ("a", 0, True)
     ]

@@ -1,0 +1,88 @@
+"""Where the engine's modules meet: two calls into the scheduler per iteration, observers that
+read only the snapshot, and no scheduler fields read from outside ``baton_paged/sched/``."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from equivalence import run
+from test_preemption import priority_workload
+
+from baton_paged.server.metrics import ServerMetrics
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEDULER_API = {
+    "add",
+    "abort",
+    "has_work",
+    "schedule",
+    "update",
+}
+
+
+class Recorder:
+    """Stands in for the scheduler and records every attribute the engine reads from it."""
+
+    def __init__(self, target):
+        self._target = target
+        self.reads: list[str] = []
+
+    def __getattr__(self, name):
+        self.reads.append(name)
+        return getattr(self._target, name)
+
+
+def test_each_step_calls_the_scheduler_exactly_twice(make_engine, monkeypatch):
+    """Through admissions, swap preemptions, swap-ins and finishes alike: schedule, then update."""
+    engine = make_engine(max_batch_size=4, page_size=4, kv_memory="1MiB")
+    recorder = Recorder(engine.scheduler)
+    real_step = engine.step
+
+    def recorded_step():
+        recorder.reads.clear()
+        engine.scheduler = recorder
+        try:
+            return real_step()
+        finally:
+            engine.scheduler = recorder._target
+            assert recorder.reads == ["schedule", "update"]
+
+    monkeypatch.setattr(engine, "step", recorded_step)
+    run(engine, priority_workload(seed=5))
+    assert engine.stats.swap_preemptions > 0 and engine.stats.pages_swapped_in > 0
+
+
+def test_metrics_read_nothing_but_the_snapshot(make_engine):
+    engine = make_engine()
+
+    class OnlyASnapshot:
+        snapshot = engine.snapshot
+
+    text = ServerMetrics(OnlyASnapshot()).render().decode()
+    assert "baton:num_requests_running 0.0" in text and "baton:kv_cache_usage_perc 0.0" in text
+
+
+def test_the_snapshot_follows_adds_steps_and_aborts(make_engine):
+    engine = make_engine(max_batch_size=1)
+    engine.add_request("def main():", request_id="a")
+    engine.add_request("import os", request_id="b")
+    assert (engine.snapshot.num_waiting, engine.snapshot.num_running) == (2, 0)
+    before = engine.snapshot
+    engine.step()
+    snap = engine.snapshot
+    assert (snap.num_waiting, snap.num_running, snap.stats.iterations) == (1, 1, 1)
+    assert snap.device_pages_used > 0 and before.stats.iterations == 0  # old one unchanged
+    engine.abort_request("a")
+    engine.abort_request("b")
+    assert engine.snapshot.num_queued == 0 and engine.snapshot.stats.aborted == 2
+
+
+def test_no_module_outside_sched_reads_scheduler_fields():
+    """Only the scheduler's public calls appear after ``scheduler.`` outside baton_paged/sched/."""
+    used = set()
+    for folder in ("baton_paged", "allocator", "attention", "plugins"):
+        for path in (REPO / folder).rglob("*.py"):
+            if "sched" not in path.relative_to(REPO).parts:
+                used |= set(re.findall(r"\bscheduler\.(\w+)", path.read_text()))
+    assert used <= SCHEDULER_API, used - SCHEDULER_API
