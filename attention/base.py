@@ -33,11 +33,6 @@ class AttentionRequirements:
     num_query_heads: int
     num_kv_heads: int
 
-    @property
-    def group_size(self) -> int:
-        """Query heads per KV head (1 for MHA)."""
-        return self.num_query_heads // self.num_kv_heads
-
 
 class AttentionBackend(ABC):
     """Paged attention over a ``KVCache`` for one step described by ``AttentionMetadata``."""

@@ -197,9 +197,8 @@ class Engine:
             self._take_tokens(forward, logits, progress)
         sizes = self.scheduler.update(plan, progress.result())
         self._step = None
-        self.stats.record(plan, sum(row.sample for f in plan.forwards for row in f.rows))
-        host_pages = self.host.pool.num_used if self.host else 0
-        self.stats.record_memory(self.cache.pool.num_used, host_pages, self.monitor)
+        generated = sum(row.sample for forward in plan.forwards for row in forward.rows)
+        self.stats.record(plan, generated, self.monitor)
         self._publish(sizes)
         return self._report(progress.touched.values())
 

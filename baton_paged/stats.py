@@ -31,12 +31,9 @@ class EngineStats:
     pages_swapped_in: int = 0
     page_bytes: int = 0
     """Bytes of one KV page (all layers, K and V), to turn page counts into bytes."""
-    pages_in_use: int = 0
-    """Device pages owned after the last iteration."""
     peak_pages_in_use: int = 0
     """Most device pages owned at once: sampled after planning, when the step's pages are all
     reserved and before finished requests return theirs."""
-    host_pages_in_use: int = 0
     high_watermark_crossings: int = 0
     low_watermark_crossings: int = 0
     finished: int = 0
@@ -44,7 +41,7 @@ class EngineStats:
     batch_rows: int = 0
     """Sum over iterations of running requests (for the mean batch occupancy)."""
 
-    def record(self, plan: StepPlan, generated: int) -> None:
+    def record(self, plan: StepPlan, generated: int, monitor: MemoryMonitor) -> None:
         self.iterations += 1
         self.forwards += len(plan.forwards)
         self.generated_tokens += generated
@@ -57,16 +54,11 @@ class EngineStats:
         self.batch_rows += plan.batch_size
         for forward in plan.forwards:
             self.prompt_tokens += forward.num_tokens - forward.num_decode_rows
+        self.high_watermark_crossings = monitor.high_crossings
+        self.low_watermark_crossings = monitor.low_crossings
 
     def record_peak(self, pages: int) -> None:
         self.peak_pages_in_use = max(self.peak_pages_in_use, pages)
-
-    def record_memory(self, pages: int, host_pages: int, monitor: MemoryMonitor | None) -> None:
-        self.pages_in_use = pages
-        self.host_pages_in_use = host_pages
-        if monitor is not None:
-            self.high_watermark_crossings = monitor.high_crossings
-            self.low_watermark_crossings = monitor.low_crossings
 
     @property
     def recompute_preemptions(self) -> int:

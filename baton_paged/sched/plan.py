@@ -73,10 +73,6 @@ class StepPlan:
         """Preemptions that freed K/V rather than swapping it."""
         return len(self.preempted) - len(self.swap_out)
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.forwards
-
 
 @dataclass(frozen=True)
 class StepResult:

@@ -179,4 +179,4 @@ def test_peak_pages_include_the_last_step_of_a_finishing_request(make_engine):
     engine.add_request({"prompt_token_ids": [5] * 6}, params)
     while engine.has_unfinished_requests():
         engine.step()
-    assert engine.stats.peak_pages_in_use == 3 and engine.stats.pages_in_use == 0
+    assert engine.stats.peak_pages_in_use == 3 and engine.snapshot.device_pages_used == 0
