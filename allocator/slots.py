@@ -22,7 +22,8 @@ def slot_mapping(
     """Slots of positions ``[starts[b], ends[b])`` of every row ``b`` of ``block_table``, packed
     in row order: the slots one forward writes its new tokens' K/V to (a decode row has
     ``ends[b] == starts[b] + 1``). The pages must be allocated already (the scheduler grows them
-    before it plans the forward); ValueError if a position lies past a row's table."""
+    before it plans the forward; entries past a row's pages are padding, so a position there
+    maps to page 0); ValueError if a position lies past the table's width."""
     starts = np.asarray(starts, dtype=np.int64)
     ends = np.asarray(ends, dtype=np.int64)
     if starts.shape != ends.shape or (starts < 0).any() or (ends < starts).any():

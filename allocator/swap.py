@@ -16,7 +16,8 @@ the same iteration, as soon as nothing that could write it comes before the copy
   ones (swap-ins, forwards): its device pages are released when the swap-out is planned, so the
   room a preemption makes serves a newcomer in the same iteration;
 * a swap-in reads host pages in the second stage, after the swap-outs that write host pages: its
-  host pages stay owned until the iteration's copies are issued, and are released then.
+  host pages stay owned for the whole iteration, and are released when the engine reports the
+  iteration back (``Scheduler.update``), by then long issued.
 
 Host code that reads the host pool directly must synchronize first: copies are ``non_blocking``.
 """

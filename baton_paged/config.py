@@ -2,7 +2,7 @@
 
 Each field's docstring is the help text the CLI and the server show for it, so the two never
 drift apart. Validation happens in ``__post_init__``: a bad value fails before any model loads.
-A leaf module: the names plugins can extend (policies, attention backends) are checked against
+It imports no policies, backends or plugins: the names plugins can extend are checked against
 their registries where an engine is built (``registries.check_registered``).
 """
 

@@ -43,7 +43,7 @@ from baton_paged.sampler import SamplingRow, sample
 from baton_paged.sampling_params import SamplingParams
 from baton_paged.sched.plan import ForwardBatch, QueueSizes, StepPlan, StepResult
 from baton_paged.sched.policies import make_policy
-from baton_paged.sched.scheduler import Scheduler
+from baton_paged.sched.scheduler import PlanningError, Scheduler
 from baton_paged.snapshot import EngineSnapshot
 from baton_paged.stats import EngineStats
 
@@ -52,8 +52,7 @@ from baton_paged.stats import EngineStats
 class _StepProgress:
     """How far the running iteration got, kept so a failed one can be settled afterwards."""
 
-    plan: StepPlan | None = None
-    """None while the scheduler is still planning."""
+    plan: StepPlan
     swaps_issued: bool = False
     forwards_run: int = 0
     finished: list[tuple[str, RequestStatus]] = field(default_factory=list)
@@ -61,7 +60,7 @@ class _StepProgress:
     """Requests that got a token, in order: each reports an output."""
 
     def result(self) -> StepResult:
-        return StepResult(self.swaps_issued, self.forwards_run, tuple(self.finished))
+        return StepResult(self.forwards_run, tuple(self.finished))
 
 
 class Engine:
@@ -186,8 +185,12 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One iteration: every request that got a token reports its output."""
-        self._step = progress = _StepProgress()
-        progress.plan = plan = self.scheduler.schedule()
+        try:
+            plan = self.scheduler.schedule()
+        except PlanningError as failure:
+            self._step = _StepProgress(failure.plan)
+            raise
+        self._step = progress = _StepProgress(plan)
         self.stats.record_peak(self.cache.pool.num_used)  # before finished requests free pages
         self.runner.swap(plan)
         progress.swaps_issued = True
@@ -195,8 +198,8 @@ class Engine:
             logits = self.runner.execute(forward)
             progress.forwards_run += 1
             self._take_tokens(forward, logits, progress)
+        self._step = None  # the scheduler hears back once, even if update itself raises
         sizes = self.scheduler.update(plan, progress.result())
-        self._step = None
         generated = sum(row.sample for forward in plan.forwards for row in forward.rows)
         self.stats.record(plan, generated, self.monitor)
         self._publish(sizes)
@@ -206,11 +209,8 @@ class Engine:
         """After ``step`` raised: the final outputs of requests that finished in its earlier
         forwards (complete, so still theirs to deliver), and the ids of requests it may have
         left half-done (running, or swapped out by it before the copies were issued), which the
-        caller aborts. Waiting requests, swapped ones included, stay queued untouched. A failure
-        inside the scheduler's own planning leaves nothing to trust: every request is named."""
+        caller aborts. Waiting requests, swapped ones included, stay queued untouched."""
         progress, self._step = self._step, None
-        if progress is not None and progress.plan is None:
-            return [], list(self.requests)
         unissued: list[str] = []
         if progress is not None:  # it failed before the scheduler heard back
             self._publish(self.scheduler.update(progress.plan, progress.result()))

@@ -49,6 +49,7 @@ class InputProcessor:
     ) -> Request:
         """The request for ``prompt``, or ValueError saying why it can never run."""
         params = SamplingParams() if params is None else params
+        request_id = str(next(self._ids)) if request_id is None else request_id
         if not isinstance(params, SamplingParams):
             raise ValueError(f"expected SamplingParams, got {type(params).__name__}")
         if isinstance(priority, bool) or not isinstance(priority, int):
@@ -56,7 +57,7 @@ class InputProcessor:
         text, ids = self._tokenize(prompt)
         seed = params.seed
         return Request(
-            request_id=str(next(self._ids)) if request_id is None else request_id,
+            request_id=request_id,
             prompt_token_ids=ids,
             params=params,
             max_tokens=self._max_tokens(ids, params),

@@ -8,7 +8,7 @@ declaring, in its own ``setup.cfg``::
         my_policy = my_package.baton:register
 
 Each entry point names a zero-argument callable. Every process calls each plugin once, before
-the first ``EngineConfig`` is checked, so ``--policy my_policy`` works on the command line, in
+the first engine is built, so ``--policy my_policy`` works on the command line, in
 ``LLM(...)`` and in every Ray Serve replica alike. ``register`` calls ``register_policy``
 (``baton_paged.sched.policies``) and/or ``register_backend`` (``baton_paged.attention.registry``),
 and must be safe to call again. ``BATON_PAGED_PLUGINS=a,b``

@@ -78,8 +78,6 @@ class StepPlan:
 class StepResult:
     """What the engine did with a ``StepPlan``: all of it, or how far a failed step got."""
 
-    swaps_issued: bool = False
-    """The plan's swap copies were issued (so their source pages have been read)."""
     forwards_run: int = 0
     """How many of the plan's forwards ran, in order, writing their rows' K/V."""
     finished: tuple[tuple[str, RequestStatus], ...] = ()

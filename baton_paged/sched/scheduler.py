@@ -9,8 +9,9 @@ The engine and the scheduler meet in two calls per iteration:
 ``schedule`` opens a ``Step`` (``sched/step.py``), the iteration's planning transaction: it
 applies memory pressure, reserves the pages the running requests' next tokens need and asks the
 policy which forwards to form, which may admit, preempt and swap. The step's record becomes the
-plan and the step is dropped, so nothing of one iteration lives on in scheduler fields: a step
-that raises half-way is settled from its plan and what it got done, through ``update`` too.
+plan and the step is dropped, so nothing of one iteration lives on in scheduler fields. A step
+that raises half-way is settled through ``update`` too, from its plan and what it got done; if
+planning itself raises, ``PlanningError`` carries the plan of what the step had done by then.
 
 The scheduler owns bookkeeping and never touches tensors. Running requests are rows of one
 ``BlockTable``: admitting a request appends its row (BATON's insertion: page ids, no K/V copy)
@@ -29,6 +30,16 @@ from baton_paged.sched.plan import QueueSizes, StepPlan, StepResult
 from baton_paged.sched.policies import Policy
 from baton_paged.sched.step import Step
 from baton_paged.sched.waiting_queue import WaitingQueue
+
+
+class PlanningError(RuntimeError):
+    """Planning raised part-way (the cause is chained); ``plan`` holds what the step had done
+    by then: admissions, preemptions and swaps, no forwards, so it is settled like any step
+    that failed before its copies were issued."""
+
+    def __init__(self, plan: StepPlan, cause: Exception):
+        super().__init__(f"planning the iteration failed: {type(cause).__name__}: {cause}")
+        self.plan = plan
 
 
 class Scheduler:
@@ -73,16 +84,20 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         """Plan the next iteration, pages reserved and copies paired (see the module docstring)."""
         step = Step(self)
-        step.shed_under_pressure()
-        step.reserve_decode_pages()
-        return step.plan(self.policy.form(step))
+        try:
+            step.shed_under_pressure()
+            step.reserve_decode_pages()
+            forwards = self.policy.form(step)
+        except Exception as error:
+            raise PlanningError(step.plan(()), error) from error
+        return step.plan(forwards)
 
     def update(self, plan: StepPlan, result: StepResult) -> QueueSizes:
         """The engine did ``result`` of ``plan``: record the K/V its forwards wrote, release the
         host pages its swap-ins read, and end the requests that finished. A step that raised
         part-way is settled the same way, with the result of what it did: its swap-ins' host
         pages go back whether or not they were read, as their requests are half-done either way
-        and the caller aborts every running request."""
+        and the caller aborts every running request. Not idempotent: once per plan."""
         for swap in plan.swap_in:
             release_source(swap, self.pool, self.host_pool)
         for forward in plan.forwards[: result.forwards_run]:

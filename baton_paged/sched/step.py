@@ -202,15 +202,16 @@ class Step:
     def _join(self, request: Request) -> None:
         """Insert a waiting request as a new batch row with pages for all its tokens; a swapped
         request's host pages are copied back into the first of them."""
-        sched = self.sched
+        sched, pool = self.sched, self.sched.pool
         needed = pages_needed(request.num_tokens, sched.page_size)
-        host = sched.swapped.pop(request.request_id, None)
+        if needed > pool.num_free:  # fail before anything changes
+            raise OutOfPagesError(needed, pool.num_free, pool.num_pages, pool.name)
         pages: list[int] = []
-        if host is not None:
-            swap = plan_swap_in(host, sched.pool)
+        if request.request_id in sched.swapped:
+            swap = plan_swap_in(sched.swapped.pop(request.request_id), pool)
             self.swap_in.append(swap)
             pages += swap.device_pages
-        pages += sched.pool.allocate(needed - len(pages))
+        pages += pool.allocate(needed - len(pages))
         sched.waiting.remove(request.request_id)
         sched.batch.insert(request.request_id, pages)
         sched.running[request.request_id] = request

@@ -125,14 +125,15 @@ def test_a_failure_while_building_outputs_still_hands_back_finished_ones(make_en
     assert suspect == ["b"]
 
 
-def test_a_failure_inside_planning_names_every_request(make_engine):
-    """The scheduler's state cannot be trusted after its own planning raised: every request is
-    named, and aborting them all empties both pools."""
-    engine = swapped_out_low(make_engine, vip_params=LONG)
-    engine.add_request({"prompt_token_ids": [3] * 5}, SHORT, request_id="new", priority=0)
+def test_a_failure_inside_planning_after_a_swap_in_leaks_no_host_pages(make_engine):
+    """Planning raises after it swapped "low" back in: only "low" is half-done (running, its
+    copy never issued); its host pages go back, and the request waiting behind stays queued."""
+    engine = swapped_out_low(make_engine)
+    engine.step()  # vip finishes; low is next, from host memory
+    engine.add_request({"prompt_token_ids": [3] * 5}, SHORT, request_id="later", priority=2)
 
     def form_failing(step):
-        step.admit()
+        assert [r.request_id for r in step.admit()] == ["low"]
         raise RuntimeError("policy bug")
 
     engine.scheduler.policy.form = form_failing
@@ -140,8 +141,31 @@ def test_a_failure_inside_planning_names_every_request(make_engine):
         engine.step()
 
     finished, suspect = engine.salvage_failed_step()
-    assert finished == [] and sorted(suspect) == ["low", "new", "vip"]
-    for request_id in suspect:
-        engine.abort_request(request_id)
+    assert finished == [] and suspect == ["low"]
+    engine.abort_request("low")
     engine.scheduler.check_integrity()
-    assert engine.cache.pool.num_used == 0 and engine.host.pool.num_used == 0
+    assert engine.host.pool.num_used == 0 and engine.cache.pool.num_used == 0
+    assert engine.snapshot.num_waiting == 1  # "later", untouched
+
+
+def test_a_failure_before_planning_changed_anything_names_only_the_running(make_engine):
+    calls = []
+
+    def reader():  # the device-memory reading fails on the third iteration
+        calls.append(None)
+        if len(calls) == 3:
+            raise RuntimeError("NVML read failed")
+        return 0.0
+
+    engine = make_engine(max_batch_size=1, memory_reader=reader)
+    engine.add_request("def main():", LONG, request_id="a")
+    engine.add_request("import os", LONG, request_id="b")
+    engine.step()
+    engine.step()
+    with pytest.raises(RuntimeError, match="NVML read failed"):
+        engine.step()
+
+    _, suspect = engine.salvage_failed_step()
+    assert suspect == ["a"], "b waits untouched"
+    engine.abort_request("a")
+    engine.scheduler.check_integrity()

@@ -117,12 +117,20 @@ def test_register_policy_refuses_what_would_be_ambiguous():
     class Nameless(BatonPolicy):
         name = ""
 
+    class Legacy(BatonPolicy):
+        name = "legacy"
+
+        def plan(self, sched):
+            return super().form(sched)
+
     with pytest.raises(ValueError, match="taken by BatonPolicy"):
         register_policy(Impostor)
     with pytest.raises(ValueError, match="non-empty str"):
         register_policy(Nameless)
     with pytest.raises(TypeError, match="Policy subclass"):
         register_policy(object)
+    with pytest.raises(TypeError, match="no longer called"):
+        register_policy(Legacy)
     register_policy(BatonPolicy)  # the same class again changes nothing
     assert POLICIES["baton"] is BatonPolicy
 

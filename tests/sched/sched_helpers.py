@@ -54,5 +54,5 @@ def run_plan(sched, plan):
                 req.output_token_ids.append(0)
                 if len(req.output_token_ids) == req.max_tokens:
                     finished.append((row.request_id, RequestStatus.FINISHED_LENGTH))
-    sched.update(plan, StepResult(True, len(plan.forwards), tuple(finished)))
+    sched.update(plan, StepResult(len(plan.forwards), tuple(finished)))
     sched.check_integrity()
