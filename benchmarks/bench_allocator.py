@@ -6,8 +6,12 @@ Targets (issue 2), on the small model (8 layers, 4 KV heads, head dim 64, float3
 - swap-out and swap-in of 64 pages reach >= 0.8x the bandwidth of one plain contiguous
   ``copy_`` of the same bytes;
 - the allocator's work in one decode step at batch 32 costs < 1% of that step's forward.
-The decode step is measured as plain HF's forward of one token per sequence over a dense cache
-of 200 tokens: the model-side work our bookkeeping sits beside.
+The allocator's work per decode step is what the engine does around a decode forward: grow a
+page for each request whose next token starts one, gather the batch's block-table rows and build
+the step's ``AttentionMetadata`` (slot mapping, sequence offsets, block table tensor), then
+retire finished requests and insert new ones. The decode step is measured as plain HF's forward
+of one token per sequence over a dense cache of 200 tokens: the model-side work our bookkeeping
+sits beside.
 """
 
 from __future__ import annotations
@@ -25,13 +29,13 @@ from baton_paged.allocator import (
     KVCache,
     KVCacheSpec,
     PagePool,
-    decode_slot_mapping,
     execute_swap,
     pages_needed,
     plan_swap_in,
     plan_swap_out,
     release_source,
 )
+from baton_paged.attention import AttentionMetadata
 from baton_paged.model_builder import cached_model
 
 BATCH = 32
@@ -51,9 +55,10 @@ def alloc_free_ns_per_page(pages_per_call: int, calls: int = 20000) -> float:
 class DecodeBookkeeping:
     """A batch of 32 decoding requests doing exactly the allocator work of a real decode step.
 
-    Per step: grow a page for each request whose next token starts one, build the decode slot
-    mapping and the block-table tensor, then retire finished requests (long-tailed budgets,
-    mean ~100 tokens) and insert new prompts of 16-256 tokens in their place.
+    Per step: grow a page for each request whose next token starts one, gather the batch's
+    block-table rows (as the scheduler plans a forward) and build the step's attention metadata
+    (as the model runner does), then retire finished requests (long-tailed budgets, mean ~100
+    tokens) and insert new prompts of 16-256 tokens in their place.
     """
 
     def __init__(self, seed: int = 0):
@@ -78,8 +83,8 @@ class DecodeBookkeeping:
         positions = np.fromiter((self.context[rid] for rid in ids), dtype=np.int64, count=len(ids))
         for row in np.flatnonzero(positions % PAGE_SIZE == 0):
             self.table.append(ids[row], self.pool.allocate(1))
-        torch.from_numpy(decode_slot_mapping(self.table.as_numpy(), positions, PAGE_SIZE))
-        self.table.as_tensor()
+        rows = self.table.as_numpy()[[self.table.row_of(rid) for rid in ids]]
+        AttentionMetadata.build([1] * len(ids), positions + 1, rows, PAGE_SIZE)
         for rid in ids:
             self.context[rid] += 1
             self.remaining[rid] -= 1
