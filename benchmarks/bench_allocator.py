@@ -16,11 +16,10 @@ sits beside.
 
 from __future__ import annotations
 
-import argparse
-
+import harness
 import numpy as np
 import torch
-from common import environment, interleaved, setup_threads, synchronizer, time_once, write_json
+from timing import environment, interleaved, synchronizer, time_once
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from baton_paged.allocator import (
@@ -61,7 +60,7 @@ class DecodeBookkeeping:
     tokens) and insert new prompts of 16-256 tokens in their place.
     """
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int):
         self.rng = np.random.default_rng(seed)
         self.pool = PagePool(BATCH * 64)
         self.table = BlockTable(BATCH, max_pages=64)
@@ -158,15 +157,13 @@ def swap_cases(device: torch.device, rng: np.random.Generator):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser = harness.options(__doc__, threads=1, repeats=9)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    threads = setup_threads(args.threads)
+    args = harness.start(parser)
+    threads = torch.get_num_threads()
     device = torch.device(args.device)
     sync = synchronizer(device)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
 
     per_page = {n: alloc_free_ns_per_page(n) for n in (1, 16)}
 
@@ -174,7 +171,7 @@ def main() -> None:
     swap_seconds = interleaved(swaps, args.repeats * 3, sync, warmup=2)
     plain = swap_seconds["plain copy_"]
 
-    sim = DecodeBookkeeping()
+    sim = DecodeBookkeeping(args.seed)
     steps = 2000
     bookkeeping = time_once(lambda: [sim.step() for _ in range(steps)], lambda: None) / steps
     sim.pool.check_integrity()
@@ -206,7 +203,7 @@ def main() -> None:
             "allocator_share_of_step": round(bookkeeping / decode, 5),
         },
     }
-    path = write_json(f"allocator-{device.type}", result)
+    path = harness.write_json(f"allocator-{device.type}", result)
     print_table(result)
     print(f"\nwrote {path}")
 
@@ -216,17 +213,14 @@ def print_table(result: dict) -> None:
     print(f"torch {env['torch']}, {env['threads']} thread(s), device {env['device']}")
     for label, ns in result["alloc_free_ns_per_page"].items():
         print(f"allocate+free, {label}: {ns} ns/page")
-    mib = swap["bytes"] >> 20
-    print(f"\n| swap of {swap['pages']} pages ({mib} MiB) | ms | GB/s | vs plain copy_ |")
-    print("|---|---|---|---|")
-    for name, row in swap["cases"].items():
-        print(f"| {name} | {row['ms']} | {row['GB/s']} | {row['vs plain copy_']} |")
-    print(f"\nallocator work per decode step (batch {step['batch']}): ", end="")
+    headers = [f"swap of {swap['pages']} pages ({swap['bytes'] >> 20} MiB)", "ms", "GB/s"]
+    rows = [[name, *case.values()] for name, case in swap["cases"].items()]
+    print("", *harness.table([*headers, "vs plain copy_"], rows), sep="\n")
     print(
-        f"{step['allocator_us_per_step']} us; HF decode forward {step['hf_decode_forward_ms']} ms",
-        end="",
+        f"\nallocator work per decode step (batch {step['batch']}): "
+        f"{step['allocator_us_per_step']} us; HF decode forward {step['hf_decode_forward_ms']} "
+        f"ms; share {step['allocator_share_of_step']:.3%}"
     )
-    print(f"; share {step['allocator_share_of_step']:.3%}")
 
 
 if __name__ == "__main__":
