@@ -1,12 +1,6 @@
-"""The two Hugging Face peers our engine is compared with, run over the same workload.
-
-* ``hf-generate``: plain ``model.generate`` on left-padded chunks of B requests in arrival order,
-  each chunk run to the largest budget in it (``min_new_tokens = max_new_tokens``); only each
-  request's own budget counts as useful, the rest is the waste static batching pays.
-* ``hf-cb``: transformers' own continuous batching (``ContinuousBatchingManager``, sdpa attention,
-  per-request ``max_new_tokens``, EOS disabled with ``eos_token_id=-1``),
-  ``max_requests_per_batch`` = B. Its batch limit counts requests per forward (decoders first,
-  then prompts), ours counts requests holding a batch slot: close, not identical.
+"""The two Hugging Face peers ``bench_policies`` compares our engine with (its docstring says
+how each runs): ``hf-generate``, static batches of ``model.generate``, and ``hf-cb``,
+transformers' own continuous batching.
 """
 
 from __future__ import annotations

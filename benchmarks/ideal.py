@@ -40,14 +40,8 @@ def paged_runner(model, kv_memory: str) -> Iterator[ModelRunner]:
     ``model`` runs paged attention until the block ends."""
     weights = next(model.parameters())
     geometry = KVCacheSpec.from_model_config(model.config)
-    req = AttentionRequirements(
-        weights.device,
-        weights.dtype,
-        1,
-        geometry.head_dim,
-        model.config.num_attention_heads,
-        geometry.num_kv_heads,
-    )
+    heads = (geometry.head_dim, model.config.num_attention_heads, geometry.num_kv_heads)
+    req = AttentionRequirements(weights.device, weights.dtype, 1, *heads)
     page_size = suggested_page_size(AUTO, req)
     backend = create_backend(AUTO, replace(req, page_size=page_size))
     spec = KVCacheSpec.from_model_config(model.config, page_size, weights.dtype)

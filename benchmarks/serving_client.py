@@ -1,13 +1,6 @@
 """The serving benchmark's client: an asyncio ``httpx`` load generator that streams completions
-from an OpenAI-compatible server and measures them as vLLM's ``benchmark_serving`` does.
-
-TTFT = request sent -> first chunk with choices; ITL = gaps between successive such chunks (all
-requests pooled); TPOT = (e2e - TTFT) / (output tokens - 1), e2e = sent -> last such chunk;
-output tokens from ``usage.completion_tokens``; output tokens/s = all output tokens / (first
-send -> last completion). The server sends a chunk only when the decoded text grows (or at the
-finish), so a token that decodes to nothing (a partial UTF-8 byte) merges into the next chunk:
-ITL then spans two iterations, exactly as vLLM's client would measure it (chunks per token is
-recorded).
+from an OpenAI-compatible server and measures them as vLLM's ``benchmark_serving`` does (the
+metrics are defined in ``bench_serving``'s docstring).
 """
 
 from __future__ import annotations
