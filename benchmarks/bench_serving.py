@@ -131,7 +131,9 @@ def serve_policy(ours, policy: str, repeat: int, args, requests, arrivals) -> di
         info["startup_s"] = round(server.wait_ready(), 2)
         info["torch_threads"] = server.torch_threads()
         warm = [request_body(p, 2) for p in requests.prompts[:2]]
-        records, _ = asyncio.run(send_all(f"{server.url}/v1/completions", warm, [0, 0], 60))
+        records, _ = asyncio.run(
+            send_all(f"{server.url}/v1/completions", warm, [0, 0], args.request_timeout)
+        )
         info["warmup_errors"] = [r.error for r in records if r.error]
         for run in runs:
             run_load(server, run, requests, arrivals[run.rate][1], args.request_timeout)
