@@ -151,12 +151,16 @@ def paged_batch(w: Workload, page_size: int, seed: int, device: torch.device) ->
     return PagedBatch(cache, meta, new_keys, w.values[:, rows, :, last].transpose(0, 1))
 
 
+def requirements(device: torch.device, dtype: torch.dtype, page_size: int):
+    return AttentionRequirements(device, dtype, page_size, HEAD_DIM, QUERY_HEADS, KV_HEADS)
+
+
 def backend_page_sizes(
     device: torch.device, dtype: torch.dtype, page_size: int
 ) -> tuple[dict[str, int], dict[str, str]]:
     """Each runnable backend's page size (the configured one, else its preferred one, as flash
     needs 256-token pages) and why each other backend was skipped."""
-    req = AttentionRequirements(device, dtype, page_size, HEAD_DIM, QUERY_HEADS, KV_HEADS)
+    req = requirements(device, dtype, page_size)
     sizes, skipped = {}, {}
     for name in BACKENDS:
         cls = backend_class(name)
@@ -179,10 +183,7 @@ def backend_cases(
     cases = {}
     for name, page_size in sizes.items():
         b = batches[page_size]
-        req = AttentionRequirements(
-            w.query.device, w.keys.dtype, page_size, HEAD_DIM, QUERY_HEADS, KV_HEADS
-        )
-        backend = create_backend(name, req)
+        backend = create_backend(name, requirements(w.query.device, w.keys.dtype, page_size))
 
         def attend(layer: int, backend=backend, b=b) -> torch.Tensor:
             k, v = b.cache.key(layer), b.cache.value(layer)
@@ -221,13 +222,10 @@ def run_workload(w: Workload, sizes: dict[str, int], args, scale: float, sync) -
     dense = seconds["dense"]
     cases = {"dense": {"attend_s": dense, "attend_vs_dense": 1.0}}
     for name in paged:
-        cases[name] = {
-            "page_size": sizes[name],
-            "attend_s": seconds[name],
-            "attend_vs_dense": round(seconds[name] / dense, 3),
-            "forward_s": seconds[f"{name} forward"],
-            "forward_vs_dense": round(seconds[f"{name} forward"] / dense, 3),
-        }
+        attend, forward = seconds[name], seconds[f"{name} forward"]
+        cases[name] = {"page_size": sizes[name], "attend_s": attend}
+        cases[name] |= {"attend_vs_dense": round(attend / dense, 3), "forward_s": forward}
+        cases[name]["forward_vs_dense"] = round(forward / dense, 3)
     mean = round(statistics.mean(w.contexts), 1)
     result = {"contexts": {"min": min(w.contexts), "max": max(w.contexts), "mean": mean}}
     result["cases"] = cases
