@@ -6,17 +6,20 @@ Targets (issue 2), on the small model (8 layers, 4 KV heads, head dim 64, float3
 - swap-out and swap-in of 64 pages reach >= 0.8x the bandwidth of one plain contiguous
   ``copy_`` of the same bytes;
 - the allocator's work in one decode step at batch 32 costs < 1% of that step's forward.
-The decode step is measured as plain HF's forward of one token per sequence over a dense cache
-of 200 tokens: the model-side work our bookkeeping sits beside.
+The allocator's work per decode step is what the engine does around a decode forward: grow a
+page for each request whose next token starts one, gather the batch's block-table rows and build
+the step's ``AttentionMetadata`` (slot mapping, sequence offsets, block table tensor), then
+retire finished requests and insert new ones. The decode step is measured as plain HF's forward
+of one token per sequence over a dense cache of 200 tokens: the model-side work our bookkeeping
+sits beside.
 """
 
 from __future__ import annotations
 
-import argparse
-
+import harness
 import numpy as np
 import torch
-from common import environment, interleaved, setup_threads, synchronizer, time_once, write_json
+from timing import environment, interleaved, synchronizer, time_once
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from baton_paged.allocator import (
@@ -25,13 +28,13 @@ from baton_paged.allocator import (
     KVCache,
     KVCacheSpec,
     PagePool,
-    decode_slot_mapping,
     execute_swap,
     pages_needed,
     plan_swap_in,
     plan_swap_out,
     release_source,
 )
+from baton_paged.attention import AttentionMetadata
 from baton_paged.model_builder import cached_model
 
 BATCH = 32
@@ -51,12 +54,13 @@ def alloc_free_ns_per_page(pages_per_call: int, calls: int = 20000) -> float:
 class DecodeBookkeeping:
     """A batch of 32 decoding requests doing exactly the allocator work of a real decode step.
 
-    Per step: grow a page for each request whose next token starts one, build the decode slot
-    mapping and the block-table tensor, then retire finished requests (long-tailed budgets,
-    mean ~100 tokens) and insert new prompts of 16-256 tokens in their place.
+    Per step: grow a page for each request whose next token starts one, gather the batch's
+    block-table rows (as the scheduler plans a forward) and build the step's attention metadata
+    (as the model runner does), then retire finished requests (long-tailed budgets, mean ~100
+    tokens) and insert new prompts of 16-256 tokens in their place.
     """
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int):
         self.rng = np.random.default_rng(seed)
         self.pool = PagePool(BATCH * 64)
         self.table = BlockTable(BATCH, max_pages=64)
@@ -78,8 +82,8 @@ class DecodeBookkeeping:
         positions = np.fromiter((self.context[rid] for rid in ids), dtype=np.int64, count=len(ids))
         for row in np.flatnonzero(positions % PAGE_SIZE == 0):
             self.table.append(ids[row], self.pool.allocate(1))
-        torch.from_numpy(decode_slot_mapping(self.table.as_numpy(), positions, PAGE_SIZE))
-        self.table.as_tensor()
+        rows = self.table.as_numpy()[[self.table.row_of(rid) for rid in ids]]
+        AttentionMetadata.build([1] * len(ids), positions + 1, rows, PAGE_SIZE)
         for rid in ids:
             self.context[rid] += 1
             self.remaining[rid] -= 1
@@ -153,15 +157,13 @@ def swap_cases(device: torch.device, rng: np.random.Generator):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser = harness.options(__doc__, threads=1, repeats=9)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    threads = setup_threads(args.threads)
+    args = harness.start(parser)
+    threads = torch.get_num_threads()
     device = torch.device(args.device)
     sync = synchronizer(device)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(args.seed)
 
     per_page = {n: alloc_free_ns_per_page(n) for n in (1, 16)}
 
@@ -169,7 +171,7 @@ def main() -> None:
     swap_seconds = interleaved(swaps, args.repeats * 3, sync, warmup=2)
     plain = swap_seconds["plain copy_"]
 
-    sim = DecodeBookkeeping()
+    sim = DecodeBookkeeping(args.seed)
     steps = 2000
     bookkeeping = time_once(lambda: [sim.step() for _ in range(steps)], lambda: None) / steps
     sim.pool.check_integrity()
@@ -201,7 +203,7 @@ def main() -> None:
             "allocator_share_of_step": round(bookkeeping / decode, 5),
         },
     }
-    path = write_json(f"allocator-{device.type}", result)
+    path = harness.write_json(f"allocator-{device.type}", result)
     print_table(result)
     print(f"\nwrote {path}")
 
@@ -211,17 +213,14 @@ def print_table(result: dict) -> None:
     print(f"torch {env['torch']}, {env['threads']} thread(s), device {env['device']}")
     for label, ns in result["alloc_free_ns_per_page"].items():
         print(f"allocate+free, {label}: {ns} ns/page")
-    mib = swap["bytes"] >> 20
-    print(f"\n| swap of {swap['pages']} pages ({mib} MiB) | ms | GB/s | vs plain copy_ |")
-    print("|---|---|---|---|")
-    for name, row in swap["cases"].items():
-        print(f"| {name} | {row['ms']} | {row['GB/s']} | {row['vs plain copy_']} |")
-    print(f"\nallocator work per decode step (batch {step['batch']}): ", end="")
+    headers = [f"swap of {swap['pages']} pages ({swap['bytes'] >> 20} MiB)", "ms", "GB/s"]
+    rows = [[name, *case.values()] for name, case in swap["cases"].items()]
+    print("", *harness.table([*headers, "vs plain copy_"], rows), sep="\n")
     print(
-        f"{step['allocator_us_per_step']} us; HF decode forward {step['hf_decode_forward_ms']} ms",
-        end="",
+        f"\nallocator work per decode step (batch {step['batch']}): "
+        f"{step['allocator_us_per_step']} us; HF decode forward {step['hf_decode_forward_ms']} "
+        f"ms; share {step['allocator_share_of_step']:.3%}"
     )
-    print(f"; share {step['allocator_share_of_step']:.3%}")
 
 
 if __name__ == "__main__":

@@ -30,17 +30,19 @@ the padded backend is reported relative to torch.
 
 from __future__ import annotations
 
-import argparse
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
+import harness
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import environment, interleaved, setup_threads, synchronizer, write_json
+from timing import environment, interleaved, synchronizer
 
-from baton_paged.allocator import KVCache, KVCacheSpec, pages_needed
+from baton_paged.allocator import KVCache, KVCacheSpec, pages_needed, slot_mapping
 from baton_paged.attention import AttentionMetadata, AttentionRequirements, create_backend
 from baton_paged.attention.registry import BACKENDS, backend_class
 
@@ -116,24 +118,18 @@ def shuffled_block_table(
     """Random, non-consecutive page ids per request (a pool after churn), rows padded with 0."""
     ids = rng.permutation(num_pages)[: sum(pages_per_request)]
     table = np.zeros((len(pages_per_request), max(pages_per_request)), dtype=np.int32)
-    start = 0
-    for row, n in enumerate(pages_per_request):
-        table[row, :n] = ids[start : start + n]
-        start += n
+    for row, pages in enumerate(np.split(ids, np.cumsum(pages_per_request)[:-1])):
+        table[row, : len(pages)] = pages
     return table
 
 
 def fill_cache(cache: KVCache, layer: int, w: Workload, table: np.ndarray) -> None:
     """Write every request's K/V into its pages through the cache's own slot-mapping write."""
-    page_size = cache.spec.page_size
-    slots, keys, values = [], [], []
-    for row, context in enumerate(w.contexts):
-        positions = np.arange(context)
-        slots.append(table[row, positions // page_size].astype(np.int64) * page_size)
-        slots[-1] += positions % page_size
-        keys.append(w.keys[layer, row, :, :context].transpose(0, 1))
-        values.append(w.values[layer, row, :, :context].transpose(0, 1))
-    mapping = torch.from_numpy(np.concatenate(slots)).to(cache.device)
+    contexts = np.array(w.contexts)
+    slots = slot_mapping(table, np.zeros_like(contexts), contexts, cache.spec.page_size)
+    keys = [w.keys[layer, row, :, :n].transpose(0, 1) for row, n in enumerate(w.contexts)]
+    values = [w.values[layer, row, :, :n].transpose(0, 1) for row, n in enumerate(w.contexts)]
+    mapping = torch.from_numpy(slots).to(cache.device)
     cache.write(layer, mapping, torch.cat(keys), torch.cat(values))
 
 
@@ -155,12 +151,16 @@ def paged_batch(w: Workload, page_size: int, seed: int, device: torch.device) ->
     return PagedBatch(cache, meta, new_keys, w.values[:, rows, :, last].transpose(0, 1))
 
 
+def requirements(device: torch.device, dtype: torch.dtype, page_size: int):
+    return AttentionRequirements(device, dtype, page_size, HEAD_DIM, QUERY_HEADS, KV_HEADS)
+
+
 def backend_page_sizes(
     device: torch.device, dtype: torch.dtype, page_size: int
 ) -> tuple[dict[str, int], dict[str, str]]:
     """Each runnable backend's page size (the configured one, else its preferred one, as flash
     needs 256-token pages) and why each other backend was skipped."""
-    req = AttentionRequirements(device, dtype, page_size, HEAD_DIM, QUERY_HEADS, KV_HEADS)
+    req = requirements(device, dtype, page_size)
     sizes, skipped = {}, {}
     for name in BACKENDS:
         cls = backend_class(name)
@@ -183,10 +183,7 @@ def backend_cases(
     cases = {}
     for name, page_size in sizes.items():
         b = batches[page_size]
-        req = AttentionRequirements(
-            w.query.device, w.keys.dtype, page_size, HEAD_DIM, QUERY_HEADS, KV_HEADS
-        )
-        backend = create_backend(name, req)
+        backend = create_backend(name, requirements(w.query.device, w.keys.dtype, page_size))
 
         def attend(layer: int, backend=backend, b=b) -> torch.Tensor:
             k, v = b.cache.key(layer), b.cache.value(layer)
@@ -205,9 +202,8 @@ def backend_cases(
     return cases
 
 
-def whole_step(fn: LayerCase, layers: int) -> Callable[[], list[torch.Tensor]]:
-    """``fn`` on every layer in turn, as the engine runs one step: the unit that is timed."""
-    return lambda: [fn(layer) for layer in range(layers)]
+def each_layer(fn: LayerCase, layers: int) -> list[torch.Tensor]:
+    return [fn(layer) for layer in range(layers)]
 
 
 def run_workload(w: Workload, sizes: dict[str, int], args, scale: float, sync) -> dict:
@@ -216,35 +212,27 @@ def run_workload(w: Workload, sizes: dict[str, int], args, scale: float, sync) -
     device = w.query.device
     batches = {ps: paged_batch(w, ps, args.seed, device) for ps in set(sizes.values())}
     paged = backend_cases(w, batches, sizes, scale)
-    timed = {"dense": whole_step(lambda layer: dense_attention(w, layer, scale), args.layers)}
+    layer_cases = {"dense": lambda layer: dense_attention(w, layer, scale)}
     for name, (attend, forward) in paged.items():
-        timed[name] = whole_step(attend, args.layers)
-        timed[f"{name} forward"] = whole_step(forward, args.layers)
+        layer_cases |= {name: attend, f"{name} forward": forward}
+    # The timed unit is a whole step: every layer in turn, as the engine runs one.
+    timed = {name: partial(each_layer, fn, args.layers) for name, fn in layer_cases.items()}
     steps = interleaved(timed, args.repeats, sync, warmup=2)
     seconds = {name: step / args.layers for name, step in steps.items()}
     dense = seconds["dense"]
     cases = {"dense": {"attend_s": dense, "attend_vs_dense": 1.0}}
     for name in paged:
-        cases[name] = {
-            "page_size": sizes[name],
-            "attend_s": seconds[name],
-            "attend_vs_dense": round(seconds[name] / dense, 3),
-            "forward_s": seconds[f"{name} forward"],
-            "forward_vs_dense": round(seconds[f"{name} forward"] / dense, 3),
-        }
-    result = {
-        "contexts": {"min": min(w.contexts), "max": max(w.contexts), "mean": _mean(w.contexts)},
-        "cases": cases,
-    }
+        attend, forward = seconds[name], seconds[f"{name} forward"]
+        cases[name] = {"page_size": sizes[name], "attend_s": attend}
+        cases[name] |= {"attend_vs_dense": round(attend / dense, 3), "forward_s": forward}
+        cases[name]["forward_vs_dense"] = round(forward / dense, 3)
+    mean = round(statistics.mean(w.contexts), 1)
+    result = {"contexts": {"min": min(w.contexts), "max": max(w.contexts), "mean": mean}}
+    result["cases"] = cases
     if "torch" in cases and "padded" in cases:
-        result["padded_vs_torch"] = round(
-            cases["padded"]["attend_s"] / cases["torch"]["attend_s"], 3
-        )
+        attend = {name: cases[name]["attend_s"] for name in ("padded", "torch")}
+        result["padded_vs_torch"] = harness.ratio(attend["padded"], attend["torch"], 3)
     return result
-
-
-def _mean(values: list[int]) -> float:
-    return round(sum(values) / len(values), 1)
 
 
 def workloads(layers: int, device: torch.device, dtype: torch.dtype, seed: int) -> list[Workload]:
@@ -256,21 +244,18 @@ def workloads(layers: int, device: torch.device, dtype: torch.dtype, seed: int) 
     ]
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=200, help="timed steps per case")
+def parse_args():
+    parser = harness.options(__doc__, threads=1, repeats=200)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--dtype", choices=sorted(DTYPES), help="float32 on cpu, bfloat16 on cuda")
     parser.add_argument("--layers", type=int, default=8, help="layers per timed step")
-    parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args()
+    return harness.start(parser)
 
 
 def main() -> None:
     args = parse_args()
-    threads = setup_threads(args.threads)
+    threads = torch.get_num_threads()
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
     sync = synchronizer(device)
@@ -282,34 +267,19 @@ def main() -> None:
             w.name: run_workload(w, sizes, args, scale, sync)
             for w in workloads(args.layers, device, dtype, args.seed)
         }
+    shape = {"batch": BATCH, "context": CONTEXT, "ragged_range": list(RAGGED)}
+    shape |= {"query_heads": QUERY_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM}
+    timing = "median of repeats steps over all layers, divided by layers (s per layer)"
+    run = {"page_size": args.page_size, "dtype": str(dtype).removeprefix("torch.")}
+    run |= {"layers": args.layers, "repeats": args.repeats, "timing": timing, "seed": args.seed}
+    run["checked_against_dense"] = {"atol": TOLERANCE[dtype], "rtol": TOLERANCE[dtype]}
     torch_ratio = results["uniform"]["cases"].get("torch", {}).get("attend_vs_dense")
-    result = {
-        "environment": environment(threads, device),
-        "config": {
-            "batch": BATCH,
-            "context": CONTEXT,
-            "ragged_range": list(RAGGED),
-            "query_heads": QUERY_HEADS,
-            "kv_heads": KV_HEADS,
-            "head_dim": HEAD_DIM,
-            "page_size": args.page_size,
-            "dtype": str(dtype).removeprefix("torch."),
-            "layers": args.layers,
-            "repeats": args.repeats,
-            "timing": "median of repeats steps over all layers, divided by layers (s per layer)",
-            "seed": args.seed,
-            "checked_against_dense": {"atol": TOLERANCE[dtype], "rtol": TOLERANCE[dtype]},
-        },
-        "skipped": skipped,
-        "workloads": results,
-        "targets": {
-            "torch_vs_dense_max": TARGET,
-            "torch_vs_dense": torch_ratio,
-            "met": None if torch_ratio is None else torch_ratio <= TARGET,
-            "padded_vs_torch": {name: r.get("padded_vs_torch") for name, r in results.items()},
-        },
-    }
-    path = write_json(f"attention-{device.type}", result)
+    targets = {"torch_vs_dense_max": TARGET, "torch_vs_dense": torch_ratio}
+    targets["met"] = None if torch_ratio is None else torch_ratio <= TARGET
+    targets["padded_vs_torch"] = {name: r.get("padded_vs_torch") for name, r in results.items()}
+    result = {"environment": environment(threads, device), "config": shape | run}
+    result |= {"skipped": skipped, "workloads": results, "targets": targets}
+    path = harness.write_json(f"attention-{device.type}", result)
     print_table(result)
     print(f"\nwrote {path}")
 
@@ -318,12 +288,13 @@ def print_table(result: dict) -> None:
     env, cfg = result["environment"], result["config"]
     print(f"torch {env['torch']}, {env['threads']} thread(s), device {env['device']}, ", end="")
     print(f"{cfg['dtype']}, batch {cfg['batch']}, {cfg['query_heads']}/{cfg['kv_heads']} heads")
-    print("\n| workload | case | page | attend us/layer | vs dense | forward us/layer | vs dense |")
-    print("|---|---|---|---|---|---|---|")
-    for workload, r in result["workloads"].items():
-        for name, c in r["cases"].items():
-            cells = [workload, name, c.get("page_size", "-"), _us(c, "attend"), _us(c, "forward")]
-            print("| " + " | ".join(map(str, cells)) + " |")
+    headers = ["workload", "case", "page", "attend us/layer", "vs dense", "forward us/layer"]
+    rows = [
+        [workload, name, c.get("page_size", "-"), *timed(c, "attend"), *timed(c, "forward")]
+        for workload, r in result["workloads"].items()
+        for name, c in r["cases"].items()
+    ]
+    print("", *harness.table([*headers, "vs dense"], rows), sep="\n")
     for name, reason in result["skipped"].items():
         print(f"skipped {name}: {reason}")
     t = result["targets"]
@@ -332,11 +303,11 @@ def print_table(result: dict) -> None:
     print(f"padded vs torch: {t['padded_vs_torch']}")
 
 
-def _us(case: dict, kind: str) -> str:
-    """``median us | ratio`` cells for ``kind`` (attend or forward); dashes where not timed."""
+def timed(case: dict, kind: str) -> list[str]:
+    """``median us``, ``ratio`` cells for ``kind`` (attend or forward); dashes if not timed."""
     if f"{kind}_s" not in case:
-        return "- | -"
-    return f"{case[f'{kind}_s'] * 1e6:.1f} | {case[f'{kind}_vs_dense']:.2f}"
+        return ["-", "-"]
+    return [f"{case[f'{kind}_s'] * 1e6:.1f}", f"{case[f'{kind}_vs_dense']:.2f}"]
 
 
 if __name__ == "__main__":

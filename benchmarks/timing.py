@@ -1,18 +1,16 @@
-"""Helpers every benchmark shares: pinned threads, interleaved repeated timing, JSON output."""
+"""Timing on a shared, noisy machine: pinned threads, interleaved medians, and the wall, CPU and
+load figures that tell a clean run from a disturbed one."""
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def setup_threads(threads: int) -> int:
@@ -61,13 +59,6 @@ def environment(threads: int, device: torch.device) -> dict:
     return info
 
 
-def write_json(name: str, payload: dict) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
-
-
 def busy_cpu_seconds() -> float:
     """CPU seconds the whole machine has been busy (every process, plus time the hypervisor
     stole). Its change over a run minus our own processes' CPU time is what others took from the
@@ -77,3 +68,40 @@ def busy_cpu_seconds() -> float:
     t = psutil.cpu_times()
     fields = ("user", "nice", "system", "irq", "softirq", "steal")
     return sum(getattr(t, name, 0.0) for name in fields)
+
+
+@dataclass(kw_only=True)
+class Timed:
+    """The figures a ``Clock`` takes of one run; each benchmark's run record extends it."""
+
+    wall_s: float = float("nan")
+    useful_tokens: int = 0
+    tokens_per_s: float = float("nan")
+    cpu_per_wall: float = float("nan")
+    """About the torch thread count when nothing else competed for the cores."""
+    loadavg_1m: tuple[float, float] = (float("nan"), float("nan"))
+    """1-minute load average before and after the run."""
+    error: str | None = None
+    """Why the run failed; it then has no figures."""
+
+
+class Clock:
+    """Wall time, process CPU time and the 1-minute load average around one run."""
+
+    def __enter__(self) -> Clock:
+        self.load_before = os.getloadavg()[0]
+        self.cpu = sum(os.times()[:2])
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.start
+        self.cpu = sum(os.times()[:2]) - self.cpu
+        self.load_after = os.getloadavg()[0]
+
+    def fill(self, result: Timed, useful: int) -> None:
+        result.wall_s = self.wall
+        result.useful_tokens = useful
+        result.tokens_per_s = useful / self.wall
+        result.cpu_per_wall = self.cpu / self.wall
+        result.loadavg_1m = (round(self.load_before, 2), round(self.load_after, 2))
