@@ -204,23 +204,11 @@ def main() -> None:
         },
     }
     path = harness.write_json(f"allocator-{device.type}", result)
-    print_table(result)
-    print(f"\nwrote {path}")
-
-
-def print_table(result: dict) -> None:
-    env, swap, step = result["environment"], result["swap"], result["decode_step"]
-    print(f"torch {env['torch']}, {env['threads']} thread(s), device {env['device']}")
-    for label, ns in result["alloc_free_ns_per_page"].items():
-        print(f"allocate+free, {label}: {ns} ns/page")
-    headers = [f"swap of {swap['pages']} pages ({swap['bytes'] >> 20} MiB)", "ms", "GB/s"]
-    rows = [[name, *case.values()] for name, case in swap["cases"].items()]
-    print("", *harness.table([*headers, "vs plain copy_"], rows), sep="\n")
-    print(
-        f"\nallocator work per decode step (batch {step['batch']}): "
-        f"{step['allocator_us_per_step']} us; HF decode forward {step['hf_decode_forward_ms']} "
-        f"ms; share {step['allocator_share_of_step']:.3%}"
-    )
+    swaps = [{"swap": name} | case for name, case in result["swap"]["cases"].items()]
+    print(*harness.markdown(swaps), sep="\n")
+    for key in ("alloc_free_ns_per_page", "decode_step"):
+        print(f"{key}: {result[key]}")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -280,34 +280,11 @@ def main() -> None:
     result = {"environment": environment(threads, device), "config": shape | run}
     result |= {"skipped": skipped, "workloads": results, "targets": targets}
     path = harness.write_json(f"attention-{device.type}", result)
-    print_table(result)
-    print(f"\nwrote {path}")
-
-
-def print_table(result: dict) -> None:
-    env, cfg = result["environment"], result["config"]
-    print(f"torch {env['torch']}, {env['threads']} thread(s), device {env['device']}, ", end="")
-    print(f"{cfg['dtype']}, batch {cfg['batch']}, {cfg['query_heads']}/{cfg['kv_heads']} heads")
-    headers = ["workload", "case", "page", "attend us/layer", "vs dense", "forward us/layer"]
     rows = [
-        [workload, name, c.get("page_size", "-"), *timed(c, "attend"), *timed(c, "forward")]
-        for workload, r in result["workloads"].items()
-        for name, c in r["cases"].items()
+        {"workload": w, "case": n} | c for w, r in results.items() for n, c in r["cases"].items()
     ]
-    print("", *harness.table([*headers, "vs dense"], rows), sep="\n")
-    for name, reason in result["skipped"].items():
-        print(f"skipped {name}: {reason}")
-    t = result["targets"]
-    print(f"\ntorch vs dense (uniform): {t['torch_vs_dense']} ", end="")
-    print(f"(target <= {t['torch_vs_dense_max']}, met: {t['met']})")
-    print(f"padded vs torch: {t['padded_vs_torch']}")
-
-
-def timed(case: dict, kind: str) -> list[str]:
-    """``median us``, ``ratio`` cells for ``kind`` (attend or forward); dashes if not timed."""
-    if f"{kind}_s" not in case:
-        return ["-", "-"]
-    return [f"{case[f'{kind}_s'] * 1e6:.1f}", f"{case[f'{kind}_vs_dense']:.2f}"]
+    print(*harness.markdown(rows), f"skipped: {skipped}", f"targets: {targets}", sep="\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

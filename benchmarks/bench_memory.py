@@ -36,13 +36,14 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import harness
-import reports
 import torch
 import workload
-from harness import Default, check, median, ratio
+from harness import Default, check, markdown, median, ratio
 from timing import Timed
+from workload import CLASSES
 
 from baton_paged.config import PREEMPTION_MODES
 
@@ -188,7 +189,7 @@ def checks(summary: dict, args) -> list[dict]:
         lost, x = (None, None) if failed else (row.get("lost"), row.get("x_unconstrained"))
         found.append(check(f"{name}: lost requests", lost, 0, "=="))
         found.append(check(f"{name}: x unconstrained tokens/s", x, TARGET_THROUGHPUT_RATIO))
-    high, low = (summary[PRIORITY].get(c, {}).get("ttft_p50_s") for c in workload.CLASSES)
+    high, low = (summary[PRIORITY].get(c, {}).get("ttft_p50_s") for c in CLASSES)
     ttft = ratio(high, low, 4)
     found.append(check("priority: high / low p50 TTFT", ttft, TARGET_TTFT_RATIO, "<="))
     for f in args.fractions if {"swap", "recompute"} <= set(args.modes) else ():
@@ -204,6 +205,36 @@ def problems(runs: list[MemoryRun]):
             yield f"problem: {r.system} rep {r.repeat}: {r.error or r.lost} lost"
         if r.disturbed:
             yield f"disturbed: {r.system} rep {r.repeat}: cpu/wall {r.cpu_per_wall:.2f}"
+
+
+SHOWN = ("pages", "share_of_need", "floored", "tokens_per_s", "x_unconstrained", "lost")
+SHOWN += ("e2e_p50_s", "e2e_p99_s", "ttft_p50_s", "ttft_p99_s", "swap_preemptions")
+SHOWN += ("recompute_preemptions", "swapped_out_mib", "recomputed_tokens", "queue_max")
+SHOWN += ("slot_efficiency", "disturbed_runs")
+"""The summary's columns in the Markdown (the JSON has every engine counter)."""
+
+
+def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
+    """Every system's medians, then each priority run's per class; the figure: throughput and
+    latency against the page budget, and TTFT per class under saturation."""
+    summary, args = saved["summary"], saved["args"]
+    names = [s["name"] for s in saved["systems"]]
+    loaded = [n for n in names if n in (PRIORITY, FCFS)]
+    classes = [{"run": n, "class": c} | summary[n].get(c, {}) for n in loaded for c in CLASSES]
+    setup = {k: v for k, v in saved["priority_setup"].items() if k != "workload"}
+    lines = [f"need: {saved['need']['pages']} pages (unconstrained peak); priority: {setup}", ""]
+    lines += markdown([{"system": n} | summary[n] for n in names], ["system", *SHOWN])
+    lines += ["", *markdown(classes)]
+    fractions = args["fractions"]
+    sweep = [summary[f"{m}-{f:g}"] for m in args["modes"] for f in fractions]
+    sweep += [summary[UNCONSTRAINED] | {"mode": UNCONSTRAINED, "fraction": f} for f in fractions]
+    by_mode = partial(harness.series, sweep, "fraction", "mode")
+    panels = {"useful tokens/s against the page budget (x need)": by_mode("tokens_per_s")}
+    panels["end-to-end latency s, p50 and p99"] = by_mode("e2e_p50_s", "e2e_p99_s")
+    ttft = harness.series(classes, "class", "run", "ttft_p50_s", "ttft_p99_s")
+    panels["time to first token s per class, saturated"] = ttft
+    title = f"Small Llama, float32, CPU, {args['threads']} threads, max batch {args['batch_size']}"
+    return lines, title, panels
 
 
 def parse_args():
@@ -275,9 +306,7 @@ def main() -> None:
         "checks": checks(summary, args),
         "runs": [asdict(r) for r in runs],
     }
-    harness.publish(
-        args.name, payload, reports.memory_markdown, reports.memory_figure, problems(runs)
-    )
+    harness.publish(args.name, payload, report, problems(runs))
 
 
 if __name__ == "__main__":

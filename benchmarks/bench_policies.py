@@ -35,9 +35,8 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import harness
-import reports
 import workload
-from harness import Default, check, median, ratio
+from harness import Default, check, markdown, median, ratio
 from hf_peers import CB_SETUP, PEERS, run_peer
 from ideal import measure_ideal
 
@@ -122,6 +121,32 @@ def checks(summary: dict, ideal: dict, batch: int) -> list[dict]:
     return found
 
 
+def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
+    """Every (system, batch size)'s medians, its tokens/s also as a multiple of hf-generate's at
+    that batch size, then the ideal's; the figure: tokens/s against the batch size."""
+    args, per_batch = saved["args"], saved["ideal"]["per_batch"]
+    ideal = {b: {"tokens_per_s": r["ideal_tokens_per_s"]} for b, r in per_batch.items()}
+    systems = saved["summary"] | {"ideal (our forward, no scheduling)": ideal}
+
+    def rate(system: str, b: str) -> float | None:
+        return systems.get(system, {}).get(b, {}).get("tokens_per_s")
+
+    rows = [
+        {"system": s, "B": b, "tokens_per_s": rate(s, b)}
+        | {"x_hf_generate": ratio(rate(s, b), rate("hf-generate", b), 2)}
+        | row
+        for s, by_batch in systems.items()
+        for b, row in by_batch.items()
+    ]
+    title = (
+        f"Small Llama, float32, CPU, {args['threads']} threads: {args['num_requests']} "
+        f"requests at t=0, budgets <= {args['max_budget']}"
+    )
+    panel = harness.series(rows, "B", "system", "tokens_per_s")
+    lines = ["Useful output tokens/s, medians over repeats.", "", *markdown(rows)]
+    return lines, title, {"useful output tokens/s against max batch size": panel}
+
+
 def parse_args():
     quick = "24 requests, B 4,8, budgets <= 64"
     parser = harness.options(__doc__, threads=2, repeats=1, quick=quick, results="policies-cpu")
@@ -188,9 +213,7 @@ def main() -> None:
         for r in runs
         if r.error or not r.exact_budgets
     ]
-    harness.publish(
-        args.name, payload, reports.policies_markdown, reports.policies_figure, problems
-    )
+    harness.publish(args.name, payload, report, problems)
 
 
 if __name__ == "__main__":

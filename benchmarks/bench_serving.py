@@ -46,12 +46,12 @@ import math
 import os
 import time
 from dataclasses import asdict
+from functools import partial
 
 import harness
 import httpx
-import reports
 import workload
-from harness import Default, check, median, ratio
+from harness import Default, check, markdown, median, ratio
 from server_process import Server, counter_deltas
 from serving_client import SERVED_NAME, ServingRun, make_arrivals, request_body, send_all
 from timing import busy_cpu_seconds
@@ -214,6 +214,41 @@ def checks(summary: dict, runs: list[ServingRun], num_requests: int) -> list[dic
     return found
 
 
+def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
+    """Every (policy, rate)'s medians (offered tokens/s: request rate x mean budget), then each
+    policy's offline tokens/s against its HTTP tokens/s at rate inf; the figure: throughput, TTFT
+    and TPOT against the rate."""
+    summary, args, budget = saved["summary"], saved["args"], saved["workload"]["budget"]["mean"]
+    rows, saturation = [], []
+    for policy, row in summary.items():
+        for rate, r in row["rates"].items():
+            offered = r.get("request_rate") and r["request_rate"] * budget
+            cells = {"policy": policy, "rate": rate, "offered_tokens_per_s": offered}
+            for key, value in r.items():  # p50 and p99 of each latency (the JSON has means)
+                nested = isinstance(value, dict)
+                cells |= (
+                    {f"{key} {q}": value.get(q) for q in ("p50", "p99")} if nested else {key: value}
+                )
+            rows.append(cells)
+        http = row["rates"].get("inf", {}).get("output_tokens_per_s")
+        offline = {k: v for k, v in row.items() if k != "rates"}
+        saturation.append({"policy": policy, "http_tokens_per_s_at_inf": http} | offline)
+    rate = saved["sustainable_rate"]
+    lines = [
+        f"rate: x the offline baton engine's sustainable rate ({rate} req/s) or inf, all at t=0"
+    ]
+    lines += ["", *markdown(rows), "", *markdown(saturation)]
+    title = (
+        f"baton-paged serve, small Llama float32, CPU {args['threads']} threads, max batch "
+        f"{args['batch_size']}: {args['num_requests']} streamed requests, Poisson arrivals"
+    )
+    by_policy = partial(harness.series, rows, "rate", "policy")
+    panels = {"output tokens/s against the rate": by_policy("output_tokens_per_s")}
+    panels["TTFT s, p50 and p99"] = by_policy("ttft_s p50", "ttft_s p99")
+    panels["TPOT s, p50 and p99"] = by_policy("tpot_s p50", "tpot_s p99")
+    return lines, title, panels
+
+
 def parse_args():
     quick = "16 requests, B 8, budgets <= 64, baton and orca"
     parser = harness.options(__doc__, threads=2, repeats=1, quick=quick, results="serving-cpu")
@@ -283,7 +318,7 @@ def main() -> None:
         for r in payload["runs"]
         if r["error"] or r["errors"]
     ]
-    harness.publish(args.name, payload, reports.serving_markdown, reports.serving_figure, problems)
+    harness.publish(args.name, payload, report, problems)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@
   minutes, so every repeat runs each system once, the order rotated, and drift hits all alike.
 * ``median``, ``percentile``, ``ratio``, ``check``: figures over repeats and the issue's targets,
   each check met, not met, not measured, or for information.
-* ``table``, ``fmt``, ``publish``: results as ``results/<name>.{json,md,png}`` (tables and figure
-  from ``reports``) and a console report.
+* ``publish``, ``render``, ``markdown``, ``figure``: results as ``results/<name>.{json,md,png}``,
+  the tables and figure drawn from the JSON as saved by each script's ``report``.
 """
 
 from __future__ import annotations
@@ -184,15 +184,83 @@ def check(name: str, value: Any, target: float | None, op: str = ">=") -> dict:
 # Output ----------------------------------------------------------------------------------------
 
 
-def fmt(*values: float | None, spec: str = ".2f", scale: float = 1.0) -> str:
-    """Values in ``spec`` after ``scale``, joined as "a / b"; "-" for one not measured."""
-    return " / ".join("-" if v is None else format(v * scale, spec) for v in values)
+def markdown(rows: Sequence[dict], columns: Sequence[str] | None = None) -> list[str]:
+    """A Markdown table, one line per row dict: ``columns``, or every key in the order first seen;
+    floats to 5 significant digits, lists joined, a missing value "-"."""
+    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    return lines + ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
-    """Markdown table lines; a shorter row (an error) leaves its last cells out."""
-    lines = ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
-    return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+def cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.5g}" if abs(value) < 1e5 else f"{value:.0f}"
+    if isinstance(value, list | tuple):
+        return ", ".join(map(cell, value))
+    return "-" if value is None else str(value)
+
+
+def series(rows: Sequence[dict], x: str, by: str, *ys: str) -> tuple[list, dict]:
+    """A panel from long-format rows: the values of ``row[x]`` in the order first seen, and a line
+    per value of ``row[by]`` (per (value, y) where several ys) through the rows' ``row[y]``."""
+    xs = list(dict.fromkeys(row[x] for row in rows))
+    found = {(str(row[by]), row[x], y): row.get(y) for row in rows for y in ys}
+    groups = dict.fromkeys(str(row[by]) for row in rows)
+    return xs, {
+        (b, y) if len(ys) > 1 else b: [found.get((b, v, y)) for v in xs] for y in ys for b in groups
+    }
+
+
+Panels = dict[str, tuple[Sequence, dict]]
+"""A figure's panels: title -> (x values, {line: a y per x value, None if not measured}); a line
+named (group, kind) gets its group's colour and its kind's dashes."""
+
+
+def figure(path: Path, title: str, panels: Panels) -> None:
+    """A row of line charts saved as PNG, the x values evenly spaced and labelled as they are;
+    a panel whose values span more than two decades has a log y axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(1 + 5 * len(panels), 4.5), squeeze=False)
+    for ax, (name, (xs, lines)) in zip(axes[0], panels.items(), strict=True):
+        drawn, colors, dashes = [], {}, {}
+        for label, ys in lines.items():
+            group, kind = label if isinstance(label, tuple) else (label, "")
+            color = colors.setdefault(group, f"C{len(colors) % 10}")
+            dash = dashes.setdefault(kind, ("-", "--", ":", "-.")[len(dashes) % 4])
+            points = [(i, y) for i, y in enumerate(ys) if y is not None]
+            drawn += [y for _, y in points]
+            if points:
+                label = f"{group} {kind}".strip()
+                ax.plot(*zip(*points, strict=True), ls=dash, color=color, marker="o", label=label)
+        if drawn and min(drawn) > 0 and max(drawn) > 100 * min(drawn):
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+Report = Callable[[dict], tuple[list[str], str, Panels]]
+"""A script's presentation of its saved results: Markdown lines, the figure's title and panels."""
+
+
+def render(name: str, saved: dict, report: Report) -> str:
+    """``results/<name>.md`` (the report's tables, then the checks) and ``.png`` drawn from a
+    results payload as saved (or read back from its JSON); returns the Markdown."""
+    lines, title, panels = report(saved)
+    checks = markdown(saved["checks"], ["check", "value", "op", "target", "status"])
+    text = "\n".join([*lines, "", *checks]) + "\n"
+    (RESULTS / f"{name}.md").write_text(text)
+    figure(RESULTS / f"{name}.png", title, panels)
+    return text
 
 
 def write_json(name: str, payload: dict) -> Path:
@@ -202,26 +270,13 @@ def write_json(name: str, payload: dict) -> Path:
     return path
 
 
-def publish(
-    name: str,
-    payload: dict,
-    markdown: Callable[[dict], str],
-    figure: Callable[[dict, Path], None],
-    problems: Iterable[str],
-) -> None:
-    """Write ``results/<name>.json`` (with ``markdown``'s tables as "table_markdown"), ``.md``
-    and ``.png`` (``figure``), both drawn from the payload as saved, then print the tables,
-    every check and each problem a run had."""
+def publish(name: str, payload: dict, report: Report, problems: Iterable[str]) -> None:
+    """Write ``results/<name>.json`` (with the Markdown as "table_markdown"), ``.md`` and
+    ``.png``, all from the payload as saved; print the Markdown and each problem a run had."""
     payload = payload | {"total_seconds": round(time.perf_counter() - STARTED, 1)}
     saved = json.loads(json.dumps(payload))  # string keys, lists: what a reader of the file gets
-    saved["table_markdown"] = markdown(saved)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    saved["table_markdown"] = render(name, saved, report)
     path = write_json(name, saved)
-    (RESULTS / f"{name}.md").write_text(saved["table_markdown"])
-    figure(saved, RESULTS / f"{name}.png")
-    print(f"\n{saved['table_markdown']}checks:")
-    for c in saved["checks"]:
-        target = f" (target {c['op']} {c['target']})" if c["target"] is not None else ""
-        print(f"  [{c['status']}] {c['check']}: {c['value']}{target}")
-    for problem in problems:
-        print(f"  {problem}")
+    print(f"\n{saved['table_markdown']}", *problems, sep="\n")
     print(f"\nwrote {path} (+ .md, .png) in {saved['total_seconds']} s")
