@@ -19,7 +19,7 @@ from __future__ import annotations
 import harness
 import numpy as np
 import torch
-from timing import environment, interleaved, synchronizer, time_once
+from harness import environment, interleaved, synchronizer, time_once
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from baton_paged.allocator import (

@@ -40,7 +40,7 @@ import harness
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timing import environment, interleaved, synchronizer
+from harness import environment, interleaved, synchronizer
 
 from baton_paged.allocator import KVCache, KVCacheSpec, pages_needed, slot_mapping
 from baton_paged.attention import AttentionMetadata, AttentionRequirements, create_backend

@@ -41,8 +41,7 @@ from functools import partial
 import harness
 import torch
 import workload
-from harness import Default, check, markdown, median, ratio
-from timing import Timed
+from harness import Default, Timed, check, markdown, median, ratio
 from workload import CLASSES
 
 from baton_paged.config import PREEMPTION_MODES

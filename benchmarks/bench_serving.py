@@ -51,10 +51,9 @@ from functools import partial
 import harness
 import httpx
 import workload
-from harness import Default, check, markdown, median, ratio
+from harness import Default, busy_cpu_seconds, check, markdown, median, ratio
 from server_process import Server, counter_deltas
 from serving_client import SERVED_NAME, ServingRun, make_arrivals, request_body, send_all
-from timing import busy_cpu_seconds
 
 from baton_paged.sched.policies import POLICIES
 

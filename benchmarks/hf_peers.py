@@ -9,7 +9,7 @@ import math
 import time
 
 import torch
-from timing import Clock
+from harness import Clock
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.streamers import BaseStreamer

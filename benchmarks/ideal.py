@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 
 import numpy as np
-from timing import interleaved, synchronizer
+from harness import interleaved, synchronizer
 from workload import Workload
 
 from baton_paged.allocator import KVCache, KVCacheSpec, PagePool, pages_needed

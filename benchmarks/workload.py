@@ -23,8 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import transformers
-from harness import Default, median, percentile
-from timing import Clock, Timed, environment
+from harness import Clock, Default, Timed, environment, median, percentile
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton_paged.allocator import pages_needed
