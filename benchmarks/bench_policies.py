@@ -37,8 +37,7 @@ from dataclasses import asdict
 import harness
 import workload
 from harness import Default, check, markdown, median, ratio
-from hf_peers import CB_SETUP, PEERS, run_peer
-from ideal import measure_ideal
+from peers import CB_SETUP, PEERS, measure_ideal, run_peer
 
 from baton_paged.sched.policies import POLICIES
 
@@ -72,10 +71,7 @@ class Runner:
             run_peer(result.system, self.peer, requests, result.batch_size, result)
 
     def ideal(self, requests: workload.Workload, batch_sizes: list[int]) -> dict:
-        model = self.ours.model
-        return measure_ideal(
-            model, requests, batch_sizes, workload.KV_MEMORY, workload.MAX_PREFILL_TOKENS
-        )
+        return measure_ideal(self.ours.model, requests, batch_sizes)
 
 
 def summarize(runs: list[workload.RunResult], ideal: dict) -> dict:
