@@ -37,7 +37,7 @@ from dataclasses import asdict
 import harness
 import workload
 from harness import Default, check, markdown, median, ratio
-from peers import CB_SETUP, PEERS, measure_ideal, run_peer
+from peers import CB_SETUP, PEERS, measure_ideal
 
 from baton_paged.sched.policies import POLICIES
 
@@ -68,7 +68,7 @@ class Runner:
             engine = self.ours.engine(result.system, result.batch_size)
             workload.run_engine(engine, requests, result)
         else:
-            run_peer(result.system, self.peer, requests, result.batch_size, result)
+            PEERS[result.system](self.peer, requests, result.batch_size, result)
 
     def ideal(self, requests: workload.Workload, batch_sizes: list[int]) -> dict:
         return measure_ideal(self.ours.model, requests, batch_sizes)

@@ -37,7 +37,6 @@ from baton_paged.attention import (
 from baton_paged.model_runner import ModelRunner
 from baton_paged.sched.plan import ForwardBatch, ScheduledRow
 
-PEERS = ("hf-generate", "hf-cb")
 CB_SETTINGS = {
     "max_batch_tokens": MAX_PREFILL_TOKENS,
     "num_blocks": 128,
@@ -52,17 +51,9 @@ default 256-token pages, 128 x 256 = 32768 tokens of cache (more than 32 request
 tokens need; its sizing also reserves a [max_batch_tokens, cache tokens] attention mask, so 2 GiB
 would not fit), no prefix sharing (the random prompts share nothing, so it could only add
 hashing), no CUDA graphs or async (CPU)."""
-CB_SETUP = CB_SETTINGS | {
-    "max_requests_per_batch": "B",
-    "attn_implementation": "sdpa",
-    "eos_token_id": -1,
-}
+CB_SETUP = CB_SETTINGS | {"max_requests_per_batch": "B", "attn_implementation": "sdpa"}
+CB_SETUP["eos_token_id"] = -1
 """hf-cb's whole setup, for the results (greedy, EOS disabled with -1, B requests per forward)."""
-
-
-def run_peer(system: str, model, workload: Workload, batch_size: int, result: RunResult) -> None:
-    run = run_hf_generate if system == "hf-generate" else run_hf_cb
-    run(model, workload, batch_size, result)
 
 
 # HF static generate ----------------------------------------------------------------------------
@@ -104,14 +95,9 @@ def run_hf_generate(model, workload: Workload, batch_size: int, result: RunResul
             ids, mask = left_padded(prompts, pad)
             n = max(workload.budgets[lo : lo + batch_size])
             streamer = FirstTokenClock()
+            budget = {"max_new_tokens": n, "min_new_tokens": n, "pad_token_id": pad}
             out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=n,
-                min_new_tokens=n,
-                do_sample=False,
-                pad_token_id=pad,
-                streamer=streamer,
+                ids, attention_mask=mask, do_sample=False, streamer=streamer, **budget
             )
             new = out.shape[1] - ids.shape[1]
             generated += new * len(prompts)
@@ -165,29 +151,25 @@ def run_hf_cb(model, workload: Workload, batch_size: int, result: RunResult) -> 
     try:
         manager.add_request(workload.prompts[0][:16], request_id="warmup", max_new_tokens=2)
         collect_cb(manager, {"warmup"})
-        ids = {str(i) for i in range(len(workload.prompts))}
+        ids = [str(i) for i in range(len(workload.prompts))]
         with Clock() as clock:
-            for i, (prompt, budget) in enumerate(
-                zip(workload.prompts, workload.budgets, strict=True)
-            ):
-                manager.add_request(
-                    prompt, request_id=str(i), max_new_tokens=budget, record_timestamps=True
-                )
-            results = collect_cb(manager, ids)
+            for rid, prompt, budget in zip(ids, workload.prompts, workload.budgets, strict=True):
+                manager.add_request(prompt, rid, max_new_tokens=budget, record_timestamps=True)
+            results = collect_cb(manager, set(ids))
         resolved = manager.continuous_batching_config
     finally:
         manager.stop(block=True)
-    outs = [results[str(i)] for i in range(len(workload.budgets))]
+    outs = [results[rid] for rid in ids]
     produced = [len(out.generated_tokens) for out in outs]
     ttfts = [out.timestamps[0] - out.created_time for out in outs]
     result.record(clock, produced, workload.budgets, ttfts, produced == workload.budgets)
-    result.extra = {
-        "max_requests_per_batch": resolved.max_requests_per_batch,
-        "max_batch_tokens": resolved.max_batch_tokens,
-        "num_blocks": resolved.num_blocks,
-        "page_size": resolved.page_size,
-        "attn_implementation": model.config._attn_implementation,
-    }
+    settings = ("max_requests_per_batch", "max_batch_tokens", "num_blocks", "page_size")
+    result.extra = {key: getattr(resolved, key) for key in settings}
+    result.extra["attn_implementation"] = model.config._attn_implementation
+
+
+PEERS = {"hf-generate": run_hf_generate, "hf-cb": run_hf_cb}
+"""Each peer's run: (model, workload, batch size, result to fill)."""
 
 
 # The ideal: our forward, no scheduling ---------------------------------------------------------
