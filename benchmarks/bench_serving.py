@@ -31,7 +31,7 @@ token that decodes to nothing (a partial UTF-8 byte) merges into the next chunk:
 two iterations, exactly as vLLM's client would measure it (chunks per token is recorded).
 
 Offline reference: ``Engine`` in this process with the same ``EngineConfig`` and thread count,
-every request at t=0 (``bench_policies.run_engine``), run for each policy right before its server
+every request at t=0 (``workload.run_engine``), run for each policy right before its server
 starts, while no server runs. Target: at rate inf, HTTP streaming output tokens/s >= 0.9x the
 offline engine's for the baton policy (other policies' ratios reported). Runs interleave (each
 repeat runs every policy, order rotated), record wall time, CPU time / wall and the 1-minute load
@@ -41,28 +41,20 @@ average; errors are recorded, never replaced by numbers. Results go to
 
 from __future__ import annotations
 
-import asyncio
 import math
-import os
-import time
 from dataclasses import asdict
 from functools import partial
 
 import harness
 import httpx
 import workload
-from harness import Default, busy_cpu_seconds, check, markdown, median, ratio
-from server_process import Server, counter_deltas
-from serving_client import SERVED_NAME, ServingRun, make_arrivals, request_body, send_all
+from harness import Default, check, markdown, median, ratio
+from serving_http import DISTURBED_CPU, Server, ServingRun, busy_cpu_seconds, make_arrivals
 
 from baton_paged.sched.policies import POLICIES
 
 TARGET_POLICY = "baton"
 TARGET_RATIO = 0.9
-DISTURBED_CPU = 0.25
-"""A run during which other processes used more than this many cores is flagged disturbed. The
-machine-wide figure is sampled at clock ticks and our processes' CPU time is exact, so bursty
-runs read a little below zero; one other busy process reads about 1."""
 
 
 def run_offline(
@@ -83,59 +75,23 @@ def run_offline(
     return harness.recorded(result, run)
 
 
-def start_server(ours: workload.OurModel, policy: str, args) -> Server:
-    """Our engine's configuration of ``run_offline``, served by ``baton-paged serve``."""
-    serve = ["--model", str(ours.path), "--policy", policy, "--dtype", "float32"]
-    serve += ["--max-batch-size", str(args.batch_size), "--kv-memory", workload.KV_MEMORY]
-    serve += [
-        "--max-prefill-tokens",
-        str(workload.MAX_PREFILL_TOKENS),
-        "--served-model-name",
-        SERVED_NAME,
-    ]
-    return Server(serve, args.threads, log_prefix=f"serve-{policy}")
-
-
-def run_load(
-    server: Server, run: ServingRun, requests: workload.Workload, offsets, timeout_s: float
-):
-    """One rate against a ready server; fills ``run`` from the client's records, the CPU time
-    of client, server and everything else, and the server's counters."""
-    bodies = [request_body(p, b) for p, b in zip(requests.prompts, requests.budgets, strict=True)]
-    before = server.counters()
-    load_before = os.getloadavg()[0]
-    client_cpu, server_cpu = sum(os.times()[:2]), server.cpu_seconds()
-    busy, wall = busy_cpu_seconds(), time.perf_counter()
-    url = f"{server.url}/v1/completions"
-    records, duration = asyncio.run(send_all(url, bodies, offsets, timeout_s))
-    wall = time.perf_counter() - wall
-    run.client_cpu_per_wall = round((sum(os.times()[:2]) - client_cpu) / wall, 3)
-    run.server_cpu_per_wall = round((server.cpu_seconds() - server_cpu) / wall, 3)
-    other = (busy_cpu_seconds() - busy) / wall - run.client_cpu_per_wall - run.server_cpu_per_wall
-    run.other_cpu_per_wall = round(other, 3)
-    run.disturbed = other > DISTURBED_CPU
-    run.loadavg_1m = (round(load_before, 2), round(os.getloadavg()[0], 2))
-    run.server_stats = counter_deltas(before, server.counters())
-    run.fill(records, requests.budgets, duration)
-
-
 def serve_policy(ours, policy: str, repeat: int, args, requests, arrivals) -> dict:
     """Start the policy's server, warm it, run every rate (inf first: the offline run it is
     compared with has just ended), stop it. Returns the runs and the server's setup."""
     order = sorted(arrivals, key=lambda label: label != "inf")  # next to the offline run first
     runs = [ServingRun(policy, label, arrivals[label][0], repeat) for label in order]
+    serve = ["--model", str(ours.path), "--policy", policy, "--dtype", "float32"]
+    serve += ["--max-batch-size", str(args.batch_size), "--kv-memory", workload.KV_MEMORY]
+    serve += ["--max-prefill-tokens", str(workload.MAX_PREFILL_TOKENS)]
+    server = Server(serve, args.threads, log_prefix=f"serve-{policy}")
     info: dict = {}
-    server = start_server(ours, policy, args)
     try:
         info["startup_s"] = round(server.wait_ready(), 2)
         info["torch_threads"] = server.torch_threads()
-        warm = [request_body(p, 2) for p in requests.prompts[:2]]
-        records, _ = asyncio.run(
-            send_all(f"{server.url}/v1/completions", warm, [0, 0], args.request_timeout)
-        )
+        records, _ = server.send(requests.prompts[:2], [2, 2], [0, 0], args.request_timeout)
         info["warmup_errors"] = [r.error for r in records if r.error]
         for run in runs:
-            run_load(server, run, requests, arrivals[run.rate][1], args.request_timeout)
+            server.load(run, requests, arrivals[run.rate][1], args.request_timeout)
             print(f"[rep {repeat}] {policy:>8} rate {run.rate:>4} {run.describe()}", flush=True)
     except Exception as error:  # the run and those after it record why, never a number
         message = f"{type(error).__name__}: {error}"

@@ -194,17 +194,6 @@ def environment(threads: int, device: torch.device) -> dict:
     return info
 
 
-def busy_cpu_seconds() -> float:
-    """CPU seconds the whole machine has been busy (every process, plus time the hypervisor
-    stole). Its change over a run minus our own processes' CPU time is what others took from the
-    cores: on 2 cores one other busy process slows OpenMP forwards far more than 2x."""
-    import psutil
-
-    t = psutil.cpu_times()
-    fields = ("user", "nice", "system", "irq", "softirq", "steal")
-    return sum(getattr(t, name, 0.0) for name in fields)
-
-
 @dataclass(kw_only=True)
 class Timed:
     """The figures a ``Clock`` takes of one run; each benchmark's run record extends it."""
