@@ -56,12 +56,7 @@ def _listed(value: Any) -> str:
 
 
 def options(
-    doc: str,
-    *,
-    threads: int,
-    repeats: int | Default,
-    quick: str | None = None,
-    results: str | None = None,
+    doc: str, *, threads: int, repeats: int | Default, quick: str = "", results: str = ""
 ) -> argparse.ArgumentParser:
     """A parser with the options every benchmark takes; the script adds its own. ``quick`` (its
     help text) adds ``--quick``; ``results`` (the file stem) adds ``--name``."""
@@ -89,7 +84,7 @@ def start(parser: argparse.ArgumentParser, must_include: dict | None = None) -> 
     for key, value in (must_include or {}).items():
         if value not in getattr(args, key):
             parser.error(f"--{key.replace('_', '-')} must include {value}")
-    setup_threads(args.threads)
+    torch.set_num_threads(args.threads)  # CPU timings swing wildly when threads oversubscribe
     return args
 
 
@@ -148,12 +143,6 @@ def announce(label: str, result: Any, *details: Any) -> None:
 # Timing ----------------------------------------------------------------------------------------
 
 
-def setup_threads(threads: int) -> int:
-    """Pin torch's intra-op threads: CPU timings here swing wildly when threads oversubscribe."""
-    torch.set_num_threads(threads)
-    return torch.get_num_threads()
-
-
 def synchronizer(device: torch.device) -> Callable[[], None]:
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -181,14 +170,10 @@ def interleaved(
 
 
 def environment(threads: int, device: torch.device) -> dict:
-    info = {
-        "torch": torch.__version__,
-        "threads": threads,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "device": str(device),
-    }
+    """The versions, machine and device the figures were taken on."""
+    info = {"torch": torch.__version__, "threads": threads, "cpu_count": os.cpu_count()}
+    info |= {"machine": platform.machine(), "python": platform.python_version()}
+    info["device"] = str(device)
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
