@@ -34,7 +34,6 @@ import math
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from functools import partial
 
 import harness
 import numpy as np
@@ -112,17 +111,6 @@ def dense_attention(w: Workload, layer: int, scale: float) -> torch.Tensor:
     return out.view(BATCH, QUERY_HEADS, HEAD_DIM)
 
 
-def shuffled_block_table(
-    pages_per_request: list[int], num_pages: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Random, non-consecutive page ids per request (a pool after churn), rows padded with 0."""
-    ids = rng.permutation(num_pages)[: sum(pages_per_request)]
-    table = np.zeros((len(pages_per_request), max(pages_per_request)), dtype=np.int32)
-    for row, pages in enumerate(np.split(ids, np.cumsum(pages_per_request)[:-1])):
-        table[row, : len(pages)] = pages
-    return table
-
-
 def fill_cache(cache: KVCache, layer: int, w: Workload, table: np.ndarray) -> None:
     """Write every request's K/V into its pages through the cache's own slot-mapping write."""
     contexts = np.array(w.contexts)
@@ -141,7 +129,8 @@ def paged_batch(w: Workload, page_size: int, seed: int, device: torch.device) ->
     per_request = [pages_needed(c, page_size) for c in w.contexts]
     cache = KVCache(spec, 2 * sum(per_request), device)
     cache.storage.normal_(generator=torch.Generator(device).manual_seed(seed))
-    table = shuffled_block_table(per_request, cache.num_pages, np.random.default_rng(seed))
+    ids = np.random.default_rng(seed).permutation(cache.num_pages)  # a pool after churn
+    table = harness.block_table(np.split(ids[: sum(per_request)], np.cumsum(per_request)[:-1]))
     for layer in range(spec.num_layers):
         fill_cache(cache, layer, w, table)
     meta = AttentionMetadata.build([1] * BATCH, w.contexts, table, page_size, device)
@@ -202,10 +191,6 @@ def backend_cases(
     return cases
 
 
-def each_layer(fn: LayerCase, layers: int) -> list[torch.Tensor]:
-    return [fn(layer) for layer in range(layers)]
-
-
 def run_workload(w: Workload, sizes: dict[str, int], args, scale: float, sync) -> dict:
     """Median seconds per layer of dense and of every backend's attend and forward, the cases
     interleaved step by step."""
@@ -215,8 +200,11 @@ def run_workload(w: Workload, sizes: dict[str, int], args, scale: float, sync) -
     layer_cases = {"dense": lambda layer: dense_attention(w, layer, scale)}
     for name, (attend, forward) in paged.items():
         layer_cases |= {name: attend, f"{name} forward": forward}
-    # The timed unit is a whole step: every layer in turn, as the engine runs one.
-    timed = {name: partial(each_layer, fn, args.layers) for name, fn in layer_cases.items()}
+
+    def whole_step(fn: LayerCase) -> Callable[[], list]:  # every layer in turn, as the engine
+        return lambda: [fn(layer) for layer in range(args.layers)]
+
+    timed = {name: whole_step(fn) for name, fn in layer_cases.items()}
     steps = interleaved(timed, args.repeats, sync, warmup=2)
     seconds = {name: step / args.layers for name, step in steps.items()}
     dense = seconds["dense"]
@@ -230,18 +218,8 @@ def run_workload(w: Workload, sizes: dict[str, int], args, scale: float, sync) -
     result = {"contexts": {"min": min(w.contexts), "max": max(w.contexts), "mean": mean}}
     result["cases"] = cases
     if "torch" in cases and "padded" in cases:
-        attend = {name: cases[name]["attend_s"] for name in ("padded", "torch")}
-        result["padded_vs_torch"] = harness.ratio(attend["padded"], attend["torch"], 3)
+        result["padded_vs_torch"] = harness.ratio(seconds["padded"], seconds["torch"], 3)
     return result
-
-
-def workloads(layers: int, device: torch.device, dtype: torch.dtype, seed: int) -> list[Workload]:
-    """Uniform contexts, and ragged ones of about the same mean (seeded)."""
-    ragged = np.random.default_rng(seed).integers(RAGGED[0], RAGGED[1] + 1, BATCH).tolist()
-    return [
-        make_workload("uniform", [CONTEXT] * BATCH, layers, device, dtype, seed),
-        make_workload("ragged", ragged, layers, device, dtype, seed + 1),
-    ]
 
 
 def parse_args():
@@ -262,11 +240,13 @@ def main() -> None:
     scale = 1 / math.sqrt(HEAD_DIM)
     sizes, skipped = backend_page_sizes(device, dtype, args.page_size)
 
+    ragged = np.random.default_rng(args.seed).integers(RAGGED[0], RAGGED[1] + 1, BATCH).tolist()
+    contexts = {"uniform": [CONTEXT] * BATCH, "ragged": ragged}  # ragged: about the same mean
+    results = {}
     with torch.inference_mode():
-        results = {
-            w.name: run_workload(w, sizes, args, scale, sync)
-            for w in workloads(args.layers, device, dtype, args.seed)
-        }
+        for k, (name, lengths) in enumerate(contexts.items()):
+            w = make_workload(name, lengths, args.layers, device, dtype, args.seed + k)
+            results[name] = run_workload(w, sizes, args, scale, sync)
     shape = {"batch": BATCH, "context": CONTEXT, "ragged_range": list(RAGGED)}
     shape |= {"query_heads": QUERY_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM}
     timing = "median of repeats steps over all layers, divided by layers (s per layer)"

@@ -179,6 +179,14 @@ def environment(threads: int, device: torch.device) -> dict:
     return info
 
 
+def block_table(pages: Sequence[Sequence[int]]) -> np.ndarray:
+    """Each request's page ids as a row of a block table, padded with page 0."""
+    table = np.zeros((len(pages), max(map(len, pages))), dtype=np.int32)
+    for row, ids in enumerate(pages):
+        table[row, : len(ids)] = ids
+    return table
+
+
 @dataclass(kw_only=True)
 class Timed:
     """The figures a ``Clock`` takes of one run; each benchmark's run record extends it."""

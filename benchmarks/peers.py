@@ -19,7 +19,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
-from harness import Clock, interleaved, synchronizer
+from harness import Clock, block_table, interleaved, synchronizer
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.streamers import BaseStreamer
@@ -209,12 +209,8 @@ def packed(lengths: list[int], budget: int) -> list[list[int]]:
 
 
 def table_for(pool: PagePool, lengths: list[int], page_size: int) -> np.ndarray:
-    """A block table of freshly allocated pages, one row per length, padded with page 0."""
-    rows = [pool.allocate(pages_needed(n, page_size)) for n in lengths]
-    table = np.zeros((len(rows), max(len(r) for r in rows)), dtype=np.int32)
-    for i, row in enumerate(rows):
-        table[i, : len(row)] = row
-    return table
+    """A block table of freshly allocated pages, one row per length."""
+    return block_table([pool.allocate(pages_needed(n, page_size)) for n in lengths])
 
 
 def prefill_forwards(cache: KVCache, prompts: list[list[int]], budget: int) -> list[ForwardBatch]:
