@@ -41,7 +41,7 @@ from functools import partial
 import harness
 import torch
 import workload
-from harness import Default, Timed, check, markdown, median, ratio
+from harness import Default, Timed, check, markdown, median, medians, ratio
 from workload import CLASSES
 
 from baton_paged.config import PREEMPTION_MODES
@@ -85,7 +85,7 @@ class MemoryRun(Timed):
     queue: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     per_request: dict = field(default_factory=dict)
-    """Priority runs: each request's class and TTFT (for the box plot)."""
+    """Priority runs: each request's class and TTFT."""
     disturbed: bool = False
     """CPU time / wall fell below DISTURBED_SHARE x threads: something else took the cores."""
 
@@ -97,9 +97,8 @@ class MemoryRun(Timed):
         self.latency, self.stats = workload.latencies(outs), run.counters
         self.queue = {"max": max(run.queue), "mean": round(statistics.mean(run.queue), 2)}
         if self.system in (PRIORITY, FCFS):
-            self.classes = {
-                cls: workload.latencies(group) for cls, group in workload.by_class(outs).items()
-            }
+            classes = workload.by_class(outs).items()
+            self.classes = {cls: workload.latencies(group) for cls, group in classes}
             self.per_request = {
                 "class": [o.request_id[0] for o in outs],
                 "ttft_s": [round(o.metrics.time_to_first_token, 4) for o in outs],
@@ -125,12 +124,9 @@ def measure_need(ours: workload.OurModel, batch: int, sweep: workload.Workload, 
     run = run_system(ours, batch, system, workload.burst(sweep), repeat=-1)
     if run.error or run.lost or run.stats["preemptions"]:
         raise RuntimeError(f"the unconstrained run failed: {run.error or run.stats}")
-    return {
-        "pages": run.stats["peak_pages_in_use"],
-        "iterations": run.stats["iterations"],
-        "requests_per_iteration": round(len(sweep.prompts) / run.stats["iterations"], 4),
-        "wall_s": round(run.wall_s, 2),
-    }
+    need = {"pages": run.stats["peak_pages_in_use"], "iterations": run.stats["iterations"]}
+    need["requests_per_iteration"] = round(len(sweep.prompts) / run.stats["iterations"], 4)
+    return need | {"wall_s": round(run.wall_s, 2)}
 
 
 def make_systems(args, need: int, largest: int, free_pages: int) -> list[System]:
@@ -166,15 +162,11 @@ def summary_row(s: System, group: list[MemoryRun], need: int) -> dict:
     row["disturbed_runs"] = sum(r.disturbed for r in group)
     if not ok:
         return row
-
-    def medians(get) -> dict:
-        return {k: median((get(r)[k] for r in ok), 4) for k in get(ok[0])}
-
-    row |= medians(lambda r: {"tokens_per_s": r.tokens_per_s, "wall_s": r.wall_s})
+    row |= medians([vars(r) for r in ok], 4, ("tokens_per_s", "wall_s"))
     row["lost"] = max(r.lost for r in ok)
-    row |= medians(lambda r: r.latency) | medians(lambda r: r.stats)
+    row |= medians([r.latency for r in ok], 4) | medians([r.stats for r in ok], 4)
     row["queue_max"] = median((r.queue["max"] for r in ok), 4)
-    row |= {cls: medians(lambda r, c=cls: r.classes[c]) for cls in ok[0].classes}
+    row |= {cls: medians([r.classes[cls] for r in ok], 4) for cls in ok[0].classes}
     return row
 
 
@@ -184,8 +176,7 @@ def checks(summary: dict, args) -> list[dict]:
     found = []
     for mode in args.modes:
         row, name = summary[f"{mode}-{TARGET_FRACTION:g}"], f"{mode} at 25% of need"
-        failed = bool(row["errors"])
-        lost, x = (None, None) if failed else (row.get("lost"), row.get("x_unconstrained"))
+        lost, x = (None, None) if row["errors"] else (row.get("lost"), row.get("x_unconstrained"))
         found.append(check(f"{name}: lost requests", lost, 0, "=="))
         found.append(check(f"{name}: x unconstrained tokens/s", x, TARGET_THROUGHPUT_RATIO))
     high, low = (summary[PRIORITY].get(c, {}).get("ttft_p50_s") for c in CLASSES)
@@ -279,6 +270,9 @@ def main() -> None:
         harness.announce(label, result, "lost", result.lost, *details)
 
     summary = summarize(runs, systems, need["pages"])
+    setup = {"num_requests": args.priority_requests, "high_share": HIGH_SHARE}
+    setup |= {"overload": args.overload, "gap_iterations": round(gap, 4)}
+    setup |= {"fraction": args.priority_fraction, "largest_request_pages": args.priority_largest}
     payload = {
         "environment": ours.environment() | {"interop_threads": torch.get_num_interop_threads()},
         "args": vars(args),
@@ -291,15 +285,7 @@ def main() -> None:
             "disturbed_share": DISTURBED_SHARE,
         },
         "need": need | {"largest_request_pages": largest, "unconstrained_pages": free_pages},
-        "priority_setup": {
-            "num_requests": args.priority_requests,
-            "high_share": HIGH_SHARE,
-            "overload": args.overload,
-            "gap_iterations": round(gap, 4),
-            "fraction": args.priority_fraction,
-            "largest_request_pages": args.priority_largest,
-            "workload": prio.describe(args.max_budget),
-        },
+        "priority_setup": setup | {"workload": prio.describe(args.max_budget)},
         "systems": [asdict(s) for s in systems],
         "summary": summary,
         "checks": checks(summary, args),

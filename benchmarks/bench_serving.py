@@ -48,7 +48,7 @@ from functools import partial
 import harness
 import httpx
 import workload
-from harness import Default, check, markdown, median, ratio
+from harness import Default, check, markdown, median, medians, ratio
 from serving_http import DISTURBED_CPU, Server, ServingRun, busy_cpu_seconds, make_arrivals
 
 from baton_paged.sched.policies import POLICIES
@@ -131,23 +131,17 @@ def summarize_rate(group: list[ServingRun]) -> dict:
     ok = [r for r in ok if r.completed]
     if not ok:
         return row
+    runs = [vars(r) | r.server_stats for r in ok]
     row["request_rate"] = ok[0].request_rate
-    row["output_tokens_per_s"] = median((r.output_tokens_per_s for r in ok), 5)
-    row["duration_s"] = median((r.duration_s for r in ok), 5)
+    row |= medians(runs, 5, ("output_tokens_per_s", "duration_s"))
     row["failed"] = sum(r.failed for r in ok)
     row["disturbed"] = sum(r.disturbed for r in ok)
     row["inexact"] = sum(r.completed - r.exact for r in ok)
     for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
-        row[metric] = {
-            q: median((getattr(r, metric).get(q) for r in ok), 5) for q in ("mean", "p50", "p99")
-        }
-    row["chunks_per_token"] = median((r.chunks_per_token for r in ok), 5)
+        row[metric] = medians([r[metric] for r in runs], 5, ("mean", "p50", "p99"))
     silences = [r.longest_silence_s for r in ok if r.longest_silence_s is not None]
     row["longest_silence_s"] = max(silences, default=None)
-    row["tokens_per_iteration"] = median(
-        (r.server_stats.get("tokens_per_iteration") for r in ok), 5
-    )
-    return row
+    return row | medians(runs, 5, ("chunks_per_token", "tokens_per_iteration"))
 
 
 def checks(summary: dict, runs: list[ServingRun], num_requests: int) -> list[dict]:

@@ -242,6 +242,11 @@ def median(values: Iterable, digits: int | None = None) -> Any:
     return middle if digits is None else round(middle, digits)
 
 
+def medians(records: Sequence[dict], digits: int | None = None, keys: Iterable[str] = ()) -> dict:
+    """The median over ``records`` of each of ``keys`` (default: the first record's keys)."""
+    return {key: median((r.get(key) for r in records), digits) for key in keys or records[0]}
+
+
 def percentile(values: Sequence[float], q: float, digits: int = 4) -> float | None:
     return round(float(np.percentile(values, q)), digits) if len(values) else None
 
