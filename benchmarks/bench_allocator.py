@@ -179,36 +179,20 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(cached_model("llama", "small")).to(device).eval()
     decode = decode_step_seconds(model, args.repeats, sync)
 
-    result = {
-        "environment": environment(threads, device),
-        "alloc_free_ns_per_page": {
-            f"{n} page(s) per call": round(ns, 1) for n, ns in per_page.items()
-        },
-        "swap": {
-            "bytes": nbytes,
-            "pages": SWAP_PAGES,
-            "cases": {
-                name: {
-                    "ms": round(s * 1e3, 3),
-                    "GB/s": round(nbytes / s / 1e9, 2),
-                    "vs plain copy_": round(plain / s, 3),
-                }
-                for name, s in swap_seconds.items()
-            },
-        },
-        "decode_step": {
-            "batch": BATCH,
-            "allocator_us_per_step": round(bookkeeping * 1e6, 1),
-            "hf_decode_forward_ms": round(decode * 1e3, 2),
-            "allocator_share_of_step": round(bookkeeping / decode, 5),
-        },
-    }
+    swap = {"bytes": nbytes, "pages": SWAP_PAGES, "cases": {}}
+    for name, seconds in swap_seconds.items():
+        case = {"ms": round(seconds * 1e3, 3), "GB/s": round(nbytes / seconds / 1e9, 2)}
+        swap["cases"][name] = case | {"vs plain copy_": round(plain / seconds, 3)}
+    step = {"batch": BATCH, "allocator_us_per_step": round(bookkeeping * 1e6, 1)}
+    step["hf_decode_forward_ms"] = round(decode * 1e3, 2)
+    step["allocator_share_of_step"] = round(bookkeeping / decode, 5)
+    per_page = {f"{n} page(s) per call": round(ns, 1) for n, ns in per_page.items()}
+    result = {"environment": environment(threads, device), "alloc_free_ns_per_page": per_page}
+    result |= {"swap": swap, "decode_step": step}
     path = harness.write_json(f"allocator-{device.type}", result)
-    swaps = [{"swap": name} | case for name, case in result["swap"]["cases"].items()]
-    print(*harness.markdown(swaps), sep="\n")
-    for key in ("alloc_free_ns_per_page", "decode_step"):
-        print(f"{key}: {result[key]}")
-    print(f"wrote {path}")
+    rows = [{"swap": name} | case for name, case in swap["cases"].items()]
+    print(*harness.markdown(rows), f"alloc_free_ns_per_page: {per_page}", sep="\n")
+    print(f"decode_step: {step}\nwrote {path}")
 
 
 if __name__ == "__main__":

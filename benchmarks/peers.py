@@ -249,15 +249,8 @@ def measure_ideal(model, workload: Workload, batch_sizes: list[int]) -> dict:
             step_s = interleaved(step, repeats=20, sync=sync, warmup=3)["decode"]
             steps = math.ceil(workload.total_budget / b)
             ideal_s = prefill_s + steps * step_s
-            per_batch[b] = {
-                "decode_step_ms": round(step_s * 1e3, 3),
-                "decode_steps": steps,
-                "ideal_s": round(ideal_s, 3),
-                "ideal_tokens_per_s": round(workload.total_budget / ideal_s, 2),
-            }
-    return {
-        "prefill_s": round(prefill_s, 4),
-        "prefill_forwards": len(forwards),
-        "decode_context": context,
-        "per_batch": per_batch,
-    }
+            per_batch[b] = {"decode_step_ms": round(step_s * 1e3, 3), "decode_steps": steps}
+            per_batch[b]["ideal_s"] = round(ideal_s, 3)
+            per_batch[b]["ideal_tokens_per_s"] = round(workload.total_budget / ideal_s, 2)
+    ideal = {"prefill_s": round(prefill_s, 4), "prefill_forwards": len(forwards)}
+    return ideal | {"decode_context": context, "per_batch": per_batch}
