@@ -57,21 +57,16 @@ class Runner:
         self.ours = workload.OurModel()
         self.peer = workload.load_hf(self.ours.path, attn="sdpa")
 
-    def run(
-        self, system: str, batch_size: int, requests: workload.Workload, repeat: int
-    ) -> workload.RunResult:
-        result = workload.RunResult(system, batch_size, repeat)
-        return harness.recorded(result, lambda: self.fill(result, requests))
+    def run(self, system: str, batch: int, requests: workload.Workload, repeat: int):
+        result = workload.RunResult(system, batch, repeat)
 
-    def fill(self, result: workload.RunResult, requests: workload.Workload) -> None:
-        if result.system in POLICIES:
-            engine = self.ours.engine(result.system, result.batch_size)
-            workload.run_engine(engine, requests, result)
-        else:
-            PEERS[result.system](self.peer, requests, result.batch_size, result)
+        def fill() -> None:
+            if system in POLICIES:
+                workload.run_engine(self.ours.engine(system, batch), requests, result)
+            else:
+                PEERS[system](self.peer, requests, batch, result)
 
-    def ideal(self, requests: workload.Workload, batch_sizes: list[int]) -> dict:
-        return measure_ideal(self.ours.model, requests, batch_sizes)
+        return harness.recorded(result, fill)
 
 
 def summarize(runs: list[workload.RunResult], ideal: dict) -> dict:
@@ -147,9 +142,8 @@ def parse_args():
     quick = "24 requests, B 4,8, budgets <= 64"
     parser = harness.options(__doc__, threads=2, repeats=1, quick=quick, results="policies-cpu")
     batches = Default([4, 8, 16, 32], [4, 8])
-    parser.add_argument(
-        "--batch-sizes", type=harness.comma_list(int), default=batches, help="%(default)s"
-    )
+    sizes = harness.comma_list(int)
+    parser.add_argument("--batch-sizes", type=sizes, default=batches, help="%(default)s")
     systems = harness.comma_list(str, SYSTEMS)
     parser.add_argument("--systems", type=systems, default=list(SYSTEMS), help=",".join(SYSTEMS))
     workload.add_options(parser, num_requests=Default(128, 24))
@@ -172,7 +166,7 @@ def main() -> None:
     info = requests.describe(args.max_budget)
     print(f"workload: {info}")
 
-    ideal = runner.ideal(requests, args.batch_sizes)
+    ideal = measure_ideal(runner.ours.model, requests, args.batch_sizes)
     print(f"ideal: {ideal}")
     for system in args.systems:  # first-call costs (allocator, kernels) stay out of the runs
         runner.run(system, min(args.batch_sizes), requests.head(2, budget=2), repeat=-1)
@@ -183,21 +177,16 @@ def main() -> None:
         result = runner.run(system, b, requests, repeat)
         runs.append(result)
         harness.announce(f"[rep {repeat}] {system:>11} B={b:<3}", result, result.extra)
-    best = best_ideal(ideal, runner.ideal(requests, args.batch_sizes))
+    best = best_ideal(ideal, measure_ideal(runner.ours.model, requests, args.batch_sizes))
 
     summary = summarize(runs, best)
+    ours = {"kv_memory": workload.KV_MEMORY, "max_prefill_tokens": workload.MAX_PREFILL_TOKENS}
     batch = TARGET_BATCH if TARGET_BATCH in args.batch_sizes else max(args.batch_sizes)
     payload = {
         "environment": runner.ours.environment(),
         "args": vars(args),
         "workload": info,
-        "setup": {
-            "ours": {
-                "kv_memory": workload.KV_MEMORY,
-                "max_prefill_tokens": workload.MAX_PREFILL_TOKENS,
-            },
-            "hf-cb": CB_SETUP,
-        },
+        "setup": {"ours": ours, "hf-cb": CB_SETUP},
         "ideal": best,
         "summary": summary,
         "checks_batch": batch,

@@ -57,9 +57,7 @@ TARGET_POLICY = "baton"
 TARGET_RATIO = 0.9
 
 
-def run_offline(
-    ours: workload.OurModel, policy: str, batch: int, requests: workload.Workload
-) -> workload.RunResult:
+def run_offline(ours: workload.OurModel, policy: str, batch: int, requests) -> workload.RunResult:
     """The offline engine on the whole workload at t=0 (after a 2-request warm-up on another
     engine), and how much of the cores other processes took meanwhile."""
     result = workload.RunResult(system=policy, batch_size=batch, repeat=-1)
@@ -222,11 +220,8 @@ def main() -> None:
     if calibration.error:
         raise SystemExit(f"offline calibration failed: {calibration.error}")
     base_rate = len(requests.prompts) / calibration.wall_s
-    print(
-        f"sustainable rate (offline {TARGET_POLICY}): {base_rate:.3f} req/s, "
-        f"{calibration.tokens_per_s:.1f} tok/s",
-        flush=True,
-    )
+    rate = f"{base_rate:.3f} req/s, {calibration.tokens_per_s:.1f} tok/s"
+    print(f"sustainable rate (offline {TARGET_POLICY}): {rate}", flush=True)
     arrivals = make_arrivals(len(requests.prompts), base_rate, args.rates, args.seed)
 
     offline, runs, servers = [], [], []
@@ -240,17 +235,14 @@ def main() -> None:
         servers.append({"policy": policy, "repeat": repeat} | served["server"])
 
     summary = summarize(runs, offline, args.policies, args.rates)
+    setup = {"kv_memory": workload.KV_MEMORY, "max_prefill_tokens": workload.MAX_PREFILL_TOKENS}
+    setup["dtype"] = "float32"
+    setup["server_command"] = "python -c LAUNCHER THREADS serve --model ... (see source)"
     payload = {
         "environment": ours.environment() | {"httpx": httpx.__version__},
         "args": vars(args),
         "workload": requests.describe(args.max_budget),
-        "setup": {
-            "kv_memory": workload.KV_MEMORY,
-            "max_prefill_tokens": workload.MAX_PREFILL_TOKENS,
-            "dtype": "float32",
-            "server_command": "python -c LAUNCHER THREADS serve --model ... (see source)",
-            "servers": servers,
-        },
+        "setup": setup | {"servers": servers},
         "targets": {"disturbed_cpu": DISTURBED_CPU},
         "calibration": asdict(calibration),
         "sustainable_rate": round(base_rate, 5),
@@ -262,11 +254,8 @@ def main() -> None:
         "offline": [asdict(r) for r in offline],
         "runs": [asdict(r) for r in runs],
     }
-    problems = [
-        f"problem: {r['policy']} rate {r['rate']}: {r['error'] or r['errors']}"
-        for r in payload["runs"]
-        if r["error"] or r["errors"]
-    ]
+    failed = [r for r in runs if r.error or r.errors]
+    problems = [f"problem: {r.policy} rate {r.rate}: {r.error or r.errors}" for r in failed]
     harness.publish(args.name, payload, report, problems)
 
 
