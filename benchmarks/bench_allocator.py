@@ -52,13 +52,9 @@ def alloc_free_ns_per_page(pages_per_call: int, calls: int = 20000) -> float:
 
 
 class DecodeBookkeeping:
-    """A batch of 32 decoding requests doing exactly the allocator work of a real decode step.
-
-    Per step: grow a page for each request whose next token starts one, gather the batch's
-    block-table rows (as the scheduler plans a forward) and build the step's attention metadata
-    (as the model runner does), then retire finished requests (long-tailed budgets, mean ~100
-    tokens) and insert new prompts of 16-256 tokens in their place.
-    """
+    """A batch of 32 decoding requests doing a decode step's allocator work (the module docstring
+    lists it); finished requests (long-tailed budgets, mean ~100 tokens) make way for new prompts
+    of 16-256 tokens."""
 
     def __init__(self, seed: int):
         self.rng = np.random.default_rng(seed)
@@ -146,14 +142,9 @@ def swap_cases(device: torch.device, rng: np.random.Generator):
     out_c, in_c = cycle(*contiguous, contiguous[0].pool.allocate(SWAP_PAGES))
     fragmented = KVCache(spec, 4 * SWAP_PAGES, device), HostSwapPool(spec, 4 * SWAP_PAGES)
     out_f, in_f = cycle(*fragmented, scattered_pages(fragmented[0].pool, SWAP_PAGES, rng))
-    cases = {
-        "plain copy_": lambda: plain_dst.copy_(plain_src, non_blocking=True),
-        "swap-out (contiguous pages)": out_c,
-        "swap-in (contiguous pages)": in_c,
-        "swap-out (scattered pages)": out_f,
-        "swap-in (scattered pages)": in_f,
-    }
-    return cases, nbytes
+    cases = {"plain copy_": lambda: plain_dst.copy_(plain_src, non_blocking=True)}
+    cases |= {"swap-out (contiguous pages)": out_c, "swap-in (contiguous pages)": in_c}
+    return cases | {"swap-out (scattered pages)": out_f, "swap-in (scattered pages)": in_f}, nbytes
 
 
 def main() -> None:

@@ -94,8 +94,7 @@ def comma_list(kind: Callable[[str], T], choices: Iterable[T] | None = None):
 
     def convert(text: str) -> list[T]:
         values = [kind(part) for part in text.split(",")]
-        unknown = [v for v in values if allowed is not None and v not in allowed]
-        if unknown:
+        if allowed is not None and (unknown := [v for v in values if v not in allowed]):
             choose = ", ".join(map(str, allowed))
             raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {choose}")
         return values
@@ -338,12 +337,12 @@ def figure(path: Path, title: str, panels: Panels) -> None:
 
 
 Report = Callable[[dict], tuple[list[str], str, Panels]]
-"""A script's presentation of its saved results: Markdown lines, the figure's title and panels."""
 
 
 def render(name: str, saved: dict, report: Report) -> str:
-    """``results/<name>.md`` (the report's tables, then the checks) and ``.png`` drawn from a
-    results payload as saved (or read back from its JSON); returns the Markdown."""
+    """``results/<name>.md`` and ``.png`` drawn from a results payload as saved (or read back
+    from its JSON) by a script's ``report``: its Markdown lines (the checks' table follows), the
+    figure's title and panels. Returns the Markdown."""
     lines, title, panels = report(saved)
     checks = markdown(saved["checks"], ["check", "value", "op", "target", "status"])
     text = "\n".join([*lines, "", *checks]) + "\n"

@@ -87,14 +87,10 @@ class Server:
         return times.user + times.system + times.children_user + times.children_system
 
     def counters(self) -> dict[str, float]:
-        """The engine counters of /metrics (generated tokens, iterations, idle slots...)."""
+        """The unlabelled counters of /metrics (``baton:iterations_total``...)."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        values = {}
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if not sample.labels and sample.name.endswith("_total"):
-                    values[sample.name.removesuffix("_total")] = sample.value
-        return values
+        samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
+        return {s.name: s.value for s in samples if not s.labels and s.name.endswith("_total")}
 
     def tail(self, chars: int = 1500) -> str:
         self.log.flush()
@@ -137,9 +133,8 @@ class Server:
         run.other_cpu_per_wall, run.disturbed = round(other, 3), other > DISTURBED_CPU
         run.loadavg_1m = (round(load_before, 2), round(os.getloadavg()[0], 2))
         after = self.counters()
-        run.server_stats = {
-            k: after.get(f"baton:{k}", 0) - before.get(f"baton:{k}", 0) for k in COUNTERS
-        }
+        names = {k: f"baton:{k}_total" for k in COUNTERS}
+        run.server_stats = {k: after.get(n, 0) - before.get(n, 0) for k, n in names.items()}
         if run.server_stats["iterations"]:  # the mean decode batch
             tokens = run.server_stats["generation_tokens"] / run.server_stats["iterations"]
             run.server_stats["tokens_per_iteration"] = round(tokens, 2)
@@ -166,10 +161,6 @@ class RequestRecord:
     @property
     def latency(self) -> float:
         return self.times[-1] - self.sent
-
-    @property
-    def itl(self) -> list[float]:
-        return np.diff(self.times).tolist()
 
 
 @dataclass
@@ -222,7 +213,7 @@ class ServingRun:
         self.ttft_s = stats([r.ttft for r, _ in ok])
         tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r, _ in ok if r.output_tokens > 1]
         self.tpot_s = stats(tpots)
-        self.itl_s = stats([gap for r, _ in ok for gap in r.itl])
+        self.itl_s = stats([gap for r, _ in ok for gap in np.diff(r.times).tolist()])
         self.e2e_s = stats([r.latency for r, _ in ok])
         self.longest_silence_s = longest_silence([r for r, _ in ok])
         chunks = sum(len(r.times) for r, _ in ok)
