@@ -15,7 +15,6 @@ import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -26,14 +25,9 @@ from transformers.generation.streamers import BaseStreamer
 from workload import KV_MEMORY, MAX_PREFILL_TOKENS, RunResult, Workload
 
 from baton_paged.allocator import KVCache, KVCacheSpec, PagePool, pages_needed
-from baton_paged.attention import (
-    AUTO,
-    AttentionRequirements,
-    attach,
-    create_backend,
-    detach,
-    suggested_page_size,
-)
+from baton_paged.attention import attach, detach
+from baton_paged.config import EngineConfig
+from baton_paged.model_loading import choose_attention
 from baton_paged.model_runner import ModelRunner
 from baton_paged.sched.plan import ForwardBatch, ScheduledRow
 
@@ -176,17 +170,16 @@ PEERS = {"hf-generate": run_hf_generate, "hf-cb": run_hf_cb}
 
 
 @contextmanager
-def paged_runner(model, kv_memory: str) -> Iterator[ModelRunner]:
-    """A runner over a cache of ``kv_memory`` with the automatic backend and its page size;
-    ``model`` runs paged attention until the block ends."""
+def paged_runner(model) -> Iterator[ModelRunner]:
+    """A runner over a cache of our engine's size, with the backend and page size the engine
+    would choose; ``model`` runs paged attention until the block ends."""
     weights = next(model.parameters())
-    geometry = KVCacheSpec.from_model_config(model.config)
-    heads = (geometry.head_dim, model.config.num_attention_heads, geometry.num_kv_heads)
-    req = AttentionRequirements(weights.device, weights.dtype, 1, *heads)
-    page_size = suggested_page_size(AUTO, req)
-    backend = create_backend(AUTO, replace(req, page_size=page_size))
+    config = EngineConfig(
+        dtype=str(weights.dtype).removeprefix("torch."), device=str(weights.device)
+    )
+    page_size, backend = choose_attention(config, model)
     spec = KVCacheSpec.from_model_config(model.config, page_size, weights.dtype)
-    cache = KVCache.from_budget(spec, kv_memory, weights.device)
+    cache = KVCache.from_budget(spec, KV_MEMORY, weights.device)
     attach(model, model.config.max_position_embeddings)
     try:
         yield ModelRunner(model, cache, backend)
@@ -238,7 +231,7 @@ def measure_ideal(model, workload: Workload, batch_sizes: list[int]) -> dict:
     prompt_mean = statistics.mean(len(p) for p in workload.prompts)
     context = round(prompt_mean + statistics.mean(workload.budgets) / 2)
     sync = synchronizer(next(model.parameters()).device)
-    with paged_runner(model, KV_MEMORY) as runner:
+    with paged_runner(model) as runner:
         forwards = prefill_forwards(runner.cache, workload.prompts, MAX_PREFILL_TOKENS)
         prefill = {"prefill": lambda: [runner.execute(f) for f in forwards]}
         prefill_s = interleaved(prefill, repeats=3, sync=sync)["prefill"]
