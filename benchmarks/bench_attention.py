@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import harness
 import numpy as np
@@ -43,7 +43,7 @@ from harness import environment, interleaved, synchronizer
 
 from baton_paged.allocator import KVCache, KVCacheSpec, pages_needed, slot_mapping
 from baton_paged.attention import AttentionMetadata, AttentionRequirements, create_backend
-from baton_paged.attention.registry import BACKENDS, backend_class
+from baton_paged.attention.registry import backend_class, unsupported_reasons
 
 BATCH = 32
 CONTEXT = 256
@@ -149,16 +149,13 @@ def backend_page_sizes(
 ) -> tuple[dict[str, int], dict[str, str]]:
     """Each runnable backend's page size (the configured one, else its preferred one, as flash
     needs 256-token pages) and why each other backend was skipped."""
-    req = requirements(device, dtype, page_size)
     sizes, skipped = {}, {}
-    for name in BACKENDS:
-        cls = backend_class(name)
-        reason = cls.unsupported_reason(req)
-        preferred = replace(req, page_size=cls.preferred_page_size)
+    for name, reason in unsupported_reasons(requirements(device, dtype, page_size)).items():
+        preferred = backend_class(name).preferred_page_size
         if reason is None:
             sizes[name] = page_size
-        elif preferred.page_size != page_size and cls.unsupported_reason(preferred) is None:
-            sizes[name] = preferred.page_size
+        elif backend_class(name).unsupported_reason(requirements(device, dtype, preferred)) is None:
+            sizes[name] = preferred
         else:
             skipped[name] = reason
     return sizes, skipped

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 from harness import Clock, block_table, interleaved, synchronizer
+from torch.nn.utils.rnn import pad_sequence
 from transformers import GenerationConfig
 from transformers.generation.configuration_utils import ContinuousBatchingConfig
 from transformers.generation.streamers import BaseStreamer
@@ -69,16 +70,6 @@ class FirstTokenClock(BaseStreamer):
         pass
 
 
-def left_padded(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt) :] = torch.tensor(prompt)
-        mask[row, width - len(prompt) :] = 1
-    return ids, mask
-
-
 def run_hf_generate(model, workload: Workload, batch_size: int, result: RunResult) -> None:
     """Chunks of B in arrival order, each generating its longest budget for every row."""
     pad = model.config.pad_token_id or 0
@@ -86,7 +77,10 @@ def run_hf_generate(model, workload: Workload, batch_size: int, result: RunResul
     with Clock() as clock:
         for lo in range(0, len(workload.prompts), batch_size):
             prompts = workload.prompts[lo : lo + batch_size]
-            ids, mask = left_padded(prompts, pad)
+            rows = [torch.tensor(p) for p in prompts]  # left-padded, as generate wants them
+            ids = pad_sequence(rows, batch_first=True, padding_value=pad, padding_side="left")
+            ones = [torch.ones_like(row) for row in rows]
+            mask = pad_sequence(ones, batch_first=True, padding_side="left")
             n = max(workload.budgets[lo : lo + batch_size])
             streamer = FirstTokenClock()
             budget = {"max_new_tokens": n, "min_new_tokens": n, "pad_token_id": pad}
@@ -120,9 +114,8 @@ def collect_cb(manager, ids: set[str], timeout_s: float = 600.0) -> dict:
             if not manager.is_running():
                 raise RuntimeError("the continuous batching thread stopped early")
             if time.perf_counter() > deadline:
-                raise TimeoutError(
-                    f"{len(ids) - len(results)} requests unfinished after {timeout_s}s"
-                )
+                unfinished = len(ids) - len(results)
+                raise TimeoutError(f"{unfinished} requests unfinished after {timeout_s}s")
             continue
         if out.error is not None:
             raise RuntimeError(f"request {out.request_id} failed: {out.error}")

@@ -125,15 +125,11 @@ class OurModel:
             options["kv_memory"] = str(pages * self.probe.stats.page_bytes)
         fields = {"kv_memory": KV_MEMORY, "max_prefill_tokens": MAX_PREFILL_TOKENS} | options
         fields |= {"model": str(self.path), "policy": policy, "dtype": "float32"}
-        engine = Engine(
-            EngineConfig(max_batch_size=batch_size, **fields), self.model, self.tokenizer
-        )
+        config = EngineConfig(max_batch_size=batch_size, **fields)
+        engine = Engine(config, self.model, self.tokenizer)
         if pages is not None and engine.snapshot.device_pages != pages:
             raise RuntimeError(f"asked for {pages} pages, got {engine.snapshot.device_pages}")
         return engine
-
-
-# One system's run over a workload --------------------------------------------------------------
 
 
 @dataclass
@@ -148,9 +144,7 @@ class RunResult(Timed):
     """Every request produced at least its budget (ours and hf-cb: exactly)."""
     extra: dict = field(default_factory=dict)
 
-    def record(
-        self, clock: Clock, produced: list[int], budgets: list[int], ttfts: list[float], exact: bool
-    ) -> None:
+    def record(self, clock: Clock, produced: list, budgets: list, ttfts: list, exact: bool) -> None:
         """Useful tokens: each request's output up to its own budget, never more."""
         clock.fill(self, sum(min(p, b) for p, b in zip(produced, budgets, strict=True)))
         self.exact_budgets = exact
