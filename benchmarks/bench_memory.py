@@ -99,10 +99,8 @@ class MemoryRun(Timed):
         if self.system in (PRIORITY, FCFS):
             classes = workload.by_class(outs).items()
             self.classes = {cls: workload.latencies(group) for cls, group in classes}
-            self.per_request = {
-                "class": [o.request_id[0] for o in outs],
-                "ttft_s": [round(o.metrics.time_to_first_token, 4) for o in outs],
-            }
+            ttfts = [round(o.metrics.time_to_first_token, 4) for o in outs]
+            self.per_request = {"class": [o.request_id[0] for o in outs], "ttft_s": ttfts}
 
 
 def run_system(ours: workload.OurModel, batch: int, system: System, arrivals, repeat) -> MemoryRun:
@@ -255,11 +253,9 @@ def main() -> None:
     print(f"need: {need}; largest request {largest} pages; page {page_bytes} B", flush=True)
 
     gap = 1 / (args.overload * need["requests_per_iteration"])
-    arrivals = {
-        "sweep": workload.burst(sweep),
-        PRIORITY: workload.steady(prio, gap, HIGH_SHARE, args.seed + 2, one_class=False),
-        FCFS: workload.steady(prio, gap, HIGH_SHARE, args.seed + 2, one_class=True),
-    }
+    steady = partial(workload.steady, prio, gap, HIGH_SHARE, args.seed + 2)
+    arrivals = {PRIORITY: steady(one_class=False), FCFS: steady(one_class=True)}
+    arrivals["sweep"] = workload.burst(sweep)
     systems = make_systems(args, need["pages"], largest, free_pages)
     runs = []
     for repeat, system in harness.rotations(systems, args.repeats, spread=True):
@@ -273,6 +269,7 @@ def main() -> None:
     setup = {"num_requests": args.priority_requests, "high_share": HIGH_SHARE}
     setup |= {"overload": args.overload, "gap_iterations": round(gap, 4)}
     setup |= {"fraction": args.priority_fraction, "largest_request_pages": args.priority_largest}
+    targets = {"throughput_ratio": TARGET_THROUGHPUT_RATIO, "disturbed_share": DISTURBED_SHARE}
     payload = {
         "environment": ours.environment() | {"interop_threads": torch.get_num_interop_threads()},
         "args": vars(args),
@@ -280,10 +277,7 @@ def main() -> None:
         "page": {"size_tokens": page_size, "bytes": page_bytes},
         "attention_backend": ours.probe.attention_backend,
         "policy": POLICY,
-        "targets": {
-            "throughput_ratio": TARGET_THROUGHPUT_RATIO,
-            "disturbed_share": DISTURBED_SHARE,
-        },
+        "targets": targets,
         "need": need | {"largest_request_pages": largest, "unconstrained_pages": free_pages},
         "priority_setup": setup | {"workload": prio.describe(args.max_budget)},
         "systems": [asdict(s) for s in systems],

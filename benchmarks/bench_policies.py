@@ -193,11 +193,8 @@ def main() -> None:
         "checks": checks(summary, best, batch),
         "runs": [asdict(r) for r in runs],
     }
-    problems = [
-        f"problem: {r.system} B={r.batch_size}: {r.error or 'budgets not met'}"
-        for r in runs
-        if r.error or not r.exact_budgets
-    ]
+    bad = [r for r in runs if r.error or not r.exact_budgets]
+    problems = [f"problem: {r.system} B={r.batch_size}: {r.error or 'budget missed'}" for r in bad]
     harness.publish(args.name, payload, report, problems)
 
 

@@ -108,16 +108,12 @@ def summarize(runs: list[ServingRun], offline: list[workload.RunResult], policie
     out: dict = {}
     for policy in policies:
         ok_off = [r for r in offline if r.system == policy and r.error is None]
-        row: dict = {
-            "offline_tokens_per_s": median((r.tokens_per_s for r in ok_off), 5),
-            "offline_wall_s": median((r.wall_s for r in ok_off), 5),
-            "offline_errors": [r.error for r in offline if r.system == policy and r.error],
-            "offline_disturbed": sum(r.extra.get("disturbed", False) for r in ok_off),
-        }
-        row["rates"] = {
-            f: summarize_rate([r for r in runs if r.policy == policy and r.rate == f])
-            for f in factors
-        }
+        row: dict = {"offline_tokens_per_s": median((r.tokens_per_s for r in ok_off), 5)}
+        row["offline_wall_s"] = median((r.wall_s for r in ok_off), 5)
+        row["offline_errors"] = [r.error for r in offline if r.system == policy and r.error]
+        row["offline_disturbed"] = sum(r.extra.get("disturbed", False) for r in ok_off)
+        served = [r for r in runs if r.policy == policy]
+        row["rates"] = {f: summarize_rate([r for r in served if r.rate == f]) for f in factors}
         http = row["rates"].get("inf", {}).get("output_tokens_per_s")
         row["saturation_ratio"] = ratio(http, row["offline_tokens_per_s"], 4)
         out[policy] = row
@@ -181,9 +177,7 @@ def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
         offline = {k: v for k, v in row.items() if k != "rates"}
         saturation.append({"policy": policy, "http_tokens_per_s_at_inf": http} | offline)
     rate = saved["sustainable_rate"]
-    lines = [
-        f"rate: x the offline baton engine's sustainable rate ({rate} req/s) or inf, all at t=0"
-    ]
+    lines = [f"rate: x the offline baton engine's sustainable rate, {rate} req/s; inf: all at t=0"]
     lines += ["", *markdown(rows), "", *markdown(saturation)]
     title = (
         f"baton-paged serve, small Llama float32, CPU {args['threads']} threads, max batch "

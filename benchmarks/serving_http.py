@@ -35,15 +35,14 @@ LAUNCHER = (
 COUNTERS = ("iterations", "generation_tokens", "idle_slot_iterations")
 """The engine counters of /metrics (``baton:<name>_total``) a run's deltas are taken of."""
 DISTURBED_CPU = 0.25
-"""A run during which other processes used more than this many cores is flagged disturbed. The
-machine-wide figure is sampled at clock ticks and our processes' CPU time is exact, so bursty
-runs read a little below zero; one other busy process reads about 1."""
+"""A run during which other processes used more than this many cores is flagged disturbed: on 2
+cores one other busy process (which reads about 1) slows OpenMP forwards far more than 2x."""
 
 
 def busy_cpu_seconds() -> float:
     """CPU seconds the whole machine has been busy (every process, plus time the hypervisor
-    stole). Its change over a run minus our own processes' CPU time is what others took from the
-    cores: on 2 cores one other busy process slows OpenMP forwards far more than 2x."""
+    stole); its change over a run less our processes' CPU time is what others took. It is sampled
+    at clock ticks and ours is exact, so bursty runs read a little below zero."""
     t = psutil.cpu_times()
     fields = ("user", "nice", "system", "irq", "softirq", "steal")
     return sum(getattr(t, name, 0.0) for name in fields)
