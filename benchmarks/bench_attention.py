@@ -257,9 +257,7 @@ def main() -> None:
     result = {"environment": environment(threads, device), "config": shape | run}
     result |= {"skipped": skipped, "workloads": results, "targets": targets}
     path = harness.write_json(f"attention-{device.type}", result)
-    rows = [
-        {"workload": w, "case": n} | c for w, r in results.items() for n, c in r["cases"].items()
-    ]
+    rows = [{"workload": w, "case": n} | c for w in results for n, c in results[w]["cases"].items()]
     print(*harness.markdown(rows), f"skipped: {skipped}", f"targets: {targets}", sep="\n")
     print(f"wrote {path}")
 

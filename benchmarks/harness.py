@@ -2,11 +2,8 @@
 
 * ``options``/``start``: the common command line (``--quick``, ``--repeats``, ``--threads``,
   ``--seed``, ``--name``); a ``Default(full, quick)`` default follows ``--quick``.
-* ``rotations``: the order of interleaved runs. CPU timings here drift by tens of percent over
-  minutes, so every repeat runs each system once, the order rotated, and drift hits all alike.
-* ``interleaved``, ``Clock``, ``Timed``: timing on a shared, noisy machine: pinned threads,
-  interleaved medians, and the wall, CPU and load figures that tell a clean run from a disturbed
-  one.
+* ``rotations``, ``interleaved``: runs in turn, as CPU timings here drift by tens of percent over
+  minutes; ``Clock``, ``Timed``: the wall, CPU and load figures that flag a disturbed run.
 * ``median``, ``percentile``, ``ratio``, ``check``: figures over repeats and the issue's targets,
   each check met, not met, not measured, or for information.
 * ``publish``, ``render``, ``markdown``, ``figure``: results as ``results/<name>.{json,md,png}``,

@@ -94,11 +94,9 @@ def run_hf_generate(model, workload: Workload, batch_size: int, result: RunResul
     budgets = workload.budgets
     exact = all(p >= b for p, b in zip(produced, budgets, strict=True))
     result.record(clock, produced, budgets, ttfts, exact)
-    result.extra = {
-        "generated_tokens": generated,
-        "useful_share": round(result.useful_tokens / generated, 4),
-        "chunks": math.ceil(len(workload.prompts) / batch_size),
-    }
+    chunks = math.ceil(len(workload.prompts) / batch_size)
+    useful = round(result.useful_tokens / generated, 4)
+    result.extra = {"generated_tokens": generated, "useful_share": useful, "chunks": chunks}
 
 
 # transformers continuous batching --------------------------------------------------------------
@@ -129,11 +127,9 @@ def run_hf_cb(model, workload: Workload, batch_size: int, result: RunResult) -> 
     whole workload from the first ``add_request`` to the last result."""
     # Greedy, EOS off (-1 never occurs), B requests per forward.
     budget = max(workload.budgets)
-    generation = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=budget)
+    gen = GenerationConfig(do_sample=False, eos_token_id=-1, max_new_tokens=budget)
     cb = ContinuousBatchingConfig(max_requests_per_batch=batch_size, seed=0, **CB_SETTINGS)
-    manager = model.init_continuous_batching(
-        generation_config=generation, continuous_batching_config=cb
-    )
+    manager = model.init_continuous_batching(generation_config=gen, continuous_batching_config=cb)
     manager.start()
     try:
         manager.add_request(workload.prompts[0][:16], request_id="warmup", max_new_tokens=2)

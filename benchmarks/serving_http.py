@@ -48,9 +48,6 @@ def busy_cpu_seconds() -> float:
     return sum(getattr(t, name, 0.0) for name in fields)
 
 
-# The server ------------------------------------------------------------------------------------
-
-
 class Server:
     """``baton-paged serve ARGS`` on 127.0.0.1 in a subprocess, behind ``LAUNCHER``, serving the
     model as ``SERVED_NAME``, its log in a temporary file; ready once /health answers 200."""
@@ -138,9 +135,6 @@ class Server:
             tokens = run.server_stats["generation_tokens"] / run.server_stats["iterations"]
             run.server_stats["tokens_per_iteration"] = round(tokens, 2)
         run.fill(records, requests.budgets, duration)
-
-
-# The client ------------------------------------------------------------------------------------
 
 
 @dataclass

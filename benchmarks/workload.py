@@ -151,9 +151,6 @@ class RunResult(Timed):
         self.ttft_median_s = median(ttfts)
 
 
-# Our engine ------------------------------------------------------------------------------------
-
-
 class Arrival(NamedTuple):
     step: int
     """Submitted just before the engine's iteration with this number (0 = at once)."""
