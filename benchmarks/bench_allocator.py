@@ -19,7 +19,7 @@ from __future__ import annotations
 import harness
 import numpy as np
 import torch
-from timing import environment, interleaved, synchronizer, time_once
+from harness import environment, interleaved, synchronizer, time_once
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from baton_paged.allocator import (
@@ -52,13 +52,9 @@ def alloc_free_ns_per_page(pages_per_call: int, calls: int = 20000) -> float:
 
 
 class DecodeBookkeeping:
-    """A batch of 32 decoding requests doing exactly the allocator work of a real decode step.
-
-    Per step: grow a page for each request whose next token starts one, gather the batch's
-    block-table rows (as the scheduler plans a forward) and build the step's attention metadata
-    (as the model runner does), then retire finished requests (long-tailed budgets, mean ~100
-    tokens) and insert new prompts of 16-256 tokens in their place.
-    """
+    """A batch of 32 decoding requests doing a decode step's allocator work (the module docstring
+    lists it); finished requests (long-tailed budgets, mean ~100 tokens) make way for new prompts
+    of 16-256 tokens."""
 
     def __init__(self, seed: int):
         self.rng = np.random.default_rng(seed)
@@ -146,14 +142,9 @@ def swap_cases(device: torch.device, rng: np.random.Generator):
     out_c, in_c = cycle(*contiguous, contiguous[0].pool.allocate(SWAP_PAGES))
     fragmented = KVCache(spec, 4 * SWAP_PAGES, device), HostSwapPool(spec, 4 * SWAP_PAGES)
     out_f, in_f = cycle(*fragmented, scattered_pages(fragmented[0].pool, SWAP_PAGES, rng))
-    cases = {
-        "plain copy_": lambda: plain_dst.copy_(plain_src, non_blocking=True),
-        "swap-out (contiguous pages)": out_c,
-        "swap-in (contiguous pages)": in_c,
-        "swap-out (scattered pages)": out_f,
-        "swap-in (scattered pages)": in_f,
-    }
-    return cases, nbytes
+    cases = {"plain copy_": lambda: plain_dst.copy_(plain_src, non_blocking=True)}
+    cases |= {"swap-out (contiguous pages)": out_c, "swap-in (contiguous pages)": in_c}
+    return cases | {"swap-out (scattered pages)": out_f, "swap-in (scattered pages)": in_f}, nbytes
 
 
 def main() -> None:
@@ -179,48 +170,20 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(cached_model("llama", "small")).to(device).eval()
     decode = decode_step_seconds(model, args.repeats, sync)
 
-    result = {
-        "environment": environment(threads, device),
-        "alloc_free_ns_per_page": {
-            f"{n} page(s) per call": round(ns, 1) for n, ns in per_page.items()
-        },
-        "swap": {
-            "bytes": nbytes,
-            "pages": SWAP_PAGES,
-            "cases": {
-                name: {
-                    "ms": round(s * 1e3, 3),
-                    "GB/s": round(nbytes / s / 1e9, 2),
-                    "vs plain copy_": round(plain / s, 3),
-                }
-                for name, s in swap_seconds.items()
-            },
-        },
-        "decode_step": {
-            "batch": BATCH,
-            "allocator_us_per_step": round(bookkeeping * 1e6, 1),
-            "hf_decode_forward_ms": round(decode * 1e3, 2),
-            "allocator_share_of_step": round(bookkeeping / decode, 5),
-        },
-    }
+    swap = {"bytes": nbytes, "pages": SWAP_PAGES, "cases": {}}
+    for name, seconds in swap_seconds.items():
+        case = {"ms": round(seconds * 1e3, 3), "GB/s": round(nbytes / seconds / 1e9, 2)}
+        swap["cases"][name] = case | {"vs plain copy_": round(plain / seconds, 3)}
+    step = {"batch": BATCH, "allocator_us_per_step": round(bookkeeping * 1e6, 1)}
+    step["hf_decode_forward_ms"] = round(decode * 1e3, 2)
+    step["allocator_share_of_step"] = round(bookkeeping / decode, 5)
+    per_page = {f"{n} page(s) per call": round(ns, 1) for n, ns in per_page.items()}
+    result = {"environment": environment(threads, device), "alloc_free_ns_per_page": per_page}
+    result |= {"swap": swap, "decode_step": step}
     path = harness.write_json(f"allocator-{device.type}", result)
-    print_table(result)
-    print(f"\nwrote {path}")
-
-
-def print_table(result: dict) -> None:
-    env, swap, step = result["environment"], result["swap"], result["decode_step"]
-    print(f"torch {env['torch']}, {env['threads']} thread(s), device {env['device']}")
-    for label, ns in result["alloc_free_ns_per_page"].items():
-        print(f"allocate+free, {label}: {ns} ns/page")
-    headers = [f"swap of {swap['pages']} pages ({swap['bytes'] >> 20} MiB)", "ms", "GB/s"]
-    rows = [[name, *case.values()] for name, case in swap["cases"].items()]
-    print("", *harness.table([*headers, "vs plain copy_"], rows), sep="\n")
-    print(
-        f"\nallocator work per decode step (batch {step['batch']}): "
-        f"{step['allocator_us_per_step']} us; HF decode forward {step['hf_decode_forward_ms']} "
-        f"ms; share {step['allocator_share_of_step']:.3%}"
-    )
+    rows = [{"swap": name} | case for name, case in swap["cases"].items()]
+    print(*harness.markdown(rows), f"alloc_free_ns_per_page: {per_page}", sep="\n")
+    print(f"decode_step: {step}\nwrote {path}")
 
 
 if __name__ == "__main__":

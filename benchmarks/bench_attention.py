@@ -33,18 +33,17 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable
-from dataclasses import dataclass, replace
-from functools import partial
+from dataclasses import dataclass
 
 import harness
 import numpy as np
 import torch
 import torch.nn.functional as F
-from timing import environment, interleaved, synchronizer
+from harness import environment, interleaved, synchronizer
 
 from baton_paged.allocator import KVCache, KVCacheSpec, pages_needed, slot_mapping
 from baton_paged.attention import AttentionMetadata, AttentionRequirements, create_backend
-from baton_paged.attention.registry import BACKENDS, backend_class
+from baton_paged.attention.registry import backend_class, unsupported_reasons
 
 BATCH = 32
 CONTEXT = 256
@@ -112,17 +111,6 @@ def dense_attention(w: Workload, layer: int, scale: float) -> torch.Tensor:
     return out.view(BATCH, QUERY_HEADS, HEAD_DIM)
 
 
-def shuffled_block_table(
-    pages_per_request: list[int], num_pages: int, rng: np.random.Generator
-) -> np.ndarray:
-    """Random, non-consecutive page ids per request (a pool after churn), rows padded with 0."""
-    ids = rng.permutation(num_pages)[: sum(pages_per_request)]
-    table = np.zeros((len(pages_per_request), max(pages_per_request)), dtype=np.int32)
-    for row, pages in enumerate(np.split(ids, np.cumsum(pages_per_request)[:-1])):
-        table[row, : len(pages)] = pages
-    return table
-
-
 def fill_cache(cache: KVCache, layer: int, w: Workload, table: np.ndarray) -> None:
     """Write every request's K/V into its pages through the cache's own slot-mapping write."""
     contexts = np.array(w.contexts)
@@ -141,7 +129,8 @@ def paged_batch(w: Workload, page_size: int, seed: int, device: torch.device) ->
     per_request = [pages_needed(c, page_size) for c in w.contexts]
     cache = KVCache(spec, 2 * sum(per_request), device)
     cache.storage.normal_(generator=torch.Generator(device).manual_seed(seed))
-    table = shuffled_block_table(per_request, cache.num_pages, np.random.default_rng(seed))
+    ids = np.random.default_rng(seed).permutation(cache.num_pages)  # a pool after churn
+    table = harness.block_table(np.split(ids[: sum(per_request)], np.cumsum(per_request)[:-1]))
     for layer in range(spec.num_layers):
         fill_cache(cache, layer, w, table)
     meta = AttentionMetadata.build([1] * BATCH, w.contexts, table, page_size, device)
@@ -160,16 +149,13 @@ def backend_page_sizes(
 ) -> tuple[dict[str, int], dict[str, str]]:
     """Each runnable backend's page size (the configured one, else its preferred one, as flash
     needs 256-token pages) and why each other backend was skipped."""
-    req = requirements(device, dtype, page_size)
     sizes, skipped = {}, {}
-    for name in BACKENDS:
-        cls = backend_class(name)
-        reason = cls.unsupported_reason(req)
-        preferred = replace(req, page_size=cls.preferred_page_size)
+    for name, reason in unsupported_reasons(requirements(device, dtype, page_size)).items():
+        preferred = backend_class(name).preferred_page_size
         if reason is None:
             sizes[name] = page_size
-        elif preferred.page_size != page_size and cls.unsupported_reason(preferred) is None:
-            sizes[name] = preferred.page_size
+        elif backend_class(name).unsupported_reason(requirements(device, dtype, preferred)) is None:
+            sizes[name] = preferred
         else:
             skipped[name] = reason
     return sizes, skipped
@@ -202,10 +188,6 @@ def backend_cases(
     return cases
 
 
-def each_layer(fn: LayerCase, layers: int) -> list[torch.Tensor]:
-    return [fn(layer) for layer in range(layers)]
-
-
 def run_workload(w: Workload, sizes: dict[str, int], args, scale: float, sync) -> dict:
     """Median seconds per layer of dense and of every backend's attend and forward, the cases
     interleaved step by step."""
@@ -215,8 +197,11 @@ def run_workload(w: Workload, sizes: dict[str, int], args, scale: float, sync) -
     layer_cases = {"dense": lambda layer: dense_attention(w, layer, scale)}
     for name, (attend, forward) in paged.items():
         layer_cases |= {name: attend, f"{name} forward": forward}
-    # The timed unit is a whole step: every layer in turn, as the engine runs one.
-    timed = {name: partial(each_layer, fn, args.layers) for name, fn in layer_cases.items()}
+
+    def whole_step(fn: LayerCase) -> Callable[[], list]:  # every layer in turn, as the engine
+        return lambda: [fn(layer) for layer in range(args.layers)]
+
+    timed = {name: whole_step(fn) for name, fn in layer_cases.items()}
     steps = interleaved(timed, args.repeats, sync, warmup=2)
     seconds = {name: step / args.layers for name, step in steps.items()}
     dense = seconds["dense"]
@@ -230,18 +215,8 @@ def run_workload(w: Workload, sizes: dict[str, int], args, scale: float, sync) -
     result = {"contexts": {"min": min(w.contexts), "max": max(w.contexts), "mean": mean}}
     result["cases"] = cases
     if "torch" in cases and "padded" in cases:
-        attend = {name: cases[name]["attend_s"] for name in ("padded", "torch")}
-        result["padded_vs_torch"] = harness.ratio(attend["padded"], attend["torch"], 3)
+        result["padded_vs_torch"] = harness.ratio(seconds["padded"], seconds["torch"], 3)
     return result
-
-
-def workloads(layers: int, device: torch.device, dtype: torch.dtype, seed: int) -> list[Workload]:
-    """Uniform contexts, and ragged ones of about the same mean (seeded)."""
-    ragged = np.random.default_rng(seed).integers(RAGGED[0], RAGGED[1] + 1, BATCH).tolist()
-    return [
-        make_workload("uniform", [CONTEXT] * BATCH, layers, device, dtype, seed),
-        make_workload("ragged", ragged, layers, device, dtype, seed + 1),
-    ]
 
 
 def parse_args():
@@ -262,11 +237,13 @@ def main() -> None:
     scale = 1 / math.sqrt(HEAD_DIM)
     sizes, skipped = backend_page_sizes(device, dtype, args.page_size)
 
+    ragged = np.random.default_rng(args.seed).integers(RAGGED[0], RAGGED[1] + 1, BATCH).tolist()
+    contexts = {"uniform": [CONTEXT] * BATCH, "ragged": ragged}  # ragged: about the same mean
+    results = {}
     with torch.inference_mode():
-        results = {
-            w.name: run_workload(w, sizes, args, scale, sync)
-            for w in workloads(args.layers, device, dtype, args.seed)
-        }
+        for k, (name, lengths) in enumerate(contexts.items()):
+            w = make_workload(name, lengths, args.layers, device, dtype, args.seed + k)
+            results[name] = run_workload(w, sizes, args, scale, sync)
     shape = {"batch": BATCH, "context": CONTEXT, "ragged_range": list(RAGGED)}
     shape |= {"query_heads": QUERY_HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM}
     timing = "median of repeats steps over all layers, divided by layers (s per layer)"
@@ -280,34 +257,9 @@ def main() -> None:
     result = {"environment": environment(threads, device), "config": shape | run}
     result |= {"skipped": skipped, "workloads": results, "targets": targets}
     path = harness.write_json(f"attention-{device.type}", result)
-    print_table(result)
-    print(f"\nwrote {path}")
-
-
-def print_table(result: dict) -> None:
-    env, cfg = result["environment"], result["config"]
-    print(f"torch {env['torch']}, {env['threads']} thread(s), device {env['device']}, ", end="")
-    print(f"{cfg['dtype']}, batch {cfg['batch']}, {cfg['query_heads']}/{cfg['kv_heads']} heads")
-    headers = ["workload", "case", "page", "attend us/layer", "vs dense", "forward us/layer"]
-    rows = [
-        [workload, name, c.get("page_size", "-"), *timed(c, "attend"), *timed(c, "forward")]
-        for workload, r in result["workloads"].items()
-        for name, c in r["cases"].items()
-    ]
-    print("", *harness.table([*headers, "vs dense"], rows), sep="\n")
-    for name, reason in result["skipped"].items():
-        print(f"skipped {name}: {reason}")
-    t = result["targets"]
-    print(f"\ntorch vs dense (uniform): {t['torch_vs_dense']} ", end="")
-    print(f"(target <= {t['torch_vs_dense_max']}, met: {t['met']})")
-    print(f"padded vs torch: {t['padded_vs_torch']}")
-
-
-def timed(case: dict, kind: str) -> list[str]:
-    """``median us``, ``ratio`` cells for ``kind`` (attend or forward); dashes if not timed."""
-    if f"{kind}_s" not in case:
-        return ["-", "-"]
-    return [f"{case[f'{kind}_s'] * 1e6:.1f}", f"{case[f'{kind}_vs_dense']:.2f}"]
+    rows = [{"workload": w, "case": n} | c for w in results for n, c in results[w]["cases"].items()]
+    print(*harness.markdown(rows), f"skipped: {skipped}", f"targets: {targets}", sep="\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

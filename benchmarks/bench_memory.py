@@ -36,13 +36,13 @@ from __future__ import annotations
 import math
 import statistics
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import harness
-import reports
 import torch
 import workload
-from harness import Default, check, median, ratio
-from timing import Timed
+from harness import Default, Timed, check, markdown, median, medians, ratio
+from workload import CLASSES
 
 from baton_paged.config import PREEMPTION_MODES
 
@@ -85,7 +85,7 @@ class MemoryRun(Timed):
     queue: dict = field(default_factory=dict)
     stats: dict = field(default_factory=dict)
     per_request: dict = field(default_factory=dict)
-    """Priority runs: each request's class and TTFT (for the box plot)."""
+    """Priority runs: each request's class and TTFT."""
     disturbed: bool = False
     """CPU time / wall fell below DISTURBED_SHARE x threads: something else took the cores."""
 
@@ -97,13 +97,10 @@ class MemoryRun(Timed):
         self.latency, self.stats = workload.latencies(outs), run.counters
         self.queue = {"max": max(run.queue), "mean": round(statistics.mean(run.queue), 2)}
         if self.system in (PRIORITY, FCFS):
-            self.classes = {
-                cls: workload.latencies(group) for cls, group in workload.by_class(outs).items()
-            }
-            self.per_request = {
-                "class": [o.request_id[0] for o in outs],
-                "ttft_s": [round(o.metrics.time_to_first_token, 4) for o in outs],
-            }
+            classes = workload.by_class(outs).items()
+            self.classes = {cls: workload.latencies(group) for cls, group in classes}
+            ttfts = [round(o.metrics.time_to_first_token, 4) for o in outs]
+            self.per_request = {"class": [o.request_id[0] for o in outs], "ttft_s": ttfts}
 
 
 def run_system(ours: workload.OurModel, batch: int, system: System, arrivals, repeat) -> MemoryRun:
@@ -125,12 +122,9 @@ def measure_need(ours: workload.OurModel, batch: int, sweep: workload.Workload, 
     run = run_system(ours, batch, system, workload.burst(sweep), repeat=-1)
     if run.error or run.lost or run.stats["preemptions"]:
         raise RuntimeError(f"the unconstrained run failed: {run.error or run.stats}")
-    return {
-        "pages": run.stats["peak_pages_in_use"],
-        "iterations": run.stats["iterations"],
-        "requests_per_iteration": round(len(sweep.prompts) / run.stats["iterations"], 4),
-        "wall_s": round(run.wall_s, 2),
-    }
+    need = {"pages": run.stats["peak_pages_in_use"], "iterations": run.stats["iterations"]}
+    need["requests_per_iteration"] = round(len(sweep.prompts) / run.stats["iterations"], 4)
+    return need | {"wall_s": round(run.wall_s, 2)}
 
 
 def make_systems(args, need: int, largest: int, free_pages: int) -> list[System]:
@@ -166,15 +160,11 @@ def summary_row(s: System, group: list[MemoryRun], need: int) -> dict:
     row["disturbed_runs"] = sum(r.disturbed for r in group)
     if not ok:
         return row
-
-    def medians(get) -> dict:
-        return {k: median((get(r)[k] for r in ok), 4) for k in get(ok[0])}
-
-    row |= medians(lambda r: {"tokens_per_s": r.tokens_per_s, "wall_s": r.wall_s})
+    row |= medians([vars(r) for r in ok], 4, ("tokens_per_s", "wall_s"))
     row["lost"] = max(r.lost for r in ok)
-    row |= medians(lambda r: r.latency) | medians(lambda r: r.stats)
+    row |= medians([r.latency for r in ok], 4) | medians([r.stats for r in ok], 4)
     row["queue_max"] = median((r.queue["max"] for r in ok), 4)
-    row |= {cls: medians(lambda r, c=cls: r.classes[c]) for cls in ok[0].classes}
+    row |= {cls: medians([r.classes[cls] for r in ok], 4) for cls in ok[0].classes}
     return row
 
 
@@ -184,11 +174,10 @@ def checks(summary: dict, args) -> list[dict]:
     found = []
     for mode in args.modes:
         row, name = summary[f"{mode}-{TARGET_FRACTION:g}"], f"{mode} at 25% of need"
-        failed = bool(row["errors"])
-        lost, x = (None, None) if failed else (row.get("lost"), row.get("x_unconstrained"))
+        lost, x = (None, None) if row["errors"] else (row.get("lost"), row.get("x_unconstrained"))
         found.append(check(f"{name}: lost requests", lost, 0, "=="))
         found.append(check(f"{name}: x unconstrained tokens/s", x, TARGET_THROUGHPUT_RATIO))
-    high, low = (summary[PRIORITY].get(c, {}).get("ttft_p50_s") for c in workload.CLASSES)
+    high, low = (summary[PRIORITY].get(c, {}).get("ttft_p50_s") for c in CLASSES)
     ttft = ratio(high, low, 4)
     found.append(check("priority: high / low p50 TTFT", ttft, TARGET_TTFT_RATIO, "<="))
     for f in args.fractions if {"swap", "recompute"} <= set(args.modes) else ():
@@ -204,6 +193,36 @@ def problems(runs: list[MemoryRun]):
             yield f"problem: {r.system} rep {r.repeat}: {r.error or r.lost} lost"
         if r.disturbed:
             yield f"disturbed: {r.system} rep {r.repeat}: cpu/wall {r.cpu_per_wall:.2f}"
+
+
+SHOWN = ("pages", "share_of_need", "floored", "tokens_per_s", "x_unconstrained", "lost")
+SHOWN += ("e2e_p50_s", "e2e_p99_s", "ttft_p50_s", "ttft_p99_s", "swap_preemptions")
+SHOWN += ("recompute_preemptions", "swapped_out_mib", "recomputed_tokens", "queue_max")
+SHOWN += ("slot_efficiency", "disturbed_runs")
+"""The summary's columns in the Markdown (the JSON has every engine counter)."""
+
+
+def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
+    """Every system's medians, then each priority run's per class; the figure: throughput and
+    latency against the page budget, and TTFT per class under saturation."""
+    summary, args = saved["summary"], saved["args"]
+    names = [s["name"] for s in saved["systems"]]
+    loaded = [n for n in names if n in (PRIORITY, FCFS)]
+    classes = [{"run": n, "class": c} | summary[n].get(c, {}) for n in loaded for c in CLASSES]
+    setup = {k: v for k, v in saved["priority_setup"].items() if k != "workload"}
+    lines = [f"need: {saved['need']['pages']} pages (unconstrained peak); priority: {setup}", ""]
+    lines += markdown([{"system": n} | summary[n] for n in names], ["system", *SHOWN])
+    lines += ["", *markdown(classes)]
+    fractions = args["fractions"]
+    sweep = [summary[f"{m}-{f:g}"] for m in args["modes"] for f in fractions]
+    sweep += [summary[UNCONSTRAINED] | {"mode": UNCONSTRAINED, "fraction": f} for f in fractions]
+    by_mode = partial(harness.series, sweep, "fraction", "mode")
+    panels = {"useful tokens/s against the page budget (x need)": by_mode("tokens_per_s")}
+    panels["end-to-end latency s, p50 and p99"] = by_mode("e2e_p50_s", "e2e_p99_s")
+    ttft = harness.series(classes, "class", "run", "ttft_p50_s", "ttft_p99_s")
+    panels["time to first token s per class, saturated"] = ttft
+    title = f"Small Llama, float32, CPU, {args['threads']} threads, max batch {args['batch_size']}"
+    return lines, title, panels
 
 
 def parse_args():
@@ -234,11 +253,9 @@ def main() -> None:
     print(f"need: {need}; largest request {largest} pages; page {page_bytes} B", flush=True)
 
     gap = 1 / (args.overload * need["requests_per_iteration"])
-    arrivals = {
-        "sweep": workload.burst(sweep),
-        PRIORITY: workload.steady(prio, gap, HIGH_SHARE, args.seed + 2, one_class=False),
-        FCFS: workload.steady(prio, gap, HIGH_SHARE, args.seed + 2, one_class=True),
-    }
+    steady = partial(workload.steady, prio, gap, HIGH_SHARE, args.seed + 2)
+    arrivals = {PRIORITY: steady(one_class=False), FCFS: steady(one_class=True)}
+    arrivals["sweep"] = workload.burst(sweep)
     systems = make_systems(args, need["pages"], largest, free_pages)
     runs = []
     for repeat, system in harness.rotations(systems, args.repeats, spread=True):
@@ -249,6 +266,10 @@ def main() -> None:
         harness.announce(label, result, "lost", result.lost, *details)
 
     summary = summarize(runs, systems, need["pages"])
+    setup = {"num_requests": args.priority_requests, "high_share": HIGH_SHARE}
+    setup |= {"overload": args.overload, "gap_iterations": round(gap, 4)}
+    setup |= {"fraction": args.priority_fraction, "largest_request_pages": args.priority_largest}
+    targets = {"throughput_ratio": TARGET_THROUGHPUT_RATIO, "disturbed_share": DISTURBED_SHARE}
     payload = {
         "environment": ours.environment() | {"interop_threads": torch.get_num_interop_threads()},
         "args": vars(args),
@@ -256,28 +277,15 @@ def main() -> None:
         "page": {"size_tokens": page_size, "bytes": page_bytes},
         "attention_backend": ours.probe.attention_backend,
         "policy": POLICY,
-        "targets": {
-            "throughput_ratio": TARGET_THROUGHPUT_RATIO,
-            "disturbed_share": DISTURBED_SHARE,
-        },
+        "targets": targets,
         "need": need | {"largest_request_pages": largest, "unconstrained_pages": free_pages},
-        "priority_setup": {
-            "num_requests": args.priority_requests,
-            "high_share": HIGH_SHARE,
-            "overload": args.overload,
-            "gap_iterations": round(gap, 4),
-            "fraction": args.priority_fraction,
-            "largest_request_pages": args.priority_largest,
-            "workload": prio.describe(args.max_budget),
-        },
+        "priority_setup": setup | {"workload": prio.describe(args.max_budget)},
         "systems": [asdict(s) for s in systems],
         "summary": summary,
         "checks": checks(summary, args),
         "runs": [asdict(r) for r in runs],
     }
-    harness.publish(
-        args.name, payload, reports.memory_markdown, reports.memory_figure, problems(runs)
-    )
+    harness.publish(args.name, payload, report, problems(runs))
 
 
 if __name__ == "__main__":

@@ -35,11 +35,9 @@ from __future__ import annotations
 from dataclasses import asdict
 
 import harness
-import reports
 import workload
-from harness import Default, check, median, ratio
-from hf_peers import CB_SETUP, PEERS, run_peer
-from ideal import measure_ideal
+from harness import Default, check, markdown, median, ratio
+from peers import CB_SETUP, PEERS, measure_ideal
 
 from baton_paged.sched.policies import POLICIES
 
@@ -59,24 +57,16 @@ class Runner:
         self.ours = workload.OurModel()
         self.peer = workload.load_hf(self.ours.path, attn="sdpa")
 
-    def run(
-        self, system: str, batch_size: int, requests: workload.Workload, repeat: int
-    ) -> workload.RunResult:
-        result = workload.RunResult(system, batch_size, repeat)
-        return harness.recorded(result, lambda: self.fill(result, requests))
+    def run(self, system: str, batch: int, requests: workload.Workload, repeat: int):
+        result = workload.RunResult(system, batch, repeat)
 
-    def fill(self, result: workload.RunResult, requests: workload.Workload) -> None:
-        if result.system in POLICIES:
-            engine = self.ours.engine(result.system, result.batch_size)
-            workload.run_engine(engine, requests, result)
-        else:
-            run_peer(result.system, self.peer, requests, result.batch_size, result)
+        def fill() -> None:
+            if system in POLICIES:
+                workload.run_engine(self.ours.engine(system, batch), requests, result)
+            else:
+                PEERS[system](self.peer, requests, batch, result)
 
-    def ideal(self, requests: workload.Workload, batch_sizes: list[int]) -> dict:
-        model = self.ours.model
-        return measure_ideal(
-            model, requests, batch_sizes, workload.KV_MEMORY, workload.MAX_PREFILL_TOKENS
-        )
+        return harness.recorded(result, fill)
 
 
 def summarize(runs: list[workload.RunResult], ideal: dict) -> dict:
@@ -122,13 +112,38 @@ def checks(summary: dict, ideal: dict, batch: int) -> list[dict]:
     return found
 
 
+def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
+    """Every (system, batch size)'s medians, its tokens/s also as a multiple of hf-generate's at
+    that batch size, then the ideal's; the figure: tokens/s against the batch size."""
+    args, per_batch = saved["args"], saved["ideal"]["per_batch"]
+    ideal = {b: {"tokens_per_s": r["ideal_tokens_per_s"]} for b, r in per_batch.items()}
+    systems = saved["summary"] | {"ideal (our forward, no scheduling)": ideal}
+
+    def rate(system: str, b: str) -> float | None:
+        return systems.get(system, {}).get(b, {}).get("tokens_per_s")
+
+    rows = [
+        {"system": s, "B": b, "tokens_per_s": rate(s, b)}
+        | {"x_hf_generate": ratio(rate(s, b), rate("hf-generate", b), 2)}
+        | row
+        for s, by_batch in systems.items()
+        for b, row in by_batch.items()
+    ]
+    title = (
+        f"Small Llama, float32, CPU, {args['threads']} threads: {args['num_requests']} "
+        f"requests at t=0, budgets <= {args['max_budget']}"
+    )
+    panel = harness.series(rows, "B", "system", "tokens_per_s")
+    lines = ["Useful output tokens/s, medians over repeats.", "", *markdown(rows)]
+    return lines, title, {"useful output tokens/s against max batch size": panel}
+
+
 def parse_args():
     quick = "24 requests, B 4,8, budgets <= 64"
     parser = harness.options(__doc__, threads=2, repeats=1, quick=quick, results="policies-cpu")
     batches = Default([4, 8, 16, 32], [4, 8])
-    parser.add_argument(
-        "--batch-sizes", type=harness.comma_list(int), default=batches, help="%(default)s"
-    )
+    sizes = harness.comma_list(int)
+    parser.add_argument("--batch-sizes", type=sizes, default=batches, help="%(default)s")
     systems = harness.comma_list(str, SYSTEMS)
     parser.add_argument("--systems", type=systems, default=list(SYSTEMS), help=",".join(SYSTEMS))
     workload.add_options(parser, num_requests=Default(128, 24))
@@ -151,7 +166,7 @@ def main() -> None:
     info = requests.describe(args.max_budget)
     print(f"workload: {info}")
 
-    ideal = runner.ideal(requests, args.batch_sizes)
+    ideal = measure_ideal(runner.ours.model, requests, args.batch_sizes)
     print(f"ideal: {ideal}")
     for system in args.systems:  # first-call costs (allocator, kernels) stay out of the runs
         runner.run(system, min(args.batch_sizes), requests.head(2, budget=2), repeat=-1)
@@ -162,35 +177,25 @@ def main() -> None:
         result = runner.run(system, b, requests, repeat)
         runs.append(result)
         harness.announce(f"[rep {repeat}] {system:>11} B={b:<3}", result, result.extra)
-    best = best_ideal(ideal, runner.ideal(requests, args.batch_sizes))
+    best = best_ideal(ideal, measure_ideal(runner.ours.model, requests, args.batch_sizes))
 
     summary = summarize(runs, best)
+    ours = {"kv_memory": workload.KV_MEMORY, "max_prefill_tokens": workload.MAX_PREFILL_TOKENS}
     batch = TARGET_BATCH if TARGET_BATCH in args.batch_sizes else max(args.batch_sizes)
     payload = {
         "environment": runner.ours.environment(),
         "args": vars(args),
         "workload": info,
-        "setup": {
-            "ours": {
-                "kv_memory": workload.KV_MEMORY,
-                "max_prefill_tokens": workload.MAX_PREFILL_TOKENS,
-            },
-            "hf-cb": CB_SETUP,
-        },
+        "setup": {"ours": ours, "hf-cb": CB_SETUP},
         "ideal": best,
         "summary": summary,
         "checks_batch": batch,
         "checks": checks(summary, best, batch),
         "runs": [asdict(r) for r in runs],
     }
-    problems = [
-        f"problem: {r.system} B={r.batch_size}: {r.error or 'budgets not met'}"
-        for r in runs
-        if r.error or not r.exact_budgets
-    ]
-    harness.publish(
-        args.name, payload, reports.policies_markdown, reports.policies_figure, problems
-    )
+    bad = [r for r in runs if r.error or not r.exact_budgets]
+    problems = [f"problem: {r.system} B={r.batch_size}: {r.error or 'budget missed'}" for r in bad]
+    harness.publish(args.name, payload, report, problems)
 
 
 if __name__ == "__main__":

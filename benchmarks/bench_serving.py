@@ -31,7 +31,7 @@ token that decodes to nothing (a partial UTF-8 byte) merges into the next chunk:
 two iterations, exactly as vLLM's client would measure it (chunks per token is recorded).
 
 Offline reference: ``Engine`` in this process with the same ``EngineConfig`` and thread count,
-every request at t=0 (``bench_policies.run_engine``), run for each policy right before its server
+every request at t=0 (``workload.run_engine``), run for each policy right before its server
 starts, while no server runs. Target: at rate inf, HTTP streaming output tokens/s >= 0.9x the
 offline engine's for the baton policy (other policies' ratios reported). Runs interleave (each
 repeat runs every policy, order rotated), record wall time, CPU time / wall and the 1-minute load
@@ -41,34 +41,23 @@ average; errors are recorded, never replaced by numbers. Results go to
 
 from __future__ import annotations
 
-import asyncio
 import math
-import os
-import time
 from dataclasses import asdict
+from functools import partial
 
 import harness
 import httpx
-import reports
 import workload
-from harness import Default, check, median, ratio
-from server_process import Server, counter_deltas
-from serving_client import SERVED_NAME, ServingRun, make_arrivals, request_body, send_all
-from timing import busy_cpu_seconds
+from harness import Default, check, markdown, median, medians, ratio
+from serving_http import DISTURBED_CPU, Server, ServingRun, busy_cpu_seconds, make_arrivals
 
 from baton_paged.sched.policies import POLICIES
 
 TARGET_POLICY = "baton"
 TARGET_RATIO = 0.9
-DISTURBED_CPU = 0.25
-"""A run during which other processes used more than this many cores is flagged disturbed. The
-machine-wide figure is sampled at clock ticks and our processes' CPU time is exact, so bursty
-runs read a little below zero; one other busy process reads about 1."""
 
 
-def run_offline(
-    ours: workload.OurModel, policy: str, batch: int, requests: workload.Workload
-) -> workload.RunResult:
+def run_offline(ours: workload.OurModel, policy: str, batch: int, requests) -> workload.RunResult:
     """The offline engine on the whole workload at t=0 (after a 2-request warm-up on another
     engine), and how much of the cores other processes took meanwhile."""
     result = workload.RunResult(system=policy, batch_size=batch, repeat=-1)
@@ -84,59 +73,23 @@ def run_offline(
     return harness.recorded(result, run)
 
 
-def start_server(ours: workload.OurModel, policy: str, args) -> Server:
-    """Our engine's configuration of ``run_offline``, served by ``baton-paged serve``."""
-    serve = ["--model", str(ours.path), "--policy", policy, "--dtype", "float32"]
-    serve += ["--max-batch-size", str(args.batch_size), "--kv-memory", workload.KV_MEMORY]
-    serve += [
-        "--max-prefill-tokens",
-        str(workload.MAX_PREFILL_TOKENS),
-        "--served-model-name",
-        SERVED_NAME,
-    ]
-    return Server(serve, args.threads, log_prefix=f"serve-{policy}")
-
-
-def run_load(
-    server: Server, run: ServingRun, requests: workload.Workload, offsets, timeout_s: float
-):
-    """One rate against a ready server; fills ``run`` from the client's records, the CPU time
-    of client, server and everything else, and the server's counters."""
-    bodies = [request_body(p, b) for p, b in zip(requests.prompts, requests.budgets, strict=True)]
-    before = server.counters()
-    load_before = os.getloadavg()[0]
-    client_cpu, server_cpu = sum(os.times()[:2]), server.cpu_seconds()
-    busy, wall = busy_cpu_seconds(), time.perf_counter()
-    url = f"{server.url}/v1/completions"
-    records, duration = asyncio.run(send_all(url, bodies, offsets, timeout_s))
-    wall = time.perf_counter() - wall
-    run.client_cpu_per_wall = round((sum(os.times()[:2]) - client_cpu) / wall, 3)
-    run.server_cpu_per_wall = round((server.cpu_seconds() - server_cpu) / wall, 3)
-    other = (busy_cpu_seconds() - busy) / wall - run.client_cpu_per_wall - run.server_cpu_per_wall
-    run.other_cpu_per_wall = round(other, 3)
-    run.disturbed = other > DISTURBED_CPU
-    run.loadavg_1m = (round(load_before, 2), round(os.getloadavg()[0], 2))
-    run.server_stats = counter_deltas(before, server.counters())
-    run.fill(records, requests.budgets, duration)
-
-
 def serve_policy(ours, policy: str, repeat: int, args, requests, arrivals) -> dict:
     """Start the policy's server, warm it, run every rate (inf first: the offline run it is
     compared with has just ended), stop it. Returns the runs and the server's setup."""
     order = sorted(arrivals, key=lambda label: label != "inf")  # next to the offline run first
     runs = [ServingRun(policy, label, arrivals[label][0], repeat) for label in order]
+    serve = ["--model", str(ours.path), "--policy", policy, "--dtype", "float32"]
+    serve += ["--max-batch-size", str(args.batch_size), "--kv-memory", workload.KV_MEMORY]
+    serve += ["--max-prefill-tokens", str(workload.MAX_PREFILL_TOKENS)]
+    server = Server(serve, args.threads, log_prefix=f"serve-{policy}")
     info: dict = {}
-    server = start_server(ours, policy, args)
     try:
         info["startup_s"] = round(server.wait_ready(), 2)
         info["torch_threads"] = server.torch_threads()
-        warm = [request_body(p, 2) for p in requests.prompts[:2]]
-        records, _ = asyncio.run(
-            send_all(f"{server.url}/v1/completions", warm, [0, 0], args.request_timeout)
-        )
+        records, _ = server.send(requests.prompts[:2], [2, 2], [0, 0], args.request_timeout)
         info["warmup_errors"] = [r.error for r in records if r.error]
         for run in runs:
-            run_load(server, run, requests, arrivals[run.rate][1], args.request_timeout)
+            server.load(run, requests, arrivals[run.rate][1], args.request_timeout)
             print(f"[rep {repeat}] {policy:>8} rate {run.rate:>4} {run.describe()}", flush=True)
     except Exception as error:  # the run and those after it record why, never a number
         message = f"{type(error).__name__}: {error}"
@@ -155,16 +108,12 @@ def summarize(runs: list[ServingRun], offline: list[workload.RunResult], policie
     out: dict = {}
     for policy in policies:
         ok_off = [r for r in offline if r.system == policy and r.error is None]
-        row: dict = {
-            "offline_tokens_per_s": median((r.tokens_per_s for r in ok_off), 5),
-            "offline_wall_s": median((r.wall_s for r in ok_off), 5),
-            "offline_errors": [r.error for r in offline if r.system == policy and r.error],
-            "offline_disturbed": sum(r.extra.get("disturbed", False) for r in ok_off),
-        }
-        row["rates"] = {
-            f: summarize_rate([r for r in runs if r.policy == policy and r.rate == f])
-            for f in factors
-        }
+        row: dict = {"offline_tokens_per_s": median((r.tokens_per_s for r in ok_off), 5)}
+        row["offline_wall_s"] = median((r.wall_s for r in ok_off), 5)
+        row["offline_errors"] = [r.error for r in offline if r.system == policy and r.error]
+        row["offline_disturbed"] = sum(r.extra.get("disturbed", False) for r in ok_off)
+        served = [r for r in runs if r.policy == policy]
+        row["rates"] = {f: summarize_rate([r for r in served if r.rate == f]) for f in factors}
         http = row["rates"].get("inf", {}).get("output_tokens_per_s")
         row["saturation_ratio"] = ratio(http, row["offline_tokens_per_s"], 4)
         out[policy] = row
@@ -176,23 +125,17 @@ def summarize_rate(group: list[ServingRun]) -> dict:
     ok = [r for r in ok if r.completed]
     if not ok:
         return row
+    runs = [vars(r) | r.server_stats for r in ok]
     row["request_rate"] = ok[0].request_rate
-    row["output_tokens_per_s"] = median((r.output_tokens_per_s for r in ok), 5)
-    row["duration_s"] = median((r.duration_s for r in ok), 5)
+    row |= medians(runs, 5, ("output_tokens_per_s", "duration_s"))
     row["failed"] = sum(r.failed for r in ok)
     row["disturbed"] = sum(r.disturbed for r in ok)
     row["inexact"] = sum(r.completed - r.exact for r in ok)
     for metric in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
-        row[metric] = {
-            q: median((getattr(r, metric).get(q) for r in ok), 5) for q in ("mean", "p50", "p99")
-        }
-    row["chunks_per_token"] = median((r.chunks_per_token for r in ok), 5)
+        row[metric] = medians([r[metric] for r in runs], 5, ("mean", "p50", "p99"))
     silences = [r.longest_silence_s for r in ok if r.longest_silence_s is not None]
     row["longest_silence_s"] = max(silences, default=None)
-    row["tokens_per_iteration"] = median(
-        (r.server_stats.get("tokens_per_iteration") for r in ok), 5
-    )
-    return row
+    return row | medians(runs, 5, ("chunks_per_token", "tokens_per_iteration"))
 
 
 def checks(summary: dict, runs: list[ServingRun], num_requests: int) -> list[dict]:
@@ -212,6 +155,39 @@ def checks(summary: dict, runs: list[ServingRun], num_requests: int) -> list[dic
     disturbed = ", ".join(f"{r.policy}@{r.rate}" for r in runs if r.disturbed) or "none"
     found.append(check("disturbed HTTP runs (policy@rate)", disturbed, None))
     return found
+
+
+def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
+    """Every (policy, rate)'s medians (offered tokens/s: request rate x mean budget), then each
+    policy's offline tokens/s against its HTTP tokens/s at rate inf; the figure: throughput, TTFT
+    and TPOT against the rate."""
+    summary, args, budget = saved["summary"], saved["args"], saved["workload"]["budget"]["mean"]
+    rows, saturation = [], []
+    for policy, row in summary.items():
+        for rate, r in row["rates"].items():
+            offered = r.get("request_rate") and r["request_rate"] * budget
+            cells = {"policy": policy, "rate": rate, "offered_tokens_per_s": offered}
+            for key, value in r.items():  # p50 and p99 of each latency (the JSON has means)
+                nested = isinstance(value, dict)
+                cells |= (
+                    {f"{key} {q}": value.get(q) for q in ("p50", "p99")} if nested else {key: value}
+                )
+            rows.append(cells)
+        http = row["rates"].get("inf", {}).get("output_tokens_per_s")
+        offline = {k: v for k, v in row.items() if k != "rates"}
+        saturation.append({"policy": policy, "http_tokens_per_s_at_inf": http} | offline)
+    rate = saved["sustainable_rate"]
+    lines = [f"rate: x the offline baton engine's sustainable rate, {rate} req/s; inf: all at t=0"]
+    lines += ["", *markdown(rows), "", *markdown(saturation)]
+    title = (
+        f"baton-paged serve, small Llama float32, CPU {args['threads']} threads, max batch "
+        f"{args['batch_size']}: {args['num_requests']} streamed requests, Poisson arrivals"
+    )
+    by_policy = partial(harness.series, rows, "rate", "policy")
+    panels = {"output tokens/s against the rate": by_policy("output_tokens_per_s")}
+    panels["TTFT s, p50 and p99"] = by_policy("ttft_s p50", "ttft_s p99")
+    panels["TPOT s, p50 and p99"] = by_policy("tpot_s p50", "tpot_s p99")
+    return lines, title, panels
 
 
 def parse_args():
@@ -238,11 +214,8 @@ def main() -> None:
     if calibration.error:
         raise SystemExit(f"offline calibration failed: {calibration.error}")
     base_rate = len(requests.prompts) / calibration.wall_s
-    print(
-        f"sustainable rate (offline {TARGET_POLICY}): {base_rate:.3f} req/s, "
-        f"{calibration.tokens_per_s:.1f} tok/s",
-        flush=True,
-    )
+    rate = f"{base_rate:.3f} req/s, {calibration.tokens_per_s:.1f} tok/s"
+    print(f"sustainable rate (offline {TARGET_POLICY}): {rate}", flush=True)
     arrivals = make_arrivals(len(requests.prompts), base_rate, args.rates, args.seed)
 
     offline, runs, servers = [], [], []
@@ -256,17 +229,14 @@ def main() -> None:
         servers.append({"policy": policy, "repeat": repeat} | served["server"])
 
     summary = summarize(runs, offline, args.policies, args.rates)
+    setup = {"kv_memory": workload.KV_MEMORY, "max_prefill_tokens": workload.MAX_PREFILL_TOKENS}
+    setup["dtype"] = "float32"
+    setup["server_command"] = "python -c LAUNCHER THREADS serve --model ... (see source)"
     payload = {
         "environment": ours.environment() | {"httpx": httpx.__version__},
         "args": vars(args),
         "workload": requests.describe(args.max_budget),
-        "setup": {
-            "kv_memory": workload.KV_MEMORY,
-            "max_prefill_tokens": workload.MAX_PREFILL_TOKENS,
-            "dtype": "float32",
-            "server_command": "python -c LAUNCHER THREADS serve --model ... (see source)",
-            "servers": servers,
-        },
+        "setup": setup | {"servers": servers},
         "targets": {"disturbed_cpu": DISTURBED_CPU},
         "calibration": asdict(calibration),
         "sustainable_rate": round(base_rate, 5),
@@ -278,12 +248,9 @@ def main() -> None:
         "offline": [asdict(r) for r in offline],
         "runs": [asdict(r) for r in runs],
     }
-    problems = [
-        f"problem: {r['policy']} rate {r['rate']}: {r['error'] or r['errors']}"
-        for r in payload["runs"]
-        if r["error"] or r["errors"]
-    ]
-    harness.publish(args.name, payload, reports.serving_markdown, reports.serving_figure, problems)
+    failed = [r for r in runs if r.error or r.errors]
+    problems = [f"problem: {r.policy} rate {r.rate}: {r.error or r.errors}" for r in failed]
+    harness.publish(args.name, payload, report, problems)
 
 
 if __name__ == "__main__":

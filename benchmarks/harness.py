@@ -2,12 +2,12 @@
 
 * ``options``/``start``: the common command line (``--quick``, ``--repeats``, ``--threads``,
   ``--seed``, ``--name``); a ``Default(full, quick)`` default follows ``--quick``.
-* ``rotations``: the order of interleaved runs. CPU timings here drift by tens of percent over
-  minutes, so every repeat runs each system once, the order rotated, and drift hits all alike.
+* ``rotations``, ``interleaved``: runs in turn, as CPU timings here drift by tens of percent over
+  minutes; ``Clock``, ``Timed``: the wall, CPU and load figures that flag a disturbed run.
 * ``median``, ``percentile``, ``ratio``, ``check``: figures over repeats and the issue's targets,
   each check met, not met, not measured, or for information.
-* ``table``, ``fmt``, ``publish``: results as ``results/<name>.{json,md,png}`` (tables and figure
-  from ``reports``) and a console report.
+* ``publish``, ``render``, ``markdown``, ``figure``: results as ``results/<name>.{json,md,png}``,
+  the tables and figure drawn from the JSON as saved by each script's ``report``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import gc
 import json
 import math
 import operator
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,7 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from timing import setup_threads
+import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STARTED = time.perf_counter()
@@ -51,12 +53,7 @@ def _listed(value: Any) -> str:
 
 
 def options(
-    doc: str,
-    *,
-    threads: int,
-    repeats: int | Default,
-    quick: str | None = None,
-    results: str | None = None,
+    doc: str, *, threads: int, repeats: int | Default, quick: str = "", results: str = ""
 ) -> argparse.ArgumentParser:
     """A parser with the options every benchmark takes; the script adds its own. ``quick`` (its
     help text) adds ``--quick``; ``results`` (the file stem) adds ``--name``."""
@@ -84,7 +81,7 @@ def start(parser: argparse.ArgumentParser, must_include: dict | None = None) -> 
     for key, value in (must_include or {}).items():
         if value not in getattr(args, key):
             parser.error(f"--{key.replace('_', '-')} must include {value}")
-    setup_threads(args.threads)
+    torch.set_num_threads(args.threads)  # CPU timings swing wildly when threads oversubscribe
     return args
 
 
@@ -94,8 +91,7 @@ def comma_list(kind: Callable[[str], T], choices: Iterable[T] | None = None):
 
     def convert(text: str) -> list[T]:
         values = [kind(part) for part in text.split(",")]
-        unknown = [v for v in values if allowed is not None and v not in allowed]
-        if unknown:
+        if allowed is not None and (unknown := [v for v in values if v not in allowed]):
             choose = ", ".join(map(str, allowed))
             raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {choose}")
         return values
@@ -140,6 +136,90 @@ def announce(label: str, result: Any, *details: Any) -> None:
     print(f"{label} {note}", flush=True)
 
 
+# Timing ----------------------------------------------------------------------------------------
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def time_once(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    sync()
+    start = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - start
+
+
+def interleaved(
+    cases: dict[str, Callable[[], object]], repeats: int, sync: Callable[[], None], warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds of each case, the cases run in turn so drift hits them all alike."""
+    for _ in range(warmup):
+        for fn in cases.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            samples[name].append(time_once(fn, sync))
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def environment(threads: int, device: torch.device) -> dict:
+    """The versions, machine and device the figures were taken on."""
+    info = {"torch": torch.__version__, "threads": threads, "cpu_count": os.cpu_count()}
+    info |= {"machine": platform.machine(), "python": platform.python_version()}
+    info["device"] = str(device)
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def block_table(pages: Sequence[Sequence[int]]) -> np.ndarray:
+    """Each request's page ids as a row of a block table, padded with page 0."""
+    table = np.zeros((len(pages), max(map(len, pages))), dtype=np.int32)
+    for row, ids in enumerate(pages):
+        table[row, : len(ids)] = ids
+    return table
+
+
+@dataclass(kw_only=True)
+class Timed:
+    """The figures a ``Clock`` takes of one run; each benchmark's run record extends it."""
+
+    wall_s: float = float("nan")
+    useful_tokens: int = 0
+    tokens_per_s: float = float("nan")
+    cpu_per_wall: float = float("nan")
+    """About the torch thread count when nothing else competed for the cores."""
+    loadavg_1m: tuple[float, float] = (float("nan"), float("nan"))
+    """1-minute load average before and after the run."""
+    error: str | None = None
+    """Why the run failed; it then has no figures."""
+
+
+class Clock:
+    """Wall time, process CPU time and the 1-minute load average around one run."""
+
+    def __enter__(self) -> Clock:
+        self.load_before = os.getloadavg()[0]
+        self.cpu = sum(os.times()[:2])
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.start
+        self.cpu = sum(os.times()[:2]) - self.cpu
+        self.load_after = os.getloadavg()[0]
+
+    def fill(self, result: Timed, useful: int) -> None:
+        result.wall_s = self.wall
+        result.useful_tokens = useful
+        result.tokens_per_s = useful / self.wall
+        result.cpu_per_wall = self.cpu / self.wall
+        result.loadavg_1m = (round(self.load_before, 2), round(self.load_after, 2))
+
+
 # Figures and targets ---------------------------------------------------------------------------
 
 
@@ -156,6 +236,11 @@ def median(values: Iterable, digits: int | None = None) -> Any:
         return None
     middle = statistics.median(kept)
     return middle if digits is None else round(middle, digits)
+
+
+def medians(records: Sequence[dict], digits: int | None = None, keys: Iterable[str] = ()) -> dict:
+    """The median over ``records`` of each of ``keys`` (default: the first record's keys)."""
+    return {key: median((r.get(key) for r in records), digits) for key in keys or records[0]}
 
 
 def percentile(values: Sequence[float], q: float, digits: int = 4) -> float | None:
@@ -184,15 +269,83 @@ def check(name: str, value: Any, target: float | None, op: str = ">=") -> dict:
 # Output ----------------------------------------------------------------------------------------
 
 
-def fmt(*values: float | None, spec: str = ".2f", scale: float = 1.0) -> str:
-    """Values in ``spec`` after ``scale``, joined as "a / b"; "-" for one not measured."""
-    return " / ".join("-" if v is None else format(v * scale, spec) for v in values)
+def markdown(rows: Sequence[dict], columns: Sequence[str] | None = None) -> list[str]:
+    """A Markdown table, one line per row dict: ``columns``, or every key in the order first seen;
+    floats to 5 significant digits, lists joined, a missing value "-"."""
+    columns = columns or list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+    return lines + ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence]) -> list[str]:
-    """Markdown table lines; a shorter row (an error) leaves its last cells out."""
-    lines = ["| " + " | ".join(headers) + " |", "|---" * len(headers) + "|"]
-    return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+def cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.5g}" if abs(value) < 1e5 else f"{value:.0f}"
+    if isinstance(value, list | tuple):
+        return ", ".join(map(cell, value))
+    return "-" if value is None else str(value)
+
+
+def series(rows: Sequence[dict], x: str, by: str, *ys: str) -> tuple[list, dict]:
+    """A panel from long-format rows: the values of ``row[x]`` in the order first seen, and a line
+    per value of ``row[by]`` (per (value, y) where several ys) through the rows' ``row[y]``."""
+    xs = list(dict.fromkeys(row[x] for row in rows))
+    found = {(str(row[by]), row[x], y): row.get(y) for row in rows for y in ys}
+    groups = dict.fromkeys(str(row[by]) for row in rows)
+    return xs, {
+        (b, y) if len(ys) > 1 else b: [found.get((b, v, y)) for v in xs] for y in ys for b in groups
+    }
+
+
+Panels = dict[str, tuple[Sequence, dict]]
+"""A figure's panels: title -> (x values, {line: a y per x value, None if not measured}); a line
+named (group, kind) gets its group's colour and its kind's dashes."""
+
+
+def figure(path: Path, title: str, panels: Panels) -> None:
+    """A row of line charts saved as PNG, the x values evenly spaced and labelled as they are;
+    a panel whose values span more than two decades has a log y axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(1 + 5 * len(panels), 4.5), squeeze=False)
+    for ax, (name, (xs, lines)) in zip(axes[0], panels.items(), strict=True):
+        drawn, colors, dashes = [], {}, {}
+        for label, ys in lines.items():
+            group, kind = label if isinstance(label, tuple) else (label, "")
+            color = colors.setdefault(group, f"C{len(colors) % 10}")
+            dash = dashes.setdefault(kind, ("-", "--", ":", "-.")[len(dashes) % 4])
+            points = [(i, y) for i, y in enumerate(ys) if y is not None]
+            drawn += [y for _, y in points]
+            if points:
+                label = f"{group} {kind}".strip()
+                ax.plot(*zip(*points, strict=True), ls=dash, color=color, marker="o", label=label)
+        if drawn and min(drawn) > 0 and max(drawn) > 100 * min(drawn):
+            ax.set_yscale("log")
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        ax.set_title(name, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+Report = Callable[[dict], tuple[list[str], str, Panels]]
+
+
+def render(name: str, saved: dict, report: Report) -> str:
+    """``results/<name>.md`` and ``.png`` drawn from a results payload as saved (or read back
+    from its JSON) by a script's ``report``: its Markdown lines (the checks' table follows), the
+    figure's title and panels. Returns the Markdown."""
+    lines, title, panels = report(saved)
+    checks = markdown(saved["checks"], ["check", "value", "op", "target", "status"])
+    text = "\n".join([*lines, "", *checks]) + "\n"
+    (RESULTS / f"{name}.md").write_text(text)
+    figure(RESULTS / f"{name}.png", title, panels)
+    return text
 
 
 def write_json(name: str, payload: dict) -> Path:
@@ -202,26 +355,13 @@ def write_json(name: str, payload: dict) -> Path:
     return path
 
 
-def publish(
-    name: str,
-    payload: dict,
-    markdown: Callable[[dict], str],
-    figure: Callable[[dict, Path], None],
-    problems: Iterable[str],
-) -> None:
-    """Write ``results/<name>.json`` (with ``markdown``'s tables as "table_markdown"), ``.md``
-    and ``.png`` (``figure``), both drawn from the payload as saved, then print the tables,
-    every check and each problem a run had."""
+def publish(name: str, payload: dict, report: Report, problems: Iterable[str]) -> None:
+    """Write ``results/<name>.json`` (with the Markdown as "table_markdown"), ``.md`` and
+    ``.png``, all from the payload as saved; print the Markdown and each problem a run had."""
     payload = payload | {"total_seconds": round(time.perf_counter() - STARTED, 1)}
     saved = json.loads(json.dumps(payload))  # string keys, lists: what a reader of the file gets
-    saved["table_markdown"] = markdown(saved)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    saved["table_markdown"] = render(name, saved, report)
     path = write_json(name, saved)
-    (RESULTS / f"{name}.md").write_text(saved["table_markdown"])
-    figure(saved, RESULTS / f"{name}.png")
-    print(f"\n{saved['table_markdown']}checks:")
-    for c in saved["checks"]:
-        target = f" (target {c['op']} {c['target']})" if c["target"] is not None else ""
-        print(f"  [{c['status']}] {c['check']}: {c['value']}{target}")
-    for problem in problems:
-        print(f"  {problem}")
+    print(f"\n{saved['table_markdown']}", *problems, sep="\n")
     print(f"\nwrote {path} (+ .md, .png) in {saved['total_seconds']} s")

@@ -1,12 +1,6 @@
-"""The workload the engine benchmarks share, and our engine run over it.
-
-Requests: seeded prompts of random token ids (1..vocab-1, never the pad id 0), lengths uniform in
-[16, 256]; output budgets long-tailed, lognormal with sigma 1 and the mean of the unclipped
-distribution at 100, rounded and clipped to [4, 512] (``--quick``: 64). Every request runs greedy
-with ``ignore_eos``, so it produces exactly its budget and the useful tokens of a workload are
-the same for every system. The engine runs the small random-weight Llama in float32 with the KV
-and prefill budgets below; only its public API is used (``add_request``, ``step``,
-``snapshot``).
+"""The workload the engine benchmarks share (``bench_policies``' docstring describes it), and our
+engine run over it: the small random-weight Llama in float32 with the KV and prefill budgets
+below, through the engine's public API only (``add_request``, ``step``, ``snapshot``).
 """
 
 from __future__ import annotations
@@ -23,8 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import transformers
-from harness import Default, median, percentile
-from timing import Clock, Timed, environment
+from harness import Clock, Default, Timed, environment, median, percentile
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton_paged.allocator import pages_needed
@@ -70,20 +63,15 @@ class Workload:
         return Workload(self.prompts[:n], [budget] * n)
 
     def describe(self, max_budget: int) -> dict:
-        lens = [len(p) for p in self.prompts]
-        return {
-            "num_requests": len(self.prompts),
-            "prompt_len": {"min": min(lens), "max": max(lens), "mean": statistics.mean(lens)},
-            "budget": {
-                "min": min(self.budgets),
-                "max": max(self.budgets),
-                "mean": statistics.mean(self.budgets),
-                "median": statistics.median(self.budgets),
-                "total": self.total_budget,
-                "distribution": f"lognormal(mu=ln({BUDGET_MEAN:g}) - sigma^2/2, "
-                f"sigma={BUDGET_SIGMA:g}) rounded, clipped to [{BUDGET_CLIP[0]}, {max_budget}]",
-            },
-        }
+        lens, budgets = [len(p) for p in self.prompts], self.budgets
+        budget = {"min": min(budgets), "max": max(budgets), "mean": statistics.mean(budgets)}
+        budget |= {"median": statistics.median(budgets), "total": self.total_budget}
+        budget["distribution"] = (
+            f"lognormal(mu=ln({BUDGET_MEAN:g}) - sigma^2/2, sigma={BUDGET_SIGMA:g}) rounded, "
+            f"clipped to [{BUDGET_CLIP[0]}, {max_budget}]"
+        )
+        prompt_len = {"min": min(lens), "max": max(lens), "mean": statistics.mean(lens)}
+        return {"num_requests": len(self.prompts), "prompt_len": prompt_len, "budget": budget}
 
 
 def make_workload(num_requests: int, vocab_size: int, max_budget: int, seed: int = 0) -> Workload:
@@ -135,20 +123,13 @@ class OurModel:
         device pages; ``options``: other ``EngineConfig`` fields."""
         if pages is not None:
             options["kv_memory"] = str(pages * self.probe.stats.page_bytes)
-        config = EngineConfig(
-            model=str(self.path),
-            policy=policy,
-            dtype="float32",
-            max_batch_size=batch_size,
-            **({"kv_memory": KV_MEMORY, "max_prefill_tokens": MAX_PREFILL_TOKENS} | options),
-        )
+        fields = {"kv_memory": KV_MEMORY, "max_prefill_tokens": MAX_PREFILL_TOKENS} | options
+        fields |= {"model": str(self.path), "policy": policy, "dtype": "float32"}
+        config = EngineConfig(max_batch_size=batch_size, **fields)
         engine = Engine(config, self.model, self.tokenizer)
         if pages is not None and engine.snapshot.device_pages != pages:
             raise RuntimeError(f"asked for {pages} pages, got {engine.snapshot.device_pages}")
         return engine
-
-
-# One system's run over a workload --------------------------------------------------------------
 
 
 @dataclass
@@ -163,16 +144,11 @@ class RunResult(Timed):
     """Every request produced at least its budget (ours and hf-cb: exactly)."""
     extra: dict = field(default_factory=dict)
 
-    def record(
-        self, clock: Clock, produced: list[int], budgets: list[int], ttfts: list[float], exact: bool
-    ) -> None:
+    def record(self, clock: Clock, produced: list, budgets: list, ttfts: list, exact: bool) -> None:
         """Useful tokens: each request's output up to its own budget, never more."""
         clock.fill(self, sum(min(p, b) for p, b in zip(produced, budgets, strict=True)))
         self.exact_budgets = exact
         self.ttft_median_s = median(ttfts)
-
-
-# Our engine ------------------------------------------------------------------------------------
 
 
 class Arrival(NamedTuple):
@@ -240,12 +216,10 @@ def latencies(outs: list[RequestOutput]) -> dict:
     """p50/p99 time to first token and end-to-end latency (arrival to last token), seconds."""
     ttft = [o.metrics.time_to_first_token for o in outs]
     e2e = [o.metrics.finished_time - o.metrics.arrival_time for o in outs]
-    percentiles = {
-        f"{name}_p{q}_s": percentile(v, q)
-        for name, v in (("ttft", ttft), ("e2e", e2e))
-        for q in (50, 99)
-    }
-    return {"n": len(outs)} | percentiles
+    found = {"n": len(outs)}
+    for name, values in (("ttft", ttft), ("e2e", e2e)):
+        found |= {f"{name}_p{q}_s": percentile(values, q) for q in (50, 99)}
+    return found
 
 
 def engine_counters(snapshot: EngineSnapshot) -> dict:
