@@ -142,7 +142,7 @@ class AsyncEngine:
                 raise EngineStoppedError("the engine has stopped and takes no more requests")
             if request.request_id in self._streams:
                 raise ValueError(f"request id {request.request_id!r} is already in use")
-            if self.engine.snapshot.num_queued + self._posted_adds >= self.max_waiting:
+            if self.snapshot.num_queued + self._posted_adds >= self.max_waiting:
                 raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
             self._streams[request.request_id] = stream
             self._posted_adds += 1

@@ -200,8 +200,7 @@ class Engine:
             self._take_tokens(forward, logits, progress)
         self._step = None  # the scheduler hears back once, even if update itself raises
         sizes = self.scheduler.update(plan, progress.result())
-        generated = sum(row.sample for forward in plan.forwards for row in forward.rows)
-        self.stats.record(plan, generated, self.monitor)
+        self.stats.record(plan, self.monitor)
         self._publish(sizes)
         return self._report(progress.touched.values())
 

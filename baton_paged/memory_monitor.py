@@ -64,17 +64,12 @@ class MemoryMonitor(Hysteresis):
         self.pool = pool
         self.reader = reader
 
-    @property
-    def pressure(self) -> float:
-        """The reading taken by the last ``update``."""
-        return self.reading
-
     def read(self) -> float:
         occupancy = self.pool.num_used / self.pool.num_pages
         return max(occupancy, self.reader()) if self.reader else occupancy
 
     def update(self) -> float:
-        """Read the pressure now and observe it; return the reading."""
+        """Read the pressure now and observe it; return the reading (also ``reading``)."""
         return self.observe(self.read())
 
     def pool_allows(self, pages_used: int) -> bool:

@@ -41,10 +41,11 @@ class EngineStats:
     batch_rows: int = 0
     """Sum over iterations of running requests (for the mean batch occupancy)."""
 
-    def record(self, plan: StepPlan, generated: int, monitor: MemoryMonitor) -> None:
+    def record(self, plan: StepPlan, monitor: MemoryMonitor) -> None:
+        """Count a finished iteration: each sampling row of its plan generated one token."""
         self.iterations += 1
         self.forwards += len(plan.forwards)
-        self.generated_tokens += generated
+        self.generated_tokens += sum(row.sample for f in plan.forwards for row in f.rows)
         self.offered_slots += plan.offered_slots
         self.admitted += len(plan.admitted)
         self.preemptions += len(plan.preempted)

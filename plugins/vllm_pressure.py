@@ -72,15 +72,6 @@ class PressureGate(Hysteresis):
         self.settings = settings or PressureSettings()
         super().__init__(self.settings.memory_high_watermark, self.settings.memory_low_watermark)
 
-    @property
-    def usage(self) -> float:
-        """The reading taken by the last ``update``."""
-        return self.reading
-
-    def update(self, usage: float) -> None:
-        """Take this step's reading and move between open and holding."""
-        self.observe(usage)
-
     def should_shed(self, num_running: int) -> bool:
         """Shed one request this step? Only above the high watermark, and never the last one."""
         return self.above_high and num_running > 1

@@ -80,7 +80,7 @@ class BatonScheduler(AsyncScheduler):
 
     def _baton_decide(self) -> int:
         """Take this step's BATON decisions; return how many requests may run after admission."""
-        self.baton_gate.update(self.kv_cache_manager.usage)
+        self.baton_gate.observe(self.kv_cache_manager.usage)
         if self.baton_gate.should_shed(len(self.running)):
             self._baton_shed()
         slot_cap = self.baton_gate.slot_cap(

@@ -158,7 +158,7 @@ def check_scaling(engine: Engine, before: int) -> int:
     shed = monitor.above_high and before > 1
     bound = before - 1 if shed else max(1, before)
     running = len(engine.scheduler.running)
-    assert running <= bound, f"batch {before} -> {running} at pressure {monitor.pressure:.2f}"
+    assert running <= bound, f"batch {before} -> {running} at pressure {monitor.reading:.2f}"
     return int(shed)
 
 

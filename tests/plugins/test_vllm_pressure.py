@@ -59,7 +59,7 @@ def test_the_gate_holds_from_a_high_crossing_until_below_the_low_watermark():
     g = gate()
     holding = []
     for usage in (0.5, 0.9, 0.91, 0.95, 0.8, 0.7, 0.69, 0.85, 0.91):
-        g.update(usage)
+        g.observe(usage)
         holding.append(g.holding)
     # 0.9 is not above the high watermark, 0.7 not below the low one: both are strict
     assert holding == [False, False, True, True, True, True, False, False, True]
@@ -68,26 +68,26 @@ def test_the_gate_holds_from_a_high_crossing_until_below_the_low_watermark():
 
 def test_shedding_needs_usage_above_high_and_more_than_one_running():
     g = gate()
-    g.update(0.95)
+    g.observe(0.95)
     assert g.should_shed(2) and not g.should_shed(1)
-    g.update(0.8)  # still holding, but no longer above high: hold without shedding
+    g.observe(0.8)  # still holding, but no longer above high: hold without shedding
     assert g.holding and not g.should_shed(5)
 
 
 def test_a_held_batch_keeps_its_size_and_an_empty_one_takes_one_request():
     g = gate()
     assert g.slot_cap(num_running=3, max_slots=8) == 8
-    g.update(0.99)
+    g.observe(0.99)
     assert g.slot_cap(num_running=3, max_slots=8) == 3
     assert g.slot_cap(num_running=0, max_slots=8) == 1
     assert g.slot_cap(num_running=9, max_slots=8) == 8
-    g.update(0.1)
+    g.observe(0.1)
     assert g.slot_cap(num_running=3, max_slots=8) == 8
 
 
 def test_parked_requests_hold_slots_but_never_block_an_empty_batch():
     g = gate()
-    g.update(0.99)
+    g.observe(0.99)
     assert g.slot_cap(num_running=3, max_slots=8, num_parked=2) == 5
     assert g.slot_cap(num_running=0, max_slots=8, num_parked=2) == 3
     assert g.slot_cap(num_running=5, max_slots=8, num_parked=4) == 8
