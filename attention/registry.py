@@ -20,6 +20,7 @@ from baton_paged.attention.base import (
 AUTO = "auto"
 
 BACKENDS = {
+    "cpu_paged": "baton_paged.attention.cpu_paged_backend:CpuPagedBackend",
     "torch": "baton_paged.attention.torch_backend:TorchBackend",
     "padded": "baton_paged.attention.padded_backend:PaddedBackend",
     "flash_attn": "baton_paged.attention.flash_backend:FlashAttnBackend",
@@ -27,10 +28,12 @@ BACKENDS = {
 }
 
 # On CUDA the varlen kernels win; the single-launch padded batch beats one SDPA launch per
-# request. On CPU the torch backend's per-request forms win (attention/torch_backend.py).
+# request. On CPU the in-place paged kernel wins (benchmarks/bench_attention.py: 0.93x dense SDPA
+# on pre-gathered K/V, where the torch backend's gather + SDPA took 1.9x); without a compiler the
+# torch backend's per-request forms are next (attention/torch_backend.py).
 AUTO_ORDER = {
     "cuda": ("flash_attn", "xformers", "padded"),
-    "cpu": ("torch",),
+    "cpu": ("cpu_paged", "torch"),
 }
 FALLBACK_ORDER = ("torch",)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 ARCH_CHOICES = ("llama", "qwen2", "gpt2")
-SIZE_CHOICES = ("tiny", "small")
+SIZE_CHOICES = ("tiny", "small", "smollm2")
 
 
 @click.group()
@@ -29,7 +29,8 @@ def main() -> None:
     default="small",
     show_default=True,
     help="tiny: 2 layers for tests; small: ~28M parameters (Llama: hidden 512, 8 layers, "
-    "8 heads, 4 KV heads, vocab 4096).",
+    "8 heads, 4 KV heads, vocab 4096); smollm2: SmolLM2-135M-Instruct's exact shape (30 layers, "
+    "hidden 576, 9 heads, 3 KV heads, vocab 49152, tied embeddings).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 def make_model(out_dir: str, arch: str, size: str, seed: int) -> None:

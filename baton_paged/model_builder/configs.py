@@ -1,7 +1,9 @@
-"""Model shapes the builder knows: three architectures at two sizes.
+"""Model shapes the builder knows: three architectures at three sizes.
 
 ``tiny`` is for unit tests (a forward takes microseconds); ``small`` is a ~28M-parameter model
-whose decode step costs enough for benchmarks to mean something on a CPU.
+whose decode step costs enough for benchmarks to mean something on a CPU; ``smollm2`` is
+SmolLM2-135M-Instruct's exact shape (30 thin layers, a 49152-token vocabulary shared by the
+embedding and the LM head), so a benchmark on it meets the per-layer overheads a real model has.
 """
 
 from __future__ import annotations
@@ -23,11 +25,14 @@ class ModelSize:
     """GQA for Llama/Qwen2; GPT-2 has no GQA and uses ``num_heads``."""
     intermediate_size: int
     max_positions: int
+    tie_embeddings: bool = False
+    rope_theta: float = 10000.0
 
 
 SIZES = {
     "tiny": ModelSize(512, 64, 2, 4, 2, 128, 1024),
     "small": ModelSize(4096, 512, 8, 8, 4, 1408, 2048),
+    "smollm2": ModelSize(49152, 576, 30, 9, 3, 1536, 8192, tie_embeddings=True, rope_theta=1e5),
 }
 
 
@@ -47,6 +52,7 @@ def model_config(arch: str, size: str, eos_token_id: int) -> PretrainedConfig:
             n_layer=s.num_layers,
             n_head=s.num_heads,
             n_positions=s.max_positions,
+            tie_word_embeddings=s.tie_embeddings,
             **special,
         )
     config_class = LlamaConfig if arch == "llama" else Qwen2Config
@@ -58,6 +64,7 @@ def model_config(arch: str, size: str, eos_token_id: int) -> PretrainedConfig:
         num_key_value_heads=s.num_kv_heads,
         intermediate_size=s.intermediate_size,
         max_position_embeddings=s.max_positions,
-        tie_word_embeddings=False,
+        tie_word_embeddings=s.tie_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta},
         **special,
     )

@@ -20,9 +20,9 @@ HEADS = {"gqa": (8, 2), "mha": (4, 4)}
 HEAD_DIM = 32
 
 
-def check_backend(name, kind, heads, page_size, dtype, device, seed=0):
+def check_backend(name, kind, heads, page_size, dtype, device, seed=0, head_dim=HEAD_DIM):
     num_heads, num_kv_heads = HEADS[heads]
-    req = AttentionRequirements(torch.device(device), dtype, page_size, HEAD_DIM, *HEADS[heads])
+    req = AttentionRequirements(torch.device(device), dtype, page_size, head_dim, *HEADS[heads])
     reason = backend_class(name).unsupported_reason(req)
     if reason is not None:
         pytest.skip(f"{name}: {reason}")
@@ -34,13 +34,13 @@ def check_backend(name, kind, heads, page_size, dtype, device, seed=0):
         context_lens,
         num_heads=num_heads,
         num_kv_heads=num_kv_heads,
-        head_dim=HEAD_DIM,
+        head_dim=head_dim,
         page_size=page_size,
         dtype=dtype,
         device=device,
         seed=seed,
     )
-    scale = HEAD_DIM**-0.5
+    scale = head_dim**-0.5
     backend = create_backend(name, req)
     out = backend.forward(batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, scale)
     assert out.shape == batch.query.shape and out.dtype == dtype
@@ -52,15 +52,36 @@ def check_backend(name, kind, heads, page_size, dtype, device, seed=0):
 @pytest.mark.parametrize("page_size", [1, 16, 256])
 @pytest.mark.parametrize("heads", sorted(HEADS))
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("name", ["torch", "padded"])
+@pytest.mark.parametrize("name", ["cpu_paged", "torch", "padded"])
 def test_cpu_backend_matches_naive_attention(name, kind, heads, page_size, dtype):
     check_backend(name, kind, heads, page_size, dtype, "cpu")
 
 
 @pytest.mark.parametrize("seed", range(5))
-@pytest.mark.parametrize("name", ["torch", "padded"])
+@pytest.mark.parametrize("name", ["cpu_paged", "torch", "padded"])
 def test_cpu_backend_on_more_random_mixed_batches(name, seed):
     check_backend(name, "mixed", "gqa", 16, torch.float64, "cpu", seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("head_dim", [20, 8, 128])
+def test_cpu_paged_kernel_on_head_sizes_off_and_on_its_vector_width(head_dim, dtype):
+    """Head sizes that are not a multiple of 8 take the kernel's scalar loops; 8 and 128 the
+    8-lane vectors at their smallest and a common large size."""
+    check_backend("cpu_paged", "mixed", "gqa", 16, dtype, "cpu", seed=3, head_dim=head_dim)
+
+
+def test_cpu_paged_kernel_on_one_long_prompt_split_into_tiles():
+    """One request's 300 new tokens after 200 of context: 19 tiles of the same request, each with
+    its own causal limit, across threads."""
+    batch = make_batch(
+        [300], [500], num_heads=8, num_kv_heads=2, head_dim=HEAD_DIM, page_size=16,
+        dtype=torch.float64,
+    )
+    req = AttentionRequirements(torch.device("cpu"), torch.float64, 16, HEAD_DIM, 8, 2)
+    backend = create_backend("cpu_paged", req)
+    out = backend.forward(batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.1)
+    torch.testing.assert_close(out, naive_attention(batch, 0.1), **TOLERANCE[torch.float64])
 
 
 @pytest.mark.gpu

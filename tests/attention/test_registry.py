@@ -16,6 +16,8 @@ from baton_paged.attention import (
     suggested_page_size,
     unsupported_reasons,
 )
+from baton_paged.attention import cpu_paged_backend
+from baton_paged.attention.cpu_paged_backend import CpuPagedBackend
 from baton_paged.attention.padded_backend import PaddedBackend
 from baton_paged.attention.torch_backend import TorchBackend
 
@@ -23,12 +25,27 @@ CPU = AttentionRequirements(torch.device("cpu"), torch.float32, 16, 64, 8, 4)
 CUDA_BF16 = AttentionRequirements(torch.device("cuda"), torch.bfloat16, 256, 64, 8, 4)
 
 
-def test_cpu_gets_the_torch_backend_by_default():
+def test_cpu_gets_the_in_place_paged_kernel_by_default():
+    assert resolve_backend_name("auto", CPU) == "cpu_paged"
+    assert isinstance(create_backend("auto", CPU), CpuPagedBackend)
+    assert isinstance(create_backend("padded", CPU), PaddedBackend)
+    assert available_backends(CPU) == ["cpu_paged", "torch", "padded"]
+    assert suggested_page_size("auto", CPU) == 16
+
+
+def test_without_the_cpu_kernels_auto_falls_back_to_torch_and_naming_them_says_why(monkeypatch):
+    monkeypatch.setattr(cpu_paged_backend, "unavailable_reason", lambda: "no C++ compiler")
     assert resolve_backend_name("auto", CPU) == "torch"
     assert isinstance(create_backend("auto", CPU), TorchBackend)
-    assert isinstance(create_backend("padded", CPU), PaddedBackend)
-    assert available_backends(CPU) == ["torch", "padded"]
-    assert suggested_page_size("auto", CPU) == 16
+    with pytest.raises(BackendUnavailableError, match="'cpu_paged' cannot run here: no C\\+\\+"):
+        create_backend("cpu_paged", CPU)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16])
+def test_cpu_paged_refuses_dtypes_it_has_no_kernel_for(dtype):
+    assert "float32, bfloat16 or float64" in unsupported_reasons(replace(CPU, dtype=dtype))[
+        "cpu_paged"
+    ]
 
 
 def test_unknown_name_lists_the_choices():

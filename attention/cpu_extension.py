@@ -1,0 +1,120 @@
+"""The CPU kernels (``csrc/cpu_kernels.cpp``): compiled on first use, cached per machine.
+
+``torch.utils.cpp_extension`` builds the source with the machine's C++ compiler (``-O3
+-march=native``, so the build directory's name carries a hash of the source, the CPU's
+instruction sets and torch's version: a cache copied to another machine is rebuilt, never run
+with instructions its CPU lacks). Concurrent first uses wait on torch's build lock. The first
+build takes tens of seconds; later processes load the cached library in milliseconds.
+
+Where no compiler or build tool is present, or the build fails, ``cpu_kernels()`` logs one line
+and answers None, and the engine keeps to the plain ``torch`` backend: never a crash.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import platform
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp"]
+"""``-fopenmp`` because ``at::parallel_for`` is a header template: compiled without it, its
+parallel region is a plain loop. The library then needs ``libgomp.so.1``, which the loader
+resolves to the copy torch already loaded, so the kernels share torch's thread pool."""
+
+
+@functools.cache
+def cpu_kernels() -> ModuleType | None:
+    """The compiled kernels, or None (with one logged line) when they cannot be built here."""
+    reason = _build_problem()
+    if reason is None:
+        try:
+            return _load()
+        except Exception as error:  # a compiler error, a missing header: fall back, say why
+            reason = f"building the CPU kernels failed ({_first_error(str(error))})"
+    logger.warning("%s; attention uses the plain torch backend", reason)
+    _unavailable.append(reason)
+    return None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot run here, or None when they have loaded (builds them if needed)."""
+    return None if cpu_kernels() is not None else _unavailable[-1]
+
+
+_unavailable: list[str] = []
+
+
+def _build_problem() -> str | None:
+    from torch.utils import cpp_extension
+
+    if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
+        return f"no CPU kernels for {platform.machine()}"
+    if not SOURCE.is_file():
+        return f"the CPU kernel source {SOURCE} is missing"
+    try:
+        cpp_extension.verify_ninja_availability()
+    except RuntimeError:
+        return "ninja is not installed (pip install ninja)"
+    compiler = cpp_extension.get_cxx_compiler()
+    if not _on_path(compiler):
+        return f"no C++ compiler ({compiler}) on PATH"
+    return None
+
+
+def _on_path(program: str) -> bool:
+    import shutil
+
+    return shutil.which(program) is not None
+
+
+def _load() -> ModuleType:
+    from torch.utils import cpp_extension
+
+    from baton_paged.model_builder.cache import cache_root
+
+    name = f"baton_cpu_kernels_{_build_key()}"
+    directory = cache_root() / "kernels" / name
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):
+        logger.warning("building the CPU kernels into %s (once per machine)", directory)
+    return cpp_extension.load(
+        name=name,
+        sources=[str(SOURCE)],
+        extra_cflags=CFLAGS,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        verbose=False,
+    )
+
+
+def _first_error(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or ["no message"])[0][:300]
+
+
+def _build_key() -> str:
+    """A hash of everything the compiled library depends on."""
+    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest.update(" ".join(CFLAGS).encode())
+    digest.update(torch.__version__.encode())
+    digest.update(_cpu_flags().encode())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()

@@ -1,0 +1,64 @@
+"""``cpu_paged``: attention that reads K/V pages where they lie, one kernel call per layer.
+
+The torch backend copies every page a step reads into a contiguous buffer and then runs SDPA over
+the copy (a CPU profile of B=32 decode: the gather 18% of the step, SDPA 12.5% in ~130 calls per
+step). This backend's kernel (``csrc/cpu_kernels.cpp``) walks each request's block table
+instead: one work item per (request, KV head, tile of 16 new tokens) computes all the query heads
+sharing that KV head, page by page with an online softmax, so K/V is read once, in place, and the
+whole step's attention is one call. New K/V is written into the pages by one kernel call too.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from baton_paged.allocator.kv_cache import KVCache
+from baton_paged.attention.base import AttentionBackend, AttentionRequirements
+from baton_paged.attention.cpu_extension import cpu_kernels, unavailable_reason
+from baton_paged.attention.metadata import AttentionMetadata
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float64)
+
+
+class CpuPagedBackend(AttentionBackend):
+    name = "cpu_paged"
+
+    @classmethod
+    def unsupported_reason(cls, req: AttentionRequirements) -> str | None:
+        if req.device.type != "cpu":
+            return "runs on the CPU only"
+        if req.dtype not in DTYPES:
+            return f"takes float32, bfloat16 or float64, not {req.dtype}"
+        return unavailable_reason()
+
+    def __init__(self) -> None:
+        self._kernels = cpu_kernels()
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        cache: KVCache,
+        layer: int,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        key_pages, value_pages = cache.key(layer), cache.value(layer)
+        self._kernels.write_kv(key_pages, value_pages, meta.slot_mapping, key, value)
+        return self.attend(query, key_pages, value_pages, meta, scale)
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        key_pages: torch.Tensor,
+        value_pages: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        out = query.new_empty(query.shape)
+        self._kernels.paged_attention(
+            out, query, key_pages, value_pages, meta.block_table, meta.cu_seqlens_q,
+            meta.seqused_k, scale,
+        )
+        return out

@@ -1,0 +1,509 @@
+// CPU kernels of the fast path: paged attention that reads K/V pages where they lie, the cache
+// write, and the small per-layer ops of a Llama-family decoder (RMSNorm, residual add + RMSNorm,
+// rotary embedding, SiLU-and-mul), each one pass over its data.
+//
+// Built on first use by baton_paged/attention/cpu_extension.py and cached per machine. Every
+// kernel is templated over float, double and bfloat16 and accumulates in at::opmath_type
+// (float for float and bfloat16, double for double), so the float64 exactness tests run on the
+// same code as float32 serving. Parallel loops go through at::parallel_for, so they use torch's
+// own thread pool and honour torch.set_num_threads.
+
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kQueryTile = 16;  // new tokens of one request handled by one work item
+
+// ---- Per-row math of one page: scores, softmax weights, weighted values ------------------------
+// Two implementations with one interface. ScalarMath is plain loops for any dtype and head size
+// (float64 exactness runs here); VectorMath uses 8-lane float vectors (GCC/Clang vector
+// extensions, so any target with SIMD gets them) for float and bfloat16 with head_dim % 8 == 0:
+// explicit vectors make the horizontal sums and the exp vectorise, which loops did not.
+
+template <typename scalar_t, typename acc_t>
+struct ScalarMath {
+  static bool fits(int64_t) { return true; }
+
+  // score[j] = q . k_j for the n keys of a page (keys `stride` elements apart).
+  static void scores(acc_t* score, const acc_t* q, const scalar_t* k, int64_t n, int64_t stride,
+                     int64_t dim) {
+    for (int64_t j = 0; j < n; ++j, k += stride) {
+      acc_t sum = 0;
+      for (int64_t d = 0; d < dim; ++d) sum += q[d] * static_cast<acc_t>(k[d]);
+      score[j] = sum;
+    }
+  }
+
+  // score[j] = exp(score[j] - shift); returns their sum.
+  static acc_t exp_sum(acc_t* score, int64_t n, acc_t shift) {
+    acc_t sum = 0;
+    for (int64_t j = 0; j < n; ++j) sum += (score[j] = std::exp(score[j] - shift));
+    return sum;
+  }
+
+  // acc = acc * correction + sum_j p[j] v_j.
+  static void accumulate(acc_t* acc, acc_t correction, const acc_t* p, const scalar_t* v,
+                         int64_t n, int64_t stride, int64_t dim) {
+    for (int64_t d = 0; d < dim; ++d) acc[d] *= correction;
+    for (int64_t j = 0; j < n; ++j, v += stride) {
+      for (int64_t d = 0; d < dim; ++d) acc[d] += p[j] * static_cast<acc_t>(v[d]);
+    }
+  }
+};
+
+typedef float vfloat __attribute__((vector_size(32)));
+typedef int32_t vint __attribute__((vector_size(32)));
+typedef uint16_t vhalf __attribute__((vector_size(16)));
+constexpr int64_t kLanes = 8;
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline vfloat load(const c10::BFloat16* p) {  // bfloat16 is the top half of a float's bits
+  vhalf h;
+  std::memcpy(&h, p, sizeof h);
+  const vint bits = __builtin_convertvector(h, vint) << 16;
+  vfloat v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+inline float horizontal_sum(vfloat v) {
+  typedef float quarter __attribute__((vector_size(16)));
+  quarter four = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  four += __builtin_shufflevector(four, four, 2, 3, 0, 1);
+  return four[0] + four[1];
+}
+
+// exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
+// (relative error < 1e-7), times 2^n built in the exponent bits. Below -87 exp(x) leaves float's
+// normal range; a softmax weight that small is 0 to float precision anyway.
+inline vfloat exp_nonpositive(vfloat x) {
+  const vfloat floor_ = vfloat{} - 87.0f;
+  x = x < floor_ ? floor_ : x;
+  const vfloat round = vfloat{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vfloat n = (x * 1.44269504088896341f + round) - round;
+  const vfloat r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+  vfloat p = vfloat{} + 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+template <typename scalar_t>
+struct VectorMath {
+  static bool fits(int64_t dim) { return dim % kLanes == 0; }
+
+  static void scores(float* score, const float* q, const scalar_t* k, int64_t n, int64_t stride,
+                     int64_t dim) {
+    for (int64_t j = 0; j < n; ++j, k += stride) {
+      vfloat sum = load(q) * load(k);
+      for (int64_t d = kLanes; d < dim; d += kLanes) sum += load(q + d) * load(k + d);
+      score[j] = horizontal_sum(sum);
+    }
+  }
+
+  // The score buffer has room for n rounded up to a whole vector; the tail is ignored.
+  static float exp_sum(float* score, int64_t n, float shift) {
+    for (int64_t j = 0; j < n; j += kLanes) {
+      const vfloat e = exp_nonpositive(load(score + j) - shift);
+      std::memcpy(score + j, &e, sizeof e);
+    }
+    float sum = 0;
+    for (int64_t j = 0; j < n; ++j) sum += score[j];
+    return sum;
+  }
+
+  // One 8-wide slice of the head at a time, kept in a register across the page's keys.
+  static void accumulate(float* acc, float correction, const float* p, const scalar_t* v,
+                         int64_t n, int64_t stride, int64_t dim) {
+    for (int64_t d = 0; d < dim; d += kLanes) {
+      vfloat a = load(acc + d) * correction;
+      const scalar_t* column = v + d;
+      for (int64_t j = 0; j < n; ++j, column += stride) a += p[j] * load(column);
+      std::memcpy(acc + d, &a, sizeof a);
+    }
+  }
+};
+
+// ---- Work items and their inputs -----------------------------------------------------------------
+
+// A tile of one request's new tokens against KV heads [first_head, last_head), each with all the
+// query heads sharing it (rows = tokens x group).
+struct WorkItem {
+  int64_t request, first_token, num_tokens, first_head, last_head, cost;
+};
+
+// Pointers and strides of one call, read once so the inner loops see plain integers.
+template <typename scalar_t>
+struct PagedInputs {
+  const scalar_t* query;
+  const scalar_t* key_cache;
+  const scalar_t* value_cache;
+  scalar_t* out;
+  const int32_t* block_table;
+  const int32_t* cu_seqlens_q;
+  const int32_t* context_lens;
+  int64_t table_stride, query_token_stride, query_head_stride, out_token_stride, out_head_stride;
+  int64_t page_stride, slot_stride, head_stride;
+  int64_t page_size, head_dim, group, num_kv_heads;
+  double scale;
+};
+
+// Whole requests (all heads, so a page is read front to back once) unless that leaves threads
+// idle; then each KV head is its own item. Longest first, taken dynamically: ragged contexts
+// still keep every thread busy.
+template <typename scalar_t>
+std::vector<WorkItem> plan_items(const PagedInputs<scalar_t>& in, int64_t batch, int64_t threads) {
+  std::vector<WorkItem> items;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t q_len = in.cu_seqlens_q[b + 1] - in.cu_seqlens_q[b];
+    for (int64_t t = 0; t < q_len; t += kQueryTile) {
+      const int64_t n = std::min(kQueryTile, q_len - t);
+      const int64_t keys = in.context_lens[b] - q_len + t + n;  // what the tile's last token sees
+      items.push_back({b, t, n, 0, in.num_kv_heads, n * keys * in.num_kv_heads});
+    }
+  }
+  if (static_cast<int64_t>(items.size()) < 4 * threads && in.num_kv_heads > 1) {
+    std::vector<WorkItem> split;
+    for (const WorkItem& item : items) {
+      for (int64_t h = 0; h < in.num_kv_heads; ++h) {
+        split.push_back({item.request, item.first_token, item.num_tokens, h, h + 1,
+                         item.cost / in.num_kv_heads});
+      }
+    }
+    items.swap(split);
+  }
+  std::stable_sort(items.begin(), items.end(),
+                   [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  return items;
+}
+
+// Per-thread scratch: the tile's scaled queries, running max / sum, output accumulators, scores.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> query, max, sum, acc, scores;
+  void fit(int64_t rows, int64_t dim, int64_t page) {
+    query.resize(rows * dim);
+    acc.assign(rows * dim, acc_t(0));
+    max.assign(rows, -std::numeric_limits<acc_t>::infinity());
+    sum.assign(rows, acc_t(0));
+    scores.resize(page + kLanes);
+  }
+};
+
+void prefetch_page(const void* page, int64_t bytes) {
+  const char* p = static_cast<const char*>(page);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
+}
+
+// Rows of KV head `head` against keys [start, start + n) of one page: online softmax, so each
+// row rescales what it has when its running max grows.
+template <typename Math, typename scalar_t, typename acc_t>
+void attend_page(const PagedInputs<scalar_t>& in, Scratch<acc_t>& s, const WorkItem& item,
+                 int64_t head, int64_t first_limit, int64_t start, int64_t n,
+                 const scalar_t* k_page, const scalar_t* v_page) {
+  const int64_t dim = in.head_dim, rows = item.num_tokens * in.group;
+  const int64_t row0 = (head - item.first_head) * rows;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t visible = std::min(n, first_limit + r / in.group + 1 - start);
+    if (visible <= 0) continue;
+    acc_t* score = s.scores.data();
+    Math::scores(score, s.query.data() + (row0 + r) * dim, k_page, visible, in.slot_stride, dim);
+    const acc_t page_max = *std::max_element(score, score + visible);
+    const acc_t new_max = std::max(s.max[row0 + r], page_max);
+    const acc_t correction = std::exp(s.max[row0 + r] - new_max);
+    const acc_t page_sum = Math::exp_sum(score, visible, new_max);
+    Math::accumulate(s.acc.data() + (row0 + r) * dim, correction, score, v_page, visible,
+                     in.slot_stride, dim);
+    s.sum[row0 + r] = s.sum[row0 + r] * correction + page_sum;
+    s.max[row0 + r] = new_max;
+  }
+}
+
+template <typename Math, typename scalar_t>
+void attend_item(const WorkItem& item, const PagedInputs<scalar_t>& in,
+                 Scratch<at::opmath_type<scalar_t>>& s) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t dim = in.head_dim, group = in.group, page = in.page_size;
+  const int64_t rows = item.num_tokens * group, heads = item.last_head - item.first_head;
+  const int64_t q_len = in.cu_seqlens_q[item.request + 1] - in.cu_seqlens_q[item.request];
+  const int64_t first_token = in.cu_seqlens_q[item.request] + item.first_token;
+  s.fit(heads * rows, dim, page);
+  // Row (h, r) is query head (first_head + h) * group + r % group of token r / group.
+  auto row_of = [&](int64_t h, int64_t r) { return (h * rows + r) * dim; };
+  auto head_of = [&](int64_t h, int64_t r) { return (item.first_head + h) * group + r % group; };
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* src = in.query + (first_token + r / group) * in.query_token_stride +
+                            head_of(h, r) * in.query_head_stride;
+      acc_t* dst = s.query.data() + row_of(h, r);
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<acc_t>(src[d]) * in.scale;
+    }
+  }
+  // Token i of the tile (absolute position context - q_len + first_token + i) sees keys <= it.
+  const int64_t first_limit = in.context_lens[item.request] - q_len + item.first_token;
+  const int64_t num_keys = first_limit + item.num_tokens;
+  const int32_t* pages = in.block_table + item.request * in.table_stride;
+  const int64_t page_bytes = page * in.slot_stride * sizeof(scalar_t);
+  for (int64_t start = 0, p = 0; start < num_keys; start += page, ++p) {
+    if (start + page < num_keys) {  // pages are scattered: the hardware cannot guess the next
+      prefetch_page(in.key_cache + pages[p + 1] * in.page_stride, page_bytes);
+      prefetch_page(in.value_cache + pages[p + 1] * in.page_stride, page_bytes);
+    }
+    const int64_t offset = pages[p] * in.page_stride, n = std::min(page, num_keys - start);
+    for (int64_t head = item.first_head; head < item.last_head; ++head) {
+      const int64_t at = offset + head * in.head_stride;
+      attend_page<Math>(in, s, item, head, first_limit, start, n, in.key_cache + at,
+                        in.value_cache + at);
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    for (int64_t r = 0; r < rows; ++r) {
+      scalar_t* dst = in.out + (first_token + r / group) * in.out_token_stride +
+                      head_of(h, r) * in.out_head_stride;
+      const acc_t inv = acc_t(1) / s.sum[h * rows + r];
+      const acc_t* acc = s.acc.data() + row_of(h, r);
+      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(acc[d] * inv);
+    }
+  }
+}
+
+template <typename Math, typename scalar_t>
+void run_items(const PagedInputs<scalar_t>& in, int64_t batch) {
+  const std::vector<WorkItem> items = plan_items(in, batch, at::get_num_threads());
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items.size());
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    Scratch<at::opmath_type<scalar_t>> scratch;
+    for (int64_t w = begin; w < end; ++w) {
+      for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
+        attend_item<Math>(items[i], in, scratch);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void dispatch_math(const PagedInputs<scalar_t>& in, int64_t batch) {
+  if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
+    if (VectorMath<scalar_t>::fits(in.head_dim)) return run_items<VectorMath<scalar_t>>(in, batch);
+  }
+  run_items<ScalarMath<scalar_t, at::opmath_type<scalar_t>>>(in, batch);
+}
+
+void check_rows(const at::Tensor& t, int64_t dims, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.dim() == dims, name, " must have ", dims, " dimensions, got ", t.dim());
+  TORCH_CHECK(t.stride(-1) == 1, name, "'s last dimension must be contiguous");
+}
+
+}  // namespace
+
+// out[T, Hq, D] = causal attention of every packed query token to its request's context, read
+// from the pages block_table lists (bottom-right aligned: the last new token sees the whole
+// context). One call covers every request and head of one layer's step.
+void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& key_cache,
+                     const at::Tensor& value_cache, const at::Tensor& block_table,
+                     const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, double scale) {
+  check_rows(out, 3, "out");
+  check_rows(query, 3, "query");
+  check_rows(key_cache, 4, "key_cache");
+  check_rows(value_cache, 4, "value_cache");
+  TORCH_CHECK(key_cache.strides() == value_cache.strides(), "K and V pages must share strides");
+  TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() &&
+                  out.scalar_type() == query.scalar_type(),
+              "query, pages and out must share a dtype");
+  TORCH_CHECK(block_table.scalar_type() == at::kInt && cu_seqlens_q.scalar_type() == at::kInt &&
+                  context_lens.scalar_type() == at::kInt,
+              "block_table, cu_seqlens_q and context_lens must be int32");
+  TORCH_CHECK(block_table.is_contiguous() && cu_seqlens_q.is_contiguous() &&
+                  context_lens.is_contiguous(),
+              "metadata tensors must be contiguous");
+  const int64_t num_heads = query.size(1), num_kv_heads = key_cache.size(2);
+  TORCH_CHECK(num_heads % num_kv_heads == 0, "query heads must be a multiple of KV heads");
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, query.scalar_type(), "paged_attention", [&] {
+    const PagedInputs<scalar_t> in{
+        query.data_ptr<scalar_t>(), key_cache.data_ptr<scalar_t>(),
+        value_cache.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
+        block_table.data_ptr<int32_t>(), cu_seqlens_q.data_ptr<int32_t>(),
+        context_lens.data_ptr<int32_t>(), block_table.stride(0), query.stride(0),
+        query.stride(1), out.stride(0), out.stride(1), key_cache.stride(0), key_cache.stride(1),
+        key_cache.stride(2), key_cache.size(1), query.size(2), num_heads / num_kv_heads,
+        num_kv_heads, scale};
+    dispatch_math(in, context_lens.size(0));
+  });
+}
+
+// key_cache/value_cache[slot // page, slot % page] = key/value[t] for every new token t.
+void write_kv(at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& slot_mapping,
+              const at::Tensor& key, const at::Tensor& value) {
+  check_rows(key, 3, "key");
+  check_rows(value, 3, "value");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
+              "slot_mapping must be contiguous int64");
+  TORCH_CHECK(key.scalar_type() == key_cache.scalar_type(), "key and pages must share a dtype");
+  const int64_t page = key_cache.size(1), heads = key.size(1), dim = key.size(2);
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, key.scalar_type(), "write_kv", [&] {
+    auto copy = [&](at::Tensor& cache, const at::Tensor& src, int64_t t) {
+      scalar_t* dst = cache.data_ptr<scalar_t>() + (slots[t] / page) * cache.stride(0) +
+                      (slots[t] % page) * cache.stride(1);
+      const scalar_t* from = src.data_ptr<scalar_t>() + t * src.stride(0);
+      for (int64_t h = 0; h < heads; ++h) {
+        std::memcpy(dst + h * cache.stride(2), from + h * src.stride(1), dim * sizeof(scalar_t));
+      }
+    };
+    for (int64_t t = 0; t < key.size(0); ++t) {
+      copy(key_cache, key, t);
+      copy(value_cache, value, t);
+    }
+  });
+}
+
+namespace {
+
+// Hugging Face's Llama RMSNorm, step for step: normalise in float32 (for every input dtype),
+// cast back, then scale by the weight in the input dtype.
+template <typename scalar_t>
+void rms_norm_row(scalar_t* dst, const scalar_t* x, const scalar_t* weight, int64_t n,
+                  double eps) {
+  float squares = 0;
+#pragma omp simd reduction(+ : squares)
+  for (int64_t i = 0; i < n; ++i) squares += static_cast<float>(x[i]) * static_cast<float>(x[i]);
+  const float inv = 1.0f / std::sqrt(squares / n + static_cast<float>(eps));
+  for (int64_t i = 0; i < n; ++i) {
+    dst[i] = weight[i] * static_cast<scalar_t>(static_cast<float>(x[i]) * inv);
+  }
+}
+
+}  // namespace
+
+// out = RMSNorm(x) * weight, row by row.
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_rows(x, 2, "x");
+  check_rows(out, 2, "out");
+  const int64_t n = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
+    at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        rms_norm_row(out.data_ptr<scalar_t>() + t * out.stride(0),
+                     x.data_ptr<scalar_t>() + t * x.stride(0), weight.data_ptr<scalar_t>(), n, eps);
+      }
+    });
+  });
+}
+
+// residual += x; x = RMSNorm(residual) * weight (both in place): a decoder layer's residual
+// add fused with the next norm, so the hidden state is read once.
+void add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps) {
+  check_rows(x, 2, "x");
+  check_rows(residual, 2, "residual");
+  const int64_t n = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_rms_norm", [&] {
+    at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        scalar_t* h = x.data_ptr<scalar_t>() + t * x.stride(0);
+        scalar_t* r = residual.data_ptr<scalar_t>() + t * residual.stride(0);
+        for (int64_t i = 0; i < n; ++i) r[i] = r[i] + h[i];
+        rms_norm_row(h, r, weight.data_ptr<scalar_t>(), n, eps);
+      }
+    });
+  });
+}
+
+// Rotary embedding in place, rotate-half (GPT-NeoX / Llama) layout: for i < D/2,
+// (x_i, x_{i+D/2}) <- (x_i cos - x_{i+D/2} sin, x_{i+D/2} cos + x_i sin), with cos/sin rows
+// [max_position, D] indexed by each token's position.
+void rotary_embedding(at::Tensor query, at::Tensor key, const at::Tensor& positions,
+                      const at::Tensor& cos, const at::Tensor& sin) {
+  check_rows(query, 3, "query");
+  check_rows(key, 3, "key");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(),
+              "positions must be contiguous int64");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "cos and sin tables must be contiguous");
+  const int64_t dim = query.size(2), half = dim / 2;
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, query.scalar_type(), "rotary_embedding", [&] {
+    auto rotate = [&](at::Tensor& x, int64_t t) {
+      const scalar_t* c = cos.data_ptr<scalar_t>() + pos[t] * dim;
+      const scalar_t* s = sin.data_ptr<scalar_t>() + pos[t] * dim;
+      for (int64_t h = 0; h < x.size(1); ++h) {
+        scalar_t* v = x.data_ptr<scalar_t>() + t * x.stride(0) + h * x.stride(1);
+        for (int64_t i = 0; i < half; ++i) {
+          const scalar_t lo = v[i], hi = v[i + half];
+          v[i] = lo * c[i] - hi * s[i];
+          v[i + half] = hi * c[i + half] + lo * s[i + half];
+        }
+      }
+    };
+    at::parallel_for(0, query.size(0), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        rotate(query, t);
+        rotate(key, t);
+      }
+    });
+  });
+}
+
+namespace {
+
+template <typename scalar_t>
+void silu_and_mul_row(scalar_t* dst, const scalar_t* gate, const scalar_t* up, int64_t width) {
+  using acc_t = at::opmath_type<scalar_t>;
+#pragma omp simd
+  for (int64_t i = 0; i < width; ++i) {
+    const acc_t g = static_cast<acc_t>(gate[i]);
+    const scalar_t activated = static_cast<scalar_t>(g / (acc_t(1) + std::exp(-g)));
+    dst[i] = activated * up[i];
+  }
+}
+
+}  // namespace
+
+// out[T, I] = silu(x[:, :I]) * x[:, I:]: the gated MLP's activation on one gate-up matmul.
+void silu_and_mul(at::Tensor out, const at::Tensor& x) {
+  check_rows(x, 2, "x");
+  check_rows(out, 2, "out");
+  const int64_t width = out.size(1);
+  TORCH_CHECK(x.size(1) == 2 * width, "x must be [T, 2 * I] for out [T, I]");
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "silu_and_mul", [&] {
+    at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* gate = x.data_ptr<scalar_t>() + t * x.stride(0);
+        silu_and_mul_row(out.data_ptr<scalar_t>() + t * out.stride(0), gate, gate + width, width);
+      }
+    });
+  });
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention", &paged_attention);
+  m.def("write_kv", &write_kv);
+  m.def("rms_norm", &rms_norm);
+  m.def("add_rms_norm", &add_rms_norm);
+  m.def("rotary_embedding", &rotary_embedding);
+  m.def("silu_and_mul", &silu_and_mul);
+}
