@@ -58,7 +58,13 @@ class CpuPagedBackend(AttentionBackend):
     ) -> torch.Tensor:
         out = query.new_empty(query.shape)
         self._kernels.paged_attention(
-            out, query, key_pages, value_pages, meta.block_table, meta.cu_seqlens_q,
-            meta.seqused_k, scale,
+            out,
+            query,
+            key_pages,
+            value_pages,
+            meta.block_table,
+            meta.cu_seqlens_q,
+            meta.seqused_k,
+            scale,
         )
         return out

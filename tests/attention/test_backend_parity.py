@@ -75,7 +75,12 @@ def test_cpu_paged_kernel_on_one_long_prompt_split_into_tiles():
     """One request's 300 new tokens after 200 of context: 19 tiles of the same request, each with
     its own causal limit, across threads."""
     batch = make_batch(
-        [300], [500], num_heads=8, num_kv_heads=2, head_dim=HEAD_DIM, page_size=16,
+        [300],
+        [500],
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=HEAD_DIM,
+        page_size=16,
         dtype=torch.float64,
     )
     req = AttentionRequirements(torch.device("cpu"), torch.float64, 16, HEAD_DIM, 8, 2)

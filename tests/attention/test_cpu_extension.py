@@ -1,4 +1,4 @@
-"""The CPU kernels' build: cached per machine, and a missing tool is one logged line, not a crash."""
+"""The CPU kernels' build: cached per machine; a missing tool is one logged line, not a crash."""
 
 from __future__ import annotations
 
@@ -22,8 +22,14 @@ def fresh_build_state(monkeypatch):
 def test_kernels_load_and_expose_every_op():
     kernels = cpu_extension.cpu_kernels()
     assert kernels is not None, cpu_extension.unavailable_reason()
-    for op in ("paged_attention", "write_kv", "rms_norm", "add_rms_norm", "rotary_embedding",
-               "silu_and_mul"):
+    for op in (
+        "paged_attention",
+        "write_kv",
+        "rms_norm",
+        "add_rms_norm",
+        "rotary_embedding",
+        "silu_and_mul",
+    ):
         assert callable(getattr(kernels, op))
 
 

@@ -11,12 +11,12 @@ from baton_paged.attention import (
     AttentionRequirements,
     BackendUnavailableError,
     available_backends,
+    cpu_paged_backend,
     create_backend,
     resolve_backend_name,
     suggested_page_size,
     unsupported_reasons,
 )
-from baton_paged.attention import cpu_paged_backend
 from baton_paged.attention.cpu_paged_backend import CpuPagedBackend
 from baton_paged.attention.padded_backend import PaddedBackend
 from baton_paged.attention.torch_backend import TorchBackend
@@ -43,9 +43,10 @@ def test_without_the_cpu_kernels_auto_falls_back_to_torch_and_naming_them_says_w
 
 @pytest.mark.parametrize("dtype", [torch.float16])
 def test_cpu_paged_refuses_dtypes_it_has_no_kernel_for(dtype):
-    assert "float32, bfloat16 or float64" in unsupported_reasons(replace(CPU, dtype=dtype))[
-        "cpu_paged"
-    ]
+    assert (
+        "float32, bfloat16 or float64"
+        in unsupported_reasons(replace(CPU, dtype=dtype))["cpu_paged"]
+    )
 
 
 def test_unknown_name_lists_the_choices():
