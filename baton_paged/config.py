@@ -16,6 +16,7 @@ from baton_paged.allocator.memory_budget import parse_memory_budget
 from baton_paged.memory_monitor import check_watermarks
 
 PREEMPTION_MODES = ("swap", "recompute")
+MODEL_IMPLS = ("auto", "native", "transformers")
 
 DTYPES = {
     "float32": torch.float32,
@@ -40,6 +41,10 @@ class EngineConfig:
     prefill chunks under a token budget)."""
     attention_backend: str = "auto"
     """torch, padded, flash_attn, xformers, or auto (the fastest that runs on the device)."""
+    model_impl: str = "auto"
+    """How the model's forward runs (vLLM's name): native (the fused Llama-family executor:
+    Llama, SmolLM2, Mistral, Qwen2 on the CPU kernels), transformers (the unmodified HF model
+    through the paged attention bridge; every causal LM), or auto (native where it applies)."""
     page_size: int | None = None
     """Tokens per KV page; None = the attention backend's preference (16, or 256 for
     flash_attn)."""
@@ -81,6 +86,7 @@ class EngineConfig:
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
         check_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
+        check_choice("model_impl", self.model_impl, MODEL_IMPLS)
         if self.swap_memory != "0":
             parse_memory_budget(self.swap_memory)
         check_watermarks(self.memory_high_watermark, self.memory_low_watermark)

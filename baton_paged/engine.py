@@ -33,7 +33,13 @@ from baton_paged.device_memory import MemoryReader, device_memory_reader
 from baton_paged.input_processor import InputProcessor, PromptInput
 from baton_paged.loaded_model import check_loaded_model, config_for_loaded_model
 from baton_paged.memory_monitor import MemoryMonitor
-from baton_paged.model_loading import choose_attention, eos_token_ids, load_model, model_max_len
+from baton_paged.model_loading import (
+    choose_attention,
+    choose_executor,
+    eos_token_ids,
+    load_model,
+    model_max_len,
+)
 from baton_paged.model_runner import ModelRunner
 from baton_paged.output_processor import OutputProcessor
 from baton_paged.outputs import RequestOutput
@@ -111,7 +117,8 @@ class Engine:
             host_pool=self.host.pool if self.host else None,
             monitor=self.monitor,
         )
-        self.runner = ModelRunner(model, self.cache, backend, self.host)
+        executor = choose_executor(config, model, self.max_model_len)
+        self.runner = ModelRunner(model, self.cache, backend, self.host, executor)
         self.inputs = InputProcessor(
             self.tokenizer,
             eos_token_ids(model, self.tokenizer),
@@ -267,6 +274,7 @@ class Engine:
             host_pages_used=self.host.pool.num_used if self.host else 0,
             page_size=self.cache.spec.page_size,
             attention_backend=self.runner.backend.name,
+            model_impl="native" if self.runner.executor else "transformers",
             stats=replace(self.stats),
         )
 

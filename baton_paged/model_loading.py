@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from baton_paged import llama_executor
 from baton_paged.allocator import KVCacheSpec
 from baton_paged.attention import (
     AttentionBackend,
@@ -16,6 +17,7 @@ from baton_paged.attention import (
     suggested_page_size,
 )
 from baton_paged.config import EngineConfig
+from baton_paged.llama_executor import LlamaExecutor
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,27 @@ def choose_attention(config: EngineConfig, model: Any) -> tuple[int, AttentionBa
     page_size = config.page_size or suggested_page_size(config.attention_backend, req)
     req = replace(req, page_size=page_size)
     return page_size, create_backend(config.attention_backend, req)
+
+
+def choose_executor(config: EngineConfig, model: Any, max_model_len: int) -> LlamaExecutor | None:
+    """The native executor when ``config.model_impl`` allows it and it can run ``model`` here;
+    None runs the HF model through the bridge. ``native`` that cannot run is an error saying why;
+    ``auto`` falls back with one logged line naming the reason."""
+    if config.model_impl == "transformers":
+        return None
+    reason = llama_executor.unsupported_reason(model, torch.device(config.device))
+    kernels = None
+    if reason is None:
+        from baton_paged.attention.cpu_extension import cpu_kernels, unavailable_reason
+
+        kernels = cpu_kernels()
+        reason = None if kernels is not None else unavailable_reason()
+    if reason is not None:
+        if config.model_impl == "native":
+            raise ValueError(f"model_impl='native' cannot run this model: {reason}")
+        logger.info("running the model through the transformers bridge: %s", reason)
+        return None
+    return LlamaExecutor(model, kernels, max_model_len)
 
 
 def _text_config(model: Any) -> Any:

@@ -1,10 +1,11 @@
 """ModelRunner: one ``ForwardBatch`` in, the logits of its sampling rows out.
 
-Any Hugging Face causal LM runs unmodified: its attention goes through our bridge
-(``attention/hf_bridge.py``), so the runner only packs the rows' tokens into one ``(1, T)``
-sequence with their positions, builds the step's ``AttentionMetadata`` once for all layers, and
-asks for logits at the last token of each sampling row only (``logits_to_keep``), which spares
-the LM head on prompt tokens.
+The runner packs the rows' tokens into one sequence with their positions, builds the step's
+``AttentionMetadata`` once for all layers, and asks for logits at the last token of each
+sampling row only, which spares the LM head on prompt tokens. The forward is the native
+Llama-family executor when the engine has one (``llama_executor.py``), else the unmodified
+Hugging Face model with its attention routed through our bridge (``attention/hf_bridge.py``):
+any causal LM runs that way.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from baton_paged.allocator import HostSwapPool, KVCache, execute_swap
 from baton_paged.attention import AttentionBackend, AttentionMetadata, PagedStep
+from baton_paged.llama_executor import LlamaExecutor
 from baton_paged.sched.plan import ForwardBatch, StepPlan
 
 
@@ -24,8 +26,10 @@ class ModelRunner:
         cache: KVCache,
         backend: AttentionBackend,
         host: HostSwapPool | None = None,
+        executor: LlamaExecutor | None = None,
     ):
         self.model = model
+        self.executor = executor
         self.cache = cache
         self.backend = backend
         self.host = host
@@ -52,13 +56,17 @@ class ModelRunner:
         ids = np.fromiter((t for row in rows for t in row.token_ids), np.int64, meta.num_tokens)
         positions = np.concatenate([np.arange(row.start, row.end) for row in rows])
         last = np.cumsum(query_lens) - 1
-        keep = last[[row.sample for row in rows]]
+        keep = self._to_device(last[[row.sample for row in rows]])
+        ids, positions = self._to_device(ids), self._to_device(positions)
+        step = PagedStep(self.cache, meta, self.backend)
+        if self.executor is not None:
+            return self.executor.forward(ids, positions, keep, step)
         out = self.model(
-            input_ids=self._to_device(ids)[None],
-            position_ids=self._to_device(positions)[None],
+            input_ids=ids[None],
+            position_ids=positions[None],
             use_cache=False,
-            logits_to_keep=self._to_device(keep),
-            baton_step=PagedStep(self.cache, meta, self.backend),
+            logits_to_keep=keep,
+            baton_step=step,
         )
         return out.logits[0]
 

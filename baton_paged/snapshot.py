@@ -29,6 +29,8 @@ class EngineSnapshot:
     host_pages_used: int
     page_size: int
     attention_backend: str
+    model_impl: str
+    """``native`` (the fused Llama-family executor) or ``transformers`` (the HF bridge)."""
     stats: EngineStats
     """A copy of the engine's counters at publish time; nothing writes it afterwards."""
 

@@ -68,6 +68,19 @@ def test_building_does_not_disturb_the_global_rng(tmp_path):
     assert torch.equal(torch.rand(3), expected)
 
 
+def test_smollm2_size_is_smollm2_135m_shape():
+    """SmolLM2-135M-Instruct: 134.5M parameters, its LM head tied to the embedding."""
+    config = model_config("llama", "smollm2", eos_token_id=0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(134.5, abs=0.1)
+    shape = (config.hidden_size, config.num_hidden_layers, config.intermediate_size)
+    assert shape == (576, 30, 1536)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (9, 3)
+    assert config.vocab_size == 49152 and config.tie_word_embeddings
+    assert config.rope_parameters["rope_theta"] == 100000
+
+
 @pytest.mark.parametrize(("arch", "millions"), [("llama", 27.8), ("qwen2", 27.8), ("gpt2", 28.3)])
 def test_small_is_about_28m_parameters(arch, millions):
     config = model_config(arch, "small", eos_token_id=0)

@@ -24,6 +24,7 @@
 namespace {
 
 constexpr int64_t kQueryTile = 16;  // new tokens of one request handled by one work item
+constexpr int64_t kPrefetchPages = 2;  // how far ahead of the page being read its K/V is asked for
 
 // ---- Per-row math of one page: scores, softmax weights, weighted values ------------------------
 // Two implementations with one interface. ScalarMath is plain loops for any dtype and head size
@@ -116,11 +117,28 @@ template <typename scalar_t>
 struct VectorMath {
   static bool fits(int64_t dim) { return dim % kLanes == 0; }
 
+  // Four keys at a time: four independent FMA chains instead of one, which a single dot's
+  // chain of dependent additions would leave waiting on FMA latency.
   static void scores(float* score, const float* q, const scalar_t* k, int64_t n, int64_t stride,
                      int64_t dim) {
-    for (int64_t j = 0; j < n; ++j, k += stride) {
-      vfloat sum = load(q) * load(k);
-      for (int64_t d = kLanes; d < dim; d += kLanes) sum += load(q + d) * load(k + d);
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4, k += 4 * stride) {
+      vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
+      for (int64_t d = 0; d < dim; d += kLanes) {
+        const vfloat qd = load(q + d);
+        a0 += qd * load(k + d);
+        a1 += qd * load(k + stride + d);
+        a2 += qd * load(k + 2 * stride + d);
+        a3 += qd * load(k + 3 * stride + d);
+      }
+      score[j] = horizontal_sum(a0);
+      score[j + 1] = horizontal_sum(a1);
+      score[j + 2] = horizontal_sum(a2);
+      score[j + 3] = horizontal_sum(a3);
+    }
+    for (; j < n; ++j, k += stride) {
+      vfloat sum = {};
+      for (int64_t d = 0; d < dim; d += kLanes) sum += load(q + d) * load(k + d);
       score[j] = horizontal_sum(sum);
     }
   }
@@ -136,10 +154,28 @@ struct VectorMath {
     return sum;
   }
 
-  // One 8-wide slice of the head at a time, kept in a register across the page's keys.
+  // Four 8-wide slices of the head at a time, each kept in a register across the page's keys
+  // (four independent chains, as in ``scores``), then any remaining slices one by one.
   static void accumulate(float* acc, float correction, const float* p, const scalar_t* v,
                          int64_t n, int64_t stride, int64_t dim) {
-    for (int64_t d = 0; d < dim; d += kLanes) {
+    int64_t d = 0;
+    for (; d + 4 * kLanes <= dim; d += 4 * kLanes) {
+      vfloat a0 = load(acc + d) * correction, a1 = load(acc + d + kLanes) * correction;
+      vfloat a2 = load(acc + d + 2 * kLanes) * correction;
+      vfloat a3 = load(acc + d + 3 * kLanes) * correction;
+      const scalar_t* row = v + d;
+      for (int64_t j = 0; j < n; ++j, row += stride) {
+        a0 += p[j] * load(row);
+        a1 += p[j] * load(row + kLanes);
+        a2 += p[j] * load(row + 2 * kLanes);
+        a3 += p[j] * load(row + 3 * kLanes);
+      }
+      std::memcpy(acc + d, &a0, sizeof a0);
+      std::memcpy(acc + d + kLanes, &a1, sizeof a1);
+      std::memcpy(acc + d + 2 * kLanes, &a2, sizeof a2);
+      std::memcpy(acc + d + 3 * kLanes, &a3, sizeof a3);
+    }
+    for (; d < dim; d += kLanes) {
       vfloat a = load(acc + d) * correction;
       const scalar_t* column = v + d;
       for (int64_t j = 0; j < n; ++j, column += stride) a += p[j] * load(column);
@@ -214,9 +250,22 @@ struct Scratch {
   }
 };
 
-void prefetch_page(const void* page, int64_t bytes) {
-  const char* p = static_cast<const char*>(page);
-  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i);
+// Ask for the K and V of heads [first, last) of one page: the whole page when every head is
+// wanted (contiguous), else each token's slice.
+template <typename scalar_t>
+void prefetch_page(const PagedInputs<scalar_t>& in, int64_t page, int64_t first, int64_t last) {
+  const bool whole = first == 0 && last == in.num_kv_heads;
+  const int64_t runs = whole ? 1 : in.page_size;
+  const int64_t run_bytes = (whole ? in.page_size * in.slot_stride : (last - first) * in.head_stride)
+                            * sizeof(scalar_t);
+  for (const scalar_t* base : {in.key_cache, in.value_cache}) {
+    const char* start = reinterpret_cast<const char*>(base + page * in.page_stride +
+                                                      first * in.head_stride);
+    for (int64_t r = 0; r < runs; ++r) {
+      const char* run = start + r * in.slot_stride * sizeof(scalar_t);
+      for (int64_t i = 0; i < run_bytes; i += 64) __builtin_prefetch(run + i);
+    }
+  }
 }
 
 // Rows of KV head `head` against keys [start, start + n) of one page: online softmax, so each
@@ -267,19 +316,21 @@ void attend_item(const WorkItem& item, const PagedInputs<scalar_t>& in,
   const int64_t first_limit = in.context_lens[item.request] - q_len + item.first_token;
   const int64_t num_keys = first_limit + item.num_tokens;
   const int32_t* pages = in.block_table + item.request * in.table_stride;
-  const int64_t page_bytes = page * in.slot_stride * sizeof(scalar_t);
-  for (int64_t start = 0, p = 0; start < num_keys; start += page, ++p) {
-    if (start + page < num_keys) {  // pages are scattered: the hardware cannot guess the next
-      prefetch_page(in.key_cache + pages[p + 1] * in.page_stride, page_bytes);
-      prefetch_page(in.value_cache + pages[p + 1] * in.page_stride, page_bytes);
-    }
-    const int64_t offset = pages[p] * in.page_stride, n = std::min(page, num_keys - start);
+  const int64_t num_pages = (num_keys + page - 1) / page;
+  auto prefetch = [&](int64_t p) {  // pages are scattered: the hardware cannot guess the next
+    if (p < num_pages) prefetch_page(in, pages[p], item.first_head, item.last_head);
+  };
+  for (int64_t p = 0; p < kPrefetchPages; ++p) prefetch(p);
+  for (int64_t p = 0; p < num_pages; ++p) {
+    prefetch(p + kPrefetchPages);
+    const int64_t start = p * page, n = std::min(page, num_keys - start);
     for (int64_t head = item.first_head; head < item.last_head; ++head) {
-      const int64_t at = offset + head * in.head_stride;
+      const int64_t at = pages[p] * in.page_stride + head * in.head_stride;
       attend_page<Math>(in, s, item, head, first_limit, start, n, in.key_cache + at,
                         in.value_cache + at);
     }
   }
+
   for (int64_t h = 0; h < heads; ++h) {
     for (int64_t r = 0; r < rows; ++r) {
       scalar_t* dst = in.out + (first_token + r / group) * in.out_token_stride +

@@ -26,6 +26,7 @@ class ModelSize:
     intermediate_size: int
     max_positions: int
     tie_embeddings: bool = False
+    """Llama/Qwen2 only; GPT-2 always ties its LM head to the embedding, as the real one does."""
     rope_theta: float = 10000.0
 
 
@@ -52,7 +53,6 @@ def model_config(arch: str, size: str, eos_token_id: int) -> PretrainedConfig:
             n_layer=s.num_layers,
             n_head=s.num_heads,
             n_positions=s.max_positions,
-            tie_word_embeddings=s.tie_embeddings,
             **special,
         )
     config_class = LlamaConfig if arch == "llama" else Qwen2Config

@@ -1,4 +1,8 @@
-"""Engine fixtures: a float64 engine on a tiny checkpoint, built per test (engines hold state)."""
+"""Engine fixtures: a float64 engine on a tiny checkpoint, built per test (engines hold state).
+
+Engines take the fast forward path (native Llama executor where it applies, ``cpu_paged``
+attention) unless a module overrides ``forward_path``: the equivalence modules parametrize it
+over ``FORWARD_PATHS`` so that every scheduling path is checked on both."""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from functools import cache
 
 import pytest
 import torch
+from equivalence import FORWARD_PATHS
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton_paged.config import EngineConfig
@@ -13,7 +18,12 @@ from baton_paged.engine import Engine
 
 
 @pytest.fixture
-def make_engine(tiny_model_dir):
+def forward_path() -> str:
+    return "fast"
+
+
+@pytest.fixture
+def make_engine(tiny_model_dir, forward_path):
     """``make_engine(arch="llama", memory_reader=None, **EngineConfig fields)``: a fresh engine
     (``memory_reader`` injects device-memory pressure), model loaded once."""
     loaded = {}
@@ -23,6 +33,7 @@ def make_engine(tiny_model_dir):
         if arch not in loaded:
             loaded[arch] = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+        options = FORWARD_PATHS[forward_path] | options
         config = EngineConfig(model=str(path), dtype="float64", **options)
         return Engine(config, model, loaded[arch], memory_reader=memory_reader)
 

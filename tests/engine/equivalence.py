@@ -5,6 +5,13 @@ from __future__ import annotations
 from baton_paged.engine import Engine
 from baton_paged.sampling_params import SamplingParams
 
+FORWARD_PATHS = {
+    "fast": {"model_impl": "auto", "attention_backend": "auto"},
+    "general": {"model_impl": "transformers", "attention_backend": "torch"},
+}
+"""fast: what an engine picks by default; general: the HF model through the bridge on the plain
+torch backend, the path every model and machine has."""
+
 
 def run(engine: Engine, workload) -> dict[str, tuple[int, ...]]:
     """Add each ``(prompt, max_tokens, arrival iteration[, priority])`` request when it arrives;

@@ -7,9 +7,15 @@ from __future__ import annotations
 import random
 
 import pytest
-from equivalence import check
+from equivalence import FORWARD_PATHS, check
 
 POLICIES = ("baton", "orca", "static", "chunked")
+
+
+@pytest.fixture(params=sorted(FORWARD_PATHS))
+def forward_path(request) -> str:
+    """Every test here runs on the fast forward path and on the general one."""
+    return request.param
 
 
 def random_workload(seed: int, count: int, vocab: int):

@@ -6,9 +6,15 @@ from __future__ import annotations
 import random
 
 import pytest
-from equivalence import check
+from equivalence import FORWARD_PATHS, check
 
 from baton_paged.sampling_params import SamplingParams
+
+
+@pytest.fixture(params=sorted(FORWARD_PATHS))
+def forward_path(request) -> str:
+    """Every test here runs on the fast forward path and on the general one."""
+    return request.param
 
 
 def priority_workload(seed: int):

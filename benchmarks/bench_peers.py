@@ -1,0 +1,291 @@
+"""Peers benchmark: baton-paged against vLLM CPU on the same checkpoint, workload and threads.
+
+    python benchmarks/bench_peers.py [--quick] [--models small,smollm2] [--repeats 3]
+        [--num-requests 128] [--batch-size 32] [--threads 2]
+
+What a user of either would run: baton-paged through its ``LLM`` API (the fast path: native
+Llama executor on the CPU kernels, ``cpu_paged`` attention), the same engine on its general path
+(``model_impl=transformers``, ``attention_backend=torch``: the HF model through the bridge, as
+every release before the fast path ran), and vLLM CPU 0.32 (``vllm_peer.py`` in ``.venv-vllm``,
+which ``.ci/vllm-tests`` builds: ``max_num_seqs`` = batch size, ``enforce_eager``, float32, its
+OpenMP threads bound to as many cores as ours use). Models: random-weight Llamas from
+``make-model``, ``small`` (8 layers, hidden 512, 27.8M) and ``smollm2`` (SmolLM2-135M-Instruct's
+shape: 30 layers, hidden 576, 9/3 heads, vocab 49152 tied). Workload: ``bench_policies``'s
+(128 requests at t=0, prompts 16-256 tokens, lognormal budgets clipped to [4, 512], every
+request producing exactly its budget), token ids drawn from the tokenizer's vocabulary.
+
+Each repeat runs every system once, the order rotated; the figure is useful tokens/s, the ratio
+baton / vLLM per repeat (median and spread reported). Also measured: time from process start
+to the first token of a one-request generate (baton with a cold kernel cache, so the one-time
+kernel build is included; warm; the general path; vLLM), and on ``small`` the decode step at
+B=32 against the same step's weight matmuls alone (the floor any engine pays). Targets (issue
+17): baton >= 1.25x vLLM on both models (milestone 1.0x); decode step <= 1.3x its matmuls.
+Results: ``results/peers-cpu.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import harness
+import torch
+from harness import Clock, Default, check, markdown, median, ratio
+from transformers import AutoTokenizer
+from workload import MAX_BUDGET, make_workload
+
+from baton_paged import LLM, SamplingParams
+from baton_paged.model_builder import cached_model
+
+ROOT = Path(__file__).resolve().parent.parent
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+SYSTEMS = {
+    "baton": {"model_impl": "auto", "attention_backend": "auto"},
+    "baton-general": {"model_impl": "transformers", "attention_backend": "torch"},
+}
+MAX_MODEL_LEN = 2048
+TARGET, MILESTONE, STEP_TARGET = 1.25, 1.0, 1.3
+
+
+class VllmPeer:
+    """The vLLM engine in its own environment, kept alive across repeats (``vllm_peer.py``)."""
+
+    def __init__(self, workload_file: Path, model_dir: Path, batch_size: int, threads: int):
+        env = os.environ | {
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "VLLM_CPU_KVCACHE_SPACE": "2",
+            "VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}",
+        }
+        command = [VLLM_PYTHON, Path(__file__).with_name("vllm_peer.py"), workload_file, model_dir]
+        start = time.perf_counter()
+        self.process = subprocess.Popen(
+            [*map(str, command), str(batch_size)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        self.ready = self._read()
+        self.startup_s = time.perf_counter() - start
+
+    def run(self) -> tuple[float, list[list[int]]]:
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        reply = self._read()
+        return reply["wall_s"], reply["tokens"]
+
+    def close(self) -> None:
+        self.process.communicate("quit\n", timeout=120)
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"vllm_peer.py exited with {self.process.wait()}; see its stderr")
+        return json.loads(line)
+
+
+def baton_llm(model_dir: Path, batch_size: int, system: str) -> LLM:
+    return LLM(
+        str(model_dir),
+        dtype="float32",
+        max_batch_size=batch_size,
+        kv_memory="2GiB",
+        max_model_len=MAX_MODEL_LEN,
+        **SYSTEMS[system],
+    )
+
+
+def baton_run(llm: LLM, work) -> tuple[float, list[list[int]]]:
+    prompts = [{"prompt_token_ids": p} for p in work.prompts]
+    params = [SamplingParams(temperature=0, max_tokens=b, ignore_eos=True) for b in work.budgets]
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    return time.perf_counter() - start, [list(o.outputs[0].token_ids) for o in outs]
+
+
+def startup_seconds(model_dir: Path, system: str, threads: int, cache: str | None) -> float:
+    """Wall seconds from launching a fresh interpreter to the first token of one request; with
+    ``cache`` the kernels are built into an empty cache first (a user's very first start)."""
+    code = (
+        f"import torch; torch.set_num_threads({threads})\n"
+        "from baton_paged import LLM, SamplingParams\n"
+        f"llm = LLM({str(model_dir)!r}, dtype='float32', kv_memory='256MiB', "
+        f"max_model_len={MAX_MODEL_LEN}, **{SYSTEMS[system]!r})\n"
+        "llm.generate([{'prompt_token_ids': [1, 2, 3]}], SamplingParams(max_tokens=1))\n"
+    )
+    env = os.environ | ({"BATON_PAGED_CACHE": cache} if cache else {})
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True)
+    return time.perf_counter() - start
+
+
+def decode_step_vs_matmuls(llm: LLM, batch: int, repeats: int) -> dict:
+    """A B-request decode step next to its weight matmuls alone (same shapes, same weights),
+    interleaved; the step includes scheduling, metadata, attention and sampling."""
+    engine, executor = llm.engine, llm.engine.runner.executor
+    params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
+    for i in range(batch):
+        engine.add_request({"prompt_token_ids": list(range(1, 129))}, params, request_id=f"d{i}")
+    while engine.snapshot.num_running < batch or engine.snapshot.num_waiting:
+        engine.step()
+    for _ in range(3):
+        engine.step()
+    linears = [executor.lm_head]
+    for layer in executor.layers:
+        linears += [layer.qkv, layer.o, layer.gate_up, layer.down]
+    inputs = {n: torch.randn(batch, n) for n in {linear.in_features for linear in linears}}
+
+    def matmuls() -> None:
+        for linear in linears:
+            linear(inputs[linear.in_features])
+
+    times = harness.interleaved({"step": engine.step, "matmuls": matmuls}, repeats, lambda: None)
+    for i in range(batch):
+        engine.abort_request(f"d{i}")
+    return {"batch": batch, "step_s": times["step"], "matmul_s": times["matmuls"]}
+
+
+def measure_model(args, size: str) -> dict:
+    model_dir = cached_model("llama", size)
+    vocab = len(AutoTokenizer.from_pretrained(model_dir))
+    work = make_workload(args.num_requests, vocab, args.max_budget, args.seed)
+    runs, tokens = [], {}
+    with tempfile.TemporaryDirectory() as scratch:
+        workload_file = Path(scratch) / "workload.json"
+        payload = {"prompts": work.prompts, "budgets": work.budgets, "max_model_len": MAX_MODEL_LEN}
+        workload_file.write_text(json.dumps(payload))
+        peer = VllmPeer(workload_file, model_dir, args.batch_size, args.threads)
+        llms = {name: baton_llm(model_dir, args.batch_size, name) for name in SYSTEMS}
+        for llm in llms.values():
+            baton_run(llm, work.head(4, 4))  # warm-up
+        for repeat, system in harness.rotations([*SYSTEMS, "vllm"], args.repeats):
+            with Clock() as clock:
+                wall, tokens[system] = (
+                    peer.run() if system == "vllm" else baton_run(llms[system], work)
+                )
+            runs.append(
+                {
+                    "model": size,
+                    "system": system,
+                    "repeat": repeat,
+                    "wall_s": wall,
+                    "tokens_per_s": work.total_budget / wall,
+                    "cpu_per_wall": round(clock.cpu / clock.wall, 2),
+                }
+            )
+            print(
+                f"{size} {system} repeat {repeat}: {runs[-1]['tokens_per_s']:.1f} tok/s", flush=True
+            )
+        peer.close()
+        step = decode_step_vs_matmuls(llms["baton"], args.batch_size, args.repeats * 5)
+        for llm in llms.values():
+            llm.close()
+        startup = {"vllm": peer.startup_s}
+        startup["baton (cold kernel cache)"] = startup_seconds(
+            model_dir, "baton", args.threads, scratch
+        )
+        startup["baton"] = startup_seconds(model_dir, "baton", args.threads, None)
+        startup["baton-general"] = startup_seconds(model_dir, "baton-general", args.threads, None)
+    agree = {
+        f"{a} = {b}": sum(x == y for x, y in zip(tokens[a], tokens[b], strict=True))
+        / len(work.prompts)
+        for a, b in (("baton", "vllm"), ("baton", "baton-general"))
+    }
+    return {
+        "runs": runs,
+        "decode_step": step,
+        "startup_s": startup,
+        "same_tokens": agree,
+        "workload": work.describe(args.max_budget) | {"vocab": vocab},
+    }
+
+
+def summarise(model: dict, size: str) -> list[dict]:
+    rows = []
+    for system in [*SYSTEMS, "vllm"]:
+        mine = [r for r in model["runs"] if r["system"] == system]
+        speeds = [r["tokens_per_s"] for r in mine]
+        vllm = {r["repeat"]: r["tokens_per_s"] for r in model["runs"] if r["system"] == "vllm"}
+        ratios = [r["tokens_per_s"] / vllm[r["repeat"]] for r in mine]
+        rows.append(
+            {
+                "model": size,
+                "system": system,
+                "tok/s": median(speeds, 1),
+                "x vLLM": median(ratios, 3),
+                "x vLLM min-max": [round(min(ratios), 3), round(max(ratios), 3)],
+                "startup_s": round(model["startup_s"].get(system), 1),
+            }
+        )
+    return rows
+
+
+def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
+    rows = [row for size, model in saved["models"].items() for row in summarise(model, size)]
+    lines = [
+        "# baton-paged vs vLLM CPU (useful output tokens/s, same workload)",
+        "",
+        *markdown(rows),
+        "",
+        "Start to first token (s):",
+        "",
+    ]
+    lines += markdown([{"model": size} | m["startup_s"] for size, m in saved["models"].items()])
+    lines += ["", "Same greedy tokens (share of requests):", ""]
+    lines += markdown([{"model": size} | m["same_tokens"] for size, m in saved["models"].items()])
+    steps = [{"model": size} | m["decode_step"] for size, m in saved["models"].items()]
+    lines += ["", "Decode step vs its weight matmuls:", "", *markdown(steps)]
+    panels = {"tokens/s": harness.series(rows, "model", "system", "tok/s")}
+    return lines, "baton-paged vs vLLM CPU", panels
+
+
+def main() -> None:
+    parser = harness.options(
+        __doc__,
+        threads=2,
+        repeats=Default(3, 1),
+        quick="16 requests of budget <= 32",
+        results="peers-cpu",
+    )
+    parser.add_argument(
+        "--models", type=harness.comma_list(str, ("small", "smollm2")), default=["small", "smollm2"]
+    )
+    parser.add_argument("--num-requests", type=int, default=Default(128, 16))
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.set_defaults(max_budget=Default(MAX_BUDGET.full, 32))
+    args = harness.start(parser)
+    if not VLLM_PYTHON.exists():
+        sys.exit(f"{VLLM_PYTHON} is missing: run .ci/vllm-tests once to build the vLLM venv")
+    models = {size: measure_model(args, size) for size in args.models}
+    checks = []
+    for size, model in models.items():
+        baton = summarise(model, size)[0]["x vLLM"]
+        checks += [
+            check(f"{size}: baton / vLLM (milestone)", baton, MILESTONE),
+            check(f"{size}: baton / vLLM", baton, TARGET),
+        ]
+        step = model["decode_step"]
+        checks.append(
+            check(
+                f"{size}: decode step / its matmuls",
+                ratio(step["step_s"], step["matmul_s"], 3),
+                STEP_TARGET if size == "small" else None,
+                "<=",
+            )
+        )
+    payload = {
+        "environment": harness.environment(args.threads, torch.device("cpu")),
+        "args": vars(args),
+        "models": models,
+        "checks": checks,
+    }
+    harness.publish(args.name, payload, report, [])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""vLLM's side of ``bench_peers``: one vLLM engine kept alive, running the workload on request.
+
+Runs in the vLLM environment (``.venv-vllm``, built by ``.ci/vllm-tests``), never in ours:
+vLLM pins its own torch and transformers. ``bench_peers`` starts it as
+
+    .venv-vllm/bin/python benchmarks/vllm_peer.py WORKLOAD.json MODEL_DIR MAX_NUM_SEQS
+
+and talks over stdin/stdout, one JSON object per line: it prints ``{"ready": seconds}`` once the
+engine is built (seconds from process start to the first token of a one-request warm-up), then
+answers each ``run`` line with the workload's wall time and every request's token ids, and stops
+at ``quit`` or end of input. Everything else vLLM prints goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+STARTED = time.perf_counter()
+
+
+def main() -> None:
+    workload_path, model_dir, max_num_seqs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    workload = json.loads(open(workload_path).read())
+    reply = sys.stdout
+    sys.stdout = sys.stderr  # vLLM's own prints must not break the protocol
+
+    from vllm import LLM, SamplingParams, TokensPrompt
+
+    llm = LLM(
+        model=model_dir,
+        dtype="float32",
+        max_num_seqs=max_num_seqs,
+        max_model_len=workload["max_model_len"],
+        enforce_eager=True,
+        seed=0,
+    )
+    prompts = [TokensPrompt(prompt_token_ids=p) for p in workload["prompts"]]
+    params = [
+        SamplingParams(temperature=0, max_tokens=b, ignore_eos=True) for b in workload["budgets"]
+    ]
+    first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    llm.generate(prompts[:1], first, use_tqdm=False)
+    answer(reply, {"ready": time.perf_counter() - STARTED})
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        wall = time.perf_counter() - start
+        tokens = [list(out.outputs[0].token_ids) for out in outs]
+        answer(reply, {"wall_s": wall, "tokens": tokens})
+
+
+def answer(stream, message: dict) -> None:
+    stream.write(json.dumps(message) + "\n")
+    stream.flush()
+
+
+if __name__ == "__main__":
+    main()
