@@ -25,14 +25,16 @@ BACKENDS = {
     "padded": "baton_paged.attention.padded_backend:PaddedBackend",
     "flash_attn": "baton_paged.attention.flash_backend:FlashAttnBackend",
     "xformers": "baton_paged.attention.xformers_backend:XformersBackend",
+    "triton": "baton_paged.attention.triton_backend:TritonBackend",
 }
 
-# On CUDA the varlen kernels win; the single-launch padded batch beats one SDPA launch per
+# On CUDA the varlen kernels win (flash-attn, xformers, then our Triton kernel, which needs only
+# the triton that CUDA torch ships); the single-launch padded batch beats one SDPA launch per
 # request. On CPU the in-place paged kernel wins (benchmarks/bench_attention.py: 0.93x dense SDPA
 # on pre-gathered K/V, where the torch backend's gather + SDPA took 1.9x); without a compiler the
 # torch backend's per-request forms are next (attention/torch_backend.py).
 AUTO_ORDER = {
-    "cuda": ("flash_attn", "xformers", "padded"),
+    "cuda": ("flash_attn", "xformers", "triton", "padded"),
     "cpu": ("cpu_paged", "torch"),
 }
 FALLBACK_ORDER = ("torch",)

@@ -90,12 +90,14 @@ inline float horizontal_sum(vfloat v) {
   return four[0] + four[1];
 }
 
-// exp(x) for x <= 0: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
-// (relative error < 1e-7), times 2^n built in the exponent bits. Below -87 exp(x) leaves float's
-// normal range; a softmax weight that small is 0 to float precision anyway.
-inline vfloat exp_nonpositive(vfloat x) {
-  const vfloat floor_ = vfloat{} - 87.0f;
-  x = x < floor_ ? floor_ : x;
+// exp(x) in float lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
+// (relative error < 1e-7), times 2^n built in the exponent bits. x is clamped to [-87, 88], where
+// 2^n stays a normal float: below, a softmax weight or a sigmoid is 0 to float precision anyway;
+// above, exp overflows float.
+inline vfloat exp_clamped(vfloat x) {
+  const vfloat low = vfloat{} - 87.0f, high = vfloat{} + 88.0f;
+  x = x < low ? low : x;
+  x = x > high ? high : x;
   const vfloat round = vfloat{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const vfloat n = (x * 1.44269504088896341f + round) - round;
   const vfloat r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
@@ -146,7 +148,7 @@ struct VectorMath {
   // The score buffer has room for n rounded up to a whole vector; the tail is ignored.
   static float exp_sum(float* score, int64_t n, float shift) {
     for (int64_t j = 0; j < n; j += kLanes) {
-      const vfloat e = exp_nonpositive(load(score + j) - shift);
+      const vfloat e = exp_clamped(load(score + j) - shift);
       std::memcpy(score + j, &e, sizeof e);
     }
     float sum = 0;
@@ -530,6 +532,18 @@ void silu_and_mul_row(scalar_t* dst, const scalar_t* gate, const scalar_t* up, i
     const scalar_t activated = static_cast<scalar_t>(g / (acc_t(1) + std::exp(-g)));
     dst[i] = activated * up[i];
   }
+}
+
+// The float row in 8-lane vectors (libm's expf is a call per element, which no loop of it
+// vectorises), any tail element by element.
+inline void silu_and_mul_row(float* dst, const float* gate, const float* up, int64_t width) {
+  int64_t i = 0;
+  for (; i + kLanes <= width; i += kLanes) {
+    const vfloat g = load(gate + i);
+    const vfloat out = g / (1.0f + exp_clamped(-g)) * load(up + i);
+    std::memcpy(dst + i, &out, sizeof out);
+  }
+  for (; i < width; ++i) dst[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
 }
 
 }  // namespace

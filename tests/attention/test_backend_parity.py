@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +89,20 @@ def test_cpu_paged_kernel_on_one_long_prompt_split_into_tiles():
     backend = create_backend("cpu_paged", req)
     out = backend.forward(batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.1)
     torch.testing.assert_close(out, naive_attention(batch, 0.1), **TOLERANCE[torch.float64])
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs under Triton's CPU interpreter only"
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("page_size", [16, 32])
+@pytest.mark.parametrize("heads", sorted(HEADS))
+@pytest.mark.parametrize("kind", KINDS)
+def test_triton_kernel_under_the_interpreter(kind, heads, page_size, dtype):
+    """The Triton kernel's logic on CPU tensors (test_triton_backend.py runs this file with
+    TRITON_INTERPRET=1; the interpreter computes in numpy, which has no bfloat16); its CUDA run,
+    bfloat16 included, is the gpu test below."""
+    check_backend("triton", kind, heads, page_size, dtype, "cpu")
 
 
 @pytest.mark.gpu

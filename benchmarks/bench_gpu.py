@@ -1,0 +1,122 @@
+"""GPU benchmark: our paged path vs the padded vector-shaping path vs HF ``generate`` (bf16).
+
+    python benchmarks/bench_gpu.py [--models small,smollm2] [--batch-sizes 32,128]
+        [--num-requests 256] [--max-budget 256] [--repeats 1]
+
+Run by ``benchmarks/gpu_check.sh`` on a lent GPU (nothing downloaded there: the random-weight
+checkpoints are built on the spot). Per model and max batch B, in bfloat16 on ``cuda``:
+
+* ``baton``: our engine, policy baton, attention backend ``auto`` (flash-attn or xformers when
+  installed, else the Triton paged kernel), K/V read from the pages in place;
+* ``baton-padded``: the same engine on the BATON paper's padded batch + attention mask;
+* ``hf-generate``: static batches of B prompts, left-padded, each run to its longest budget.
+
+Workload: ``bench_policies``'s seeded prompts (16-256 tokens) and lognormal budgets clipped to
+``--max-budget``, every request producing exactly its budget (EOS ignored); useful output
+tokens/s, systems interleaved per repeat. Results: ``results/gpu-<device name>.json``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import harness
+import torch
+from harness import Default, markdown, median
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from workload import make_workload
+
+from baton_paged import LLM, SamplingParams
+from baton_paged.model_builder import cached_model
+
+SYSTEMS = {"baton": "auto", "baton-padded": "padded", "hf-generate": None}
+
+
+def run_baton(model_dir, work, batch: int, backend: str) -> tuple[float, str]:
+    llm = LLM(str(model_dir), dtype="bfloat16", device="cuda", max_batch_size=batch,
+              kv_memory="0.5", attention_backend=backend)  # fmt: skip
+    prompts = [{"prompt_token_ids": p} for p in work.prompts]
+    params = [SamplingParams(temperature=0, max_tokens=b, ignore_eos=True) for b in work.budgets]
+    llm.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    llm.generate(prompts, params)
+    torch.cuda.synchronize()
+    wall, name = time.perf_counter() - start, llm.engine.snapshot.attention_backend
+    llm.close()
+    return wall, name
+
+
+def run_hf_generate(model, work, batch: int) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for lo in range(0, len(work.prompts), batch):
+        prompts, budgets = work.prompts[lo : lo + batch], work.budgets[lo : lo + batch]
+        width = max(map(len, prompts))
+        ids = torch.zeros(len(prompts), width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, prompt in enumerate(prompts):  # left padding, as generate wants it
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        model.generate(ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=max(budgets),
+                       min_new_tokens=max(budgets), do_sample=False, pad_token_id=0)  # fmt: skip
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = harness.options(__doc__, threads=4, repeats=Default(1, 1))
+    parser.add_argument("--models", type=harness.comma_list(str), default=["small", "smollm2"])
+    parser.add_argument("--batch-sizes", type=harness.comma_list(int), default=[32, 128])
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--max-budget", type=int, default=256)
+    args = harness.start(parser)
+    rows = []
+    for size in args.models:
+        model_dir = cached_model("llama", size)
+        vocab = len(AutoTokenizer.from_pretrained(model_dir))
+        work = make_workload(args.num_requests, vocab, args.max_budget, args.seed)
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+        for batch in args.batch_sizes:
+            for repeat, system in harness.rotations(list(SYSTEMS), args.repeats):
+                backend = SYSTEMS[system]
+                if backend is None:
+                    wall, name = run_hf_generate(hf, work, batch), "sdpa"
+                else:
+                    wall, name = run_baton(model_dir, work, batch, backend)
+                rows.append(
+                    {
+                        "model": size,
+                        "B": batch,
+                        "system": system,
+                        "attention": name,
+                        "repeat": repeat,
+                        "tok/s": round(work.total_budget / wall, 1),
+                    }
+                )
+                print(rows[-1], flush=True)
+    summary = []
+    for size in args.models:
+        for batch in args.batch_sizes:
+            mine = [r for r in rows if r["model"] == size and r["B"] == batch]
+            speed = {s: median(r["tok/s"] for r in mine if r["system"] == s) for s in SYSTEMS}
+            for system in SYSTEMS:
+                summary.append(
+                    {
+                        "model": size,
+                        "B": batch,
+                        "system": system,
+                        "tok/s": speed[system],
+                        "x hf-generate": harness.ratio(speed[system], speed["hf-generate"], 2),
+                    }
+                )
+    print("\n".join(markdown(summary)))
+    device = torch.cuda.get_device_name().replace(" ", "-")
+    env = harness.environment(args.threads, torch.device("cuda"))
+    harness.write_json(
+        f"gpu-{device}", {"environment": env, "args": vars(args), "runs": rows, "summary": summary}
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything a lent GPU should run, in one call under 8 minutes (../shared/DESIGN.md, "The GPU
+# machine": no network there, torch + triton + transformers preinstalled, no fastapi/uvicorn,
+# flash-attn or xformers). Installs the project without dependencies, runs the `gpu` tests of the
+# packages that need no server, then the GPU benchmark; every log lands in $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-/tmp/gpu-check}"
+mkdir -p "$OUT"
+export BATON_PAGED_CACHE="${BATON_PAGED_CACHE:-/tmp/baton-paged-cache}"  # models, kernels: not in $OUT
+start=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/summary.txt"; }
+
+python -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
+  || { stamp "install failed"; tail -20 "$OUT/install.log"; exit 1; }
+nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
+python - <<'PY' 2>&1 | tee "$OUT/versions.txt"
+import torch, transformers
+try:
+    import triton; tv = triton.__version__
+except ImportError:
+    tv = "absent"
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", tv,
+      "transformers", transformers.__version__, torch.cuda.get_device_name())
+PY
+stamp "installed"
+
+timeout 300 python -m pytest -m gpu -q -p no:cacheprovider -rs \
+  tests/attention tests/allocator tests/engine >"$OUT/pytest-gpu.log" 2>&1
+stamp "pytest -m gpu exit $?: $(tail -1 "$OUT/pytest-gpu.log")"
+
+timeout 240 python benchmarks/bench_gpu.py --num-requests 128 --max-budget 128 \
+  >"$OUT/bench-gpu.log" 2>&1
+stamp "bench_gpu exit $?"
+tail -20 "$OUT/bench-gpu.log"
+cp benchmarks/results/gpu-*.json "$OUT/" 2>/dev/null
+stamp "done"
