@@ -16,6 +16,7 @@ import functools
 import hashlib
 import logging
 import platform
+import shutil
 from pathlib import Path
 from types import ModuleType
 
@@ -64,15 +65,9 @@ def _build_problem() -> str | None:
     except RuntimeError:
         return "ninja is not installed (pip install ninja)"
     compiler = cpp_extension.get_cxx_compiler()
-    if not _on_path(compiler):
+    if shutil.which(compiler) is None:
         return f"no C++ compiler ({compiler}) on PATH"
     return None
-
-
-def _on_path(program: str) -> bool:
-    import shutil
-
-    return shutil.which(program) is not None
 
 
 def _load() -> ModuleType:
