@@ -58,6 +58,34 @@ def test_logits_equal_the_hf_model(tiny_model_dir, arch, dtype):
     assert (got.double() - expected.double()).abs().max().item() <= TOLERANCE[dtype] * scale
 
 
+def in_memory(arch: str) -> torch.nn.Module:
+    """Tiny float64 models of the executor's other shapes: Mistral, and a Llama like SmolLM2
+    (LM head tied to the embedding, rope theta 1e5)."""
+    from transformers import LlamaConfig, MistralConfig
+
+    common = {"vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 96}
+    common |= {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128}
+    if arch == "mistral":
+        config = MistralConfig(sliding_window=None, **common)
+    else:
+        rope = {"rope_type": "default", "rope_theta": 1e5}
+        config = LlamaConfig(tie_word_embeddings=True, rope_parameters=rope, **common)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
+
+
+@pytest.mark.parametrize("arch", ["mistral", "llama-tied"])
+def test_logits_equal_the_hf_model_for_mistral_and_tied_heads(arch):
+    model = in_memory(arch)
+    prompts = [[5, 17, 200, 2, 9], list(range(30, 70))]
+    with torch.inference_mode():
+        expected = torch.stack([model(torch.tensor([p])).logits[0, -1] for p in prompts])
+        executor = llama_executor.LlamaExecutor(model, cpu_kernels(), 128)
+        attach(model, 128)
+        got = prefill_logits(executor, model, prompts, torch.float64)
+    assert (got - expected).abs().max().item() <= TOLERANCE[torch.float64] * expected.abs().max()
+
+
 def test_fused_weights_are_the_hf_modules_weights(tiny_model_dir):
     """The fused QKV and gate-up tensors are the only copies: each HF projection's weight is a
     view of them, so the model still computes the same after an engine has run it."""
