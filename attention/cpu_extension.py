@@ -1,6 +1,7 @@
-"""The CPU kernels (``csrc/cpu_kernels.cpp``): compiled on first use, cached per machine.
+"""The CPU kernels (``csrc/``: paged attention, the decoder's small ops, their Python bindings):
+compiled on first use, cached per machine.
 
-``torch.utils.cpp_extension`` builds the source with the machine's C++ compiler (``-O3
+``torch.utils.cpp_extension`` builds the sources with the machine's C++ compiler (``-O3
 -march=native``, so the build directory's name carries a hash of the source, the CPU's
 instruction sets and torch's version: a cache copied to another machine is rebuilt, never run
 with instructions its CPU lacks). Concurrent first uses wait on torch's build lock. The first
@@ -24,7 +25,9 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("paged_attention.cpp", "decoder_ops.cpp", "bindings.cpp")
+HEADERS = ("cpu_common.h",)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 """``-fopenmp`` because ``at::parallel_for`` is a header template: compiled without it, its
 parallel region is a plain loop. The library then needs ``libgomp.so.1``, which the loader
@@ -58,8 +61,9 @@ def _build_problem() -> str | None:
 
     if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
         return f"no CPU kernels for {platform.machine()}"
-    if not SOURCE.is_file():
-        return f"the CPU kernel source {SOURCE} is missing"
+    missing = [name for name in (*SOURCES, *HEADERS) if not (CSRC / name).is_file()]
+    if missing:
+        return f"the CPU kernel sources {', '.join(missing)} are missing from {CSRC}"
     try:
         cpp_extension.verify_ninja_availability()
     except RuntimeError:
@@ -82,7 +86,7 @@ def _load() -> ModuleType:
         logger.warning("building the CPU kernels into %s (once per machine)", directory)
     return cpp_extension.load(
         name=name,
-        sources=[str(SOURCE)],
+        sources=[str(CSRC / name) for name in SOURCES],
         extra_cflags=CFLAGS,
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
@@ -98,7 +102,9 @@ def _first_error(message: str) -> str:
 
 def _build_key() -> str:
     """A hash of everything the compiled library depends on."""
-    digest = hashlib.sha256(SOURCE.read_bytes())
+    digest = hashlib.sha256()
+    for name in (*SOURCES, *HEADERS):
+        digest.update((CSRC / name).read_bytes())
     digest.update(" ".join(CFLAGS).encode())
     digest.update(torch.__version__.encode())
     digest.update(_cpu_flags().encode())

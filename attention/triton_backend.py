@@ -2,7 +2,7 @@
 
 Triton ships with every CUDA build of torch, so this is the GPU path that needs nothing beyond
 torch; flash-attn and xformers stay the faster optional backends. The kernel mirrors the CPU
-one (``csrc/cpu_kernels.cpp``): one program per (request, KV head, tile of new tokens), whose
+one (``csrc/paged_attention.cpp``): one program per (request, KV head, tile of new tokens), whose
 rows are every (token, query head) pair sharing that KV head, so GQA reads each K/V page once.
 It walks the request's block table a page at a time (``BLOCK_N`` = page size), scores the page
 with ``tl.dot``, keeps an online softmax, and masks keys past each row's causal limit (bottom-

@@ -8,7 +8,7 @@ Qwen2 with its Q/K/V bias) this executor runs the same math in fewer, larger ste
 matmul and one gate-up matmul per layer (the HF modules' weights become views of the fused
 tensors, so memory is not doubled and the model still works on its own after the engine
 closes), RoPE from a cos/sin table indexed by positions, and RMSNorm fused with the residual
-add, each one kernel call (``attention/csrc/cpu_kernels.cpp``). Every step follows Hugging Face's
+add, each one kernel call (``attention/csrc/decoder_ops.cpp``). Every step follows Hugging Face's
 op order and dtypes (RMSNorm in float32, the cos/sin table built exactly as HF builds it), so its
 greedy tokens equal HF ``generate``'s.
 

@@ -68,3 +68,22 @@ def _init_file(package: str, roots: dict) -> Path:
             rest = package[len(prefix) :].strip(".").split(".") if package != prefix else []
             return root.joinpath(*rest, "__init__.py")
     raise AssertionError(package)
+
+
+def test_the_cpu_kernel_sources_ship_with_the_package():
+    """The kernels compile from their sources on the user's machine, so every file in
+    attention/csrc must be package data, and the loader must name each source it compiles."""
+    import configparser
+    import fnmatch
+
+    from baton_paged.attention import cpu_extension
+
+    config = configparser.ConfigParser()
+    config.read(REPO / "setup.cfg")
+    patterns = [
+        p.strip() for p in config["options.package_data"]["baton_paged.attention"].split(",")
+    ]
+    shipped = {path.name for path in (REPO / "attention" / "csrc").iterdir()}
+    for name in shipped:
+        assert any(fnmatch.fnmatch(f"csrc/{name}", p) for p in patterns), name
+    assert set(cpu_extension.SOURCES) | set(cpu_extension.HEADERS) == shipped

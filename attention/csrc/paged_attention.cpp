@@ -1,17 +1,14 @@
-// CPU kernels of the fast path: paged attention that reads K/V pages where they lie, the cache
-// write, and the small per-layer ops of a Llama-family decoder (RMSNorm, residual add + RMSNorm,
-// rotary embedding, SiLU-and-mul), each one pass over its data.
+// Paged attention that reads K/V pages where they lie, and the write of a step's new K/V into
+// its pages: the ``cpu_paged`` backend's two calls per layer.
 //
-// Built on first use by baton_paged/attention/cpu_extension.py and cached per machine. Every
-// kernel is templated over float, double and bfloat16 and accumulates in at::opmath_type
-// (float for float and bfloat16, double for double), so the float64 exactness tests run on the
-// same code as float32 serving. Parallel loops go through at::parallel_for, so they use torch's
-// own thread pool and honour torch.set_num_threads.
+// Built on first use by baton_paged/attention/cpu_extension.py and cached per machine. Templated
+// over float, double and bfloat16, accumulating in at::opmath_type (float for float and bfloat16,
+// double for double), so the float64 exactness tests run the same kernel as float32 serving.
+// Parallel loops go through at::parallel_for: torch's own thread pool, torch.set_num_threads.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <torch/extension.h>
 
 #include <algorithm>
 #include <atomic>
@@ -21,6 +18,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_common.h"
+
+using namespace baton;
+
 namespace {
 
 constexpr int64_t kQueryTile = 16;  // new tokens of one request handled by one work item
@@ -28,9 +29,8 @@ constexpr int64_t kPrefetchPages = 2;  // how far ahead of the page being read i
 
 // ---- Per-row math of one page: scores, softmax weights, weighted values ------------------------
 // Two implementations with one interface. ScalarMath is plain loops for any dtype and head size
-// (float64 exactness runs here); VectorMath uses 8-lane float vectors (GCC/Clang vector
-// extensions, so any target with SIMD gets them) for float and bfloat16 with head_dim % 8 == 0:
-// explicit vectors make the horizontal sums and the exp vectorise, which loops did not.
+// (float64 exactness runs here); VectorMath uses cpu_common.h's 8-lane float vectors for float
+// and bfloat16 with head_dim % 8 == 0.
 
 template <typename scalar_t, typename acc_t>
 struct ScalarMath {
@@ -62,58 +62,6 @@ struct ScalarMath {
     }
   }
 };
-
-typedef float vfloat __attribute__((vector_size(32)));
-typedef int32_t vint __attribute__((vector_size(32)));
-typedef uint16_t vhalf __attribute__((vector_size(16)));
-constexpr int64_t kLanes = 8;
-
-inline vfloat load(const float* p) {
-  vfloat v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-inline vfloat load(const c10::BFloat16* p) {  // bfloat16 is the top half of a float's bits
-  vhalf h;
-  std::memcpy(&h, p, sizeof h);
-  const vint bits = __builtin_convertvector(h, vint) << 16;
-  vfloat v;
-  std::memcpy(&v, &bits, sizeof v);
-  return v;
-}
-
-inline float horizontal_sum(vfloat v) {
-  typedef float quarter __attribute__((vector_size(16)));
-  quarter four = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
-  four += __builtin_shufflevector(four, four, 2, 3, 0, 1);
-  return four[0] + four[1];
-}
-
-// exp(x) in float lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
-// (relative error < 1e-7), times 2^n built in the exponent bits. x is clamped to [-87, 88], where
-// 2^n stays a normal float: below, a softmax weight or a sigmoid is 0 to float precision anyway;
-// above, exp overflows float.
-inline vfloat exp_clamped(vfloat x) {
-  const vfloat low = vfloat{} - 87.0f, high = vfloat{} + 88.0f;
-  x = x < low ? low : x;
-  x = x > high ? high : x;
-  const vfloat round = vfloat{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const vfloat n = (x * 1.44269504088896341f + round) - round;
-  const vfloat r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-  vfloat p = vfloat{} + 1.0f / 5040;
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  vfloat scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
 
 template <typename scalar_t>
 struct VectorMath {
@@ -366,13 +314,6 @@ void dispatch_math(const PagedInputs<scalar_t>& in, int64_t batch) {
   }
   run_items<ScalarMath<scalar_t, at::opmath_type<scalar_t>>>(in, batch);
 }
-
-void check_rows(const at::Tensor& t, int64_t dims, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
-  TORCH_CHECK(t.dim() == dims, name, " must have ", dims, " dimensions, got ", t.dim());
-  TORCH_CHECK(t.stride(-1) == 1, name, "'s last dimension must be contiguous");
-}
-
 }  // namespace
 
 // out[T, Hq, D] = causal attention of every packed query token to its request's context, read
@@ -436,139 +377,3 @@ void write_kv(at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& sl
   });
 }
 
-namespace {
-
-// Hugging Face's Llama RMSNorm, step for step: normalise in float32 (for every input dtype),
-// cast back, then scale by the weight in the input dtype.
-template <typename scalar_t>
-void rms_norm_row(scalar_t* dst, const scalar_t* x, const scalar_t* weight, int64_t n,
-                  double eps) {
-  float squares = 0;
-#pragma omp simd reduction(+ : squares)
-  for (int64_t i = 0; i < n; ++i) squares += static_cast<float>(x[i]) * static_cast<float>(x[i]);
-  const float inv = 1.0f / std::sqrt(squares / n + static_cast<float>(eps));
-  for (int64_t i = 0; i < n; ++i) {
-    dst[i] = weight[i] * static_cast<scalar_t>(static_cast<float>(x[i]) * inv);
-  }
-}
-
-}  // namespace
-
-// out = RMSNorm(x) * weight, row by row.
-void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_rows(x, 2, "x");
-  check_rows(out, 2, "out");
-  const int64_t n = x.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "rms_norm", [&] {
-    at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        rms_norm_row(out.data_ptr<scalar_t>() + t * out.stride(0),
-                     x.data_ptr<scalar_t>() + t * x.stride(0), weight.data_ptr<scalar_t>(), n, eps);
-      }
-    });
-  });
-}
-
-// residual += x; x = RMSNorm(residual) * weight (both in place): a decoder layer's residual
-// add fused with the next norm, so the hidden state is read once.
-void add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps) {
-  check_rows(x, 2, "x");
-  check_rows(residual, 2, "residual");
-  const int64_t n = x.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "add_rms_norm", [&] {
-    at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        scalar_t* h = x.data_ptr<scalar_t>() + t * x.stride(0);
-        scalar_t* r = residual.data_ptr<scalar_t>() + t * residual.stride(0);
-        for (int64_t i = 0; i < n; ++i) r[i] = r[i] + h[i];
-        rms_norm_row(h, r, weight.data_ptr<scalar_t>(), n, eps);
-      }
-    });
-  });
-}
-
-// Rotary embedding in place, rotate-half (GPT-NeoX / Llama) layout: for i < D/2,
-// (x_i, x_{i+D/2}) <- (x_i cos - x_{i+D/2} sin, x_{i+D/2} cos + x_i sin), with cos/sin rows
-// [max_position, D] indexed by each token's position.
-void rotary_embedding(at::Tensor query, at::Tensor key, const at::Tensor& positions,
-                      const at::Tensor& cos, const at::Tensor& sin) {
-  check_rows(query, 3, "query");
-  check_rows(key, 3, "key");
-  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous(),
-              "positions must be contiguous int64");
-  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "cos and sin tables must be contiguous");
-  const int64_t dim = query.size(2), half = dim / 2;
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, query.scalar_type(), "rotary_embedding", [&] {
-    auto rotate = [&](at::Tensor& x, int64_t t) {
-      const scalar_t* c = cos.data_ptr<scalar_t>() + pos[t] * dim;
-      const scalar_t* s = sin.data_ptr<scalar_t>() + pos[t] * dim;
-      for (int64_t h = 0; h < x.size(1); ++h) {
-        scalar_t* v = x.data_ptr<scalar_t>() + t * x.stride(0) + h * x.stride(1);
-        for (int64_t i = 0; i < half; ++i) {
-          const scalar_t lo = v[i], hi = v[i + half];
-          v[i] = lo * c[i] - hi * s[i];
-          v[i + half] = hi * c[i + half] + lo * s[i + half];
-        }
-      }
-    };
-    at::parallel_for(0, query.size(0), 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        rotate(query, t);
-        rotate(key, t);
-      }
-    });
-  });
-}
-
-namespace {
-
-template <typename scalar_t>
-void silu_and_mul_row(scalar_t* dst, const scalar_t* gate, const scalar_t* up, int64_t width) {
-  using acc_t = at::opmath_type<scalar_t>;
-#pragma omp simd
-  for (int64_t i = 0; i < width; ++i) {
-    const acc_t g = static_cast<acc_t>(gate[i]);
-    const scalar_t activated = static_cast<scalar_t>(g / (acc_t(1) + std::exp(-g)));
-    dst[i] = activated * up[i];
-  }
-}
-
-// The float row in 8-lane vectors (libm's expf is a call per element, which no loop of it
-// vectorises), any tail element by element.
-inline void silu_and_mul_row(float* dst, const float* gate, const float* up, int64_t width) {
-  int64_t i = 0;
-  for (; i + kLanes <= width; i += kLanes) {
-    const vfloat g = load(gate + i);
-    const vfloat out = g / (1.0f + exp_clamped(-g)) * load(up + i);
-    std::memcpy(dst + i, &out, sizeof out);
-  }
-  for (; i < width; ++i) dst[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
-}
-
-}  // namespace
-
-// out[T, I] = silu(x[:, :I]) * x[:, I:]: the gated MLP's activation on one gate-up matmul.
-void silu_and_mul(at::Tensor out, const at::Tensor& x) {
-  check_rows(x, 2, "x");
-  check_rows(out, 2, "out");
-  const int64_t width = out.size(1);
-  TORCH_CHECK(x.size(1) == 2 * width, "x must be [T, 2 * I] for out [T, I]");
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "silu_and_mul", [&] {
-    at::parallel_for(0, x.size(0), 16, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const scalar_t* gate = x.data_ptr<scalar_t>() + t * x.stride(0);
-        silu_and_mul_row(out.data_ptr<scalar_t>() + t * out.stride(0), gate, gate + width, width);
-      }
-    });
-  });
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_attention", &paged_attention);
-  m.def("write_kv", &write_kv);
-  m.def("rms_norm", &rms_norm);
-  m.def("add_rms_norm", &add_rms_norm);
-  m.def("rotary_embedding", &rotary_embedding);
-  m.def("silu_and_mul", &silu_and_mul);
-}

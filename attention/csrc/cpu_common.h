@@ -1,0 +1,71 @@
+// What the CPU kernels share: argument checks and 8-lane float vectors (GCC/Clang vector
+// extensions, so any target with SIMD gets them) with the loads, sums and exp the kernels need.
+// Explicit vectors make horizontal sums and exp vectorise, which plain loops did not.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace baton {
+
+inline void check_rows(const at::Tensor& t, int64_t dims, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(t.dim() == dims, name, " must have ", dims, " dimensions, got ", t.dim());
+  TORCH_CHECK(t.stride(-1) == 1, name, "'s last dimension must be contiguous");
+}
+
+typedef float vfloat __attribute__((vector_size(32)));
+typedef int32_t vint __attribute__((vector_size(32)));
+typedef uint16_t vhalf __attribute__((vector_size(16)));
+constexpr int64_t kLanes = 8;
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline vfloat load(const c10::BFloat16* p) {  // bfloat16 is the top half of a float's bits
+  vhalf h;
+  std::memcpy(&h, p, sizeof h);
+  const vint bits = __builtin_convertvector(h, vint) << 16;
+  vfloat v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+
+inline float horizontal_sum(vfloat v) {
+  typedef float quarter __attribute__((vector_size(16)));
+  quarter four = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  four += __builtin_shufflevector(four, four, 2, 3, 0, 1);
+  return four[0] + four[1];
+}
+
+// exp(x) in float lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
+// (relative error < 1e-7), times 2^n built in the exponent bits. x is clamped to [-87, 88], where
+// 2^n stays a normal float: below, a softmax weight or a sigmoid is 0 to float precision anyway;
+// above, exp overflows float.
+inline vfloat exp_clamped(vfloat x) {
+  const vfloat low = vfloat{} - 87.0f, high = vfloat{} + 88.0f;
+  x = x < low ? low : x;
+  x = x > high ? high : x;
+  const vfloat round = vfloat{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const vfloat n = (x * 1.44269504088896341f + round) - round;
+  const vfloat r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+  vfloat p = vfloat{} + 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+}  // namespace baton
