@@ -143,3 +143,30 @@ def test_engine_takes_native_where_it_can_and_says_why_not(tiny_model_dir, caplo
 def test_unknown_model_impl_is_refused_before_loading():
     with pytest.raises(ValueError, match="unknown model_impl 'vllm'; choose one of: auto"):
         EngineConfig(model_impl="vllm")
+
+
+def test_without_a_compiler_the_engine_runs_the_general_path(
+    tiny_model_dir, monkeypatch, reference
+):
+    """No compiler: one warning, then the HF bridge on the torch backend, outputs still exact."""
+    from baton_paged.attention import cpu_extension
+    from baton_paged.sampling_params import SamplingParams
+
+    cpu_extension.cpu_kernels.cache_clear()
+    monkeypatch.setattr(cpu_extension, "_build_problem", lambda: "no C++ compiler (c++) on PATH")
+    try:
+        engine = Engine(EngineConfig(model=str(tiny_model_dir("llama")), dtype="float64"))
+        assert (engine.snapshot.attention_backend, engine.snapshot.model_impl) == (
+            "torch",
+            "transformers",
+        )
+        prompt = [5, 9, 200, 31]
+        engine.add_request(
+            {"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=6), "r"
+        )
+        tokens = None
+        while tokens is None:
+            tokens = next((o.outputs[0].token_ids for o in engine.step() if o.finished), None)
+        assert tuple(tokens) == reference("llama", tuple(prompt), 6)
+    finally:
+        cpu_extension.cpu_kernels.cache_clear()
