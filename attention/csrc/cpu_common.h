@@ -3,7 +3,8 @@
 // Explicit vectors make horizontal sums and exp vectorise, which plain loops did not.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <cstring>

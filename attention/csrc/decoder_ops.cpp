@@ -2,7 +2,8 @@
 // residual add fused with RMSNorm, rotary embedding, SiLU-and-mul. Each follows Hugging Face's
 // op order and dtypes, so the native executor's tokens equal HF generate's.
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 

@@ -6,7 +6,8 @@
 // double for double), so the float64 exactness tests run the same kernel as float32 serving.
 // Parallel loops go through at::parallel_for: torch's own thread pool, torch.set_num_threads.
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
