@@ -56,8 +56,20 @@ class AttentionBackend(ABC):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        cache.write(layer, meta.slot_mapping, key, value)
+        self.write(cache, layer, meta, key, value)
         return self.attend(query, cache.key(layer), cache.value(layer), meta, scale)
+
+    def write(
+        self,
+        cache: KVCache,
+        layer: int,
+        meta: AttentionMetadata,
+        key: torch.Tensor,
+        value: torch.Tensor,
+    ) -> None:
+        """Store the step's new K/V at ``meta.slot_mapping``; a backend with its own cache-write
+        kernel overrides this alone."""
+        cache.write(layer, meta.slot_mapping, key, value)
 
     @abstractmethod
     def attend(

@@ -34,26 +34,27 @@ parallel region is a plain loop. The library then needs ``libgomp.so.1``, which 
 resolves to the copy torch already loaded, so the kernels share torch's thread pool."""
 
 
-@functools.cache
 def cpu_kernels() -> ModuleType | None:
     """The compiled kernels, or None (with one logged line) when they cannot be built here."""
-    reason = _build_problem()
-    if reason is None:
-        try:
-            return _load()
-        except Exception as error:  # a compiler error, a missing header: fall back, say why
-            reason = f"building the CPU kernels failed ({_first_error(str(error))})"
-    logger.warning("%s; attention uses the plain torch backend", reason)
-    _unavailable.append(reason)
-    return None
+    return _built()[0]
 
 
 def unavailable_reason() -> str | None:
     """Why the kernels cannot run here, or None when they have loaded (builds them if needed)."""
-    return None if cpu_kernels() is not None else _unavailable[-1]
+    return _built()[1]
 
 
-_unavailable: list[str] = []
+@functools.cache
+def _built() -> tuple[ModuleType | None, str | None]:
+    """Build or load once per process: the kernels, or None and why not."""
+    reason = _build_problem()
+    if reason is None:
+        try:
+            return _load(), None
+        except Exception as error:  # a compiler error, a missing header: fall back, say why
+            reason = f"building the CPU kernels failed ({_first_error(str(error))})"
+    logger.warning("%s; attention uses the plain torch backend", reason)
+    return None, reason
 
 
 def _build_problem() -> str | None:

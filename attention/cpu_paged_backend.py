@@ -34,19 +34,15 @@ class CpuPagedBackend(AttentionBackend):
     def __init__(self) -> None:
         self._kernels = cpu_kernels()
 
-    def forward(
+    def write(
         self,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
         cache: KVCache,
         layer: int,
         meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
-        key_pages, value_pages = cache.key(layer), cache.value(layer)
-        self._kernels.write_kv(key_pages, value_pages, meta.slot_mapping, key, value)
-        return self.attend(query, key_pages, value_pages, meta, scale)
+        key: torch.Tensor,
+        value: torch.Tensor,
+    ) -> None:
+        self._kernels.write_kv(cache.key(layer), cache.value(layer), meta.slot_mapping, key, value)
 
     def attend(
         self,

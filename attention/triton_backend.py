@@ -94,14 +94,14 @@ class TritonBackend(AttentionBackend):
             meta.block_table.stride(0),
             GROUP=group,
             HEAD_DIM=head_dim,
-            BLOCK_D=triton_next_power_of_2(head_dim),
+            BLOCK_D=_next_power_of_2(head_dim),
             BLOCK_T=tokens,
-            BLOCK_R=max(16, triton_next_power_of_2(tokens * group)),
+            BLOCK_R=max(16, _next_power_of_2(tokens * group)),
             BLOCK_N=key_pages.shape[1],
             IEEE=query.dtype == torch.float32,
         )
         return out
 
 
-def triton_next_power_of_2(n: int) -> int:
+def _next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length()

@@ -81,19 +81,16 @@ def choose_executor(config: EngineConfig, model: Any, max_model_len: int) -> Lla
     ``auto`` falls back with one logged line naming the reason."""
     if config.model_impl == "transformers":
         return None
-    reason = llama_executor.unsupported_reason(model, torch.device(config.device))
-    kernels = None
-    if reason is None:
-        from baton_paged.attention.cpu_extension import cpu_kernels, unavailable_reason
+    from baton_paged.attention.cpu_extension import cpu_kernels, unavailable_reason
 
-        kernels = cpu_kernels()
-        reason = None if kernels is not None else unavailable_reason()
+    reason = llama_executor.unsupported_reason(model, torch.device(config.device))
+    reason = reason or unavailable_reason()
     if reason is not None:
         if config.model_impl == "native":
             raise ValueError(f"model_impl='native' cannot run this model: {reason}")
         logger.info("running the model through the transformers bridge: %s", reason)
         return None
-    return LlamaExecutor(model, kernels, max_model_len)
+    return LlamaExecutor(model, cpu_kernels(), max_model_len)
 
 
 def _text_config(model: Any) -> Any:

@@ -209,10 +209,10 @@ def measure_model(args, size: str) -> dict:
 
 def summarise(model: dict, size: str) -> list[dict]:
     rows = []
+    vllm = {r["repeat"]: r["tokens_per_s"] for r in model["runs"] if r["system"] == "vllm"}
     for system in [*SYSTEMS, "vllm"]:
         mine = [r for r in model["runs"] if r["system"] == system]
         speeds = [r["tokens_per_s"] for r in mine]
-        vllm = {r["repeat"]: r["tokens_per_s"] for r in model["runs"] if r["system"] == "vllm"}
         ratios = [r["tokens_per_s"] / vllm[r["repeat"]] for r in mine]
         rows.append(
             {

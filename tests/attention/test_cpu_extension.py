@@ -11,12 +11,11 @@ from baton_paged.attention import cpu_extension
 
 
 @pytest.fixture
-def fresh_build_state(monkeypatch):
+def fresh_build_state():
     """Forget the process' loaded kernels for the test, and restore them afterwards."""
-    cpu_extension.cpu_kernels.cache_clear()
-    monkeypatch.setattr(cpu_extension, "_unavailable", [])
+    cpu_extension._built.cache_clear()
     yield
-    cpu_extension.cpu_kernels.cache_clear()
+    cpu_extension._built.cache_clear()
 
 
 def test_kernels_load_and_expose_every_op():

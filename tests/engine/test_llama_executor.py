@@ -152,7 +152,7 @@ def test_without_a_compiler_the_engine_runs_the_general_path(
     from baton_paged.attention import cpu_extension
     from baton_paged.sampling_params import SamplingParams
 
-    cpu_extension.cpu_kernels.cache_clear()
+    cpu_extension._built.cache_clear()
     monkeypatch.setattr(cpu_extension, "_build_problem", lambda: "no C++ compiler (c++) on PATH")
     try:
         engine = Engine(EngineConfig(model=str(tiny_model_dir("llama")), dtype="float64"))
@@ -169,4 +169,4 @@ def test_without_a_compiler_the_engine_runs_the_general_path(
             tokens = next((o.outputs[0].token_ids for o in engine.step() if o.finished), None)
         assert tuple(tokens) == reference("llama", tuple(prompt), 6)
     finally:
-        cpu_extension.cpu_kernels.cache_clear()
+        cpu_extension._built.cache_clear()
