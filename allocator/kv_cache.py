@@ -12,17 +12,33 @@ from baton_paged.allocator.paged_kv import PagedKV
 class KVCache(PagedKV):
     """Per-layer K and V views ``[num_pages, page_size, kv_heads, head_dim]`` over one buffer."""
 
-    def __init__(self, spec: KVCacheSpec, num_pages: int, device: torch.device | str = "cpu"):
-        super().__init__(spec, num_pages, device, name="device page pool")
+    def __init__(
+        self,
+        spec: KVCacheSpec,
+        num_pages: int,
+        device: torch.device | str = "cpu",
+        scratch_pages: int = 0,
+    ):
+        super().__init__(
+            spec, num_pages, device, name="device page pool", scratch_pages=scratch_pages
+        )
         self._keys = [self.storage[:, layer, 0] for layer in range(spec.num_layers)]
         self._values = [self.storage[:, layer, 1] for layer in range(spec.num_layers)]
 
     @classmethod
     def from_budget(
-        cls, spec: KVCacheSpec, budget: MemoryBudget | str, device: torch.device | str = "cpu"
+        cls,
+        spec: KVCacheSpec,
+        budget: MemoryBudget | str,
+        device: torch.device | str = "cpu",
+        scratch_pages: int = 0,
     ) -> KVCache:
-        """As many pages as ``budget`` (bytes, or a fraction of free memory) holds on ``device``."""
-        return cls(spec, num_pages_for_budget(spec, budget, device), device)
+        """As many pages as ``budget`` (bytes, or a fraction of free memory) holds on ``device``,
+        less the scratch pages."""
+        num_pages = num_pages_for_budget(spec, budget, device) - scratch_pages
+        if num_pages < 1:
+            raise ValueError(f"KV budget {budget!r} leaves no pages beside the scratch page")
+        return cls(spec, num_pages, device, scratch_pages)
 
     def key(self, layer: int) -> torch.Tensor:
         return self._keys[layer]

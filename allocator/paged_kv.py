@@ -28,12 +28,18 @@ class PagedKV:
         *,
         pin_memory: bool = False,
         name: str = "page pool",
+        scratch_pages: int = 0,
     ):
+        """``scratch_pages`` extra pages follow the pool's, ids ``num_pages ..``: no request ever
+        owns them, so padding rows (CUDA-graph decode) can write and read there harmlessly."""
         self.spec = spec
         self.pool = PagePool(num_pages, name=name)
         # Zeroed, not empty: the padded backend reads whole pages and must never meet NaN garbage.
         self.storage = torch.zeros(
-            (num_pages, *spec.page_shape), dtype=spec.dtype, device=device, pin_memory=pin_memory
+            (num_pages + scratch_pages, *spec.page_shape),
+            dtype=spec.dtype,
+            device=device,
+            pin_memory=pin_memory,
         )
 
     @property

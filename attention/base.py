@@ -39,6 +39,10 @@ class AttentionBackend(ABC):
 
     name: ClassVar[str]
     preferred_page_size: ClassVar[int] = 16
+    graph_safe: ClassVar[bool] = False
+    """Whether a CUDA graph can capture ``forward``: it reads every per-request length from the
+    metadata's device tensors and takes the host lengths only as upper bounds (grid sizes,
+    ``max_seqlen_k``), so a replay with other lengths in the same buffers stays right."""
 
     @classmethod
     def unsupported_reason(cls, req: AttentionRequirements) -> str | None:

@@ -30,6 +30,7 @@ FLASH_DTYPES = (torch.float16, torch.bfloat16)
 class FlashAttnBackend(AttentionBackend):
     name = "flash_attn"
     preferred_page_size = FLASH_PAGE_MULTIPLE
+    graph_safe = True
 
     def __init__(self) -> None:
         self._kernel = _paged_varlen_kernel()

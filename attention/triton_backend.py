@@ -39,6 +39,7 @@ def _interpreting() -> bool:
 class TritonBackend(AttentionBackend):
     name = "triton"
     preferred_page_size = 16
+    graph_safe = True
 
     @classmethod
     def unsupported_reason(cls, req: AttentionRequirements) -> str | None:

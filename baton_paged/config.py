@@ -47,6 +47,10 @@ class EngineConfig:
     """How the model's forward runs (vLLM's name): native (the fused Llama-family executor:
     Llama, SmolLM2, Mistral, Qwen2 on the CPU kernels), transformers (the unmodified HF model
     through the paged attention bridge; every causal LM), or auto (native where it applies)."""
+    enforce_eager: bool = False
+    """Run every step eagerly (vLLM's name). Otherwise decode steps on CUDA replay CUDA graphs
+    captured at startup for batch sizes 1, 2, 4 and multiples of 8 (triton and flash_attn
+    backends); the CPU always runs eagerly."""
     page_size: int | None = None
     """Tokens per KV page; None = the attention backend's preference (16, or 256 for
     flash_attn)."""

@@ -14,6 +14,7 @@ Only the thread that calls ``step`` may touch the engine's parts; other threads 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -29,6 +30,7 @@ from baton_paged.allocator import (
 )
 from baton_paged.attention import attach, detach
 from baton_paged.config import EngineConfig
+from baton_paged.decode_graphs import DecodeGraphs, graph_mode
 from baton_paged.device_memory import MemoryReader, device_memory_reader
 from baton_paged.input_processor import InputProcessor, PromptInput
 from baton_paged.loaded_model import check_loaded_model, config_for_loaded_model
@@ -52,6 +54,8 @@ from baton_paged.sched.policies import make_policy
 from baton_paged.sched.scheduler import PlanningError, Scheduler
 from baton_paged.snapshot import EngineSnapshot
 from baton_paged.stats import EngineStats
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,7 +106,9 @@ class Engine:
         config = self.config
         page_size, backend = choose_attention(config, model)
         spec = KVCacheSpec.from_model_config(model.config, page_size, config.torch_dtype)
-        self.cache = KVCache.from_budget(spec, config.kv_memory, config.device)
+        graphs = graph_mode(config, type(backend))
+        scratch = 1 if graphs else 0  # the page decode graphs' padding rows write to
+        self.cache = KVCache.from_budget(spec, config.kv_memory, config.device, scratch)
         self.host = self._host_pool(spec) if config.swapping else None
         if memory_reader is None and config.watch_device_memory:
             memory_reader = device_memory_reader(config.device)
@@ -119,6 +125,8 @@ class Engine:
         )
         executor = choose_executor(config, model, self.max_model_len)
         self.runner = ModelRunner(model, self.cache, backend, self.host, executor)
+        if graphs:
+            self.runner.graphs = self._capture_graphs(backend, graphs)
         self.inputs = InputProcessor(
             self.tokenizer,
             eos_token_ids(model, self.tokenizer),
@@ -277,6 +285,22 @@ class Engine:
             model_impl="native" if self.runner.executor else "transformers",
             stats=replace(self.stats),
         )
+
+    def _capture_graphs(self, backend: Any, mode: str) -> DecodeGraphs | None:
+        """Decode graphs for every batch bucket; a capture that fails leaves decode eager, with
+        one warning naming the error (the engine still serves, only slower)."""
+        try:
+            return DecodeGraphs(
+                self.runner.forward,
+                self.cache,
+                backend,
+                self.config.max_batch_size,
+                self.max_model_len,
+                mode,
+            )
+        except RuntimeError as error:
+            logger.warning("CUDA graph capture failed, decode runs eagerly: %s", error)
+            return None
 
     def _host_pool(self, spec: KVCacheSpec) -> HostSwapPool:
         """Host pages for swapped-out K/V, never more than the device pool holds."""

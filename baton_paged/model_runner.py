@@ -5,7 +5,8 @@ The runner packs the rows' tokens into one sequence with their positions, builds
 sampling row only, which spares the LM head on prompt tokens. The forward is the native
 Llama-family executor when the engine has one (``llama_executor.py``), else the unmodified
 Hugging Face model with its attention routed through our bridge (``attention/hf_bridge.py``):
-any causal LM runs that way.
+any causal LM runs that way. On CUDA, decode steps replay CUDA graphs (``decode_graphs.py``)
+once ``graphs`` is set.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from baton_paged.allocator import HostSwapPool, KVCache, execute_swap
 from baton_paged.attention import AttentionBackend, AttentionMetadata, PagedStep
+from baton_paged.decode_graphs import DecodeGraphs
 from baton_paged.llama_executor import LlamaExecutor
 from baton_paged.sched.plan import ForwardBatch, StepPlan
 
@@ -34,6 +36,8 @@ class ModelRunner:
         self.backend = backend
         self.host = host
         self.device = cache.storage.device
+        self.graphs: DecodeGraphs | None = None
+        """Set by the engine once captured; decode steps it covers replay a graph."""
 
     def swap(self, plan: StepPlan) -> None:
         """Issue the plan's page copies on the current stream: every swap-out before any swap-in,
@@ -44,6 +48,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, forward: ForwardBatch) -> torch.Tensor:
         """Run the forward; return ``[num sampling rows, vocab]`` logits in row order."""
+        if self.graphs is not None and self.graphs.covers(forward):
+            return self.graphs.run(forward)
         rows = forward.rows
         query_lens = [len(row.token_ids) for row in rows]
         meta = AttentionMetadata.build(
@@ -58,7 +64,13 @@ class ModelRunner:
         last = np.cumsum(query_lens) - 1
         keep = self._to_device(last[[row.sample for row in rows]])
         ids, positions = self._to_device(ids), self._to_device(positions)
-        step = PagedStep(self.cache, meta, self.backend)
+        return self.forward(ids, positions, keep, PagedStep(self.cache, meta, self.backend))
+
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, step: PagedStep
+    ) -> torch.Tensor:
+        """Logits of the ``keep`` rows of packed tokens ``ids`` at ``positions``; what a decode
+        graph captures."""
         if self.executor is not None:
             return self.executor.forward(ids, positions, keep, step)
         out = self.model(

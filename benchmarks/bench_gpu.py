@@ -7,7 +7,9 @@ Run by ``benchmarks/gpu_check.sh`` on a lent GPU (nothing downloaded there: the 
 checkpoints are built on the spot). Per model and max batch B, in bfloat16 on ``cuda``:
 
 * ``baton``: our engine, policy baton, attention backend ``auto`` (flash-attn or xformers when
-  installed, else the Triton paged kernel), K/V read from the pages in place;
+  installed, else the Triton paged kernel), K/V read from the pages in place, decode replayed
+  from CUDA graphs (flash-attn and Triton);
+* ``baton-eager``: the same with ``enforce_eager``: what the graphs save;
 * ``baton-padded``: the same engine on the BATON paper's padded batch + attention mask;
 * ``hf-generate``: static batches of B prompts, left-padded, each run to its longest budget.
 
@@ -30,12 +32,17 @@ from workload import make_workload
 from baton_paged import LLM, SamplingParams
 from baton_paged.model_builder import cached_model
 
-SYSTEMS = {"baton": "auto", "baton-padded": "padded", "hf-generate": None}
+SYSTEMS = {
+    "baton": {"attention_backend": "auto"},
+    "baton-eager": {"attention_backend": "auto", "enforce_eager": True},
+    "baton-padded": {"attention_backend": "padded"},
+    "hf-generate": None,
+}
 
 
-def run_baton(model_dir, work, batch: int, backend: str) -> tuple[float, str]:
+def run_baton(model_dir, work, batch: int, options: dict) -> tuple[float, str]:
     llm = LLM(str(model_dir), dtype="bfloat16", device="cuda", max_batch_size=batch,
-              kv_memory="0.5", attention_backend=backend)  # fmt: skip
+              kv_memory="0.5", **options)  # fmt: skip
     prompts = [{"prompt_token_ids": p} for p in work.prompts]
     params = [SamplingParams(temperature=0, max_tokens=b, ignore_eos=True) for b in work.budgets]
     llm.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
@@ -83,11 +90,11 @@ def main() -> None:
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
         for batch in args.batch_sizes:
             for repeat, system in harness.rotations(list(SYSTEMS), args.repeats):
-                backend = SYSTEMS[system]
-                if backend is None:
+                options = SYSTEMS[system]
+                if options is None:
                     wall, name = run_hf_generate(hf, work, batch), "sdpa"
                 else:
-                    wall, name = run_baton(model_dir, work, batch, backend)
+                    wall, name = run_baton(model_dir, work, batch, options)
                 rows.append(
                     {
                         "model": size,

@@ -1,5 +1,6 @@
 """The whole engine on CUDA: each GPU attention path's greedy output equals HF ``generate`` on
-the same device (float32), under every policy. Skipped without a CUDA device."""
+the same device (float32), under every policy, with decode replayed from CUDA graphs where the
+backend can be captured and eagerly otherwise. Skipped without a CUDA device."""
 
 from __future__ import annotations
 
@@ -34,18 +35,26 @@ def cuda_reference(tiny_model_dir):
     return generate
 
 
+@pytest.mark.parametrize("enforce_eager", [False, True], ids=["graphs", "eager"])
 @pytest.mark.parametrize("policy", ["baton", "orca", "static", "chunked"])
 @pytest.mark.parametrize("backend", ["triton", "flash_attn", "xformers", "padded", "torch"])
-def test_greedy_on_cuda_equals_generate(tiny_model_dir, cuda_reference, backend, policy):
+def test_greedy_on_cuda_equals_generate(
+    tiny_model_dir, cuda_reference, backend, policy, enforce_eager
+):
     req = AttentionRequirements(torch.device("cuda"), torch.float32, 16, 16, 4, 2)
     reason = backend_class(backend).unsupported_reason(req)
     if reason is not None:
         pytest.skip(f"{backend}: {reason}")
     path = tiny_model_dir("llama")
-    options = {"page_size": 16, "policy": policy, "max_batch_size": 4, "kv_memory": "64MiB"}
-    config = EngineConfig(model=str(path), device="cuda", attention_backend=backend, **options)
+    if enforce_eager and not backend_class(backend).graph_safe:
+        pytest.skip(f"{backend} always runs eagerly")
+    options = {"page_size": 16, "policy": policy, "max_batch_size": 6, "kv_memory": "64MiB"}
+    config = EngineConfig(model=str(path), device="cuda", attention_backend=backend,
+                          enforce_eager=enforce_eager, **options)  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(path).cuda()
     engine = Engine(config, model, AutoTokenizer.from_pretrained(path))
+    graphs = backend_class(backend).graph_safe and not enforce_eager
+    assert (engine.runner.graphs is not None) == graphs, "a capture failed: see the warning"
     rng = random.Random(5)
     workload = [(tuple(rng.randrange(500) for _ in range(rng.randint(1, 40))),
                  rng.randint(1, 20), rng.randint(0, 8)) for _ in range(8)]  # fmt: skip
