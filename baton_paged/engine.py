@@ -239,9 +239,12 @@ class Engine:
         self.runner.swap(plan)
         progress.swaps_issued = True
         for forward in plan.forwards:
-            logits = self.runner.execute(forward)
+            prompt_positions = self.outputs.prompt_positions(forward, self.requests)
+            logits = self.runner.execute(forward, [index for index, *_ in prompt_positions])
             progress.forwards_run += 1
-            self._take_tokens(forward, logits, progress)
+            sampled = sum(row.sample for row in forward.rows)
+            self.outputs.add_prompt_logprobs(prompt_positions, logits[sampled:])
+            self._take_tokens(forward, logits[:sampled], progress)
         self._step = None  # the scheduler hears back once, even if update itself raises
         sizes = self.scheduler.update(plan, progress.result())
         self.stats.record(plan, self.monitor)

@@ -11,6 +11,8 @@ once ``graphs`` is set.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -46,9 +48,11 @@ class ModelRunner:
             execute_swap(swap, self.cache, self.host)
 
     @torch.inference_mode()
-    def execute(self, forward: ForwardBatch) -> torch.Tensor:
-        """Run the forward; return ``[num sampling rows, vocab]`` logits in row order."""
-        if self.graphs is not None and self.graphs.covers(forward):
+    def execute(self, forward: ForwardBatch, extra_tokens: Sequence[int] = ()) -> torch.Tensor:
+        """Run the forward; return the logits of each sampling row's last token in row order,
+        then those of the packed tokens ``extra_tokens`` (prompt positions whose log-probabilities
+        a request asked for): ``[num sampling rows + len(extra_tokens), vocab]``."""
+        if self.graphs is not None and not extra_tokens and self.graphs.covers(forward):
             return self.graphs.run(forward)
         rows = forward.rows
         query_lens = [len(row.token_ids) for row in rows]
@@ -62,7 +66,8 @@ class ModelRunner:
         ids = np.fromiter((t for row in rows for t in row.token_ids), np.int64, meta.num_tokens)
         positions = np.concatenate([np.arange(row.start, row.end) for row in rows])
         last = np.cumsum(query_lens) - 1
-        keep = self._to_device(last[[row.sample for row in rows]])
+        keep = np.concatenate([last[[row.sample for row in rows]], np.asarray(extra_tokens)])
+        keep = self._to_device(keep)
         ids, positions = self._to_device(ids), self._to_device(positions)
         return self.forward(ids, positions, keep, PagedStep(self.cache, meta, self.backend))
 

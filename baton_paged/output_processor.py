@@ -5,6 +5,12 @@ the request with "stop" once ``min_tokens`` are out; a stop string ends it with 
 text before the match (after it with ``include_stop_str_in_output``); reaching ``max_tokens`` or
 the model's context ends it with "length".
 
+Log-probabilities carry each token's text (``decoded_token``, the token decoded on its own, as
+vLLM's). Prompt log-probabilities: position ``p``'s logits score prompt token ``p + 1`` (the
+first prompt token has none, reported as None like vLLM). A prompt may be computed over several
+forwards (chunked prefill) and again after a recompute preemption: ``prompt_positions`` asks only
+for positions not yet scored, so each is reported once.
+
 While a stop string may still complete, snapshots hold back the text's last ``len(stop) - 1``
 characters: a stream must never send the start of a stop string that the final text then cuts,
 so every snapshot's text is a prefix of the final one.
@@ -12,13 +18,19 @@ so every snapshot's text is a prefix of the final one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+import torch
 
 from baton_paged.detokenizer import IncrementalDetokenizer, find_stop
 from baton_paged.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from baton_paged.request import Request, RequestStatus
-from baton_paged.sampler import Logprob
+from baton_paged.sampler import Logprob, token_logprobs
+from baton_paged.sched.plan import ForwardBatch
+
+PromptPosition = tuple[int, Request, int]
+"""``(packed token index in the forward, request, prompt position)`` whose logits are wanted."""
 
 
 @dataclass
@@ -26,6 +38,8 @@ class _TextState:
     detokenizer: IncrementalDetokenizer
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    """``[None, scored position 0, 1, ...]`` when the request asked for prompt logprobs."""
     cumulative_logprob: float | None = None
     stopped_text: str | None = field(default=None)
     """The final text once a stop string cut it."""
@@ -51,6 +65,7 @@ class OutputProcessor:
             detokenizer,
             logprobs=[] if wants_logprobs else None,
             cumulative_logprob=0.0 if wants_logprobs else None,
+            prompt_logprobs=None if params.prompt_logprobs is None else [None],
             stop_holdback=_stop_holdback(params),
         )
 
@@ -73,11 +88,43 @@ class OutputProcessor:
         request.output_token_ids.append(token)
         state = self._states[request.request_id]
         if logprobs is not None:
-            state.logprobs.append(logprobs)
+            state.logprobs.append(self._decoded(logprobs))
             state.cumulative_logprob += logprobs[token].logprob
         new_text = state.detokenizer.add(token)
         state.text += new_text
         return self._check_stop(request, state, token, len(new_text))
+
+    def prompt_positions(
+        self, forward: ForwardBatch, requests: dict[str, Request]
+    ) -> list[PromptPosition]:
+        """The prompt positions of ``forward`` whose log-probabilities are asked for and not yet
+        scored, in packed order."""
+        wanted, offset = [], 0
+        for row in forward.rows:
+            state = self._states[row.request_id]
+            if state.prompt_logprobs is not None:
+                request = requests[row.request_id]
+                first = max(row.start, len(state.prompt_logprobs) - 1)
+                last = min(row.end, len(request.prompt_token_ids) - 1)
+                wanted += [(offset + p - row.start, request, p) for p in range(first, last)]
+            offset += len(row.token_ids)
+        return wanted
+
+    def add_prompt_logprobs(self, positions: list[PromptPosition], logits: torch.Tensor) -> None:
+        """Score ``positions`` from their logits (``[len(positions), vocab]``)."""
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        logprobs = logits.to(dtype).log_softmax(dim=-1)
+        for (_, request, position), row in zip(positions, logprobs, strict=True):
+            token = request.prompt_token_ids[position + 1]
+            top_n = request.params.prompt_logprobs
+            entry = self._decoded(token_logprobs(row, token, top_n))
+            self._states[request.request_id].prompt_logprobs.append(entry)
+
+    def _decoded(self, logprobs: dict[int, Logprob]) -> dict[int, Logprob]:
+        return {
+            token: replace(logprob, decoded_token=self.tokenizer.decode([token]))
+            for token, logprob in logprobs.items()
+        }
 
     def _check_stop(
         self, request: Request, state: _TextState, token: int, new_chars: int
@@ -132,6 +179,9 @@ class OutputProcessor:
             prompt_token_ids=tuple(request.prompt_token_ids),
             outputs=(completion,),
             finished=finished,
+            prompt_logprobs=(
+                None if state.prompt_logprobs is None else tuple(state.prompt_logprobs)
+            ),
             metrics=RequestMetrics(
                 arrival_time=request.arrival_time,
                 first_token_time=request.first_token_time,

@@ -57,3 +57,6 @@ class RequestOutput:
     outputs: tuple[CompletionOutput, ...]
     finished: bool
     metrics: RequestMetrics
+    prompt_logprobs: tuple[dict[int, Logprob] | None, ...] | None = None
+    """With ``SamplingParams.prompt_logprobs``: None for the first prompt token, then per prompt
+    token its log-probability (and the top ones) given the tokens before it."""

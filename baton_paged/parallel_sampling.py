@@ -92,6 +92,7 @@ class SampleGroup:
             outputs=tuple(completions),
             finished=self.finished,
             metrics=_merged_metrics([o.metrics for o in outputs], self.finished),
+            prompt_logprobs=outputs[0].prompt_logprobs,
         )
 
 

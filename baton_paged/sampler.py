@@ -185,13 +185,14 @@ def _collect_logprobs(
     raw: dict[int, torch.Tensor], token_ids: Sequence[int], rows: Sequence[SamplingRow]
 ) -> list[dict[int, Logprob] | None]:
     return [
-        _row_logprobs(raw[i], token_ids[i], row.params.logprobs) if i in raw else None
+        token_logprobs(raw[i], token_ids[i], row.params.logprobs) if i in raw else None
         for i, row in enumerate(rows)
     ]
 
 
-def _row_logprobs(logprobs: torch.Tensor, sampled: int, top_n: int) -> dict[int, Logprob]:
-    """The sampled token, then the ``top_n`` most likely ones; a token in both appears once.
+def token_logprobs(logprobs: torch.Tensor, sampled: int, top_n: int) -> dict[int, Logprob]:
+    """From one position's ``log_softmax`` (also a prompt position's, for ``prompt_logprobs``):
+    the sampled token, then the ``top_n`` most likely ones; a token in both appears once.
 
     A rank counts strictly more likely tokens, so it does not depend on how ``topk`` orders ties.
     Every token more likely than the j-th top value is itself among the first j - 1, so the top

@@ -45,10 +45,10 @@ def run_baton(model_dir, work, batch: int, options: dict) -> tuple[float, str]:
               kv_memory="0.5", **options)  # fmt: skip
     prompts = [{"prompt_token_ids": p} for p in work.prompts]
     params = [SamplingParams(temperature=0, max_tokens=b, ignore_eos=True) for b in work.budgets]
-    llm.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True))  # warm-up
+    llm.generate(prompts[:2], SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    llm.generate(prompts, params)
+    llm.generate(prompts, params, use_tqdm=False)
     torch.cuda.synchronize()
     wall, name = time.perf_counter() - start, llm.engine.snapshot.attention_backend
     llm.close()

@@ -104,7 +104,7 @@ def baton_run(llm: LLM, work) -> tuple[float, list[list[int]]]:
     prompts = [{"prompt_token_ids": p} for p in work.prompts]
     params = [SamplingParams(temperature=0, max_tokens=b, ignore_eos=True) for b in work.budgets]
     start = time.perf_counter()
-    outs = llm.generate(prompts, params)
+    outs = llm.generate(prompts, params, use_tqdm=False)
     return time.perf_counter() - start, [list(o.outputs[0].token_ids) for o in outs]
 
 
@@ -116,7 +116,8 @@ def startup_seconds(model_dir: Path, system: str, threads: int, cache: str | Non
         "from baton_paged import LLM, SamplingParams\n"
         f"llm = LLM({str(model_dir)!r}, dtype='float32', kv_memory='256MiB', "
         f"max_model_len={MAX_MODEL_LEN}, **{SYSTEMS[system]!r})\n"
-        "llm.generate([{'prompt_token_ids': [1, 2, 3]}], SamplingParams(max_tokens=1))\n"
+        "llm.generate([{'prompt_token_ids': [1, 2, 3]}], SamplingParams(max_tokens=1),\n"
+        "             use_tqdm=False)\n"
     )
     env = os.environ | ({"BATON_PAGED_CACHE": cache} if cache else {})
     start = time.perf_counter()

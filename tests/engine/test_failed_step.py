@@ -49,10 +49,10 @@ def test_a_failure_after_the_swaps_were_issued_frees_each_host_page_once(make_en
     engine = swapped_out_low(make_engine)
     real_execute = engine.runner.execute
 
-    def execute_failing_after_swap_in(forward):
+    def execute_failing_after_swap_in(forward, *extra):
         if "low" in engine.scheduler.running:
             raise RuntimeError("forward failed")
-        return real_execute(forward)
+        return real_execute(forward, *extra)
 
     engine.runner.execute = execute_failing_after_swap_in
     with pytest.raises(RuntimeError, match="forward failed"):
@@ -70,7 +70,7 @@ def test_a_request_swapped_out_in_an_earlier_step_survives_a_failure(make_engine
     engine = swapped_out_low(make_engine, vip_params=LONG)
     engine.step()  # "low" has sat in host memory for a whole successful iteration since
 
-    def execute_failing(forward):
+    def execute_failing(forward, *extra):
         raise RuntimeError("vip's decode failed")
 
     engine.runner.execute = execute_failing

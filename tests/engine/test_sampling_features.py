@@ -151,3 +151,42 @@ def test_aborting_a_parent_stops_every_child(make_engine):
     with pytest.raises(ValueError, match="already in use"):
         engine.add_request([1], SamplingParams(n=2), "q")
         engine.add_request([1], SamplingParams(n=2), "q")
+
+
+@pytest.mark.parametrize("policy", ["baton", "chunked"])
+def test_prompt_logprobs_equal_the_models(make_engine, tiny_model_dir, policy):
+    """chunked with an 8-token budget splits the 30-token prompt over several forwards."""
+    engine = make_engine("llama", policy=policy, max_num_batched_tokens=8)
+    prompt = [(7 * i + 3) % 500 for i in range(30)]
+    params = SamplingParams(temperature=0, max_tokens=3, prompt_logprobs=2, logprobs=1)
+    engine.add_request(prompt, params, "r")
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+    (output,) = outputs
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"), dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    scored = output.prompt_logprobs
+    assert scored[0] is None and len(scored) == len(prompt)
+    tokenizer = engine.tokenizer
+    for position, entry in enumerate(scored[1:]):
+        token = prompt[position + 1]
+        assert entry[token].logprob == pytest.approx(float(expected[position, token]), abs=1e-7)
+        top = expected[position].topk(2).indices.tolist()
+        assert set(top) <= set(entry) and len(entry) <= 3
+        assert all(lp.decoded_token == tokenizer.decode([t]) for t, lp in entry.items())
+    for entry in output.outputs[0].logprobs:
+        assert all(lp.decoded_token == tokenizer.decode([t]) for t, lp in entry.items())
+
+
+def test_prompt_logprobs_are_reported_once_after_recompute(make_engine):
+    engine = make_engine("llama", page_size=16, kv_memory="80KiB", preemption_mode="recompute",
+                         max_batch_size=4)  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=0)
+    for i in range(4):
+        engine.add_request([(i + 3 * j) % 500 for j in range(20)], params, str(i))
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert engine.stats.recompute_preemptions > 0
+    assert all(len(o.prompt_logprobs) == 20 for o in done.values())

@@ -195,11 +195,11 @@ def test_a_request_that_finished_before_its_iteration_failed_still_gets_its_outp
     inner = engine.engine
     real_execute = inner.runner.execute
 
-    def execute(forward):
+    def execute(forward, *extra):
         short = inner.requests.get("short")
         if short is not None and short.output_token_ids:  # its one token is out: it finished
             raise RuntimeError("boom after short finished")
-        return real_execute(forward)
+        return real_execute(forward, *extra)
 
     inner.runner.execute = execute
     one_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)

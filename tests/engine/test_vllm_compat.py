@@ -1,0 +1,129 @@
+"""A script written for vLLM's offline API runs here with only its import changed, and vLLM's
+engine arguments mean what they mean there (or are refused by name)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from baton_paged import LLM, SamplingParams
+from baton_paged.chat_prompt import conversation_prompt
+from baton_paged.vllm_args import engine_options
+
+VLLM_SCRIPT = """
+from vllm import LLM, SamplingParams
+
+llm = LLM(model=MODEL, max_num_seqs=16, gpu_memory_utilization=0.5, enforce_eager=True, seed=0,
+          dtype="float32", max_model_len=256, trust_remote_code=False)
+prompts = ["Hello, my name is", "The capital of France is", "The future of AI is"]
+params = SamplingParams(temperature=0.8, top_p=0.95, max_tokens=8)
+outputs = llm.generate(prompts, params, use_tqdm=True)
+for output in outputs:
+    print(output.prompt, "->", output.outputs[0].text)
+
+conversation = [
+    {"role": "system", "content": "You are a helpful assistant"},
+    {"role": "user", "content": [{"type": "text", "text": "Hello"}]},
+]
+chat = llm.chat(conversation, SamplingParams(temperature=0, max_tokens=8))
+many = llm.chat([conversation, conversation[1:]], SamplingParams(temperature=0, max_tokens=4))
+
+penalised = SamplingParams(presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.2,
+                           temperature=0, max_tokens=8)
+both = SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=8, min_p=0.05,
+                      logit_bias={42: 2.0}, logprobs=2, prompt_logprobs=1)
+results = llm.generate(["Once upon a time"], [penalised]) + llm.generate("Once upon a time", both)
+"""
+
+
+def test_vllm_script_runs_with_only_the_import_changed(tiny_model_dir, capsys):
+    script = VLLM_SCRIPT.replace("from vllm import", "from baton_paged import")
+    scope = {"MODEL": str(tiny_model_dir("llama"))}
+    exec(compile(script, "vllm_script", "exec"), scope)  # noqa: S102 - our own test script
+    assert len(scope["outputs"]) == 3 and "Processed prompts" in capsys.readouterr().err
+    assert len(scope["chat"]) == 1 and len(scope["many"]) == 2
+    penalised, sampled = scope["results"]
+    assert len(penalised.outputs) == 1 and len(sampled.outputs) == 2
+    assert [c.index for c in sampled.outputs] == [0, 1]
+    tokenizer = scope["llm"].get_tokenizer()
+    for completion in sampled.outputs:
+        for entry in completion.logprobs:
+            assert all(lp.decoded_token == tokenizer.decode([t]) for t, lp in entry.items())
+    assert sampled.prompt_logprobs[0] is None and len(sampled.prompt_logprobs) > 1
+    engine = scope["llm"].engine
+    assert engine.config.max_batch_size == 16 and engine.config.enforce_eager
+
+
+def test_chat_uses_the_template_and_refuses_images(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir("llama")))
+    (out,) = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(max_tokens=2),
+                      use_tqdm=False)  # fmt: skip
+    tokenizer = llm.get_tokenizer()
+    expected = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True
+    )
+    assert out.prompt == expected and "Hi" in expected
+    assert list(out.prompt_token_ids) == tokenizer.encode(expected, add_special_tokens=False)
+    image = [{"type": "image_url", "image_url": {"url": "data:"}}]
+    with pytest.raises(ValueError, match="'image_url' are not supported"):
+        llm.chat([{"role": "user", "content": image}])
+    assert not llm.engine.requests
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"max_num_seqs": 8}, {"max_batch_size": 8}),
+        ({"block_size": 32, "swap_space": 2}, {"page_size": 32, "swap_memory": "2GiB"}),
+        ({"dtype": "half"}, {"dtype": "float16"}),
+        ({"dtype": "auto"}, {"dtype": "float32"}),
+        ({"dtype": "auto", "device": "cuda"}, {"dtype": "bfloat16", "device": "cuda"}),
+        ({"gpu_memory_utilization": 0.5, "device": "cuda"}, {"kv_memory": "0.5", "device": "cuda"}),
+        ({"tensor_parallel_size": 1, "trust_remote_code": False, "seed": 3}, {"seed": 3}),
+        (
+            {"max_model_len": 128, "enforce_eager": True},
+            {"max_model_len": 128, "enforce_eager": True},
+        ),
+    ],
+)
+def test_vllm_engine_arguments_translate(options, expected):
+    assert engine_options(options) == expected
+
+
+def test_gpu_memory_utilization_on_the_cpu_keeps_kv_memory_and_says_so(caplog):
+    with caplog.at_level(logging.INFO, logger="baton_paged.vllm_args"):
+        assert engine_options({"gpu_memory_utilization": 0.9}) == {}
+    assert "kv_memory sizes KV" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tensor_parallel_size": 2}, "tensor_parallel_size=2 is not supported"),
+        ({"trust_remote_code": True}, "trust_remote_code=True is not supported"),
+        ({"enable_prefix_caching": True}, "enable_prefix_caching=True is not supported"),
+        ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be in"),
+        ({"speculative_config": {}}, "unknown engine argument 'speculative_config'"),
+    ],
+)
+def test_unsupported_engine_arguments_are_refused_by_name(options, message):
+    with pytest.raises(ValueError, match=message):
+        engine_options(options)
+
+
+def test_conversation_without_a_template_is_plain_role_lines():
+    class Plain:
+        chat_template = None
+
+        def encode(self, text, add_special_tokens=True):
+            assert not add_special_tokens
+            return [len(text)]
+
+    messages = [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Hi"}]
+    prompt = conversation_prompt(Plain(), messages)
+    assert prompt == {"prompt": "system: Be brief\nuser: Hi\nassistant:", "prompt_token_ids": [36]}
+    with pytest.raises(ValueError, match="exclude each other"):
+        conversation_prompt(Plain(), messages, continue_final_message=True)
+    with pytest.raises(ValueError, match="at least one message"):
+        conversation_prompt(Plain(), [])
