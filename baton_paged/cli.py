@@ -69,6 +69,7 @@ def build_engine(options: dict):
     """An Engine from CLI options; a bad value is a usage error, not a traceback."""
     from baton_paged.config import EngineConfig
     from baton_paged.engine import Engine
+    from baton_paged.model_builder import ModelUnavailableError
     from baton_paged.registries import check_registered
 
     try:
@@ -76,7 +77,10 @@ def build_engine(options: dict):
         check_registered(config)
     except ValueError as error:
         raise click.UsageError(str(error)) from error
-    return Engine(config)  # with no --model, load_model warns that the weights are random
+    try:
+        return Engine(config)
+    except ModelUnavailableError as error:  # the default model cannot be fetched: say what to do
+        raise click.ClickException(str(error)) from error
 
 
 @main.command()

@@ -29,8 +29,9 @@ DTYPES = {
 @dataclass(frozen=True)
 class EngineConfig:
     model: str | None = None
-    """Local checkpoint directory or Hugging Face hub id; None = the built-in random-weight
-    small Llama (built and cached on first use)."""
+    """Local checkpoint directory, GGUF file (dequantized on load) or Hugging Face hub id;
+    None = the built-in SmolLM2-135M-Instruct (fetched from the package index and cached on first
+    use); 'random' = a random-weight ~28M Llama built locally (no download, its text is noise)."""
     dtype: str = "float32"
     """Weights, activations and KV cache dtype: float32, float64, float16 or bfloat16."""
     device: str = "cpu"

