@@ -4,8 +4,14 @@ compiled on first use, cached per machine.
 ``torch.utils.cpp_extension`` builds the sources with the machine's C++ compiler (``-O3
 -march=native``, so the build directory's name carries a hash of the source, the CPU's
 instruction sets and torch's version: a cache copied to another machine is rebuilt, never run
-with instructions its CPU lacks). Concurrent first uses wait on torch's build lock. The first
-build takes tens of seconds; later processes load the cached library in milliseconds.
+with instructions its CPU lacks). The first build takes tens of seconds; later processes load
+the cached library in milliseconds.
+
+Concurrent first uses must not build twice, and a build killed halfway (Ctrl-C during the first
+start) must not stop every later start. torch's own build lock is a plain file that a killed
+process leaves behind, and every later load waits on it forever; so builds and loads hold an
+``flock`` on the build directory, which the kernel releases when its holder dies, and whoever
+holds it removes a torch lock file left there (nobody else can be building).
 
 Where no compiler or build tool is present, or the build fails, ``cpu_kernels()`` logs one line
 and answers None, and the engine keeps to the plain ``torch`` backend: never a crash.
@@ -13,6 +19,7 @@ and answers None, and the engine keeps to the plain ``torch`` backend: never a c
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -22,6 +29,11 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # Windows: torch's own build lock alone
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -78,21 +90,41 @@ def _build_problem() -> str | None:
 def _load() -> ModuleType:
     from torch.utils import cpp_extension
 
+    name = f"baton_cpu_kernels_{_build_key()}"
+    directory = build_directory()
+    directory.mkdir(parents=True, exist_ok=True)
+    with _exclusive(directory):
+        if not any(directory.glob("*.so")):
+            logger.warning("building the CPU kernels into %s (once per machine)", directory)
+        return cpp_extension.load(
+            name=name,
+            sources=[str(CSRC / name) for name in SOURCES],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(directory),
+            verbose=False,
+        )
+
+
+@contextlib.contextmanager
+def _exclusive(directory: Path):
+    """Hold the build directory alone (waiting for a live builder); clear a dead one's lock."""
+    if fcntl is None:
+        yield
+        return
+    with open(directory / "build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = directory / "lock"
+        if stale.exists():
+            logger.warning("removing %s, left by a build that did not finish", stale)
+            stale.unlink(missing_ok=True)
+        yield
+
+
+def build_directory() -> Path:
     from baton_paged.model_builder.cache import cache_root
 
-    name = f"baton_cpu_kernels_{_build_key()}"
-    directory = cache_root() / "kernels" / name
-    directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.glob("*.so")):
-        logger.warning("building the CPU kernels into %s (once per machine)", directory)
-    return cpp_extension.load(
-        name=name,
-        sources=[str(CSRC / name) for name in SOURCES],
-        extra_cflags=CFLAGS,
-        extra_ldflags=["-fopenmp"],
-        build_directory=str(directory),
-        verbose=False,
-    )
+    return cache_root() / "kernels" / f"baton_cpu_kernels_{_build_key()}"
 
 
 def _first_error(message: str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 from torch.utils import cpp_extension
@@ -64,3 +66,17 @@ def test_the_build_key_changes_with_the_source_and_the_cpu(monkeypatch):
     key = cpu_extension._build_key()
     monkeypatch.setattr(cpu_extension, "_cpu_flags", lambda: "flags : sse2")
     assert cpu_extension._build_key() != key
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_start():
+    """torch's build lock is a plain file: a build killed halfway leaves it, and torch alone
+    would wait on it forever. The next process finds it under our flock and removes it."""
+    assert cpu_extension.cpu_kernels() is not None  # built and cached
+    stale = cpu_extension.build_directory() / "lock"
+    stale.touch()
+    try:
+        load = "from baton_paged.attention.cpu_extension import cpu_kernels; assert cpu_kernels()"
+        subprocess.run([sys.executable, "-c", load], check=True, timeout=120)
+        assert not stale.exists()
+    finally:
+        stale.unlink(missing_ok=True)
