@@ -134,10 +134,12 @@ def _first_error(message: str) -> str:
 
 
 def _build_key() -> str:
-    """A hash of everything the compiled library depends on."""
+    """A hash of everything the compiled library depends on, this loader included: processes
+    whose loaders lock differently never share a build directory."""
     digest = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         digest.update((CSRC / name).read_bytes())
+    digest.update(Path(__file__).read_bytes())
     digest.update(" ".join(CFLAGS).encode())
     digest.update(torch.__version__.encode())
     digest.update(_cpu_flags().encode())
