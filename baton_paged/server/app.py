@@ -28,6 +28,7 @@ from baton_paged.server.limits import check_context, check_logit_bias
 from baton_paged.server.metrics import ServerMetrics
 from baton_paged.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from baton_paged.server.responses import (
+    ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionResponse,
     ModelCard,
@@ -62,11 +63,16 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
         response_model=ModelList,
         responses=errors(401) if api_key else {},
     )(server.models)
-    for path, route, reply in (
-        ("/v1/completions", server.completions, CompletionResponse),
-        ("/v1/chat/completions", server.chat_completions, ChatCompletionResponse),
+    for path, route, reply, chunk in (
+        ("/v1/completions", server.completions, CompletionResponse, CompletionResponse),
+        (
+            "/v1/chat/completions",
+            server.chat_completions,
+            ChatCompletionResponse,
+            ChatCompletionChunk,
+        ),
     ):
-        responses = generated(reply, refusals)
+        responses = generated(reply, chunk, refusals)
         app.post(path, dependencies=guard, response_model=None, responses=responses)(route)
     app.openapi = without_422(app.openapi)
     return app
@@ -100,9 +106,13 @@ def errors(*statuses: int) -> dict:
     }
 
 
-def generated(model: type, refusals: tuple[int, ...]) -> dict:
-    """A generating route's replies: JSON, or server-sent events with ``"stream": true``."""
-    stream = {"text/event-stream": {"schema": {"type": "string"}}}
+def generated(model: type, chunk: type, refusals: tuple[int, ...]) -> dict:
+    """A generating route's replies: JSON, or server-sent events with ``"stream": true`` (the
+    schema of an event stream describes one event, as OpenAPI 3.1 reads it)."""
+    data = f"A {chunk.__name__} as JSON, an error object if the request fails, then [DONE]."
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+    event["properties"]["data"]["description"] = data
+    stream = {"text/event-stream": {"schema": event}}
     ok = {"model": model, "description": "The reply, or its stream.", "content": stream}
     return {200: ok, **errors(*refusals)}
 

@@ -2,7 +2,7 @@
 
 Every error the app returns has it: ours (``APIError``), the engine's (ValueError is a bad
 request), bodies that fail validation or are not JSON / not UTF-8 (FastAPI's 422 and 400, which
-would otherwise be ``{"detail": ...}``), and unknown routes or methods.
+would otherwise be ``{"detail": ...}``), unknown routes or methods, and bugs (500).
 """
 
 from __future__ import annotations
@@ -95,7 +95,8 @@ def install_handlers(app) -> None:
             message = f"{message}: send a UTF-8 JSON object"
         return error_response(error.status_code, message)
 
-    for kind in (APIError, ValueError, QueueFullError, EngineStoppedError, RequestFailedError):
+    kinds = (APIError, ValueError, QueueFullError, EngineStoppedError, RequestFailedError)
+    for kind in (*kinds, Exception):  # Exception: a bug is still a 500 in OpenAI's shape
         app.add_exception_handler(kind, on_error)
     app.add_exception_handler(RequestValidationError, on_malformed)
     app.add_exception_handler(HTTPException, on_http)

@@ -84,7 +84,7 @@ class SamplingFields(BaseModel):
     top_k: int | None = Field(default=None, description="vLLM: keep the top_k tokens; -1: all.")
     min_p: float | None = Field(default=None, description="vLLM: drop tokens below min_p x top.")
     n: int | None = Field(default=None, description="Choices to generate for the prompt.")
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="torch's range.")
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     presence_penalty: float | None = None

@@ -16,3 +16,9 @@ def server(tiny_model_dir):
 @pytest.fixture
 def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "fuzz: schemathesis against the OpenAI app (bounded; in the default run)"
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from serving import HEADERS, MAX_MODEL_LEN, MODEL, offline
+from serving import HEADERS, MAX_MODEL_LEN, MODEL, needs_vllm_sampling_fields, offline
 
 from baton_paged.sampling_params import SamplingParams
 from baton_paged.server.chat import ChatMessage, render_chat
@@ -200,19 +200,36 @@ def test_a_seed_makes_sampling_repeatable(server, client):
     assert first.choices[0].text == again.choices[0].text != other.choices[0].text
 
 
+def test_a_seed_outside_torchs_range_is_400_naming_it(server):
+    reply = post(server, "completions", {"prompt": "x", "seed": 2**64})
+    assert_refused(reply, server, 400, "seed", param="seed")
+
+
+def test_openapi_documents_bodies_replies_and_errors(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    for route, reply in (
+        ("completions", "CompletionResponse"),
+        ("chat/completions", "ChatCompletionResponse"),
+    ):
+        operation = spec["paths"][f"/v1/{route}"]["post"]
+        assert operation["requestBody"]["required"]
+        responses = operation["responses"]
+        assert set(responses) == {"200", "400", "401", "404", "500", "503"}
+        assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith(reply)
+        assert "text/event-stream" in responses["200"]["content"]
+        error = responses["400"]["content"]["application/json"]["schema"]["$ref"]
+        assert error.endswith("ErrorResponse")
+    assert spec["components"]["schemas"]["CompletionRequest"]["additionalProperties"] is False
+    assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
+    assert set(spec["paths"]["/health"]["get"]["responses"]) == {"200", "503"}
+
+
 def test_a_logit_bias_for_a_token_the_model_lacks_is_400(server):
     vocab = len(server.engine.tokenizer)
     body = {"prompt": "x", "logit_bias": {str(vocab): 5}}
     assert_refused(post(server, "completions", body), server, 400, str(vocab), param="logit_bias")
     body = {"prompt": "x", "logit_bias": {"the": 5}}
     assert_refused(post(server, "completions", body), server, 400, param="logit_bias.the")
-
-
-needs_vllm_sampling_fields = pytest.mark.skipif(
-    "n" not in getattr(SamplingParams, "__dataclass_fields__", {}),
-    reason="needs SamplingParams' vLLM fields (n, penalties, min_p, logit_bias): on main soon",
-)
-"""The engine honours these fields once SamplingParams has them; until then they are skipped."""
 
 
 @needs_vllm_sampling_fields
