@@ -45,6 +45,7 @@ from baton_paged.model_loading import (
 from baton_paged.model_runner import ModelRunner
 from baton_paged.output_processor import OutputProcessor
 from baton_paged.outputs import RequestOutput
+from baton_paged.parallel_sampling import SampleGroup, child_requests
 from baton_paged.registries import check_registered
 from baton_paged.request import Request, RequestStatus
 from baton_paged.sampler import SamplingRow, sample
@@ -138,6 +139,9 @@ class Engine:
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.stats = EngineStats(page_bytes=spec.bytes_per_page)
         self.requests: dict[str, Request] = {}
+        self.groups: dict[str, SampleGroup] = {}
+        """Requests with several completions, by parent id; their children are in ``requests``."""
+        self._parent_of: dict[str, str] = {}
         self._generator = torch.Generator(config.device).manual_seed(config.seed)
         self._step: _StepProgress | None = None
         self._publish(QueueSizes(0, 0, 0))
@@ -165,17 +169,42 @@ class Engine:
         return self.enqueue(self.inputs.prepare(prompt, params, request_id, priority))
 
     def enqueue(self, request: Request) -> str:
-        """Queue a request from ``inputs.prepare``; ValueError if its id is in use."""
-        if request.request_id in self.requests:
+        """Queue a request from ``inputs.prepare`` (several completions: its children, see
+        ``parallel_sampling.py``); ValueError if its id is in use."""
+        if request.request_id in self.requests or request.request_id in self.groups:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.params.num_samples == 1:
+            self._queue(request)
+            return request.request_id
+        children = child_requests(request)
+        if any(child.request_id in self.requests for child in children):
+            raise ValueError(f"a child id of request {request.request_id!r} is already in use")
+        self.groups[request.request_id] = SampleGroup(
+            request, tuple(c.request_id for c in children)
+        )
+        for child in children:
+            self._parent_of[child.request_id] = request.request_id
+            self._queue(child)
+        return request.request_id
+
+    def _queue(self, request: Request) -> None:
         self.requests[request.request_id] = request
         self.outputs.add(request)
         self._publish(self.scheduler.add(request))
-        return request.request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is (waiting, running, swapped) and free its device and host
-        pages now; None if it is not live."""
+        pages now; None if it is not live. A parent request stops all its children."""
+        if request_id in self.groups:
+            group = self.groups[request_id]
+            for child in group.child_ids:
+                if child in self.requests:
+                    group.update(self._abort(child))
+            self._forget_group(request_id)
+            return group.merged()
+        return self._abort(request_id)
+
+    def _abort(self, request_id: str) -> RequestOutput | None:
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
@@ -234,7 +263,8 @@ class Engine:
         done = [r for r in self.requests.values() if r.status.is_finished]
         outputs = self._report(done)
         running = [rid for rid, r in self.requests.items() if r.status is RequestStatus.RUNNING]
-        return outputs, running + unissued
+        suspects = (self._parent_of.get(rid, rid) for rid in running + unissued)
+        return outputs, list(dict.fromkeys(suspects))
 
     def _report(self, requests) -> list[RequestOutput]:
         """Outputs for ``requests``; finished ones are forgotten once theirs is built."""
@@ -244,7 +274,25 @@ class Engine:
             if request.status.is_finished:
                 del self.requests[request.request_id]
                 self.outputs.release(request.request_id)
-        return outputs
+        return self._merge(outputs)
+
+    def _merge(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+        """Children's outputs become their parent's (one per parent, the latest)."""
+        merged: dict[str, RequestOutput | None] = {}
+        for output in outputs:
+            parent = self._parent_of.get(output.request_id)
+            if parent is None:
+                merged[output.request_id] = output
+                continue
+            group = self.groups[parent]
+            merged[parent] = group.update(output)
+            if group.finished:
+                self._forget_group(parent)
+        return [output for output in merged.values() if output is not None]
+
+    def _forget_group(self, parent: str) -> None:
+        for child in self.groups.pop(parent).child_ids:
+            self._parent_of.pop(child, None)
 
     def _take_tokens(
         self, forward: ForwardBatch, logits: torch.Tensor, progress: _StepProgress
@@ -252,7 +300,11 @@ class Engine:
         requests = [self.requests[row.request_id] for row in forward.rows if row.sample]
         rows = [
             SamplingRow(
-                r.params, r.generator or self._generator, self.outputs.suppressed_token_ids(r)
+                r.params,
+                r.generator or self._generator,
+                self.outputs.suppressed_token_ids(r),
+                r.prompt_token_ids,
+                r.output_token_ids,
             )
             for r in requests
         ]

@@ -55,6 +55,7 @@ class InputProcessor:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority must be an int, got {priority!r}")
         text, ids = self._tokenize(prompt)
+        self._check_logit_bias(params)
         seed = params.seed
         return Request(
             request_id=request_id,
@@ -88,6 +89,12 @@ class InputProcessor:
         if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
             raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
         return ids
+
+    def _check_logit_bias(self, params: SamplingParams) -> None:
+        vocab = len(self.tokenizer)
+        outside = [token_id for token_id, _ in params.logit_bias if token_id >= vocab]
+        if outside:
+            raise ValueError(f"logit_bias token ids must be < the vocabulary's {vocab}: {outside}")
 
     def _max_tokens(self, ids: list[int], params: SamplingParams) -> int:
         """The request's max_tokens; ValueError if its prompt fits neither model nor pool."""

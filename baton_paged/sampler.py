@@ -1,8 +1,9 @@
 """The sampler: one step's logits in, one token per request out (plus log-probabilities on request).
 
-Order of operations, per row: suppressed ids are set to -inf (the engine forbids EOS and stop ids
-while a request is below ``min_tokens``; this applies to greedy rows too), then greedy rows take
-the argmax and random rows go through temperature, top-k, top-p and a multinomial draw.
+Order of operations, per row, as vLLM's: ``logit_bias`` is added; suppressed ids are set to
+-inf (the engine forbids EOS and stop ids while a request is below ``min_tokens``); repetition,
+frequency and presence penalties apply; all of this to greedy rows too. Then greedy rows take
+the argmax and random rows go through temperature, min-p, top-k, top-p and a multinomial draw.
 
 Two rules shape the code:
 - Greedy must match HF ``generate`` token for token, so greedy rows are a plain argmax (ties go to
@@ -45,6 +46,10 @@ class SamplingRow:
     """The request's own generator (on the logits' device), or None for torch's default one."""
     suppressed_token_ids: tuple[int, ...] = ()
     """Token ids this row may not produce this step (EOS and stop ids below ``min_tokens``)."""
+    prompt_token_ids: Sequence[int] = ()
+    """The request's prompt: the repetition penalty counts it (read only with penalties on)."""
+    output_token_ids: Sequence[int] = ()
+    """The request's tokens so far: every penalty counts them."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,9 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     scores = logits.detach().to(dtype=dtype, copy=True)
     raw = _raw_logprobs(scores, rows)
+    _add_logit_bias(scores, rows)
     _suppress(scores, rows)
+    _apply_penalties(scores, rows)
     tokens = torch.empty(len(rows), dtype=torch.long, device=scores.device)
     greedy = [i for i, row in enumerate(rows) if row.params.is_greedy]
     if greedy:
@@ -86,15 +93,55 @@ def _suppress(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     )
 
 
+def _add_logit_bias(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    for i, row in enumerate(rows):
+        if row.params.logit_bias:
+            ids, biases = zip(*row.params.logit_bias, strict=True)
+            scores[i, list(ids)] += torch.tensor(biases, dtype=scores.dtype, device=scores.device)
+
+
+def _apply_penalties(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Repetition penalty over prompt and output (transformers' ``RepetitionPenaltyLogitsProcessor``
+    rule), then OpenAI's frequency and presence penalties over the output, row by row in place."""
+    for i, row in enumerate(rows):
+        params = row.params
+        if not params.has_penalties:
+            continue
+        device = scores.device
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(
+                sorted({*row.prompt_token_ids, *row.output_token_ids}), device=device
+            )
+            values = scores[i, seen]
+            penalty = params.repetition_penalty
+            scores[i, seen] = torch.where(values < 0, values * penalty, values / penalty)
+        if (params.frequency_penalty or params.presence_penalty) and row.output_token_ids:
+            output = torch.tensor(row.output_token_ids, device=device)
+            counts = torch.bincount(output, minlength=scores.shape[1]).to(scores.dtype)
+            scores[i] -= params.frequency_penalty * counts
+            scores[i] -= params.presence_penalty * (counts > 0).to(scores.dtype)
+
+
 def _sample_random(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Temperature, then top-k, then top-p, then one multinomial draw per row on its generator."""
+    """Temperature, then min-p, top-k and top-p, then one multinomial draw per row on its
+    generator."""
     temperatures = [row.params.temperature for row in rows]
     scores = scores / torch.tensor(temperatures, dtype=scores.dtype, device=scores.device)[:, None]
+    if any(row.params.min_p > 0 for row in rows):
+        scores = _min_p(scores, [row.params.min_p for row in rows])
     if any(_filters(row.params) for row in rows):
         scores = _top_k_top_p(scores, [row.params for row in rows])
     probs = scores.softmax(dim=-1)
     draws = [torch.multinomial(probs[i], 1, generator=row.generator) for i, row in enumerate(rows)]
     return torch.cat(draws)
+
+
+def _min_p(scores: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
+    """Drop tokens less likely than ``min_p`` times the row's most likely token (``min_p == 0``
+    keeps every finite-score token)."""
+    probs = scores.softmax(dim=-1)
+    threshold = torch.tensor(min_p, dtype=probs.dtype, device=probs.device)[:, None]
+    return scores.masked_fill(probs < threshold * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
 def _filters(params: SamplingParams) -> bool:

@@ -13,6 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from numbers import Real
+from typing import Any
 
 GREEDY_TEMPERATURE = 1e-5
 """Below this temperature sampling is greedy (argmax), as in vLLM: dividing by ~0 only overflows."""
@@ -50,6 +51,29 @@ class SamplingParams:
     """Keep the matched stop string at the end of the output text."""
     skip_special_tokens: bool = True
     """Leave special tokens (EOS, chat markers) out of the output text."""
+    n: int = 1
+    """Completions returned for the prompt (each sampled on its own; with ``seed``, completion
+    ``i`` uses ``seed + i``, as vLLM)."""
+    best_of: int | None = None
+    """Completions generated, of which the ``n`` with the highest cumulative log-probability are
+    returned; None means ``n``."""
+    presence_penalty: float = 0.0
+    """Subtracted once from the logit of every token the output already contains, in [-2, 2]
+    (OpenAI's definition; > 0 favours new tokens)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time the output already contains it, in [-2, 2]."""
+    repetition_penalty: float = 1.0
+    """Divides positive logits and multiplies negative ones of every token in the prompt or the
+    output (transformers' and vLLM's definition); 1 is off, > 1 discourages repeats."""
+    min_p: float = 0.0
+    """Drop tokens whose probability (after temperature) is below ``min_p`` times the most likely
+    token's, in [0, 1]; 0 keeps every token."""
+    logit_bias: Any = None
+    """``{token_id: bias}`` added to the logits before anything else (greedy included); biases are
+    clamped to [-100, 100] as OpenAI does. Stored as sorted ``(token_id, bias)`` pairs."""
+    prompt_logprobs: int | None = None
+    """Return, for every prompt token after the first, its log-probability and those of the
+    ``prompt_logprobs`` most likely tokens at that position; None returns none."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _normalise_stop(self.stop))
@@ -60,6 +84,15 @@ class SamplingParams:
         _check_optional_int("seed", self.seed, minimum=None)
         _check_token_counts(self.max_tokens, self.min_tokens)
         _check_optional_int("logprobs", self.logprobs, minimum=0)
+        _check_optional_int("prompt_logprobs", self.prompt_logprobs, minimum=0)
+        _check_samples(self.n, self.best_of)
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_range(name, getattr(self, name), -2.0, 2.0)
+        _check_number("repetition_penalty", self.repetition_penalty)
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        _check_range("min_p", self.min_p, 0.0, 1.0)
+        object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
 
     @property
     def is_greedy(self) -> bool:
@@ -68,6 +101,17 @@ class SamplingParams:
     @property
     def top_k_disabled(self) -> bool:
         return self.top_k in (0, -1)
+
+    @property
+    def num_samples(self) -> int:
+        """Completions generated: ``best_of``, else ``n``."""
+        return self.best_of or self.n
+
+    @property
+    def has_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or (
+            self.repetition_penalty != 1.0
+        )
 
 
 def _is_int(value: object) -> bool:
@@ -94,6 +138,41 @@ def _normalise_stop_token_ids(ids: Sequence[int] | None) -> tuple[int, ...]:
                 f"stop_token_ids must be token ids >= 0, got {token_id!r} in {list(ids)!r}"
             )
     return ids
+
+
+def _check_number(name: str, value: object) -> None:
+    if not isinstance(value, Real) or isinstance(value, bool) or math.isnan(value):
+        raise ValueError(f"{name} must be a number, got {name}={value!r}")
+
+
+def _check_range(name: str, value: float, low: float, high: float) -> None:
+    _check_number(name, value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {name}={value}")
+
+
+def _check_samples(n: int, best_of: int | None) -> None:
+    _check_optional_int("n", n, minimum=1)
+    if n is None:
+        raise ValueError("n must be an int >= 1, got n=None")
+    _check_optional_int("best_of", best_of, minimum=1)
+    if best_of is not None and best_of < n:
+        raise ValueError(f"best_of must be >= n, got best_of={best_of} < n={n}")
+
+
+def _normalise_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
+    if bias is None:
+        return ()
+    pairs = bias.items() if isinstance(bias, dict) else bias
+    try:
+        pairs = [(token_id, value) for token_id, value in pairs]
+    except (TypeError, ValueError):
+        raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}") from None
+    for token_id, value in pairs:
+        if not _is_int(token_id) or token_id < 0:
+            raise ValueError(f"logit_bias keys must be token ids >= 0, got {token_id!r}")
+        _check_number(f"logit_bias[{token_id}]", value)
+    return tuple(sorted((token_id, min(max(float(v), -100.0), 100.0)) for token_id, v in pairs))
 
 
 def _check_temperature(temperature: float) -> None:

@@ -74,6 +74,16 @@ def test_every_field_has_a_docstring_for_help_text():
         ({"stop": ["ok", ""]}, "stop strings must be non-empty"),
         ({"stop_token_ids": [1, -3]}, "-3"),
         ({"seed": 1.5}, "seed=1.5"),
+        ({"n": 0}, "n=0"),
+        ({"best_of": 1, "n": 2}, "best_of=1 < n=2"),
+        ({"presence_penalty": 2.5}, "presence_penalty=2.5"),
+        ({"frequency_penalty": float("nan")}, "frequency_penalty=nan"),
+        ({"repetition_penalty": 0.0}, "repetition_penalty"),
+        ({"min_p": 1.5}, "min_p=1.5"),
+        ({"logit_bias": {-1: 1.0}}, "-1"),
+        ({"logit_bias": {3: "x"}}, "logit_bias[3]='x'"),
+        ({"logit_bias": 3}, "logit_bias must map"),
+        ({"prompt_logprobs": -1}, "prompt_logprobs=-1"),
     ],
 )
 def test_bad_values_name_the_field_and_value(kwargs, message):
@@ -81,6 +91,12 @@ def test_bad_values_name_the_field_and_value(kwargs, message):
         SamplingParams(**kwargs)
     assert message in str(error.value)
     assert next(iter(kwargs)) in str(error.value)
+
+
+def test_logit_bias_is_clamped_sorted_pairs():
+    params = SamplingParams(logit_bias={9: 250, 2: -0.5})
+    assert params.logit_bias == ((2, -0.5), (9, 100.0))
+    assert hash(params) == hash(SamplingParams(logit_bias=[(2, -0.5), (9, 100.0)]))
 
 
 def test_min_tokens_may_exceed_nothing_when_max_tokens_is_none():
