@@ -266,12 +266,13 @@ def test_a_large_logit_bias_forces_its_token(server, client):
     [{"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"repetition_penalty": 2.0}],
 )
 def test_penalties_change_a_greedy_reply(server, client, penalty):
-    args = {"model": MODEL, "prompt": "x", "max_tokens": 24, "temperature": 0}
+    args = {"model": MODEL, "prompt": "x", "max_tokens": 64, "temperature": 0}
     args["extra_body"] = {"ignore_eos": True}
     plain = client.completions.create(**args).choices[0]
-    ids = server.engine.tokenizer.encode(plain.text)
+    greedy = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
+    ids = server.offline.generate(["x"], greedy)[0].outputs[0].token_ids
     assert len(set(ids)) < len(ids), "the greedy reply repeats tokens, so a penalty matters"
-    args["extra_body"] |= penalty
+    args["extra_body"] = {**args["extra_body"], **penalty}
     assert client.completions.create(**args).choices[0].text != plain.text
 
 
