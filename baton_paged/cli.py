@@ -41,7 +41,10 @@ def make_model(out_dir: str, arch: str, size: str, seed: int) -> None:
     """
     from baton_paged.model_builder import build_model
 
-    path = build_model(out_dir, arch=arch, size=size, seed=seed)
+    try:
+        path = build_model(out_dir, arch=arch, size=size, seed=seed)
+    except OSError as error:  # no room, no permission, a file in the way
+        raise click.UsageError(f"cannot write {out_dir}: {one_line(error)}") from error
     click.echo(f"wrote a random-weight {arch} ({size}) checkpoint to {path}")
 
 
@@ -66,7 +69,10 @@ def engine_options(fn):
 
 
 def build_engine(options: dict):
-    """An Engine from CLI options; a bad value is a usage error, not a traceback."""
+    """An Engine from CLI options. A bad value, a model that cannot be loaded, a device or
+    backend that cannot run, a KV budget too small: each is one ``Error:`` line (exit 2) saying
+    what to change, not a traceback."""
+    from baton_paged.attention.base import BackendUnavailableError
     from baton_paged.config import EngineConfig
     from baton_paged.engine import Engine
     from baton_paged.model_builder import ModelUnavailableError
@@ -75,12 +81,48 @@ def build_engine(options: dict):
     try:
         config = EngineConfig(**options)
         check_registered(config)
-    except ValueError as error:
-        raise click.UsageError(str(error)) from error
-    try:
+        check_device(config.device)
+        check_model_path(config.model)
         return Engine(config)
     except ModelUnavailableError as error:  # the default model cannot be fetched: say what to do
         raise click.ClickException(str(error)) from error
+    except (ValueError, BackendUnavailableError) as error:
+        raise click.UsageError(one_line(error)) from error
+    except OSError as error:  # transformers' word for a checkpoint it cannot find or read
+        hint = "pass a checkpoint directory, or a hub id this machine can download"
+        reason = one_line(error).rstrip(".")
+        raise click.UsageError(
+            f"cannot load --model {options['model']!r}: {reason}; {hint}"
+        ) from error
+
+
+def check_device(device: str) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        reason = "CUDA is not available in this torch build/machine"
+        raise ValueError(f"--device {device}: {reason}; use --device cpu")
+
+
+def check_model_path(model: str | None) -> None:
+    """A ``--model`` that is clearly a path (absolute, ./, ../, ~, or deeper than a hub's
+    ``org/name``) must be a directory or a GGUF file; else transformers reads it as a hub id and
+    says so."""
+    import os
+
+    if model is None:
+        return
+    path = os.path.expanduser(model)
+    if os.path.isabs(path) or model.startswith((".", "~")) or model.count("/") > 1:
+        if not os.path.isdir(path) and not (path.endswith(".gguf") and os.path.isfile(path)):
+            what = "not a directory" if os.path.exists(path) else "no such directory"
+            raise ValueError(
+                f"--model {model}: {what} (give a checkpoint directory, a .gguf file or a hub id)"
+            )
+
+
+def one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
 
 
 @main.command()

@@ -132,3 +132,51 @@ def test_replicas_are_checked_before_ray_starts():
     assert result.exit_code == 2 and "--replicas" in result.output
     result = CliRunner().invoke(cli.main, ["serve", "--replicas", "2", "--policy", "fifo"])
     assert result.exit_code == 2 and "unknown policy 'fifo'" in result.output
+
+
+def assert_one_error_line(result, *words: str) -> None:
+    """Exit 2, exactly one ``Error:`` line holding ``words``, and no traceback."""
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert result.exit_code == 2, result.output
+    assert len(errors) == 1 and all(word in errors[0] for word in words), result.output
+    assert "Traceback" not in result.output and not isinstance(result.exception, AssertionError)
+
+
+def test_cuda_without_cuda_says_use_cpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(cli.main, ["generate", "hi", "--device", "cuda"])
+    assert_one_error_line(result, "CUDA is not available", "--device cpu")
+
+
+def test_a_model_path_that_is_not_a_directory(tmp_path):
+    for model, words in (
+        (str(tmp_path / "nonexistent"), "no such directory"),
+        (__file__, "not a directory"),
+    ):
+        result = CliRunner().invoke(cli.main, ["generate", "hi", "--model", model])
+        assert_one_error_line(result, model, words)
+
+
+def test_a_hub_id_that_cannot_be_loaded_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never reach for the network
+    result = CliRunner().invoke(cli.main, ["generate", "hi", "--model", "nosuch/model-xyz"])
+    assert_one_error_line(result, "cannot load --model 'nosuch/model-xyz'", "checkpoint directory")
+
+
+def test_a_backend_that_cannot_run_and_a_kv_budget_below_one_page(tiny_model_dir):
+    model = ["--model", str(tiny_model_dir("llama"))]
+    for options, words in (
+        (["--attention-backend", "flash_attn", "--device", "cpu"], "cannot run here"),
+        (["--kv-memory", "1000"], "holds no page"),
+    ):
+        for command in (["generate", "hi"], ["serve"]):
+            result = CliRunner().invoke(cli.main, [*command, *model, *options])
+            assert_one_error_line(result, words)
+
+
+def test_make_model_into_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(cli.main, ["make-model", str(tmp_path / "file" / "m")])
+    assert_one_error_line(result, "cannot write")

@@ -10,8 +10,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton_paged import LLM, SamplingParams
 from baton_paged.model_builder import default_model, read_marker
-from baton_paged.server.chat import render_chat
-from baton_paged.server.protocol import ChatMessage
 
 pytestmark = pytest.mark.real_model
 
@@ -26,9 +24,8 @@ def smollm2_dir():
 def test_default_model_answers_a_chat_question(smollm2_dir):
     assert read_marker(smollm2_dir)["random_weights"] is False
     with LLM(max_model_len=512) as llm:  # no model named: the built-in default
-        question = [ChatMessage(role="user", content="What is the capital of France?")]
-        prompt = render_chat(llm.get_tokenizer(), question)
-        output = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=32))[0]
+        question = [{"role": "user", "content": "What is the capital of France?"}]
+        output = llm.chat(question, SamplingParams(temperature=0, max_tokens=32))[0]
     answer = output.outputs[0]
     assert "Paris" in answer.text and answer.finish_reason == "stop"  # stopped at <|im_end|>
 

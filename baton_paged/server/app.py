@@ -10,24 +10,32 @@ its output stream, which aborts the request and frees its pages at once (see
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from baton_paged.async_engine import AsyncEngine
+from baton_paged.chat_prompt import conversation_prompt
 from baton_paged.outputs import RequestOutput
-from baton_paged.server.chat import render_chat
-from baton_paged.server.errors import APIError, error_body, install_handlers, status_of
+from baton_paged.sampling_params import SamplingParams
+from baton_paged.server.errors import ERROR_TYPES, APIError, ErrorResponse, install_handlers
+from baton_paged.server.limits import check_context, check_logit_bias
 from baton_paged.server.metrics import ServerMetrics
 from baton_paged.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from baton_paged.server.responses import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from baton_paged.server.shapes import ChatShape, CompletionShape
+from baton_paged.server.streaming import sse_events
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -40,16 +48,73 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     app.state.engine = engine
     install_handlers(app)
     guard = [Depends(bearer_check(api_key))] if api_key else []
+    refusals = (400, 401, 404, 500, 503) if api_key else (400, 404, 500, 503)
     server = Routes(engine, model_name)
     metrics = ServerMetrics(engine)
     engine.finish_listeners.append(metrics.observe)
 
-    app.get("/health")(server.health)
-    app.get("/metrics")(lambda: Response(metrics.render(), media_type=CONTENT_TYPE_LATEST))
-    app.get("/v1/models", dependencies=guard)(server.models)
-    app.post("/v1/completions", dependencies=guard)(server.completions)
-    app.post("/v1/chat/completions", dependencies=guard)(server.chat_completions)
+    app.get("/health", response_class=Response, responses=HEALTH)(server.health)
+    app.get("/metrics", response_class=PlainTextResponse, responses=METRICS)(
+        lambda: Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    )
+    app.get(
+        "/v1/models",
+        dependencies=guard,
+        response_model=ModelList,
+        responses=errors(401) if api_key else {},
+    )(server.models)
+    for path, route, reply, chunk in (
+        ("/v1/completions", server.completions, CompletionResponse, CompletionResponse),
+        (
+            "/v1/chat/completions",
+            server.chat_completions,
+            ChatCompletionResponse,
+            ChatCompletionChunk,
+        ),
+    ):
+        responses = generated(reply, chunk, refusals)
+        app.post(path, dependencies=guard, response_model=None, responses=responses)(route)
+    app.openapi = without_422(app.openapi)
     return app
+
+
+def without_422(openapi: Callable[[], dict]) -> Callable[[], dict]:
+    """FastAPI documents a 422 for every body; this app answers a bad body with OpenAI's 400."""
+
+    def schema() -> dict:
+        spec = openapi()  # FastAPI builds it once and caches it; this edits the cached one
+        for operations in spec["paths"].values():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+        for unused in ("HTTPValidationError", "ValidationError"):
+            spec.get("components", {}).get("schemas", {}).pop(unused, None)
+        return spec
+
+    return schema
+
+
+HEALTH = {
+    200: {"description": "The engine's step loop is running; empty body.", "content": {}},
+    503: {"description": "The engine has stopped.", "model": ErrorResponse},
+}
+METRICS = {200: {"description": "Prometheus text format.", "content": {"text/plain": {}}}}
+
+
+def errors(*statuses: int) -> dict:
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_TYPES[status]} for status in statuses
+    }
+
+
+def generated(model: type, chunk: type, refusals: tuple[int, ...]) -> dict:
+    """A generating route's replies: JSON, or server-sent events with ``"stream": true`` (the
+    schema of an event stream describes one event, as OpenAPI 3.1 reads it)."""
+    data = f"A {chunk.__name__} as JSON, an error object if the request fails, then [DONE]."
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+    event["properties"]["data"]["description"] = data
+    stream = {"text/event-stream": {"schema": event}}
+    ok = {"model": model, "description": "The reply, or its stream.", "content": stream}
+    return {200: ok, **errors(*refusals)}
 
 
 def bearer_check(api_key: str) -> Callable:
@@ -67,42 +132,66 @@ class Routes:
         self.model_name = model_name
 
     async def health(self) -> Response:
-        return Response(status_code=200 if self.engine.is_running else 503)
+        if not self.engine.is_running:
+            raise APIError(503, "the engine has stopped")
+        return Response(status_code=200)
 
-    async def models(self) -> dict:
-        card = {"id": self.model_name, "object": "model", "created": 0, "owned_by": "baton-paged"}
-        return {"object": "list", "data": [card]}
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name)])
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        self.check_model(body)
-        return await self.respond(body, body.engine_prompt(), CompletionShape, request)
+        prompt, params = self.prepare(body, body.engine_prompt(), "prompt")
+        echo = self.prompt_text(prompt) if body.echo else ""
+        shape = CompletionShape(self.model_name, body.choices, self.decode, echo)
+        return await self.respond(body, prompt, params, shape, request)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        self.check_model(body)
-        prompt = render_chat(self.engine.tokenizer, body.messages)
-        return await self.respond(body, prompt, ChatShape, request)
+        turns = [{"role": m.role, "content": m.text} for m in body.messages]
+        prompt, params = self.prepare(
+            body, conversation_prompt(self.engine.tokenizer, turns), "messages"
+        )
+        top_n = body.top_logprobs or 0
+        shape = ChatShape(self.model_name, body.choices, self.decode, top_n=top_n)
+        return await self.respond(body, prompt, params, shape, request)
 
-    def check_model(self, body: SamplingFields) -> None:
+    def prepare(self, body: SamplingFields, prompt, what: str) -> tuple[dict, SamplingParams]:
+        """The tokenized prompt and the params, or a 400 (404 for another model) before
+        anything is queued."""
         if body.model is not None and body.model != self.model_name:
             raise APIError(
-                404, f"the model {body.model!r} does not exist; this server has {self.model_name!r}"
+                404,
+                f"the model {body.model!r} does not exist; this server has {self.model_name!r}",
+                param="model",
             )
-
-    async def respond(self, body: SamplingFields, prompt, shape: type, request: Request):
+        check_logit_bias(body.logit_bias, len(self.engine.tokenizer))
         params = body.sampling_params()
+        inputs = self.engine.inputs
+        ids = inputs.prepare(prompt, params).prompt_token_ids  # tokenized and checked
+        check_context(len(ids), body.token_limit(), inputs.max_model_len, what)
+        text = prompt if isinstance(prompt, str) else prompt.get("prompt")
+        return {"prompt_token_ids": ids, "prompt": text}, params
+
+    def prompt_text(self, prompt: dict) -> str:
+        if prompt["prompt"] is not None:
+            return prompt["prompt"]
+        return self.engine.tokenizer.decode(prompt["prompt_token_ids"])
+
+    def decode(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
+
+    async def respond(self, body, prompt, params, shape, request: Request) -> Response:
         stream = self.engine.generate(prompt, params, priority=body.priority)
         # Submission errors surface with the first output, before any byte is sent.
         first = await unless_gone(anext(stream), stream, request)
         if first is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        out = shape(self.model_name)
         if body.stream:
-            events = sse_events(first, stream, out, body.include_usage)
+            events = sse_events(first, stream, shape, body.include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
         final = await unless_gone(_last(first, stream), stream, request)
         if final is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return JSONResponse(out.whole(final))
+        return JSONResponse(shape.whole(final).model_dump())
 
 
 CLIENT_CLOSED_REQUEST = 499
@@ -146,128 +235,3 @@ async def _disconnected(request: Request) -> None:
     except Exception:
         logger.warning("cannot watch for a client disconnect", exc_info=True)
         await asyncio.Event().wait()  # until cancelled, when the work is done
-
-
-async def sse_events(first: RequestOutput, rest: AsyncIterator[RequestOutput], out, usage: bool):
-    """Server-sent events: a chunk per new piece of text, then usage if asked, then [DONE]."""
-    sent = ""
-    last = first
-    try:
-        for chunk in out.opening():
-            yield sse(chunk)
-        async for output in _chain(first, rest):
-            last = output
-            text = output.outputs[0].text
-            delta, sent = (text[len(sent) :], text) if text.startswith(sent) else ("", sent)
-            finish = output.outputs[0].finish_reason
-            if delta or finish:
-                yield sse(out.chunk(delta, finish, output.outputs[0].stop_reason))
-        if usage:
-            yield sse(out.usage_chunk(last))
-    except Exception as error:  # the request failed mid-stream: say so in the stream
-        yield sse(error_body(status_of(error), str(error)))
-    finally:
-        await rest.aclose()  # a client gone mid-stream aborts its request now, not at GC
-    yield "data: [DONE]\n\n"
-
-
-async def _chain(first, rest):
-    yield first
-    async for item in rest:
-        yield item
-
-
-def sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
-
-
-def usage_of(output: RequestOutput) -> dict:
-    prompt, completion = len(output.prompt_token_ids), len(output.outputs[0].token_ids)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-
-
-class CompletionShape:
-    """``/v1/completions`` bodies: ``text_completion`` objects."""
-
-    prefix, kind = "cmpl", "text_completion"
-
-    def __init__(self, model: str):
-        self.model = model
-        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-
-    def envelope(self, choice: dict, usage: dict | None, kind: str | None = None) -> dict:
-        return {
-            "id": self.id,
-            "object": kind or self.kind,
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice] if choice else [],
-            "usage": usage,
-        }
-
-    def whole(self, output: RequestOutput) -> dict:
-        done = output.outputs[0]
-        choice = self.choice(done.text, done.finish_reason, done.stop_reason)
-        return self.envelope(choice, usage_of(output))
-
-    def choice(self, text: str, finish: str | None, stop_reason) -> dict:
-        return {
-            "index": 0,
-            "text": text,
-            "logprobs": None,
-            "finish_reason": finish,
-            "stop_reason": stop_reason,
-        }
-
-    def opening(self) -> list[dict]:
-        return []
-
-    def chunk(self, delta: str, finish: str | None, stop_reason) -> dict:
-        return self.envelope(self.choice(delta, finish, stop_reason), None)
-
-    def usage_chunk(self, output: RequestOutput) -> dict:
-        return self.envelope({}, usage_of(output))
-
-
-class ChatShape(CompletionShape):
-    """``/v1/chat/completions`` bodies: ``chat.completion`` objects and their chunks."""
-
-    prefix, kind = "chatcmpl", "chat.completion"
-    chunk_kind = "chat.completion.chunk"
-
-    def choice(self, text: str, finish: str | None, stop_reason) -> dict:
-        message = {"role": "assistant", "content": text}
-        return {
-            "index": 0,
-            "message": message,
-            "logprobs": None,
-            "finish_reason": finish,
-            "stop_reason": stop_reason,
-        }
-
-    def opening(self) -> list[dict]:
-        delta = {
-            "index": 0,
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-        return [self.envelope(delta, None, self.chunk_kind)]
-
-    def chunk(self, delta: str, finish: str | None, stop_reason) -> dict:
-        choice = {
-            "index": 0,
-            "delta": {"content": delta} if delta else {},
-            "logprobs": None,
-            "finish_reason": finish,
-            "stop_reason": stop_reason,
-        }
-        return self.envelope(choice, None, self.chunk_kind)
-
-    def usage_chunk(self, output: RequestOutput) -> dict:
-        return self.envelope({}, usage_of(output), self.chunk_kind)

@@ -1,10 +1,17 @@
-"""Errors in OpenAI's JSON shape: ``{"error": {"message", "type", "param", "code"}}``."""
+"""Errors in OpenAI's JSON shape: ``{"error": {"message", "type", "param", "code"}}``.
+
+Every error the app returns has it: ours (``APIError``), the engine's (ValueError is a bad
+request), bodies that fail validation or are not JSON / not UTF-8 (FastAPI's 422 and 400, which
+would otherwise be ``{"detail": ...}``), unknown routes or methods, and bugs (500).
+"""
 
 from __future__ import annotations
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 
 from baton_paged.async_engine import EngineStoppedError, QueueFullError, RequestFailedError
 
@@ -18,19 +25,32 @@ ERROR_TYPES = {
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.param = param
 
 
-def error_body(status: int, message: str) -> dict:
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    """The request field at fault, when one is."""
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+def error_body(status: int, message: str, param: str | None = None) -> dict:
     kind = ERROR_TYPES.get(status, "error")
-    return {"error": {"message": message, "type": kind, "param": None, "code": status}}
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse(error_body(status, message), status_code=status)
+def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param), status_code=status)
 
 
 def status_of(error: Exception) -> int:
@@ -44,16 +64,39 @@ def status_of(error: Exception) -> int:
     return 500
 
 
+def validation_message(error: RequestValidationError) -> tuple[str, str | None]:
+    """One message for all of a body's problems, and the first faulty field."""
+    problems, params = [], []
+    for problem in error.errors():
+        path = ".".join(str(p) for p in problem["loc"][1:] if p != "[key]")
+        path = problem.get("ctx", {}).get("field", path)
+        if problem["type"] == "extra_forbidden":
+            problems.append(f"unknown field '{path}' (not supported by this server)")
+        elif problem["type"] == "json_invalid":
+            problems.append(f"the body is not valid JSON ({problem['msg']} at character {path})")
+            path = ""
+        else:
+            message = problem["msg"].removeprefix("Value error, ")
+            problems.append(f"{path}: {message}" if path else message)
+        params.append(path)
+    return "malformed request body: " + "; ".join(problems), next(filter(None, params), None)
+
+
 def install_handlers(app) -> None:
     async def on_error(_: Request, error: Exception) -> JSONResponse:
-        return error_response(status_of(error), str(error))
+        return error_response(status_of(error), str(error), getattr(error, "param", None))
 
     async def on_malformed(_: Request, error: RequestValidationError) -> JSONResponse:
-        details = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'][1:])}: {e['msg']}" for e in error.errors()
-        )
-        return error_response(400, f"malformed request body: {details}")
+        return error_response(400, *validation_message(error))
 
-    for kind in (APIError, ValueError, QueueFullError, EngineStoppedError, RequestFailedError):
+    async def on_http(_: Request, error: HTTPException) -> JSONResponse:
+        message = str(error.detail)
+        if error.status_code == 400:  # FastAPI's only 400: a body it could not read
+            message = f"{message}: send a UTF-8 JSON object"
+        return error_response(error.status_code, message)
+
+    kinds = (APIError, ValueError, QueueFullError, EngineStoppedError, RequestFailedError)
+    for kind in (*kinds, Exception):  # Exception: a bug is still a 500 in OpenAI's shape
         app.add_exception_handler(kind, on_error)
     app.add_exception_handler(RequestValidationError, on_malformed)
+    app.add_exception_handler(HTTPException, on_http)

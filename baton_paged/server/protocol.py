@@ -1,71 +1,171 @@
 """Request bodies of the OpenAI routes, and their translation into ``SamplingParams``.
 
-Field names and defaults follow OpenAI's API (and vLLM's extensions: top_k, min_tokens,
-ignore_eos, stop_token_ids, priority). What the engine does not do is refused with a 400 rather
-than ignored: more than one choice (``n > 1``), several prompts in one request.
+Nothing a client asks for is ignored: every field below either does what OpenAI (or vLLM) says
+it does, or the request fails with a 400 that names it.
+
+Implemented, with OpenAI's names: ``model``, ``prompt`` (one text or one list of token ids) /
+``messages``, ``max_tokens`` (chat also ``max_completion_tokens``), ``temperature``, ``top_p``,
+``n``, ``seed``, ``stop``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (token id
+-> bias), ``stream``, ``stream_options.include_usage``, ``logprobs`` (completions: how many top
+tokens; chat: ``logprobs`` + ``top_logprobs``), ``echo`` (completions), ``best_of``
+(completions). vLLM's extensions: ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
+``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``,
+``priority``. A null value means the engine's default, as if the field were absent.
+
+Accepted at a harmless value only (OpenAI SDKs and frameworks send some of these with their
+defaults); any other value is a 400 naming the field (see ``HARMLESS``):
+``user`` (any string: OpenAI's end-user id for abuse monitoring; it changes no output),
+``suffix`` (null or ""), and for chat ``tools``/``functions`` (null or []), ``tool_choice``/
+``function_call`` (null or "none"), ``parallel_tool_calls`` (any: no tools, no calls),
+``response_format`` (null or ``{"type": "text"}``), ``modalities`` (null or ["text"]),
+``audio``/``prediction``/``reasoning_effort``/``metadata``/``web_search_options`` (null),
+``store`` (null or false), ``service_tier`` (null, "auto" or "default"), ``best_of`` (null or
+1), ``echo`` (null or false).
+
+Any other field is unknown and a 400 naming it. Refused as well: several prompts in one
+request, ``echo`` together with ``logprobs`` (that needs the prompt's logprobs), ``max_tokens``
+past the model's context (vLLM's message, see ``limits``), and ``best_of`` smaller than ``n``
+(by ``SamplingParams``).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from baton_paged.sampling_params import SamplingParams
+from baton_paged.server.chat import ChatMessage
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = False
+    """Send a last chunk with the token counts."""
 
 
 class SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """Fields shared by completions and chat completions."""
 
-    model: str | None = None
-    max_tokens: int | None = Field(default=None, description="default: up to the context")
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    min_tokens: int = 0
-    seed: int | None = None
+    model_config = ConfigDict(extra="forbid")
+
+    HARMLESS: ClassVar[dict[str, tuple]] = {"suffix": (None, "")}
+    """Field -> the values it is accepted at (then dropped); any other value is a 400."""
+    PASSED_THROUGH: ClassVar[tuple[str, ...]] = (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "min_tokens",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logit_bias",
+        "n",
+        "include_stop_str_in_output",
+        "skip_special_tokens",
+    )
+    """Fields that reach ``SamplingParams`` under their own name, when the client sends them."""
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = None
+    """Without a limit from the client: chat generates up to the context."""
+
+    model: str | None = Field(default=None, description="The served model's id; others are 404.")
+    max_tokens: int | None = Field(
+        default=None, description="Tokens to generate at most; prompt + max_tokens must fit."
+    )
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = Field(default=None, description="vLLM: keep the top_k tokens; -1: all.")
+    min_p: float | None = Field(default=None, description="vLLM: drop tokens below min_p x top.")
+    n: int | None = Field(default=None, description="Choices to generate for the prompt.")
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="torch's range.")
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
-    ignore_eos: bool = False
-    n: int = 1
-    stream: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = Field(default=None, description="vLLM: > 1 repeats less.")
+    logit_bias: dict[int, float] | None = Field(
+        default=None, description="Token id -> bias added to its logit, in [-100, 100]."
+    )
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    priority: int = 0
-    """Lower is served first; a request may preempt running ones of higher number."""
+    user: str | None = Field(default=None, description="Accepted; it changes no output.")
+    priority: int = Field(default=0, description="Lower is served first; may preempt.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        """Drop the ``HARMLESS`` fields sent at a harmless value; refuse them at any other."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, harmless in cls.HARMLESS.items():
+            if name in data and not _one_of(data.pop(name), harmless):
+                allowed = " or ".join(repr(value) for value in harmless) or "absent"
+                raise PydanticCustomError(
+                    "unsupported_field",
+                    "'{field}' is not supported by this server (send it as {allowed} or not at "
+                    "all)",
+                    {"field": name, "allowed": allowed},
+                )
+        return data
 
     def sampling_params(self) -> SamplingParams:
-        """Raises ValueError (a 400) for values SamplingParams or this server refuses."""
-        if self.n != 1:
-            raise ValueError("only n=1 is supported")
-        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        """Raises ValueError (a 400) for values SamplingParams refuses. Fields the client left
+        out or sent as null keep SamplingParams' defaults."""
+        sent = self.model_dump(include=set(self.PASSED_THROUGH), exclude_none=True)
+        sent.update(self.extra_params())
+        limit = self.token_limit()
         return SamplingParams(
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            min_tokens=self.min_tokens,
-            max_tokens=self.token_limit(),
-            seed=self.seed,
-            stop=stop,
-            stop_token_ids=list(self.stop_token_ids or []),
-            ignore_eos=self.ignore_eos,
+            **sent, max_tokens=self.DEFAULT_MAX_TOKENS if limit is None else limit
         )
 
+    def extra_params(self) -> dict:
+        """Route-specific fields for ``SamplingParams``."""
+        return {}
+
     def token_limit(self) -> int | None:
+        """The limit on new tokens the client sent, if it sent one."""
         return self.max_tokens
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+
+def _one_of(value: Any, harmless: tuple) -> bool:
+    """``value in harmless``, but ``False`` is not ``0`` and ``True`` is not ``1``."""
+    return any(value == ok and type(value) is type(ok) for ok in harmless)
+
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str]
-    max_tokens: int | None = 16
-    """OpenAI's and vLLM's default for completions (chat's is: up to the context)."""
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = 16
+    """OpenAI's and vLLM's default for completions."""
+
+    prompt: str | list[int] | list[str] = Field(
+        description="One prompt: text, token ids, or a list holding one text."
+    )
+    echo: bool | None = Field(default=False, description="Prepend the prompt to each choice.")
+    logprobs: int | None = Field(
+        default=None, description="Also return the top N tokens' logprobs per generated token."
+    )
+    best_of: int | None = Field(
+        default=None, description="Generate best_of sequences, return the n most likely."
+    )
 
     def engine_prompt(self) -> str | dict:
         if isinstance(self.prompt, str):
@@ -76,16 +176,47 @@ class CompletionRequest(SamplingFields):
             return self.prompt[0]
         return {"prompt_token_ids": list(self.prompt)}
 
-
-class ChatMessage(BaseModel):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    def extra_params(self) -> dict:
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported (it needs prompt logprobs)")
+        wanted = {"logprobs": self.logprobs, "best_of": self.best_of}
+        return {name: value for name, value in wanted.items() if value is not None}
 
 
 class ChatCompletionRequest(SamplingFields):
+    HARMLESS: ClassVar[dict[str, tuple]] = {
+        **SamplingFields.HARMLESS,
+        "tools": (None, []),
+        "functions": (None, []),
+        "tool_choice": (None, "none"),
+        "function_call": (None, "none"),
+        "parallel_tool_calls": (None, True, False),
+        "response_format": (None, {"type": "text"}),
+        "modalities": (None, ["text"]),
+        "audio": (None,),
+        "prediction": (None,),
+        "reasoning_effort": (None,),
+        "metadata": (None,),
+        "web_search_options": (None,),
+        "store": (None, False),
+        "service_tier": (None, "auto", "default"),
+        "best_of": (None, 1),
+        "echo": (None, False),
+    }
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
-    """OpenAI's current name for chat's limit; ``max_tokens`` is its deprecated alias."""
+    max_completion_tokens: int | None = Field(
+        default=None, description="OpenAI's current name for max_tokens (its deprecated alias)."
+    )
+    logprobs: bool | None = Field(default=False, description="Return the chosen tokens' logprobs.")
+    top_logprobs: int | None = Field(
+        default=None, description="With logprobs: also the N most likely tokens at each step."
+    )
+
+    def extra_params(self) -> dict:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return {"logprobs": self.top_logprobs or 0} if self.logprobs else {}
 
     def token_limit(self) -> int | None:
         limits = {self.max_completion_tokens, self.max_tokens} - {None}

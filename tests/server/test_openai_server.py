@@ -8,59 +8,14 @@ import asyncio
 import json
 import threading
 import time
-from types import SimpleNamespace
 
 import httpx
 import openai
 import pytest
-import torch
-import uvicorn
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from serving import KEY, MODEL, offline
 
-from baton_paged.async_engine import AsyncEngine
-from baton_paged.config import EngineConfig
-from baton_paged.engine import Engine
-from baton_paged.llm import LLM
-from baton_paged.sampling_params import SamplingParams
+from baton_paged.chat_prompt import conversation_prompt
 from baton_paged.server import build_app
-from baton_paged.server.chat import render_chat
-from baton_paged.server.protocol import ChatMessage
-
-KEY = "test-key"
-MODEL = "tiny-llama"
-
-
-def tiny_engine(path) -> Engine:
-    config = EngineConfig(model=str(path), dtype="float64", max_batch_size=8, max_model_len=256)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
-    return Engine(config, model, AutoTokenizer.from_pretrained(path))
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_dir):
-    path = tiny_model_dir("llama")
-    engine = AsyncEngine(tiny_engine(path), max_waiting=256)
-    uv = uvicorn.Server(uvicorn.Config(build_app(engine, MODEL, KEY), port=0, log_level="warning"))
-    thread = threading.Thread(target=uv.run, daemon=True)
-    thread.start()
-    while not uv.started:
-        time.sleep(0.01)
-    port = uv.servers[0].sockets[0].getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    yield SimpleNamespace(url=url, engine=engine, offline=LLM.from_engine(tiny_engine(path)))
-    uv.should_exit = True
-    thread.join(timeout=10)
-    engine.shutdown()
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
-
-
-def offline(server, prompt, max_tokens):
-    params = SamplingParams(temperature=0, max_tokens=max_tokens)
-    return server.offline.generate([prompt], params)[0].outputs[0]
 
 
 def test_completion_equals_the_offline_llm(server, client):
@@ -85,8 +40,8 @@ def test_chat_uses_the_chat_template_and_equals_the_offline_llm(server, client):
         model=MODEL, messages=messages, max_tokens=10, temperature=0
     )
     tokenizer = server.engine.engine.tokenizer
-    prompt = render_chat(tokenizer, [ChatMessage(**m) for m in messages])
-    assert "<|im_start|>user" in prompt  # the tiny Llama's ChatML template, not the fallback
+    prompt = conversation_prompt(tokenizer, messages)
+    assert "<|im_start|>user" in prompt["prompt"]  # the tiny Llama's ChatML template
     assert reply.choices[0].message.content == offline(server, prompt, 10).text
     assert reply.choices[0].message.role == "assistant" and reply.object == "chat.completion"
 
@@ -141,7 +96,7 @@ def test_models_and_health(server, client):
         ({"model": MODEL, "prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
         ({"model": MODEL, "prompt": "x " * 400, "max_tokens": 4}, 400, "context"),
         ({"model": MODEL, "prompt": "", "max_tokens": 4}, 400, "empty"),
-        ({"model": MODEL, "prompt": "x", "n": 2}, 400, "n=1"),
+        ({"model": MODEL, "prompt": "x", "suffix": "y"}, 400, "'suffix' is not supported"),
         ({"model": MODEL, "prompt": "x", "temperature": -1}, 400, "temperature"),
         ({"model": "gpt-4", "prompt": "x"}, 404, "does not exist"),
         ({"model": MODEL, "prompt": {"not": "a prompt"}}, 400, "malformed"),

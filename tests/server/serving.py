@@ -1,0 +1,65 @@
+"""The server the OpenAI-route tests talk to: the tiny random Llama in float64 behind a real
+uvicorn on 127.0.0.1 (random port), and the offline ``LLM`` its answers are compared with."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
+
+import pytest
+import torch
+import uvicorn
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from baton_paged.async_engine import AsyncEngine
+from baton_paged.config import EngineConfig
+from baton_paged.engine import Engine
+from baton_paged.llm import LLM
+from baton_paged.sampling_params import SamplingParams
+from baton_paged.server import build_app
+
+KEY = "test-key"
+MODEL = "tiny-llama"
+MAX_MODEL_LEN = 256
+HEADERS = {"Authorization": f"Bearer {KEY}"}
+
+
+def tiny_engine(path, max_model_len: int = MAX_MODEL_LEN) -> Engine:
+    config = EngineConfig(
+        model=str(path), dtype="float64", max_batch_size=8, max_model_len=max_model_len
+    )
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    return Engine(config, model, AutoTokenizer.from_pretrained(path))
+
+
+@contextmanager
+def serving(path) -> Iterator[SimpleNamespace]:
+    engine = AsyncEngine(tiny_engine(path), max_waiting=256)
+    uv = uvicorn.Server(uvicorn.Config(build_app(engine, MODEL, KEY), port=0, log_level="warning"))
+    thread = threading.Thread(target=uv.run, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.01)
+    port = uv.servers[0].sockets[0].getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    try:
+        yield SimpleNamespace(url=url, engine=engine, offline=LLM.from_engine(tiny_engine(path)))
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+        engine.shutdown()
+
+
+def offline(server, prompt, max_tokens):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    return server.offline.generate([prompt], params)[0].outputs[0]
+
+
+needs_vllm_sampling_fields = pytest.mark.skipif(
+    "n" not in getattr(SamplingParams, "__dataclass_fields__", {}),
+    reason="needs SamplingParams' vLLM fields (n, best_of, penalties, min_p, logit_bias)",
+)
+"""For tests that need the engine to honour those fields (the server passes them by name)."""
