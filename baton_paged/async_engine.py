@@ -142,10 +142,15 @@ class AsyncEngine:
                 raise EngineStoppedError("the engine has stopped and takes no more requests")
             if request.request_id in self._streams:
                 raise ValueError(f"request id {request.request_id!r} is already in use")
-            if self.snapshot.num_queued + self._posted_adds >= self.max_waiting:
+            samples = request.params.num_samples  # each completion queues a request
+            if samples > self.max_waiting:
+                raise ValueError(
+                    f"{samples} completions (n / best_of) exceed the queue of {self.max_waiting}"
+                )
+            if self.snapshot.num_queued + self._posted_adds + samples > self.max_waiting:
                 raise QueueFullError(f"the waiting queue is full ({self.max_waiting} requests)")
             self._streams[request.request_id] = stream
-            self._posted_adds += 1
+            self._posted_adds += samples
             self._inbox.append(lambda: self._add(request))
         self._work.set()
         return request.request_id, stream
@@ -235,7 +240,7 @@ class AsyncEngine:
             self._deliver(request.request_id, error)
         finally:
             with self._lock:
-                self._posted_adds -= 1
+                self._posted_adds -= request.params.num_samples
 
     def _step(self) -> None:
         try:

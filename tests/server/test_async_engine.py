@@ -169,6 +169,28 @@ def test_a_full_waiting_queue_refuses_without_queuing(engine):
     assert "one-too-many" not in engine.engine.requests
 
 
+def test_each_completion_of_a_request_takes_a_queue_place(engine):
+    """max_waiting is 4: n=5 can never fit (a 400), n=3 fits once beside one more request."""
+    gated = GatedSteps(engine.engine)
+
+    async def scenario():
+        with pytest.raises(ValueError, match="5 completions"):
+            engine.submit("x", SamplingParams(n=5, max_tokens=2), "too-many", 0)
+        running = asyncio.ensure_future(collect(engine, "x", "running"))
+        assert await asyncio.to_thread(gated.entered.wait, 10)
+        _, three = engine.submit("x", SamplingParams(n=3, max_tokens=2), "three", 0)
+        with pytest.raises(QueueFullError):
+            engine.submit("x", GREEDY, "one-too-many", 0)
+        gated.gate.set()
+        await running
+        while not (output := await three.queue.get()).finished:
+            pass
+        assert len(output.outputs) == 3
+
+    asyncio.run(scenario())
+    assert not engine.engine.requests and "too-many" not in engine.engine.groups
+
+
 def test_a_failing_iteration_fails_only_its_requests(engine):
     real_step, calls = engine.engine.step, {"n": 0}
 
