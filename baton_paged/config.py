@@ -52,6 +52,10 @@ class EngineConfig:
     """Run every step eagerly (vLLM's name). Otherwise decode steps on CUDA replay CUDA graphs
     captured at startup for batch sizes 1, 2, 4 and multiples of 8 (triton and flash_attn
     backends); the CPU always runs eagerly."""
+    enable_prefix_caching: bool = True
+    """Share computed K/V pages between requests with a common prefix (vLLM's name): a request
+    starts from its longest cached prefix of full pages, and freed pages stay cached until the
+    pool needs them."""
     page_size: int | None = None
     """Tokens per KV page; None = the attention backend's preference (16, or 256 for
     flash_attn)."""

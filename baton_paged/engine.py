@@ -52,6 +52,7 @@ from baton_paged.sampler import SamplingRow, sample
 from baton_paged.sampling_params import SamplingParams
 from baton_paged.sched.plan import ForwardBatch, QueueSizes, StepPlan, StepResult
 from baton_paged.sched.policies import make_policy
+from baton_paged.sched.prefix_caching import PrefixCaching
 from baton_paged.sched.scheduler import PlanningError, Scheduler
 from baton_paged.snapshot import EngineSnapshot
 from baton_paged.stats import EngineStats
@@ -123,6 +124,7 @@ class Engine:
             make_policy(config.policy, config.max_prefill_tokens, config.max_num_batched_tokens),
             host_pool=self.host.pool if self.host else None,
             monitor=self.monitor,
+            prefix_caching=self._prefix_caching(page_size),
         )
         executor = choose_executor(config, model, self.max_model_len)
         self.runner = ModelRunner(model, self.cache, backend, self.host, executor)
@@ -340,6 +342,12 @@ class Engine:
             model_impl="native" if self.runner.executor else "transformers",
             stats=replace(self.stats),
         )
+
+    def _prefix_caching(self, page_size: int) -> PrefixCaching | None:
+        if not self.config.enable_prefix_caching:
+            return None
+        salt = f"{self.config.model}|{self.config.dtype}".encode()  # what else shapes K/V
+        return PrefixCaching(self.cache.pool, page_size, salt)
 
     def _capture_graphs(self, backend: Any, mode: str) -> DecodeGraphs | None:
         """Decode graphs for every batch bucket; a capture that fails leaves decode eager, with

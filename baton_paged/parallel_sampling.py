@@ -45,6 +45,7 @@ def child_requests(parent: Request) -> list[Request]:
                 params=child_params,
                 output_token_ids=[],
                 token_times=[],
+                page_keys=[],
                 generator=None if seed is None else _generator(parent.generator, seed),
             )
         )

@@ -71,6 +71,8 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     finished_time: float | None = None
     num_preemptions: int = 0
+    page_keys: list[bytes] = field(default_factory=list)
+    """Prefix-cache keys of its full pages so far (``sched/prefix_caching.py``)."""
 
     @property
     def num_tokens(self) -> int:

@@ -27,7 +27,6 @@ NEUTRAL = {
     "pipeline_parallel_size": 1,
     "trust_remote_code": False,
     "quantization": None,
-    "enable_prefix_caching": False,
     "disable_log_stats": None,
 }
 """Accepted at these values (None: any value; logging only); other values are refused."""

@@ -23,11 +23,14 @@ When freed pages may be handed out again is the allocator's page-reuse rule (``a
 
 from __future__ import annotations
 
+from collections import Counter
+
 from baton_paged.allocator import BlockTable, PagePool, release_source
 from baton_paged.memory_monitor import MemoryMonitor
 from baton_paged.request import Request, RequestStatus
 from baton_paged.sched.plan import QueueSizes, StepPlan, StepResult
 from baton_paged.sched.policies import Policy
+from baton_paged.sched.prefix_caching import PrefixCaching
 from baton_paged.sched.step import Step
 from baton_paged.sched.waiting_queue import WaitingQueue
 
@@ -52,6 +55,7 @@ class Scheduler:
         policy: Policy,
         host_pool: PagePool | None = None,
         monitor: MemoryMonitor | None = None,
+        prefix_caching: PrefixCaching | None = None,
     ):
         self.pool = pool
         self.page_size = page_size
@@ -61,6 +65,8 @@ class Scheduler:
         """Host swap pool pages; None = preemption always recomputes."""
         self.monitor = monitor
         """Memory pressure watermarks; None = the batch is limited by pages and slots only."""
+        self.prefix_caching = prefix_caching
+        """Shared prefixes' pages; None = every request computes its whole prompt."""
         self.waiting = WaitingQueue()
         self.batch = BlockTable(max_batch_size, max_pages_per_request)
         self.running: dict[str, Request] = {}
@@ -102,21 +108,31 @@ class Scheduler:
             release_source(swap, self.pool, self.host_pool)
         for forward in plan.forwards[: result.forwards_run]:
             for row in forward.rows:
-                self.running[row.request_id].num_computed_tokens = row.end
+                request = self.running[row.request_id]
+                request.num_computed_tokens = row.end
+                if self.prefix_caching is not None:
+                    pages = self.batch.pages(row.request_id)
+                    self.prefix_caching.index(request, pages, row.start, row.end)
         for request_id, status in result.finished:
             self._finish(self.running[request_id], status)
         return self._sizes()
 
     def check_integrity(self) -> None:
-        """Pools, block table and queues agree: every owned device page belongs to exactly one
-        running row, every owned host page to exactly one swapped request."""
+        """Pools, block table and queues agree: every owned device page has as many owners as
+        running rows hold it (more than one: a shared prefix), every owned host page belongs to
+        exactly one swapped request."""
         self.pool.check_integrity()
         self.batch.check_integrity()
         if set(self.batch.request_ids) != set(self.running):
             raise AssertionError("block table rows and running requests disagree")
-        owned = [p for rid in self.running for p in self.batch.pages(rid)]
-        if len(owned) != len(set(owned)) or len(owned) != self.pool.num_used:
-            raise AssertionError(f"{len(owned)} pages in rows, {self.pool.num_used} owned in pool")
+        rows = Counter(p for rid in self.running for p in self.batch.pages(rid))
+        if len(rows) != self.pool.num_used:
+            raise AssertionError(f"{len(rows)} pages in rows, {self.pool.num_used} owned in pool")
+        for page, holders in rows.items():
+            if self.pool.ref_count(page) != holders:
+                raise AssertionError(
+                    f"page {page}: {holders} rows, {self.pool.ref_count(page)} owners"
+                )
         if any(rid not in self.waiting for rid in self.swapped):
             raise AssertionError("a swapped request is not waiting")
         if self.host_pool is not None:

@@ -201,7 +201,8 @@ class Step:
 
     def _join(self, request: Request) -> None:
         """Insert a waiting request as a new batch row with pages for all its tokens; a swapped
-        request's host pages are copied back into the first of them."""
+        request's host pages are copied back into the first of them, and any other request's
+        first pages are its longest cached prefix, if any (``sched/prefix_caching.py``)."""
         sched, pool = self.sched, self.sched.pool
         needed = pages_needed(request.num_tokens, sched.page_size)
         if needed > pool.num_free:  # fail before anything changes
@@ -211,6 +212,8 @@ class Step:
             swap = plan_swap_in(sched.swapped.pop(request.request_id), pool)
             self.swap_in.append(swap)
             pages += swap.device_pages
+        elif sched.prefix_caching is not None:  # its cached prefix's pages, shared
+            pages += sched.prefix_caching.take(request)
         pages += pool.allocate(needed - len(pages))
         sched.waiting.remove(request.request_id)
         sched.batch.insert(request.request_id, pages)

@@ -81,6 +81,7 @@ def test_chat_uses_the_template_and_refuses_images(tiny_model_dir):
         ({"dtype": "auto", "device": "cuda"}, {"dtype": "bfloat16", "device": "cuda"}),
         ({"gpu_memory_utilization": 0.5, "device": "cuda"}, {"kv_memory": "0.5", "device": "cuda"}),
         ({"tensor_parallel_size": 1, "trust_remote_code": False, "seed": 3}, {"seed": 3}),
+        ({"enable_prefix_caching": False}, {"enable_prefix_caching": False}),
         (
             {"max_model_len": 128, "enforce_eager": True},
             {"max_model_len": 128, "enforce_eager": True},
@@ -102,7 +103,6 @@ def test_gpu_memory_utilization_on_the_cpu_keeps_kv_memory_and_says_so(caplog):
     [
         ({"tensor_parallel_size": 2}, "tensor_parallel_size=2 is not supported"),
         ({"trust_remote_code": True}, "trust_remote_code=True is not supported"),
-        ({"enable_prefix_caching": True}, "enable_prefix_caching=True is not supported"),
         ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization must be in"),
         ({"speculative_config": {}}, "unknown engine argument 'speculative_config'"),
     ],
