@@ -250,6 +250,7 @@ class Engine:
         self._step = None  # the scheduler hears back once, even if update itself raises
         sizes = self.scheduler.update(plan, progress.result())
         self.stats.record(plan, self.monitor)
+        self._record_prefix_cache()
         self._publish(sizes)
         return self._report(progress.touched.values())
 
@@ -342,6 +343,19 @@ class Engine:
             model_impl="native" if self.runner.executor else "transformers",
             stats=replace(self.stats),
         )
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (for benchmarks: a cold cache); True, as vLLM answers when
+        it could. Requests running keep their pages; only the index is dropped."""
+        self.cache.pool.reset_prefix_cache()
+        self._publish(self.scheduler.sizes())
+        return True
+
+    def _record_prefix_cache(self) -> None:
+        caching = self.scheduler.prefix_caching
+        if caching is not None:
+            evictions = self.cache.pool.prefix.evictions
+            self.stats.record_prefix_cache(caching.stats.queries, caching.stats.hits, evictions)
 
     def _prefix_caching(self, page_size: int) -> PrefixCaching | None:
         if not self.config.enable_prefix_caching:

@@ -60,6 +60,10 @@ class LLM:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's name): the next requests start cold."""
+        return self.engine.reset_prefix_cache()
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 

@@ -40,6 +40,12 @@ class EngineStats:
     aborted: int = 0
     batch_rows: int = 0
     """Sum over iterations of running requests (for the mean batch occupancy)."""
+    prefix_cache_queries: int = 0
+    """Tokens of joining requests looked up in the prefix cache."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens whose K/V came from cached pages (not computed)."""
+    prefix_cache_evictions: int = 0
+    """Cached pages evicted for new allocations."""
 
     def record(self, plan: StepPlan, monitor: MemoryMonitor) -> None:
         """Count a finished iteration: each sampling row of its plan generated one token."""
@@ -60,6 +66,17 @@ class EngineStats:
 
     def record_peak(self, pages: int) -> None:
         self.peak_pages_in_use = max(self.peak_pages_in_use, pages)
+
+    def record_prefix_cache(self, queries: int, hits: int, evictions: int) -> None:
+        self.prefix_cache_queries, self.prefix_cache_hits = queries, hits
+        self.prefix_cache_evictions = evictions
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Hit tokens / queried tokens (vLLM's prefix-cache hit rate); 0 before any query."""
+        return (
+            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        )
 
     @property
     def recompute_preemptions(self) -> int:

@@ -93,6 +93,13 @@ class EngineCollector:
             "direction",
             {"out": stats.swapped_out_bytes, "in": stats.swapped_in_bytes},
         )
+        queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
+        yield counter("baton:prefix_cache_queries", "Prompt tokens looked up.", queries)
+        yield counter("baton:prefix_cache_hits", "Looked-up tokens found cached.", hits)
+        evicted = stats.prefix_cache_evictions
+        yield counter("baton:prefix_cache_evictions", "Cached pages evicted.", evicted)
+        rate = stats.prefix_cache_hit_rate
+        yield gauge("baton:prefix_cache_hit_rate", "Prefix-cache hits / queries, 0-1.", rate)
         yield labelled_counter(
             "baton:watermark_crossings",
             "Memory pressure watermark crossings.",

@@ -116,3 +116,21 @@ def test_prompt_logprobs_requests_compute_their_whole_prompt(make_engine):
             outputs += engine.step()
     assert engine.scheduler.prefix_caching.stats.hits == 0  # "b" looked nothing up
     assert len(outputs[-1].prompt_logprobs) == 40
+
+
+def test_counters_and_reset(make_engine):
+    engine = make_engine("llama", page_size=PAGE)
+    prompt = list(range(50))
+    params = SamplingParams(temperature=0, max_tokens=2)
+    for request_id in ("a", "b"):
+        engine.add_request(prompt, params, request_id=request_id)
+        while engine.has_unfinished_requests():
+            engine.step()
+    stats = engine.snapshot.stats
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (100, 48)
+    assert stats.prefix_cache_hit_rate == pytest.approx(0.48)
+    assert engine.reset_prefix_cache() and engine.cache.pool.num_cached == 0
+    engine.add_request(prompt, params, request_id="c")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.snapshot.stats.prefix_cache_hits == 48  # "c" started cold

@@ -299,6 +299,10 @@ def test_metrics_parse_and_count_what_was_served(server, client):
         "baton:idle_slot_iterations",
         "baton:preemptions",
         "baton:swapped_bytes",
+        "baton:prefix_cache_queries",
+        "baton:prefix_cache_hits",
+        "baton:prefix_cache_evictions",
+        "baton:prefix_cache_hit_rate",
     }
     assert expected <= set(families)
 
@@ -313,6 +317,8 @@ def test_metrics_parse_and_count_what_was_served(server, client):
     stats = server.engine.engine.stats
     assert value("baton:generation_tokens", "_total") == stats.generated_tokens > 0
     assert value("baton:request_success", "_total") >= 1
+    queries = value("baton:prefix_cache_queries", "_total")
+    assert queries == stats.prefix_cache_queries > 0
     finished = value("baton:request_success", "_total")
     not_aborted = finished - value("baton:request_success", "_total", finished_reason="abort")
     assert not_aborted <= value("baton:time_to_first_token_seconds", "_count") <= finished
