@@ -143,7 +143,7 @@ class AsyncEngine:
             if request.request_id in self._streams:
                 raise ValueError(f"request id {request.request_id!r} is already in use")
             samples = request.params.num_samples  # each completion queues a request
-            if samples > self.max_waiting:
+            if samples > 1 and samples > self.max_waiting:
                 raise ValueError(
                     f"{samples} completions (n / best_of) exceed the queue of {self.max_waiting}"
                 )

@@ -116,6 +116,7 @@ class Engine:
             memory_reader = device_memory_reader(config.device)
         watermarks = (config.memory_high_watermark, config.memory_low_watermark)
         self.monitor = MemoryMonitor(self.cache.pool, *watermarks, memory_reader)
+        self.prefix_caching = self._prefix_caching(page_size)
         self.scheduler = Scheduler(
             self.cache.pool,
             page_size,
@@ -124,7 +125,7 @@ class Engine:
             make_policy(config.policy, config.max_prefill_tokens, config.max_num_batched_tokens),
             host_pool=self.host.pool if self.host else None,
             monitor=self.monitor,
-            prefix_caching=self._prefix_caching(page_size),
+            prefix_caching=self.prefix_caching,
         )
         executor = choose_executor(config, model, self.max_model_len)
         self.runner = ModelRunner(model, self.cache, backend, self.host, executor)
@@ -348,11 +349,12 @@ class Engine:
         """Forget every cached prefix (for benchmarks: a cold cache); True, as vLLM answers when
         it could. Requests running keep their pages; only the index is dropped."""
         self.cache.pool.reset_prefix_cache()
-        self._publish(self.scheduler.sizes())
+        snap = self.snapshot
+        self._publish(QueueSizes(snap.num_running, snap.num_waiting, snap.num_swapped))
         return True
 
     def _record_prefix_cache(self) -> None:
-        caching = self.scheduler.prefix_caching
+        caching = self.prefix_caching
         if caching is not None:
             evictions = self.cache.pool.prefix.evictions
             self.stats.record_prefix_cache(caching.stats.queries, caching.stats.hits, evictions)

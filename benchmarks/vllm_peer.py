@@ -8,7 +8,9 @@ vLLM pins its own torch and transformers. ``bench_peers`` starts it as
 and talks over stdin/stdout, one JSON object per line: it prints ``{"ready": seconds}`` once the
 engine is built (seconds from process start to the first token of a one-request warm-up), then
 answers each ``run`` line with the workload's wall time and every request's token ids, and stops
-at ``quit`` or end of input. Everything else vLLM prints goes to stderr.
+at ``quit`` or end of input. Everything else vLLM prints goes to stderr. A workload with
+``"rounds"`` (lists of request indices) runs them one ``generate`` after another, as multi-turn
+chat does (``bench_prefix``), and each ``run`` starts from a reset prefix cache.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
         seed=0,
     )
     prompts = [TokensPrompt(prompt_token_ids=p) for p in workload["prompts"]]
+    rounds = workload.get("rounds", [list(range(len(prompts)))])
     params = [
         SamplingParams(temperature=0, max_tokens=b, ignore_eos=True) for b in workload["budgets"]
     ]
@@ -46,10 +49,15 @@ def main() -> None:
     for line in sys.stdin:
         if line.strip() != "run":
             break
+        llm.reset_prefix_cache()
+        tokens: list = [None] * len(prompts)
         start = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
+        for batch in rounds:
+            outs = llm.generate([prompts[i] for i in batch], [params[i] for i in batch],
+                                use_tqdm=False)  # fmt: skip
+            for i, out in zip(batch, outs, strict=True):
+                tokens[i] = list(out.outputs[0].token_ids)
         wall = time.perf_counter() - start
-        tokens = [list(out.outputs[0].token_ids) for out in outs]
         answer(reply, {"wall_s": wall, "tokens": tokens})
 
 

@@ -77,7 +77,7 @@ def start_serve(model_dir, port: int) -> subprocess.Popen:
 
 
 def wait_healthy(server: subprocess.Popen, port: int) -> None:
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 180  # a liveness bound: a loaded CI machine starts slowly
     while True:
         assert server.poll() is None, server.stdout.read().decode()
         try:

@@ -77,12 +77,12 @@ class Scheduler:
     def add(self, request: Request) -> QueueSizes:
         request.status = RequestStatus.WAITING
         self.waiting.push(request)
-        return self.sizes()
+        return self._sizes()
 
     def abort(self, request: Request) -> QueueSizes:
         """End ``request`` wherever it is (waiting, running, swapped), freeing its pages now."""
         self._finish(request, RequestStatus.FINISHED_ABORTED)
-        return self.sizes()
+        return self._sizes()
 
     def has_work(self) -> bool:
         return bool(self.running) or bool(self.waiting)
@@ -115,7 +115,7 @@ class Scheduler:
                     self.prefix_caching.index(request, pages, row.start, row.end)
         for request_id, status in result.finished:
             self._finish(self.running[request_id], status)
-        return self.sizes()
+        return self._sizes()
 
     def check_integrity(self) -> None:
         """Pools, block table and queues agree: every owned device page has as many owners as
@@ -146,7 +146,7 @@ class Scheduler:
         del self.running[request.request_id]
         return self.batch.remove(request.request_id)
 
-    def sizes(self) -> QueueSizes:
+    def _sizes(self) -> QueueSizes:
         swapped = len(self.swapped)
         return QueueSizes(len(self.running), len(self.waiting) - swapped, swapped)
 

@@ -3,7 +3,8 @@
 The engine runs in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the tests can read the
 scheduler's counters. The model is the project's random-weight ~28M Llama ("small"): vLLM's CPU
 attention has no kernel for the tiny model's head size of 16. Greedy decoding in float32 must give
-the same tokens whatever the scheduler does, preemption and recompute included.
+the same tokens whatever the scheduler does, preemption and recompute included. vLLM's own prefix
+caching is on in every engine here, as it is by default.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def engine(model_dir, scheduler_cls=None, **overrides):
         "block_size": BLOCK,
         "scheduling_policy": "priority",
         "seed": 0,
+        "enable_prefix_caching": True,
     }
     llm = LLM(scheduler_cls=scheduler_cls, **(args | overrides))
     try:
@@ -97,6 +99,25 @@ def test_memory_pressure_sheds_and_outputs_still_match(model_dir, reference):
         assert sched.baton_pressure_sheds > 0 and sched.baton_held_steps > 0
         assert sched.baton_gate.high_crossings >= 1 and sched.baton_gate.low_crossings >= 1
     assert tokens == reference
+
+
+SHARED = [list(range(200, 264)) + list(range(5 + 7 * i, 25 + 7 * i)) for i in range(6)]
+"""Six prompts that share their first two 32-token blocks: vLLM's prefix cache maps them."""
+
+
+def test_shared_prefixes_under_pressure_match_the_default_scheduler(model_dir):
+    settings = {"memory_high_watermark": 0.85, "memory_low_watermark": 0.6}
+    prompts = [{"prompt_token_ids": p} for p in SHARED]
+    with engine(model_dir) as llm:
+        expected = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    with engine(
+        model_dir, BATON, num_gpu_blocks_override=17, additional_config={"baton": settings}
+    ) as llm:
+        outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        sched = scheduler_of(llm)
+        assert sched.baton_pressure_sheds > 0
+        assert sched.kv_cache_manager.enable_caching
+    assert [o.outputs[0].token_ids for o in outputs] == expected
 
 
 def run_late_vip(llm) -> tuple[dict[str, list[int]], list[str], object]:
