@@ -8,8 +8,8 @@ merges the children's outputs into the parent's: every child's latest completion
 finished once all are. With ``best_of > n`` only the final output is reported, holding the ``n``
 completions of highest cumulative log-probability, as OpenAI's ``best_of`` does.
 
-Each child prefills the prompt itself today. Sharing the prompt's pages is what automatic prefix
-caching does for every pair of requests with a common prefix, these included.
+The prompt's pages are shared through prefix caching (``sched/prefix_caching.py``) once one
+child's prefill has filled them; children admitted in the same iteration each compute theirs.
 """
 
 from __future__ import annotations

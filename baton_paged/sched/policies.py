@@ -86,7 +86,8 @@ class StaticPolicy(BatonPolicy):
     def form(self, step: Step) -> list[ForwardBatch]:
         if step.running:
             return [step.forward(step.row(r) for r in step.decoders())]
-        return self.prefill_then_decode(step, step.admit())
+        # run to completion: a request held back to share a prefix would wait for the batch
+        return self.prefill_then_decode(step, step.admit(share_prefixes=False))
 
 
 class ChunkedPolicy(Policy):

@@ -9,6 +9,12 @@ token is always computed, so the first sampled token has its logits. Pages that 
 are indexed as they complete; they stay cached after their requests end until the pool needs
 them (``allocator/prefix_index.py``).
 
+Requests with the same prefix admitted in one iteration would each compute it; so a request whose
+next uncached page is one a running request is still computing waits for that prefill to finish
+(one iteration, usually) and then takes the pages instead (``waits``): the first of sixteen
+conversations with one system prompt computes it, the other fifteen share it, and the ``n``
+samples of one prompt share theirs.
+
 Requests asking for prompt log-probabilities look nothing up: those need every prompt
 position's logits. A swapped-in request keeps its own copied pages (they are not re-indexed: the
 pages it was copied from may well still be cached).
@@ -47,6 +53,17 @@ class PrefixCaching:
         self.stats.hits += request.num_computed_tokens
         return pages
 
+    def waits(self, request: Request, running: list[Request]) -> bool:
+        """Whether ``request`` should join after a running request's prefill fills the next
+        page of its prefix rather than compute that page itself."""
+        if request.params.prompt_logprobs is not None:
+            return False
+        keys = self._keys(request, request.num_tokens - 1)
+        cached = len(self.pool.prefix.match(keys))
+        if cached == len(keys):
+            return False
+        return any(keys[cached] in _being_computed(r, self.page_size) for r in running)
+
     def index(self, request: Request, pages: list[int], start: int, end: int) -> None:
         """Index the pages a forward filled computing positions ``[start, end)``."""
         first, last = start // self.page_size, end // self.page_size
@@ -65,3 +82,8 @@ class PrefixCaching:
             new_tokens = request.token_ids(done, num_tokens)
             keys += page_hashes(new_tokens, self.page_size, self.salt, keys[-1] if keys else None)
         return keys[: num_tokens // self.page_size]
+
+
+def _being_computed(request: Request, page_size: int) -> list[bytes]:
+    """Keys of the full pages a running request's pending prefill will fill."""
+    return request.page_keys[request.num_computed_tokens // page_size :]

@@ -58,16 +58,23 @@ class Step:
         """Running requests whose prompt is fully computed, oldest first."""
         return [r for r in self.sched.running.values() if is_decoder(r)]
 
-    def admit(self, max_requests: int | None = None) -> list[Request]:
+    def admit(self, max_requests: int | None = None, share_prefixes: bool = True) -> list[Request]:
         """Move waiting requests into the batch in service order while slots and pages last
         (preempting lower-priority ones where that makes room), giving each the pages all its
         tokens need (a chunked prompt then never waits for pages halfway). Stops at the first
-        request that does not fit, or that this iteration preempted, so nobody overtakes it."""
+        request that does not fit, that this iteration preempted, or whose prefix a running
+        request is computing (it shares those pages next iteration; ``share_prefixes=False``
+        admits it anyway, for a policy whose batch would then wait for its whole run), so nobody
+        overtakes it."""
         admitted: list[Request] = []
         for request in self.sched.waiting:
             if max_requests is not None and len(admitted) == max_requests:
                 break
-            if request.request_id in self.preempted or not self._make_room(request):
+            if request.request_id in self.preempted:
+                break
+            if share_prefixes and self._waits_for_prefix(request):
+                break
+            if not self._make_room(request):
                 break
             self._join(request)
             admitted.append(request)
@@ -164,6 +171,14 @@ class Step:
         request.num_preemptions += 1
         self.preempted.append(request.request_id)
         sched.waiting.push(request)
+
+    def _waits_for_prefix(self, request: Request) -> bool:
+        """A fresh or recomputing request whose prefix a running request is computing now waits
+        an iteration to share it (``sched/prefix_caching.py``)."""
+        caching = self.sched.prefix_caching
+        if caching is None or request.request_id in self.sched.swapped:
+            return False
+        return caching.waits(request, self.running)
 
     def _make_room(self, request: Request) -> bool:
         """True if ``request`` fits now, or after preempting lower-priority running requests

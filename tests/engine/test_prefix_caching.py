@@ -90,7 +90,7 @@ def test_abort_in_the_middle_keeps_the_cache_sound(make_engine, reference):
         engine.add_request(system + [i], params, request_id=str(i))
     engine.step()
     engine.abort_request("1")
-    engine.add_request(system + [9], params, request_id="late")  # hits the aborted one's pages too
+    engine.add_request(system + [9], params, request_id="late")
     done = {}
     while engine.has_unfinished_requests():
         done.update((o.request_id, o) for o in engine.step() if o.finished)
@@ -98,7 +98,9 @@ def test_abort_in_the_middle_keeps_the_cache_sound(make_engine, reference):
     for request_id, prompt in (("0", system + [0]), ("late", system + [9])):
         expected = reference("llama", tuple(prompt), 12)
         assert done[request_id].outputs[0].token_ids == expected
-    assert engine.scheduler.prefix_caching.stats.hits == 48  # the first four raced; "late" hit
+    # "0" computed the prefix; "2", "3" and "late" waited an iteration and shared it ("1" was
+    # aborted while waiting)
+    assert engine.scheduler.prefix_caching.stats.hits == 48 * 3
     assert engine.cache.pool.num_used == 0
 
 
@@ -134,3 +136,14 @@ def test_counters_and_reset(make_engine):
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.snapshot.stats.prefix_cache_hits == 48  # "c" started cold
+
+
+def test_n_samples_share_their_prompt_pages(make_engine):
+    """Child 0 computes the 40-token prompt; children 1 and 2 wait an iteration and take its two
+    full pages."""
+    engine = make_engine("llama", page_size=PAGE)
+    engine.add_request(list(range(40)), SamplingParams(n=3, seed=0, max_tokens=4), "p")
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+    assert len(outputs[0].outputs) == 3
+    assert engine.scheduler.prefix_caching.stats.hits == 2 * 32
