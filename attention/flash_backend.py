@@ -13,8 +13,8 @@ multiple of 8, and an Ampere or newer GPU (../shared/reference/APIS.md, section 
 
 from __future__ import annotations
 
+import functools
 import importlib
-import importlib.util
 import inspect
 from collections.abc import Callable
 
@@ -75,9 +75,18 @@ PagedKernel = Callable[
 ]
 
 
+@functools.cache
 def _paged_varlen_kernel() -> PagedKernel | None:
-    """The flash-attn package's kernel if installed, else torch's bundled one, else None."""
-    if importlib.util.find_spec("flash_attn") is not None:
+    """The flash-attn package's kernel if it imports, else torch's bundled one, else None.
+
+    Imported here, not at the first forward: a package that is present but cannot load (built
+    for another torch or CUDA; flash-attn 4 alone, whose ``flash_attn`` holds only ``cute``) must
+    make the backend unavailable, not crash the first step."""
+    try:
+        from flash_attn import flash_attn_varlen_func  # noqa: F401
+    except Exception:  # ImportError, or a broken build's OSError / RuntimeError
+        pass
+    else:
         return _flash_attn_package
     try:
         varlen = importlib.import_module("torch.nn.attention.varlen")
@@ -118,7 +127,9 @@ def _torch_bundled(query, key_pages, value_pages, meta: AttentionMetadata, scale
         meta.max_query_len,
         meta.max_context_len,
         scale=scale,
-        window_size=(-1, 0),
+        # (-1, 0) is bottom-right causal; a decode-only step needs no mask, and FA2's GQA decode
+        # path (queries of a KV group packed together, split-KV) requires window_size_right < 0
+        window_size=(-1, -1) if meta.max_query_len == 1 else (-1, 0),
         enable_gqa=query.shape[1] != key_pages.shape[2],
         seqused_k=meta.seqused_k,
         block_table=meta.block_table,

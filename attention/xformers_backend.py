@@ -14,7 +14,8 @@ the ``G`` query heads that share a KV head.
 
 from __future__ import annotations
 
-import importlib.util
+import functools
+from typing import Any
 
 import torch
 
@@ -23,10 +24,17 @@ from baton_paged.attention.gather import GatheringBackend
 from baton_paged.attention.metadata import AttentionMetadata
 
 XFORMERS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+CUTLASS_MAX_CAPABILITY = (9, 0)
+"""float32 runs only on xformers' cutlass operator, which stops at sm90 (xformers 0.0.35)."""
 
 
 class XformersBackend(GatheringBackend):
     name = "xformers"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._step_mask: tuple[AttentionMetadata, Any] | None = None
+        """The last step's mask: every layer of a step shares it (built once, not per layer)."""
 
     @classmethod
     def unsupported_reason(cls, req: AttentionRequirements) -> str | None:
@@ -34,9 +42,8 @@ class XformersBackend(GatheringBackend):
             return f"needs a CUDA device (xformers has no {req.device.type} operator)"
         if req.dtype not in XFORMERS_DTYPES:
             return f"supports float16, bfloat16 and float32 only, not {req.dtype}"
-        if importlib.util.find_spec("xformers") is None:
-            return "needs the xformers package (pip install 'baton-paged[gpu]')"
-        return None
+        problem = _import_problem()
+        return problem or _dtype_problem(req.dtype, torch.cuda.get_device_capability(req.device))
 
     def attend(
         self,
@@ -52,12 +59,7 @@ class XformersBackend(GatheringBackend):
         batch, span, num_kv_heads, head_dim = keys.shape
         tokens, num_heads, _ = query.shape
         group = num_heads // num_kv_heads
-        mask = fmha.attn_bias.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
-            q_seqlen=list(meta.query_lens),
-            kv_padding=span,
-            kv_seqlen=list(meta.context_lens),
-            device=query.device,
-        )
+        mask = self._mask(fmha, meta, span, query.device)
         kv_shape = (1, batch * span, num_kv_heads, group, head_dim)
         out = fmha.memory_efficient_attention(
             query.reshape(1, tokens, num_kv_heads, group, head_dim),
@@ -67,3 +69,40 @@ class XformersBackend(GatheringBackend):
             scale=scale,
         )
         return out.reshape(tokens, num_heads, head_dim)
+
+    def _mask(self, fmha: Any, meta: AttentionMetadata, span: int, device: torch.device) -> Any:
+        """The step's block-diagonal mask, built (and its lengths uploaded) once per step."""
+        if self._step_mask is None or self._step_mask[0] is not meta:
+            mask = fmha.attn_bias.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+                q_seqlen=list(meta.query_lens),
+                kv_padding=span,
+                kv_seqlen=list(meta.context_lens),
+                device=device,
+            )
+            self._step_mask = (meta, mask)
+        return self._step_mask[1]
+
+
+def _dtype_problem(dtype: torch.dtype, capability: tuple[int, int]) -> str | None:
+    """Whether some xformers operator takes ``dtype`` on a GPU of ``capability``: float32 only
+    cutlass (up to sm90), bfloat16 only from sm80 (flash, cutlass)."""
+    if dtype == torch.float32 and capability > CUTLASS_MAX_CAPABILITY:
+        return f"has no float32 operator on compute capability {capability[0]}.{capability[1]}"
+    if dtype == torch.bfloat16 and capability < (8, 0):
+        return f"needs compute capability 8.0+ for bfloat16, not {capability[0]}.{capability[1]}"
+    return None
+
+
+@functools.cache
+def _import_problem() -> str | None:
+    """Import xformers' attention now: present but broken (built for another torch, or beside
+    a flash-attn it rejects) is unavailable, not a crash at the first forward."""
+    try:
+        from xformers.ops import fmha  # noqa: F401
+    except ModuleNotFoundError as error:
+        if error.name == "xformers":
+            return "needs the xformers package (pip install 'baton-paged[gpu]')"
+        return f"xformers cannot be imported: {error}"
+    except Exception as error:
+        return f"xformers cannot be imported: {type(error).__name__}: {error}"
+    return None
