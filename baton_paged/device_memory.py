@@ -4,6 +4,14 @@ On NVIDIA GPUs NVML (``pynvml`` from nvidia-ml-py) reads the memory every proces
 device without creating a CUDA context; without NVML (no driver library, no package) torch's
 ``cudaMemGetInfo`` answers instead. On the CPU the "device" is host memory, read with psutil.
 An absent NVML is never an error: the next reader in line takes over.
+
+NVML finds the device by its UUID (``GPU-...``, or ``MIG-...`` for a MIG slice), never by index:
+NVML numbers GPUs physically and ignores CUDA_VISIBLE_DEVICES, so an index could read another
+GPU. A device NVML cannot match is read through torch instead.
+
+The engine reads pressure relative to what it found once its own pools were allocated
+(``beyond_baseline``): the KV pools, weights and allocator reserve are in use from the start, and
+counting them would hold a batch with a large ``kv_memory`` above the watermarks for good.
 """
 
 from __future__ import annotations
@@ -45,15 +53,28 @@ def _nvml_reader(device: torch.device) -> MemoryReader | None:
     return used
 
 
+def beyond_baseline(reader: MemoryReader) -> MemoryReader:
+    """``reader`` measured against what is in use now: ``(used - base) / (total - base)``."""
+    base = reader()
+    if base >= 1.0:
+        return reader
+
+    def used() -> float:
+        return max(0.0, (reader() - base) / (1.0 - base))
+
+    return used
+
+
 def _nvml_handle(pynvml, device: torch.device):
-    """NVML numbers GPUs physically and ignores CUDA_VISIBLE_DEVICES, so match by UUID."""
+    """The device's NVML handle by UUID (whole GPU, else MIG slice); raises if neither matches."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    uuid = str(torch.cuda.get_device_properties(index).uuid)
-    uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
-    try:
-        return pynvml.nvmlDeviceGetHandleByUUID(uuid.encode())
-    except (pynvml.NVMLError, TypeError):
-        return pynvml.nvmlDeviceGetHandleByIndex(index)
+    uuid = str(torch.cuda.get_device_properties(index).uuid).removeprefix("GPU-")
+    for prefix in ("GPU-", "MIG-"):
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(f"{prefix}{uuid}".encode())
+        except (pynvml.NVMLError, TypeError):
+            continue
+    raise LookupError(f"NVML knows no device with UUID {uuid}")
 
 
 def _torch_cuda_reader(device: torch.device) -> MemoryReader:

@@ -31,7 +31,7 @@ from baton_paged.allocator import (
 from baton_paged.attention import attach, detach
 from baton_paged.config import EngineConfig
 from baton_paged.decode_graphs import DecodeGraphs, graph_mode
-from baton_paged.device_memory import MemoryReader, device_memory_reader
+from baton_paged.device_memory import MemoryReader, beyond_baseline, device_memory_reader
 from baton_paged.input_processor import InputProcessor, PromptInput
 from baton_paged.loaded_model import check_loaded_model, config_for_loaded_model
 from baton_paged.memory_monitor import MemoryMonitor
@@ -113,7 +113,7 @@ class Engine:
         self.cache = KVCache.from_budget(spec, config.kv_memory, config.device, scratch)
         self.host = self._host_pool(spec) if config.swapping else None
         if memory_reader is None and config.watch_device_memory:
-            memory_reader = device_memory_reader(config.device)
+            memory_reader = beyond_baseline(device_memory_reader(config.device))
         watermarks = (config.memory_high_watermark, config.memory_low_watermark)
         self.monitor = MemoryMonitor(self.cache.pool, *watermarks, memory_reader)
         self.prefix_caching = self._prefix_caching(page_size)

@@ -55,16 +55,17 @@ class FakeNvml(types.ModuleType):
     class NVMLError(Exception):
         pass
 
-    def __init__(self, uuid_ok=True, init_error=None):
+    def __init__(self, uuid_ok=True, init_error=None, prefix="GPU-"):
         super().__init__("pynvml")
         self.uuid_ok, self.init_error, self.looked_up = uuid_ok, init_error, []
+        self.prefix = prefix
 
     def nvmlInit(self):  # noqa: N802 (pynvml's names)
         if self.init_error:
             raise self.init_error
 
     def nvmlDeviceGetHandleByUUID(self, uuid):  # noqa: N802
-        if not self.uuid_ok:
+        if not self.uuid_ok or not uuid.startswith(self.prefix.encode()):
             raise self.NVMLError("Not Found")
         self.looked_up.append(uuid)
         return "by-uuid"
@@ -96,9 +97,22 @@ def test_nvml_finds_the_device_by_uuid(monkeypatch, fake_cuda):
     assert reader() == 0.25 and fake.looked_up == [b"GPU-1234-abcd"]
 
 
-def test_nvml_falls_back_to_the_index_when_the_uuid_is_unknown(monkeypatch, fake_cuda):
+def test_a_mig_slice_is_found_by_its_mig_uuid(monkeypatch, fake_cuda):
+    fake = install(monkeypatch, FakeNvml(prefix="MIG-"))
+    assert device_memory_reader("cuda:1")() == 0.25 and fake.looked_up == [b"MIG-1234-abcd"]
+
+
+def test_an_unknown_uuid_reads_through_torch_never_by_physical_index(monkeypatch, fake_cuda):
+    """NVML's index 1 need not be CUDA's device 1 (CUDA_VISIBLE_DEVICES): no index lookup."""
     fake = install(monkeypatch, FakeNvml(uuid_ok=False))
-    assert device_memory_reader("cuda:1")() == 0.25 and fake.looked_up == [1]
+    assert device_memory_reader("cuda:1")() == 0.75 and fake.looked_up == []
+
+
+def test_pressure_counts_only_memory_taken_after_the_baseline():
+    """The engine's own pools (60% here, in use when the reader is made) are not pressure."""
+    readings = iter([0.6, 0.6, 0.8, 1.0, 0.5])
+    reader = device_memory.beyond_baseline(lambda: next(readings))
+    assert [reader() for _ in range(4)] == pytest.approx([0.0, 0.5, 1.0, 0.0])
 
 
 @pytest.mark.parametrize("broken", ["missing module", "no driver library"])
