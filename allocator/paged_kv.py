@@ -15,6 +15,7 @@ import torch
 
 from baton_paged.allocator.kv_spec import KVCacheSpec
 from baton_paged.allocator.page_pool import PagePool
+from baton_paged.allocator.pinned import pinned_zeros
 
 
 class PagedKV:
@@ -35,12 +36,11 @@ class PagedKV:
         self.spec = spec
         self.pool = PagePool(num_pages, name=name)
         # Zeroed, not empty: the padded backend reads whole pages and must never meet NaN garbage.
-        self.storage = torch.zeros(
-            (num_pages + scratch_pages, *spec.page_shape),
-            dtype=spec.dtype,
-            device=device,
-            pin_memory=pin_memory,
-        )
+        shape = (num_pages + scratch_pages, *spec.page_shape)
+        if pin_memory:
+            self.storage = pinned_zeros(shape, spec.dtype)
+        else:
+            self.storage = torch.zeros(shape, dtype=spec.dtype, device=device)
 
     @property
     def num_pages(self) -> int:

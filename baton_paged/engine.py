@@ -384,4 +384,5 @@ class Engine:
     def _host_pool(self, spec: KVCacheSpec) -> HostSwapPool:
         """Host pages for swapped-out K/V, never more than the device pool holds."""
         pages = num_pages_for_budget(spec, self.config.swap_memory, "cpu")
-        return HostSwapPool(spec, min(pages, self.cache.num_pages))
+        pinned = self.cache.device.type == "cuda"  # async swap copies; a CPU cache needs none
+        return HostSwapPool(spec, min(pages, self.cache.num_pages), pin_memory=pinned)

@@ -1,5 +1,8 @@
 """Swap plans: coalesced copies, byte-exact round trips, and atomic reservation."""
 
+import gc
+import types
+
 import pytest
 import torch
 
@@ -87,9 +90,31 @@ def test_geometry_mismatch_is_refused():
         execute_swap(plan, cache, host)
 
 
-def test_host_pool_is_pinned_only_with_cuda():
-    assert HostSwapPool(SPEC, 2).pinned == torch.cuda.is_available()
-    assert not HostSwapPool(SPEC, 2, pin_memory=False).pinned
+def test_host_pool_is_pageable_unless_asked(monkeypatch):
+    """A CPU engine's pool never touches CUDA (no pinned RAM, no CUDA context)."""
+
+    def no_cuda():
+        raise AssertionError("a pageable pool must not call the CUDA runtime")
+
+    monkeypatch.setattr(torch.cuda, "cudart", no_cuda)
+    assert not HostSwapPool(SPEC, 2).pinned
+
+
+def test_pinned_pool_is_registered_at_its_exact_size(monkeypatch):
+    """cudaHostRegister on the pool's own memory: torch's pinned allocator would round a 9 GiB
+    pool up to 16 GiB."""
+    registered, unregistered = [], []
+    fake = types.SimpleNamespace(
+        cudaHostRegister=lambda ptr, size, flags: registered.append((ptr, size)) or 0,
+        cudaHostUnregister=lambda ptr: unregistered.append(ptr) or 0,
+    )
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    host = HostSwapPool(SPEC, 3, pin_memory=True)
+    assert registered == [(host.storage.data_ptr(), 3 * SPEC.bytes_per_page)]
+    pointer = host.storage.data_ptr()
+    del host
+    gc.collect()
+    assert unregistered == [pointer]
 
 
 def test_host_pool_from_budget():
@@ -98,8 +123,8 @@ def test_host_pool_from_budget():
 
 @pytest.mark.gpu
 def test_cuda_round_trip_through_pinned_memory():
-    cache, host = KVCache(SPEC, 8, device="cuda"), HostSwapPool(SPEC, 8)
-    assert host.pinned
+    cache, host = KVCache(SPEC, 8, device="cuda"), HostSwapPool(SPEC, 8, pin_memory=True)
+    assert host.pinned  # cudaHostRegister'ed memory counts as pinned
     pages = cache.pool.allocate(4)
     data = torch.randn(4, *SPEC.page_shape, device="cuda")
     cache.storage[pages] = data

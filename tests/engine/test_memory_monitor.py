@@ -128,3 +128,12 @@ def test_without_nvml_torch_cuda_answers(monkeypatch, fake_cuda, broken):
 @pytest.mark.gpu
 def test_real_device_reading_is_a_fraction():
     assert 0.0 < device_memory_reader("cuda")() < 1.0
+
+
+def test_a_cpu_engine_keeps_its_swap_pool_pageable(make_engine, monkeypatch):
+    def no_cuda():
+        raise AssertionError("a CPU engine must not pin memory through the CUDA runtime")
+
+    monkeypatch.setattr(torch.cuda, "cudart", no_cuda)
+    engine = make_engine("llama", preemption_mode="swap")
+    assert engine.host is not None and not engine.host.pinned
