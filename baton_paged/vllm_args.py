@@ -74,11 +74,8 @@ def _kv_fraction(value: float, options: dict[str, Any], translated: dict[str, An
 
 
 def _dtype(value: Any, options: dict[str, Any]) -> str:
-    """vLLM's ``auto`` becomes bfloat16 on CUDA and float32 on the CPU (what vLLM runs a float32
-    checkpoint in); torch dtypes and vLLM's aliases (half, float) name theirs."""
+    """vLLM's names: ``auto`` is ours too (bfloat16 on CUDA, float32 on the CPU); torch dtypes
+    and vLLM's aliases (half, float) name theirs."""
     if isinstance(value, torch.dtype):
         value = str(value).removeprefix("torch.")
-    if value == "auto":
-        on_cuda = torch.device(options.get("device", "cpu")).type == "cuda"
-        return "bfloat16" if on_cuda else "float32"
     return DTYPE_ALIASES.get(value, value)

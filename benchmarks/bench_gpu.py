@@ -11,6 +11,8 @@ checkpoints are built on the spot). Per model and max batch B, in bfloat16 on ``
   from CUDA graphs (flash-attn and Triton);
 * ``baton-eager``: the same with ``enforce_eager``: what the graphs save;
 * ``baton-padded``: the same engine on the BATON paper's padded batch + attention mask;
+* ``baton-torch``: the same on per-request SDPA over gathered pages (which of the two should
+  follow Triton in ``auto``'s CUDA order is what this settles, GPU-REVIEW.md finding 9);
 * ``hf-generate``: static batches of B prompts, left-padded, each run to its longest budget.
 
 Workload: ``bench_policies``'s seeded prompts (16-256 tokens) and lognormal budgets clipped to
@@ -36,6 +38,7 @@ SYSTEMS = {
     "baton": {"attention_backend": "auto"},
     "baton-eager": {"attention_backend": "auto", "enforce_eager": True},
     "baton-padded": {"attention_backend": "padded"},
+    "baton-torch": {"attention_backend": "torch"},
     "hf-generate": None,
 }
 

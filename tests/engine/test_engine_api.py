@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from baton_paged.config import EngineConfig
 from baton_paged.engine import Engine
@@ -180,3 +181,31 @@ def test_peak_pages_include_the_last_step_of_a_finishing_request(make_engine):
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.stats.peak_pages_in_use == 3 and engine.snapshot.device_pages_used == 0
+
+
+def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_the_cpu():
+    """GPU review 8: float32 on CUDA rules flash-attn out and runs at a fraction of the tensor
+    cores' speed, so the default follows the device."""
+    assert EngineConfig().dtype == "auto"
+    assert EngineConfig().torch_dtype == torch.float32
+    assert EngineConfig(device="cuda").torch_dtype == torch.bfloat16
+    assert EngineConfig(device="cuda", dtype="float16").torch_dtype == torch.float16
+
+
+def test_a_checkpoint_loads_straight_onto_the_device(tiny_model_dir, monkeypatch):
+    """``device_map``: no full host copy first (GPU review 8)."""
+    from transformers import AutoModelForCausalLM
+
+    from baton_paged.model_loading import load_model
+
+    seen = {}
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(path, **kwargs):
+        seen.update(kwargs)
+        return real(path, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    model, _ = load_model(EngineConfig(model=str(tiny_model_dir("llama"))))
+    assert seen["device_map"] == "cpu" and seen["dtype"] == torch.float32
+    assert next(model.parameters()).dtype == torch.float32
