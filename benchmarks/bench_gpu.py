@@ -13,7 +13,9 @@ checkpoints are built on the spot). Per model and max batch B, in bfloat16 on ``
 * ``baton-padded``: the same engine on the BATON paper's padded batch + attention mask;
 * ``baton-torch``: the same on per-request SDPA over gathered pages (which of the two should
   follow Triton in ``auto``'s CUDA order is what this settles, GPU-REVIEW.md finding 9);
-* ``hf-generate``: static batches of B prompts, left-padded, each run to its longest budget.
+* ``hf-generate``: static batches of B prompts, left-padded, each run to its longest budget;
+* ``hf-cb``: transformers' continuous batching (``peers.run_hf_cb``, B requests per forward);
+  a run that fails is recorded with its error, not as a figure.
 
 Workload: ``bench_policies``'s seeded prompts (16-256 tokens) and lognormal budgets clipped to
 ``--max-budget``, every request producing exactly its budget (EOS ignored); useful output
@@ -28,8 +30,9 @@ import time
 import harness
 import torch
 from harness import Default, markdown, median
+from peers import run_hf_cb
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from workload import make_workload
+from workload import RunResult, make_workload
 
 from baton_paged import LLM, SamplingParams
 from baton_paged.model_builder import cached_model
@@ -40,6 +43,7 @@ SYSTEMS = {
     "baton-padded": {"attention_backend": "padded"},
     "baton-torch": {"attention_backend": "torch"},
     "hf-generate": None,
+    "hf-cb": None,
 }
 
 
@@ -78,6 +82,15 @@ def run_hf_generate(model, work, batch: int) -> float:
     return time.perf_counter() - start
 
 
+def run_cb(model, work, batch: int) -> float | None:
+    result = RunResult(system="hf-cb", batch_size=batch, repeat=0)
+    harness.recorded(result, lambda: run_hf_cb(model, work, batch, result))
+    if result.error:
+        print(f"hf-cb failed: {result.error}", flush=True)
+        return None
+    return result.wall_s
+
+
 def main() -> None:
     parser = harness.options(__doc__, threads=4, repeats=Default(1, 1))
     parser.add_argument("--models", type=harness.comma_list(str), default=["small", "smollm2"])
@@ -94,7 +107,9 @@ def main() -> None:
         for batch in args.batch_sizes:
             for repeat, system in harness.rotations(list(SYSTEMS), args.repeats):
                 options = SYSTEMS[system]
-                if options is None:
+                if system == "hf-cb":
+                    wall, name = run_cb(hf, work, batch), "sdpa (continuous batching)"
+                elif options is None:
                     wall, name = run_hf_generate(hf, work, batch), "sdpa"
                 else:
                     wall, name = run_baton(model_dir, work, batch, options)
@@ -105,7 +120,7 @@ def main() -> None:
                         "system": system,
                         "attention": name,
                         "repeat": repeat,
-                        "tok/s": round(work.total_budget / wall, 1),
+                        "tok/s": None if wall is None else round(work.total_budget / wall, 1),
                     }
                 )
                 print(rows[-1], flush=True)
