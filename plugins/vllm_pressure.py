@@ -21,6 +21,7 @@ from baton_paged.memory_monitor import Hysteresis, check_watermarks
 
 CONFIG_KEY = "baton"
 """The key of vLLM's ``additional_config`` under which the plugin's settings live."""
+POLICIES = ("vllm", "baton", "static")
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,16 @@ class PressureSettings:
     """KV-cache usage (0..1) above which the batch sheds one request per step and stops growing."""
     memory_low_watermark: float = 0.7
     """Usage below which a held batch grows again; the gap is the hysteresis."""
+    policy: str = "vllm"
+    """How steps are formed: vllm (vLLM's own: new prompts' chunks mixed with the running
+    decodes), baton (a step either prefills newly admitted requests alone or decodes the batch;
+    admitted requests join the decode batch the step after their prefill), static (a batch runs
+    to completion before anything joins; for ablation)."""
 
     def __post_init__(self) -> None:
         check_watermarks(self.memory_high_watermark, self.memory_low_watermark)
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> PressureSettings:

@@ -22,7 +22,15 @@ are taken at the top of each step, before vLLM's ``schedule()`` runs, in vLLM's 
    cannot be admitted (no slot, too few free blocks, or no token budget left) and some running
    request has a strictly lower priority, just enough of those are preempted for it to fit.
 
-Both act only on an unpaused engine: a paused one (``PAUSED_NEW`` drains, ``PAUSED_ALL`` stops)
+3. **The batching policy** (``"policy"`` in the same section): ``vllm`` leaves step formation to
+   vLLM (new prompts' chunked prefill mixed into the running decodes, the default); ``baton``
+   makes each step either a prefill step (admitted requests' prompts, and chunks of prompts
+   still prefilling, with the decoders held out) or a decode step (the running decoders, with
+   admission and prompt chunks held out), alternating while both have work, so a new request
+   joins the decode batch the step after its prefill, as in the paper; ``static`` admits only
+   into an empty batch (run to completion, for ablation).
+
+All three act only on an unpaused engine: a paused one (``PAUSED_NEW`` drains, ``PAUSED_ALL`` stops)
 admits nothing from the waiting queue, so a request shed there would sit parked, uncounted.
 
 Every preemption goes through vLLM's ``_preempt_request`` (recompute: blocks freed, request back
@@ -70,12 +78,14 @@ class BatonScheduler(AsyncScheduler):
         """Requests shed because KV usage was above the high watermark."""
         self.baton_held_steps = 0
         """Steps taken while admission was held by memory pressure."""
+        self.baton_last_step_prefilled = False
+        """Under the baton policy: the last step was a prefill step (the next one decodes)."""
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
-        slot_cap = self.max_num_active_reqs
+        slot_cap, held_out = self.max_num_active_reqs, []
         if self._pause_state == PauseState.UNPAUSED:  # a paused engine is left as it is
-            slot_cap = self._baton_decide()
-        with self._baton_slot_cap(slot_cap):
+            slot_cap, held_out = self._baton_form(self._baton_decide())
+        with self._baton_slot_cap(slot_cap), self._baton_held_out(held_out):
             return super().schedule(throttle_prefills)
 
     def _baton_decide(self) -> int:
@@ -90,6 +100,41 @@ class BatonScheduler(AsyncScheduler):
         if self._baton_by_priority:
             self._baton_preempt_for_priority(slot_cap)
         return slot_cap
+
+    # -- the batching policy -----------------------------------------------------------------
+
+    def _baton_form(self, slot_cap: int) -> tuple[int, list[Request]]:
+        """The slot cap and the running requests to hold out of this step under the policy."""
+        policy = self.baton_gate.settings.policy
+        if policy == "static" and self.running:
+            return min(slot_cap, len(self.running)), []
+        if policy != "baton":
+            return slot_cap, []
+        decoders = [r for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
+        prefilling = [r for r in self.running if r not in decoders]
+        joiners = self._baton_candidate() is not None and len(self.running) < slot_cap
+        prefill_now = (prefilling or joiners) and not (decoders and self.baton_last_step_prefilled)
+        self.baton_last_step_prefilled = bool(prefill_now)
+        if prefill_now:  # prompts alone: the decoders wait one step, their slots stay counted
+            return slot_cap - len(decoders), decoders
+        return min(slot_cap, len(self.running)) - len(prefilling), prefilling
+
+    @contextmanager
+    def _baton_held_out(self, held_out: list[Request]) -> Iterator[None]:
+        """Take ``held_out`` out of ``running`` while vLLM schedules, then put them back in
+        their places (ahead of anything vLLM admitted; whatever vLLM preempted stays out)."""
+        if not held_out:
+            yield
+            return
+        before = list(self.running)
+        self.running = [r for r in self.running if r not in held_out]
+        try:
+            yield
+        finally:
+            after = self.running
+            kept = {id(r) for r in after} | {id(r) for r in held_out}
+            self.running = [r for r in before if id(r) in kept]
+            self.running += [r for r in after if all(r is not b for b in before)]
 
     @property
     def _baton_by_priority(self) -> bool:

@@ -51,6 +51,16 @@ def test_unknown_keys_and_a_non_mapping_section_are_refused():
         PressureSettings.from_additional_config({"baton": 0.9})
 
 
+def test_the_policy_defaults_to_vllms_own_and_is_checked():
+    assert PressureSettings.from_additional_config({}).policy == "vllm"
+    for policy in ("vllm", "baton", "static"):
+        assert (
+            PressureSettings.from_additional_config({"baton": {"policy": policy}}).policy == policy
+        )
+    with pytest.raises(ValueError, match="unknown policy 'chunked'; choose one of vllm, baton"):
+        PressureSettings.from_additional_config({"baton": {"policy": "chunked"}})
+
+
 def gate(high=0.9, low=0.7) -> PressureGate:
     return PressureGate(PressureSettings(high, low))
 

@@ -154,3 +154,31 @@ def test_a_late_high_priority_request_preempts_and_outputs_still_match(model_dir
     assert order[0] == "vip", "BATON admits it at once by preempting low-b"
     assert preemptions == 1
     assert tokens == expected
+
+
+@pytest.mark.parametrize("policy", ["vllm", "baton", "static"])
+def test_every_policy_gives_the_default_schedulers_tokens(model_dir, policy):
+    """Arrivals in the middle of decoding and priorities, on vLLM's engine."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+
+    def run(llm):
+        engine_ = llm.llm_engine
+        tokens, number = {}, 0
+        for i in range(3):
+            engine_.add_request(f"r{i}", {"prompt_token_ids": PROMPTS[i]}, params, priority=i % 2)
+        while engine_.has_unfinished_requests():
+            number += 1
+            if number in (4, 7):
+                i = 3 if number == 4 else 4
+                engine_.add_request(f"r{i}", {"prompt_token_ids": PROMPTS[i]}, params, priority=0)
+            for out in engine_.step():
+                if out.finished:
+                    tokens[out.request_id] = list(out.outputs[0].token_ids)
+        return tokens
+
+    with engine(model_dir) as llm:
+        expected = run(llm)
+    config = {"baton": {"policy": policy}}
+    with engine(model_dir, BATON, additional_config=config) as llm:
+        assert scheduler_of(llm).baton_gate.settings.policy == policy
+        assert run(llm) == expected

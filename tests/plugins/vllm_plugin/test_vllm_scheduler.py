@@ -431,3 +431,67 @@ def test_defaults_apply_without_additional_config(make_scheduler):
 def test_bad_settings_fail_when_the_scheduler_is_built(make_scheduler, baton, message):
     with pytest.raises(ValueError, match=message):
         make_scheduler(usable_blocks=4, baton=baton)
+
+
+# -- the batching policy -------------------------------------------------------------------------
+
+
+def prefill_and_decode(out: SchedulerOutput, before: dict[str, tuple[int, int]]) -> tuple[set, set]:
+    """Which scheduled requests computed prompt tokens and which decoded, from each request's
+    (computed tokens, prompt tokens) before the step."""
+    prefill, decode = set(), set()
+    for rid in out.num_scheduled_tokens:
+        computed, prompt = before[rid]
+        (prefill if computed < prompt else decode).add(rid)
+    return prefill, decode
+
+
+def drive_with_arrivals(scheduler, arrivals: dict[int, list[tuple[str, int]]], steps: int = 200):
+    """Step until idle, adding ``arrivals[step]`` as (id, prompt length) at each step; yield
+    each step's output with the computed-token counts from before it."""
+    for number in range(steps):
+        for rid, length in arrivals.get(number, []):
+            add(scheduler, rid, length, max_tokens=12)
+        if not scheduler.has_requests() and number > max(arrivals):
+            return
+        before = {
+            rid: (r.num_computed_tokens, r.num_prompt_tokens)
+            for rid, r in scheduler.requests.items()
+        }
+        out = step(scheduler)
+        yield out, before
+    raise AssertionError("the scheduler did not finish")
+
+
+ARRIVALS = {0: [("a", 20), ("b", 40)], 3: [("c", 30)], 4: [("d", 50)], 9: [("e", 10)]}
+
+
+def test_baton_never_mixes_a_prefill_with_decodes(make_scheduler):
+    s = make_scheduler(usable_blocks=64, baton=NO_SHEDDING | {"policy": "baton"}, token_budget=32)
+    kinds = []
+    for out, before in drive_with_arrivals(s, ARRIVALS):
+        prefill, decode = prefill_and_decode(out, before)
+        assert not (prefill and decode), f"mixed step: prefill {prefill}, decode {decode}"
+        kinds.append("p" if prefill else "d" if decode else "-")
+    assert "p" in kinds and "d" in kinds and "pd" in "".join(kinds)
+
+
+def test_vllm_policy_mixes_them(make_scheduler):
+    s = make_scheduler(usable_blocks=64, baton=NO_SHEDDING, token_budget=32)
+    mixed = [
+        all(prefill_and_decode(out, before)) for out, before in drive_with_arrivals(s, ARRIVALS)
+    ]
+    assert any(mixed)
+
+
+def test_static_admits_only_into_an_empty_batch(make_scheduler):
+    s = make_scheduler(usable_blocks=64, baton=NO_SHEDDING | {"policy": "static"})
+    for out, before in drive_with_arrivals(s, ARRIVALS):
+        running_before = {rid for rid, (computed, _) in before.items() if computed > 0}
+        if running_before:  # a batch was running: nobody joined it
+            assert not newly_scheduled(out), newly_scheduled(out)
+
+
+def test_an_unknown_policy_is_refused(make_scheduler):
+    with pytest.raises(ValueError, match="unknown policy 'orca'"):
+        make_scheduler(usable_blocks=4, baton={"policy": "orca"})
