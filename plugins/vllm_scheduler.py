@@ -80,13 +80,37 @@ class BatonScheduler(AsyncScheduler):
         """Steps taken while admission was held by memory pressure."""
         self.baton_last_step_prefilled = False
         """Under the baton policy: the last step was a prefill step (the next one decodes)."""
+        self.baton_sampled_tokens = 0
+        """Scheduled requests that sample a token (not a partial prefill chunk), over all steps."""
+        self.baton_offered_slots = 0
+        """Batch slots work could have filled, over all steps: min(max_num_seqs, requests running
+        or waiting) before each step, as the engine's own slot efficiency counts them."""
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
+        offered = min(self.max_num_active_reqs, len(self.running) + len(self.waiting))
         slot_cap, held_out = self.max_num_active_reqs, []
         if self._pause_state == PauseState.UNPAUSED:  # a paused engine is left as it is
             slot_cap, held_out = self._baton_form(self._baton_decide())
         with self._baton_slot_cap(slot_cap), self._baton_held_out(held_out):
-            return super().schedule(throttle_prefills)
+            out = super().schedule(throttle_prefills)
+        self.baton_offered_slots += offered
+        self.baton_sampled_tokens += sum(
+            not self.requests[rid].is_prefill_chunk for rid in out.num_scheduled_tokens
+        )
+        return out
+
+    @property
+    def baton_slot_efficiency(self) -> float:
+        """Sampled tokens / offered slots: the paper's idle computation, seen from vLLM."""
+        return (
+            self.baton_sampled_tokens / self.baton_offered_slots
+            if self.baton_offered_slots
+            else 1.0
+        )
+
+    @property
+    def baton_idle_slots(self) -> int:
+        return self.baton_offered_slots - self.baton_sampled_tokens
 
     def _baton_decide(self) -> int:
         """Take this step's BATON decisions; return how many requests may run after admission."""

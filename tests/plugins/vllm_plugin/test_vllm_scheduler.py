@@ -446,12 +446,13 @@ def prefill_and_decode(out: SchedulerOutput, before: dict[str, tuple[int, int]])
     return prefill, decode
 
 
-def drive_with_arrivals(scheduler, arrivals: dict[int, list[tuple[str, int]]], steps: int = 200):
-    """Step until idle, adding ``arrivals[step]`` as (id, prompt length) at each step; yield
-    each step's output with the computed-token counts from before it."""
+def drive_with_arrivals(scheduler, arrivals, steps: int = 200, budgets=None):
+    """Step until idle, adding ``arrivals[step]`` as (id, prompt length) at each step, each for
+    ``budgets[id]`` tokens (default 12); yield each step's output with every request's
+    (computed, prompt) token counts from before it."""
     for number in range(steps):
         for rid, length in arrivals.get(number, []):
-            add(scheduler, rid, length, max_tokens=12)
+            add(scheduler, rid, length, max_tokens=(budgets or {}).get(rid, 12))
         if not scheduler.has_requests() and number > max(arrivals):
             return
         before = {
@@ -495,3 +496,18 @@ def test_static_admits_only_into_an_empty_batch(make_scheduler):
 def test_an_unknown_policy_is_refused(make_scheduler):
     with pytest.raises(ValueError, match="unknown policy 'orca'"):
         make_scheduler(usable_blocks=4, baton={"policy": "orca"})
+
+
+def test_slot_efficiency_counts_sampled_tokens_against_offered_slots(make_scheduler):
+    """Budgets of 4 to 16 tokens: a static batch of two idles a slot while its longer request
+    finishes; vLLM's own policy refills it."""
+    budgets = {"a": 4, "b": 16, "c": 8, "d": 12, "e": 6}
+    efficiency = {}
+    for policy in ("vllm", "static"):
+        s = make_scheduler(usable_blocks=64, max_num_seqs=2, baton=NO_SHEDDING | {"policy": policy})
+        for _ in drive_with_arrivals(s, ARRIVALS, budgets=budgets):
+            pass
+        assert s.baton_sampled_tokens == sum(budgets.values())  # each token counted once
+        assert s.baton_idle_slots == s.baton_offered_slots - s.baton_sampled_tokens >= 0
+        efficiency[policy] = s.baton_slot_efficiency
+    assert efficiency["static"] < efficiency["vllm"] <= 1.0
