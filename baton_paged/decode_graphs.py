@@ -133,6 +133,7 @@ class DecodeGraphs:
         )
         return PagedStep(self.cache, meta, self.backend)
 
+    @torch.inference_mode()  # as the eager forward runs: no autograd state in the graphs
     def _capture_all(self) -> None:
         """Capture every bucket, largest first, into one memory pool (vLLM's order: the smaller
         graphs then reuse the largest one's activation memory)."""
