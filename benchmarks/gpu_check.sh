@@ -30,7 +30,7 @@ timeout 240 python -m pytest -m gpu -q -p no:cacheprovider -rs --continue-on-col
   tests/attention tests/allocator tests/engine >"$OUT/pytest-gpu.log" 2>&1
 stamp "pytest -m gpu exit $?: $(tail -1 "$OUT/pytest-gpu.log")"
 
-timeout 200 python benchmarks/bench_gpu.py --models small,smollm2 --batch-sizes 32,128 \
+timeout 200 python benchmarks/bench_gpu.py --models small --batch-sizes 32,128 \
   --num-requests 128 --max-budget 128 >"$OUT/bench-gpu.log" 2>&1
 stamp "bench_gpu exit $?"
 tail -20 "$OUT/bench-gpu.log"
