@@ -89,7 +89,7 @@ def decode(
     out = F.scaled_dot_product_attention(
         folded, keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=scale
     )
-    return out.view(batch, num_heads, head_dim)
+    return out.reshape(batch, num_heads, head_dim)  # SDPA on CUDA may return it strided
 
 
 def prefill_one(
