@@ -30,14 +30,14 @@ BACKENDS = {
 
 # On CUDA the varlen kernels win (flash-attn, xformers, then our Triton kernel, which needs only
 # the triton that CUDA torch ships, so on a standard CUDA torch the list ends there). Past them
-# the torch backend (per-request SDPA) ranks above the padded batch: padding costs
-# O(B * Qmax * Smax) and SDPA turns its bool mask into a float bias per layer, GiB-sized for one
-# long prompt among decodes (GPU-REVIEW.md, finding 9); bench_gpu.py measures both on a GPU. On
+# the padded batch ranks above per-request SDPA: measured on an H200 (bench_gpu, bf16, B=32 and
+# 128) it ran 2.2x the torch backend, though padding costs O(B * Qmax * Smax) and SDPA's float
+# bias per layer grows large for one long prompt among decodes (GPU-REVIEW.md, finding 9). On
 # CPU the in-place paged kernel wins (benchmarks/bench_attention.py: 0.93x dense SDPA on
 # pre-gathered K/V, where the torch backend's gather + SDPA took 1.9x); without a compiler the
 # torch backend's per-request forms are next (attention/torch_backend.py).
 AUTO_ORDER = {
-    "cuda": ("flash_attn", "xformers", "triton", "torch", "padded"),
+    "cuda": ("flash_attn", "xformers", "triton", "padded", "torch"),
     "cpu": ("cpu_paged", "torch"),
 }
 FALLBACK_ORDER = ("torch",)

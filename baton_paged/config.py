@@ -44,7 +44,7 @@ class EngineConfig:
     attention_backend: str = "auto"
     """cpu_paged (the CPU kernel reading pages in place), torch, padded, flash_attn, xformers,
     triton, or auto (the fastest that runs on the device: cpu_paged on the CPU when its kernels
-    build, else torch; on CUDA flash_attn, xformers, triton, torch, then padded)."""
+    build, else torch; on CUDA flash_attn, xformers, triton, padded, then torch)."""
     model_impl: str = "auto"
     """How the model's forward runs (vLLM's name): native (the fused Llama-family executor:
     Llama, SmolLM2, Mistral, Qwen2 on the CPU kernels), transformers (the unmodified HF model
