@@ -44,7 +44,7 @@ def engine_options(options: dict[str, Any]) -> dict[str, Any]:
         elif name == "swap_space":
             translated["swap_memory"] = f"{value}GiB"  # vLLM's unit: GiB of CPU memory
         elif name == "dtype":
-            translated["dtype"] = _dtype(value, options)
+            translated["dtype"] = _dtype(value)
         elif name in RENAMED:
             translated[RENAMED[name]] = value
         elif name in ours:
@@ -73,7 +73,7 @@ def _kv_fraction(value: float, options: dict[str, Any], translated: dict[str, An
     translated["kv_memory"] = str(value)
 
 
-def _dtype(value: Any, options: dict[str, Any]) -> str:
+def _dtype(value: Any) -> str:
     """vLLM's names: ``auto`` is ours too (bfloat16 on CUDA, float32 on the CPU); torch dtypes
     and vLLM's aliases (half, float) name theirs."""
     if isinstance(value, torch.dtype):

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import SimpleNamespace
 
-import pytest
 import torch
 import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,8 +57,4 @@ def offline(server, prompt, max_tokens):
     return server.offline.generate([prompt], params)[0].outputs[0]
 
 
-needs_vllm_sampling_fields = pytest.mark.skipif(
-    "n" not in getattr(SamplingParams, "__dataclass_fields__", {}),
-    reason="needs SamplingParams' vLLM fields (n, best_of, penalties, min_p, logit_bias)",
-)
 """For tests that need the engine to honour those fields (the server passes them by name)."""

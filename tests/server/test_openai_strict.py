@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from serving import HEADERS, MAX_MODEL_LEN, MODEL, needs_vllm_sampling_fields, offline
+from serving import HEADERS, MAX_MODEL_LEN, MODEL, offline
 
 from baton_paged.chat_prompt import conversation_prompt
 from baton_paged.sampling_params import SamplingParams
@@ -232,7 +232,6 @@ def test_a_logit_bias_for_a_token_the_model_lacks_is_400(server):
     assert_refused(post(server, "completions", body), server, 400, param="logit_bias.the")
 
 
-@needs_vllm_sampling_fields
 def test_n_choices_greedy_are_each_the_offline_answer(server, client):
     args = {"model": MODEL, "prompt": "def main():", "max_tokens": 5, "temperature": 0}
     reply = client.completions.create(**args, n=2)
@@ -247,7 +246,6 @@ def test_n_choices_greedy_are_each_the_offline_answer(server, client):
     assert sorted(finished) == [0, 1, 2]
 
 
-@needs_vllm_sampling_fields
 def test_a_large_logit_bias_forces_its_token(server, client):
     reply = client.completions.create(
         model=MODEL,
@@ -260,7 +258,6 @@ def test_a_large_logit_bias_forces_its_token(server, client):
     assert reply.choices[0].text == decode([77] * 5)
 
 
-@needs_vllm_sampling_fields
 @pytest.mark.parametrize(
     "penalty",
     [{"presence_penalty": 2.0}, {"frequency_penalty": 2.0}, {"repetition_penalty": 2.0}],
@@ -276,7 +273,6 @@ def test_penalties_change_a_greedy_reply(server, client, penalty):
     assert client.completions.create(**args).choices[0].text != plain.text
 
 
-@needs_vllm_sampling_fields
 def test_min_p_of_one_samples_greedily(server, client):
     args = {"model": MODEL, "prompt": "import os", "max_tokens": 8}
     greedy = client.completions.create(**args, temperature=0).choices[0].text
@@ -284,7 +280,6 @@ def test_min_p_of_one_samples_greedily(server, client):
     assert strict.choices[0].text == greedy
 
 
-@needs_vllm_sampling_fields
 @pytest.mark.parametrize(
     ("field", "value"),
     [("presence_penalty", 3), ("frequency_penalty", -3), ("repetition_penalty", 0), ("n", 0)],
