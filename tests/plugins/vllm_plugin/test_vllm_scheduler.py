@@ -145,7 +145,7 @@ def test_a_higher_priority_request_takes_the_blocks_of_the_latest_lower_one(make
     assert "high" in newly_scheduled(out) and out.num_scheduled_tokens["high"] == 40
     assert running_ids(s) == {"low-a", "high"}
     assert low_b.status == RequestStatus.PREEMPTED and low_b.num_computed_tokens == 0
-    assert s.baton_priority_preemptions == 1
+    assert s.baton_counters.priority_preemptions == 1
 
 
 def test_equal_priority_never_preempts(make_scheduler):
@@ -159,7 +159,7 @@ def test_equal_priority_never_preempts(make_scheduler):
 
     assert not out.preempted_req_ids and "peer" not in out.num_scheduled_tokens
     assert running_ids(s) == {"low-a", "low-b"}
-    assert s.baton_priority_preemptions == 0
+    assert s.baton_counters.priority_preemptions == 0
 
 
 def test_only_as_many_victims_as_the_newcomer_needs(make_scheduler):
@@ -173,7 +173,7 @@ def test_only_as_many_victims_as_the_newcomer_needs(make_scheduler):
 
     assert out.preempted_req_ids == {"low-b", "low-c"}
     assert running_ids(s) == {"low-a", "high"}
-    assert s.baton_priority_preemptions == 2
+    assert s.baton_counters.priority_preemptions == 2
 
 
 def test_running_requests_growth_this_step_is_reserved_first(make_scheduler):
@@ -201,7 +201,7 @@ def test_no_preemption_when_even_every_victim_would_not_make_room(make_scheduler
 
     assert not out.preempted_req_ids
     assert running_ids(s) == {"low-a", "low-b"}
-    assert s.baton_priority_preemptions == 0
+    assert s.baton_counters.priority_preemptions == 0
 
 
 @pytest.mark.parametrize(
@@ -236,7 +236,7 @@ def test_fcfs_policy_never_preempts_for_admission_whatever_the_priorities(make_s
 
     preempted = [step(s).preempted_req_ids for _ in range(4)]
 
-    assert not any(preempted) and s.baton_priority_preemptions == 0
+    assert not any(preempted) and s.baton_counters.priority_preemptions == 0
     assert running_ids(s) == {"a", "b"}
 
 
@@ -253,7 +253,7 @@ def test_no_victim_when_the_staying_requests_use_up_the_token_budget(make_schedu
     out = step(s)
 
     assert not out.preempted_req_ids and "vip" not in newly_scheduled(out)
-    assert s.baton_priority_preemptions == 0
+    assert s.baton_counters.priority_preemptions == 0
 
 
 def test_a_newcomer_that_would_get_budget_still_preempts_under_chunked_prefill(make_scheduler):
@@ -299,7 +299,7 @@ def test_preempting_a_request_whose_step_is_in_flight_keeps_its_tokens_right(mak
 
     received = drive_with_one_step_in_flight(s, late)
 
-    assert s.baton_priority_preemptions == 1
+    assert s.baton_counters.priority_preemptions == 1
     assert received == {"low-a": 12, "low-b": 12, "vip": 5}
     assert not s.requests and s.kv_cache_manager.usage == 0.0
 
@@ -326,7 +326,7 @@ def test_above_the_high_watermark_one_request_is_shed_per_step(make_scheduler):
     assert first.preempted_req_ids == {"r7"}  # usage 1.0: lowest priority, latest arrival
     assert second.preempted_req_ids == {"r6"}  # usage 7/8 is still above 0.8
     assert not third.preempted_req_ids  # 6/8 is not
-    assert s.baton_pressure_sheds == 2
+    assert s.baton_counters.pressure_sheds == 2
     assert s.baton_gate.holding, "0.75 is above the low watermark: the hold goes on"
     assert "r6" not in third.num_scheduled_tokens and "r7" not in third.num_scheduled_tokens
 
@@ -343,8 +343,8 @@ def test_the_hold_ends_below_the_low_watermark_and_every_request_finishes(make_s
         if not s.get_num_unfinished_requests():
             break
 
-    assert resumed_at is not None and s.baton_held_steps >= 5
-    assert s.baton_gate.high_crossings == 1 and s.baton_pressure_sheds == 2
+    assert resumed_at is not None and s.baton_counters.held_steps >= 5
+    assert s.baton_gate.high_crossings == 1 and s.baton_counters.pressure_sheds == 2
     assert not s.requests, "every request finished and freed its blocks"
     assert s.kv_cache_manager.usage == 0.0
 
@@ -360,7 +360,7 @@ def test_a_held_batch_lets_a_higher_priority_request_replace_a_lower_one(make_sc
     assert out.preempted_req_ids == {"r5"}
     assert "vip" in newly_scheduled(out)
     assert len(s.running) == 6, "the batch keeps its size while holding"
-    assert s.baton_priority_preemptions == 1
+    assert s.baton_counters.priority_preemptions == 1
 
 
 def test_the_last_running_request_is_never_shed(make_scheduler):
@@ -369,7 +369,7 @@ def test_the_last_running_request_is_never_shed(make_scheduler):
     for _ in range(3):
         out = step(s)
         assert not out.preempted_req_ids
-    assert s.baton_gate.high_crossings == 1 and s.baton_pressure_sheds == 0
+    assert s.baton_gate.high_crossings == 1 and s.baton_counters.pressure_sheds == 0
 
 
 @pytest.mark.parametrize("pause", [PauseState.PAUSED_ALL, PauseState.PAUSED_NEW])
@@ -379,7 +379,7 @@ def test_a_paused_engine_is_left_alone(make_scheduler, pause):
     s = make_scheduler(usable_blocks=8, baton=PRESSURE)
     fill_eight_blocks(s)
     s.set_pause_state(pause)
-    assert not step(s).preempted_req_ids and s.baton_pressure_sheds == 0
+    assert not step(s).preempted_req_ids and s.baton_counters.pressure_sheds == 0
     s.set_pause_state(PauseState.UNPAUSED)
     assert step(s).preempted_req_ids == {"r7"}
 
@@ -507,7 +507,39 @@ def test_slot_efficiency_counts_sampled_tokens_against_offered_slots(make_schedu
         s = make_scheduler(usable_blocks=64, max_num_seqs=2, baton=NO_SHEDDING | {"policy": policy})
         for _ in drive_with_arrivals(s, ARRIVALS, budgets=budgets):
             pass
-        assert s.baton_sampled_tokens == sum(budgets.values())  # each token counted once
-        assert s.baton_idle_slots == s.baton_offered_slots - s.baton_sampled_tokens >= 0
-        efficiency[policy] = s.baton_slot_efficiency
+        counters = s.baton_counters
+        assert counters.sampled_tokens == sum(budgets.values())  # each token counted once
+        assert counters.idle_slots == counters.offered_slots - counters.sampled_tokens >= 0
+        efficiency[policy] = counters.slot_efficiency
     assert efficiency["static"] < efficiency["vllm"] <= 1.0
+
+
+def test_baton_takes_no_empty_prefill_step_when_the_newcomer_cannot_fit(make_scheduler):
+    """12 blocks of 16: a and b hold 4 each for their whole run, so c's 5-block prompt cannot
+    fit until one finishes and vLLM would admit nothing. Holding the decoders out for that
+    prefill would waste every other step; every step here has work it can schedule."""
+    s = make_scheduler(usable_blocks=12, baton=NO_SHEDDING | {"policy": "baton"})
+    arrivals = {0: [("a", 56), ("b", 56)], 2: [("c", 70)]}
+    budgets = {"a": 6, "b": 8, "c": 4}
+    kinds = []
+    for out, before in drive_with_arrivals(s, arrivals, budgets=budgets):
+        if before:  # requests were there to schedule
+            prefill, decode = prefill_and_decode(out, before)
+            kinds.append("p" if prefill else "d" if decode else "-")
+    assert "-" not in kinds, "".join(kinds)
+    assert "".join(kinds).startswith("pddddd"), "a and b decode while c cannot fit"
+
+
+def test_baton_admits_behind_a_blocked_queue_head_when_nothing_runs(make_scheduler):
+    """A paused streaming session keeps its blocks in vLLM's KV-holding queue, ahead of new
+    requests; it cannot run until its next chunk comes. With nothing decoding, the baton policy
+    must still let vLLM admit the request behind it (it once capped admission at the empty
+    batch and stalled here; the same happened to a request loading offloaded K/V)."""
+    s = make_scheduler(usable_blocks=16, baton=NO_SHEDDING | {"policy": "baton"})
+    add(s, "session", 20, arrival=1.0, max_tokens=2, resumable=True)
+    for _ in range(4):
+        step(s)
+    assert not s.running and s.num_waiting_for_streaming_input == 1
+    add(s, "new", 8, arrival=2.0, max_tokens=3)
+    scheduled = [set(step(s).num_scheduled_tokens) for _ in range(6)]
+    assert scheduled[0] == {"new"} and "new" not in s.requests, scheduled
