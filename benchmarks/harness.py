@@ -302,8 +302,8 @@ named (group, kind) gets its group's colour and its kind's dashes."""
 
 
 def figure(path: Path, title: str, panels: Panels) -> None:
-    """A row of line charts saved as PNG, the x values evenly spaced and labelled as they are;
-    a panel whose values span more than two decades has a log y axis."""
+    """A row of line charts saved as PNG, the x values evenly spaced and labelled as they are
+    (slanted when long); a panel whose values span more than two decades has a log y axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -323,7 +323,11 @@ def figure(path: Path, title: str, panels: Panels) -> None:
                 ax.plot(*zip(*points, strict=True), ls=dash, color=color, marker="o", label=label)
         if drawn and min(drawn) > 0 and max(drawn) > 100 * min(drawn):
             ax.set_yscale("log")
-        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        labels = [str(x) for x in xs]
+        if sum(map(len, labels)) > 40:  # names that would run into each other: slant them
+            ax.set_xticks(range(len(xs)), labels, rotation=30, ha="right", fontsize=8)
+        else:
+            ax.set_xticks(range(len(xs)), labels)
         ax.set_title(name, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
