@@ -241,3 +241,46 @@ def test_the_counters_reach_vllms_metrics_reader(model_dir):
     assert metrics["vllm:baton_sampled_tokens"] == counters.sampled_tokens == 6 * 64
     assert metrics["vllm:baton_offered_slots"] == counters.offered_slots
     assert metrics["vllm:baton_slot_efficiency"] == pytest.approx(counters.slot_efficiency)
+
+
+SERVE_LIKE = """
+import sys, urllib.request
+from vllm import LLM, SamplingParams
+
+def main():
+    port = int(sys.argv[2])
+    llm = LLM(model=sys.argv[1], dtype="float32", enforce_eager=True, max_model_len=512,
+              max_num_seqs=4, block_size=32, seed=0, scheduler_cls=sys.argv[3],
+              additional_config={"baton": {"metrics_port": port}})
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": list(range(5, 40))}], params, use_tqdm=False)
+    print(urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_metrics_port_serves_the_counters_from_an_engine_core_process(model_dir, tmp_path):
+    """As under ``vllm serve``: the engine core runs in a process of its own, whose registry
+    the front end cannot read; the plugin's metrics_port serves the counters from there."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "serve_like.py"
+    script.write_text(SERVE_LIKE)
+    env = os.environ | {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    done = subprocess.run(
+        [sys.executable, str(script), str(model_dir), str(port), BATON],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert 'vllm:baton_sampled_tokens_total{engine="0"} 8.0' in done.stdout
+    assert 'vllm:baton_slot_efficiency{engine="0"} 1.0' in done.stdout
