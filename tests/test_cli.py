@@ -160,7 +160,12 @@ def test_a_model_path_that_is_not_a_directory(tmp_path):
 
 
 def test_a_hub_id_that_cannot_be_loaded_is_one_line(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never reach for the network
+    import huggingface_hub.constants
+
+    # Never reach for the network (here it would retry an unreachable hub for ~45 s): the hub
+    # library read HF_HUB_OFFLINE when it was imported, so its constant is set as well.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     result = CliRunner().invoke(cli.main, ["generate", "hi", "--model", "nosuch/model-xyz"])
     assert_one_error_line(result, "cannot load --model 'nosuch/model-xyz'", "checkpoint directory")
 
