@@ -164,11 +164,20 @@ class BatonScheduler(AsyncScheduler):
         if candidate is None:
             return False
         need, _ = self._baton_need_to_admit(candidate)
-        room = _Room(
+        return self._baton_fits(need, self._baton_room(staying), slot_cap)
+
+    def _baton_room(self, staying: list[Request]) -> _Room:
+        """Free blocks and the token budget as vLLM's admission loop will find them, after
+        ``staying`` have taken this step's share (vLLM schedules running requests first)."""
+        return _Room(
             free=self.kv_cache_manager.block_pool.get_num_free_blocks(),
             budget=self.max_num_scheduled_tokens,
             kept={r.request_id: self._baton_need_to_grow(r) for r in staying},
         )
+
+    def _baton_fits(self, need: _Need, room: _Room, slot_cap: int) -> bool:
+        """Would vLLM's admission loop take a request needing ``need`` into ``room``?"""
+        # Paused streaming sessions hold run slots too (vLLM counts them at admission).
         slots = slot_cap - self.num_waiting_for_streaming_input
         return room.admits(need, slots, self.kv_cache_manager.watermark_blocks)
 
@@ -259,11 +268,7 @@ class BatonScheduler(AsyncScheduler):
         request would still not make it fit (preempting then would only waste their work).
         """
         need, hit_ids = self._baton_need_to_admit(candidate)
-        room = _Room(
-            free=self.kv_cache_manager.block_pool.get_num_free_blocks(),
-            budget=self.max_num_scheduled_tokens,
-            kept={r.request_id: self._baton_need_to_grow(r) for r in self.running},
-        )
+        room = self._baton_room(self.running)
         eligible = victim_order(
             [
                 r
@@ -271,10 +276,8 @@ class BatonScheduler(AsyncScheduler):
                 if r.priority > candidate.priority and self._request_blocks_can_be_freed(r)
             ]
         )
-        # Paused streaming sessions hold run slots too (vLLM counts them at admission).
-        slots = slot_cap - self.num_waiting_for_streaming_input
         victims: list[Request] = []
-        while not room.admits(need, slots, self.kv_cache_manager.watermark_blocks):
+        while not self._baton_fits(need, room, slot_cap):
             if not eligible:
                 return []
             victims.append(eligible.pop(0))

@@ -100,7 +100,8 @@ def test_swap_preemption_through_the_pinned_pool_on_cuda(tiny_model_dir, cuda_re
 
 
 def test_nvml_reads_the_device_the_engine_uses():
-    pynvml = pytest.importorskip("pynvml")
+    import pynvml  # nvidia-ml-py is a dependency: a missing one is a failure, not a skip
+
     pynvml.nvmlInit()
     handle = device_memory._nvml_handle(pynvml, torch.device("cuda:0"))
     uuid = pynvml.nvmlDeviceGetUUID(handle)
