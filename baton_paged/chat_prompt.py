@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from baton_paged.prompt_encoding import encode
+
 Message = Mapping[str, Any]
 
 
@@ -55,7 +57,7 @@ def conversation_prompt(
     else:
         text = "\n".join(f"{t['role']}: {t['content']}" for t in turns)
         text += "\nassistant:" if add_generation_prompt else ""
-    return {"prompt": text, "prompt_token_ids": tokenizer.encode(text, add_special_tokens=False)}
+    return {"prompt": text, "prompt_token_ids": encode(tokenizer, text, add_special_tokens=False)}
 
 
 def _checked(messages: Sequence[Message]) -> Sequence[Message]:

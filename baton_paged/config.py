@@ -66,6 +66,9 @@ class EngineConfig:
     """Most requests decoding together (batch slots)."""
     max_model_len: int | None = None
     """Longest prompt + output in tokens; None = the model's max_position_embeddings."""
+    max_logprobs: int = 20
+    """Most log-probabilities a request may ask for per token (``logprobs``, ``top_logprobs``,
+    ``prompt_logprobs``; vLLM's name and default); a request asking for more is refused."""
     max_prefill_tokens: int = 4096
     """Most prompt tokens one prefill forward packs (a longer single prompt still runs alone)."""
     max_num_batched_tokens: int = 512
@@ -93,10 +96,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_choice("dtype", self.dtype, [*DTYPES, "auto"])
         for name in ("max_batch_size", "max_prefill_tokens", "max_num_batched_tokens"):
-            _check_positive(name, getattr(self, name))
+            _check_int(name, getattr(self, name))
         for name in ("page_size", "max_model_len"):
             if getattr(self, name) is not None:
-                _check_positive(name, getattr(self, name))
+                _check_int(name, getattr(self, name))
+        _check_int("max_logprobs", self.max_logprobs, minimum=0)
         check_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
         check_choice("model_impl", self.model_impl, MODEL_IMPLS)
         if self.swap_memory != "0":
@@ -121,6 +125,7 @@ def check_choice(name: str, value: str, choices) -> None:
         raise ValueError(f"unknown {name} {value!r}; choose one of: {', '.join(choices)}")
 
 
-def _check_positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def _check_int(name: str, value, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")

@@ -138,6 +138,7 @@ class Engine:
             page_size,
             self.cache.num_pages,
             config.device,
+            config.max_logprobs,
         )
         self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
         self.stats = EngineStats(page_bytes=spec.bytes_per_page)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from baton_paged.allocator import pages_needed
+from baton_paged.prompt_encoding import encode
 from baton_paged.request import Request
 from baton_paged.sampling_params import SamplingParams
 
@@ -30,6 +31,7 @@ class InputProcessor:
         page_size: int,
         num_pages: int,
         device: str,
+        max_logprobs: int,
     ):
         self.tokenizer = tokenizer
         self.eos_token_ids = eos_token_ids
@@ -38,6 +40,8 @@ class InputProcessor:
         self.num_pages = num_pages
         """Pages of the whole device pool: a request needing more could never run."""
         self.device = device
+        self.max_logprobs = max_logprobs
+        """Most log-probabilities per token a request may ask for (EngineConfig.max_logprobs)."""
         self._ids = itertools.count()
 
     def prepare(
@@ -56,6 +60,7 @@ class InputProcessor:
             raise ValueError(f"priority must be an int, got {priority!r}")
         text, ids = self._tokenize(prompt)
         self._check_logit_bias(params)
+        self._check_logprobs(params)
         seed = params.seed
         return Request(
             request_id=request_id,
@@ -76,9 +81,10 @@ class InputProcessor:
                 raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
             prompt = prompt["prompt"]
         if isinstance(prompt, str):
-            if not prompt:
+            ids = encode(self.tokenizer, prompt) if prompt else []
+            if not ids:
                 raise ValueError("the prompt is empty")
-            return prompt, self._check_ids(self.tokenizer.encode(prompt))
+            return prompt, ids  # the tokenizer's own ids need no range check
         return None, self._check_ids(prompt)
 
     def _check_ids(self, ids) -> list[int]:
@@ -95,6 +101,16 @@ class InputProcessor:
         outside = [token_id for token_id, _ in params.logit_bias if token_id >= vocab]
         if outside:
             raise ValueError(f"logit_bias token ids must be < the vocabulary's {vocab}: {outside}")
+
+    def _check_logprobs(self, params: SamplingParams) -> None:
+        """Each returned log-probability is work on every step: past the limit, refuse."""
+        for name in ("logprobs", "prompt_logprobs"):
+            asked = getattr(params, name)
+            if asked is not None and asked > self.max_logprobs:
+                raise ValueError(
+                    f"{name}={asked} asks for more log-probabilities per token than this engine's "
+                    f"limit of {self.max_logprobs} (max_logprobs, the --max-logprobs flag)"
+                )
 
     def _max_tokens(self, ids: list[int], params: SamplingParams) -> int:
         """The request's max_tokens; ValueError if its prompt fits neither model nor pool."""

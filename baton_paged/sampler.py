@@ -196,15 +196,17 @@ def token_logprobs(logprobs: torch.Tensor, sampled: int, top_n: int) -> dict[int
 
     A rank counts strictly more likely tokens, so it does not depend on how ``topk`` orders ties.
     Every token more likely than the j-th top value is itself among the first j - 1, so the top
-    tokens' ranks come from the top values alone, without another pass over the vocabulary.
+    tokens' ranks come from the top values alone: the position of the first value equal to each
+    (a binary search in the sorted values), in O(top_n) memory, never a top_n x top_n matrix.
     """
     sampled_logprob = logprobs[sampled]
     sampled_rank = int((logprobs > sampled_logprob).sum()) + 1
     result = {sampled: Logprob(float(sampled_logprob), sampled_rank)}
     if top_n == 0:
         return result
-    values, ids = logprobs.topk(min(top_n, logprobs.shape[-1]))
-    ranks = (values[None, :] > values[:, None]).sum(dim=-1) + 1
+    values, ids = logprobs.topk(min(top_n, logprobs.shape[-1]))  # sorted, most likely first
+    descending = values.neg()  # ascending, as searchsorted wants
+    ranks = torch.searchsorted(descending, descending, side="left") + 1
     for token_id, value, rank in zip(ids.tolist(), values.tolist(), ranks.tolist(), strict=True):
         result.setdefault(token_id, Logprob(value, rank))
     return result

@@ -141,8 +141,8 @@ def _normalise_stop_token_ids(ids: Sequence[int] | None) -> tuple[int, ...]:
 
 
 def _check_number(name: str, value: object) -> None:
-    if not isinstance(value, Real) or isinstance(value, bool) or math.isnan(value):
-        raise ValueError(f"{name} must be a number, got {name}={value!r}")
+    if not isinstance(value, Real) or isinstance(value, bool) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {name}={value!r}")
 
 
 def _check_range(name: str, value: float, low: float, high: float) -> None:
@@ -178,8 +178,8 @@ def _normalise_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
 def _check_temperature(temperature: float) -> None:
     if not isinstance(temperature, Real) or isinstance(temperature, bool):
         raise ValueError(f"temperature must be a number, got {temperature!r}")
-    if math.isnan(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got temperature={temperature}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got temperature={temperature}")
 
 
 def _check_top_p(top_p: float) -> None:

@@ -42,3 +42,17 @@ def test_engine_greedy_tokens_equal_hf_generate(smollm2_dir):
     with LLM(str(smollm2_dir), dtype="float64", max_model_len=256) as llm:
         outputs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=16))
     assert [list(o.outputs[0].token_ids) for o in outputs] == expected
+
+
+def test_prompts_encode_as_the_tokenizer_encodes_them(smollm2_dir):
+    """The server's fast tokenizing path on the real tokenizer (ChatML special tokens included)."""
+    from baton_paged.prompt_encoding import encode
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi there 🙂"}], tokenize=False, add_generation_prompt=True
+    )
+    for text in [*PROMPTS, chat, "  spaced\n\ttext  ", "é" * 300]:
+        for special in (True, False):
+            expected = tokenizer.encode(text, add_special_tokens=special)
+            assert encode(tokenizer, text, special) == expected

@@ -4,12 +4,14 @@ draws follow the softmax, and log-probabilities are the model's raw ones."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from collections import Counter
 
 import pytest
 import torch
 
-from baton_paged.sampler import Logprob, SamplingRow, _top_k_top_p, sample
+from baton_paged.sampler import Logprob, SamplingRow, _top_k_top_p, sample, token_logprobs
 from baton_paged.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -216,3 +218,31 @@ def test_logits_must_match_the_rows():
         sample(torch.zeros(3, 4), [row(), row()])
     with pytest.raises(ValueError):
         sample(torch.zeros(4), [row()])
+
+
+def test_tied_logprobs_share_a_rank_counted_from_strictly_more_likely_tokens():
+    logprobs = torch.tensor([0.0, -1.0, -1.0, -3.0, -1.0, -3.0]).log_softmax(-1)
+    entries = token_logprobs(logprobs, sampled=5, top_n=6)
+    ranks = {token: entry.rank for token, entry in entries.items()}
+    assert ranks == {0: 1, 1: 2, 2: 2, 4: 2, 3: 5, 5: 5}
+    assert next(iter(entries)) == 5  # the sampled token first
+
+
+RANK_MEMORY_PROBE = """
+import resource, torch
+from baton_paged.sampler import token_logprobs
+vocab = 49152  # SmolLM2's: a k x k comparison would need 2.4 GB here
+logprobs = torch.randn(vocab, dtype=torch.float64).log_softmax(-1)
+status = open("/proc/self/status").read()
+mapped = int(status.split("VmSize:")[1].split()[0]) * 1024
+resource.setrlimit(resource.RLIMIT_AS, (mapped + (1 << 30),) * 2)  # 1 GiB more address space
+entries = token_logprobs(logprobs, sampled=0, top_n=vocab)
+assert len(entries) == vocab
+assert sorted(e.rank for e in entries.values()) == list(range(1, vocab + 1))
+"""
+
+
+def test_ranking_the_whole_vocabulary_needs_memory_in_the_vocabulary_not_its_square():
+    """logprobs=vocab once OOM-killed the server: ranking the top-k built a k x k matrix."""
+    probe = subprocess.run([sys.executable, "-c", RANK_MEMORY_PROBE], capture_output=True)
+    assert probe.returncode == 0, probe.stderr.decode()[-2000:]
