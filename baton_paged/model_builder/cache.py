@@ -1,23 +1,39 @@
-"""Models cached on disk, so benchmarks and the server build (or fetch) each one once per machine.
+"""Models (and compiled kernels) cached on disk, so each is built or fetched once per machine.
 
-Every entry is built in a temporary sibling directory, gets its manifest last, and is renamed into
-place: an interrupted or concurrent build never leaves a half-written model where a loader looks,
+Every entry is built in a scratch sibling directory, gets its manifest last, and is renamed into
+place: an interrupted or concurrent build never leaves a half-written entry where a loader looks,
 and an entry whose files no longer match their manifest is rebuilt rather than loaded.
+
+Check and build happen under an ``flock`` on a file beside the entry, so concurrent first uses
+build once, and the kernel releases it when its holder dies. A killed build (``kill -9`` runs no
+``finally``) leaves its scratch directory behind; whoever next holds the lock removes it, since
+nobody else can be building.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from baton_paged.model_builder.build import build_model
 from baton_paged.model_builder.manifest import manifest_problem, write_manifest
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; concurrent builds race, and the rename settles them
+    fcntl = None
+
 CACHE_ENV = "BATON_PAGED_CACHE"
+
+SCRATCH_SUFFIX = r"(broken-)?[a-z0-9_]{8}"
+"""What ``tempfile.mkdtemp`` appends to an entry's scratch prefixes: matched exactly, so the
+cleanup of entry ``m`` never takes ``.m-2-xxxxxxxx``, the live scratch of an entry ``m-2``."""
 
 logger = logging.getLogger(__name__)
 
@@ -38,37 +54,80 @@ def cached_model(arch: str = "llama", size: str = "small", seed: int = 0) -> Pat
 
 def cached_dir(name: str, build: Callable[[Path], object]) -> Path:
     """``models/<name>`` under the cache root, made by ``build(directory)`` unless intact."""
-    target = cache_root() / "models" / name
-    problem = manifest_problem(target) if target.exists() else "not built yet"
-    if problem is None:
-        return target
-    if target.exists():
-        logger.warning("rebuilding the cached model %s: %s", target, problem)
-        _discard(target)
+    return cached_entry(cache_root() / "models" / name, build)
+
+
+def cached_entry(target: Path, build: Callable[[Path], object]) -> Path:
+    """``target``, made by ``build(scratch directory)`` unless it is intact. Checked only once its
+    lock is held: a process that waited may find the entry finished by the one it waited for."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    with _entry_lock(target) as alone:
+        if alone:
+            _remove_scratch(target)
+        if not _intact(target):
+            _build_into_place(target, build)
+    return target
+
+
+@contextlib.contextmanager
+def _entry_lock(target: Path) -> Iterator[bool]:
+    """Hold ``target``'s lock, waiting for a live holder; yields whether it is held (False
+    where there is no ``flock``). The lock file lives beside the entry, which gets replaced."""
+    if fcntl is None:
+        yield False
+        return
+    with open(target.parent / f".{target.name}.flock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield True
+
+
+def _remove_scratch(target: Path) -> None:
+    """Delete the scratch that killed builds of ``target`` left (only under its lock)."""
+    pattern = re.compile(re.escape(f".{target.name}-") + SCRATCH_SUFFIX)
+    stale = sorted(path for path in target.parent.iterdir() if pattern.fullmatch(path.name))
+    if stale:
+        names = ", ".join(path.name for path in stale)
+        logger.warning("removing %s, left by an interrupted build of %s", names, target)
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _intact(target: Path) -> bool:
+    """Whether ``target`` passes its manifest check; a damaged entry is logged and discarded."""
+    if not target.exists():
+        return False
+    problem = manifest_problem(target)
+    if problem is None:
+        return True
+    logger.warning("rebuilding %s: %s", target, problem)
+    _discard(target)
+    return False
+
+
+def _build_into_place(target: Path, build: Callable[[Path], object]) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         build(scratch)
         write_manifest(scratch)
         _move_into_place(scratch, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return target
 
 
 def _move_into_place(scratch: Path, target: Path) -> None:
     try:
         scratch.rename(target)
-    except OSError:  # another process finished first; keep its copy if it is intact
+    except OSError:  # without a lock, another process may finish first; keep its copy if intact
         if manifest_problem(target) is not None:
             raise
 
 
 def _discard(target: Path) -> None:
-    """Move a broken entry aside (atomic), then delete it, so no loader sees it half-deleted."""
+    """Move a broken entry aside (atomic), then delete it, so no loader sees it half-deleted; a
+    kill halfway leaves scratch that the next holder of the lock removes."""
     doomed = Path(tempfile.mkdtemp(prefix=f".{target.name}-broken-", dir=target.parent))
     try:
         target.rename(doomed / target.name)
-    except FileNotFoundError:  # another process moved it first
+    except FileNotFoundError:  # without a lock, another process may have moved it first
         pass
     shutil.rmtree(doomed, ignore_errors=True)

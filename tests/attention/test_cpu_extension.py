@@ -1,15 +1,21 @@
-"""The CPU kernels' build: cached per machine; a missing tool is one logged line, not a crash."""
+"""The CPU kernels' build: cached per machine; a missing tool is one logged line, not a crash;
+a damaged library is rebuilt, never imported."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from torch.utils import cpp_extension
 
 from baton_paged.attention import cpu_extension
+from baton_paged.model_builder.manifest import MANIFEST_FILE, manifest_problem
+
+GOOD = b"\x7fELF a whole library"
 
 
 @pytest.fixture
@@ -68,15 +74,139 @@ def test_the_build_key_changes_with_the_source_and_the_cpu(monkeypatch):
     assert cpu_extension._build_key() != key
 
 
-def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_start():
-    """torch's build lock is a plain file: a build killed halfway leaves it, and torch alone
-    would wait on it forever. The next process finds it under our flock and removes it."""
-    assert cpu_extension.cpu_kernels() is not None  # built and cached
-    stale = cpu_extension.build_directory() / "lock"
-    stale.touch()
-    try:
-        load = "from baton_paged.attention.cpu_extension import cpu_kernels; assert cpu_kernels()"
-        subprocess.run([sys.executable, "-c", load], check=True, timeout=120)
-        assert not stale.exists()
-    finally:
-        stale.unlink(missing_ok=True)
+def fake_build(builds, content=GOOD):
+    """A build that leaves what ninja leaves beside its library, and counts its calls."""
+
+    def build(scratch):
+        builds.append(scratch)
+        (scratch / "build.ninja").write_text("rule cxx\n")
+        (scratch / "lock").touch()  # torch's build lock
+        (scratch / "k.o").write_bytes(b"object")
+        (scratch / "built.so").write_bytes(content)
+        return scratch / "built.so"
+
+    return build
+
+
+def recording_load(loaded):
+    """An import that records the bytes it was given."""
+
+    def load(path):
+        loaded.append(path.read_bytes())
+        return path.read_bytes()
+
+    return load
+
+
+@pytest.fixture
+def library(tmp_path):
+    return tmp_path / "kernels" / "k" / "k.so"
+
+
+def test_a_good_build_is_built_once_then_loaded_from_its_place(library):
+    builds, loaded = [], []
+    for _ in range(2):
+        assert cpu_extension.load_verified(library, fake_build(builds), recording_load(loaded))
+    assert len(builds) == 1 and loaded == [GOOD, GOOD]
+    assert sorted(p.name for p in library.parent.iterdir()) == [MANIFEST_FILE, "k.so"]
+    assert sorted(p.name for p in library.parent.parent.iterdir()) == [".k.flock", "k"]
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda so: so.write_bytes(GOOD[: len(GOOD) // 2]),  # a link killed halfway
+        lambda so: so.write_bytes(GOOD.upper()),  # same size, other bytes
+        lambda so: (so.parent / MANIFEST_FILE).unlink(),  # an old-style or interrupted build
+    ],
+    ids=["truncated", "corrupted", "no-manifest"],
+)
+def test_a_damaged_library_is_rebuilt_and_never_imported(library, damage, caplog):
+    builds, loaded = [], []
+    cpu_extension.load_verified(library, fake_build(builds), recording_load(loaded))
+    damage(library)
+    with caplog.at_level(logging.WARNING):
+        cpu_extension.load_verified(library, fake_build(builds), recording_load(loaded))
+    assert len(builds) == 2 and loaded == [GOOD, GOOD]
+    assert manifest_problem(library.parent) is None
+    assert any("rebuilding" in r.getMessage() for r in caplog.records)
+    assert sorted(p.name for p in library.parent.parent.iterdir()) == [".k.flock", "k"]
+
+
+def test_scratch_left_by_a_killed_build_is_removed_once_logged(library, caplog):
+    kernels = library.parent.parent
+    for stale in (".k-abcd_123", ".k-broken-x1y2z3w4"):
+        (kernels / stale).mkdir(parents=True)
+        (kernels / stale / "lock").touch()
+        (kernels / stale / "k.so").write_bytes(GOOD[:3])
+    (kernels / ".k-2-abcd_123").mkdir()  # the live scratch of another library, k-2
+    builds = []
+    with caplog.at_level(logging.WARNING):
+        cpu_extension.load_verified(library, fake_build(builds), recording_load([]))
+    names = sorted(p.name for p in kernels.iterdir())
+    assert names == [".k-2-abcd_123", ".k.flock", "k"] and len(builds) == 1
+    removals = [r.getMessage() for r in caplog.records if "interrupted build" in r.getMessage()]
+    assert len(removals) == 1 and ".k-abcd_123" in removals[0]
+
+
+def test_a_failing_build_leaves_no_scratch_and_no_library(library):
+    def broken(scratch):
+        fake_build([])(scratch)
+        raise RuntimeError("foo.cpp:1:1: error: expected ';'")
+
+    loaded = []
+    with pytest.raises(RuntimeError, match="expected ';'"):
+        cpu_extension.load_verified(library, broken, recording_load(loaded))
+    assert [p.name for p in library.parent.parent.iterdir()] == [".k.flock"] and loaded == []
+
+
+@pytest.fixture
+def copied_build(tmp_path, monkeypatch):
+    """The real kernel build, copied into a cache of its own (``BATON_PAGED_CACHE``), with its
+    library truncated to half: what a link killed halfway leaves."""
+    assert cpu_extension.cpu_kernels() is not None, cpu_extension.unavailable_reason()
+    real = cpu_extension.build_directory()
+    monkeypatch.setenv("BATON_PAGED_CACHE", str(tmp_path / "cache"))
+    copy = cpu_extension.build_directory()
+    shutil.copytree(real, copy)
+    (library,) = copy.glob("*.so")
+    with library.open("r+b") as stream:
+        stream.truncate(library.stat().st_size // 2)
+    return copy
+
+
+def test_the_real_loader_rebuilds_a_truncated_library_instead_of_importing_it(
+    copied_build, fresh_build_state, monkeypatch
+):
+    compiles, imports = [], []
+
+    def compile_requested(name, scratch):
+        compiles.append(name)
+        raise RuntimeError("error: compile requested")
+
+    monkeypatch.setattr(cpu_extension, "_compile", compile_requested)
+    monkeypatch.setattr(cpu_extension, "_import", lambda name, path: imports.append(path))
+    assert cpu_extension.cpu_kernels() is None
+    assert "compile requested" in cpu_extension.unavailable_reason()
+    assert compiles == [copied_build.name] and imports == []
+    assert not copied_build.exists()
+
+
+@pytest.mark.stress
+def test_a_truncated_library_is_rebuilt_by_the_next_start(copied_build):
+    """End to end: a start finds the truncated library, rebuilds it (tens of seconds) and runs
+    an op, where importing it would die with a bus error."""
+    start = textwrap.dedent(
+        """
+        import torch
+        from baton_paged.attention.cpu_extension import cpu_kernels, unavailable_reason
+        kernels = cpu_kernels()
+        assert kernels is not None, unavailable_reason()
+        out = torch.empty(2, 8)
+        kernels.rms_norm(out, torch.ones(2, 8), torch.ones(8), 1e-5)
+        assert torch.allclose(out, torch.ones(2, 8), atol=1e-3)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", start], timeout=600)  # inherits the cache
+    assert done.returncode == 0, f"exit status {done.returncode} (-7: a bus error)"
+    assert manifest_problem(copied_build) is None
