@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -83,6 +84,8 @@ class AsyncEngine:
         """Guards the inbox, the streams and the count; never held across an engine call."""
         self._work = threading.Event()
         self._stopping = False
+        self._drain_deadline: float | None = None
+        """Set by ``drain``: new requests are refused, and open ones fail at this time."""
         self._looping = False
         self._loop_done = threading.Event()
         self._loop_done.set()
@@ -140,6 +143,8 @@ class AsyncEngine:
         with self._lock:
             if self._stopping:
                 raise EngineStoppedError("the engine has stopped and takes no more requests")
+            if self._drain_deadline is not None:
+                raise EngineStoppedError("the server is shutting down and takes no more requests")
             if request.request_id in self._streams:
                 raise ValueError(f"request id {request.request_id!r} is already in use")
             samples = request.params.num_samples  # each completion queues a request
@@ -170,6 +175,12 @@ class AsyncEngine:
         self._work.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+
+    def drain(self, timeout: float) -> None:
+        """Refuse new requests and let open ones finish for ``timeout`` seconds; then every
+        request still open fails with EngineStoppedError (its client gets an error, not a cut
+        connection) and the loop stops. Only assigns, so a signal handler may call it."""
+        self._drain_deadline = time.monotonic() + timeout
 
     def stop_soon(self) -> None:
         """``shutdown`` for a signal handler: it only sets a flag (taking a lock there could
@@ -206,12 +217,17 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._looping and not self._stopping
 
+    @property
+    def is_accepting(self) -> bool:
+        """Running and not draining: new requests are taken."""
+        return self.is_running and self._drain_deadline is None
+
     def run_loop(self) -> None:
         """Apply posted adds and aborts and run iterations until ``shutdown``; blocks."""
         self._looping = True
         self._loop_done.clear()
         try:
-            while not self._stopping:
+            while not self._stopping and not self._drain_expired():
                 self._work.clear()  # before the inbox is read, so a later post wakes the wait
                 self._apply_inbox()
                 if self.engine.has_unfinished_requests():
@@ -223,8 +239,16 @@ class AsyncEngine:
             raise
         finally:
             self._looping = False
-            self._fail_open_streams(EngineStoppedError("the engine's step loop stopped"))
+            self._fail_open_streams(EngineStoppedError(self._stop_reason()))
             self._loop_done.set()
+
+    def _drain_expired(self) -> bool:
+        return self._drain_deadline is not None and time.monotonic() >= self._drain_deadline
+
+    def _stop_reason(self) -> str:
+        if self._drain_expired():
+            return "the server shut down before this request finished (its drain timeout passed)"
+        return "the engine's step loop stopped"
 
     def _apply_inbox(self) -> None:
         with self._lock:

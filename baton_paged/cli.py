@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 ARCH_CHOICES = ("llama", "qwen2", "gpt2")
@@ -52,7 +54,18 @@ def engine_options(fn):
     """One ``--flag`` per EngineConfig field, its help text the field's docstring."""
     from baton_paged.config_fields import config_fields
 
-    for field in reversed(list(config_fields().values())):
+    return dataclass_options(fn, config_fields())
+
+
+def limit_options(fn):
+    """One ``--flag`` per ServerLimits field (what one request may ask of the server)."""
+    from baton_paged.config_fields import LIMITS_SOURCE, config_fields
+
+    return dataclass_options(fn, config_fields("ServerLimits", LIMITS_SOURCE))
+
+
+def dataclass_options(fn, fields: dict):
+    for field in reversed(list(fields.values())):
         flag = f"--{field.name.replace('_', '-')}"
         if field.type is bool:
             flag = f"{flag}/--no-{field.name.replace('_', '-')}"
@@ -125,17 +138,26 @@ def one_line(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+API_KEY_ENV = "BATON_PAGED_API_KEY"
+
+
 @main.command()
 @engine_options
+@limit_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
 @click.option(
     "--api-key",
-    envvar="BATON_PAGED_API_KEY",
+    envvar=API_KEY_ENV,
     default=None,
-    help="Require 'Authorization: Bearer KEY' on /v1 routes (or set BATON_PAGED_API_KEY).",
+    help=f"Require 'Authorization: Bearer KEY' on /v1 routes (or set {API_KEY_ENV}).",
 )
-@click.option("--served-model-name", default=None, help="Model id clients send (default: --model).")
+@click.option(
+    "--served-model-name",
+    default=None,
+    help="Model id clients send (default: the checkpoint's directory or file name, never its "
+    "path; a hub id as given; baton-paged-default for the built-in model).",
+)
 @click.option(
     "--max-waiting",
     type=int,
@@ -163,26 +185,55 @@ def serve(
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health), streaming included."""
+    check_api_key(api_key)
+    limits = server_limits(options)
     if replicas is not None:
-        serve_on_ray(host, port, replicas, api_key, served_model_name, max_waiting, options)
+        serve_on_ray(host, port, replicas, api_key, served_model_name, max_waiting, limits, options)
         return
     import uvicorn
 
     from baton_paged.async_engine import AsyncEngine
     from baton_paged.server import build_app
+    from baton_paged.server.connection import serving_config
+    from baton_paged.server.model_id import served_model_id
 
     engine = AsyncEngine(build_engine(options), max_waiting=max_waiting, own_thread=False)
-    app = build_app(engine, served_model_name or options["model"] or "baton-paged-default", api_key)
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level="info", timeout_graceful_shutdown=drain_timeout
-    )
-    server = uvicorn.Server(config)
-    run_engine_on_main_thread(engine, server)
+    name = served_model_id(options["model"], served_model_name)
+    app = build_app(engine, name, api_key, limits)
+    server = uvicorn.Server(serving_config(app, host, port, limits, drain_timeout))
+    run_engine_on_main_thread(engine, server, drain_timeout)
     if not server.started:
         raise SystemExit(1)  # uvicorn has logged why (a port in use, say)
 
 
-def serve_on_ray(host, port, replicas, api_key, served_model_name, max_waiting, options) -> None:
+def check_api_key(api_key: str | None) -> None:
+    """An empty key (``--api-key ""``, or the variable set but empty) is a mistake, not a wish
+    to serve without one: refuse to start rather than turn authentication off."""
+    import os
+
+    empty_env = api_key is None and os.environ.get(API_KEY_ENV) is not None
+    if empty_env or (api_key is not None and not api_key.strip()):
+        raise click.UsageError(
+            f"the API key is empty (--api-key or {API_KEY_ENV}): give a key, or unset both to "
+            "serve without authentication"
+        )
+
+
+def server_limits(options: dict):
+    """Take the ServerLimits flags out of ``options`` (the rest are EngineConfig's)."""
+    from baton_paged.server.limits import ServerLimits
+
+    names = [field.name for field in dataclasses.fields(ServerLimits)]
+    values = {name: options.pop(name) for name in names}
+    try:
+        return ServerLimits(**values)
+    except ValueError as error:
+        raise click.UsageError(str(error)) from error
+
+
+def serve_on_ray(
+    host, port, replicas, api_key, served_model_name, max_waiting, limits, options
+) -> None:
     """The same routes from ``replicas`` engines behind Ray Serve's proxy, until Ctrl-C."""
     from baton_paged.config import EngineConfig
     from baton_paged.registries import check_registered
@@ -209,6 +260,7 @@ def serve_on_ray(host, port, replicas, api_key, served_model_name, max_waiting, 
         api_key=api_key,
         max_waiting=max_waiting,
         replicas=replicas,
+        limits=limits,
     )
     try:
         serve.run(app, name="baton-paged", route_prefix="/", blocking=True)
@@ -219,15 +271,17 @@ def serve_on_ray(host, port, replicas, api_key, served_model_name, max_waiting, 
         ray.shutdown()  # stops the local instance ray.init started, with its agents
 
 
-def run_engine_on_main_thread(engine, server) -> None:
+def run_engine_on_main_thread(engine, server, drain_timeout: float) -> None:
     """The step loop on the main thread, uvicorn on a background one (see AsyncEngine for why the
     loop wants the thread that loaded the model).
 
-    The first Ctrl-C or SIGTERM stops uvicorn taking connections while the loop keeps stepping,
-    so requests in flight finish (uvicorn cuts them off after its ``timeout_graceful_shutdown``);
-    once uvicorn is done the loop stops. A second signal stops both at once. The handler only
-    sets flags, so a signal never lands in the middle of an iteration and never waits on a
-    lock the interrupted main thread may hold.
+    The first Ctrl-C or SIGTERM stops uvicorn taking connections and the engine taking requests
+    while the loop keeps stepping, so requests in flight finish; those still open after
+    ``drain_timeout`` fail with a 503 (a stream: an error event, then ``[DONE]``), which uvicorn
+    has a few seconds more to send before it cuts connections. Once uvicorn is done the loop
+    stops. A second signal stops both at once. The handler only sets flags, so a signal never
+    lands in the middle of an iteration and never waits on a lock the interrupted main thread
+    may hold.
     """
     import signal
     import threading
@@ -242,7 +296,9 @@ def run_engine_on_main_thread(engine, server) -> None:
         if server.should_exit:  # the second signal: stop now
             server.force_exit = True
             engine.stop_soon()
+            return
         server.should_exit = True
+        engine.drain(drain_timeout)
 
     http = threading.Thread(target=serve_http, name="baton-http")
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -1,5 +1,6 @@
-"""EngineConfig's fields, defaults and docstrings, read from config.py's source without importing
-it: the CLI builds its options from them, and ``baton-paged --help`` must not load torch."""
+"""EngineConfig's (and ServerLimits') fields, defaults and docstrings, read from their source
+without importing it: the CLI builds its options from them, and ``baton-paged --help`` must not
+load torch."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CONFIG_SOURCE = Path(__file__).with_name("config.py")
+LIMITS_SOURCE = Path(__file__).with_name("server") / "limits.py"
 
 
 @dataclass(frozen=True)
@@ -19,8 +21,11 @@ class ConfigField:
     doc: str
 
 
-def config_fields(class_name: str = "EngineConfig") -> dict[str, ConfigField]:
-    tree = ast.parse(CONFIG_SOURCE.read_text())
+def config_fields(
+    class_name: str = "EngineConfig", source: Path = CONFIG_SOURCE
+) -> dict[str, ConfigField]:
+    """The fields of the dataclass ``class_name`` defined in the file ``source``."""
+    tree = ast.parse(source.read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
     fields = {}
     for node, after in zip(cls.body, [*cls.body[1:], None], strict=True):

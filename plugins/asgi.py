@@ -27,6 +27,8 @@ from fastapi import FastAPI
 
 from baton_paged.async_engine import AsyncEngine
 from baton_paged.server import build_app
+from baton_paged.server.limits import ServerLimits
+from baton_paged.server.model_id import served_model_id
 
 
 def baton_app(
@@ -37,16 +39,18 @@ def baton_app(
     served_model_name: str | None = None,
     api_key: str | None = None,
     max_waiting: int = 1024,
+    limits: ServerLimits | None = None,
     **options,
 ) -> FastAPI:
     """The routes of ``baton-paged serve`` (``/v1/completions``, ``/v1/chat/completions``,
     ``/v1/models``, ``/health``, ``/metrics``) for a checkpoint or an already-loaded
-    transformers model. ``options`` are ``EngineConfig`` fields."""
+    transformers model, under ``limits`` (``ServerLimits``). ``options`` are ``EngineConfig``
+    fields."""
     engine = AsyncEngine.build(
         model, hf_model=hf_model, tokenizer=tokenizer, max_waiting=max_waiting, **options
     )
-    name = served_model_name or model or getattr(hf_model, "name_or_path", None) or "baton-paged"
-    app = build_app(engine, name, api_key)
+    source = model or getattr(hf_model, "name_or_path", None)
+    app = build_app(engine, served_model_id(source, served_model_name), api_key, limits)
     app.router.lifespan_context = _closing(engine)
     return app
 

@@ -28,6 +28,8 @@ from ray.serve import Application
 from baton_paged.async_engine import AsyncEngine
 from baton_paged.engine import Engine
 from baton_paged.server import build_app
+from baton_paged.server.limits import ServerLimits
+from baton_paged.server.model_id import served_model_id
 
 REPLICA_HEADER = "x-baton-replica"
 
@@ -36,13 +38,21 @@ REPLICA_HEADER = "x-baton-replica"
 class BatonReplica:
     """One engine and its routes; Serve makes ``replicas`` of these."""
 
-    def __init__(self, engine_options: dict, model_name: str, api_key: str | None, waiting: int):
+    def __init__(
+        self,
+        engine_options: dict,
+        model_name: str,
+        api_key: str | None,
+        waiting: int,
+        limits: ServerLimits | None = None,
+    ):
         self.engine = AsyncEngine(Engine.build(**engine_options), max_waiting=waiting)
         self.model_name = model_name
         self.api_key = api_key
+        self.limits = limits
 
     def __serve_build_asgi_app__(self):
-        app = build_app(self.engine, self.model_name, self.api_key)
+        app = build_app(self.engine, self.model_name, self.api_key, self.limits)
         replica = serve.get_replica_context().replica_tag
 
         @app.middleware("http")
@@ -74,6 +84,7 @@ def baton_application(
     autoscaling: dict | None = None,
     max_ongoing_requests: int | None = None,
     ray_actor_options: dict | None = None,
+    limits: ServerLimits | None = None,
 ) -> Application:
     """The Serve application: ``replicas`` engines built from ``engine_options`` (``EngineConfig``
     fields), or Serve autoscaling (``autoscaling``: an ``AutoscalingConfig`` dict) when given.
@@ -92,8 +103,8 @@ def baton_application(
         ray_actor_options=ray_actor_options or default_actor_options(device),
         health_check_period_s=10,
     )
-    name = served_model_name or engine_options.get("model") or "baton-paged-default"
-    return deployment.bind(engine_options, name, api_key, max_waiting)
+    name = served_model_id(engine_options.get("model"), served_model_name)
+    return deployment.bind(engine_options, name, api_key, max_waiting, limits)
 
 
 def default_actor_options(device: str) -> dict:

@@ -94,9 +94,11 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(tiny_model_dir):
     server = start_serve(tiny_model_dir("llama"), port)
     try:
         wait_healthy(server, port)
-        body = {"model": str(tiny_model_dir("llama")), "prompt": "hi", "max_tokens": 3}
+        model_id = tiny_model_dir("llama").name  # the directory's name, never its path
+        body = {"model": model_id, "prompt": "hi", "max_tokens": 3}
         reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30)
         assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3
+        assert reply.json()["model"] == model_id
         busy = start_serve(tiny_model_dir("llama"), port)  # the same port: it must fail, not hang
         assert busy.wait(timeout=60) == 1 and b"address already in use" in busy.stdout.read()
     finally:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Request
@@ -21,11 +22,19 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from baton_paged.async_engine import AsyncEngine
 from baton_paged.chat_prompt import conversation_prompt
+from baton_paged.input_processor import PromptInput
 from baton_paged.outputs import RequestOutput
 from baton_paged.sampling_params import SamplingParams
 from baton_paged.server.errors import ERROR_TYPES, APIError, ErrorResponse, install_handlers
-from baton_paged.server.limits import check_context, check_logit_bias
+from baton_paged.server.guards import RequestGuard
+from baton_paged.server.limits import (
+    ServerLimits,
+    check_context,
+    check_logit_bias,
+    check_sampling,
+)
 from baton_paged.server.metrics import ServerMetrics
+from baton_paged.server.openapi import published_schema
 from baton_paged.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 from baton_paged.server.responses import (
     ChatCompletionChunk,
@@ -41,15 +50,24 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
-def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(
+    engine: AsyncEngine,
+    model_name: str,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+) -> FastAPI:
     """The app serving ``engine`` as ``model_name``; with ``api_key``, /v1 routes need it as a
-    Bearer token."""
+    Bearer token. ``limits``: what one request may ask (``ServerLimits``' defaults if None)."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty: give a key, or none to serve without one")
+    limits = limits or ServerLimits()
     app = FastAPI(title="baton-paged", docs_url=None, redoc_url=None)
     app.state.engine = engine
     install_handlers(app)
+    app.add_middleware(RequestGuard, limits=limits)
     guard = [Depends(bearer_check(api_key))] if api_key else []
-    refusals = (400, 401, 404, 500, 503) if api_key else (400, 404, 500, 503)
-    server = Routes(engine, model_name)
+    refusals = (400, 401, 404, 413, 431, 500, 503) if api_key else (400, 404, 413, 431, 500, 503)
+    server = Routes(engine, model_name, limits)
     metrics = ServerMetrics(engine)
     engine.finish_listeners.append(metrics.observe)
 
@@ -74,28 +92,14 @@ def build_app(engine: AsyncEngine, model_name: str, api_key: str | None = None) 
     ):
         responses = generated(reply, chunk, refusals)
         app.post(path, dependencies=guard, response_model=None, responses=responses)(route)
-    app.openapi = without_422(app.openapi)
+    max_logprobs = engine.inputs.max_logprobs
+    app.openapi = published_schema(app.openapi, limits, max_logprobs, bearer=bool(api_key))
     return app
-
-
-def without_422(openapi: Callable[[], dict]) -> Callable[[], dict]:
-    """FastAPI documents a 422 for every body; this app answers a bad body with OpenAI's 400."""
-
-    def schema() -> dict:
-        spec = openapi()  # FastAPI builds it once and caches it; this edits the cached one
-        for operations in spec["paths"].values():
-            for operation in operations.values():
-                operation["responses"].pop("422", None)
-        for unused in ("HTTPValidationError", "ValidationError"):
-            spec.get("components", {}).get("schemas", {}).pop(unused, None)
-        return spec
-
-    return schema
 
 
 HEALTH = {
     200: {"description": "The engine's step loop is running; empty body.", "content": {}},
-    503: {"description": "The engine has stopped.", "model": ErrorResponse},
+    503: {"description": "The engine has stopped or is shutting down.", "model": ErrorResponse},
 }
 METRICS = {200: {"description": "Prometheus text format.", "content": {"text/plain": {}}}}
 
@@ -118,58 +122,83 @@ def generated(model: type, chunk: type, refusals: tuple[int, ...]) -> dict:
 
 
 def bearer_check(api_key: str) -> Callable:
+    """``Authorization: Bearer KEY``; the scheme's case does not matter (RFC 9110), the key's
+    does, and it is compared in constant time."""
+    expected = api_key.encode()
+
     async def check(request: Request) -> None:
-        given = request.headers.get("authorization", "")
-        if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        valid = scheme.lower() == "bearer"
+        if not (secrets.compare_digest(given.strip().encode(), expected) and valid):
             raise APIError(401, "invalid or missing API key")
 
     return check
 
 
+TOKENIZER_THREADS = 4
+"""Prompts are templated and tokenized on these threads, never on the event loop: a
+multi-megabyte prompt takes seconds, and on the loop it stalled every client and /health. The
+Rust tokenizer releases the GIL while it works, so a large prompt delays only itself (up to
+this many at once before the next waits for a thread)."""
+
+
 class Routes:
-    def __init__(self, engine: AsyncEngine, model_name: str):
+    def __init__(self, engine: AsyncEngine, model_name: str, limits: ServerLimits):
         self.engine = engine
         self.model_name = model_name
+        self.limits = limits
+        self.tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="baton-tokenize")
 
     async def health(self) -> Response:
-        if not self.engine.is_running:
-            raise APIError(503, "the engine has stopped")
+        if not self.engine.is_accepting:
+            raise APIError(503, "the engine has stopped or is shutting down")
         return Response(status_code=200)
 
     async def models(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.model_name)])
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        prompt, params = self.prepare(body, body.engine_prompt(), "prompt")
+        prompt, params = await self.prepare(body, body.engine_prompt, "prompt")
         echo = self.prompt_text(prompt) if body.echo else ""
         shape = CompletionShape(self.model_name, body.choices, self.decode, echo)
         return await self.respond(body, prompt, params, shape, request)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         turns = [{"role": m.role, "content": m.text} for m in body.messages]
-        prompt, params = self.prepare(
-            body, conversation_prompt(self.engine.tokenizer, turns), "messages"
+        tokenizer = self.engine.tokenizer
+        prompt, params = await self.prepare(
+            body, lambda: conversation_prompt(tokenizer, turns), "messages"
         )
         top_n = body.top_logprobs or 0
         shape = ChatShape(self.model_name, body.choices, self.decode, top_n=top_n)
         return await self.respond(body, prompt, params, shape, request)
 
-    def prepare(self, body: SamplingFields, prompt, what: str) -> tuple[dict, SamplingParams]:
+    async def prepare(
+        self, body: SamplingFields, render: Callable[[], PromptInput], what: str
+    ) -> tuple[dict, SamplingParams]:
         """The tokenized prompt and the params, or a 400 (404 for another model) before
-        anything is queued."""
+        anything is queued. ``render`` makes the prompt; it runs with the tokenizer, off the
+        event loop."""
         if body.model is not None and body.model != self.model_name:
             raise APIError(
                 404,
                 f"the model {body.model!r} does not exist; this server has {self.model_name!r}",
                 param="model",
             )
+        check_sampling(body, self.limits, self.engine.inputs.max_logprobs)
         check_logit_bias(body.logit_bias, len(self.engine.tokenizer))
         params = body.sampling_params()
-        inputs = self.engine.inputs
-        ids = inputs.prepare(prompt, params).prompt_token_ids  # tokenized and checked
-        check_context(len(ids), body.token_limit(), inputs.max_model_len, what)
-        text = prompt if isinstance(prompt, str) else prompt.get("prompt")
+        loop = asyncio.get_running_loop()
+        text, ids = await loop.run_in_executor(self.tokenizing, self.tokenize, render, params)
+        check_context(len(ids), body.token_limit(), self.engine.inputs.max_model_len, what)
         return {"prompt_token_ids": ids, "prompt": text}, params
+
+    def tokenize(
+        self, render: Callable[[], PromptInput], params: SamplingParams
+    ) -> tuple[str | None, list[int]]:
+        """On a tokenizer thread: the prompt's text (None for token ids) and ids, checked."""
+        request = self.engine.inputs.prepare(render(), params)
+        return request.prompt, request.prompt_token_ids
 
     def prompt_text(self, prompt: dict) -> str:
         if prompt["prompt"] is not None:

@@ -19,9 +19,16 @@ ERROR_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
+    408: "invalid_request_error",
+    413: "invalid_request_error",
+    431: "invalid_request_error",
     500: "internal_server_error",
     503: "service_unavailable",
 }
+
+RETRY_AFTER_S = 1
+"""What a 503 tells the client to wait (``Retry-After``): the queue drains in iterations."""
 
 
 class APIError(Exception):
@@ -49,8 +56,14 @@ def error_body(status: int, message: str, param: str | None = None) -> dict:
     return {"error": {"message": message, "type": kind, "param": param, "code": status}}
 
 
-def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param), status_code=status)
+def error_response(
+    status: int, message: str, param: str | None = None, headers: dict | None = None
+) -> JSONResponse:
+    """The error as JSON; a 503 says when to retry."""
+    headers = dict(headers or {})
+    if status == 503:
+        headers.setdefault("Retry-After", str(RETRY_AFTER_S))
+    return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
 def status_of(error: Exception) -> int:
@@ -67,8 +80,8 @@ def status_of(error: Exception) -> int:
 def validation_message(error: RequestValidationError) -> tuple[str, str | None]:
     """One message for all of a body's problems, and the first faulty field."""
     problems, params = [], []
-    for problem in error.errors():
-        path = ".".join(str(p) for p in problem["loc"][1:] if p != "[key]")
+    for problem in _most_specific(error.errors()):
+        path = ".".join(str(p) for p in problem["loc"][1:] if not _is_tag(p))
         path = problem.get("ctx", {}).get("field", path)
         if problem["type"] == "extra_forbidden":
             problems.append(f"unknown field '{path}' (not supported by this server)")
@@ -79,7 +92,26 @@ def validation_message(error: RequestValidationError) -> tuple[str, str | None]:
             message = problem["msg"].removeprefix("Value error, ")
             problems.append(f"{path}: {message}" if path else message)
         params.append(path)
+    problems = list(dict.fromkeys(problems))  # a union's members often fail alike
     return "malformed request body: " + "; ".join(problems), next(filter(None, params), None)
+
+
+def _most_specific(problems: list[dict]) -> list[dict]:
+    """Where a union member took the value's type but refused the value (a surrogate in a
+    string), that is the problem, not the other members' "should be a list"."""
+
+    def field(problem: dict) -> tuple:
+        return tuple(step for step in problem["loc"] if not _is_tag(step))
+
+    bad_values = {field(p) for p in problems if p["type"] == "value_error"}
+    return [p for p in problems if p["type"] == "value_error" or field(p) not in bad_values]
+
+
+def _is_tag(location: str | int) -> bool:
+    """pydantic's own steps in an error's location: a dict key, a union member's type."""
+    return isinstance(location, str) and (
+        location in ("[key]", "str", "int", "float", "bool") or "[" in location
+    )
 
 
 def install_handlers(app) -> None:
@@ -93,7 +125,7 @@ def install_handlers(app) -> None:
         message = str(error.detail)
         if error.status_code == 400:  # FastAPI's only 400: a body it could not read
             message = f"{message}: send a UTF-8 JSON object"
-        return error_response(error.status_code, message)
+        return error_response(error.status_code, message, headers=error.headers)  # 405: Allow
 
     kinds = (APIError, ValueError, QueueFullError, EngineStoppedError, RequestFailedError)
     for kind in (*kinds, Exception):  # Exception: a bug is still a 500 in OpenAI's shape

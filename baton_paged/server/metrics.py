@@ -76,6 +76,12 @@ class EngineCollector:
         yield gauge("baton:num_requests_swapped", "Requests swapped to host.", snap.num_swapped)
         usage = snap.kv_cache_usage
         yield gauge("baton:kv_cache_usage_perc", "Device KV pages in use, 0-1.", usage)
+        pages = GaugeMetricFamily(
+            "baton:kv_pages_in_use", "KV pages owned, by pool.", labels=["pool"]
+        )
+        pages.add_metric(["device"], snap.device_pages_used)
+        pages.add_metric(["host"], snap.host_pages_used)
+        yield pages
         yield gauge("baton:slot_efficiency", "Tokens / offered batch slots.", stats.slot_efficiency)
         yield counter("baton:generation_tokens", "Generated tokens.", stats.generated_tokens)
         yield counter("baton:iterations", "Engine iterations.", stats.iterations)

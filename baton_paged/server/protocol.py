@@ -30,26 +30,28 @@ past the model's context (vLLM's message, see ``limits``), and ``best_of`` small
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, Strict, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from baton_paged.sampling_params import SamplingParams
 from baton_paged.server.chat import ChatMessage
+from baton_paged.server.fields import RequestModel, Text
+
+TokenId = Annotated[int, Field(ge=0)]
+NonEmptyText = Annotated[Text, Field(min_length=1)]
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class StreamOptions(RequestModel):
     include_usage: bool | None = False
     """Send a last chunk with the token counts."""
 
 
-class SamplingFields(BaseModel):
-    """Fields shared by completions and chat completions."""
-
-    model_config = ConfigDict(extra="forbid")
+class SamplingFields(RequestModel):
+    """Fields shared by completions and chat completions. Ranges the engine enforces are
+    declared here, so the schema says them; limits the operator sets (``ServerLimits``) are
+    checked by the app and written into the schema it serves."""
 
     HARMLESS: ClassVar[dict[str, tuple]] = {"suffix": (None, "")}
     """Field -> the values it is accepted at (then dropped); any other value is a 400."""
@@ -75,31 +77,39 @@ class SamplingFields(BaseModel):
     DEFAULT_MAX_TOKENS: ClassVar[int | None] = None
     """Without a limit from the client: chat generates up to the context."""
 
-    model: str | None = Field(default=None, description="The served model's id; others are 404.")
+    model: Text | None = Field(default=None, description="The served model's id; others are 404.")
     max_tokens: int | None = Field(
-        default=None, description="Tokens to generate at most; prompt + max_tokens must fit."
+        default=None, ge=1, description="Tokens to generate at most; prompt + max_tokens must fit."
     )
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = Field(default=None, description="vLLM: keep the top_k tokens; -1: all.")
-    min_p: float | None = Field(default=None, description="vLLM: drop tokens below min_p x top.")
-    n: int | None = Field(default=None, description="Choices to generate for the prompt.")
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(
+        default=None, ge=-1, description="vLLM: keep the top_k tokens; -1: all."
+    )
+    min_p: float | None = Field(
+        default=None, ge=0, le=1, description="vLLM: drop tokens below min_p x top."
+    )
+    n: int | None = Field(default=None, ge=1, description="Choices to generate for the prompt.")
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="torch's range.")
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    repetition_penalty: float | None = Field(default=None, description="vLLM: > 1 repeats less.")
-    logit_bias: dict[int, float] | None = Field(
-        default=None, description="Token id -> bias added to its logit, in [-100, 100]."
+    stop: NonEmptyText | list[NonEmptyText] | None = Field(
+        default=None, description="Strings that end a choice (non-empty; count and length bounded)."
     )
-    min_tokens: int | None = None
+    stop_token_ids: list[TokenId] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, description="vLLM: > 1 repeats less."
+    )
+    logit_bias: dict[Annotated[int, Strict(False)], float] | None = Field(
+        default=None, description="Token id -> bias added to its logit, clamped to [-100, 100]."
+    )
+    min_tokens: int | None = Field(default=None, ge=0)
     ignore_eos: bool | None = None
     include_stop_str_in_output: bool | None = None
     skip_special_tokens: bool | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    user: str | None = Field(default=None, description="Accepted; it changes no output.")
+    user: Text | None = Field(default=None, description="Accepted; it changes no output.")
     priority: int = Field(default=0, description="Lower is served first; may preempt.")
 
     @model_validator(mode="before")
@@ -156,16 +166,34 @@ class CompletionRequest(SamplingFields):
     DEFAULT_MAX_TOKENS: ClassVar[int | None] = 16
     """OpenAI's and vLLM's default for completions."""
 
-    prompt: str | list[int] | list[str] = Field(
-        description="One prompt: text, token ids, or a list holding one text."
+    prompt: NonEmptyText | list[TokenId] | list[Text] = Field(
+        description="One prompt: text, token ids, or a list holding one text.", min_length=1
     )
     echo: bool | None = Field(default=False, description="Prepend the prompt to each choice.")
     logprobs: int | None = Field(
-        default=None, description="Also return the top N tokens' logprobs per generated token."
+        default=None,
+        ge=0,
+        description="Also return the top N tokens' logprobs per generated token.",
     )
     best_of: int | None = Field(
-        default=None, description="Generate best_of sequences, return the n most likely."
+        default=None, ge=1, description="Generate best_of sequences, return the n most likely."
     )
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_prompt_shape(cls, prompt: Any, check) -> Any:
+        """One message for a prompt of the wrong shape, not one per union member; a prompt
+        of the right shape with bad text keeps the text's own message."""
+        try:
+            return check(prompt)
+        except ValidationError as error:
+            bad_text = [e["msg"] for e in error.errors() if e["type"] == "value_error"]
+            if bad_text:
+                raise ValueError(bad_text[0].removeprefix("Value error, ")) from None
+            raise ValueError(
+                "the prompt must be a non-empty string, a non-empty list of token ids (integers "
+                ">= 0) or a list holding one string"
+            ) from None
 
     def engine_prompt(self) -> str | dict:
         if isinstance(self.prompt, str):
@@ -206,11 +234,13 @@ class ChatCompletionRequest(SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(
-        default=None, description="OpenAI's current name for max_tokens (its deprecated alias)."
+        default=None,
+        ge=1,
+        description="OpenAI's current name for max_tokens (its deprecated alias).",
     )
     logprobs: bool | None = Field(default=False, description="Return the chosen tokens' logprobs.")
     top_logprobs: int | None = Field(
-        default=None, description="With logprobs: also the N most likely tokens at each step."
+        default=None, ge=0, description="With logprobs: also the N most likely tokens at each step."
     )
 
     def extra_params(self) -> dict:

@@ -19,6 +19,7 @@ from baton_paged.engine import Engine
 from baton_paged.llm import LLM
 from baton_paged.sampling_params import SamplingParams
 from baton_paged.server import build_app
+from baton_paged.server.limits import ServerLimits
 
 KEY = "test-key"
 MODEL = "tiny-llama"
@@ -34,10 +35,15 @@ def tiny_engine(path, max_model_len: int = MAX_MODEL_LEN) -> Engine:
     return Engine(config, model, AutoTokenizer.from_pretrained(path))
 
 
+LIMITS = ServerLimits(max_best_of=4)
+"""The defaults but for n: the tests ask for up to 4 choices."""
+
+
 @contextmanager
 def serving(path) -> Iterator[SimpleNamespace]:
     engine = AsyncEngine(tiny_engine(path), max_waiting=256)
-    uv = uvicorn.Server(uvicorn.Config(build_app(engine, MODEL, KEY), port=0, log_level="warning"))
+    app = build_app(engine, MODEL, KEY, LIMITS)
+    uv = uvicorn.Server(uvicorn.Config(app, port=0, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     while not uv.started:

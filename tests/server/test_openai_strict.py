@@ -214,7 +214,7 @@ def test_openapi_documents_bodies_replies_and_errors(server):
         operation = spec["paths"][f"/v1/{route}"]["post"]
         assert operation["requestBody"]["required"]
         responses = operation["responses"]
-        assert set(responses) == {"200", "400", "401", "404", "500", "503"}
+        assert set(responses) == {"200", "400", "401", "404", "413", "431", "500", "503"}
         assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith(reply)
         assert "text/event-stream" in responses["200"]["content"]
         error = responses["400"]["content"]["application/json"]["schema"]["$ref"]
