@@ -187,3 +187,11 @@ def test_make_model_into_a_file_is_one_line(tmp_path):
     (tmp_path / "file").write_text("")
     result = CliRunner().invoke(cli.main, ["make-model", str(tmp_path / "file" / "m")])
     assert_one_error_line(result, "cannot write")
+
+
+def test_serve_limits_are_flags_and_a_bad_one_is_a_usage_error():
+    result = CliRunner().invoke(cli.main, ["serve", "--help"])
+    for flag in ("--max-best-of", "--max-body-bytes", "--read-timeout", "--max-logprobs"):
+        assert flag in result.output
+    result = CliRunner().invoke(cli.main, ["serve", "--model", "random", "--max-body-bytes", "0"])
+    assert result.exit_code == 2 and "max_body_bytes must be a positive number" in result.output
