@@ -121,7 +121,14 @@ class AsyncEngine:
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request (ValueError or QueueFullError before anything is queued) and yield
         its output after every iteration that gave it a token, the last one finished."""
-        request_id, stream = self.submit(prompt, params, request_id, priority)
+        request = self.inputs.prepare(prompt, params, request_id, priority)
+        async for output in self.generate_request(request):
+            yield output
+
+    async def generate_request(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """``generate`` for a request ``inputs.prepare`` has made (a server prepares requests
+        off the event loop, and once)."""
+        request_id, stream = self.submit_request(request)
         finished = False
         try:
             while not finished:
@@ -138,7 +145,10 @@ class AsyncEngine:
         self, prompt: PromptInput, params: SamplingParams, request_id: str | None, priority: int
     ) -> tuple[str, _Stream]:
         """Check the request, open its stream on the calling event loop and post its add."""
-        request = self.inputs.prepare(prompt, params, request_id, priority)
+        return self.submit_request(self.inputs.prepare(prompt, params, request_id, priority))
+
+    def submit_request(self, request: Request) -> tuple[str, _Stream]:
+        """Open the stream of a request ``inputs.prepare`` made and post its add."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if self._stopping:

@@ -65,6 +65,7 @@ def limit_options(fn):
 
 
 def dataclass_options(fn, fields: dict):
+    """``fn`` with a click option per field (``config_fields``' records), in field order."""
     for field in reversed(list(fields.values())):
         flag = f"--{field.name.replace('_', '-')}"
         if field.type is bool:
@@ -188,7 +189,8 @@ def serve(
     check_api_key(api_key)
     limits = server_limits(options)
     if replicas is not None:
-        serve_on_ray(host, port, replicas, api_key, served_model_name, max_waiting, limits, options)
+        ray_options = {"api_key": api_key, "max_waiting": max_waiting, "limits": limits}
+        serve_on_ray(host, port, replicas, served_model_name, options, **ray_options)
         return
     import uvicorn
 
@@ -232,7 +234,7 @@ def server_limits(options: dict):
 
 
 def serve_on_ray(
-    host, port, replicas, api_key, served_model_name, max_waiting, limits, options
+    host, port, replicas, served_model_name, options, *, api_key, max_waiting, limits
 ) -> None:
     """The same routes from ``replicas`` engines behind Ray Serve's proxy, until Ctrl-C."""
     from baton_paged.config import EngineConfig

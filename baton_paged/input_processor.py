@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from baton_paged.allocator import pages_needed
-from baton_paged.prompt_encoding import encode
+from baton_paged.prompt_encoding import encode, untruncated
 from baton_paged.request import Request
 from baton_paged.sampling_params import SamplingParams
 
@@ -33,7 +33,7 @@ class InputProcessor:
         device: str,
         max_logprobs: int,
     ):
-        self.tokenizer = tokenizer
+        self.tokenizer = untruncated(tokenizer)  # before any thread encodes with it
         self.eos_token_ids = eos_token_ids
         self.max_model_len = max_model_len
         self.page_size = page_size

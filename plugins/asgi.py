@@ -51,17 +51,18 @@ def baton_app(
     )
     source = model or getattr(hf_model, "name_or_path", None)
     app = build_app(engine, served_model_id(source, served_model_name), api_key, limits)
-    app.router.lifespan_context = _closing(engine)
+    app.router.lifespan_context = _closing(engine, app.router.lifespan_context)
     return app
 
 
-def _closing(engine: AsyncEngine):
-    """A lifespan that closes ``engine`` (handing a lent model back) when the server stops; only
-    a top-level app gets it, a mounted one is closed by its parent."""
+def _closing(engine: AsyncEngine, inner):
+    """The app's own lifespan (``inner``), then ``engine`` closed (handing a lent model back)
+    when the server stops; only a top-level app gets it, a mounted one is closed by its parent."""
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with inner(app):
+            yield
         await asyncio.to_thread(engine.close)
 
     return lifespan

@@ -137,3 +137,19 @@ def test_concurrent_callers_build_once(cache):
     path = cached_dir("m", first_build)
     second.join()
     assert answers == [path] and len(calls) == 1
+
+
+def test_an_intact_entry_is_used_without_taking_its_lock(cache, monkeypatch):
+    """A read-only or another user's cache: opening the lock file would fail there."""
+    from baton_paged.model_builder import cache as cache_module
+
+    path = cached_dir("m", counting_builder([]))
+
+    def no_lock(target):
+        raise PermissionError(f"read-only: {target}")
+
+    monkeypatch.setattr(cache_module, "_entry_lock", no_lock)
+    assert cached_dir("m", counting_builder([])) == path
+    (path / "config.json").write_text("damaged")
+    with pytest.raises(PermissionError, match="read-only"):  # repairing needs the lock
+        cached_dir("m", counting_builder([]))

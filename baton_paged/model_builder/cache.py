@@ -58,8 +58,13 @@ def cached_dir(name: str, build: Callable[[Path], object]) -> Path:
 
 
 def cached_entry(target: Path, build: Callable[[Path], object]) -> Path:
-    """``target``, made by ``build(scratch directory)`` unless it is intact. Checked only once its
-    lock is held: a process that waited may find the entry finished by the one it waited for."""
+    """``target``, made by ``build(scratch directory)`` unless it is intact. An intact entry with
+    no scratch beside it is used without the lock (entries are replaced by rename, so a reader
+    sees a whole one, and a read-only or shared cache needs no write access); otherwise it is
+    checked again, cleaned, repaired or built once the lock is held: a process that waited may
+    find it finished by the one it waited for."""
+    if target.exists() and not _scratch_of(target) and manifest_problem(target) is None:
+        return target  # no lock taken: a read-only cache works
     target.parent.mkdir(parents=True, exist_ok=True)
     with _entry_lock(target) as alone:
         if alone:
@@ -83,13 +88,20 @@ def _entry_lock(target: Path) -> Iterator[bool]:
 
 def _remove_scratch(target: Path) -> None:
     """Delete the scratch that killed builds of ``target`` left (only under its lock)."""
-    pattern = re.compile(re.escape(f".{target.name}-") + SCRATCH_SUFFIX)
-    stale = sorted(path for path in target.parent.iterdir() if pattern.fullmatch(path.name))
+    stale = _scratch_of(target)
     if stale:
         names = ", ".join(path.name for path in stale)
         logger.warning("removing %s, left by an interrupted build of %s", names, target)
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _scratch_of(target: Path) -> list[Path]:
+    """The scratch directories of ``target``'s builds: live ones only while its lock is held."""
+    if not target.parent.is_dir():
+        return []
+    pattern = re.compile(re.escape(f".{target.name}-") + SCRATCH_SUFFIX)
+    return sorted(path for path in target.parent.iterdir() if pattern.fullmatch(path.name))
 
 
 def _intact(target: Path) -> bool:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from typing import TypeVar
 
 from fastapi import Depends, FastAPI, Request
@@ -24,7 +24,7 @@ from baton_paged.async_engine import AsyncEngine
 from baton_paged.chat_prompt import conversation_prompt
 from baton_paged.input_processor import PromptInput
 from baton_paged.outputs import RequestOutput
-from baton_paged.sampling_params import SamplingParams
+from baton_paged.request import Request as EngineRequest
 from baton_paged.server.errors import ERROR_TYPES, APIError, ErrorResponse, install_handlers
 from baton_paged.server.guards import RequestGuard
 from baton_paged.server.limits import (
@@ -45,6 +45,7 @@ from baton_paged.server.responses import (
 )
 from baton_paged.server.shapes import ChatShape, CompletionShape
 from baton_paged.server.streaming import sse_events
+from baton_paged.server.tokenizing import Tokenizing
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -61,13 +62,18 @@ def build_app(
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: give a key, or none to serve without one")
     limits = limits or ServerLimits()
-    app = FastAPI(title="baton-paged", docs_url=None, redoc_url=None)
+    server = Routes(engine, model_name, limits)
+    app = FastAPI(
+        title="baton-paged",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=closing(server.tokenizing),
+    )
     app.state.engine = engine
     install_handlers(app)
     app.add_middleware(RequestGuard, limits=limits)
     guard = [Depends(bearer_check(api_key))] if api_key else []
-    refusals = (400, 401, 404, 413, 431, 500, 503) if api_key else (400, 404, 413, 431, 500, 503)
-    server = Routes(engine, model_name, limits)
+    refusals = (400, 401, 404, 500, 503) if api_key else (400, 404, 500, 503)
     metrics = ServerMetrics(engine)
     engine.finish_listeners.append(metrics.observe)
 
@@ -95,6 +101,17 @@ def build_app(
     max_logprobs = engine.inputs.max_logprobs
     app.openapi = published_schema(app.openapi, limits, max_logprobs, bearer=bool(api_key))
     return app
+
+
+def closing(tokenizing: Tokenizing):
+    """The app's lifespan: its tokenizer threads end with it."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        tokenizing.close()
+
+    return lifespan
 
 
 HEALTH = {
@@ -135,19 +152,12 @@ def bearer_check(api_key: str) -> Callable:
     return check
 
 
-TOKENIZER_THREADS = 4
-"""Prompts are templated and tokenized on these threads, never on the event loop: a
-multi-megabyte prompt takes seconds, and on the loop it stalled every client and /health. The
-Rust tokenizer releases the GIL while it works, so a large prompt delays only itself (up to
-this many at once before the next waits for a thread)."""
-
-
 class Routes:
     def __init__(self, engine: AsyncEngine, model_name: str, limits: ServerLimits):
         self.engine = engine
         self.model_name = model_name
         self.limits = limits
-        self.tokenizing = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="baton-tokenize")
+        self.tokenizing = Tokenizing()
 
     async def health(self) -> Response:
         if not self.engine.is_accepting:
@@ -158,27 +168,40 @@ class Routes:
         return ModelList(data=[ModelCard(id=self.model_name)])
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        prompt, params = await self.prepare(body, body.engine_prompt, "prompt")
-        echo = self.prompt_text(prompt) if body.echo else ""
+        prepared = await self.prepare(body, body.engine_prompt, body.prompt_size, "prompt", request)
+        if prepared is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        echo = self.prompt_text(prepared) if body.echo else ""
         shape = CompletionShape(self.model_name, body.choices, self.decode, echo)
-        return await self.respond(body, prompt, params, shape, request)
+        return await self.respond(body, prepared, shape, request)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         turns = [{"role": m.role, "content": m.text} for m in body.messages]
         tokenizer = self.engine.tokenizer
-        prompt, params = await self.prepare(
-            body, lambda: conversation_prompt(tokenizer, turns), "messages"
+        prepared = await self.prepare(
+            body,
+            lambda: conversation_prompt(tokenizer, turns),
+            body.prompt_size,
+            "messages",
+            request,
         )
+        if prepared is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         top_n = body.top_logprobs or 0
         shape = ChatShape(self.model_name, body.choices, self.decode, top_n=top_n)
-        return await self.respond(body, prompt, params, shape, request)
+        return await self.respond(body, prepared, shape, request)
 
     async def prepare(
-        self, body: SamplingFields, render: Callable[[], PromptInput], what: str
-    ) -> tuple[dict, SamplingParams]:
-        """The tokenized prompt and the params, or a 400 (404 for another model) before
-        anything is queued. ``render`` makes the prompt; it runs with the tokenizer, off the
-        event loop."""
+        self,
+        body: SamplingFields,
+        render: Callable[[], PromptInput],
+        size: int,
+        what: str,
+        request: Request,
+    ) -> EngineRequest | None:
+        """The engine's request, checked and tokenized (else a 400, or 404 for another model,
+        before anything is queued), or None if the client left meanwhile. ``render`` makes the
+        prompt of ``size`` characters; it runs with the tokenizer, off the event loop."""
         if body.model is not None and body.model != self.model_name:
             raise APIError(
                 404,
@@ -188,36 +211,35 @@ class Routes:
         check_sampling(body, self.limits, self.engine.inputs.max_logprobs)
         check_logit_bias(body.logit_bias, len(self.engine.tokenizer))
         params = body.sampling_params()
-        loop = asyncio.get_running_loop()
-        text, ids = await loop.run_in_executor(self.tokenizing, self.tokenize, render, params)
-        check_context(len(ids), body.token_limit(), self.engine.inputs.max_model_len, what)
-        return {"prompt_token_ids": ids, "prompt": text}, params
+        inputs = self.engine.inputs
 
-    def tokenize(
-        self, render: Callable[[], PromptInput], params: SamplingParams
-    ) -> tuple[str | None, list[int]]:
-        """On a tokenizer thread: the prompt's text (None for token ids) and ids, checked."""
-        request = self.engine.inputs.prepare(render(), params)
-        return request.prompt, request.prompt_token_ids
+        def tokenize() -> EngineRequest:
+            return inputs.prepare(render(), params, priority=body.priority)
 
-    def prompt_text(self, prompt: dict) -> str:
-        if prompt["prompt"] is not None:
-            return prompt["prompt"]
-        return self.engine.tokenizer.decode(prompt["prompt_token_ids"])
+        prepared = await unless_gone(self.tokenizing.run(size, tokenize), request)
+        if prepared is not None:
+            prompt_len = len(prepared.prompt_token_ids)
+            check_context(prompt_len, body.token_limit(), inputs.max_model_len, what)
+        return prepared
+
+    def prompt_text(self, prepared: EngineRequest) -> str:
+        if prepared.prompt is not None:
+            return prepared.prompt
+        return self.engine.tokenizer.decode(prepared.prompt_token_ids)
 
     def decode(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id])
 
-    async def respond(self, body, prompt, params, shape, request: Request) -> Response:
-        stream = self.engine.generate(prompt, params, priority=body.priority)
+    async def respond(self, body, prepared: EngineRequest, shape, request: Request) -> Response:
+        stream = self.engine.generate_request(prepared)
         # Submission errors surface with the first output, before any byte is sent.
-        first = await unless_gone(anext(stream), stream, request)
+        first = await unless_gone(anext(stream), request, stream)
         if first is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         if body.stream:
             events = sse_events(first, stream, shape, body.include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        final = await unless_gone(_last(first, stream), stream, request)
+        final = await unless_gone(_last(first, stream), request, stream)
         if final is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(shape.whole(final).model_dump())
@@ -227,9 +249,11 @@ CLIENT_CLOSED_REQUEST = 499
 """nginx's status for a client that left; nobody reads it."""
 
 
-async def unless_gone(work: Awaitable[T], stream: AsyncIterator, request: Request) -> T | None:
-    """``work``'s result, or None if the client disconnects first, which closes ``stream``
-    (aborting its request).
+async def unless_gone(
+    work: Awaitable[T], request: Request, stream: AsyncIterator | None = None
+) -> T | None:
+    """``work``'s result, or None if the client disconnects first, which cancels ``work`` (a
+    tokenization not started yet is dropped) and closes ``stream`` (aborting its request).
 
     Starlette notices a vanished client only while it writes a streaming body; a request still
     queued for its first token, or a non-streaming one, writes nothing, so a watcher listens for
@@ -244,7 +268,8 @@ async def unless_gone(work: Awaitable[T], stream: AsyncIterator, request: Reques
         if not working.done():
             working.cancel()
             await asyncio.gather(working, return_exceptions=True)
-            await stream.aclose()
+            if stream is not None:
+                await stream.aclose()
     return None if working.cancelled() else working.result()
 
 

@@ -4,8 +4,9 @@ and refusals in OpenAI's JSON shape.
 uvicorn times out a connection only between requests (keep-alive). A client that opens a
 connection and sends nothing, or sends its headers or body a byte at a time, holds a connection
 and its buffers forever; enough of them exhaust the server. Here, as nginx does it, a request's
-headers must arrive whole within ``read_timeout`` of their first byte (of the connection, for
-the first request), and its body may go silent for at most ``read_timeout`` between two reads;
+headers must arrive whole within ``read_timeout`` of the connection opening, of the previous
+response ending, or of their first byte after an idle keep-alive wait, and its body may go
+silent for at most ``read_timeout`` between two reads;
 past either, the client gets a 408 and the connection closes. While the server itself stops
 reading (flow control: the app has not consumed what came) the client is not waiting on us, so
 the clock does not run. Between requests uvicorn's keep-alive timeout still rules.
@@ -55,10 +56,15 @@ class GuardedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         now = self.loop.time()
-        if self._between_requests() and not self.conn.trailing_data[0]:
-            self._headers_since = now  # these bytes start a new request
+        if self.timeout_keep_alive_task is not None:  # idle between requests until now
+            self._headers_since = now
         self._last_read = now
         super().data_received(data)
+
+    def on_response_complete(self) -> None:
+        """The next request's headers are awaited from now (some may be buffered already)."""
+        self._headers_since = self.loop.time()
+        super().on_response_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._read_timer.cancel()
@@ -81,6 +87,8 @@ class GuardedH11Protocol(H11Protocol):
         if self.transport.is_closing():
             return
         timeout = self.limits.read_timeout
+        if self.flow.read_paused:  # the server stopped reading, not the client sending
+            self._last_read = self.loop.time()
         since = self._waiting_since()
         waited = 0.0 if since is None else self.loop.time() - since
         if waited >= timeout:
@@ -90,19 +98,16 @@ class GuardedH11Protocol(H11Protocol):
         self._read_timer = self.loop.call_later(timeout - waited, self._check_reading)
 
     def _waiting_since(self) -> float | None:
-        """Since when the server has been waiting on the client (for the headers, since they
-        began; for the body, since its last bytes); None while it is not waiting on it."""
-        if self.flow.read_paused:  # the server stopped reading, not the client sending
+        """Since when the server has been waiting on the client: for headers, since the
+        connection opened, the last response ended or an idle keep-alive wait did; for a body,
+        since its last bytes. None while it is not waiting on the client."""
+        if self.flow.read_paused:
             return None
-        if self._between_requests():
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:  # awaiting the next request's headers
             idle = self.timeout_keep_alive_task is not None  # keep-alive's own timeout rules
             return None if idle else self._headers_since
-        cycle = self.cycle
         return self._last_read if cycle.more_body and not cycle.response_started else None
-
-    def _between_requests(self) -> bool:
-        """No request of this connection is being read or answered."""
-        return self.cycle is None or self.cycle.response_complete
 
     def _refuse(self, status: int, message: str) -> None:
         """Answer outside h11's state machine (it may be in error, or mid-request) and close."""

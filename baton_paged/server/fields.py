@@ -2,10 +2,10 @@
 
 Request bodies are read strictly: a JSON value of the wrong type is a 400 naming the field,
 never coerced (``prompt: [false]`` is not the token id 0, ``"n": "2"`` is not 2), and a number
-must be finite (Python's JSON reader takes ``Infinity``, ``NaN`` and ``1e999``). The schema
-FastAPI publishes already says these types, so the server now accepts what it declares and no
-more. Text must be valid Unicode: JSON can carry a lone UTF-16 surrogate (``"\\ud800"``), which no
-tokenizer can encode.
+must be finite (Python's JSON reader takes ``Infinity``, ``NaN`` and ``1e999``), so that the
+server accepts what its published schema declares and no more: a client that passes the schema
+is not surprised, one that does not gets the field's name. Text must be valid Unicode: JSON can
+carry a lone UTF-16 surrogate (``"\\ud800"``), which no tokenizer can encode.
 """
 
 from __future__ import annotations

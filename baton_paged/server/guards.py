@@ -31,17 +31,19 @@ def body_too_large(limit: int) -> str:
     return f"the request body is larger than this server allows ({limit} bytes; --max-body-bytes)"
 
 
-def header_refusal(headers: list[tuple[bytes, bytes]], limits: ServerLimits) -> str | None:
-    """Why a request's headers are refused, or None."""
+def header_refusal(scope: Scope, limits: ServerLimits) -> str | None:
+    """Why a request's line and headers are refused, or None."""
+    headers = scope["headers"]
     if len(headers) > limits.max_headers:
         return (
             f"the request has {len(headers)} header fields, more than this server allows "
             f"({limits.max_headers}; --max-headers)"
         )
-    size = sum(len(name) + len(value) + 4 for name, value in headers)  # "name: value\r\n"
+    line = len(scope["method"]) + len(scope.get("raw_path", b"")) + len(scope["query_string"])
+    size = line + 12 + sum(len(name) + len(value) + 4 for name, value in headers)  # CRLFs etc.
     if size > limits.max_header_bytes:
         return (
-            f"the request's headers take {size} bytes, more than this server allows "
+            f"the request line and headers take {size} bytes, more than this server allows "
             f"({limits.max_header_bytes}; --max-header-bytes)"
         )
     return None
@@ -56,7 +58,7 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        refusal = header_refusal(scope["headers"], self.limits)
+        refusal = header_refusal(scope, self.limits)
         if refusal is not None:
             await refuse(send, 431, refusal)
             return

@@ -47,18 +47,17 @@ class ServerLimits:
                 raise ValueError(f"{field.name} must be a positive number, got {value!r}")
 
 
-class LimitExceeded(ValueError):
-    """A request asks for more than a server limit allows (HTTP 400 naming the field)."""
+class FieldError(ValueError):
+    """A request field the server refuses: past a limit, past the context, outside the
+    vocabulary (HTTP 400 naming the field)."""
 
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
 
 
-def over_limit(what: str, limit: int, flag: str, param: str) -> LimitExceeded:
-    return LimitExceeded(
-        f"{what} is more than this server allows ({limit}; its --{flag} flag)", param
-    )
+def over_limit(what: str, limit: int, flag: str, param: str) -> FieldError:
+    return FieldError(f"{what} is more than this server allows ({limit}; its --{flag} flag)", param)
 
 
 def check_sampling(body, limits: ServerLimits, max_logprobs: int) -> None:
@@ -99,7 +98,7 @@ def check_context(prompt_len: int, max_tokens: int | None, max_model_len: int, w
     prompt ("messages" or "prompt")."""
     if max_tokens is None or prompt_len + max_tokens <= max_model_len:
         return
-    raise LimitExceeded(
+    raise FieldError(
         f"This model's maximum context length is {max_model_len} tokens. However, you "
         f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the {what}, {max_tokens} "
         f"in the completion). Please reduce the length of the {what} or completion.",
@@ -111,6 +110,6 @@ def check_logit_bias(bias: dict[int, float] | None, vocab_size: int) -> None:
     """A bias for a token the model does not have is a 400, not an index error mid-step."""
     unknown = sorted(token for token in bias or {} if not 0 <= token < vocab_size)
     if unknown:
-        raise LimitExceeded(
+        raise FieldError(
             f"logit_bias has token ids outside [0, {vocab_size}): {unknown[:10]}", "logit_bias"
         )

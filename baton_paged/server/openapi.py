@@ -1,10 +1,13 @@
 """The OpenAPI document the app serves, made to say what the server enforces.
 
 FastAPI derives it from the request models, which carry the fixed ranges (``n >= 1``, ``top_p``
-in (0, 1], ...). Three things it cannot know are written in here: the limits this server was
-started with (``ServerLimits``, the engine's ``max_logprobs``) as maxima on the fields they
-bound, the bearer-token scheme when an API key is set, and that a bad body is OpenAI's 400, not
-FastAPI's 422. Schemathesis holds the result true in the tests.
+in (0, 1], ...). What it cannot know is written in here: the limits this server was started with
+(``ServerLimits``, the engine's ``max_logprobs``) as maxima on the fields they bound, the refusals
+below the routes (408, 413, 431) on every operation, the bearer-token scheme when an API key is
+set, and that a bad body is OpenAI's 400, not FastAPI's 422. Limits no schema can say (the total
+length of the stop strings, token ids within the vocabulary, prompt + max_tokens within the
+context) are in the field descriptions and refused with a 400. Schemathesis checks every answer
+the server gives against it (status, content type, body) in the tests.
 """
 
 from __future__ import annotations
@@ -33,11 +36,28 @@ def published_schema(
         for path, operations in spec["paths"].items():
             for operation in operations.values():
                 operation["responses"].pop("422", None)
+                operation["responses"].update(below_the_routes())
                 if bearer and path.startswith("/v1/"):
                     operation["security"] = [{"bearer": []}]
         return spec
 
     return schema
+
+
+BELOW_THE_ROUTES = {
+    "408": "The client did not send its request within --read-timeout.",
+    "413": "The body is larger than --max-body-bytes.",
+    "431": "The request line and headers exceed --max-header-bytes or --max-headers.",
+}
+
+
+def below_the_routes() -> dict:
+    """The refusals any operation may get before its route runs."""
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+    return {
+        status: {"description": description, "content": error}
+        for status, description in BELOW_THE_ROUTES.items()
+    }
 
 
 def declare_limits(properties: dict, limits: ServerLimits, max_logprobs: int) -> None:
@@ -51,6 +71,14 @@ def declare_limits(properties: dict, limits: ServerLimits, max_logprobs: int) ->
         "stop_token_ids": {"maxItems": limits.max_stop_token_ids},
         "stop": {"maxItems": limits.max_stop_sequences, "maxLength": limits.max_stop_chars},
     }
+    stop = properties["stop"]
+    stop["description"] = (
+        f"Strings that end a choice: at most {limits.max_stop_sequences}, non-empty, "
+        f"{limits.max_stop_chars} characters in all."
+    )
+    for form in properties["logit_bias"]["anyOf"]:
+        if form.get("type") == "object":
+            form["propertyNames"] = {"pattern": "^[0-9]+$"}  # token ids, as JSON object keys
     for name, bound in bounds.items():
         for form in properties.get(name, {}).get("anyOf", ()):
             kind = form.get("type")

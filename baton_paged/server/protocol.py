@@ -41,6 +41,9 @@ from baton_paged.server.fields import RequestModel, Text
 
 TokenId = Annotated[int, Field(ge=0)]
 NonEmptyText = Annotated[Text, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+OnePrompt = Annotated[list[NonEmptyText], Field(min_length=1, max_length=1)]
+"""A list holding one prompt (OpenAI's batch form, with a batch of one)."""
 
 
 class StreamOptions(RequestModel):
@@ -92,7 +95,7 @@ class SamplingFields(RequestModel):
     n: int | None = Field(default=None, ge=1, description="Choices to generate for the prompt.")
     seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="torch's range.")
     stop: NonEmptyText | list[NonEmptyText] | None = Field(
-        default=None, description="Strings that end a choice (non-empty; count and length bounded)."
+        default=None, description="Strings that end a choice (the app writes its limits here)."
     )
     stop_token_ids: list[TokenId] | None = None
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -166,7 +169,7 @@ class CompletionRequest(SamplingFields):
     DEFAULT_MAX_TOKENS: ClassVar[int | None] = 16
     """OpenAI's and vLLM's default for completions."""
 
-    prompt: NonEmptyText | list[TokenId] | list[Text] = Field(
+    prompt: NonEmptyText | TokenIds | OnePrompt = Field(
         description="One prompt: text, token ids, or a list holding one text.", min_length=1
     )
     echo: bool | None = Field(default=False, description="Prepend the prompt to each choice.")
@@ -190,17 +193,25 @@ class CompletionRequest(SamplingFields):
             bad_text = [e["msg"] for e in error.errors() if e["type"] == "value_error"]
             if bad_text:
                 raise ValueError(bad_text[0].removeprefix("Value error, ")) from None
+            if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str):
+                several = "send one prompt per request (a list of prompts is not supported)"
+                raise ValueError(several) from None
             raise ValueError(
                 "the prompt must be a non-empty string, a non-empty list of token ids (integers "
                 ">= 0) or a list holding one string"
             ) from None
 
+    @property
+    def prompt_size(self) -> int:
+        """Characters (or token ids) to tokenize (or check)."""
+        if isinstance(self.prompt, str):
+            return len(self.prompt)
+        return sum(len(p) if isinstance(p, str) else 1 for p in self.prompt)
+
     def engine_prompt(self) -> str | dict:
         if isinstance(self.prompt, str):
             return self.prompt
-        if all(isinstance(p, str) for p in self.prompt):
-            if len(self.prompt) != 1:
-                raise ValueError("send one prompt per request (a list of prompts is not supported)")
+        if isinstance(self.prompt[0], str):
             return self.prompt[0]
         return {"prompt_token_ids": list(self.prompt)}
 
@@ -242,6 +253,11 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(
         default=None, ge=0, description="With logprobs: also the N most likely tokens at each step."
     )
+
+    @property
+    def prompt_size(self) -> int:
+        """Characters of the messages (the template adds a few)."""
+        return sum(len(message.text) for message in self.messages)
 
     def extra_params(self) -> dict:
         if self.top_logprobs is not None and not self.logprobs:

@@ -59,10 +59,7 @@ def raw_exchange(server: RealServer, *parts: bytes, pause: float = 0.0) -> tuple
             sock.sendall(part)
             if select.select([sock], [], [], pause)[0]:  # it answered: stop sending
                 break
-        answer = b""
-        while chunk := sock.recv(65536):
-            answer += chunk
-        return answer, time.monotonic() - start
+        return read_all(sock), time.monotonic() - start
 
 
 def assert_408(answer: bytes) -> None:
@@ -87,9 +84,10 @@ def test_headers_trickled_past_the_read_timeout_are_408(server):
     assert elapsed < READ_TIMEOUT_S + 3, "it was cut off at the timeout, not when it stopped"
 
 
-def post_head(length: int) -> bytes:
+def post_head(length: int, auth: bool = True) -> bytes:
+    key = f"Authorization: Bearer {KEY}\r\n" if auth else ""
     return (
-        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\n{key}"
         f"Content-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
     ).encode()
 
@@ -131,23 +129,78 @@ def test_a_wrong_method_is_405_with_allow(server, method, path):
     assert reply.headers["allow"] in ("POST", "GET", "GET, HEAD", "HEAD, GET")
 
 
-def test_a_full_queue_is_503_with_retry_after(tiny_model_dir):
+@pytest.fixture(scope="module")
+def one_slot(tiny_model_dir):
+    """A server with one batch slot, one waiting place, room for long requests and a 1 s read
+    timeout."""
     flags = ("--max-waiting", "1", "--max-batch-size", "1", "--max-model-len", "4096")
-    server = RealServer(tiny_model_dir("llama"), *flags)
-    try:
-        server.wait_healthy()
-        long = {"prompt": "x", "max_tokens": 4000, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{server.url}/v1/completions", json=long, timeout=60) as first:
-            next(first.iter_lines())  # running: it holds the only slot for a while
-            with ThreadPoolExecutor(4) as pool:
-                replies = list(pool.map(lambda _: short_request(server), range(4)))
-        full = [reply for reply in replies if reply.status_code == 503]
-        assert full, [reply.status_code for reply in replies]
-        for reply in full:
-            refused(reply, 503, "queue is full")
-            assert int(reply.headers["retry-after"]) >= 1
-    finally:
-        assert server.stop() == 0, server.output()
+    server = RealServer(tiny_model_dir("llama"), *flags, "--read-timeout", "1").wait_healthy()
+    yield server
+    assert server.stop() == 0, server.output()
+
+
+LONG = {"prompt": "x", "max_tokens": 4000, "ignore_eos": True}
+
+
+def test_a_full_queue_is_503_with_retry_after(one_slot):
+    url = f"{one_slot.url}/v1/completions"
+    with httpx.stream("POST", url, json={**LONG, "stream": True}, timeout=60) as first:
+        next(first.iter_lines())  # running: it holds the only slot for a while
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda _: short_request(one_slot), range(4)))
+    full = [reply for reply in replies if reply.status_code == 503]
+    assert full, [reply.status_code for reply in replies]
+    for reply in full:
+        refused(reply, 503, "queue is full")
+        assert int(reply.headers["retry-after"]) >= 1
+
+
+def test_the_first_byte_does_not_restart_the_header_clock(one_slot):
+    """Idle most of the timeout, then one byte: the headers were still due a timeout after the
+    connection opened."""
+    with socket.create_connection(("127.0.0.1", one_slot.port), timeout=30) as sock:
+        start = time.monotonic()
+        time.sleep(0.9)
+        sock.sendall(b"P")
+        answer = read_all(sock)
+        elapsed = time.monotonic() - start
+    assert_408(answer)
+    assert elapsed < 1.5, elapsed  # 1 s after connecting, not 1 s after the byte
+
+
+def test_a_pipelined_request_gets_its_own_time_for_its_headers(one_slot):
+    """The second request's first bytes come with the first request, which runs longer than
+    the timeout; its headers are due a timeout after the first response ends."""
+    body = json.dumps(LONG).encode()
+    first = post_head(len(body), auth=False) + body
+    with socket.create_connection(("127.0.0.1", one_slot.port), timeout=60) as sock:
+        start = time.monotonic()
+        sock.sendall(first + b"GET /health HTTP/1.1\r\n")
+        reader = sock.makefile("rb")
+        status, _ = read_response(reader)
+        assert status == 200 and time.monotonic() - start > 1, "the first outlasted the timeout"
+        for line in (b"Host: x\r\n", b"Accept: */*\r\n", b"X-Slow: 1\r\n", b"\r\n"):
+            time.sleep(0.2)  # 0.8 s in all, inside the timeout
+            sock.sendall(line)
+        assert read_response(reader)[0] == 200
+
+
+def read_response(reader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length from a socket's file."""
+    status = int(reader.readline().split()[1])
+    length = 0
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    return status, reader.read(length)
+
+
+def read_all(sock: socket.socket) -> bytes:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
 
 
 def short_request(server: RealServer) -> httpx.Response:

@@ -29,23 +29,34 @@ def huge_prompt(route: str) -> dict:
     return {"messages": [{"role": "user", "content": text}]}
 
 
+HUGE_AT_ONCE = 3
+"""More than the large lane's threads: one waits for a thread, the small lane does not."""
+
+
 @pytest.mark.parametrize("route", ["completions", "chat/completions"])
-def test_health_and_other_clients_answer_while_a_huge_prompt_is_tokenized(server, route):
-    replies = []
-    huge = threading.Thread(
-        target=lambda: replies.append(server.post(route, huge_prompt(route), timeout=300))
-    )
-    huge.start()
-    time.sleep(0.5)  # its body is on the wire and being read or tokenized
-    answered_during = []
-    while huge.is_alive():
+def test_health_and_other_clients_answer_while_huge_prompts_are_tokenized(server, route):
+    """Relative, not timed: on the event loop, one huge prompt held every answer for as long as
+    it took to tokenize; off it, /health answers in a small part of that time, and small
+    requests are served meanwhile."""
+    replies, durations = [], []
+
+    def send_huge() -> None:
         start = time.monotonic()
-        health = httpx.get(f"{server.url}/health", timeout=10)
-        small = server.post("completions", {"prompt": "hi", "max_tokens": 2}, timeout=10)
-        if huge.is_alive():
-            answered_during.append(time.monotonic() - start)
-        assert health.status_code == 200 and small.status_code == 200
-    huge.join()
-    assert len(answered_during) >= 2, "others were answered while the prompt was tokenized"
-    assert max(answered_during) < 5, answered_during  # a liveness bound, not a speed target
-    refused(replies[0], 400, "tokens; the model's context is 512 tokens")
+        replies.append(server.post(route, huge_prompt(route), timeout=300))
+        durations.append(time.monotonic() - start)
+
+    huge = [threading.Thread(target=send_huge) for _ in range(HUGE_AT_ONCE)]
+    for thread in huge:
+        thread.start()
+    health, small_served = [], 0
+    while any(thread.is_alive() for thread in huge):
+        start = time.monotonic()
+        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+        health.append(time.monotonic() - start)
+        small = server.post("completions", {"prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert small.status_code == 200
+        small_served += any(thread.is_alive() for thread in huge)
+    assert small_served >= 2, "small requests were served while the prompts were tokenized"
+    assert len(health) >= 3 and max(health) < min(durations) / 3, (health, durations)
+    for reply in replies:
+        refused(reply, 400, "tokens; the model's context is 512 tokens")

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from baton_paged.prompt_encoding import encode
+from baton_paged.prompt_encoding import encode, untruncated
 
 TEXTS = [
     "Hello, world!",
@@ -47,3 +47,17 @@ def test_a_tokenizer_without_a_rust_backend_uses_its_own_encode():
             return [len(text), int(add_special_tokens)]
 
     assert encode(PlainTokenizer(), "abc", add_special_tokens=False) == [3, 0]
+
+
+def test_truncation_stored_in_the_rust_tokenizer_never_cuts_a_prompt(tiny_model_dir):
+    """transformers may load truncation from tokenizer.json; ``tokenizer.encode`` ignores it,
+    and so must ``encode``, before and after the engine switches it off."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+    text = "a long enough prompt to be cut at three tokens"
+    whole = tokenizer.encode(text)
+    tokenizer.backend_tokenizer.enable_truncation(max_length=3)
+    tokenizer.backend_tokenizer.enable_padding(length=64)
+    assert encode(tokenizer, text) == whole
+    assert encode(untruncated(tokenizer), text) == whole
+    assert tokenizer.backend_tokenizer.truncation is None
+    assert tokenizer.backend_tokenizer.padding is None

@@ -214,14 +214,14 @@ def test_openapi_documents_bodies_replies_and_errors(server):
         operation = spec["paths"][f"/v1/{route}"]["post"]
         assert operation["requestBody"]["required"]
         responses = operation["responses"]
-        assert set(responses) == {"200", "400", "401", "404", "413", "431", "500", "503"}
+        assert set(responses) == {"200", "400", "401", "404", "408", "413", "431", "500", "503"}
         assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith(reply)
         assert "text/event-stream" in responses["200"]["content"]
         error = responses["400"]["content"]["application/json"]["schema"]["$ref"]
         assert error.endswith("ErrorResponse")
     assert spec["components"]["schemas"]["CompletionRequest"]["additionalProperties"] is False
     assert "text/plain" in spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]
-    assert set(spec["paths"]["/health"]["get"]["responses"]) == {"200", "503"}
+    assert set(spec["paths"]["/health"]["get"]["responses"]) == {"200", "408", "413", "431", "503"}
 
 
 def test_a_logit_bias_for_a_token_the_model_lacks_is_400(server):
