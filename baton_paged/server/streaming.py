@@ -72,6 +72,12 @@ async def _chain(first, rest):
         yield item
 
 
+LINE_BREAKS = str.maketrans({"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+"""Characters ``str.splitlines`` breaks lines at (httpx's ``iter_lines`` among the clients that
+split with it) though SSE does not: escaped, an event stays one line. They can only occur inside
+JSON strings, where the escape means the same character."""
+
+
 def sse(payload: BaseModel | dict) -> str:
     text = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
-    return f"data: {text}\n\n"
+    return f"data: {text.translate(LINE_BREAKS)}\n\n"

@@ -9,7 +9,7 @@ import json
 from baton_paged.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from baton_paged.sampler import Logprob
 from baton_paged.server.shapes import ChatShape, CompletionShape
-from baton_paged.server.streaming import sse_events
+from baton_paged.server.streaming import sse, sse_events
 
 METRICS = RequestMetrics(0.0, None, None, (), 0)
 
@@ -78,3 +78,11 @@ def test_chat_choices_each_open_with_the_role():
         mine = [c["choices"][0] for c in chunks[2:] if c["choices"][0]["index"] == index]
         assert "".join(c["delta"]["content"] or "" for c in mine) == text
         assert all(c["delta"]["role"] is None for c in mine)
+
+
+def test_an_event_with_unicode_line_separators_stays_one_line():
+    """``str.splitlines`` (httpx's ``iter_lines``) breaks at U+0085, U+2028 and U+2029."""
+    text = "a\u0085b\u2028c\u2029d"
+    event = sse({"text": text})
+    assert len(event.splitlines()) == 2 and event.splitlines()[1] == ""
+    assert json.loads(event.splitlines()[0].removeprefix("data: ")) == {"text": text}
