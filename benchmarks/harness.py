@@ -247,6 +247,15 @@ def percentile(values: Sequence[float], q: float, digits: int = 4) -> float | No
     return round(float(np.percentile(values, q)), digits) if len(values) else None
 
 
+def summary(values: list[float]) -> dict:
+    """Count, mean, p50 / p90 / p99 and max of ``values`` (latencies, say); ``{"n": 0}`` if none."""
+    if not values:
+        return {"n": 0}
+    quantiles = {f"p{q}": percentile(values, q) for q in (50, 90, 99)}
+    mean, top = round(statistics.fmean(values), 4), round(max(values), 4)
+    return {"n": len(values), "mean": mean} | quantiles | {"max": top}
+
+
 def ratio(value: float | None, base: float | None, digits: int) -> float | None:
     """``value / base`` rounded; None when either was not measured (or the base is 0)."""
     return None if value is None or not base else round(value / base, digits)
