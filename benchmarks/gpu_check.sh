@@ -13,6 +13,13 @@ stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/summary.txt"; 
 
 python -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
   || { stamp "install failed"; tail -20 "$OUT/install.log"; exit 1; }
+# Optional GPU extras the machine lacks, carried as wheels (`carry: [".gpu-wheels"]`; fetch them
+# here with `pip download --no-deps xformers==0.0.35 -d .gpu-wheels`): no network there.
+for wheel in .gpu-wheels/*.whl; do
+  [ -e "$wheel" ] || continue
+  python -m pip install --no-deps "$wheel" >>"$OUT/install.log" 2>&1 \
+    && stamp "installed $(basename "$wheel")" || stamp "could not install $(basename "$wheel")"
+done
 nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
 python - <<'PY' 2>&1 | tee "$OUT/versions.txt"
 import torch, transformers
@@ -20,7 +27,11 @@ try:
     import triton; tv = triton.__version__
 except ImportError:
     tv = "absent"
-print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", tv,
+try:
+    import xformers; xv = xformers.__version__
+except ImportError:
+    xv = "absent"
+print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", tv, "xformers", xv,
       "transformers", transformers.__version__, torch.cuda.get_device_name())
 PY
 stamp "installed"
