@@ -1,8 +1,9 @@
-"""The CPU kernels (``csrc/``: paged attention, the decoder's small ops, their Python bindings):
-compiled on first use, cached per machine.
+"""CPU kernel libraries, each compiled from its C++ sources on first use and cached per machine:
+the attention kernels (``attention/csrc/``: paged attention, the write of new K/V), defined
+here, and any other ``KernelLibrary`` (the executor's decoder ops, defined on the model side).
 
 ``torch.utils.cpp_extension`` builds the sources with the machine's C++ compiler (``-O3
--march=native``, so the build directory's name carries a hash of the source, the CPU's
+-march=native``, so the build directory's name carries a hash of the sources, the CPU's
 instruction sets and torch's version: a cache copied to another machine is rebuilt, never run
 with instructions its CPU lacks). The first build takes tens of seconds; later processes load
 the cached library in milliseconds.
@@ -13,12 +14,12 @@ bus error. So ninja never runs where the library is loaded from. The build runs 
 process, in a scratch directory beside the final one; only the library stays there, a manifest of
 its size and SHA-256 is written beside it, and the directory is renamed into place. A load checks
 the manifest, then imports the library directly; a directory that fails the check is deleted and
-rebuilt. The directory is a cache entry (``model_builder/cache.py``): concurrent first uses build
-once under an ``flock`` beside it, which the kernel releases when its holder dies, and the next
-holder removes the scratch a killed build left.
+rebuilt. The directory is a cache entry (``baton_paged/disk_cache.py``): concurrent first uses
+build once under an ``flock`` beside it, which the kernel releases when its holder dies, and the
+next holder removes the scratch a killed build left.
 
-Where no compiler or build tool is present, or the build fails, ``cpu_kernels()`` logs one line
-and answers None, and the engine keeps to the plain ``torch`` backend: never a crash.
+Where no compiler or build tool is present, or the build fails, a library logs one line and
+answers None, and its user keeps to the plain torch path: never a crash.
 """
 
 from __future__ import annotations
@@ -34,56 +35,88 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TypeVar
 
 import torch
 
+from baton_paged import disk_cache
+
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("paged_attention.cpp", "decoder_ops.cpp", "bindings.cpp")
-HEADERS = ("cpu_common.h",)
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 """``-fopenmp`` because ``at::parallel_for`` is a header template: compiled without it, its
 parallel region is a plain loop. The library then needs ``libgomp.so.1``, which the loader
 resolves to the copy torch already loaded, so the kernels share torch's thread pool."""
 
 
+@dataclass(frozen=True)
+class KernelLibrary:
+    """One compiled library: ``name`` prefixes its cache directory, ``sources`` compile into it
+    (one of them holds its ``PYBIND11_MODULE``), ``headers`` are what they include, found in
+    the headers' folders. ``fallback`` is what runs without it, for the one logged line."""
+
+    name: str
+    sources: tuple[Path, ...]
+    headers: tuple[Path, ...]
+    fallback: str
+
+    def kernels(self) -> ModuleType | None:
+        """The compiled library, or None (with one logged line) when it cannot be built here."""
+        return _built(self)[0]
+
+    def unavailable_reason(self) -> str | None:
+        """Why the library cannot run here, or None once it has loaded (builds it if needed)."""
+        return _built(self)[1]
+
+    def include_dirs(self) -> list[str]:
+        return sorted({str(header.parent) for header in self.headers})
+
+
+CSRC = Path(__file__).with_name("csrc")
+ATTENTION_KERNELS = KernelLibrary(
+    name="baton_attention_kernels",
+    sources=(CSRC / "paged_attention.cpp", CSRC / "bindings.cpp"),
+    headers=(CSRC / "cpu_common.h",),
+    fallback="attention uses the plain torch backend",
+)
+
+
 def cpu_kernels() -> ModuleType | None:
-    """The compiled kernels, or None (with one logged line) when they cannot be built here."""
-    return _built()[0]
+    """The attention kernels, or None (with one logged line) when they cannot be built here."""
+    return ATTENTION_KERNELS.kernels()
 
 
 def unavailable_reason() -> str | None:
-    """Why the kernels cannot run here, or None when they have loaded (builds them if needed)."""
-    return _built()[1]
+    """Why the attention kernels cannot run here, or None when they have loaded."""
+    return ATTENTION_KERNELS.unavailable_reason()
 
 
 @functools.cache
-def _built() -> tuple[ModuleType | None, str | None]:
-    """Build or load once per process: the kernels, or None and why not."""
-    reason = _build_problem()
+def _built(library: KernelLibrary) -> tuple[ModuleType | None, str | None]:
+    """Build or load once per process: the library, or None and why not."""
+    reason = _build_problem(library)
     if reason is None:
         try:
-            return _load(), None
+            return _load(library), None
         except Exception as error:  # a compiler error, a missing header: fall back, say why
-            reason = f"building the CPU kernels failed ({_first_error(str(error))})"
-    logger.warning("%s; attention uses the plain torch backend", reason)
+            reason = f"building {library.name} failed ({_first_error(str(error))})"
+    logger.warning("%s; %s", reason, library.fallback)
     return None, reason
 
 
-def _build_problem() -> str | None:
+def _build_problem(library: KernelLibrary) -> str | None:
     from torch.utils import cpp_extension
 
     if platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64"):
         return f"no CPU kernels for {platform.machine()}"
-    missing = [name for name in (*SOURCES, *HEADERS) if not (CSRC / name).is_file()]
+    missing = [str(path) for path in (*library.sources, *library.headers) if not path.is_file()]
     if missing:
-        return f"the CPU kernel sources {', '.join(missing)} are missing from {CSRC}"
+        return f"the kernel sources {', '.join(missing)} are missing"
     try:
         cpp_extension.verify_ninja_availability()
     except RuntimeError:
@@ -94,22 +127,21 @@ def _build_problem() -> str | None:
     return None
 
 
-def _load() -> ModuleType:
-    directory = build_directory()
+def _load(library: KernelLibrary) -> ModuleType:
+    directory = build_directory(library)
     name = directory.name
-    library = directory / f"{name}{importlib.machinery.EXTENSION_SUFFIXES[-1]}"
-    return load_verified(
-        library, functools.partial(_compile, name), functools.partial(_import, name)
-    )
+    so = directory / f"{name}{importlib.machinery.EXTENSION_SUFFIXES[-1]}"
+    compile_ = functools.partial(_compile, library, name)
+    return load_verified(so, compile_, functools.partial(_import, name))
 
 
 def load_verified(library: Path, build: Callable[[Path], Path], load: Callable[[Path], T]) -> T:
     """``load(library)`` once ``library``'s directory passes its manifest check. A directory that
     is missing or fails it is rebuilt first: ``build(scratch directory)`` answers the file it
     made, which alone stays there, renamed ``library.name``, before the directory moves in."""
-    from baton_paged.model_builder.cache import cached_entry
-
-    cached_entry(library.parent, lambda scratch: _keep_only(build(scratch), library.name))
+    disk_cache.cached_entry(
+        library.parent, lambda scratch: _keep_only(build(scratch), library.name)
+    )
     return load(library)
 
 
@@ -124,13 +156,15 @@ def _keep_only(built: Path, name: str) -> None:
     built.rename(built.with_name(name))
 
 
-def _compile(name: str, scratch: Path) -> Path:
-    """Build the library into ``scratch`` in a child process, which imports it once (a library
-    that does not load is a failed build): this process imports only the checked copy."""
-    logger.warning("building the CPU kernels into %s (once per machine)", scratch)
+def _compile(library: KernelLibrary, name: str, scratch: Path) -> Path:
+    """Build ``library`` as module ``name`` into ``scratch`` in a child process, which imports it
+    once (a library that does not load is a failed build): this process imports only the
+    checked copy."""
+    logger.warning("building %s into %s (once per machine)", library.name, scratch)
     arguments = {
         "name": name,
-        "sources": [str(CSRC / source) for source in SOURCES],
+        "sources": [str(source) for source in library.sources],
+        "extra_include_paths": library.include_dirs(),
         "extra_cflags": CFLAGS,
         "extra_ldflags": ["-fopenmp"],
         "build_directory": str(scratch),
@@ -162,10 +196,8 @@ def _import(name: str, library: Path) -> ModuleType:
     return module
 
 
-def build_directory() -> Path:
-    from baton_paged.model_builder.cache import cache_root
-
-    return cache_root() / "kernels" / f"baton_cpu_kernels_{_build_key()}"
+def build_directory(library: KernelLibrary) -> Path:
+    return disk_cache.cache_root() / "kernels" / f"{library.name}_{_build_key(library)}"
 
 
 def _first_error(message: str) -> str:
@@ -174,17 +206,13 @@ def _first_error(message: str) -> str:
     return (errors or lines or ["no message"])[0][:300]
 
 
-def _build_key() -> str:
+def _build_key(library: KernelLibrary) -> str:
     """A hash of everything the compiled library depends on, its loader (this module and the
     cache's entries) included: processes whose loaders lock differently never share a build
     directory."""
-    from baton_paged.model_builder import cache
-
     digest = hashlib.sha256()
-    for name in (*SOURCES, *HEADERS):
-        digest.update((CSRC / name).read_bytes())
-    digest.update(Path(__file__).read_bytes())
-    digest.update(Path(cache.__file__).read_bytes())
+    for path in (*library.sources, *library.headers, Path(__file__), Path(disk_cache.__file__)):
+        digest.update(path.read_bytes())
     digest.update(" ".join(CFLAGS).encode())
     digest.update(torch.__version__.encode())
     digest.update(_cpu_flags().encode())

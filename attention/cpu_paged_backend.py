@@ -2,10 +2,11 @@
 
 The torch backend copies every page a step reads into a contiguous buffer and then runs SDPA over
 the copy (a CPU profile of B=32 decode: the gather 18% of the step, SDPA 12.5% in ~130 calls per
-step). This backend's kernel (``csrc/paged_attention.cpp``) walks each request's block table
-instead: one work item per (request, KV head, tile of 16 new tokens) computes all the query heads
-sharing that KV head, page by page with an online softmax, so K/V is read once, in place, and the
-whole step's attention is one call. New K/V is written into the pages by one kernel call too.
+step). This backend's kernel (``attention/csrc/paged_attention.cpp``) walks each request's
+block table instead: one work item per (request, KV head, tile of 16 new tokens) computes all the
+query heads sharing that KV head, page by page with an online softmax, so K/V is read once, in
+place, and the whole step's attention is one call. New K/V is written into the pages by one
+kernel call too.
 """
 
 from __future__ import annotations

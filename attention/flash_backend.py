@@ -8,7 +8,7 @@ paged form takes ``seqused_k`` instead of ``cu_seqlens_k``). Both take the page-
 is: the kernel steps between pages by the K tensor's stride 0, not by ``page_size * Hkv * D``.
 
 Upstream FA2 requires pages of a multiple of 256 tokens, fp16/bf16, head dim <= 256 and a
-multiple of 8, and an Ampere or newer GPU (../shared/reference/APIS.md, section 1).
+multiple of 8, and an Ampere or newer GPU; ``unsupported_reason`` checks each.
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ BACKENDS = {
 # the triton that CUDA torch ships, so on a standard CUDA torch the list ends there). Past them
 # the padded batch ranks above per-request SDPA: measured on an H200 (bench_gpu, bf16, B=32 and
 # 128) it ran 2.2x the torch backend, though padding costs O(B * Qmax * Smax) and SDPA's float
-# bias per layer grows large for one long prompt among decodes (GPU-REVIEW.md, finding 9). On
-# CPU the in-place paged kernel wins (benchmarks/bench_attention.py: 0.93x dense SDPA on
-# pre-gathered K/V, where the torch backend's gather + SDPA took 1.9x); without a compiler the
-# torch backend's per-request forms are next (attention/torch_backend.py).
+# bias per layer grows large for one long prompt among decodes. On CPU the in-place paged kernel
+# wins (benchmarks/bench_attention.py: 0.80x dense SDPA on pre-gathered K/V at context 256, where
+# the torch backend's gather + SDPA took 1.81x); without a compiler the torch backend's
+# per-request forms are next (attention/torch_backend.py).
 AUTO_ORDER = {
     "cuda": ("flash_attn", "xformers", "triton", "padded", "torch"),
     "cpu": ("cpu_paged", "torch"),

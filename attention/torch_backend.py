@@ -1,7 +1,7 @@
 """``torch``: varlen attention over pages in plain PyTorch; the reference and the CPU default.
 
-Nothing is padded beyond a page. Measured on CPU (../shared/reference/APIS.md, section 3, and
-benchmarks/bench_attention.py), the forms that win are:
+Nothing is padded beyond a page. Measured on CPU (benchmarks/bench_attention.py), the forms
+that win are:
 
 * decode (one new token): the ``G = Hq / Hkv`` query heads sharing a KV head are folded into the
   query-length axis, ``q (Hkv, G, D)`` against ``k (Hkv, S, D)``, so SDPA never expands K/V.

@@ -6,7 +6,7 @@ Queries stay packed (``[1, T, Hq, D]``); each request's pages are gathered into 
 applies bottom-right causality, so no query is padded. The gather is needed because xformers'
 paged masks want the pool as one ``[1, pages * page_size, Hkv, D]`` tensor, which our page-major
 cache (all layers of a page together) cannot give as a view; its paged operators also need
-flash-attn's 256-token pages or triton split-K's equal query lengths (APIS.md, section 2).
+flash-attn's 256-token pages or triton split-K's equal query lengths.
 
 GQA is expressed the xformers way: 5-D ``[1, M, Hkv, G, D]`` with K/V expanded (stride 0) over
 the ``G`` query heads that share a KV head.

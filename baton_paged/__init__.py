@@ -14,7 +14,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "LLM": "baton_paged.llm",
+    "LLM": "baton_paged.entrypoints.llm",
     "SamplingParams": "baton_paged.sampling_params",
     "EngineConfig": "baton_paged.config",
     "Engine": "baton_paged.engine",

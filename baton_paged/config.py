@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from baton_paged.allocator.memory_budget import parse_memory_budget
-from baton_paged.memory_monitor import check_watermarks
+from baton_paged.sched.memory_monitor import check_watermarks
 
 PREEMPTION_MODES = ("swap", "recompute")
 MODEL_IMPLS = ("auto", "native", "transformers")

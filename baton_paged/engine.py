@@ -4,7 +4,7 @@ step():  plan = scheduler.schedule()          # who runs, pages reserved, frozen
          runner.swap(plan)                    # preempted K/V to host, resumed K/V back
          for forward in plan.forwards:
              logits = runner.execute(forward) # packed varlen forward over the paged cache
-             sample, append, check stops
+             outputs.process(forward, logits) # sample, append, check stops
          scheduler.update(plan, result)       # finished requests leave the batch
          publish an EngineSnapshot            # what other threads may read
 
@@ -14,50 +14,27 @@ Only the thread that calls ``step`` may touch the engine's parts; other threads 
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import torch
-
-from baton_paged.allocator import (
-    HostSwapPool,
-    KVCache,
-    KVCacheSpec,
-    num_pages_for_budget,
-    pages_needed,
-)
 from baton_paged.attention import attach, detach
 from baton_paged.config import EngineConfig
-from baton_paged.decode_graphs import DecodeGraphs, graph_mode
-from baton_paged.device_memory import MemoryReader, beyond_baseline, device_memory_reader
-from baton_paged.input_processor import InputProcessor, PromptInput
-from baton_paged.loaded_model import check_loaded_model, config_for_loaded_model
-from baton_paged.memory_monitor import MemoryMonitor
-from baton_paged.model_loading import (
-    choose_attention,
-    choose_executor,
-    eos_token_ids,
-    load_model,
-    model_max_len,
-)
-from baton_paged.model_runner import ModelRunner
-from baton_paged.output_processor import OutputProcessor
+from baton_paged.engine_parts import build_parts
+from baton_paged.model.loaded_model import check_loaded_model, config_for_loaded_model
+from baton_paged.model.loading import load_model, model_max_len
 from baton_paged.outputs import RequestOutput
-from baton_paged.parallel_sampling import SampleGroup, child_requests
+from baton_paged.processing.input_processor import PromptInput
+from baton_paged.processing.output_processor import ForwardOutputs
+from baton_paged.processing.parallel_sampling import SampleGroups
 from baton_paged.registries import check_registered
 from baton_paged.request import Request, RequestStatus
-from baton_paged.sampler import SamplingRow, sample
 from baton_paged.sampling_params import SamplingParams
+from baton_paged.sched.device_memory import MemoryReader
 from baton_paged.sched.plan import ForwardBatch, QueueSizes, StepPlan, StepResult
-from baton_paged.sched.policies import make_policy
-from baton_paged.sched.prefix_caching import PrefixCaching
-from baton_paged.sched.scheduler import PlanningError, Scheduler
+from baton_paged.sched.scheduler import PlanningError
 from baton_paged.snapshot import EngineSnapshot
 from baton_paged.stats import EngineStats
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -71,6 +48,11 @@ class _StepProgress:
     touched: dict[str, Request] = field(default_factory=dict)
     """Requests that got a token, in order: each reports an output."""
 
+    def add(self, outputs: ForwardOutputs) -> None:
+        self.forwards_run += 1
+        self.finished += outputs.finished
+        self.touched.update((request.request_id, request) for request in outputs.touched)
+
     def result(self) -> StepResult:
         return StepResult(self.forwards_run, tuple(self.finished))
 
@@ -83,10 +65,10 @@ class Engine:
         tokenizer: Any = None,
         memory_reader: MemoryReader | None = None,
     ):
-        """Load ``config.model`` (or use an already-loaded HF ``model`` and ``tokenizer``), size
-        the KV cache from ``config.kv_memory`` and the host swap pool from ``config.swap_memory``,
-        and build the scheduler and runner. ``memory_reader`` replaces the device-memory reading
-        the memory monitor adds to page-pool occupancy (tests inject external pressure so)."""
+        """Load ``config.model`` (or use an already-loaded HF ``model`` and ``tokenizer``) and
+        build the parts around it (``engine_parts.py``). ``memory_reader`` replaces the
+        device-memory reading the memory monitor adds to page-pool occupancy (tests inject
+        external pressure so)."""
         check_registered(config)  # an unknown policy or backend fails before any model loads
         self.config = config
         if model is None:
@@ -94,59 +76,22 @@ class Engine:
         else:
             check_loaded_model(model, config)
             model.eval()  # dropout would make greedy decoding random
-        self.tokenizer = tokenizer
+        self.model, self.tokenizer = model, tokenizer
         self.max_model_len = config.max_model_len or model_max_len(model)
         attach(model, self.max_model_len)
         try:
-            self._build_parts(model, memory_reader)
+            parts = build_parts(config, model, tokenizer, self.max_model_len, memory_reader)
         except BaseException:
             detach(model)  # a lent model goes back as it came, whatever failed
             raise
-
-    def _build_parts(self, model: Any, memory_reader: MemoryReader | None) -> None:
-        """The KV cache, host pool, monitor, scheduler and runner around ``model``."""
-        config = self.config
-        page_size, backend = choose_attention(config, model)
-        spec = KVCacheSpec.from_model_config(model.config, page_size, config.torch_dtype)
-        graphs = graph_mode(config, type(backend))
-        scratch = 1 if graphs else 0  # the page decode graphs' padding rows write to
-        self.cache = KVCache.from_budget(spec, config.kv_memory, config.device, scratch)
-        self.host = self._host_pool(spec) if config.swapping else None
-        if memory_reader is None and config.watch_device_memory:
-            memory_reader = beyond_baseline(device_memory_reader(config.device))
-        watermarks = (config.memory_high_watermark, config.memory_low_watermark)
-        self.monitor = MemoryMonitor(self.cache.pool, *watermarks, memory_reader)
-        self.prefix_caching = self._prefix_caching(page_size)
-        self.scheduler = Scheduler(
-            self.cache.pool,
-            page_size,
-            config.max_batch_size,
-            pages_needed(self.max_model_len, page_size),
-            make_policy(config.policy, config.max_prefill_tokens, config.max_num_batched_tokens),
-            host_pool=self.host.pool if self.host else None,
-            monitor=self.monitor,
-            prefix_caching=self.prefix_caching,
-        )
-        executor = choose_executor(config, model, self.max_model_len)
-        self.runner = ModelRunner(model, self.cache, backend, self.host, executor)
-        if graphs:
-            self.runner.graphs = self._capture_graphs(backend, graphs)
-        self.inputs = InputProcessor(
-            self.tokenizer,
-            eos_token_ids(model, self.tokenizer),
-            self.max_model_len,
-            page_size,
-            self.cache.num_pages,
-            config.device,
-            config.max_logprobs,
-        )
-        self.outputs = OutputProcessor(self.tokenizer, self.max_model_len)
-        self.stats = EngineStats(page_bytes=spec.bytes_per_page)
+        self.cache, self.host, self.monitor = parts.cache, parts.host, parts.monitor
+        self.prefix_caching, self.scheduler = parts.prefix_caching, parts.scheduler
+        self.runner, self.model_impl = parts.runner, parts.model_impl
+        self.inputs, self.outputs = parts.inputs, parts.outputs
+        self.stats = EngineStats(page_bytes=self.cache.spec.bytes_per_page)
         self.requests: dict[str, Request] = {}
-        self.groups: dict[str, SampleGroup] = {}
-        """Requests with several completions, by parent id; their children are in ``requests``."""
-        self._parent_of: dict[str, str] = {}
-        self._generator = torch.Generator(config.device).manual_seed(config.seed)
+        """Live requests by id; a request with several completions is here as its children."""
+        self.groups = SampleGroups()
         self._step: _StepProgress | None = None
         self._publish(QueueSizes(0, 0, 0))
 
@@ -174,38 +119,20 @@ class Engine:
 
     def enqueue(self, request: Request) -> str:
         """Queue a request from ``inputs.prepare`` (several completions: its children, see
-        ``parallel_sampling.py``); ValueError if its id is in use."""
+        ``processing/parallel_sampling.py``); ValueError if its id is in use."""
         if request.request_id in self.requests or request.request_id in self.groups:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        if request.params.num_samples == 1:
-            self._queue(request)
-            return request.request_id
-        children = child_requests(request)
-        if any(child.request_id in self.requests for child in children):
-            raise ValueError(f"a child id of request {request.request_id!r} is already in use")
-        self.groups[request.request_id] = SampleGroup(
-            request, tuple(c.request_id for c in children)
-        )
-        for child in children:
-            self._parent_of[child.request_id] = request.request_id
-            self._queue(child)
+        for queued in self.groups.split(request, self.requests):
+            self.requests[queued.request_id] = queued
+            self.outputs.add(queued)
+            self._publish(self.scheduler.add(queued))
         return request.request_id
-
-    def _queue(self, request: Request) -> None:
-        self.requests[request.request_id] = request
-        self.outputs.add(request)
-        self._publish(self.scheduler.add(request))
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request wherever it is (waiting, running, swapped) and free its device and host
         pages now; None if it is not live. A parent request stops all its children."""
         if request_id in self.groups:
-            group = self.groups[request_id]
-            for child in group.child_ids:
-                if child in self.requests:
-                    group.update(self._abort(child))
-            self._forget_group(request_id)
-            return group.merged()
+            return self.groups.abort(request_id, self._abort)
         return self._abort(request_id)
 
     def _abort(self, request_id: str) -> RequestOutput | None:
@@ -226,35 +153,40 @@ class Engine:
         already-loaded model can call it directly again."""
         for request_id in list(self.requests):
             self.abort_request(request_id)
-        detach(self.runner.model)
+        detach(self.model)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work()
 
     def step(self) -> list[RequestOutput]:
         """One iteration: every request that got a token reports its output."""
+        self._step = progress = _StepProgress(self._schedule())
+        self.stats.record_peak(self.cache.pool.num_used)  # before finished requests free pages
+        self.runner.swap(progress.plan)
+        progress.swaps_issued = True
+        for forward in progress.plan.forwards:
+            progress.add(self._run(forward))
+        self._step = None  # the scheduler hears back once, even if update itself raises
+        sizes = self.scheduler.update(progress.plan, progress.result())
+        self.stats.record(progress.plan, self.monitor)
+        self.stats.record_prefix_cache(self.prefix_caching)
+        self._publish(sizes)
+        return self._report(progress.touched.values())
+
+    def _schedule(self) -> StepPlan:
         try:
-            plan = self.scheduler.schedule()
+            return self.scheduler.schedule()
         except PlanningError as failure:
             self._step = _StepProgress(failure.plan)
             raise
-        self._step = progress = _StepProgress(plan)
-        self.stats.record_peak(self.cache.pool.num_used)  # before finished requests free pages
-        self.runner.swap(plan)
-        progress.swaps_issued = True
-        for forward in plan.forwards:
-            prompt_positions = self.outputs.prompt_positions(forward, self.requests)
-            logits = self.runner.execute(forward, [index for index, *_ in prompt_positions])
-            progress.forwards_run += 1
-            sampled = sum(row.sample for row in forward.rows)
-            self.outputs.add_prompt_logprobs(prompt_positions, logits[sampled:])
-            self._take_tokens(forward, logits[:sampled], progress)
-        self._step = None  # the scheduler hears back once, even if update itself raises
-        sizes = self.scheduler.update(plan, progress.result())
-        self.stats.record(plan, self.monitor)
-        self._record_prefix_cache()
-        self._publish(sizes)
-        return self._report(progress.touched.values())
+
+    def _run(self, forward: ForwardBatch) -> ForwardOutputs:
+        """One forward: its logits (with those of the prompt positions scored), handed over."""
+        positions = self.outputs.prompt_positions(forward)
+        logits = self.runner.execute(forward, [index for index, *_ in positions])
+        outputs = self.outputs.process(forward, logits, positions)
+        self.stats.finished += len(outputs.finished)
+        return outputs
 
     def salvage_failed_step(self) -> tuple[list[RequestOutput], list[str]]:
         """After ``step`` raised: the final outputs of requests that finished in its earlier
@@ -271,7 +203,7 @@ class Engine:
         done = [r for r in self.requests.values() if r.status.is_finished]
         outputs = self._report(done)
         running = [rid for rid, r in self.requests.items() if r.status is RequestStatus.RUNNING]
-        suspects = (self._parent_of.get(rid, rid) for rid in running + unissued)
+        suspects = (self.groups.owner(rid) for rid in running + unissued)
         return outputs, list(dict.fromkeys(suspects))
 
     def _report(self, requests) -> list[RequestOutput]:
@@ -282,53 +214,7 @@ class Engine:
             if request.status.is_finished:
                 del self.requests[request.request_id]
                 self.outputs.release(request.request_id)
-        return self._merge(outputs)
-
-    def _merge(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
-        """Children's outputs become their parent's (one per parent, the latest)."""
-        merged: dict[str, RequestOutput | None] = {}
-        for output in outputs:
-            parent = self._parent_of.get(output.request_id)
-            if parent is None:
-                merged[output.request_id] = output
-                continue
-            group = self.groups[parent]
-            merged[parent] = group.update(output)
-            if group.finished:
-                self._forget_group(parent)
-        return [output for output in merged.values() if output is not None]
-
-    def _forget_group(self, parent: str) -> None:
-        for child in self.groups.pop(parent).child_ids:
-            self._parent_of.pop(child, None)
-
-    def _take_tokens(
-        self, forward: ForwardBatch, logits: torch.Tensor, progress: _StepProgress
-    ) -> None:
-        requests = [self.requests[row.request_id] for row in forward.rows if row.sample]
-        rows = [
-            SamplingRow(
-                r.params,
-                r.generator or self._generator,
-                self.outputs.suppressed_token_ids(r),
-                r.prompt_token_ids,
-                r.output_token_ids,
-            )
-            for r in requests
-        ]
-        result = sample(logits, rows)
-        now = time.monotonic()
-        for request, token, logprobs in zip(
-            requests, result.token_ids, result.logprobs, strict=True
-        ):
-            request.first_token_time = request.first_token_time or now
-            request.token_times.append(now)
-            status = self.outputs.append(request, token, logprobs)
-            if status is not None:
-                progress.finished.append((request.request_id, status))
-                request.finished_time = now
-                self.stats.finished += 1
-            progress.touched[request.request_id] = request
+        return self.groups.merge(outputs)
 
     def _publish(self, sizes: QueueSizes) -> None:
         """Replace ``snapshot`` (one assignment: readers on other threads see old or new)."""
@@ -342,7 +228,7 @@ class Engine:
             host_pages_used=self.host.pool.num_used if self.host else 0,
             page_size=self.cache.spec.page_size,
             attention_backend=self.runner.backend.name,
-            model_impl="native" if self.runner.executor else "transformers",
+            model_impl=self.model_impl,
             stats=replace(self.stats),
         )
 
@@ -353,37 +239,3 @@ class Engine:
         snap = self.snapshot
         self._publish(QueueSizes(snap.num_running, snap.num_waiting, snap.num_swapped))
         return True
-
-    def _record_prefix_cache(self) -> None:
-        caching = self.prefix_caching
-        if caching is not None:
-            evictions = self.cache.pool.prefix.evictions
-            self.stats.record_prefix_cache(caching.stats.queries, caching.stats.hits, evictions)
-
-    def _prefix_caching(self, page_size: int) -> PrefixCaching | None:
-        if not self.config.enable_prefix_caching:
-            return None
-        salt = f"{self.config.model}|{self.config.torch_dtype}".encode()  # what else shapes K/V
-        return PrefixCaching(self.cache.pool, page_size, salt)
-
-    def _capture_graphs(self, backend: Any, mode: str) -> DecodeGraphs | None:
-        """Decode graphs for every batch bucket; a capture that fails leaves decode eager, with
-        one warning naming the error (the engine still serves, only slower)."""
-        try:
-            return DecodeGraphs(
-                self.runner.forward,
-                self.cache,
-                backend,
-                self.config.max_batch_size,
-                self.max_model_len,
-                mode,
-            )
-        except RuntimeError as error:
-            logger.warning("CUDA graph capture failed, decode runs eagerly: %s", error)
-            return None
-
-    def _host_pool(self, spec: KVCacheSpec) -> HostSwapPool:
-        """Host pages for swapped-out K/V, never more than the device pool holds."""
-        pages = num_pages_for_budget(spec, self.config.swap_memory, "cpu")
-        pinned = self.cache.device.type == "cuda"  # async swap copies; a CPU cache needs none
-        return HostSwapPool(spec, min(pages, self.cache.num_pages), pin_memory=pinned)

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from baton_paged.sampler import Logprob
+
+@dataclass(frozen=True)
+class Logprob:
+    """One token's log-probability, in vLLM's shape."""
+
+    logprob: float
+    rank: int
+    """1 + the number of tokens more likely than this one (tied tokens share a rank)."""
+    decoded_token: str | None = None
+    """The token's text; the sampler has no tokenizer, the output processor fills it in."""
 
 
 @dataclass(frozen=True)

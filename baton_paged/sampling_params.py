@@ -19,6 +19,14 @@ GREEDY_TEMPERATURE = 1e-5
 """Below this temperature sampling is greedy (argmax), as in vLLM: dividing by ~0 only overflows."""
 
 
+class FieldError(ValueError):
+    """A value refused, and the request field it is in (``param``), which a server's 400 names."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling and stopping settings of one request (a vLLM-compatible subset)."""
@@ -167,10 +175,12 @@ def _normalise_logit_bias(bias: object) -> tuple[tuple[int, float], ...]:
     try:
         pairs = [(token_id, value) for token_id, value in pairs]
     except (TypeError, ValueError):
-        raise ValueError(f"logit_bias must map token ids to numbers, got {bias!r}") from None
+        message = f"logit_bias must map token ids to numbers, got {bias!r}"
+        raise FieldError(message, "logit_bias") from None
     for token_id, value in pairs:
         if not _is_int(token_id) or token_id < 0:
-            raise ValueError(f"logit_bias keys must be token ids >= 0, got {token_id!r}")
+            message = f"logit_bias keys must be token ids >= 0, got {token_id!r}"
+            raise FieldError(message, "logit_bias")
         _check_number(f"logit_bias[{token_id}]", value)
     return tuple(sorted((token_id, min(max(float(v), -100.0), 100.0)) for token_id, v in pairs))
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from baton_paged.memory_monitor import MemoryMonitor
+from baton_paged.sched.memory_monitor import MemoryMonitor
 from baton_paged.sched.plan import StepPlan
+from baton_paged.sched.prefix_caching import PrefixCaching
 
 
 @dataclass
@@ -67,9 +68,12 @@ class EngineStats:
     def record_peak(self, pages: int) -> None:
         self.peak_pages_in_use = max(self.peak_pages_in_use, pages)
 
-    def record_prefix_cache(self, queries: int, hits: int, evictions: int) -> None:
-        self.prefix_cache_queries, self.prefix_cache_hits = queries, hits
-        self.prefix_cache_evictions = evictions
+    def record_prefix_cache(self, caching: PrefixCaching | None) -> None:
+        """Copy the prefix cache's counters (they are kept where lookups and evictions happen)."""
+        if caching is not None:
+            self.prefix_cache_queries = caching.stats.queries
+            self.prefix_cache_hits = caching.stats.hits
+            self.prefix_cache_evictions = caching.evictions
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_allocator.py [--threads 1] [--repeats 9] [--device cpu|cuda]
 
-Targets (issue 2), on the small model (8 layers, 4 KV heads, head dim 64, float32, page 16):
+Targets, on the small model (8 layers, 4 KV heads, head dim 64, float32, page 16):
 - swap-out and swap-in of 64 pages reach >= 0.8x the bandwidth of one plain contiguous
   ``copy_`` of the same bytes;
 - the allocator's work in one decode step at batch 32 costs < 1% of that step's forward.
@@ -35,7 +35,7 @@ from baton_paged.allocator import (
     release_source,
 )
 from baton_paged.attention import AttentionMetadata
-from baton_paged.model_builder import cached_model
+from baton_paged.model.builder import cached_model
 
 BATCH = 32
 PAGE_SIZE = 16

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_attention.py [--threads 1] [--repeats 200] [--device cpu|cuda]
 
-Shapes (issue text): batch 32, 8 query / 4 KV heads, head dim 64, one new token per request,
+Shapes: batch 32, 8 query / 4 KV heads, head dim 64, one new token per request,
 context 256 ("uniform") or uniform random in [128, 384] ("ragged", mean ~256, seeded). Every
 request's pages are random page ids, as a pool hands them out after churn.
 
@@ -54,7 +54,7 @@ KV_HEADS = 4
 HEAD_DIM = 64
 TARGET = 1.5
 PAGED_TARGET = 1.1
-"""Issue 17: the in-place paged kernel (``cpu_paged``) within 1.1x of dense SDPA."""
+"""Target: the in-place paged kernel (``cpu_paged``) within 1.1x of dense SDPA."""
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 LayerCase = Callable[[int], torch.Tensor]

@@ -11,8 +11,9 @@ checkpoints are built on the spot). Per model and max batch B, in bfloat16 on ``
   from CUDA graphs (flash-attn and Triton);
 * ``baton-eager``: the same with ``enforce_eager``: what the graphs save;
 * ``baton-padded``: the same engine on the BATON paper's padded batch + attention mask;
-* ``baton-torch``: the same on per-request SDPA over gathered pages (which of the two should
-  follow Triton in ``auto``'s CUDA order is what this settles, GPU-REVIEW.md finding 9);
+* ``baton-torch``: the same on per-request SDPA over gathered pages (``auto``'s CUDA order puts
+  padded before it, after Triton, because this ran 2.2x slower than padded on an H200; padding's
+  O(B * Qmax * Smax) cost could reverse that for one long prompt among decodes);
 * ``hf-generate``: static batches of B prompts, left-padded, each run to its longest budget;
 * ``hf-cb``: transformers' continuous batching (``peers.run_hf_cb``, B requests per forward);
   a run that fails is recorded with its error, not as a figure.
@@ -35,7 +36,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from workload import RunResult, make_workload
 
 from baton_paged import LLM, SamplingParams
-from baton_paged.model_builder import cached_model
+from baton_paged.model.builder import cached_model
 
 SYSTEMS = {
     "baton": {"attention_backend": "auto"},

@@ -169,7 +169,7 @@ def summary_row(s: System, group: list[MemoryRun], need: int) -> dict:
 
 
 def checks(summary: dict, args) -> list[dict]:
-    """The issue's targets (each mode at 25% of the need; priority under saturation), plus swap
+    """The targets (each mode at 25% of the need; priority under saturation), plus swap
     vs recompute at every budget for information."""
     found = []
     for mode in args.modes:

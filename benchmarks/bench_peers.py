@@ -18,8 +18,8 @@ Each repeat runs every system once, the order rotated; the figure is useful toke
 baton / vLLM per repeat (median and spread reported). Also measured: time from process start
 to the first token of a one-request generate (baton with a cold kernel cache, so the one-time
 kernel build is included; warm; the general path; vLLM), and on ``small`` the decode step at
-B=32 against the same step's weight matmuls alone (the floor any engine pays). Targets (issue
-17): baton >= 1.25x vLLM on both models (milestone 1.0x); decode step <= 1.3x its matmuls.
+B=32 against the same step's weight matmuls alone (the floor any engine pays). Targets: baton
+>= 1.25x vLLM on both models (milestone 1.0x); decode step <= 1.3x its matmuls.
 Results: ``results/peers-cpu.{json,md,png}``.
 """
 
@@ -31,16 +31,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import harness
 import torch
 from harness import Clock, Default, check, markdown, median, ratio
-from transformers import AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 from workload import MAX_BUDGET, make_workload
 
 from baton_paged import LLM, SamplingParams
-from baton_paged.model_builder import cached_model
+from baton_paged.model.builder import cached_model
+from baton_paged.model.packed_linear import PackedLinear
 
 ROOT = Path(__file__).resolve().parent.parent
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
@@ -125,11 +127,11 @@ def startup_seconds(model_dir: Path, system: str, threads: int, cache: str | Non
     return time.perf_counter() - start
 
 
-def decode_step_vs_matmuls(llm: LLM, batch: int, repeats: int) -> dict:
-    """A B-request decode step next to its weight matmuls alone (same shapes, same weights),
-    interleaved; the step includes scheduling, metadata, attention and sampling."""
-    engine, executor = llm.engine, llm.engine.runner.executor
-    if executor is None:
+def decode_step_vs_matmuls(llm: LLM, model_dir: Path, batch: int, repeats: int) -> dict:
+    """A B-request decode step next to its weight matmuls alone, interleaved; the step includes
+    scheduling, metadata, attention and sampling."""
+    engine = llm.engine
+    if engine.snapshot.model_impl != "native":
         return {"batch": batch, "error": "no native executor here (see the engine's log)"}
     params = SamplingParams(temperature=0, max_tokens=10_000, ignore_eos=True)
     for i in range(batch):
@@ -138,19 +140,32 @@ def decode_step_vs_matmuls(llm: LLM, batch: int, repeats: int) -> dict:
         engine.step()
     for _ in range(3):
         engine.step()
-    linears = [executor.lm_head]
-    for layer in executor.layers:
-        linears += [layer.qkv, layer.o, layer.gate_up, layer.down]
+    matmuls = weight_matmuls(model_dir, batch)
+    times = harness.interleaved({"step": engine.step, "matmuls": matmuls}, repeats, lambda: None)
+    for i in range(batch):
+        engine.abort_request(f"d{i}")
+    return {"batch": batch, "step_s": times["step"], "matmul_s": times["matmuls"]}
+
+
+def weight_matmuls(model_dir: Path, batch: int) -> Callable[[], None]:
+    """One decode step's weight matmuls on ``batch`` rows as the native executor runs them: per
+    layer fused QKV, output, fused gate-up and down projections, then the LM head, each a
+    ``PackedLinear`` of the checkpoint's shape and dtype (float32; the values do not change the
+    time, and these Llamas have no biases)."""
+    config = AutoConfig.from_pretrained(model_dir)
+    hidden, mlp = config.hidden_size, config.intermediate_size
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    layer = [(q + 2 * kv, hidden), (hidden, q), (2 * mlp, hidden), (hidden, mlp)]
+    shapes = layer * config.num_hidden_layers + [(config.vocab_size, hidden)]
+    linears = [PackedLinear(torch.randn(shape)) for shape in shapes]
     inputs = {n: torch.randn(batch, n) for n in {linear.in_features for linear in linears}}
 
     def matmuls() -> None:
         for linear in linears:
             linear(inputs[linear.in_features])
 
-    times = harness.interleaved({"step": engine.step, "matmuls": matmuls}, repeats, lambda: None)
-    for i in range(batch):
-        engine.abort_request(f"d{i}")
-    return {"batch": batch, "step_s": times["step"], "matmul_s": times["matmuls"]}
+    return matmuls
 
 
 def measure_model(args, size: str) -> dict:
@@ -185,7 +200,7 @@ def measure_model(args, size: str) -> dict:
                 f"{size} {system} repeat {repeat}: {runs[-1]['tokens_per_s']:.1f} tok/s", flush=True
             )
         peer.close()
-        step = decode_step_vs_matmuls(llms["baton"], args.batch_size, args.repeats * 5)
+        step = decode_step_vs_matmuls(llms["baton"], model_dir, args.batch_size, args.repeats * 5)
         for llm in llms.values():
             llm.close()
         startup = {"vllm": peer.startup_s}

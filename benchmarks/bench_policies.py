@@ -3,7 +3,7 @@
     python benchmarks/bench_policies.py [--quick] [--repeats 1] [--batch-sizes 4,8,16,32]
         [--systems baton,orca,static,chunked,hf-generate,hf-cb] [--num-requests 128] [--threads 2]
 
-The workload (issue 4): 128 requests, all arriving at t=0, prompts of random token ids with
+The workload: 128 requests, all arriving at t=0, prompts of random token ids with
 lengths uniform in [16, 256], output budgets long-tailed (lognormal with sigma 1 and the mean of
 the unclipped distribution at 100, clipped to [4, 512]). Every system must produce exactly each
 request's budget, so the useful tokens are the same for all and throughput = total budget / wall
@@ -95,7 +95,7 @@ def summary_row(group: list[workload.RunResult], ideal: dict, batch: int) -> dic
 
 
 def checks(summary: dict, ideal: dict, batch: int) -> list[dict]:
-    """The issue's targets at ``batch``, each met or not, plus baton vs orca and static."""
+    """The targets at ``batch``, each met or not, plus baton vs orca and static."""
     baton = summary.get("baton", {}).get(batch, {})
     rate = baton.get("tokens_per_s")
 

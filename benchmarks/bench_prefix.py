@@ -31,7 +31,7 @@ from bench_peers import VLLM_PYTHON, VllmPeer
 from harness import Clock, Default, check, median, ratio
 
 from baton_paged import LLM, SamplingParams
-from baton_paged.model_builder import cached_model
+from baton_paged.model.builder import cached_model
 
 REPLY_TOKENS = 32
 MAX_MODEL_LEN = 2048
@@ -57,8 +57,7 @@ def conversations(args, vocab: int) -> tuple[list[list[int]], list[list[int]]]:
 
 def baton_run(llm: LLM, prompts, rounds) -> dict:
     llm.reset_prefix_cache()
-    engine = llm.engine
-    computed_before = engine.stats.prompt_tokens
+    computed_before = llm.engine.snapshot.stats.prompt_tokens
     params = SamplingParams(temperature=0, max_tokens=REPLY_TOKENS, ignore_eos=True)
     ttfts, tokens = [], [None] * len(prompts)
     with Clock() as clock:
@@ -68,7 +67,7 @@ def baton_run(llm: LLM, prompts, rounds) -> dict:
             for i, out in zip(batch, outs, strict=True):
                 tokens[i] = list(out.outputs[0].token_ids)
                 ttfts.append(out.metrics.time_to_first_token)
-    computed = engine.stats.prompt_tokens - computed_before
+    computed = llm.engine.snapshot.stats.prompt_tokens - computed_before
     return {"wall_s": clock.wall, "ttft_p50_s": median(ttfts), "prefill_computed": computed,
             "tokens": tokens}  # fmt: skip
 

@@ -139,7 +139,7 @@ def summarize_rate(group: list[ServingRun]) -> dict:
 
 
 def checks(summary: dict, runs: list[ServingRun], num_requests: int) -> list[dict]:
-    """The issue's target (baton at saturation >= 0.9x offline), the other policies' ratios,
+    """The target (baton at saturation >= 0.9x offline), the other policies' ratios,
     and whether every request streamed exactly its budget."""
     ratio_inf = summary.get(TARGET_POLICY, {}).get("saturation_ratio")
     name = f"{TARGET_POLICY} HTTP / offline output tokens/s at rate inf"

@@ -40,7 +40,7 @@ from harness import Default, percentile  # noqa: E402
 from workload import make_workload  # noqa: E402
 
 from baton_paged import LLM as BatonLLM  # noqa: E402
-from baton_paged.model_builder import cached_model  # noqa: E402
+from baton_paged.model.builder import cached_model  # noqa: E402
 from baton_paged.plugins.vllm_host_offload import host_offloading_config  # noqa: E402
 
 BATON = "baton_paged.plugins.vllm_scheduler.BatonScheduler"
@@ -91,7 +91,7 @@ def params(budget: int, ours: bool):
 def counts(system: str, llm) -> dict[str, int]:
     """The engine's cumulative slot and resume counts (ours: its stats; vLLM: the plugin's)."""
     if system.startswith("ours"):
-        stats = llm.engine.stats
+        stats = llm.engine.snapshot.stats
         return {"sampled_tokens": stats.generated_tokens, "offered_slots": stats.offered_slots}
     counters = llm.llm_engine.engine_core.engine_core.scheduler.baton_counters
     names = ("sampled_tokens", "offered_slots", *RESUME_COUNTS)

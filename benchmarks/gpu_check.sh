@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should run, in one call under 8 minutes (../shared/DESIGN.md, "The GPU
-# machine": no network there, torch + triton + transformers preinstalled, no fastapi/uvicorn,
-# flash-attn or xformers). Installs the project without dependencies, runs the `gpu` tests of the
+# Everything a lent GPU should run, in one call under 8 minutes (the machine lent has no network;
+# torch, triton and transformers are preinstalled there, fastapi/uvicorn, flash-attn and xformers
+# are not). Installs the project without dependencies, runs the `gpu` tests of the
 # packages that need no server, then the GPU benchmark; every log lands in $OUT.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -4,7 +4,7 @@
   ``--seed``, ``--name``); a ``Default(full, quick)`` default follows ``--quick``.
 * ``rotations``, ``interleaved``: runs in turn, as CPU timings here drift by tens of percent over
   minutes; ``Clock``, ``Timed``: the wall, CPU and load figures that flag a disturbed run.
-* ``median``, ``percentile``, ``ratio``, ``check``: figures over repeats and the issue's targets,
+* ``median``, ``percentile``, ``ratio``, ``check``: figures over repeats and the targets,
   each check met, not met, not measured, or for information.
 * ``publish``, ``render``, ``markdown``, ``figure``: results as ``results/<name>.{json,md,png}``,
   the tables and figure drawn from the JSON as saved by each script's ``report``.

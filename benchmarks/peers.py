@@ -28,8 +28,8 @@ from workload import KV_MEMORY, MAX_PREFILL_TOKENS, RunResult, Workload
 from baton_paged.allocator import KVCache, KVCacheSpec, PagePool, pages_needed
 from baton_paged.attention import attach, detach
 from baton_paged.config import EngineConfig
-from baton_paged.model_loading import choose_attention
-from baton_paged.model_runner import ModelRunner
+from baton_paged.model.loading import choose_attention
+from baton_paged.model.runner import ModelRunner, model_forward
 from baton_paged.sched.plan import ForwardBatch, ScheduledRow
 
 CB_SETTINGS = {
@@ -171,7 +171,7 @@ def paged_runner(model) -> Iterator[ModelRunner]:
     cache = KVCache.from_budget(spec, KV_MEMORY, weights.device)
     attach(model, model.config.max_position_embeddings)
     try:
-        yield ModelRunner(model, cache, backend)
+        yield ModelRunner(model_forward(model, None), cache, backend)
     finally:
         detach(model)
 

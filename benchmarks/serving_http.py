@@ -29,7 +29,7 @@ STARTUP_TIMEOUT_S = 180.0
 LAUNCHER = (
     "import sys, torch; torch.set_num_threads(int(sys.argv[1])); "
     "print(f'torch threads {torch.get_num_threads()}', flush=True); "
-    "from baton_paged.cli import main; main(sys.argv[2:], prog_name='baton-paged')"
+    "from baton_paged.entrypoints.cli import main; main(sys.argv[2:], prog_name='baton-paged')"
 )
 """Pins torch's intra-op threads in the server process, then runs the real CLI."""
 COUNTERS = ("iterations", "generation_tokens", "idle_slot_iterations")

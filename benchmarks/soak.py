@@ -77,10 +77,10 @@ largest prompt it served, flattens). CPU per wall second of this
 client, the server and everything else is recorded per phase; a phase in which other processes
 took more than a quarter core is flagged disturbed.
 
-Verdict (the issue's targets): pass iff 0 server errors and 0 wrong refusals, every abusive
+Verdict: pass iff 0 server errors and 0 wrong refusals, every abusive
 kind answered as expected at least once, 0 pages and 0 requests left after each phase, RSS growth
 after warm-up <= 5%, and the normal clients' p99 latency B / A <= 1.5. /health p99 during B is
-reported beside the issue's 100 ms. Results: ``results/soak-cpu.json`` and ``.md`` (``--quick``:
+reported beside a 100 ms target. Results: ``results/soak-cpu.json`` and ``.md`` (``--quick``:
 ``soak-cpu-quick``; ``--out STEM``: STEM.json and STEM.md, a bare name inside ``results/``).
 """
 
@@ -120,7 +120,7 @@ from soak_normal import Call, Probe, normal_traffic
 
 MAX_MODEL_LEN = 1024
 TARGETS = {"rss_growth_pct": 5.0, "p99_ratio": 1.5, "health_p99_s": 0.1}
-"""The issue's targets: RSS growth after warm-up, normal p99 latency B / A, /health (reported)."""
+"""The targets: RSS growth after warm-up, normal p99 latency B / A, /health (reported)."""
 RSS_PERIOD_S = 2.0
 RSS_WINDOW_S = 20.0
 RSS_WARMUP_S = 120.0
@@ -387,7 +387,7 @@ def leftovers(phase: dict) -> tuple[float | None, float | None]:
 
 
 def checks(a: dict, b: dict, errors: dict, rss: dict) -> list[dict]:
-    """The verdict's checks (``gate``), then for information /health beside the issue's 100 ms
+    """The verdict's checks (``gate``), then for information /health beside its 100 ms target
     and the phases other processes disturbed."""
     never = [kind for kind, row in (b["abuse"] or {}).items() if row["expected"] == 0]
     p99_ratio = ratio(b["e2e_s"].get("p99"), a["e2e_s"].get("p99"), 3)

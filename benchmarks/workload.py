@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from baton_paged.allocator import pages_needed
 from baton_paged.config import EngineConfig
 from baton_paged.engine import Engine
-from baton_paged.model_builder import cached_model
+from baton_paged.model.builder import cached_model
 from baton_paged.outputs import RequestOutput
 from baton_paged.sampling_params import SamplingParams
 from baton_paged.snapshot import EngineSnapshot

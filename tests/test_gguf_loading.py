@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton_paged import LLM, SamplingParams
 from baton_paged.config import EngineConfig
-from baton_paged.gguf_loading import gguf_file
-from baton_paged.model_builder.smollm2 import save_gguf_as_checkpoint
-from baton_paged.model_loading import load_model
+from baton_paged.model.builder.smollm2 import save_gguf_as_checkpoint
+from baton_paged.model.gguf_loading import gguf_file
+from baton_paged.model.loading import load_model
 
 PROMPT = "def main():\n    return 42"
 

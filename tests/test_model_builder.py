@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from baton_paged.model_builder import (
+from baton_paged.model.builder import (
     MARKER_FILE,
     build_model,
     cached_model,

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from baton_paged.model_builder.cache import cached_dir
-from baton_paged.model_builder.manifest import MANIFEST_FILE, manifest_problem
+from baton_paged import disk_cache
+from baton_paged.disk_cache import MANIFEST_FILE, manifest_problem
+from baton_paged.model.builder.cache import cached_dir
 
 
 @pytest.fixture
@@ -87,7 +88,7 @@ def test_scratch_left_by_killed_builds_is_removed_by_the_next_use(cache, caplog)
 
 KILLED_BUILD = """
 import os, signal
-from baton_paged.model_builder.cache import cached_dir
+from baton_paged.model.builder.cache import cached_dir
 
 def build(out_dir):
     (out_dir / "weights.bin").write_bytes(b"half")
@@ -141,14 +142,12 @@ def test_concurrent_callers_build_once(cache):
 
 def test_an_intact_entry_is_used_without_taking_its_lock(cache, monkeypatch):
     """A read-only or another user's cache: opening the lock file would fail there."""
-    from baton_paged.model_builder import cache as cache_module
-
     path = cached_dir("m", counting_builder([]))
 
     def no_lock(target):
         raise PermissionError(f"read-only: {target}")
 
-    monkeypatch.setattr(cache_module, "_entry_lock", no_lock)
+    monkeypatch.setattr(disk_cache, "_entry_lock", no_lock)
     assert cached_dir("m", counting_builder([])) == path
     (path / "config.json").write_text("damaged")
     with pytest.raises(PermissionError, match="read-only"):  # repairing needs the lock

@@ -23,7 +23,7 @@ def test_components_import_from_any_folder(tmp_path):
 
 
 def test_importing_the_package_does_not_load_torch(tmp_path):
-    code = "import sys, baton_paged, baton_paged.cli; print('torch' in sys.modules)"
+    code = "import sys, baton_paged, baton_paged.entrypoints.cli; print('torch' in sys.modules)"
     assert run_python(code, tmp_path) == "False"
 
 
@@ -42,7 +42,7 @@ def test_public_api_loads_on_first_use(tmp_path):
         "from baton_paged import LLM, SamplingParams, EngineConfig;"
         "print(before, LLM.__module__, SamplingParams.__module__, EngineConfig.__module__)"
     )
-    expected = "False baton_paged.llm baton_paged.sampling_params baton_paged.config"
+    expected = "False baton_paged.entrypoints.llm baton_paged.sampling_params baton_paged.config"
     assert run_python(code, tmp_path) == expected
 
 
@@ -71,19 +71,26 @@ def _init_file(package: str, roots: dict) -> Path:
 
 
 def test_the_cpu_kernel_sources_ship_with_the_package():
-    """The kernels compile from their sources on the user's machine, so every file in
-    attention/csrc must be package data, and the loader must name each source it compiles."""
+    """The kernels compile from their sources on the user's machine, so every file in each
+    package's csrc must be package data, and the libraries must compile from exactly those."""
     import configparser
     import fnmatch
 
-    from baton_paged.attention import cpu_extension
+    from baton_paged.attention.cpu_extension import ATTENTION_KERNELS
+    from baton_paged.model.decoder_kernels import DECODER_KERNELS
 
     config = configparser.ConfigParser()
     config.read(REPO / "setup.cfg")
-    patterns = [
-        p.strip() for p in config["options.package_data"]["baton_paged.attention"].split(",")
-    ]
-    shipped = {path.name for path in (REPO / "attention" / "csrc").iterdir()}
-    for name in shipped:
-        assert any(fnmatch.fnmatch(f"csrc/{name}", p) for p in patterns), name
-    assert set(cpu_extension.SOURCES) | set(cpu_extension.HEADERS) == shipped
+    shipped = set()
+    for package, root in (("attention", REPO / "attention"), ("model", REPO / "baton_paged/model")):
+        data = config["options.package_data"][f"baton_paged.{package}"]
+        patterns = [p.strip() for p in data.split(",")]
+        for path in (root / "csrc").iterdir():
+            assert any(fnmatch.fnmatch(f"csrc/{path.name}", p) for p in patterns), path
+            shipped.add(path.resolve())
+    compiled = {
+        path.resolve()
+        for library in (ATTENTION_KERNELS, DECODER_KERNELS)
+        for path in (*library.sources, *library.headers)
+    }
+    assert compiled == shipped

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton_paged import LLM, SamplingParams
-from baton_paged.model_builder import default_model, read_marker
+from baton_paged.model.builder import default_model, read_marker
 
 pytestmark = pytest.mark.real_model
 
@@ -46,7 +46,7 @@ def test_engine_greedy_tokens_equal_hf_generate(smollm2_dir):
 
 def test_prompts_encode_as_the_tokenizer_encodes_them(smollm2_dir):
     """The server's fast tokenizing path on the real tokenizer (ChatML special tokens included)."""
-    from baton_paged.prompt_encoding import encode
+    from baton_paged.processing.prompt_encoding import encode
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     chat = tokenizer.apply_chat_template(

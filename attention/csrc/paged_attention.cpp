@@ -1,7 +1,7 @@
 // Paged attention that reads K/V pages where they lie, and the write of a step's new K/V into
 // its pages: the ``cpu_paged`` backend's two calls per layer.
 //
-// Built on first use by baton_paged/attention/cpu_extension.py and cached per machine. Templated
+// Built on first use by attention/cpu_extension.py and cached per machine. Templated
 // over float, double and bfloat16, accumulating in at::opmath_type (float for float and bfloat16,
 // double for double), so the float64 exactness tests run the same kernel as float32 serving.
 // Parallel loops go through at::parallel_for: torch's own thread pool, torch.set_num_threads.

@@ -133,11 +133,6 @@ def register_policy(policy: type[Policy]) -> None:
     name = getattr(policy, "name", None)
     if not isinstance(name, str) or not name:
         raise ValueError(f"{policy.__qualname__} needs a non-empty str class attribute 'name'")
-    if callable(getattr(policy, "plan", None)):
-        raise TypeError(
-            f"{policy.__qualname__} defines plan(sched), which is no longer called: a policy "
-            "implements form(step) -> forwards (see baton_paged.sched.policies)"
-        )
     if POLICIES.get(name, policy) is not policy:
         raise ValueError(f"policy name {name!r} is taken by {POLICIES[name].__qualname__}")
     POLICIES[name] = policy

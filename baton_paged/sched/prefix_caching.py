@@ -42,6 +42,12 @@ class PrefixCaching:
         self.pool, self.page_size, self.salt = pool, page_size, salt
         self.stats = PrefixCacheStats()
 
+    @property
+    def evictions(self) -> int:
+        """Cached pages evicted so far to make room for allocations: read here, so callers
+        need not know that the pool's prefix index keeps the count."""
+        return self.pool.prefix.evictions
+
     def take(self, request: Request) -> list[int]:
         """The pages of the longest cached prefix of ``request``'s tokens but its last, each
         with one more owner (the request's), and its computed-token count set past them."""

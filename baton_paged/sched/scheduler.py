@@ -6,31 +6,28 @@ The engine and the scheduler meet in two calls per iteration:
     ...                              # the engine issues the copies, runs the forwards, samples
     scheduler.update(plan, result)   # K/V written, swap sources read, requests finished
 
-``schedule`` opens a ``Step`` (``sched/step.py``), the iteration's planning transaction: it
-applies memory pressure, reserves the pages the running requests' next tokens need and asks the
-policy which forwards to form, which may admit, preempt and swap. The step's record becomes the
-plan and the step is dropped, so nothing of one iteration lives on in scheduler fields. A step
-that raises half-way is settled through ``update`` too, from its plan and what it got done; if
-planning itself raises, ``PlanningError`` carries the plan of what the step had done by then.
+``schedule`` opens a ``Step`` (``baton_paged/sched/step.py``), the iteration's planning transaction:
+it applies memory pressure, reserves the pages the running requests' next tokens need and asks the
+policy which forwards to form, which may admit, preempt and swap. The step's record becomes the plan
+and the step is dropped, so nothing of one iteration lives on in scheduler fields. A step that
+raises half-way is settled through ``update`` too, from its plan and what it got done; if planning
+itself raises, ``PlanningError`` carries the plan of what the step had done by then.
 
-The scheduler owns bookkeeping and never touches tensors. Running requests are rows of one
-``BlockTable``: admitting a request appends its row (BATON's insertion: page ids, no K/V copy)
-and finishing one removes it. A preempted request is swapped out (its computed K/V copied to the
-host swap pool) when that pool has room, else its pages are freed and it recomputes prompt +
-output later; either way it resumes exactly where it stopped, from its old place in the queue.
-When freed pages may be handed out again is the allocator's page-reuse rule (``allocator/swap.py``).
+The scheduler owns bookkeeping and never touches tensors. The running requests, their pages and the
+swapped-out requests' host pages are one ``RunningBatch`` (``baton_paged/sched/running_batch.py``),
+the only code that changes them. A preempted request, swapped out or to recompute, resumes exactly
+where it stopped, from its old place in the queue.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-
-from baton_paged.allocator import BlockTable, PagePool, release_source
-from baton_paged.memory_monitor import MemoryMonitor
+from baton_paged.allocator import PagePool, release_source
 from baton_paged.request import Request, RequestStatus
+from baton_paged.sched.memory_monitor import MemoryMonitor
 from baton_paged.sched.plan import QueueSizes, StepPlan, StepResult
 from baton_paged.sched.policies import Policy
 from baton_paged.sched.prefix_caching import PrefixCaching
+from baton_paged.sched.running_batch import RunningBatch
 from baton_paged.sched.step import Step
 from baton_paged.sched.waiting_queue import WaitingQueue
 
@@ -68,11 +65,7 @@ class Scheduler:
         self.prefix_caching = prefix_caching
         """Shared prefixes' pages; None = every request computes its whole prompt."""
         self.waiting = WaitingQueue()
-        self.batch = BlockTable(max_batch_size, max_pages_per_request)
-        self.running: dict[str, Request] = {}
-        """Rows of ``batch`` by request id, in admission order (the oldest first)."""
-        self.swapped: dict[str, list[int]] = {}
-        """Host pages of swapped-out requests (waiting with status SWAPPED), by request id."""
+        self.batch = RunningBatch(pool, page_size, max_batch_size, max_pages_per_request, host_pool)
 
     def add(self, request: Request) -> QueueSizes:
         request.status = RequestStatus.WAITING
@@ -85,11 +78,13 @@ class Scheduler:
         return self._sizes()
 
     def has_work(self) -> bool:
-        return bool(self.running) or bool(self.waiting)
+        return bool(self.batch) or bool(self.waiting)
 
     def schedule(self) -> StepPlan:
         """Plan the next iteration, pages reserved and copies paired (see the module docstring)."""
-        step = Step(self)
+        step = Step(
+            self.batch, self.waiting, self.max_batch_size, self.monitor, self.prefix_caching
+        )
         try:
             step.shed_under_pressure()
             step.reserve_decode_pages()
@@ -108,54 +103,29 @@ class Scheduler:
             release_source(swap, self.pool, self.host_pool)
         for forward in plan.forwards[: result.forwards_run]:
             for row in forward.rows:
-                request = self.running[row.request_id]
+                request = self.batch[row.request_id]
                 request.num_computed_tokens = row.end
                 if self.prefix_caching is not None:
                     pages = self.batch.pages(row.request_id)
                     self.prefix_caching.index(request, pages, row.start, row.end)
         for request_id, status in result.finished:
-            self._finish(self.running[request_id], status)
+            self._finish(self.batch[request_id], status)
         return self._sizes()
 
     def check_integrity(self) -> None:
-        """Pools, block table and queues agree: every owned device page has as many owners as
-        running rows hold it (more than one: a shared prefix), every owned host page belongs to
-        exactly one swapped request."""
-        self.pool.check_integrity()
+        """The batch's pools and block table agree (``RunningBatch.check_integrity``), and every
+        swapped-out request is queued to resume."""
         self.batch.check_integrity()
-        if set(self.batch.request_ids) != set(self.running):
-            raise AssertionError("block table rows and running requests disagree")
-        rows = Counter(p for rid in self.running for p in self.batch.pages(rid))
-        if len(rows) != self.pool.num_used:
-            raise AssertionError(f"{len(rows)} pages in rows, {self.pool.num_used} owned in pool")
-        for page, holders in rows.items():
-            if self.pool.ref_count(page) != holders:
-                raise AssertionError(
-                    f"page {page}: {holders} rows, {self.pool.ref_count(page)} owners"
-                )
-        if any(rid not in self.waiting for rid in self.swapped):
+        if any(rid not in self.waiting for rid in self.batch.swapped):
             raise AssertionError("a swapped request is not waiting")
-        if self.host_pool is not None:
-            self.host_pool.check_integrity()
-            host = [p for pages in self.swapped.values() for p in pages]
-            if len(host) != len(set(host)) or len(host) != self.host_pool.num_used:
-                raise AssertionError(f"{len(host)} host pages swapped, {self.host_pool.num_used}")
-
-    def release_row(self, request: Request) -> list[int]:
-        """Take a running request out of the batch; its pages stay owned for the caller."""
-        del self.running[request.request_id]
-        return self.batch.remove(request.request_id)
 
     def _sizes(self) -> QueueSizes:
-        swapped = len(self.swapped)
-        return QueueSizes(len(self.running), len(self.waiting) - swapped, swapped)
+        swapped = len(self.batch.swapped)
+        return QueueSizes(len(self.batch), len(self.waiting) - swapped, swapped)
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
-        if request.request_id in self.running:
-            self.pool.free(self.release_row(request))
-        elif request.request_id in self.waiting:
+        if request.request_id in self.waiting:
             self.waiting.remove(request.request_id)
-        if request.request_id in self.swapped:
-            self.host_pool.free(self.swapped.pop(request.request_id))
+        self.batch.discard(request)
         self.waiting.forget(request.request_id)
         request.status = status

@@ -2,7 +2,7 @@
 
 ``Scheduler.schedule`` opens a step, sheds load under memory pressure, reserves the running
 requests' next pages, and hands the step to the policy, which admits requests and forms forwards
-through it. Every admission, preemption and swap is made on the scheduler's state at once (so the
+through it. Every admission, preemption and swap is made on the batch and queue at once (so the
 next decision sees it) and recorded here; ``plan`` turns the record into the frozen ``StepPlan``.
 
 Pages are reserved one step ahead: a running request gets the page its next token needs before
@@ -16,27 +16,29 @@ admitted request.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
-from baton_paged.allocator import (
-    OutOfPagesError,
-    SwapPlan,
-    pages_needed,
-    plan_swap_in,
-    plan_swap_out,
-    release_source,
-)
-from baton_paged.request import Request, RequestStatus
+from baton_paged.allocator import OutOfPagesError, SwapPlan, pages_needed
+from baton_paged.request import Request
+from baton_paged.sched.memory_monitor import MemoryMonitor
 from baton_paged.sched.plan import ForwardBatch, ScheduledRow, StepPlan
-
-if TYPE_CHECKING:
-    from baton_paged.sched.scheduler import Scheduler
+from baton_paged.sched.prefix_caching import PrefixCaching
+from baton_paged.sched.running_batch import RunningBatch
+from baton_paged.sched.waiting_queue import WaitingQueue
 
 
 class Step:
-    def __init__(self, sched: Scheduler):
-        self.sched = sched
-        self.capacity = sched.max_batch_size
+    def __init__(
+        self,
+        batch: RunningBatch,
+        waiting: WaitingQueue,
+        max_batch_size: int,
+        monitor: MemoryMonitor | None = None,
+        prefix_caching: PrefixCaching | None = None,
+    ):
+        """Plan on ``batch`` and ``waiting``; pages come from the batch's pool, in its page size."""
+        self._batch, self._waiting, self._pool = batch, waiting, batch.pool
+        self._max_batch_size, self._monitor, self._caching = max_batch_size, monitor, prefix_caching
+        self.capacity = max_batch_size
         """Batch slots this iteration: fewer while memory pressure holds the batch."""
         self.admitted: list[Request] = []
         self.preempted: list[str] = []
@@ -48,15 +50,15 @@ class Step:
     @property
     def running(self) -> list[Request]:
         """Requests in the batch, in admission order (the oldest first)."""
-        return list(self.sched.running.values())
+        return self._batch.requests
 
     def waiting_head(self) -> Request | None:
         """The next request to admit, if any."""
-        return self.sched.waiting.peek()
+        return self._waiting.peek()
 
     def decoders(self) -> list[Request]:
         """Running requests whose prompt is fully computed, oldest first."""
-        return [r for r in self.sched.running.values() if is_decoder(r)]
+        return [r for r in self._batch.requests if is_decoder(r)]
 
     def admit(self, max_requests: int | None = None, share_prefixes: bool = True) -> list[Request]:
         """Move waiting requests into the batch in service order while slots and pages last
@@ -67,7 +69,7 @@ class Step:
         admits it anyway, for a policy whose batch would then wait for its whole run), so nobody
         overtakes it."""
         admitted: list[Request] = []
-        for request in self.sched.waiting:
+        for request in self._waiting:
             if max_requests is not None and len(admitted) == max_requests:
                 break
             if request.request_id in self.preempted:
@@ -95,39 +97,37 @@ class Step:
 
     def forward(self, rows: Iterable[ScheduledRow]) -> ForwardBatch:
         rows = tuple(rows)
-        batch = self.sched.batch
-        table = batch.as_numpy()[[batch.row_of(row.request_id) for row in rows]]
-        return ForwardBatch(rows=rows, block_table=table)
+        return ForwardBatch(rows, self._batch.block_table(row.request_id for row in rows))
 
     # What the scheduler does around the policy -----------------------------------------------
 
     def shed_under_pressure(self) -> None:
         """Read memory pressure; above the high watermark swap one request out (the batch
         shrinks one request per iteration, down to one), and while pressure holds, grow no more."""
-        monitor, running = self.sched.monitor, self.sched.running
+        monitor, batch = self._monitor, self._batch
         if monitor is None:
             return
         monitor.update()
-        if monitor.above_high and len(running) > 1:
-            self._preempt(victim_order(running)[0])
+        if monitor.above_high and len(batch) > 1:
+            self._preempt(batch.victim_order()[0])
         if monitor.holding:
-            self.capacity = max(1, len(running))
+            self.capacity = max(1, len(batch))
 
     def reserve_decode_pages(self) -> None:
         """Give every decoder the page its next token needs, preempting while the pool is dry
         (possibly the decoder itself)."""
-        running = self.sched.running
+        batch = self._batch
         for request in self.decoders():
-            while request.request_id in running and not self._grow(request, request.num_tokens):
-                self._preempt(victim_order(running)[0])
+            while request.request_id in batch and not batch.grow(request, request.num_tokens):
+                self._preempt(batch.victim_order()[0])
 
     def plan(self, forwards: Iterable[ForwardBatch]) -> StepPlan:
         """The iteration's plan: its forwards plus every admission, preemption and swap."""
-        sched = self.sched
+        running = len(self._batch)
         return StepPlan(
             forwards=tuple(forwards),
-            batch_size=len(sched.running),
-            offered_slots=min(sched.max_batch_size, len(sched.running) + len(sched.waiting)),
+            batch_size=running,
+            offered_slots=min(self._max_batch_size, running + len(self._waiting)),
             admitted=tuple(r.request_id for r in self.admitted),
             preempted=tuple(self.preempted),
             swap_out=tuple(self.swap_out),
@@ -136,65 +136,36 @@ class Step:
 
     # Moves -------------------------------------------------------------------------------------
 
-    def _grow(self, request: Request, num_tokens: int) -> bool:
-        """Extend a running request's pages to hold ``num_tokens`` tokens; False if out of pages."""
-        sched = self.sched
-        have = sched.batch.num_pages(request.request_id)
-        missing = pages_needed(num_tokens, sched.page_size) - have
-        if missing <= 0:
-            return True
-        try:
-            sched.batch.append(request.request_id, sched.pool.allocate(missing))
-        except OutOfPagesError:
-            return False
-        return True
-
     def _preempt(self, request: Request) -> None:
-        """Take a running request out of the batch: swap its computed K/V to host pages when the
-        swap pool has room, else free everything to recompute it later. Its device pages are free
-        for this very step: swap-outs read them before anything writes (``allocator/swap.py``)."""
-        sched = self.sched
-        pages = sched.release_row(request)
-        kept = pages_needed(request.num_computed_tokens, sched.page_size)
-        host = sched.host_pool
-        if kept and host is not None and host.num_free >= kept:
-            swap = plan_swap_out(pages[:kept], host)
-            sched.pool.free(pages[kept:])
-            release_source(swap, sched.pool, host)
+        """Swap ``request`` out or free it to recompute (``RunningBatch.preempt``), back into
+        the queue at its old place."""
+        swap = self._batch.preempt(request)
+        if swap is not None:
             self.swap_out.append(swap)
-            sched.swapped[request.request_id] = list(swap.host_pages)
-            request.status = RequestStatus.SWAPPED
-        else:
-            sched.pool.free(pages)
-            request.num_computed_tokens = 0
-            request.status = RequestStatus.PREEMPTED
-        request.num_preemptions += 1
         self.preempted.append(request.request_id)
-        sched.waiting.push(request)
+        self._waiting.push(request)
 
     def _waits_for_prefix(self, request: Request) -> bool:
         """A fresh or recomputing request whose prefix a running request is computing now waits
-        an iteration to share it (``sched/prefix_caching.py``)."""
-        caching = self.sched.prefix_caching
-        if caching is None or request.request_id in self.sched.swapped:
+        an iteration to share it (``baton_paged/sched/prefix_caching.py``)."""
+        if self._caching is None or request.request_id in self._batch.swapped:
             return False
-        return caching.waits(request, self.running)
+        return self._caching.waits(request, self.running)
 
     def _make_room(self, request: Request) -> bool:
         """True if ``request`` fits now, or after preempting lower-priority running requests
         (which happens only when it then fits)."""
-        sched = self.sched
-        needed = pages_needed(request.num_tokens, sched.page_size)
-        if self._fits(needed, self.running, sched.pool.num_free, request):
+        needed = pages_needed(request.num_tokens, self._batch.page_size)
+        if self._fits(needed, self.running, self._pool.num_free, request):
             return True
         victims: list[Request] = []
-        for victim in victim_order(sched.running):
+        for victim in self._batch.victim_order():
             if victim.priority <= request.priority:
                 return False
             victims.append(victim)
-            others = [r for r in sched.running.values() if r not in victims]
-            freed = sum(sched.batch.num_pages(v.request_id) for v in victims)
-            if self._fits(needed, others, sched.pool.num_free + freed, request):
+            others = [r for r in self.running if r not in victims]
+            freed = sum(self._batch.num_pages(v.request_id) for v in victims)
+            if self._fits(needed, others, self._pool.num_free + freed, request):
                 for v in victims:
                     self._preempt(v)
                 return True
@@ -207,40 +178,31 @@ class Step:
         batch takes any request the pool can hold, so the queue always moves."""
         if not running:
             return needed <= free
-        page_size, pool, monitor = self.sched.page_size, self.sched.pool, self.sched.monitor
-        due = sum(r.num_tokens % page_size == 0 for r in [*running, newcomer])
+        due = sum(r.num_tokens % self._batch.page_size == 0 for r in [*running, newcomer])
         if len(running) >= self.capacity or free - needed < due:
             return False
-        used = pool.num_pages - free + needed + due
-        return monitor is None or monitor.pool_allows(used)
+        used = self._pool.num_pages - free + needed + due
+        return self._monitor is None or self._monitor.pool_allows(used)
 
     def _join(self, request: Request) -> None:
         """Insert a waiting request as a new batch row with pages for all its tokens; a swapped
         request's host pages are copied back into the first of them, and any other request's
-        first pages are its longest cached prefix, if any (``sched/prefix_caching.py``)."""
-        sched, pool = self.sched, self.sched.pool
-        needed = pages_needed(request.num_tokens, sched.page_size)
+        first pages are its longest cached prefix, if any
+        (``baton_paged/sched/prefix_caching.py``)."""
+        pool = self._pool
+        needed = pages_needed(request.num_tokens, self._batch.page_size)
         if needed > pool.num_free:  # fail before anything changes
             raise OutOfPagesError(needed, pool.num_free, pool.num_pages, pool.name)
         pages: list[int] = []
-        if request.request_id in sched.swapped:
-            swap = plan_swap_in(sched.swapped.pop(request.request_id), pool)
+        if request.request_id in self._batch.swapped:
+            swap = self._batch.swap_in(request.request_id)
             self.swap_in.append(swap)
             pages += swap.device_pages
-        elif sched.prefix_caching is not None:  # its cached prefix's pages, shared
-            pages += sched.prefix_caching.take(request)
+        elif self._caching is not None:  # its cached prefix's pages, shared
+            pages += self._caching.take(request)
         pages += pool.allocate(needed - len(pages))
-        sched.waiting.remove(request.request_id)
-        sched.batch.insert(request.request_id, pages)
-        sched.running[request.request_id] = request
-        request.status = RequestStatus.RUNNING
-
-
-def victim_order(running: dict[str, Request]) -> list[Request]:
-    """Running requests (by id, in admission order), the first to preempt first: the lowest
-    priority, the most recently admitted among equals."""
-    order = {rid: i for i, rid in enumerate(running)}
-    return sorted(running.values(), key=lambda r: (-r.priority, -order[r.request_id]))
+        self._waiting.remove(request.request_id)
+        self._batch.join(request, pages)
 
 
 def is_decoder(request: Request) -> bool:

@@ -31,7 +31,12 @@ class RealServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.model_id = Path(model_dir).name
         self.log = tempfile.NamedTemporaryFile("w+", prefix="abuse-serve-", suffix=".log")
-        command = [sys.executable, "-c", "from baton_paged.cli import main; main()", "serve"]
+        command = [
+            sys.executable,
+            "-c",
+            "from baton_paged.entrypoints.cli import main; main()",
+            "serve",
+        ]
         command += ["--model", str(model_dir), "--port", str(self.port), *flags]
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 

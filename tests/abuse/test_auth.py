@@ -12,7 +12,7 @@ import httpx
 import pytest
 from real_server import KEY
 
-SERVE = [sys.executable, "-c", "from baton_paged.cli import main; main()", "serve"]
+SERVE = [sys.executable, "-c", "from baton_paged.entrypoints.cli import main; main()", "serve"]
 
 
 @pytest.mark.parametrize(

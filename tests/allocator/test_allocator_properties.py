@@ -62,7 +62,7 @@ from baton_paged.allocator import (
     release_source,
     slot_mapping,
 )
-from baton_paged.model_runner import ModelRunner
+from baton_paged.model.runner import ModelRunner
 from baton_paged.sched.plan import StepPlan
 
 SPEC = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=4, page_size=4, dtype=torch.float32)

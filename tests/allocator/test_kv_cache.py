@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from baton_paged.allocator import KVCache, KVCacheSpec, slot_mapping
-from baton_paged.model_builder import model_config
+from baton_paged.model.builder import model_config
 
 SPEC = KVCacheSpec(num_layers=3, num_kv_heads=2, head_dim=4, page_size=4)
 

@@ -1,5 +1,5 @@
-"""The CPU kernels' build: cached per machine; a missing tool is one logged line, not a crash;
-a damaged library is rebuilt, never imported."""
+"""The CPU kernel libraries' build: cached per machine; a missing tool is one logged line, not a
+crash; a damaged library is rebuilt, never imported."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import pytest
 from torch.utils import cpp_extension
 
 from baton_paged.attention import cpu_extension
-from baton_paged.model_builder.manifest import MANIFEST_FILE, manifest_problem
+from baton_paged.attention.cpu_extension import ATTENTION_KERNELS
+from baton_paged.disk_cache import MANIFEST_FILE, manifest_problem
+from baton_paged.model.decoder_kernels import DECODER_KERNELS
 
 GOOD = b"\x7fELF a whole library"
 
@@ -26,18 +28,19 @@ def fresh_build_state():
     cpu_extension._built.cache_clear()
 
 
-def test_kernels_load_and_expose_every_op():
-    kernels = cpu_extension.cpu_kernels()
-    assert kernels is not None, cpu_extension.unavailable_reason()
-    for op in (
-        "paged_attention",
-        "write_kv",
-        "rms_norm",
-        "add_rms_norm",
-        "rotary_embedding",
-        "silu_and_mul",
-    ):
-        assert callable(getattr(kernels, op))
+@pytest.mark.parametrize(
+    ("library", "ops"),
+    [
+        (ATTENTION_KERNELS, ("paged_attention", "write_kv")),
+        (DECODER_KERNELS, ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul")),
+    ],
+    ids=["attention", "decoder"],
+)
+def test_each_library_loads_with_its_own_ops_only(library, ops):
+    kernels = library.kernels()
+    assert kernels is not None, library.unavailable_reason()
+    exposed = {name for name in dir(kernels) if not name.startswith("_")}
+    assert exposed == set(ops)
 
 
 def test_no_compiler_means_one_warning_and_none(fresh_build_state, monkeypatch, caplog):
@@ -60,7 +63,7 @@ def test_no_ninja_names_the_package_to_install(fresh_build_state, monkeypatch):
 
 
 def test_a_failing_build_falls_back_with_the_compiler_error(fresh_build_state, monkeypatch):
-    def broken():
+    def broken(library):
         raise RuntimeError("ninja: build stopped\nfoo.cpp:1:1: error: expected ';'\nmore")
 
     monkeypatch.setattr(cpu_extension, "_load", broken)
@@ -68,10 +71,13 @@ def test_a_failing_build_falls_back_with_the_compiler_error(fresh_build_state, m
     assert "foo.cpp:1:1: error: expected ';'" in cpu_extension.unavailable_reason()
 
 
-def test_the_build_key_changes_with_the_source_and_the_cpu(monkeypatch):
-    key = cpu_extension._build_key()
+def test_each_library_has_its_own_build_directory_keyed_by_the_cpu(monkeypatch):
+    directories = {
+        cpu_extension.build_directory(lib) for lib in (ATTENTION_KERNELS, DECODER_KERNELS)
+    }
     monkeypatch.setattr(cpu_extension, "_cpu_flags", lambda: "flags : sse2")
-    assert cpu_extension._build_key() != key
+    assert len(directories) == 2
+    assert cpu_extension.build_directory(ATTENTION_KERNELS) not in directories
 
 
 def fake_build(builds, content=GOOD):
@@ -165,9 +171,9 @@ def copied_build(tmp_path, monkeypatch):
     """The real kernel build, copied into a cache of its own (``BATON_PAGED_CACHE``), with its
     library truncated to half: what a link killed halfway leaves."""
     assert cpu_extension.cpu_kernels() is not None, cpu_extension.unavailable_reason()
-    real = cpu_extension.build_directory()
+    real = cpu_extension.build_directory(ATTENTION_KERNELS)
     monkeypatch.setenv("BATON_PAGED_CACHE", str(tmp_path / "cache"))
-    copy = cpu_extension.build_directory()
+    copy = cpu_extension.build_directory(ATTENTION_KERNELS)
     shutil.copytree(real, copy)
     (library,) = copy.glob("*.so")
     with library.open("r+b") as stream:
@@ -180,7 +186,7 @@ def test_the_real_loader_rebuilds_a_truncated_library_instead_of_importing_it(
 ):
     compiles, imports = [], []
 
-    def compile_requested(name, scratch):
+    def compile_requested(library, name, scratch):
         compiles.append(name)
         raise RuntimeError("error: compile requested")
 
@@ -202,9 +208,9 @@ def test_a_truncated_library_is_rebuilt_by_the_next_start(copied_build):
         from baton_paged.attention.cpu_extension import cpu_kernels, unavailable_reason
         kernels = cpu_kernels()
         assert kernels is not None, unavailable_reason()
-        out = torch.empty(2, 8)
-        kernels.rms_norm(out, torch.ones(2, 8), torch.ones(8), 1e-5)
-        assert torch.allclose(out, torch.ones(2, 8), atol=1e-3)
+        pages, new = torch.zeros(2, 2, 4, 1, 8), torch.ones(2, 1, 8)
+        kernels.write_kv(pages[0], pages[1], torch.tensor([0, 5]), new, new)
+        assert pages.sum().item() == 32
         """
     )
     done = subprocess.run([sys.executable, "-c", start], timeout=600)  # inherits the cache

@@ -11,11 +11,11 @@ import pytest
 import torch
 from equivalence import FORWARD_PATHS, check
 
-from baton_paged import engine as engine_module
+from baton_paged import engine_parts
 from baton_paged.allocator import KVCache, KVCacheSpec
 from baton_paged.attention.registry import backend_class
 from baton_paged.config import EngineConfig
-from baton_paged.decode_graphs import DecodeGraphs, batch_buckets, graph_mode
+from baton_paged.model.decode_graphs import DecodeGraphs, batch_buckets, graph_mode
 
 
 @pytest.fixture(params=sorted(FORWARD_PATHS))
@@ -27,7 +27,7 @@ def forward_path(request) -> str:
 def eager_graphs(monkeypatch):
     """Engines built in this test decode through ``DecodeGraphs(mode="eager")``; returns the
     batch sizes the graphs ran, one per decode step they covered."""
-    monkeypatch.setattr(engine_module, "graph_mode", lambda config, backend: "eager")
+    monkeypatch.setattr(engine_parts, "graph_mode", lambda config, backend: "eager")
     sizes: list[int] = []
     run = DecodeGraphs.run
 

@@ -10,7 +10,7 @@ import transformers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from baton_paged.detokenizer import IncrementalDetokenizer, find_stop
+from baton_paged.processing.detokenizer import IncrementalDetokenizer, find_stop
 
 
 @pytest.fixture(scope="module")

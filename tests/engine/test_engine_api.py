@@ -7,7 +7,7 @@ import torch
 
 from baton_paged.config import EngineConfig
 from baton_paged.engine import Engine
-from baton_paged.llm import LLM
+from baton_paged.entrypoints.llm import LLM
 from baton_paged.registries import check_registered
 from baton_paged.sampling_params import SamplingParams
 
@@ -184,7 +184,7 @@ def test_peak_pages_include_the_last_step_of_a_finishing_request(make_engine):
 
 
 def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_the_cpu():
-    """GPU review 8: float32 on CUDA rules flash-attn out and runs at a fraction of the tensor
+    """float32 on CUDA rules flash-attn out and runs at a fraction of the tensor
     cores' speed, so the default follows the device."""
     assert EngineConfig().dtype == "auto"
     assert EngineConfig().torch_dtype == torch.float32
@@ -193,10 +193,10 @@ def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_the_cpu():
 
 
 def test_a_checkpoint_loads_straight_onto_the_device(tiny_model_dir, monkeypatch):
-    """``device_map``: no full host copy first (GPU review 8)."""
+    """``device_map``: no full host copy first."""
     from transformers import AutoModelForCausalLM
 
-    from baton_paged.model_loading import load_model
+    from baton_paged.model.loading import load_model
 
     seen = {}
     real = AutoModelForCausalLM.from_pretrained

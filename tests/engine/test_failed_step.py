@@ -18,7 +18,7 @@ def swapped_out_low(make_engine, vip_params=SHORT):
     engine.step()
     engine.add_request({"prompt_token_ids": [7] * 3}, vip_params, request_id="vip", priority=0)
     engine.step()
-    assert "low" in engine.scheduler.swapped
+    assert "low" in engine.scheduler.batch.swapped
     return engine
 
 
@@ -50,7 +50,7 @@ def test_a_failure_after_the_swaps_were_issued_frees_each_host_page_once(make_en
     real_execute = engine.runner.execute
 
     def execute_failing_after_swap_in(forward, *extra):
-        if "low" in engine.scheduler.running:
+        if "low" in engine.scheduler.batch:
             raise RuntimeError("forward failed")
         return real_execute(forward, *extra)
 

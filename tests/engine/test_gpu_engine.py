@@ -11,12 +11,12 @@ import torch
 from equivalence import check
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from baton_paged import device_memory
 from baton_paged.attention.base import AttentionRequirements
 from baton_paged.attention.registry import backend_class
 from baton_paged.config import EngineConfig
 from baton_paged.engine import Engine
 from baton_paged.sampling_params import SamplingParams
+from baton_paged.sched import device_memory
 
 pytestmark = pytest.mark.gpu
 

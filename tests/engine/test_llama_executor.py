@@ -9,14 +9,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from baton_paged import llama_executor
 from baton_paged.allocator import KVCache, KVCacheSpec
 from baton_paged.attention import AttentionMetadata, PagedStep, attach, create_backend
 from baton_paged.attention.base import AttentionRequirements
-from baton_paged.attention.cpu_extension import cpu_kernels
 from baton_paged.config import EngineConfig
 from baton_paged.engine import Engine
-from baton_paged.packed_linear import PackedLinear
+from baton_paged.model import llama_executor
+from baton_paged.model.decoder_kernels import DECODER_KERNELS
+from baton_paged.model.packed_linear import PackedLinear
 
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 2e-4, torch.bfloat16: 0.1}
 """Of the largest logit. HF's RMSNorm runs in float32 whatever the model's dtype, and so does
@@ -51,7 +51,7 @@ def test_logits_equal_the_hf_model(tiny_model_dir, arch, dtype):
     prompts = [[5, 17, 300, 2, 9, 44, 100], [7, 8], list(range(30, 90))]
     with torch.inference_mode():
         expected = torch.stack([model(torch.tensor([p])).logits[0, -1] for p in prompts])
-        executor = llama_executor.LlamaExecutor(model, cpu_kernels(), 128)
+        executor = llama_executor.LlamaExecutor(model, DECODER_KERNELS.kernels(), 128)
         attach(model, 128)
         got = prefill_logits(executor, model, prompts, dtype)
     scale = expected.abs().max().item()
@@ -80,7 +80,7 @@ def test_logits_equal_the_hf_model_for_mistral_and_tied_heads(arch):
     prompts = [[5, 17, 200, 2, 9], list(range(30, 70))]
     with torch.inference_mode():
         expected = torch.stack([model(torch.tensor([p])).logits[0, -1] for p in prompts])
-        executor = llama_executor.LlamaExecutor(model, cpu_kernels(), 128)
+        executor = llama_executor.LlamaExecutor(model, DECODER_KERNELS.kernels(), 128)
         attach(model, 128)
         got = prefill_logits(executor, model, prompts, torch.float64)
     assert (got - expected).abs().max().item() <= TOLERANCE[torch.float64] * expected.abs().max()
@@ -93,7 +93,7 @@ def test_fused_weights_are_the_hf_modules_weights(tiny_model_dir):
     ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
     with torch.inference_mode():
         before = model(ids).logits
-        executor = llama_executor.LlamaExecutor(model, cpu_kernels(), 64)
+        executor = llama_executor.LlamaExecutor(model, DECODER_KERNELS.kernels(), 64)
         after = model(ids).logits
     layer, attn = executor.layers[0], model.model.layers[0].self_attn
     assert attn.q_proj.weight.data_ptr() == layer.qkv.weight.data_ptr()
@@ -129,8 +129,8 @@ def test_unsupported_models_are_named_with_their_reason(tiny_model_dir):
 
 def test_engine_takes_native_where_it_can_and_says_why_not(tiny_model_dir, caplog):
     llama = Engine(EngineConfig(model=str(tiny_model_dir("llama")), kv_memory="1MiB"))
-    assert llama.snapshot.model_impl == "native" and llama.runner.executor is not None
-    with caplog.at_level(logging.INFO, logger="baton_paged.model_loading"):
+    assert llama.snapshot.model_impl == llama.model_impl == "native"
+    with caplog.at_level(logging.INFO, logger="baton_paged.model.loading"):
         gpt2 = Engine(EngineConfig(model=str(tiny_model_dir("gpt2")), kv_memory="1MiB"))
     assert gpt2.snapshot.model_impl == "transformers"
     assert "GPT2LMHeadModel is not one of" in caplog.text
@@ -153,7 +153,9 @@ def test_without_a_compiler_the_engine_runs_the_general_path(
     from baton_paged.sampling_params import SamplingParams
 
     cpu_extension._built.cache_clear()
-    monkeypatch.setattr(cpu_extension, "_build_problem", lambda: "no C++ compiler (c++) on PATH")
+    monkeypatch.setattr(
+        cpu_extension, "_build_problem", lambda lib: "no C++ compiler (c++) on PATH"
+    )
     try:
         engine = Engine(EngineConfig(model=str(tiny_model_dir("llama")), dtype="float64"))
         assert (engine.snapshot.attention_backend, engine.snapshot.model_impl) == (

@@ -8,10 +8,10 @@ import types
 import pytest
 import torch
 
-from baton_paged import device_memory
 from baton_paged.allocator import PagePool
-from baton_paged.device_memory import device_memory_reader, host_memory_used
-from baton_paged.memory_monitor import MemoryMonitor
+from baton_paged.sched import device_memory
+from baton_paged.sched.device_memory import device_memory_reader, host_memory_used
+from baton_paged.sched.memory_monitor import MemoryMonitor
 
 
 def test_hysteresis_holds_from_a_high_crossing_until_below_low():

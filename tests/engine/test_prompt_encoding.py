@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from baton_paged.prompt_encoding import encode, untruncated
+from baton_paged.processing.prompt_encoding import encode, untruncated
 
 TEXTS = [
     "Hello, world!",

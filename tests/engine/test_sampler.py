@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 import torch
 
-from baton_paged.sampler import Logprob, SamplingRow, _top_k_top_p, sample, token_logprobs
+from baton_paged.model.sampler import SamplingRow, _top_k_top_p, sample, token_logprobs
+from baton_paged.outputs import Logprob
 from baton_paged.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
@@ -230,7 +231,7 @@ def test_tied_logprobs_share_a_rank_counted_from_strictly_more_likely_tokens():
 
 RANK_MEMORY_PROBE = """
 import resource, torch
-from baton_paged.sampler import token_logprobs
+from baton_paged.model.sampler import token_logprobs
 vocab = 49152  # SmolLM2's: a k x k comparison would need 2.4 GB here
 logprobs = torch.randn(vocab, dtype=torch.float64).log_softmax(-1)
 status = open("/proc/self/status").read()

@@ -11,8 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import MinPLogitsWarper
 
-from baton_paged.sampler import SamplingRow, sample
-from baton_paged.sampling_params import SamplingParams
+from baton_paged.model.sampler import SamplingRow, sample
+from baton_paged.sampling_params import FieldError, SamplingParams
 
 PROMPTS = ([5, 9, 2, 7, 5, 9], [100, 3, 3, 3], [42])
 
@@ -94,8 +94,9 @@ def test_logit_bias_equals_transformers_sequence_bias(make_engine, hf_generate):
 
 def test_bad_logit_bias_queues_nothing(make_engine):
     engine = make_engine("llama")
-    with pytest.raises(ValueError, match="logit_bias token ids must be <"):
+    with pytest.raises(FieldError, match="logit_bias token ids must be <") as error:
         engine.add_request([1, 2], greedy(logit_bias={10**6: 1.0}))
+    assert error.value.param == "logit_bias"
     assert not engine.requests and not engine.has_unfinished_requests()
 
 
@@ -110,7 +111,7 @@ def test_min_p_keeps_what_transformers_keeps():
             sample(logits, [SamplingRow(params, generator)] * 4).token_ids[0] for _ in range(400)
         }
         assert drawn <= set(expected[0].nonzero().flatten().tolist())
-        from baton_paged.sampler import _min_p
+        from baton_paged.model.sampler import _min_p
 
         assert torch.equal(_min_p(logits, [min_p] * 4).isfinite(), expected)
 

@@ -7,7 +7,7 @@ import inspect
 
 import pytest
 
-from baton_paged.sampling_params import SamplingParams
+from baton_paged.sampling_params import FieldError, SamplingParams
 
 
 def test_defaults_follow_vllm():
@@ -91,6 +91,13 @@ def test_bad_values_name_the_field_and_value(kwargs, message):
         SamplingParams(**kwargs)
     assert message in str(error.value)
     assert next(iter(kwargs)) in str(error.value)
+
+
+@pytest.mark.parametrize("bias", [{-1: 1.0}, {True: 1.0}, 3])
+def test_a_bad_logit_bias_key_is_a_field_error_naming_it(bias):
+    with pytest.raises(FieldError) as error:
+        SamplingParams(logit_bias=bias)
+    assert error.value.param == "logit_bias"
 
 
 def test_logit_bias_is_clamped_sorted_pairs():

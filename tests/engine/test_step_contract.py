@@ -9,7 +9,7 @@ from pathlib import Path
 from equivalence import run
 from test_preemption import priority_workload
 
-from baton_paged.server.metrics import ServerMetrics
+from baton_paged.entrypoints.server.metrics import ServerMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEDULER_API = {
@@ -79,10 +79,12 @@ def test_the_snapshot_follows_adds_steps_and_aborts(make_engine):
 
 
 def test_no_module_outside_sched_reads_scheduler_fields():
-    """Only the scheduler's public calls appear after ``scheduler.`` outside baton_paged/sched/."""
+    """Only the scheduler's public calls appear after ``scheduler.`` outside baton_paged/sched/
+    (the vLLM plugin's ``scheduler`` is vLLM's own, whose fields its upgrade test pins)."""
     used = set()
     for folder in ("baton_paged", "allocator", "attention", "plugins"):
         for path in (REPO / folder).rglob("*.py"):
-            if "sched" not in path.relative_to(REPO).parts:
+            parts = path.relative_to(REPO).parts
+            if "sched" not in parts and not path.name.startswith("vllm_"):
                 used |= set(re.findall(r"\bscheduler\.(\w+)", path.read_text()))
     assert used <= SCHEDULER_API, used - SCHEDULER_API

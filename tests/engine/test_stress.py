@@ -100,13 +100,13 @@ class Aborter:
         return victim
 
     def abortable_by_state(self, engine: Engine) -> dict[str, list[str]]:
-        sched = engine.scheduler
+        waiting, batch = engine.scheduler.waiting, engine.scheduler.batch
         states = {
-            "waiting": [r.request_id for r in sched.waiting if r.request_id not in sched.swapped],
-            "running": list(sched.running),
+            "waiting": [r.request_id for r in waiting if r.request_id not in batch.swapped],
+            "running": [r.request_id for r in batch.requests],
         }
         if engine.host is not None:
-            states["swapped"] = list(sched.swapped)
+            states["swapped"] = list(batch.swapped)
         return {state: sorted(set(ids) & self.abortable) for state, ids in states.items()}
 
 
@@ -135,7 +135,7 @@ def drive(engine: Engine, arrivals: list[Arrival], aborter: Aborter | None = Non
             submit(engine, pending.pop(0))
         if aborter and (victim := aborter.pick(engine)):
             run.record(engine.abort_request(victim))
-        before = len(engine.scheduler.running)
+        before = len(engine.scheduler.batch)
         for out in engine.step():
             if out.finished:
                 run.record(out)
@@ -161,7 +161,7 @@ def check_scaling(engine: Engine, before: int) -> int:
         return 0
     shed = monitor.above_high and before > 1
     bound = before - 1 if shed else max(1, before)
-    running = len(engine.scheduler.running)
+    running = len(engine.scheduler.batch)
     assert running <= bound, f"batch {before} -> {running} at pressure {monitor.reading:.2f}"
     return int(shed)
 

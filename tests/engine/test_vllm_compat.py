@@ -8,8 +8,8 @@ import logging
 import pytest
 
 from baton_paged import LLM, SamplingParams
-from baton_paged.chat_prompt import conversation_prompt
-from baton_paged.vllm_args import engine_options
+from baton_paged.entrypoints.vllm_args import engine_options
+from baton_paged.processing.chat_prompt import conversation_prompt
 
 VLLM_SCRIPT = """
 from vllm import LLM, SamplingParams
@@ -92,7 +92,7 @@ def test_vllm_engine_arguments_translate(options, expected):
 
 
 def test_gpu_memory_utilization_on_the_cpu_keeps_kv_memory_and_says_so(caplog):
-    with caplog.at_level(logging.INFO, logger="baton_paged.vllm_args"):
+    with caplog.at_level(logging.INFO, logger="baton_paged.entrypoints.vllm_args"):
         assert engine_options({"gpu_memory_utilization": 0.9}) == {}
     assert "kv_memory sizes KV" in caplog.text
 

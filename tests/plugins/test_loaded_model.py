@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton_paged import LLM, SamplingParams
-from baton_paged.async_engine import AsyncEngine
+from baton_paged.entrypoints.async_engine import AsyncEngine
 
 PROMPTS = ["def main():", "import os\n", "x"]
 

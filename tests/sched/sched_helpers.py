@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from baton_paged.allocator import PagePool
-from baton_paged.memory_monitor import MemoryMonitor
 from baton_paged.request import Request, RequestStatus
 from baton_paged.sampling_params import SamplingParams
+from baton_paged.sched.memory_monitor import MemoryMonitor
 from baton_paged.sched.plan import StepResult
 from baton_paged.sched.policies import make_policy
 from baton_paged.sched.scheduler import Scheduler
@@ -49,7 +49,7 @@ def run_plan(sched, plan):
     finished = []
     for forward in plan.forwards:
         for row in forward.rows:
-            req = sched.running[row.request_id]
+            req = sched.batch[row.request_id]
             if row.sample:
                 req.output_token_ids.append(0)
                 if len(req.output_token_ids) == req.max_tokens:

@@ -16,7 +16,7 @@ def started(sched, *rids, priority=1, **shape):
     for rid in rids:
         sched.add(request(rid, priority=priority, **shape))
     run_plan(sched, sched.schedule())
-    assert set(rids) <= set(sched.running)
+    assert all(rid in sched.batch for rid in rids)
 
 
 @pytest.mark.parametrize("name", POLICIES)
@@ -31,7 +31,7 @@ def test_high_priority_arrival_swaps_out_the_newest_low_priority_request(name):
     assert swap.device_pages == tuple(pages[: len(swap.device_pages)])
     new = sched.waiting.peek()
     assert new.request_id == "new" and new.status is RequestStatus.SWAPPED
-    assert new.num_computed_tokens == 6 and sched.swapped["new"] == list(swap.host_pages)
+    assert new.num_computed_tokens == 6 and sched.batch.swapped["new"] == list(swap.host_pages)
     assert any(r.request_id == "urgent" for f in plan.forwards for r in f.rows)
     run_plan(sched, plan)
 
@@ -72,14 +72,14 @@ def test_preempts_only_when_that_makes_room():
 def test_swapped_request_resumes_where_it_stopped(name):
     sched = scheduler(max_batch=2, host_pages=16, policy=name, chunk_budget=64)
     started(sched, "old", "new", max_tokens=8)
-    victim = sched.running["new"]
+    victim = sched.batch["new"]
     tokens_before = list(victim.output_token_ids)
     sched.add(request("urgent", priority=0, max_tokens=2))
     plan = sched.schedule()
     swapped_pages = plan.swap_out[0].host_pages
     run_plan(sched, plan)
     plan = sched.schedule()
-    while "new" not in sched.running:
+    while "new" not in sched.batch:
         run_plan(sched, plan)
         plan = sched.schedule()
     (swap_in,) = plan.swap_in
@@ -136,14 +136,14 @@ def test_pressure_shrinks_one_request_per_iteration_then_holds_then_grows(name):
     sizes = []
     for _ in range(4):
         run_plan(sched, sched.schedule())
-        sizes.append(len(sched.running))
+        sizes.append(len(sched.batch))
     assert sizes == [3, 2, 1, 1]  # down to one, never zero
     pressure.value = 0.7  # between the watermarks: hold, no growth
     run_plan(sched, sched.schedule())
-    assert len(sched.running) == 1 and sched.monitor.holding
+    assert len(sched.batch) == 1 and sched.monitor.holding
     pressure.value = 0.3
     run_plan(sched, sched.schedule())
-    assert len(sched.running) == 4 and not sched.monitor.holding
+    assert len(sched.batch) == 4 and not sched.monitor.holding
     assert (sched.monitor.high_crossings, sched.monitor.low_crossings) == (1, 1)
 
 
@@ -158,7 +158,7 @@ def test_high_priority_arrival_takes_a_slot_while_pressure_holds_the_batch():
     sched.add(request("urgent", priority=0))
     plan = sched.schedule()
     assert plan.admitted == ("urgent",) and plan.preempted == ("b",)
-    assert len(sched.running) == 2
+    assert len(sched.batch) == 2
 
 
 def test_admission_keeps_the_pool_under_the_high_watermark():

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pytest
-from sched_helpers import request, run_plan, scheduler
+from sched_helpers import PAGE, request, run_plan, scheduler
 
-from baton_paged.sched.step import victim_order
+from baton_paged.allocator import PagePool
+from baton_paged.allocator.page_hash import page_hashes
+from baton_paged.sched.prefix_caching import PrefixCaching
 
 
 def test_admission_is_by_priority_then_arrival():
@@ -71,7 +73,7 @@ def test_chunked_lets_a_higher_priority_request_in_when_decoders_spend_the_budge
     sched = scheduler(max_batch=4, policy="chunked", chunk_budget=4)
     for rid in "abcd":
         sched.add(request(rid, priority=2, max_tokens=30))
-    while len(sched.running) < 4 or any(r.num_computed_tokens == 0 for r in sched.running.values()):
+    while len(sched.batch) < 4 or any(r.num_computed_tokens == 0 for r in sched.batch.requests):
         run_plan(sched, sched.schedule())
     sched.add(request("urgent", priority=0, prompt_len=2, max_tokens=2))
 
@@ -137,7 +139,7 @@ def test_victim_is_lowest_priority_then_most_recently_admitted():
     for rid, prio in [("a", 0), ("b", 2), ("c", 2), ("d", 1)]:
         sched.add(request(rid, priority=prio))
     sched.schedule()
-    assert victim_order(sched.running)[0].request_id == "c"
+    assert sched.batch.victim_order()[0].request_id == "c"
 
 
 @pytest.mark.parametrize("policy", ["baton", "orca", "static", "chunked"])
@@ -164,3 +166,13 @@ def test_a_one_token_prompt_is_prefilled(policy):
     assert [(r.request_id, r.start, r.sample) for f in plan.forwards for r in f.rows] == [
         ("a", 0, True)
     ]
+
+
+def test_prefix_caching_counts_the_pools_evictions():
+    pool = PagePool(2)
+    caching = PrefixCaching(pool, PAGE, salt=b"")
+    (page,) = pool.allocate(1)
+    pool.cache_page(page, page_hashes(range(PAGE), PAGE)[0])
+    pool.free([page])
+    pool.allocate(2)  # the cached page is the last one left to hand out
+    assert caching.evictions == pool.prefix.evictions == 1

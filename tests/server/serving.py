@@ -13,13 +13,13 @@ import torch
 import uvicorn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from baton_paged.async_engine import AsyncEngine
 from baton_paged.config import EngineConfig
 from baton_paged.engine import Engine
-from baton_paged.llm import LLM
+from baton_paged.entrypoints.async_engine import AsyncEngine
+from baton_paged.entrypoints.llm import LLM
+from baton_paged.entrypoints.server import build_app
+from baton_paged.entrypoints.server.limits import ServerLimits
 from baton_paged.sampling_params import SamplingParams
-from baton_paged.server import build_app
-from baton_paged.server.limits import ServerLimits
 
 KEY = "test-key"
 MODEL = "tiny-llama"

@@ -12,15 +12,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from baton_paged.async_engine import (
+from baton_paged.config import EngineConfig
+from baton_paged.engine import Engine
+from baton_paged.entrypoints.async_engine import (
     AsyncEngine,
     EngineStoppedError,
     QueueFullError,
     RequestFailedError,
 )
-from baton_paged.config import EngineConfig
-from baton_paged.engine import Engine
-from baton_paged.llm import LLM
+from baton_paged.entrypoints.llm import LLM
 from baton_paged.sampling_params import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)

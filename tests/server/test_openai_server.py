@@ -14,8 +14,8 @@ import openai
 import pytest
 from serving import KEY, MODEL, offline
 
-from baton_paged.chat_prompt import conversation_prompt
-from baton_paged.server import build_app
+from baton_paged.entrypoints.server import build_app
+from baton_paged.processing.chat_prompt import conversation_prompt
 
 
 def test_completion_equals_the_offline_llm(server, client):

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from serving import HEADERS, MAX_MODEL_LEN, MODEL, offline
 
-from baton_paged.chat_prompt import conversation_prompt
+from baton_paged.processing.chat_prompt import conversation_prompt
 from baton_paged.sampling_params import SamplingParams
 
 USER_HI = [{"role": "user", "content": "hi"}]
@@ -228,8 +228,27 @@ def test_a_logit_bias_for_a_token_the_model_lacks_is_400(server):
     vocab = len(server.engine.tokenizer)
     body = {"prompt": "x", "logit_bias": {str(vocab): 5}}
     assert_refused(post(server, "completions", body), server, 400, str(vocab), param="logit_bias")
+    body = {"prompt": "x", "logit_bias": {"-1": 5}}
+    assert_refused(post(server, "completions", body), server, 400, ">= 0", param="logit_bias")
     body = {"prompt": "x", "logit_bias": {"the": 5}}
     assert_refused(post(server, "completions", body), server, 400, param="logit_bias.the")
+
+
+def test_each_request_is_prepared_once(server, monkeypatch):
+    """One tokenization and one request id per HTTP request, streaming or not."""
+    inputs, made = server.engine.inputs, []
+    prepare = inputs.prepare
+    monkeypatch.setattr(
+        inputs, "prepare", lambda *a, **kw: made.append(prepare(*a, **kw)) or made[-1]
+    )
+    for route, body in (
+        ("completions", {"prompt": "x"}),
+        ("chat/completions", {"messages": USER_HI}),
+    ):
+        for stream in (False, True):
+            reply = post(server, route, body | {"max_tokens": 2, "stream": stream})
+            assert reply.status_code == 200, reply.text
+    assert len(made) == 4 and len({request.request_id for request in made}) == 4
 
 
 def test_n_choices_greedy_are_each_the_offline_answer(server, client):

@@ -16,8 +16,8 @@ from schemathesis.checks import (
 )
 from serving import HEADERS, KEY, MODEL, tiny_engine
 
-from baton_paged.async_engine import AsyncEngine
-from baton_paged.server import build_app
+from baton_paged.entrypoints.async_engine import AsyncEngine
+from baton_paged.entrypoints.server import build_app
 
 CHECKS = [
     not_a_server_error,

@@ -6,10 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 
-from baton_paged.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from baton_paged.sampler import Logprob
-from baton_paged.server.shapes import ChatShape, CompletionShape
-from baton_paged.server.streaming import sse, sse_events
+from baton_paged.entrypoints.server.shapes import ChatShape, CompletionShape
+from baton_paged.entrypoints.server.streaming import sse, sse_events
+from baton_paged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 
 METRICS = RequestMetrics(0.0, None, None, (), 0)
 

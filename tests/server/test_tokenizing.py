@@ -8,8 +8,12 @@ import threading
 
 import pytest
 
-from baton_paged.async_engine import QueueFullError
-from baton_paged.server.tokenizing import SMALL_PROMPT_CHARS, THREADS_PER_LANE, Tokenizing
+from baton_paged.entrypoints.async_engine import QueueFullError
+from baton_paged.entrypoints.server.tokenizing import (
+    SMALL_PROMPT_CHARS,
+    THREADS_PER_LANE,
+    Tokenizing,
+)
 
 LARGE = SMALL_PROMPT_CHARS + 1
 

@@ -31,7 +31,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from baton_paged.model_builder import build_model
+    from baton_paged.model.builder import build_model
 
     return build_model(tmp_path_factory.mktemp("llama-small"), "llama", "small")
 

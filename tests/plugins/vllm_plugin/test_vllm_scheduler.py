@@ -1,10 +1,9 @@
-"""BatonScheduler driven directly, without a model: vLLM's own scheduler-test set-up, rebuilt.
+"""BatonScheduler driven directly, without a model, on vLLM's own scheduler-test set-up.
 
-vLLM's wheel does not ship its tests, so the set-up of its ``tests/v1/core`` is rebuilt here: a
-``VllmConfig`` and a one-group ``KVCacheConfig`` made by hand (block size 16, a pool of a few
-blocks, no prefix caching), requests added directly, and a fake ``ModelRunnerOutput`` that
-samples one token per finished prefill or decode. Every step's block arithmetic is exact, so these
-tests pin down which request is preempted when, which a real engine only shows on average.
+The scheduler comes from ``make_scheduler`` (this folder's conftest.py) and is driven by
+``scheduler_steps``: requests are added directly, and a fake ``ModelRunnerOutput`` samples one
+token per finished prefill or decode. Every step's block arithmetic is exact, so these tests pin
+down which request is preempted when, which a real engine only shows on average.
 """
 
 from __future__ import annotations
@@ -13,115 +12,13 @@ import pytest
 
 pytest.importorskip("vllm")
 
-import torch  # noqa: E402
-from vllm import SamplingParams  # noqa: E402
-from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig  # noqa: E402
+from scheduler_steps import add, fake_model_output, newly_scheduled, step  # noqa: E402
 from vllm.v1.core.sched.interface import PauseState  # noqa: E402
 from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
-from vllm.v1.kv_cache_interface import (  # noqa: E402
-    FullAttentionSpec,
-    KVCacheConfig,
-    KVCacheGroupSpec,
-)
-from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
-from vllm.v1.request import Request, RequestStatus  # noqa: E402
-from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
+from vllm.v1.request import RequestStatus  # noqa: E402
 
-from baton_paged.plugins.vllm_scheduler import BatonScheduler  # noqa: E402
-
-BLOCK = 16
 NO_SHEDDING = {"memory_high_watermark": 1.0, "memory_low_watermark": 0.5}
 """Usage never exceeds 1.0, so these settings isolate priority preemption."""
-
-
-@pytest.fixture
-def make_scheduler(tiny_model_dir):
-    """``make_scheduler(usable_blocks, max_num_seqs, baton=..., policy=..., token_budget=...)``;
-    a token budget below 512 turns chunked prefill on."""
-
-    def make(usable_blocks, max_num_seqs=8, baton=None, policy="priority", token_budget=512):
-        model = ModelConfig(
-            model=str(tiny_model_dir("llama")),
-            dtype="float32",
-            max_model_len=256,
-            seed=0,
-            skip_tokenizer_init=True,
-        )
-        scheduler = SchedulerConfig(
-            max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=token_budget,
-            max_model_len=256,
-            is_encoder_decoder=False,
-            policy=policy,
-            enable_chunked_prefill=token_budget < 512,
-        )
-        cache = CacheConfig(block_size=BLOCK, enable_prefix_caching=False)
-        extra = {} if baton is None else {"baton": baton}
-        config = VllmConfig(
-            model_config=model,
-            scheduler_config=scheduler,
-            cache_config=cache,
-            additional_config=extra,
-        )
-        num_blocks = usable_blocks + 1  # block 0 is vLLM's null block
-        cache.num_gpu_blocks = num_blocks
-        spec = FullAttentionSpec(
-            block_size=BLOCK, num_kv_heads=1, head_size=16, dtype=torch.float32
-        )
-        kv_cache = KVCacheConfig(
-            num_blocks=num_blocks,
-            kv_cache_tensors=[],
-            kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)],
-        )
-        return BatonScheduler(
-            vllm_config=config,
-            kv_cache_config=kv_cache,
-            structured_output_manager=StructuredOutputManager(config),
-            block_size=BLOCK,
-        )
-
-    return make
-
-
-def add(scheduler, request_id, prompt_len, priority=0, arrival=0.0, max_tokens=16, resumable=False):
-    """Add a request; ``resumable`` makes it a streaming-input session (adding its id again
-    sends the session's next chunk)."""
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    prompt = [(7 * len(request_id) + i) % 500 + 1 for i in range(prompt_len)]
-    request = Request(
-        request_id,
-        prompt,
-        params,
-        None,
-        arrival_time=arrival,
-        priority=priority,
-        resumable=resumable,
-    )
-    scheduler.add_request(request)
-    return request
-
-
-def fake_model_output(scheduler, out: SchedulerOutput) -> ModelRunnerOutput:
-    """What a model would return for ``out``: token 3 for each request past its prefill.
-
-    Build it right after ``schedule()``, while the scheduler still says which requests are in
-    the middle of a chunked prefill.
-    """
-    ids = list(out.num_scheduled_tokens)
-    sampled = [[] if scheduler.requests[r].is_prefill_chunk else [3] for r in ids]
-    index = {r: i for i, r in enumerate(ids)}
-    return ModelRunnerOutput(req_ids=ids, req_id_to_index=index, sampled_token_ids=sampled)
-
-
-def step(scheduler) -> SchedulerOutput:
-    """One synchronous engine step, as vLLM runs on the CPU: schedule, run, update."""
-    out = scheduler.schedule()
-    scheduler.update_from_output(out, fake_model_output(scheduler, out))
-    return out
-
-
-def newly_scheduled(out: SchedulerOutput) -> set[str]:
-    return {r.req_id for r in out.scheduled_new_reqs}
 
 
 def running_ids(scheduler) -> set[str]:
@@ -309,10 +206,10 @@ def test_preempting_a_request_whose_step_is_in_flight_keeps_its_tokens_right(mak
 PRESSURE = {"memory_high_watermark": 0.8, "memory_low_watermark": 0.5}
 
 
-def fill_eight_blocks(s, policy_priority=1):
+def fill_eight_blocks(s, priorities=(1,) * 8):
     """Eight one-block requests (8-token prompts, 8 new tokens) fill a pool of eight blocks."""
-    for i in range(8):
-        add(s, f"r{i}", 8, priority=policy_priority, arrival=float(i), max_tokens=8)
+    for i, priority in enumerate(priorities):
+        add(s, f"r{i}", 8, priority=priority, arrival=float(i), max_tokens=8)
     out = step(s)
     assert len(out.num_scheduled_tokens) == 8 and s.kv_cache_manager.usage == 1.0
 
@@ -403,11 +300,14 @@ def test_a_hold_admits_while_paused_streaming_sessions_keep_their_memory(make_sc
     assert s.baton_gate.holding
 
 
-def test_shedding_works_under_fcfs_too(make_scheduler):
-    s = make_scheduler(usable_blocks=8, baton=PRESSURE, policy="fcfs")
-    fill_eight_blocks(s, policy_priority=0)
+@pytest.mark.parametrize(("policy", "shed"), [("fcfs", "r7"), ("priority", "r6")])
+def test_shedding_follows_the_engines_victim_order(make_scheduler, policy, shed):
+    """The latest request goes first, after the lowest priority under the priority policy only:
+    under FCFS vLLM ignores priorities, so r7's higher priority does not save it there."""
+    s = make_scheduler(usable_blocks=8, baton=PRESSURE, policy=policy)
+    fill_eight_blocks(s, priorities=(1,) * 7 + (0,))
 
-    assert step(s).preempted_req_ids == {"r7"}
+    assert step(s).preempted_req_ids == {shed}
 
 
 # -- settings ----------------------------------------------------------------------------------

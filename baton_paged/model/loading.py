@@ -1,0 +1,121 @@
+"""Loading a Hugging Face causal LM and choosing the attention backend and page size for it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from baton_paged.allocator import KVCacheSpec
+from baton_paged.attention import (
+    AttentionBackend,
+    AttentionRequirements,
+    create_backend,
+    suggested_page_size,
+)
+from baton_paged.config import EngineConfig
+from baton_paged.model import llama_executor
+from baton_paged.model.decoder_kernels import DECODER_KERNELS
+from baton_paged.model.llama_executor import LlamaExecutor
+
+logger = logging.getLogger(__name__)
+
+RANDOM_MODEL_NAME = "random"
+"""``--model random``: the random-weight ~28M Llama, built locally on first use (no download)."""
+RANDOM_MODEL = ("llama", "small")
+
+
+def load_model(config: EngineConfig) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` in eval mode on the device, from ``config.model``: None (the
+    built-in SmolLM2-135M-Instruct), ``random``, a GGUF file, a local directory or a hub id."""
+    model, tokenizer = _load(config)
+    return model.to(config.device).eval(), tokenizer
+
+
+def _load(config: EngineConfig) -> tuple[Any, Any]:
+    """Safetensors checkpoints load straight onto the device (``device_map``: no float32 copy
+    in host memory first); GGUF dequantizes on the CPU, then moves."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from baton_paged.model.gguf_loading import gguf_file, load_gguf
+
+    path = _checkpoint_path(config.model)
+    gguf = gguf_file(path)
+    if gguf is not None:
+        return load_gguf(gguf, config.torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=config.torch_dtype, device_map=config.device
+    )
+    return model, tokenizer
+
+
+def _checkpoint_path(model: str | None) -> str:
+    """Where ``model`` loads from; the two built-in names resolve to their cache directories."""
+    from baton_paged.model import builder as model_builder
+
+    if model is None:
+        return str(model_builder.default_model())
+    if model == RANDOM_MODEL_NAME:
+        path = str(model_builder.cached_model(*RANDOM_MODEL))
+        logger.warning("serving the built-in random-weight model at %s: its text is noise", path)
+        return path
+    return model
+
+
+def model_max_len(model: Any) -> int:
+    length = getattr(_text_config(model), "max_position_embeddings", None)
+    if not length:
+        raise ValueError("the model config states no max_position_embeddings; set max_model_len")
+    return int(length)
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
+    """Every token that ends a generation: the tokenizer's EOS plus the generation config's
+    (chat models list their end-of-turn token there, e.g. ``<|im_end|>``); HF ``generate`` and
+    vLLM stop on all of them."""
+    ids = [tokenizer.eos_token_id]
+    generation = getattr(model, "generation_config", None)
+    configured = getattr(generation, "eos_token_id", None)
+    ids += configured if isinstance(configured, list | tuple) else [configured]
+    return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+def choose_attention(config: EngineConfig, model: Any) -> tuple[int, AttentionBackend]:
+    """The page size (configured, else the backend's preference) and a ready backend."""
+    text_config = _text_config(model)
+    spec = KVCacheSpec.from_model_config(text_config)
+    req = AttentionRequirements(
+        device=torch.device(config.device),
+        dtype=config.torch_dtype,
+        page_size=config.page_size or 1,
+        head_dim=spec.head_dim,
+        num_query_heads=text_config.num_attention_heads,
+        num_kv_heads=spec.num_kv_heads,
+    )
+    page_size = config.page_size or suggested_page_size(config.attention_backend, req)
+    req = replace(req, page_size=page_size)
+    return page_size, create_backend(config.attention_backend, req)
+
+
+def choose_executor(config: EngineConfig, model: Any, max_model_len: int) -> LlamaExecutor | None:
+    """The native executor when ``config.model_impl`` allows it and it can run ``model`` here;
+    None runs the HF model through the bridge. ``native`` that cannot run is an error saying why;
+    ``auto`` falls back with one logged line naming the reason."""
+    if config.model_impl == "transformers":
+        return None
+    reason = llama_executor.unsupported_reason(model, torch.device(config.device))
+    reason = reason or DECODER_KERNELS.unavailable_reason()
+    if reason is not None:
+        if config.model_impl == "native":
+            raise ValueError(f"model_impl='native' cannot run this model: {reason}")
+        logger.info("running the model through the transformers bridge: %s", reason)
+        return None
+    return LlamaExecutor(model, DECODER_KERNELS.kernels(), max_model_len)
+
+
+def _text_config(model: Any) -> Any:
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config

@@ -1,0 +1,202 @@
+"""The sampler: one step's logits in, one token per request out (plus log-probabilities on request).
+
+Order of operations, per row, as vLLM's: ``logit_bias`` is added; suppressed ids are set to
+-inf (the engine forbids EOS and stop ids while a request is below ``min_tokens``); repetition,
+frequency and presence penalties apply; all of this to greedy rows too. Then greedy rows take
+the argmax and random rows go through temperature, min-p, top-k, top-p and a multinomial draw.
+
+Two rules shape the code:
+- Greedy must match HF ``generate`` token for token, so greedy rows are a plain argmax (ties go to
+  the lowest id, as ``torch.argmax``) and float64 logits stay float64; other dtypes work in float32.
+- A seeded request must give the same tokens whatever else is in the batch, so each random row
+  draws from its own generator. The filtering before the draw is vectorised, but every operation
+  in it is row-wise, so a row's probabilities never depend on its neighbours.
+
+Log-probabilities are vLLM's default "raw" ones: ``log_softmax`` of the logits as the model gave
+them, before suppression, temperature and filtering, so they describe the model, not the sampler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from baton_paged.outputs import Logprob
+from baton_paged.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """What the sampler needs to know about one row of logits."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    """The request's own generator (on the logits' device), or None for torch's default one."""
+    suppressed_token_ids: tuple[int, ...] = ()
+    """Token ids this row may not produce this step (EOS and stop ids below ``min_tokens``)."""
+    prompt_token_ids: Sequence[int] = ()
+    """The request's prompt: the repetition penalty counts it (read only with penalties on)."""
+    output_token_ids: Sequence[int] = ()
+    """The request's tokens so far: every penalty counts them."""
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[dict[int, Logprob] | None]
+    """Per row: None if the request did not ask, else the sampled token first, then the top
+    ``params.logprobs`` tokens (one entry per token id)."""
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
+    """Sample one token per row of ``logits`` (``[N, V]``; row ``i`` belongs to ``rows[i]``)."""
+    if logits.ndim != 2 or logits.shape[0] != len(rows):
+        raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(rows)} rows")
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    scores = logits.detach().to(dtype=dtype, copy=True)
+    raw = _raw_logprobs(scores, rows)
+    _add_logit_bias(scores, rows)
+    _suppress(scores, rows)
+    _apply_penalties(scores, rows)
+    tokens = torch.empty(len(rows), dtype=torch.long, device=scores.device)
+    greedy = [i for i, row in enumerate(rows) if row.params.is_greedy]
+    if greedy:
+        tokens[greedy] = scores[greedy].argmax(dim=-1)
+    random = [i for i, row in enumerate(rows) if not row.params.is_greedy]
+    if random:
+        tokens[random] = _sample_random(scores[random], [rows[i] for i in random])
+    token_ids = tokens.tolist()
+    return SampleResult(token_ids, _collect_logprobs(raw, token_ids, rows))
+
+
+def _suppress(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Set every row's suppressed ids to -inf in place, with one indexed write for the batch."""
+    row_index = [i for i, row in enumerate(rows) for _ in row.suppressed_token_ids]
+    if not row_index:
+        return
+    token_index = [t for row in rows for t in row.suppressed_token_ids]
+    device = scores.device
+    scores[torch.tensor(row_index, device=device), torch.tensor(token_index, device=device)] = (
+        float("-inf")
+    )
+
+
+def _add_logit_bias(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    for i, row in enumerate(rows):
+        if row.params.logit_bias:
+            ids, biases = zip(*row.params.logit_bias, strict=True)
+            scores[i, list(ids)] += torch.tensor(biases, dtype=scores.dtype, device=scores.device)
+
+
+def _apply_penalties(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Repetition penalty over prompt and output (transformers' ``RepetitionPenaltyLogitsProcessor``
+    rule), then OpenAI's frequency and presence penalties over the output, row by row in place."""
+    for i, row in enumerate(rows):
+        params = row.params
+        if not params.has_penalties:
+            continue
+        device = scores.device
+        if params.repetition_penalty != 1.0:
+            seen = torch.tensor(
+                sorted({*row.prompt_token_ids, *row.output_token_ids}), device=device
+            )
+            values = scores[i, seen]
+            penalty = params.repetition_penalty
+            scores[i, seen] = torch.where(values < 0, values * penalty, values / penalty)
+        if (params.frequency_penalty or params.presence_penalty) and row.output_token_ids:
+            output = torch.tensor(row.output_token_ids, device=device)
+            counts = torch.bincount(output, minlength=scores.shape[1]).to(scores.dtype)
+            scores[i] -= params.frequency_penalty * counts
+            scores[i] -= params.presence_penalty * (counts > 0).to(scores.dtype)
+
+
+def _sample_random(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+    """Temperature, then min-p, top-k and top-p, then one multinomial draw per row on its
+    generator."""
+    temperatures = [row.params.temperature for row in rows]
+    scores = scores / torch.tensor(temperatures, dtype=scores.dtype, device=scores.device)[:, None]
+    if any(row.params.min_p > 0 for row in rows):
+        scores = _min_p(scores, [row.params.min_p for row in rows])
+    if any(_filters(row.params) for row in rows):
+        scores = _top_k_top_p(scores, [row.params for row in rows])
+    probs = scores.softmax(dim=-1)
+    draws = [torch.multinomial(probs[i], 1, generator=row.generator) for i, row in enumerate(rows)]
+    return torch.cat(draws)
+
+
+def _min_p(scores: torch.Tensor, min_p: Sequence[float]) -> torch.Tensor:
+    """Drop tokens less likely than ``min_p`` times the row's most likely token (``min_p == 0``
+    keeps every finite-score token)."""
+    probs = scores.softmax(dim=-1)
+    threshold = torch.tensor(min_p, dtype=probs.dtype, device=probs.device)[:, None]
+    return scores.masked_fill(probs < threshold * probs.amax(dim=-1, keepdim=True), float("-inf"))
+
+
+def _filters(params: SamplingParams) -> bool:
+    return not params.top_k_disabled or params.top_p < 1
+
+
+def _top_k_top_p(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """Set tokens outside each row's top-k, then outside its top-p nucleus, to -inf.
+
+    One stable descending sort serves both: top-k keeps the first k positions (exactly k tokens,
+    ties to the lowest id, so ``top_k=1`` is the greedy argmax); top-p then drops every token whose
+    more likely predecessors already reach ``top_p``, which keeps the smallest set reaching it and
+    always the top token (nothing precedes it, and ``top_p > 0``). A row with ``top_p == 1`` skips
+    top-p: rounding can make a float cumulative sum reach 1 before the tail, which would drop tokens
+    that should stay.
+    """
+    vocab = scores.shape[-1]
+    sorted_scores, order = scores.sort(dim=-1, descending=True, stable=True)
+    device = scores.device
+    top_k = torch.tensor([vocab if p.top_k_disabled else p.top_k for p in params], device=device)
+    positions = torch.arange(vocab, device=device)
+    sorted_scores = sorted_scores.masked_fill(positions >= top_k[:, None], float("-inf"))
+    probs = sorted_scores.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs
+    top_p = [p.top_p if p.top_p < 1 else float("inf") for p in params]
+    outside = before >= torch.tensor(top_p, dtype=probs.dtype, device=device)[:, None]
+    sorted_scores = sorted_scores.masked_fill(outside, float("-inf"))
+    return torch.empty_like(scores).scatter_(-1, order, sorted_scores)
+
+
+def _raw_logprobs(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> dict[int, torch.Tensor]:
+    """``log_softmax`` of the unmodified logits of the rows that asked, by row index."""
+    wanted = [i for i, row in enumerate(rows) if row.params.logprobs is not None]
+    if not wanted:
+        return {}
+    logprobs = scores[wanted].log_softmax(dim=-1)
+    return dict(zip(wanted, logprobs, strict=True))
+
+
+def _collect_logprobs(
+    raw: dict[int, torch.Tensor], token_ids: Sequence[int], rows: Sequence[SamplingRow]
+) -> list[dict[int, Logprob] | None]:
+    return [
+        token_logprobs(raw[i], token_ids[i], row.params.logprobs) if i in raw else None
+        for i, row in enumerate(rows)
+    ]
+
+
+def token_logprobs(logprobs: torch.Tensor, sampled: int, top_n: int) -> dict[int, Logprob]:
+    """From one position's ``log_softmax`` (also a prompt position's, for ``prompt_logprobs``):
+    the sampled token, then the ``top_n`` most likely ones; a token in both appears once.
+
+    A rank counts strictly more likely tokens, so it does not depend on how ``topk`` orders ties.
+    Every token more likely than the j-th top value is itself among the first j - 1, so the top
+    tokens' ranks come from the top values alone: the position of the first value equal to each
+    (a binary search in the sorted values), in O(top_n) memory, never a top_n x top_n matrix.
+    """
+    sampled_logprob = logprobs[sampled]
+    sampled_rank = int((logprobs > sampled_logprob).sum()) + 1
+    result = {sampled: Logprob(float(sampled_logprob), sampled_rank)}
+    if top_n == 0:
+        return result
+    values, ids = logprobs.topk(min(top_n, logprobs.shape[-1]))  # sorted, most likely first
+    descending = values.neg()  # ascending, as searchsorted wants
+    ranks = torch.searchsorted(descending, descending, side="left") + 1
+    for token_id, value, rank in zip(ids.tolist(), values.tolist(), ranks.tolist(), strict=True):
+        result.setdefault(token_id, Logprob(value, rank))
+    return result

@@ -1,0 +1,249 @@
+"""OutputProcessor: a request's text, logprobs and stop conditions as its tokens arrive.
+
+After each sampled token, in vLLM's order: EOS (unless ``ignore_eos``) or a stop token id ends
+the request with "stop" once ``min_tokens`` are out; a stop string ends it with "stop" and cuts the
+text before the match (after it with ``include_stop_str_in_output``); reaching ``max_tokens`` or
+the model's context ends it with "length".
+
+The engine hands over each forward's logits once (``process``): the sampling rows' logits are
+sampled (EOS and stop ids suppressed below ``min_tokens``), each new token appended and its stop
+conditions checked; the rest score the prompt positions ``prompt_positions`` asked the forward
+for.
+
+Log-probabilities carry each token's text (``decoded_token``, the token decoded on its own, as
+vLLM's). Prompt log-probabilities: position ``p``'s logits score prompt token ``p + 1`` (the
+first prompt token has none, reported as None like vLLM). A prompt may be computed over several
+forwards (chunked prefill) and again after a recompute preemption: ``prompt_positions`` asks only
+for positions not yet scored, so each is reported once.
+
+While a stop string may still complete, snapshots hold back the text's last ``len(stop) - 1``
+characters: a stream must never send the start of a stop string that the final text then cuts,
+so every snapshot's text is a prefix of the final one.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from baton_paged.model.sampler import SamplingRow, sample, token_logprobs
+from baton_paged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from baton_paged.processing.detokenizer import IncrementalDetokenizer, find_stop
+from baton_paged.request import Request, RequestStatus
+from baton_paged.sched.plan import ForwardBatch
+
+PromptPosition = tuple[int, Request, int]
+"""``(packed token index in the forward, request, prompt position)`` whose logits are wanted."""
+
+
+@dataclass(frozen=True)
+class ForwardOutputs:
+    """What one forward's logits did: the requests that got a token, in row order, and those of
+    them that finished, with why."""
+
+    touched: tuple[Request, ...]
+    finished: tuple[tuple[str, RequestStatus], ...]
+
+
+@dataclass
+class _TextState:
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    """``[None, scored position 0, 1, ...]`` when the request asked for prompt logprobs."""
+    cumulative_logprob: float | None = None
+    stopped_text: str | None = field(default=None)
+    """The final text once a stop string cut it."""
+    flushed: bool = False
+    """The detokenizer's held-back text is in ``text`` (the request finished)."""
+    stop_holdback: int = 0
+    """Characters an unfinished snapshot holds back: a stop string's start could be there."""
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Any, max_model_len: int, generator: torch.Generator):
+        """``generator`` draws the samples of requests without a seed of their own."""
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.generator = generator
+        self._states: dict[str, _TextState] = {}
+
+    def add(self, request: Request) -> None:
+        params = request.params
+        detokenizer = IncrementalDetokenizer(
+            self.tokenizer, request.prompt_token_ids, params.skip_special_tokens
+        )
+        wants_logprobs = params.logprobs is not None
+        self._states[request.request_id] = _TextState(
+            request,
+            detokenizer,
+            logprobs=[] if wants_logprobs else None,
+            cumulative_logprob=0.0 if wants_logprobs else None,
+            prompt_logprobs=None if params.prompt_logprobs is None else [None],
+            stop_holdback=_stop_holdback(params),
+        )
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request once its final output is built."""
+        self._states.pop(request_id, None)
+
+    def suppressed_token_ids(self, request: Request) -> tuple[int, ...]:
+        """Tokens the request may not sample yet: EOS and stop ids before ``min_tokens``."""
+        params = request.params
+        if len(request.output_token_ids) >= params.min_tokens:
+            return ()
+        eos = () if params.ignore_eos else request.eos_token_ids
+        return eos + params.stop_token_ids
+
+    def process(
+        self, forward: ForwardBatch, logits: torch.Tensor, positions: list[PromptPosition]
+    ) -> ForwardOutputs:
+        """Take one forward's logits (its sampling rows', then ``positions``' from
+        ``prompt_positions``): score those prompt positions, sample and append every sampling
+        row's next token."""
+        states = [self._states[row.request_id] for row in forward.rows if row.sample]
+        self._add_prompt_logprobs(positions, logits[len(states) :])
+        rows = [self._sampling_row(state.request) for state in states]
+        result = sample(logits[: len(states)], rows)
+        now, finished = time.monotonic(), []
+        for state, token, logprobs in zip(states, result.token_ids, result.logprobs, strict=True):
+            status = self._append(state, token, logprobs, now)
+            if status is not None:
+                finished.append((state.request.request_id, status))
+        return ForwardOutputs(tuple(state.request for state in states), tuple(finished))
+
+    def _sampling_row(self, request: Request) -> SamplingRow:
+        return SamplingRow(
+            request.params,
+            request.generator or self.generator,
+            self.suppressed_token_ids(request),
+            request.prompt_token_ids,
+            request.output_token_ids,
+        )
+
+    def _append(
+        self, state: _TextState, token: int, logprobs: dict[int, Logprob] | None, now: float
+    ) -> RequestStatus | None:
+        """Record one new token at time ``now``; return the finished status it causes, if any."""
+        request = state.request
+        request.first_token_time = request.first_token_time or now
+        request.token_times.append(now)
+        request.output_token_ids.append(token)
+        if logprobs is not None:
+            state.logprobs.append(self._decoded(logprobs))
+            state.cumulative_logprob += logprobs[token].logprob
+        new_text = state.detokenizer.add(token)
+        state.text += new_text
+        status = self._check_stop(request, state, token, len(new_text))
+        if status is not None:
+            request.finished_time = now
+        return status
+
+    def prompt_positions(self, forward: ForwardBatch) -> list[PromptPosition]:
+        """The prompt positions of ``forward`` whose log-probabilities are asked for and not yet
+        scored, in packed order: the forward computes their logits too."""
+        wanted, offset = [], 0
+        for row in forward.rows:
+            state = self._states[row.request_id]
+            if state.prompt_logprobs is not None:
+                request = state.request
+                first = max(row.start, len(state.prompt_logprobs) - 1)
+                last = min(row.end, len(request.prompt_token_ids) - 1)
+                wanted += [(offset + p - row.start, request, p) for p in range(first, last)]
+            offset += len(row.token_ids)
+        return wanted
+
+    def _add_prompt_logprobs(self, positions: list[PromptPosition], logits: torch.Tensor) -> None:
+        """Score ``positions`` from their logits (``[len(positions), vocab]``)."""
+        if not positions:
+            return
+        dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        logprobs = logits.to(dtype).log_softmax(dim=-1)
+        for (_, request, position), row in zip(positions, logprobs, strict=True):
+            token = request.prompt_token_ids[position + 1]
+            top_n = request.params.prompt_logprobs
+            entry = self._decoded(token_logprobs(row, token, top_n))
+            self._states[request.request_id].prompt_logprobs.append(entry)
+
+    def _decoded(self, logprobs: dict[int, Logprob]) -> dict[int, Logprob]:
+        return {
+            token: replace(logprob, decoded_token=self.tokenizer.decode([token]))
+            for token, logprob in logprobs.items()
+        }
+
+    def _check_stop(
+        self, request: Request, state: _TextState, token: int, new_chars: int
+    ) -> RequestStatus | None:
+        params = request.params
+        past_min = len(request.output_token_ids) >= params.min_tokens
+        if past_min and token in request.eos_token_ids and not params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED
+        if past_min and token in params.stop_token_ids:
+            request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if past_min and params.stop and (match := find_stop(state.text, new_chars, params.stop)):
+            start, stop = match
+            state.stopped_text = state.text[
+                : start + (len(stop) if params.include_stop_str_in_output else 0)
+            ]
+            request.stop_reason = stop
+            return RequestStatus.FINISHED_STOPPED
+        if len(request.output_token_ids) >= request.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def output(self, request: Request) -> RequestOutput:
+        """A snapshot of the request (the same one again for a finished request, until
+        ``release``)."""
+        finished = request.status.is_finished
+        state = self._states[request.request_id]
+        if finished and not state.flushed:
+            state.flushed = True
+            if state.stopped_text is None:
+                state.text += state.detokenizer.flush()
+        if state.stopped_text is not None:
+            text = state.stopped_text
+        elif finished or not state.stop_holdback:
+            text = state.text
+        else:
+            text = state.text[: max(len(state.text) - state.stop_holdback, 0)]
+        completion = CompletionOutput(
+            index=0,
+            text=text,
+            token_ids=tuple(request.output_token_ids),
+            cumulative_logprob=state.cumulative_logprob,
+            logprobs=tuple(state.logprobs) if state.logprobs is not None else None,
+            finish_reason=request.status.finish_reason,
+            stop_reason=request.stop_reason,
+        )
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=tuple(request.prompt_token_ids),
+            outputs=(completion,),
+            finished=finished,
+            prompt_logprobs=(
+                None if state.prompt_logprobs is None else tuple(state.prompt_logprobs)
+            ),
+            metrics=RequestMetrics(
+                arrival_time=request.arrival_time,
+                first_token_time=request.first_token_time,
+                finished_time=request.finished_time,
+                token_times=tuple(request.token_times),
+                num_preemptions=request.num_preemptions,
+            ),
+        )
+
+
+def _stop_holdback(params) -> int:
+    """How much of a snapshot's tail could be the start of a stop string the final text cuts."""
+    if not params.stop or params.include_stop_str_in_output:
+        return 0
+    return max(len(stop) for stop in params.stop) - 1

@@ -1,0 +1,116 @@
+"""GPU backend rules the CPU can check: broken optional packages make a backend unavailable
+instead of crashing the first step, xformers' dtype and compute-capability rules, the GQA decode
+window for torch's bundled FlashAttention and xformers' mask built once per step. Fake modules
+and a faked capability stand in for a GPU."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+
+from baton_paged.attention import flash_backend, xformers_backend
+from baton_paged.attention.base import AttentionRequirements
+from baton_paged.attention.metadata import AttentionMetadata
+
+CUDA_BF16 = AttentionRequirements(torch.device("cuda"), torch.bfloat16, 256, 64, 8, 2)
+
+
+@pytest.fixture
+def fresh_imports():
+    flash_backend._paged_varlen_kernel.cache_clear()
+    xformers_backend._import_problem.cache_clear()
+    yield
+    flash_backend._paged_varlen_kernel.cache_clear()
+    xformers_backend._import_problem.cache_clear()
+
+
+@pytest.fixture
+def capability(monkeypatch):
+    def set_to(major, minor):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, minor))
+
+    set_to(9, 0)
+    return set_to
+
+
+def test_a_flash_attn_without_its_varlen_kernel_is_not_chosen(
+    monkeypatch, fresh_imports, capability
+):
+    """flash-attn 4 alone installs only ``flash_attn.cute``: the package imports, the kernel
+    does not. The backend must fall to torch's bundled kernel or say it has none."""
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    kernel = flash_backend._paged_varlen_kernel()
+    assert kernel is not flash_backend._flash_attn_package
+    reason = flash_backend.FlashAttnBackend.unsupported_reason(CUDA_BF16)
+    assert reason is None if kernel is not None else "flash-attn package" in reason
+
+
+def test_an_importable_flash_attn_is_used(monkeypatch, fresh_imports):
+    module = types.ModuleType("flash_attn")
+    module.flash_attn_varlen_func = lambda *args, **kwargs: None
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    assert flash_backend._paged_varlen_kernel() is flash_backend._flash_attn_package
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [
+        None,  # import raises ImportError: not installed
+        types.ModuleType("xformers"),  # a module, not a package: xformers.ops cannot import
+    ],
+)
+def test_a_missing_or_broken_xformers_is_unavailable(
+    monkeypatch, fresh_imports, capability, broken
+):
+    monkeypatch.setitem(sys.modules, "xformers", broken)
+    reason = xformers_backend.XformersBackend.unsupported_reason(CUDA_BF16)
+    assert reason is not None and "xformers" in reason
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cap", "problem"),
+    [
+        (torch.float32, (9, 0), None),
+        (torch.float32, (10, 0), "no float32 operator on compute capability 10.0"),
+        (torch.float32, (12, 0), "no float32 operator"),
+        (torch.bfloat16, (7, 5), "8.0+ for bfloat16"),
+        (torch.bfloat16, (12, 0), None),
+        (torch.float16, (7, 5), None),
+    ],
+)
+def test_xformers_dtype_rules_follow_its_operators(dtype, cap, problem):
+    found = xformers_backend._dtype_problem(dtype, cap)
+    assert found is None if problem is None else problem in found
+
+
+def test_bundled_flash_decode_uses_no_window_so_fa2_takes_its_gqa_path(monkeypatch):
+    calls = []
+    varlen = types.ModuleType("torch.nn.attention.varlen")
+    varlen.varlen_attn = lambda *args, **kwargs: calls.append(kwargs["window_size"])
+    monkeypatch.setitem(sys.modules, "torch.nn.attention.varlen", varlen)
+    table = np.zeros((2, 1), dtype=np.int32)
+    decode = AttentionMetadata.build([1, 1], [5, 9], table, 16)
+    prefill = AttentionMetadata.build([3, 1], [5, 9], table, 16)
+    for meta in (decode, prefill):
+        pages = torch.empty(1, 16, 2, 8)
+        flash_backend._torch_bundled(torch.empty(meta.num_tokens, 8, 8), pages, pages, meta, 1.0)
+    assert calls == [(-1, -1), (-1, 0)]
+
+
+def test_xformers_mask_is_built_once_per_step(monkeypatch):
+    built = []
+    mask_class = types.SimpleNamespace(from_seqlens=lambda **kw: built.append(kw) or object())
+    fmha = types.SimpleNamespace(
+        attn_bias=types.SimpleNamespace(BlockDiagonalCausalWithOffsetPaddedKeysMask=mask_class)
+    )
+    backend = xformers_backend.XformersBackend()
+    table = np.zeros((2, 1), dtype=np.int32)
+    step, next_step = (AttentionMetadata.build([1, 1], [5, 9], table, 16) for _ in range(2))
+    first = backend._mask(fmha, step, 16, "cpu")
+    assert all(backend._mask(fmha, step, 16, "cpu") is first for _ in range(5))  # more layers
+    assert backend._mask(fmha, next_step, 16, "cpu") is not first
+    assert len(built) == 2
