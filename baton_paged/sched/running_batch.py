@@ -62,6 +62,12 @@ class RunningBatch:
     def num_pages(self, request_id: str) -> int:
         return self._table.num_pages(request_id)
 
+    def pages_freed_by(self, requests: Iterable[Request]) -> int:
+        """Device pages that taking ``requests`` out of the batch would free: a page another row
+        also holds (a shared prefix) stays owned."""
+        held = Counter(page for r in requests for page in self.pages(r.request_id))
+        return sum(self.pool.ref_count(page) == rows for page, rows in held.items())
+
     def block_table(self, request_ids: Iterable[str]) -> np.ndarray:
         """A forward's block table: these requests' rows in this order (a copy)."""
         return self._table.as_numpy()[[self._table.row_of(rid) for rid in request_ids]]

@@ -164,7 +164,7 @@ class Step:
                 return False
             victims.append(victim)
             others = [r for r in self.running if r not in victims]
-            freed = sum(self._batch.num_pages(v.request_id) for v in victims)
+            freed = self._batch.pages_freed_by(victims)
             if self._fits(needed, others, self._pool.num_free + freed, request):
                 for v in victims:
                     self._preempt(v)

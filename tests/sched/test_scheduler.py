@@ -7,7 +7,11 @@ from sched_helpers import PAGE, request, run_plan, scheduler
 
 from baton_paged.allocator import PagePool
 from baton_paged.allocator.page_hash import page_hashes
+from baton_paged.request import Request
+from baton_paged.sampling_params import SamplingParams
+from baton_paged.sched.policies import make_policy
 from baton_paged.sched.prefix_caching import PrefixCaching
+from baton_paged.sched.scheduler import Scheduler
 
 
 def test_admission_is_by_priority_then_arrival():
@@ -176,3 +180,33 @@ def test_prefix_caching_counts_the_pools_evictions():
     pool.free([page])
     pool.allocate(2)  # the cached page is the last one left to hand out
     assert caching.evictions == pool.prefix.evictions == 1
+
+
+def test_priority_preemption_counts_only_pages_the_victims_free():
+    """A victim's pages shared with a running request (a cached prefix) stay owned when it
+    leaves: counting them as freed once preempted ``b`` for a newcomer that then did not fit,
+    and the step failed with OutOfPagesError."""
+    pool = PagePool(7)
+    policy = make_policy("baton", 4096, 512)
+    sched = Scheduler(pool, PAGE, 4, 32, policy, prefix_caching=PrefixCaching(pool, PAGE, b""))
+    sched.add(prompt_request("a", range(1, 9), priority=0))
+    run_plan(sched, sched.schedule())
+    sched.add(prompt_request("b", range(1, 13), priority=5))  # shares a's two full pages
+    for _ in range(2):
+        run_plan(sched, sched.schedule())
+    assert set(sched.batch.pages("a")) & set(sched.batch.pages("b"))
+    sched.add(prompt_request("c", range(20, 40), priority=0))  # 5 pages; b's leaving frees 2
+    plan = sched.schedule()
+    assert plan.admitted == () and plan.preempted == ()
+    run_plan(sched, plan)
+
+
+def prompt_request(rid: str, tokens, priority: int) -> Request:
+    return Request(
+        request_id=rid,
+        prompt_token_ids=list(tokens),
+        params=SamplingParams(temperature=0, max_tokens=8),
+        max_tokens=8,
+        eos_token_ids=(),
+        priority=priority,
+    )
