@@ -46,4 +46,10 @@ timeout 200 python benchmarks/bench_gpu.py --models small --batch-sizes 32,128 \
 stamp "bench_gpu exit $?"
 tail -20 "$OUT/bench-gpu.log"
 cp benchmarks/results/gpu-*.json "$OUT/" 2>/dev/null
+
+timeout 150 python benchmarks/bench_overhead.py --device cuda --repeats 1 \
+  >"$OUT/bench-overhead.log" 2>&1
+stamp "bench_overhead exit $?"
+tail -12 "$OUT/bench-overhead.log"
+cp benchmarks/results/overhead-cuda.* "$OUT/" 2>/dev/null
 stamp "done"

@@ -1,0 +1,187 @@
+"""Host overhead: where a decode step's time goes besides the model's forward.
+
+    python benchmarks/bench_overhead.py [--batches 1,32,128,256] [--repeats 3] [--threads 2]
+        [--device cpu|cuda] [--quick]
+
+A near-zero model (the random-weight ``tiny`` Llama: 2 layers) decodes B requests at once (8-token
+prompts, ``--output-tokens`` each, EOS ignored), so nearly everything but the forward is the
+engine's own host work. Each phase of ``Engine.step`` is timed by wrapping the engine's parts
+from outside (the engine is not changed for it), over decode-only steps:
+
+- schedule: ``scheduler.schedule``; update: ``scheduler.update``; swap: ``runner.swap``;
+- input preparation: ``runner.execute`` less the forward (positions, metadata, copies);
+- forward: the model's forward (on CUDA its launch: the GPU runs it asynchronously);
+- sampling: the sampler, the device->host copy of the sampled ids included;
+- output processing: the rest of ``outputs.process`` (appending, detokenizing, stops) and
+  building the step's ``RequestOutput``s;
+- other: the step's wall time less all of the above.
+
+Host time = step wall time - forward. On CUDA, CUDA events around each forward also give the
+GPU's busy time, and its idle share of the decode wall time. Target (CPU, ``tiny``): host time per
+step at B=128 <= 1.0 ms. Results: ``results/overhead-<device>.*``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable
+
+import harness
+import torch
+from harness import Default, check
+
+from baton_paged import LLM, SamplingParams
+from baton_paged.model.builder import cached_model
+from baton_paged.processing import output_processor
+
+PROMPT_TOKENS = 8
+PHASES = ("schedule", "swap", "input_prep", "forward", "sampling", "outputs", "update", "other")
+
+
+class PhaseClock:
+    """Seconds per phase over the steps it keeps, from wrappers around the engine's parts."""
+
+    def __init__(self, engine, device: torch.device):
+        self.totals: dict[str, float] = defaultdict(float)
+        self.step: dict[str, float] = defaultdict(float)
+        self.last: dict[str, object] = {}
+        """Each phase's latest return value (the schedule's: the step's plan)."""
+        self.steps = 0
+        self.gpu_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.cuda = device.type == "cuda"
+        runner, scheduler, outputs = engine.runner, engine.scheduler, engine.outputs
+        self._wrap(scheduler, "schedule", "schedule")
+        self._wrap(scheduler, "update", "update")
+        self._wrap(runner, "swap", "swap")
+        self._wrap(runner, "execute", "execute")
+        self._wrap(runner, "forward", "forward", gpu=True)
+        self._wrap(outputs, "process", "process")
+        self._wrap(outputs, "output", "report")
+        self._wrap(output_processor, "sample", "sampling")
+
+    def _wrap(self, owner, name: str, phase: str, gpu: bool = False) -> None:
+        inner: Callable = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            if gpu and self.cuda:
+                events = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                events[0].record()
+            start = time.perf_counter()
+            try:
+                self.last[phase] = inner(*args, **kwargs)
+                return self.last[phase]
+            finally:
+                self.step[phase] += time.perf_counter() - start
+                if gpu and self.cuda:
+                    events[1].record()
+                    self.gpu_events.append(events)
+
+        setattr(owner, name, timed)
+
+    def run_step(self, engine, sync: Callable[[], None]) -> None:
+        """One ``engine.step``; its phases count if every row of it was a decode."""
+        self.step.clear()
+        self.gpu_events.clear()
+        start = time.perf_counter()
+        engine.step()
+        sync()
+        wall = time.perf_counter() - start
+        rows = [row for forward in self.last["schedule"].forwards for row in forward.rows]
+        if not rows or not all(row.decode for row in rows):
+            return
+        exclusive = {
+            "schedule": self.step["schedule"],
+            "swap": self.step["swap"],
+            "input_prep": self.step["execute"] - self.step["forward"],
+            "forward": self.step["forward"],
+            "sampling": self.step["sampling"],
+            "outputs": self.step["process"] - self.step["sampling"] + self.step["report"],
+            "update": self.step["update"],
+        }
+        exclusive["other"] = wall - sum(exclusive.values())
+        for phase, seconds in exclusive.items():
+            self.totals[phase] += seconds
+        self.totals["wall"] += wall
+        self.totals["gpu"] += sum(a.elapsed_time(b) / 1e3 for a, b in self.gpu_events)
+        self.steps += 1
+
+
+def measure(model: str, batch: int, args, device: torch.device) -> dict:
+    """Per-step milliseconds of each phase over the decode steps of one run of ``batch``."""
+    llm = LLM(model, max_batch_size=batch, device=str(device), enable_prefix_caching=False)
+    engine = llm.engine
+    vocab = len(llm.get_tokenizer())
+    params = SamplingParams(temperature=0, max_tokens=args.output_tokens, ignore_eos=True)
+    for i in range(batch):
+        prompt = [(i * 7 + j) % (vocab - 1) + 1 for j in range(PROMPT_TOKENS)]
+        engine.add_request({"prompt_token_ids": prompt}, params)
+    sync = harness.synchronizer(device)
+    while engine.snapshot.num_waiting or not engine.snapshot.num_running:
+        engine.step()  # admission and prefill: not what this measures
+    engine.step()  # the first decode, after the prefill step
+    clock = PhaseClock(engine, device)
+    while engine.has_unfinished_requests() and engine.snapshot.num_running == batch:
+        clock.run_step(engine, sync)
+    engine.close()
+    per_step = {p: 1e3 * clock.totals[p] / max(clock.steps, 1) for p in (*PHASES, "wall")}
+    row = {"batch": batch, "steps": clock.steps}
+    row |= {f"{p}_ms": round(v, 3) for p, v in per_step.items()}
+    row["host_ms"] = round(per_step["wall"] - per_step["forward"], 3)
+    if device.type == "cuda":
+        busy = clock.totals["gpu"] / max(clock.totals["wall"], 1e-9)
+        row["gpu_idle_share"] = round(1 - busy, 3)
+    return row
+
+
+def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
+    rows = saved["rows"]
+    columns = ["batch", "wall_ms", "host_ms", *(f"{p}_ms" for p in PHASES)]
+    if any("gpu_idle_share" in row for row in rows):
+        columns.append("gpu_idle_share")
+    lines = [
+        f"# Host overhead per decode step ({saved['environment']['device']}, {saved['model']})",
+        "",
+        *harness.markdown(rows, columns),
+    ]
+    xs = [row["batch"] for row in rows]
+    lines_by_phase = {p: [row[f"{p}_ms"] for row in rows] for p in PHASES}
+    panels = {"ms per decode step by phase": (xs, lines_by_phase)}
+    return lines, "Where a decode step's time goes", panels
+
+
+def main() -> None:
+    parser = harness.options(
+        __doc__,
+        threads=2,
+        repeats=Default(3, 1),
+        quick="B = 1, 32, 128 and 32 output tokens: a check that it runs",
+        results="overhead-cpu",
+    )
+    batches = Default([1, 32, 128, 256], [1, 32, 128])
+    parser.add_argument("--batches", type=harness.comma_list(int), default=batches)
+    parser.add_argument("--output-tokens", type=int, default=Default(96, 32))
+    parser.add_argument("--device", default="cpu")
+    args = harness.start(parser, must_include={"batches": 128})
+    device = torch.device(args.device)
+    model = str(cached_model("llama", "tiny"))
+    runs = defaultdict(list)
+    for _, batch in harness.rotations(args.batches, args.repeats):
+        runs[batch].append(measure(model, batch, args, device))
+        row = runs[batch][-1]
+        print(f"B={batch}: {row['wall_ms']} ms per step, host {row['host_ms']} ms", flush=True)
+    rows = [harness.medians(runs[batch], 3) for batch in args.batches]
+    host_128 = next(row["host_ms"] for row in rows if row["batch"] == 128)
+    checks = [check("host ms per decode step, B=128", host_128, 1.0, "<=")]
+    payload = {
+        "model": "llama-tiny",
+        "environment": harness.environment(args.threads, device),
+        "rows": rows,
+        "checks": checks,
+    }
+    name = args.name.replace("-cpu", f"-{device.type}")
+    harness.publish(name, payload, report, [])
+
+
+if __name__ == "__main__":
+    main()
