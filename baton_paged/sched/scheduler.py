@@ -54,12 +54,10 @@ class Scheduler:
         monitor: MemoryMonitor | None = None,
         prefix_caching: PrefixCaching | None = None,
     ):
-        self.pool = pool
-        self.page_size = page_size
+        """``host_pool``: host swap pool pages; None = preemption always recomputes. The pools
+        and page size belong to the batch (``self.batch``), whose moves use them."""
         self.max_batch_size = max_batch_size
         self.policy = policy
-        self.host_pool = host_pool
-        """Host swap pool pages; None = preemption always recomputes."""
         self.monitor = monitor
         """Memory pressure watermarks; None = the batch is limited by pages and slots only."""
         self.prefix_caching = prefix_caching
@@ -100,7 +98,7 @@ class Scheduler:
         pages go back whether or not they were read, as their requests are half-done either way
         and the caller aborts every running request. Not idempotent: once per plan."""
         for swap in plan.swap_in:
-            release_source(swap, self.pool, self.host_pool)
+            release_source(swap, self.batch.pool, self.batch.host_pool)
         for forward in plan.forwards[: result.forwards_run]:
             for row in forward.rows:
                 request = self.batch[row.request_id]

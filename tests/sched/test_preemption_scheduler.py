@@ -92,7 +92,7 @@ def test_swapped_request_resumes_where_it_stopped(name):
     while sched.has_work():
         run_plan(sched, sched.schedule())
     assert len(victim.output_token_ids) == 8
-    assert sched.pool.num_used == 0 and sched.host_pool.num_used == 0
+    assert sched.batch.pool.num_used == 0 and sched.batch.host_pool.num_used == 0
 
 
 def test_finishing_a_swapped_request_frees_its_host_pages():
@@ -100,10 +100,10 @@ def test_finishing_a_swapped_request_frees_its_host_pages():
     started(sched, "low", max_tokens=6)
     sched.add(request("urgent", priority=0))
     run_plan(sched, sched.schedule())
-    assert sched.host_pool.num_used > 0
+    assert sched.batch.host_pool.num_used > 0
     sched.abort(_waiting(sched, "low"))
     sched.check_integrity()
-    assert sched.host_pool.num_used == 0 and "low" not in sched.waiting
+    assert sched.batch.host_pool.num_used == 0 and "low" not in sched.waiting
 
 
 def _waiting(sched, rid):

@@ -116,9 +116,9 @@ def test_admission_never_lets_a_later_request_overtake_one_that_does_not_fit():
     sched = scheduler(num_pages=4)
     sched.add(request("big", prompt_len=13))  # needs all 4 pages
     sched.add(request("small", prompt_len=2))  # would fit in 1
-    held = sched.pool.allocate(1)  # a page held elsewhere: big cannot fit yet
+    held = sched.batch.pool.allocate(1)  # a page held elsewhere: big cannot fit yet
     assert sched.schedule().admitted == ()
-    sched.pool.free(held)
+    sched.batch.pool.free(held)
     assert sched.schedule().admitted == ("big",)
 
 
@@ -135,7 +135,7 @@ def test_a_newcomer_waits_for_the_page_its_first_decode_opens():
         plans.append(sched.schedule())
         run_plan(sched, plans[-1])
     assert not any(plan.preempted for plan in plans), "nobody's work was thrown away"
-    assert sched.pool.num_used == 0
+    assert sched.batch.pool.num_used == 0
 
 
 def test_victim_is_lowest_priority_then_most_recently_admitted():
@@ -157,7 +157,7 @@ def test_decode_growth_preempts_by_recompute_when_pages_run_out(policy):
         preempted += plan.preempted
         run_plan(sched, plan)
     assert preempted and set(preempted) <= {"second"}
-    assert sched.pool.num_used == 0
+    assert sched.batch.pool.num_used == 0
 
 
 @pytest.mark.parametrize("policy", ["baton", "orca", "static", "chunked"])
