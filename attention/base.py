@@ -50,6 +50,17 @@ class AttentionBackend(ABC):
         The default suits backends built from plain PyTorch ops, which run wherever torch does."""
         return None
 
+    @classmethod
+    def create(cls, req: AttentionRequirements) -> AttentionBackend:
+        """A ready backend for ``req`` (which ``unsupported_reason`` accepted); a backend with
+        several forms returns the one that fits."""
+        return cls()
+
+    @classmethod
+    def page_size_for(cls, req: AttentionRequirements) -> int:
+        """The page size to build the cache with when the user chose none."""
+        return cls.preferred_page_size
+
     def forward(
         self,
         query: torch.Tensor,

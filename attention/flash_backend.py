@@ -1,14 +1,23 @@
-"""``flash_attn``: FlashAttention-2 varlen kernels reading K/V straight from the pages.
+"""``flash_attn``: FlashAttention-2 varlen kernels, in one of two forms chosen by what can run.
 
-No gather and no padding: the kernel walks ``block_table`` itself, with ``cu_seqlens_q`` packing
-the queries and bottom-right causal masking (``causal=True``), which is what decode and prefill
-after earlier context both need. The kernel comes from the ``flash-attn`` package when installed,
-else from the FA2 build bundled with PyTorch (``torch.nn.attention.varlen.varlen_attn``, whose
-paged form takes ``seqused_k`` instead of ``cu_seqlens_k``). Both take the page-major cache as it
-is: the kernel steps between pages by the K tensor's stride 0, not by ``page_size * Hkv * D``.
+**In place** (``PagedFlash``): the kernel walks ``block_table`` itself, with ``cu_seqlens_q``
+packing the queries and bottom-right causal masking: no gather, no padding. It comes from the
+``flash-attn`` package when installed, else from a PyTorch whose
+``torch.nn.attention.varlen.varlen_attn`` takes a ``block_table``. Upstream FA2 reads pages only
+of a multiple of 256 tokens, and the kernel steps between pages by the K tensor's stride 0, so
+our page-major cache is read as it is.
 
-Upstream FA2 requires pages of a multiple of 256 tokens, fp16/bf16, head dim <= 256 and a
-multiple of 8, and an Ampere or newer GPU; ``unsupported_reason`` checks each.
+**Packed** (``PackedFlash``): for every other page size, on any CUDA build of PyTorch (which
+bundles FA2's varlen kernel without a block table, ``aten._flash_attention_forward``). Each
+layer gathers its requests' pages into one ``[B * S, Hkv, D]`` run, one row of ``S`` key slots
+per request, and hands the kernel that run with ``cu_seqlens_k = [0, S, 2S, ...]`` (where each
+request's keys start) and ``seqused_k`` (how many of them are real): the padding past a
+request's context is never read as a key and no query is padded. The gather is the price of our
+16-token pages; it costs a copy of the step's K/V per layer and cannot be captured by a CUDA
+graph at a useful size (a graph replays the widest block table), so this form runs eagerly.
+
+Both need fp16/bf16, head dim <= 256 and a multiple of 8, and an Ampere or newer GPU;
+``unsupported_reason`` checks each, and ``create`` picks the form for the page size.
 """
 
 from __future__ import annotations
@@ -21,21 +30,31 @@ from collections.abc import Callable
 import torch
 
 from baton_paged.attention.base import AttentionBackend, AttentionRequirements
+from baton_paged.attention.gather import GatherWorkspace
 from baton_paged.attention.metadata import AttentionMetadata
 
 FLASH_PAGE_MULTIPLE = 256
+"""Upstream FA2's paged kernels read pages of a multiple of this many tokens."""
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 
 
 class FlashAttnBackend(AttentionBackend):
-    name = "flash_attn"
-    preferred_page_size = FLASH_PAGE_MULTIPLE
-    graph_safe = True
+    """The registry's ``flash_attn``: its capability rules and the choice of form (abstract:
+    ``create`` returns one of the two forms below)."""
 
-    def __init__(self) -> None:
-        self._kernel = _paged_varlen_kernel()
-        if self._kernel is None:
-            raise RuntimeError(_NO_KERNEL)
+    name = "flash_attn"
+
+    @classmethod
+    def create(cls, req: AttentionRequirements) -> AttentionBackend:
+        if req.page_size % FLASH_PAGE_MULTIPLE == 0 and _paged_varlen_kernel() is not None:
+            return PagedFlash(_paged_varlen_kernel())
+        return PackedFlash()
+
+    @classmethod
+    def page_size_for(cls, req: AttentionRequirements) -> int:
+        """256-token pages where a kernel reads them in place, else the engine's 16."""
+        in_place = _paged_varlen_kernel() is not None
+        return FLASH_PAGE_MULTIPLE if in_place else cls.preferred_page_size
 
     @classmethod
     def unsupported_reason(cls, req: AttentionRequirements) -> str | None:
@@ -43,32 +62,101 @@ class FlashAttnBackend(AttentionBackend):
             return f"needs a CUDA device, not {req.device.type}"
         if req.dtype not in FLASH_DTYPES:
             return f"supports float16 and bfloat16 only, not {req.dtype}"
-        if req.page_size % FLASH_PAGE_MULTIPLE:
-            return f"needs a page size that is a multiple of 256, not {req.page_size}"
         if req.head_dim % 8 or req.head_dim > 256:
             return f"needs a head dim <= 256 and a multiple of 8, not {req.head_dim}"
+        in_place = req.page_size % FLASH_PAGE_MULTIPLE == 0 and _paged_varlen_kernel() is not None
+        if not (in_place or _packed_kernel_available()):
+            return _no_kernel_reason(req.page_size)
         major, minor = torch.cuda.get_device_capability(req.device)
         if major < 8:
             return f"needs compute capability 8.0 or newer (Ampere+), not {major}.{minor}"
-        if _paged_varlen_kernel() is None:
-            return _NO_KERNEL
         return None
 
-    def attend(
-        self,
-        query: torch.Tensor,
-        key_pages: torch.Tensor,
-        value_pages: torch.Tensor,
-        meta: AttentionMetadata,
-        scale: float,
-    ) -> torch.Tensor:
+
+class PagedFlash(FlashAttnBackend):
+    """FA2 reading K/V from the pages in place; lengths come from device tensors, so a CUDA
+    graph can capture it."""
+
+    preferred_page_size = FLASH_PAGE_MULTIPLE
+    graph_safe = True
+
+    def __init__(self, kernel: PagedKernel) -> None:
+        self._kernel = kernel
+
+    def attend(self, query, key_pages, value_pages, meta: AttentionMetadata, scale: float):
         return self._kernel(query, key_pages, value_pages, meta, scale)
 
 
-_NO_KERNEL = (
-    "needs the flash-attn package (pip install 'baton-paged[gpu]') or a PyTorch whose "
-    "torch.nn.attention.varlen.varlen_attn takes a block_table"
-)
+class PackedFlash(FlashAttnBackend):
+    """FA2 over the step's pages gathered into one packed run per layer (module docstring)."""
+
+    def __init__(self) -> None:
+        self._workspace = GatherWorkspace()
+        self._step_offsets: tuple[AttentionMetadata, torch.Tensor] | None = None
+        """The last step's key offsets: every layer of a step shares them (built once)."""
+
+    def attend(self, query, key_pages, value_pages, meta: AttentionMetadata, scale: float):
+        keys, values = self._workspace.gather(key_pages, value_pages, meta.block_table)
+        rows, span, num_kv_heads, head_dim = keys.shape
+        return _flash_varlen(
+            query,
+            keys.view(rows * span, num_kv_heads, head_dim),
+            values.view(rows * span, num_kv_heads, head_dim),
+            meta,
+            self._key_offsets(meta, span, query.device),
+            span,
+            scale,
+        )
+
+    def _key_offsets(self, meta: AttentionMetadata, span: int, device) -> torch.Tensor:
+        """``[0, S, 2S, ..., B*S]``: where each request's row of key slots starts."""
+        if self._step_offsets is None or self._step_offsets[0] is not meta:
+            stop = (meta.batch_size + 1) * span
+            offsets = torch.arange(0, stop, span, dtype=torch.int32, device=device)
+            self._step_offsets = (meta, offsets)
+        return self._step_offsets[1]
+
+
+def _flash_varlen(query, keys, values, meta, key_offsets, span, scale):
+    """PyTorch's bundled FA2 varlen forward. A decode-only step is not causal (one query sees
+    its whole context), which also lets FA2 fold a KV group's query heads into one tile (its
+    GQA decode path needs no right window); otherwise causality is bottom-right aligned to each
+    request's ``seqused_k``, as our chunks and recomputes need."""
+    out, *_ = torch.ops.aten._flash_attention_forward(
+        query,
+        keys,
+        values,
+        meta.cu_seqlens_q,
+        key_offsets,
+        meta.max_query_len,
+        span,
+        0.0,  # dropout
+        meta.max_query_len > 1,  # causal
+        False,  # return the debug mask
+        scale=scale,
+        seqused_k=meta.seqused_k,
+    )
+    return out
+
+
+def _packed_kernel_available() -> bool:
+    """Whether this PyTorch was built with FlashAttention (CUDA builds are; CPU builds not)."""
+    available = getattr(torch.backends.cuda, "is_flash_attention_available", None)
+    return bool(available and available()) and hasattr(torch.ops.aten, "_flash_attention_forward")
+
+
+def _no_kernel_reason(page_size: int) -> str:
+    if page_size % FLASH_PAGE_MULTIPLE:
+        return (
+            f"needs a PyTorch built with FlashAttention for pages of {page_size} tokens (the "
+            "packed form), or pages of a multiple of 256 for the flash-attn package"
+        )
+    return (
+        "needs the flash-attn package (pip install 'baton-paged[gpu]'), a PyTorch whose "
+        "torch.nn.attention.varlen.varlen_attn takes a block_table, or a PyTorch built with "
+        "FlashAttention"
+    )
+
 
 PagedKernel = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, AttentionMetadata, float], torch.Tensor
@@ -77,11 +165,12 @@ PagedKernel = Callable[
 
 @functools.cache
 def _paged_varlen_kernel() -> PagedKernel | None:
-    """The flash-attn package's kernel if it imports, else torch's bundled one, else None.
+    """The flash-attn package's kernel if it imports, else torch's bundled one if it takes a
+    block table, else None.
 
     Imported here, not at the first forward: a package that is present but cannot load (built
     for another torch or CUDA; flash-attn 4 alone, whose ``flash_attn`` holds only ``cute``) must
-    make the backend unavailable, not crash the first step."""
+    make the in-place form unavailable, not crash the first step."""
     try:
         from flash_attn import flash_attn_varlen_func  # noqa: F401
     except Exception:  # ImportError, or a broken build's OSError / RuntimeError

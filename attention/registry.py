@@ -28,8 +28,10 @@ BACKENDS = {
     "triton": "baton_paged.attention.triton_backend:TritonBackend",
 }
 
-# On CUDA the varlen kernels win (flash-attn, xformers, then our Triton kernel, which needs only
-# the triton that CUDA torch ships, so on a standard CUDA torch the list ends there). Past them
+# On CUDA our Triton kernel reads the pages in place and is captured by CUDA graphs (it needs
+# only the triton that CUDA torch ships); flash-attn and xformers follow it: on a stock PyTorch
+# both gather each layer's pages (flash-attn's packed form at 16-token pages) and run eagerly,
+# PROVISIONAL until the H200 run measures them (bench_gpu baton-triton/-flash/-xformers). Past them
 # the padded batch ranks above per-request SDPA: measured on an H200 (bench_gpu, bf16, B=32 and
 # 128) it ran 2.2x the torch backend, though padding costs O(B * Qmax * Smax) and SDPA's float
 # bias per layer grows large for one long prompt among decodes. On CPU the in-place paged kernel
@@ -37,7 +39,7 @@ BACKENDS = {
 # the torch backend's gather + SDPA took 1.81x); without a compiler the torch backend's
 # per-request forms are next (attention/torch_backend.py).
 AUTO_ORDER = {
-    "cuda": ("flash_attn", "xformers", "triton", "padded", "torch"),
+    "cuda": ("triton", "flash_attn", "xformers", "padded", "torch"),
     "cpu": ("cpu_paged", "torch"),
 }
 FALLBACK_ORDER = ("torch",)
@@ -92,16 +94,16 @@ def resolve_backend_name(name: str, req: AttentionRequirements) -> str:
 def suggested_page_size(name: str, req: AttentionRequirements) -> int:
     """The page size to build the cache with when the user did not choose one: that of the
     backend ``name`` resolves to once each candidate is offered its own preferred size (so
-    ``auto`` on an Ampere+ GPU with a flash kernel gets 256-token pages). ``req.page_size`` is
-    ignored."""
+    ``flash_attn`` with an in-place kernel gets 256-token pages). ``req.page_size`` is ignored."""
     candidates = AUTO_ORDER.get(req.device.type, FALLBACK_ORDER) if name == AUTO else (name,)
     for candidate in candidates:
         cls = backend_class(candidate)
-        if cls.unsupported_reason(replace(req, page_size=cls.preferred_page_size)) is None:
-            return cls.preferred_page_size
-    return backend_class(FALLBACK_ORDER[0]).preferred_page_size
+        page_size = cls.page_size_for(req)
+        if cls.unsupported_reason(replace(req, page_size=page_size)) is None:
+            return page_size
+    return backend_class(FALLBACK_ORDER[0]).page_size_for(req)
 
 
 def create_backend(name: str, req: AttentionRequirements) -> AttentionBackend:
     """A ready backend for ``req``: ``name`` is a registered backend or ``"auto"``."""
-    return backend_class(resolve_backend_name(name, req))()
+    return backend_class(resolve_backend_name(name, req)).create(req)

@@ -1,7 +1,7 @@
 """GPU benchmark: our paged path vs the padded vector-shaping path vs HF ``generate`` (bf16).
 
     python benchmarks/bench_gpu.py [--models small,smollm2] [--batch-sizes 32,128]
-        [--num-requests 256] [--max-budget 256] [--repeats 1]
+        [--num-requests 256] [--max-budget 256] [--repeats 1] [--systems baton,hf-generate,...]
 
 Run by ``benchmarks/gpu_check.sh`` on a lent GPU (nothing downloaded there: the random-weight
 checkpoints are built on the spot). Per model and max batch B, in bfloat16 on ``cuda``:
@@ -9,6 +9,9 @@ checkpoints are built on the spot). Per model and max batch B, in bfloat16 on ``
 * ``baton``: our engine, policy baton, attention backend ``auto`` (flash-attn or xformers when
   installed, else the Triton paged kernel), K/V read from the pages in place, decode replayed
   from CUDA graphs (flash-attn and Triton);
+* ``baton-triton`` / ``baton-flash`` / ``baton-xformers``: the engine on each varlen backend by
+  name (flash-attn at 16-token pages is its packed form, run eagerly; xformers gathers), so the
+  ``auto`` choice is read off measurements;
 * ``baton-eager``: the same with ``enforce_eager``: what the graphs save;
 * ``baton-padded``: the same engine on the BATON paper's padded batch + attention mask;
 * ``baton-torch``: the same on per-request SDPA over gathered pages (``auto``'s CUDA order puts
@@ -40,6 +43,9 @@ from baton_paged.model.builder import cached_model
 
 SYSTEMS = {
     "baton": {"attention_backend": "auto"},
+    "baton-triton": {"attention_backend": "triton"},
+    "baton-flash": {"attention_backend": "flash_attn"},
+    "baton-xformers": {"attention_backend": "xformers"},
     "baton-eager": {"attention_backend": "auto", "enforce_eager": True},
     "baton-padded": {"attention_backend": "padded"},
     "baton-torch": {"attention_backend": "torch"},
@@ -64,6 +70,18 @@ def run_baton(model_dir, work, batch: int, options: dict) -> tuple[float, str]:
     gc.collect()
     torch.cuda.empty_cache()
     return wall, name
+
+
+def run_baton_recorded(model_dir, work, batch: int, options: dict) -> tuple[float | None, str]:
+    """``run_baton``, with a failure (a backend that cannot build or run here) recorded as the
+    row's attention name instead of ending the benchmark."""
+    try:
+        return run_baton(model_dir, work, batch, options)
+    except Exception as error:  # noqa: BLE001 - reported in the row, the next system runs
+        gc.collect()
+        torch.cuda.empty_cache()
+        print(f"{options} failed: {type(error).__name__}: {error}", flush=True)
+        return None, f"failed: {type(error).__name__}: {str(error)[:200]}"
 
 
 def run_hf_generate(model, work, batch: int) -> float:
@@ -98,7 +116,11 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=harness.comma_list(int), default=[32, 128])
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--max-budget", type=int, default=256)
+    parser.add_argument("--systems", type=harness.comma_list(str), default=list(SYSTEMS))
     args = harness.start(parser)
+    unknown = set(args.systems) - set(SYSTEMS)
+    if unknown:
+        parser.error(f"unknown systems {sorted(unknown)}; choose from {', '.join(SYSTEMS)}")
     rows = []
     for size in args.models:
         model_dir = cached_model("llama", size)
@@ -106,14 +128,14 @@ def main() -> None:
         work = make_workload(args.num_requests, vocab, args.max_budget, args.seed)
         hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
         for batch in args.batch_sizes:
-            for repeat, system in harness.rotations(list(SYSTEMS), args.repeats):
+            for repeat, system in harness.rotations(args.systems, args.repeats):
                 options = SYSTEMS[system]
                 if system == "hf-cb":
                     wall, name = run_cb(hf, work, batch), "sdpa (continuous batching)"
                 elif options is None:
                     wall, name = run_hf_generate(hf, work, batch), "sdpa"
                 else:
-                    wall, name = run_baton(model_dir, work, batch, options)
+                    wall, name = run_baton_recorded(model_dir, work, batch, options)
                 rows.append(
                     {
                         "model": size,
@@ -129,15 +151,15 @@ def main() -> None:
     for size in args.models:
         for batch in args.batch_sizes:
             mine = [r for r in rows if r["model"] == size and r["B"] == batch]
-            speed = {s: median(r["tok/s"] for r in mine if r["system"] == s) for s in SYSTEMS}
-            for system in SYSTEMS:
+            speed = {s: median(r["tok/s"] for r in mine if r["system"] == s) for s in args.systems}
+            for system in args.systems:
                 summary.append(
                     {
                         "model": size,
                         "B": batch,
                         "system": system,
                         "tok/s": speed[system],
-                        "x hf-generate": harness.ratio(speed[system], speed["hf-generate"], 2),
+                        "x hf-generate": harness.ratio(speed[system], speed.get("hf-generate"), 2),
                     }
                 )
     print("\n".join(markdown(summary)))

@@ -1,7 +1,8 @@
 """GPU backend rules the CPU can check: broken optional packages make a backend unavailable
 instead of crashing the first step, xformers' dtype and compute-capability rules, the GQA decode
-window for torch's bundled FlashAttention and xformers' mask built once per step. Fake modules
-and a faked capability stand in for a GPU."""
+window for torch's bundled FlashAttention, the packed FlashAttention form's key layout and
+xformers' mask built once per step. Fake modules, a reference of the varlen kernel's contract and
+a faked capability stand in for a GPU."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from paged_batch import KINDS, make_batch, naive_attention, random_lengths
 
 from baton_paged.attention import flash_backend, xformers_backend
 from baton_paged.attention.base import AttentionRequirements
@@ -114,3 +116,64 @@ def test_xformers_mask_is_built_once_per_step(monkeypatch):
     assert all(backend._mask(fmha, step, 16, "cpu") is first for _ in range(5))  # more layers
     assert backend._mask(fmha, next_step, 16, "cpu") is not first
     assert len(built) == 2
+
+
+def reference_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, *,
+                           scale, seqused_k):  # fmt: skip
+    """FA2's documented varlen semantics in plain torch: request ``b``'s keys start at
+    ``cu_k[b]`` and ``seqused_k[b]`` of them are used; causal is bottom-right aligned; query head
+    ``h`` reads KV head ``h // (Hq / Hkv)``."""
+    assert dropout == 0.0 and not debug
+    out = torch.zeros_like(q)
+    group = q.shape[1] // k.shape[1]
+    for b in range(len(cu_q) - 1):
+        queries = q[cu_q[b] : cu_q[b + 1]]
+        used = int(seqused_k[b])
+        assert queries.shape[0] <= max_q and used <= max_k and cu_k[b] + used <= k.shape[0]
+        keys = k[cu_k[b] : cu_k[b] + used].repeat_interleave(group, dim=1)
+        values = v[cu_k[b] : cu_k[b] + used].repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", queries, keys) * scale
+        if causal:
+            visible = (
+                torch.arange(used)[None, :]
+                <= used - len(queries) + torch.arange(len(queries))[:, None]
+            )
+            scores = scores.masked_fill(~visible, float("-inf"))
+        out[cu_q[b] : cu_q[b + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+    return out, None, None, None, None
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("page_size", [1, 16])
+def test_packed_flash_lays_out_keys_as_the_varlen_kernel_reads_them(
+    monkeypatch, kind, page_size, seed
+):
+    """The packed form's part (gathered rows, key offsets, seqused_k, causality per step) run
+    against a reference of the kernel's contract; the kernel itself runs in the gpu tests."""
+    calls = []
+
+    def kernel(*args, **kwargs):
+        calls.append(args[8])
+        return reference_flash_varlen(*args, **kwargs)
+
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", kernel)
+    query_lens, context_lens = random_lengths(kind, 5, 70, np.random.default_rng(seed))
+    batch = make_batch(query_lens, context_lens, num_heads=8, num_kv_heads=2, head_dim=16,
+                       page_size=page_size, dtype=torch.float64, seed=seed)  # fmt: skip
+    backend = flash_backend.PackedFlash()
+    for _ in range(2):  # a second layer of the same step reuses the step's offsets
+        out = backend.forward(batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.3)
+        torch.testing.assert_close(out, naive_attention(batch, 0.3), atol=1e-10, rtol=1e-10)
+    assert calls == [batch.meta.max_query_len > 1] * 2
+
+
+def test_flash_picks_the_packed_form_for_pages_its_in_place_kernel_cannot_read():
+    kernel_reads_in_place = flash_backend._paged_varlen_kernel() is not None
+    paged_16 = flash_backend.FlashAttnBackend.create(
+        AttentionRequirements(torch.device("cuda"), torch.bfloat16, 16, 64, 8, 2)
+    )
+    paged_256 = flash_backend.FlashAttnBackend.create(CUDA_BF16)
+    assert isinstance(paged_16, flash_backend.PackedFlash) and not paged_16.graph_safe
+    expected = flash_backend.PagedFlash if kernel_reads_in_place else flash_backend.PackedFlash
+    assert type(paged_256) is expected

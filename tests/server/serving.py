@@ -40,8 +40,9 @@ LIMITS = ServerLimits(max_best_of=4)
 
 
 @contextmanager
-def serving(path) -> Iterator[SimpleNamespace]:
-    engine = AsyncEngine(tiny_engine(path), max_waiting=256)
+def serving(path, make_engine=tiny_engine) -> Iterator[SimpleNamespace]:
+    """A real uvicorn serving ``make_engine(path)``, and a second such engine offline."""
+    engine = AsyncEngine(make_engine(path), max_waiting=256)
     app = build_app(engine, MODEL, KEY, LIMITS)
     uv = uvicorn.Server(uvicorn.Config(app, port=0, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -51,7 +52,7 @@ def serving(path) -> Iterator[SimpleNamespace]:
     port = uv.servers[0].sockets[0].getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     try:
-        yield SimpleNamespace(url=url, engine=engine, offline=LLM.from_engine(tiny_engine(path)))
+        yield SimpleNamespace(url=url, engine=engine, offline=LLM.from_engine(make_engine(path)))
     finally:
         uv.should_exit = True
         thread.join(timeout=10)
