@@ -43,7 +43,8 @@ class XformersBackend(GatheringBackend):
         if req.dtype not in XFORMERS_DTYPES:
             return f"supports float16, bfloat16 and float32 only, not {req.dtype}"
         problem = _import_problem()
-        return problem or _dtype_problem(req.dtype, torch.cuda.get_device_capability(req.device))
+        problem = problem or _dtype_problem(req.dtype, torch.cuda.get_device_capability(req.device))
+        return problem or _operator_problem(req.device, req.dtype, req.head_dim)
 
     def attend(
         self,
@@ -106,3 +107,54 @@ def _import_problem() -> str | None:
     except Exception as error:
         return f"xformers cannot be imported: {type(error).__name__}: {error}"
     return None
+
+
+@functools.cache
+def _operator_problem(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Run one tiny attention of the kind ``attend`` runs (GQA 5-D, the padded-keys mask): the
+    package can import yet have no operator that runs here. Its compiled library is built for
+    one PyTorch; on another it does not load, and then every operator, even those that wrap
+    PyTorch's own kernels, refuses CUDA inputs (seen with xformers 0.0.35, built for torch 2.10,
+    on torch 2.11)."""
+    from xformers.ops import fmha
+
+    def zeros(rows: int) -> torch.Tensor:
+        return torch.zeros(1, rows, 1, 2, head_dim, dtype=dtype, device=device)
+
+    mask = fmha.attn_bias.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+        q_seqlen=[1, 2], kv_padding=4, kv_seqlen=[3, 4], device=device
+    )
+    try:
+        fmha.memory_efficient_attention(zeros(3), zeros(8), zeros(8), attn_bias=mask)
+    except NotImplementedError as error:
+        return f"xformers has no operator that runs here ({_common_reasons(str(error))})" + (
+            _library_hint()
+        )
+    return None
+
+
+def _common_reasons(message: str) -> str:
+    """The reasons every operator gave in xformers' "No operator found" message (each operator's
+    block is a "... is not supported because:" line, then its reasons indented), else all."""
+    blocks: list[set[str]] = []
+    for line in message.splitlines():
+        if line.rstrip().endswith("is not supported because:"):
+            blocks.append(set())
+        elif blocks and line.startswith("    "):
+            blocks[-1].add(line.strip())
+    if not blocks:
+        return message.splitlines()[0] if message else "no reason given"
+    shared = set.intersection(*blocks) or set.union(*blocks)
+    return "; ".join(sorted(shared))
+
+
+def _library_hint() -> str:
+    """Why its compiled library did not load, when that is the cause."""
+    try:
+        from xformers import _cpp_lib
+    except ImportError:
+        return ""
+    failure = getattr(_cpp_lib, "_cpp_library_load_exception", None)
+    return (
+        f": its compiled library did not load ({str(failure).splitlines()[0]})" if failure else ""
+    )

@@ -177,3 +177,41 @@ def test_flash_picks_the_packed_form_for_pages_its_in_place_kernel_cannot_read()
     assert isinstance(paged_16, flash_backend.PackedFlash) and not paged_16.graph_safe
     expected = flash_backend.PagedFlash if kernel_reads_in_place else flash_backend.PackedFlash
     assert type(paged_256) is expected
+
+
+NO_OPERATOR = """No operator found for `memory_efficient_attention_forward` with inputs:
+     query       : shape=(1, 3, 1, 2, 64) (torch.bfloat16)
+     attn_bias   : <class 'BlockDiagonalCausalWithOffsetPaddedKeysMask'>
+`fa3F@0.0.0` is not supported because:
+    xFormers wasn't build with CUDA support
+    operator wasn't built - see `python -m xformers.info` for more info
+`cutlassF-pt` is not supported because:
+    xFormers wasn't build with CUDA support
+"""
+
+
+def test_an_xformers_without_a_working_operator_is_unavailable(monkeypatch, capability):
+    """xformers 0.0.35 imports on torch 2.11, but its library (built for 2.10) does not load and
+    every operator refuses: the backend must say so, naming the reason all operators share."""
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError(NO_OPERATOR)
+
+    mask_class = types.SimpleNamespace(from_seqlens=lambda **kw: object())
+    fmha = types.SimpleNamespace(
+        memory_efficient_attention=refuse,
+        attn_bias=types.SimpleNamespace(BlockDiagonalCausalWithOffsetPaddedKeysMask=mask_class),
+    )
+    ops = types.ModuleType("xformers.ops")
+    ops.fmha = fmha
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    xformers_backend._operator_problem.cache_clear()
+    try:
+        reason = xformers_backend._operator_problem(torch.device("cpu"), torch.bfloat16, 64)
+    finally:
+        xformers_backend._operator_problem.cache_clear()
+    assert (
+        reason
+        == "xformers has no operator that runs here (xFormers wasn't build with CUDA support)"
+    )

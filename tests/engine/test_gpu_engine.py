@@ -91,7 +91,8 @@ def test_bfloat16_logits_are_close_to_hf(tiny_model_dir):
 
 def test_swap_preemption_through_the_pinned_pool_on_cuda(tiny_model_dir, cuda_reference):
     path = tiny_model_dir("llama")
-    engine = cuda_engine(path, page_size=16, kv_memory="160KiB", max_batch_size=4)
+    # 12 pages of 16 tokens; the four requests need 16 (20 prompt + 40 new tokens each)
+    engine = cuda_engine(path, page_size=16, kv_memory="96KiB", max_batch_size=4)
     assert engine.host is not None and engine.host.pinned
     rng = random.Random(2)
     workload = [(tuple(rng.randrange(500) for _ in range(20)), 40, arrival)
