@@ -1,6 +1,7 @@
 """The model builder: deterministic random-weight HF checkpoints that plain HF loads and runs."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,6 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton_paged.model.builder import (
     MARKER_FILE,
+    SIZES,
+    build,
     build_model,
     cached_model,
     model_config,
@@ -118,3 +121,65 @@ def test_cached_model_builds_once(tmp_path, monkeypatch):
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp
     beside = sorted(p.name for p in (tmp_path / "models").iterdir())
     assert beside == [".gpt2-tiny-seed0.flock", "gpt2-tiny-seed0"]  # its lock, and no scratch
+
+
+def test_llama1b_size_is_llama_3_2_1b_shape():
+    """Llama-3.2-1B: 1.24B parameters, GQA 32/8, a 128256-token vocabulary tied to the LM head,
+    rope theta 500000; stored as bfloat16, weights drawn by ``draw_weights`` (not built here)."""
+    config = model_config("llama", "llama1b", eos_token_id=0)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    assert sum(p.numel() for p in model.parameters()) == 1_235_814_400
+    shape = (config.hidden_size, config.num_hidden_layers, config.intermediate_size)
+    assert shape == (2048, 16, 8192)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (32, 8, 64)
+    assert config.vocab_size == 128256 and config.tie_word_embeddings
+    assert config.rope_parameters["rope_theta"] == 500000
+    assert config.max_position_embeddings >= 8192
+    assert (SIZES["llama1b"].dtype, SIZES["llama1b"].fast_init) == ("bfloat16", True)
+
+
+@pytest.fixture
+def fast_tiny(monkeypatch):
+    """The tiny shape built the way llama1b is (bfloat16, drawn weights, tied head), with a
+    vocabulary larger than the builder's tokenizer learns (as llama1b's is) and pieces small
+    enough that each tensor is drawn in several."""
+    fast = replace(SIZES["tiny"], vocab_size=20000, tie_embeddings=True, dtype="bfloat16")
+    monkeypatch.setitem(SIZES, "tiny", replace(fast, fast_init=True))
+    monkeypatch.setattr(build, "DRAW_CHUNK", 1000)
+    return monkeypatch
+
+
+def test_drawn_weights_load_in_plain_hf_and_do_not_depend_on_the_cores(tmp_path, fast_tiny):
+    path = build_model(tmp_path / "a", "llama", "tiny")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
+    embedding = model.model.embed_tokens.weight
+    assert embedding.dtype == torch.bfloat16 and model.lm_head.weight is embedding
+    assert torch.all(embedding[model.config.pad_token_id] == 0)  # HF's init zeroes the pad row
+    assert torch.all(model.model.norm.weight == 1)
+    std = model.model.layers[0].mlp.up_proj.weight.float().std().item()
+    assert std == pytest.approx(0.02, rel=0.05)
+
+    fast_tiny.setattr(build.os, "cpu_count", lambda: 1)  # other workers, same pieces and seeds
+    again = build_model(tmp_path / "b", "llama", "tiny")
+    weights = (path / "model.safetensors").read_bytes()
+    assert (again / "model.safetensors").read_bytes() == weights
+    other = build_model(tmp_path / "c", "llama", "tiny", seed=1)
+    assert (other / "model.safetensors").read_bytes() != weights
+
+
+def test_ids_beyond_the_tokenizer_generate_and_decode(tmp_path, fast_tiny):
+    """The builder's tokenizer learns ~17.7k tokens from its corpus, fewer than llama1b's 128256
+    ids: the model may pick ids the tokenizer lacks, and the engine serves them all the same
+    (sampled, seeded: greedy on a tied random model mostly repeats the prompt's last token)."""
+    from baton_paged import LLM, SamplingParams
+
+    path = build_model(tmp_path / "m", "llama", "tiny")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert len(tokenizer) < 20000
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=64, ignore_eos=True)
+    with LLM(str(path), dtype="float32", kv_memory="16MiB") as llm:
+        out = llm.generate(["def main():"], params, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) == 64 and out.finish_reason == "length"
+    assert max(out.token_ids) >= len(tokenizer)  # such ids came up, and cost nothing
+    assert isinstance(out.text, str)

@@ -7,7 +7,7 @@ import dataclasses
 import click
 
 ARCH_CHOICES = ("llama", "qwen2", "gpt2")
-SIZE_CHOICES = ("tiny", "small", "smollm2")
+SIZE_CHOICES = ("tiny", "small", "smollm2", "llama1b")
 
 
 @click.group()
@@ -32,7 +32,9 @@ def main() -> None:
     show_default=True,
     help="tiny: 2 layers for tests; small: ~28M parameters (Llama: hidden 512, 8 layers, "
     "8 heads, 4 KV heads, vocab 4096); smollm2: SmolLM2-135M-Instruct's exact shape (30 layers, "
-    "hidden 576, 9 heads, 3 KV heads, vocab 49152, tied embeddings).",
+    "hidden 576, 9 heads, 3 KV heads, vocab 49152, tied embeddings); llama1b: Llama-3.2-1B's "
+    "shape (1.24B parameters: hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab 128256, tied "
+    "embeddings, rope theta 500000), stored as bfloat16 (2.5 GB).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 def make_model(out_dir: str, arch: str, size: str, seed: int) -> None:
