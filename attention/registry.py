@@ -28,16 +28,23 @@ BACKENDS = {
     "triton": "baton_paged.attention.triton_backend:TritonBackend",
 }
 
-# On CUDA our Triton kernel reads the pages in place and is captured by CUDA graphs (it needs
-# only the triton that CUDA torch ships); flash-attn and xformers follow it: on a stock PyTorch
-# both gather each layer's pages (flash-attn's packed form at 16-token pages) and run eagerly,
-# PROVISIONAL until the H200 run measures them (bench_gpu baton-triton/-flash/-xformers). Past them
-# the padded batch ranks above per-request SDPA: measured on an H200 (bench_gpu, bf16, B=32 and
-# 128) it ran 2.2x the torch backend, though padding costs O(B * Qmax * Smax) and SDPA's float
-# bias per layer grows large for one long prompt among decodes. On CPU the in-place paged kernel
-# wins (benchmarks/bench_attention.py: 0.80x dense SDPA on pre-gathered K/V at context 256, where
-# the torch backend's gather + SDPA took 1.81x); without a compiler the torch backend's
-# per-request forms are next (attention/torch_backend.py).
+# The selection rule, measured (benchmarks/results/gpu-check-2, an H200, torch 2.11, bf16):
+# - CUDA: our Triton kernel first. It reads the pages in place and CUDA graphs capture it: the
+#   engine made 1.74x (B=32) and 2.44x (B=128) the tokens/s of flash_attn's packed form, which
+#   must gather each layer's pages at our 16-token pages and so runs eagerly. Per kernel
+#   (bench_attention, decode, 32/8 heads x 64) Triton is 1.8-2.5x the HBM-read bound at B=128
+#   against 4.1-5.6x for packed flash (its gather), 4.4x vs 11x on a mixed prefill+decode step;
+#   packed flash wins only one request with a long context (B=1, 2k-8k: 1.5-3.8x faster: Triton
+#   has no split over the context). flash_attn's in-place form (256-token pages, flash-attn
+#   package or a torch whose varlen_attn takes a block table) is capturable but unmeasured, so it
+#   does not rank above a measured winner. xformers next: its wheels on the index (0.0.35) are
+#   built for torch 2.10 and no operator runs on 2.11 (the backend says so). Past them the padded
+#   batch ranks above per-request SDPA (2.2x on the H200, bench_gpu); padding costs
+#   O(B * Qmax * Smax) and SDPA's float bias per layer grows large for one long prompt among
+#   decodes.
+# - CPU: the in-place paged kernel (benchmarks/bench_attention.py: 0.80x dense SDPA on
+#   pre-gathered K/V at context 256, where the torch backend's gather + SDPA took 1.81x); without
+#   a compiler the torch backend's per-request forms are next (attention/torch_backend.py).
 AUTO_ORDER = {
     "cuda": ("triton", "flash_attn", "xformers", "padded", "torch"),
     "cpu": ("cpu_paged", "torch"),

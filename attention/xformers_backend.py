@@ -155,6 +155,7 @@ def _library_hint() -> str:
     except ImportError:
         return ""
     failure = getattr(_cpp_lib, "_cpp_library_load_exception", None)
-    return (
-        f": its compiled library did not load ({str(failure).splitlines()[0]})" if failure else ""
-    )
+    if failure is None:
+        return ""
+    lines = [line.strip() for line in str(failure).splitlines() if line.strip()]
+    return f": its compiled library did not load ({' '.join(lines[:2])})"

@@ -10,7 +10,8 @@ from outside (the engine is not changed for it), over decode-only steps:
 
 - schedule: ``scheduler.schedule``; update: ``scheduler.update``; swap: ``runner.swap``;
 - input preparation: ``runner.execute`` less the forward (positions, metadata, copies);
-- forward: the model's forward (on CUDA its launch: the GPU runs it asynchronously);
+- forward: the model's forward, or a CUDA graph's replay of it (on CUDA its launch: the GPU
+  runs it asynchronously; the first H200 run missed replays, so its forward read 0);
 - sampling: the sampler, the device->host copy of the sampled ids included;
 - output processing: the rest of ``outputs.process`` (appending, detokenizing, stops) and
   building the step's ``RequestOutput``s;
@@ -56,6 +57,8 @@ class PhaseClock:
         self._wrap(runner, "swap", "swap")
         self._wrap(runner, "execute", "execute")
         self._wrap(runner, "forward", "forward", gpu=True)
+        for graph, _ in getattr(runner.graphs, "_graphs", {}).values():  # decode replays
+            self._wrap(graph, "replay", "forward", gpu=True)
         self._wrap(outputs, "process", "process")
         self._wrap(outputs, "output", "report")
         self._wrap(output_processor, "sample", "sampling")

@@ -1,55 +1,107 @@
 #!/usr/bin/env bash
-# Everything a lent GPU should run, in one call under 8 minutes (the machine lent has no network;
-# torch, triton and transformers are preinstalled there, fastapi/uvicorn, flash-attn and xformers
-# are not). Installs the project without dependencies, runs the `gpu` tests of the
-# packages that need no server, then the GPU benchmark; every log lands in $OUT.
+# Everything a lent GPU should run, in parts that fit one call each (the machine has no network;
+# torch, triton and transformers are preinstalled there; fastapi/uvicorn, openai, xformers and
+# their needs are not, and travel as wheels in .gpu-wheels: `carry: [".gpu-wheels"]`).
+#
+#   benchmarks/gpu_check.sh [tests] [bf16] [attention] [engine] [overhead] [policies]  (default: all)
+#   TESTS="tests/engine/test_gpu_engine.py -k swap" benchmarks/gpu_check.sh tests   (a rerun)
+#
+# Installs the project without dependencies and the carried wheels, then runs the parts named:
+# tests     pytest -m gpu over attention, allocator, engine and the server ($TESTS to narrow)
+# bf16      the bf16 token-by-token checks against HF per backend and model shape (-s: figures)
+# attention bench_attention.py on CUDA: per-backend kernel time beside the HBM-read bound
+# engine    bench_gpu.py: the engine per attention backend, padded, HF generate (small Llama)
+# overhead  bench_overhead.py on CUDA: host ms per step by phase, GPU idle share
+# policies  bench_policies_gpu.py: BATON vs Orca/static/chunked on a Llama-3.2-1B shape in bf16
+# Every log and result lands in $LOGS, packed after each part into $OUT/gpu-check.tgz (the
+# device tool brings back at most 8 files); $OUT/summary.txt has one line per part.
+#
+# Bring the wheels here first (the machine is Python 3.12, x86-64):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .gpu-wheels \
+#     xformers==0.0.35 fastapi starlette uvicorn pydantic pydantic_core annotated-types \
+#     typing-inspection typing_extensions opentelemetry-api anyio sniffio openai jiter distro \
+#     httpx2 httpcore2 idna truststore
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-check}"
-mkdir -p "$OUT"
+LOGS="${LOGS:-/tmp/gpu-check-logs}"
+mkdir -p "$OUT" "$LOGS"
 export BATON_PAGED_CACHE="${BATON_PAGED_CACHE:-/tmp/baton-paged-cache}"  # models, kernels: not in $OUT
+export PYTHONUNBUFFERED=1
+parts="${*:-tests bf16 attention engine overhead policies}"
 start=$(date +%s)
-stamp() { echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$OUT/summary.txt"; }
+stamp() {
+  echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$LOGS/summary.txt"
+  cp "$LOGS/summary.txt" "$OUT/" && tar czf "$OUT/gpu-check.tgz" -C "$LOGS" .
+}
+wants() { [[ " $parts " == *" $1 "* ]]; }
 
-python -m pip install --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 \
-  || { stamp "install failed"; tail -20 "$OUT/install.log"; exit 1; }
-# Optional GPU extras the machine lacks, carried as wheels (`carry: [".gpu-wheels"]`; fetch them
-# here with `pip download --no-deps xformers==0.0.35 -d .gpu-wheels`): no network there.
-for wheel in .gpu-wheels/*.whl; do
-  [ -e "$wheel" ] || continue
-  python -m pip install --no-deps "$wheel" >>"$OUT/install.log" 2>&1 \
-    && stamp "installed $(basename "$wheel")" || stamp "could not install $(basename "$wheel")"
-done
-nvidia-smi >"$OUT/nvidia-smi.txt" 2>&1
-python - <<'PY' 2>&1 | tee "$OUT/versions.txt"
-import torch, transformers
-try:
-    import triton; tv = triton.__version__
-except ImportError:
-    tv = "absent"
-try:
-    import xformers; xv = xformers.__version__
-except ImportError:
-    xv = "absent"
-print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", tv, "xformers", xv,
-      "transformers", transformers.__version__, torch.cuda.get_device_name())
+python -m pip install --no-deps --no-build-isolation -e . >"$LOGS/install.log" 2>&1 \
+  || { stamp "install failed"; tail -20 "$LOGS/install.log"; exit 1; }
+if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
+  python -m pip install --no-deps --no-index .gpu-wheels/*.whl >>"$LOGS/install.log" 2>&1 \
+    && stamp "installed $(ls .gpu-wheels/*.whl | wc -l) carried wheels" \
+    || stamp "could not install the carried wheels (install.log)"
+fi
+nvidia-smi >"$LOGS/nvidia-smi.txt" 2>&1
+python - <<'PY' 2>&1 | tee "$LOGS/versions.txt"
+import importlib, torch
+def version(name):
+    try:
+        return importlib.import_module(name).__version__
+    except Exception as error:
+        return f"absent ({type(error).__name__})"
+names = ("transformers", "triton", "xformers", "fastapi", "uvicorn", "openai")
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(),
+      "flash-attention built in:", torch.backends.cuda.is_flash_attention_available(),
+      *(f"{n} {version(n)}" for n in names))
 PY
-stamp "installed"
+stamp "installed; parts: $parts"
 
-# --continue-on-collection-errors: modules importing the server need fastapi, absent there
-timeout 240 python -m pytest -m gpu -q -p no:cacheprovider -rs --continue-on-collection-errors \
-  tests/attention tests/allocator tests/engine >"$OUT/pytest-gpu.log" 2>&1
-stamp "pytest -m gpu exit $?: $(tail -1 "$OUT/pytest-gpu.log")"
+if wants tests; then
+  # shellcheck disable=SC2086 # $TESTS is a list of pytest arguments
+  timeout 180 python -m pytest -m gpu -q -p no:cacheprovider -rs --continue-on-collection-errors \
+    --ignore=tests/engine/test_gpu_bf16.py ${TESTS:-tests/attention tests/allocator tests/engine \
+    tests/server/test_gpu_serve.py} >"$LOGS/pytest-gpu.log" 2>&1
+  stamp "pytest -m gpu exit $?: $(tail -1 "$LOGS/pytest-gpu.log")"
+fi
 
-timeout 200 python benchmarks/bench_gpu.py --models small --batch-sizes 32,128 \
-  --num-requests 128 --max-budget 128 >"$OUT/bench-gpu.log" 2>&1
-stamp "bench_gpu exit $?"
-tail -20 "$OUT/bench-gpu.log"
-cp benchmarks/results/gpu-*.json "$OUT/" 2>/dev/null
+if wants bf16; then
+  timeout 120 python -m pytest -m gpu -q -s -p no:cacheprovider -rs \
+    tests/engine/test_gpu_bf16.py >"$LOGS/pytest-bf16.log" 2>&1
+  stamp "bf16 token checks exit $?: $(tail -1 "$LOGS/pytest-bf16.log")"
+  grep "^bf16 " "$LOGS/pytest-bf16.log" | tee -a "$LOGS/summary.txt"
+fi
 
-timeout 150 python benchmarks/bench_overhead.py --device cuda --repeats 1 \
-  >"$OUT/bench-overhead.log" 2>&1
-stamp "bench_overhead exit $?"
-tail -12 "$OUT/bench-overhead.log"
-cp benchmarks/results/overhead-cuda.* "$OUT/" 2>/dev/null
+if wants attention; then
+  timeout 75 python benchmarks/bench_attention.py --device cuda >"$LOGS/bench-attention.log" 2>&1
+  stamp "bench_attention exit $?"
+  cp benchmarks/results/attention-cuda.* "$LOGS/" 2>/dev/null
+fi
+
+if wants engine; then
+  timeout 150 python benchmarks/bench_gpu.py --models small --batch-sizes 32,128 \
+    --num-requests 128 --max-budget 128 \
+    --systems baton,baton-flash,baton-xformers,baton-padded,hf-generate \
+    >"$LOGS/bench-gpu.log" 2>&1
+  stamp "bench_gpu exit $?"
+  tail -12 "$LOGS/bench-gpu.log"
+  cp benchmarks/results/gpu-*.json "$LOGS/" 2>/dev/null
+fi
+
+if wants overhead; then
+  timeout 70 python benchmarks/bench_overhead.py --device cuda --repeats 1 \
+    >"$LOGS/bench-overhead.log" 2>&1
+  stamp "bench_overhead exit $?"
+  tail -8 "$LOGS/bench-overhead.log"
+  cp benchmarks/results/overhead-cuda.* "$LOGS/" 2>/dev/null
+fi
+
+if wants policies; then
+  timeout 150 python benchmarks/bench_policies_gpu.py >"$LOGS/bench-policies-gpu.log" 2>&1
+  stamp "bench_policies_gpu exit $?"
+  tail -12 "$LOGS/bench-policies-gpu.log"
+  cp benchmarks/results/policies-gpu.* "$LOGS/" 2>/dev/null
+fi
 stamp "done"

@@ -13,6 +13,7 @@ from equivalence import FORWARD_PATHS, check
 
 from baton_paged import engine_parts
 from baton_paged.allocator import KVCache, KVCacheSpec
+from baton_paged.attention import flash_backend
 from baton_paged.attention.registry import backend_class
 from baton_paged.config import EngineConfig
 from baton_paged.model.decode_graphs import DecodeGraphs, batch_buckets, graph_mode
@@ -52,7 +53,9 @@ def test_graphs_only_on_cuda_with_a_capturable_backend():
 
     assert mode("triton") is None  # the CPU runs eagerly
     assert mode("triton", device="cuda") == "cuda"
-    assert mode("flash_attn", device="cuda") == "cuda"
+    # flash-attn's forms: in place (capturable) or packed over gathered pages (eager)
+    assert graph_mode(EngineConfig(device="cuda"), flash_backend.PagedFlash) == "cuda"
+    assert graph_mode(EngineConfig(device="cuda"), flash_backend.PackedFlash) is None
     assert mode("triton", device="cuda", enforce_eager=True) is None
     for backend in ("torch", "padded", "xformers", "cpu_paged"):
         assert mode(backend, device="cuda") is None, backend
