@@ -29,7 +29,7 @@ from baton_paged.processing.output_processor import ForwardOutputs
 from baton_paged.processing.parallel_sampling import SampleGroups
 from baton_paged.registries import check_registered
 from baton_paged.request import Request, RequestStatus
-from baton_paged.sampling_params import SamplingParams
+from baton_paged.sampling_params import RequestOutputKind, SamplingParams
 from baton_paged.sched.device_memory import MemoryReader
 from baton_paged.sched.plan import ForwardBatch, QueueSizes, StepPlan, StepResult
 from baton_paged.sched.scheduler import PlanningError
@@ -207,14 +207,25 @@ class Engine:
         return outputs, list(dict.fromkeys(suspects))
 
     def _report(self, requests) -> list[RequestOutput]:
-        """Outputs for ``requests``; finished ones are forgotten once theirs is built."""
+        """Outputs for ``requests``, but none for an unfinished one that asked only for its final
+        output; finished ones are forgotten once theirs is built."""
         requests = list(requests)
-        outputs = [self.outputs.output(request) for request in requests]
+        final_only = {
+            self.groups.owner(request.request_id)
+            for request in requests
+            if request.params.output_kind == RequestOutputKind.FINAL_ONLY
+        }
+        outputs = [
+            self.outputs.output(request)
+            for request in requests
+            if request.status.is_finished or request.request_id not in final_only
+        ]
         for request in requests:
             if request.status.is_finished:
                 del self.requests[request.request_id]
                 self.outputs.release(request.request_id)
-        return self.groups.merge(outputs)
+        merged = self.groups.merge(outputs)
+        return [out for out in merged if out.finished or out.request_id not in final_only]
 
     def _publish(self, sizes: QueueSizes) -> None:
         """Replace ``snapshot`` (one assignment: readers on other threads see old or new)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from numbers import Real
 from typing import Any
 
@@ -25,6 +26,17 @@ class FieldError(ValueError):
     def __init__(self, message: str, param: str):
         super().__init__(message)
         self.param = param
+
+
+class RequestOutputKind(IntEnum):
+    """Which outputs a request reports (vLLM's names and values). ``CUMULATIVE``: after every
+    step that gave it a token, everything so far (what a stream reads); ``FINAL_ONLY``: only once
+    it finishes, so no step builds an output nobody reads (the offline ``LLM`` asks for this, as
+    vLLM's does). vLLM's ``DELTA`` (only what is new) is not supported: refused when asked for."""
+
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     """Return, for every prompt token after the first, its log-probability and those of the
     ``prompt_logprobs`` most likely tokens at that position; None returns none."""
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    """When the request reports an output: see ``RequestOutputKind``."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _normalise_stop(self.stop))
@@ -101,6 +115,7 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         _check_range("min_p", self.min_p, 0.0, 1.0)
         object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
+        object.__setattr__(self, "output_kind", _check_output_kind(self.output_kind))
 
     @property
     def is_greedy(self) -> bool:
@@ -125,6 +140,14 @@ class SamplingParams:
 def _is_int(value: object) -> bool:
     """True for ints but not bools: ``top_k=True`` is a bug in the caller, not a 1."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_output_kind(kind: object) -> RequestOutputKind:
+    supported = (RequestOutputKind.CUMULATIVE, RequestOutputKind.FINAL_ONLY)
+    if not _is_int(kind) or kind not in supported:
+        names = " or ".join(f"RequestOutputKind.{k.name}" for k in supported)
+        raise ValueError(f"output_kind must be {names}, got {kind!r}")
+    return RequestOutputKind(kind)
 
 
 def _normalise_stop(stop: str | Sequence[str] | None) -> tuple[str, ...]:

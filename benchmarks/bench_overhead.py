@@ -14,7 +14,9 @@ from outside (the engine is not changed for it), over decode-only steps:
   runs it asynchronously; the first H200 run missed replays, so its forward read 0);
 - sampling: the sampler, the device->host copy of the sampled ids included;
 - output processing: the rest of ``outputs.process`` (appending, detokenizing, stops) and
-  building the step's ``RequestOutput``s;
+  building the step's ``RequestOutput``s: by default as the offline ``LLM`` asks for them
+  (``FINAL_ONLY``: built when a request ends), ``--output-kind cumulative`` for one per request
+  every step, as a stream reads them;
 - other: the step's wall time less all of the above.
 
 Host time = step wall time - forward. On CUDA, CUDA events around each forward also give the
@@ -32,7 +34,7 @@ import harness
 import torch
 from harness import Default, check
 
-from baton_paged import LLM, SamplingParams
+from baton_paged import LLM, RequestOutputKind, SamplingParams
 from baton_paged.model.builder import cached_model
 from baton_paged.processing import output_processor
 
@@ -115,7 +117,10 @@ def measure(model: str, batch: int, args, device: torch.device) -> dict:
     llm = LLM(model, max_batch_size=batch, device=str(device), enable_prefix_caching=False)
     engine = llm.engine
     vocab = len(llm.get_tokenizer())
-    params = SamplingParams(temperature=0, max_tokens=args.output_tokens, ignore_eos=True)
+    kind = RequestOutputKind[args.output_kind.upper()]
+    params = SamplingParams(
+        temperature=0, max_tokens=args.output_tokens, ignore_eos=True, output_kind=kind
+    )
     for i in range(batch):
         prompt = [(i * 7 + j) % (vocab - 1) + 1 for j in range(PROMPT_TOKENS)]
         engine.add_request({"prompt_token_ids": prompt}, params)
@@ -143,7 +148,8 @@ def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
     if any("gpu_idle_share" in row for row in rows):
         columns.append("gpu_idle_share")
     lines = [
-        f"# Host overhead per decode step ({saved['environment']['device']}, {saved['model']})",
+        f"# Host overhead per decode step ({saved['environment']['device']}, {saved['model']}, "
+        f"outputs {saved.get('output_kind', 'cumulative')})",
         "",
         *harness.markdown(rows, columns),
     ]
@@ -165,6 +171,13 @@ def main() -> None:
     parser.add_argument("--batches", type=harness.comma_list(int), default=batches)
     parser.add_argument("--output-tokens", type=int, default=Default(96, 32))
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--output-kind",
+        choices=("final_only", "cumulative"),
+        default="final_only",
+        help="final_only: outputs as the offline LLM asks for them (built when a request ends); "
+        "cumulative: one per request every step, as a stream reads them",
+    )
     args = harness.start(parser, must_include={"batches": 128})
     device = torch.device(args.device)
     model = str(cached_model("llama", "tiny"))
@@ -178,6 +191,7 @@ def main() -> None:
     checks = [check("host ms per decode step, B=128", host_128, 1.0, "<=")]
     payload = {
         "model": "llama-tiny",
+        "output_kind": args.output_kind,
         "environment": harness.environment(args.threads, device),
         "rows": rows,
         "checks": checks,

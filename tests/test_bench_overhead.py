@@ -8,6 +8,7 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -15,8 +16,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_overhead  # noqa: E402
 
 
-def test_phases_are_disjoint_and_add_up_to_the_step(tiny_model_dir):
-    args = Namespace(output_tokens=6)
+@pytest.mark.parametrize("output_kind", ["final_only", "cumulative"])
+def test_phases_are_disjoint_and_add_up_to_the_step(tiny_model_dir, output_kind):
+    args = Namespace(output_tokens=6, output_kind=output_kind)
     row = bench_overhead.measure(str(tiny_model_dir()), 4, args, torch.device("cpu"))
     phases = [row[f"{phase}_ms"] for phase in bench_overhead.PHASES]
     assert row["steps"] == 4  # tokens 3-6: the prefill samples the first, the first decode warms

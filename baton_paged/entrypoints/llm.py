@@ -14,6 +14,7 @@ by name rather than ignored.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -23,7 +24,7 @@ from baton_paged.entrypoints.vllm_args import engine_options
 from baton_paged.outputs import RequestOutput
 from baton_paged.processing.chat_prompt import Message, conversation_prompt
 from baton_paged.processing.input_processor import PromptInput
-from baton_paged.sampling_params import SamplingParams
+from baton_paged.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -80,6 +81,8 @@ class LLM:
         ``use_tqdm``: a progress bar of finished requests on stderr, as vLLM's."""
         prompts = _as_list(prompts)
         params = _per_prompt(sampling_params, len(prompts), SamplingParams())
+        # only the final outputs are read here: no step builds the others (vLLM's LLM does too)
+        params = [replace(param, output_kind=RequestOutputKind.FINAL_ONLY) for param in params]
         priorities = _per_prompt(priority, len(prompts), 0)
         requests = [
             self.engine.inputs.prepare(prompt, param, priority=prio)

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from baton_paged.processing.token_text import text_decoder
+
 REPLACEMENT_CHAR = "\ufffd"
 """What decoders produce for incomplete or invalid UTF-8 bytes."""
 
@@ -35,7 +37,7 @@ class IncrementalDetokenizer:
     def __init__(
         self, tokenizer: Any, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True
     ):
-        self.tokenizer = tokenizer
+        self._decode_ids = text_decoder(tokenizer)
         self.skip_special_tokens = skip_special_tokens
         self._window = self._prompt_context(prompt_token_ids)
         self._prefix_offset = 0
@@ -78,7 +80,7 @@ class IncrementalDetokenizer:
         return text
 
     def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
+        return self._decode_ids(token_ids, self.skip_special_tokens)
 
     def _prompt_context(self, prompt_token_ids: Sequence[int]) -> list[int]:
         """The prompt's last tokens, or none when the prompt ends inside a character.

@@ -32,6 +32,7 @@ import torch
 from baton_paged.model.sampler import SamplingRow, sample, token_logprobs
 from baton_paged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from baton_paged.processing.detokenizer import IncrementalDetokenizer, find_stop
+from baton_paged.processing.token_text import text_decoder
 from baton_paged.request import Request, RequestStatus
 from baton_paged.sched.plan import ForwardBatch
 
@@ -69,6 +70,7 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any, max_model_len: int, generator: torch.Generator):
         """``generator`` draws the samples of requests without a seed of their own."""
         self.tokenizer = tokenizer
+        self._decode_ids = text_decoder(tokenizer)
         self.max_model_len = max_model_len
         self.generator = generator
         self._states: dict[str, _TextState] = {}
@@ -172,7 +174,7 @@ class OutputProcessor:
 
     def _decoded(self, logprobs: dict[int, Logprob]) -> dict[int, Logprob]:
         return {
-            token: replace(logprob, decoded_token=self.tokenizer.decode([token]))
+            token: replace(logprob, decoded_token=self._decode_ids([token], False))
             for token, logprob in logprobs.items()
         }
 

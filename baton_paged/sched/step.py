@@ -85,14 +85,18 @@ class Step:
 
     def row(self, request: Request, num_tokens: int | None = None) -> ScheduledRow:
         """Compute the next ``num_tokens`` (default: all) pending tokens of ``request``."""
-        start = request.num_computed_tokens
-        end = request.num_tokens if num_tokens is None else start + num_tokens
+        start, total = request.num_computed_tokens, request.num_tokens
+        end = total if num_tokens is None else start + num_tokens
+        if end - start == 1 and end == total and start >= len(request.prompt_token_ids) > 0:
+            token_ids = (request.output_token_ids[-1],)  # a decode: the last sampled token
+        else:
+            token_ids = tuple(request.token_ids(start, end))
         return ScheduledRow(
             request_id=request.request_id,
             start=start,
-            token_ids=tuple(request.token_ids(start, end)),
-            sample=end == request.num_tokens,
-            decode=start > 0 and end - start == 1 and end == request.num_tokens,
+            token_ids=token_ids,
+            sample=end == total,
+            decode=start > 0 and end - start == 1 and end == total,
         )
 
     def forward(self, rows: Iterable[ScheduledRow]) -> ForwardBatch:
@@ -207,4 +211,5 @@ class Step:
 
 def is_decoder(request: Request) -> bool:
     """Prompt computed and one token pending: a request the decode forward serves."""
-    return request.num_computed_tokens > 0 and request.num_pending_tokens == 1
+    computed = request.num_computed_tokens
+    return computed > 0 and request.num_tokens - computed == 1
