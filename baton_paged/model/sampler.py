@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -27,9 +28,9 @@ from baton_paged.outputs import Logprob
 from baton_paged.sampling_params import SamplingParams
 
 
-@dataclass(frozen=True)
-class SamplingRow:
-    """What the sampler needs to know about one row of logits."""
+class SamplingRow(NamedTuple):
+    """What the sampler needs to know about one row of logits (a named tuple, immutable like a
+    frozen dataclass but built in ~0.2 us rather than ~0.5: one per request every step)."""
 
     params: SamplingParams
     generator: torch.Generator | None
@@ -54,6 +55,8 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
     """Sample one token per row of ``logits`` (``[N, V]``; row ``i`` belongs to ``rows[i]``)."""
     if logits.ndim != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(rows)} rows")
+    if all(_bare_argmax(row) for row in rows):  # the common greedy batch: nothing to copy
+        return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(rows))
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     scores = logits.detach().to(dtype=dtype, copy=True)
     raw = _raw_logprobs(scores, rows)
@@ -69,6 +72,20 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
         tokens[random] = _sample_random(scores[random], [rows[i] for i in random])
     token_ids = tokens.tolist()
     return SampleResult(token_ids, _collect_logprobs(raw, token_ids, rows))
+
+
+def _bare_argmax(row: SamplingRow) -> bool:
+    """Greedy with nothing to change the logits first and no log-probabilities to report (the
+    argmax of the logits as given equals that of their float copy: widening keeps order and
+    ties)."""
+    params = row.params
+    return (
+        params.is_greedy
+        and params.logprobs is None
+        and not params.logit_bias
+        and not row.suppressed_token_ids
+        and not params.has_penalties
+    )
 
 
 def _suppress(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

@@ -35,6 +35,17 @@ def test_greedy_is_argmax_for_every_dtype(dtype):
     assert result.logprobs == [None] * 8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_bare_greedy_batch_equals_the_full_path(dtype):
+    """An all-greedy batch takes the argmax of the logits as given; one row asking for logprobs
+    sends the batch down the full path: the greedy tokens must not differ (bf16 ties included)."""
+    logits = (random_logits(16, vocab=32, seed=4, dtype=dtype) * 0.3).round()  # many ties
+    bare = sample(logits, [row() for _ in range(16)])
+    full = sample(logits, [row(SamplingParams(temperature=0.0, logprobs=0))] + [row()] * 15)
+    assert bare.token_ids == full.token_ids
+    assert bare.logprobs == [None] * 16 and full.logprobs[0] is not None
+
+
 def test_float64_logits_are_not_rounded_to_float32():
     logits = torch.zeros(1, 8, dtype=torch.float64)
     logits[0, 2] = 1.0
