@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 
 from baton_paged.attention.base import AttentionBackend, AttentionRequirements
-from baton_paged.attention.gather import GatherWorkspace
+from baton_paged.attention.gather import GatherWorkspace, StepMemo
 from baton_paged.attention.metadata import AttentionMetadata
 
 FLASH_PAGE_MULTIPLE = 256
@@ -46,9 +46,7 @@ class FlashAttnBackend(AttentionBackend):
 
     @classmethod
     def create(cls, req: AttentionRequirements) -> AttentionBackend:
-        if req.page_size % FLASH_PAGE_MULTIPLE == 0 and _paged_varlen_kernel() is not None:
-            return PagedFlash(_paged_varlen_kernel())
-        return PackedFlash()
+        return PagedFlash(_paged_varlen_kernel()) if _in_place(req.page_size) else PackedFlash()
 
     @classmethod
     def page_size_for(cls, req: AttentionRequirements) -> int:
@@ -64,8 +62,7 @@ class FlashAttnBackend(AttentionBackend):
             return f"supports float16 and bfloat16 only, not {req.dtype}"
         if req.head_dim % 8 or req.head_dim > 256:
             return f"needs a head dim <= 256 and a multiple of 8, not {req.head_dim}"
-        in_place = req.page_size % FLASH_PAGE_MULTIPLE == 0 and _paged_varlen_kernel() is not None
-        if not (in_place or _packed_kernel_available()):
+        if not (_in_place(req.page_size) or _packed_kernel_available()):
             return _no_kernel_reason(req.page_size)
         major, minor = torch.cuda.get_device_capability(req.device)
         if major < 8:
@@ -92,8 +89,7 @@ class PackedFlash(FlashAttnBackend):
 
     def __init__(self) -> None:
         self._workspace = GatherWorkspace()
-        self._step_offsets: tuple[AttentionMetadata, torch.Tensor] | None = None
-        """The last step's key offsets: every layer of a step shares them (built once)."""
+        self._key_offsets: StepMemo[torch.Tensor] = StepMemo()
 
     def attend(self, query, key_pages, value_pages, meta: AttentionMetadata, scale: float):
         keys, values = self._workspace.gather(key_pages, value_pages, meta.block_table)
@@ -103,18 +99,20 @@ class PackedFlash(FlashAttnBackend):
             keys.view(rows * span, num_kv_heads, head_dim),
             values.view(rows * span, num_kv_heads, head_dim),
             meta,
-            self._key_offsets(meta, span, query.device),
+            self._key_offsets.get(meta, lambda: _row_starts(meta.batch_size, span, query.device)),
             span,
             scale,
         )
 
-    def _key_offsets(self, meta: AttentionMetadata, span: int, device) -> torch.Tensor:
-        """``[0, S, 2S, ..., B*S]``: where each request's row of key slots starts."""
-        if self._step_offsets is None or self._step_offsets[0] is not meta:
-            stop = (meta.batch_size + 1) * span
-            offsets = torch.arange(0, stop, span, dtype=torch.int32, device=device)
-            self._step_offsets = (meta, offsets)
-        return self._step_offsets[1]
+
+def _row_starts(rows: int, span: int, device) -> torch.Tensor:
+    """``[0, S, 2S, ..., rows*S]``: where each request's row of key slots starts."""
+    return torch.arange(0, (rows + 1) * span, span, dtype=torch.int32, device=device)
+
+
+def _in_place(page_size: int) -> bool:
+    """Whether a kernel here reads pages of ``page_size`` tokens where they are."""
+    return page_size % FLASH_PAGE_MULTIPLE == 0 and _paged_varlen_kernel() is not None
 
 
 def _flash_varlen(query, keys, values, meta, key_offsets, span, scale):

@@ -8,9 +8,15 @@ all (the caller is done with a layer's gathered K/V before the next layer gather
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
 import torch
 
 from baton_paged.attention.base import AttentionBackend
+from baton_paged.attention.metadata import AttentionMetadata
+
+T = TypeVar("T")
 
 
 class GatherWorkspace:
@@ -50,3 +56,16 @@ class GatheringBackend(AttentionBackend):
 
     def __init__(self) -> None:
         self._workspace = GatherWorkspace()
+
+
+class StepMemo(Generic[T]):
+    """One value per step, built by the step's first layer and reused by the others (a step is
+    one ``AttentionMetadata`` object, shared by every layer of a forward)."""
+
+    def __init__(self) -> None:
+        self._step: tuple[AttentionMetadata, T] | None = None
+
+    def get(self, meta: AttentionMetadata, build: Callable[[], T]) -> T:
+        if self._step is None or self._step[0] is not meta:
+            self._step = (meta, build())
+        return self._step[1]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from baton_paged.attention.base import AttentionRequirements
-from baton_paged.attention.gather import GatheringBackend
+from baton_paged.attention.gather import GatheringBackend, StepMemo
 from baton_paged.attention.metadata import AttentionMetadata
 
 XFORMERS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -33,8 +33,8 @@ class XformersBackend(GatheringBackend):
 
     def __init__(self) -> None:
         super().__init__()
-        self._step_mask: tuple[AttentionMetadata, Any] | None = None
-        """The last step's mask: every layer of a step shares it (built once, not per layer)."""
+        self._step_mask: StepMemo[Any] = StepMemo()
+        """Every layer of a step shares its mask (built once, not per layer)."""
 
     @classmethod
     def unsupported_reason(cls, req: AttentionRequirements) -> str | None:
@@ -73,15 +73,15 @@ class XformersBackend(GatheringBackend):
 
     def _mask(self, fmha: Any, meta: AttentionMetadata, span: int, device: torch.device) -> Any:
         """The step's block-diagonal mask, built (and its lengths uploaded) once per step."""
-        if self._step_mask is None or self._step_mask[0] is not meta:
-            mask = fmha.attn_bias.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
+        return self._step_mask.get(
+            meta,
+            lambda: fmha.attn_bias.BlockDiagonalCausalWithOffsetPaddedKeysMask.from_seqlens(
                 q_seqlen=list(meta.query_lens),
                 kv_padding=span,
                 kv_seqlen=list(meta.context_lens),
                 device=device,
-            )
-            self._step_mask = (meta, mask)
-        return self._step_mask[1]
+            ),
+        )
 
 
 def _dtype_problem(dtype: torch.dtype, capability: tuple[int, int]) -> str | None:
