@@ -4,7 +4,8 @@
         [--device cpu|cuda] [--quick]
 
 A near-zero model (the random-weight ``tiny`` Llama: 2 layers) decodes B requests at once (8-token
-prompts, ``--output-tokens`` each, EOS ignored), so nearly everything but the forward is the
+prompts, ``--output-tokens`` each, EOS ignored; greedy unless ``--temperature``, ``--top-p`` and
+``--top-k`` say otherwise), so nearly everything but the forward is the
 engine's own host work. Each phase of ``Engine.step`` is timed by wrapping the engine's parts
 from outside (the engine is not changed for it), over decode-only steps:
 
@@ -118,8 +119,9 @@ def measure(model: str, batch: int, args, device: torch.device) -> dict:
     engine = llm.engine
     vocab = len(llm.get_tokenizer())
     kind = RequestOutputKind[args.output_kind.upper()]
+    sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     params = SamplingParams(
-        temperature=0, max_tokens=args.output_tokens, ignore_eos=True, output_kind=kind
+        max_tokens=args.output_tokens, ignore_eos=True, output_kind=kind, **sampling
     )
     for i in range(batch):
         prompt = [(i * 7 + j) % (vocab - 1) + 1 for j in range(PROMPT_TOKENS)]
@@ -149,7 +151,7 @@ def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
         columns.append("gpu_idle_share")
     lines = [
         f"# Host overhead per decode step ({saved['environment']['device']}, {saved['model']}, "
-        f"outputs {saved.get('output_kind', 'cumulative')})",
+        f"outputs {saved.get('output_kind', 'cumulative')}, sampling {saved.get('sampling')})",
         "",
         *harness.markdown(rows, columns),
     ]
@@ -178,6 +180,9 @@ def main() -> None:
         help="final_only: outputs as the offline LLM asks for them (built when a request ends); "
         "cumulative: one per request every step, as a stream reads them",
     )
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=-1)
     args = harness.start(parser, must_include={"batches": 128})
     device = torch.device(args.device)
     model = str(cached_model("llama", "tiny"))
@@ -192,6 +197,7 @@ def main() -> None:
     payload = {
         "model": "llama-tiny",
         "output_kind": args.output_kind,
+        "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k},
         "environment": harness.environment(args.threads, device),
         "rows": rows,
         "checks": checks,

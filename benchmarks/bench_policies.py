@@ -24,10 +24,15 @@ drift hits all alike. Each run records wall time, process CPU time / wall (about
 nothing else competed for the cores) and the 1-minute load average, to flag disturbed runs.
 
 The ideal throughput of this machine is measured with our own forward and no scheduling: prefill
-of all prompts (packed into forwards of <= 4096 tokens) + ceil(total budget / B) decode steps of
-a full batch of B at a representative context (mean prompt + half the mean budget, every row).
-Targets at max batch 32: baton >= 3x hf-generate, >= 1.5x hf-cb, slot efficiency >= 0.98 and
->= 85% of the ideal. Results go to ``results/policies-cpu.{json,png,md}``.
+of all prompts (packed into forwards of <= 4096 tokens), then the decode steps a scheduler with no
+overhead of its own runs (requests join first come, first served whenever a slot is free:
+``peers.fcfs_decode_steps``), each timed at its own batch size at a representative context (mean
+prompt + half the mean budget, every row). The long tail keeps the batch partly empty at the end
+whatever the scheduler (at B=32 the longest budget alone is 512 steps, more than
+ceil(total / 32)), so the older bound of ceil(total budget / B) full-batch steps is reported
+beside it as ``full_batch_tokens_per_s`` but no schedule can reach it. Targets at max batch 32:
+baton >= 3x hf-generate, >= 1.5x hf-cb, slot efficiency >= 0.98 and >= 90% of the ideal.
+Results go to ``results/policies-cpu.{json,png,md}``.
 """
 
 from __future__ import annotations
@@ -45,8 +50,9 @@ SYSTEMS = (*POLICIES, *PEERS)
 TARGET_BATCH = 32
 TARGETS = {"hf-generate": 3.0, "hf-cb": 1.5}
 TARGET_SLOT_EFFICIENCY = 0.98
-TARGET_IDEAL_SHARE = 0.85
+TARGET_IDEAL_SHARE = 0.9
 ENGINE_COUNTERS = ("slot_efficiency", "mean_batch_size", "preemptions", "iterations")
+ENGINE_COUNTERS += ("forward_share", "prefill_forwards", "prefill_forward_s", "decode_forward_s")
 
 
 class Runner:
@@ -107,6 +113,8 @@ def checks(summary: dict, ideal: dict, batch: int) -> list[dict]:
     found.append(check("baton slot efficiency", slot, TARGET_SLOT_EFFICIENCY))
     share = ratio(rate, ideal["per_batch"].get(batch, {}).get("ideal_tokens_per_s"), 4)
     found.append(check("baton / ideal tokens/s", share, TARGET_IDEAL_SHARE))
+    forward_share = baton.get("forward_share")
+    found.append(check("baton's time in the forward / its wall time", forward_share, 0.9))
     for peer in ("orca", "static", "chunked"):
         found.append(check(f"baton / {peer} tokens/s", versus(peer), None))
     return found
@@ -117,7 +125,9 @@ def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
     that batch size, then the ideal's; the figure: tokens/s against the batch size."""
     args, per_batch = saved["args"], saved["ideal"]["per_batch"]
     ideal = {b: {"tokens_per_s": r["ideal_tokens_per_s"]} for b, r in per_batch.items()}
+    full = {b: {"tokens_per_s": r.get("full_batch_tokens_per_s")} for b, r in per_batch.items()}
     systems = saved["summary"] | {"ideal (our forward, no scheduling)": ideal}
+    systems["full-batch bound (unreachable)"] = full
 
     def rate(system: str, b: str) -> float | None:
         return systems.get(system, {}).get(b, {}).get("tokens_per_s")

@@ -28,7 +28,7 @@ from workload import KV_MEMORY, MAX_PREFILL_TOKENS, RunResult, Workload
 from baton_paged.allocator import KVCache, KVCacheSpec, PagePool, pages_needed
 from baton_paged.attention import attach, detach
 from baton_paged.config import EngineConfig
-from baton_paged.model.loading import choose_attention
+from baton_paged.model.loading import choose_attention, choose_executor
 from baton_paged.model.runner import ModelRunner, model_forward
 from baton_paged.sched.plan import ForwardBatch, ScheduledRow
 
@@ -160,8 +160,9 @@ PEERS = {"hf-generate": run_hf_generate, "hf-cb": run_hf_cb}
 
 @contextmanager
 def paged_runner(model) -> Iterator[ModelRunner]:
-    """A runner over a cache of our engine's size, with the backend and page size the engine
-    would choose; ``model`` runs paged attention until the block ends."""
+    """A runner over a cache of our engine's size, with the backend, page size and forward (the
+    native executor where it runs) the engine would choose; ``model`` runs paged attention until
+    the block ends."""
     weights = next(model.parameters())
     config = EngineConfig(
         dtype=str(weights.dtype).removeprefix("torch."), device=str(weights.device)
@@ -169,9 +170,12 @@ def paged_runner(model) -> Iterator[ModelRunner]:
     page_size, backend = choose_attention(config, model)
     spec = KVCacheSpec.from_model_config(model.config, page_size, weights.dtype)
     cache = KVCache.from_budget(spec, KV_MEMORY, weights.device)
-    attach(model, model.config.max_position_embeddings)
+    max_len = model.config.max_position_embeddings
+    attach(model, max_len)
     try:
-        yield ModelRunner(model_forward(model, None), cache, backend)
+        yield ModelRunner(
+            model_forward(model, choose_executor(config, model, max_len)), cache, backend
+        )
     finally:
         detach(model)
 
@@ -214,25 +218,57 @@ def decode_forward(cache: KVCache, batch_size: int, context: int, vocab: int) ->
     return ForwardBatch(rows, table_for(cache.pool, [context] * batch_size, cache.spec.page_size))
 
 
+def fcfs_decode_steps(budgets: list[int], batch_size: int) -> dict[int, int]:
+    """How many decode steps at each batch size a scheduler with no overhead of its own runs:
+    requests join in order whenever a slot is free, each prefill gives a request's first token,
+    and every step gives each live request one more. No schedule has fewer steps at the same
+    max batch (the longest budget alone needs its own length), and only the tail runs below
+    ``batch_size``."""
+    queue, live, steps = list(budgets), [], {}
+    while queue or live:
+        while queue and len(live) < batch_size:
+            live.append(queue.pop(0) - 1)
+        live = [left for left in live if left > 0]
+        if live:
+            steps[len(live)] = steps.get(len(live), 0) + 1
+            live = [left - 1 for left in live]
+    return steps
+
+
+def mean_size(schedule: dict[int, int]) -> float:
+    return sum(size * count for size, count in schedule.items()) / sum(schedule.values())
+
+
 def measure_ideal(model, workload: Workload, batch_sizes: list[int]) -> dict:
-    """Our forward alone, with our engine's KV and prefill budgets: all prefills, and one full
-    decode step per batch size."""
+    """Our forward alone, with our engine's KV and prefill budgets: all prompts prefilled, then
+    the decode steps of ``fcfs_decode_steps``, each timed at its own batch size (at the
+    workload's mean context). Beside it, the old full-batch bound: ceil(total budget / B) full
+    steps, which the long tail makes unreachable for any scheduler."""
     prompt_mean = statistics.mean(len(p) for p in workload.prompts)
     context = round(prompt_mean + statistics.mean(workload.budgets) / 2)
     sync = synchronizer(next(model.parameters()).device)
+    schedules = {b: fcfs_decode_steps(workload.budgets, b) for b in batch_sizes}
     with paged_runner(model) as runner:
         forwards = prefill_forwards(runner.cache, workload.prompts, MAX_PREFILL_TOKENS)
         prefill = {"prefill": lambda: [runner.execute(f) for f in forwards]}
         prefill_s = interleaved(prefill, repeats=3, sync=sync)["prefill"]
-        per_batch = {}
-        for b in batch_sizes:
-            forward = decode_forward(runner.cache, b, context, model.config.vocab_size)
-            step = {"decode": lambda f=forward: runner.execute(f)}
-            step_s = interleaved(step, repeats=20, sync=sync, warmup=3)["decode"]
-            steps = math.ceil(workload.total_budget / b)
-            ideal_s = prefill_s + steps * step_s
-            per_batch[b] = {"decode_step_ms": round(step_s * 1e3, 3), "decode_steps": steps}
-            per_batch[b]["ideal_s"] = round(ideal_s, 3)
-            per_batch[b]["ideal_tokens_per_s"] = round(workload.total_budget / ideal_s, 2)
+        sizes = sorted({*batch_sizes, *(size for steps in schedules.values() for size in steps)})
+        vocab = model.config.vocab_size
+        steps = {b: decode_forward(runner.cache, b, context, vocab) for b in sizes}
+        cases = {b: (lambda f=forward: runner.execute(f)) for b, forward in steps.items()}
+        step_s = interleaved(cases, repeats=10, sync=sync, warmup=2)
+    per_batch = {}
+    for b, schedule in schedules.items():
+        decode_s = sum(count * step_s[size] for size, count in schedule.items())
+        full_s = prefill_s + math.ceil(workload.total_budget / b) * step_s[b]
+        per_batch[b] = {
+            "decode_step_ms": round(step_s[b] * 1e3, 3),
+            "decode_steps": sum(schedule.values()),
+            "mean_batch_size": round(mean_size(schedule), 2),
+            "decode_s": round(decode_s, 3),
+            "ideal_s": round(prefill_s + decode_s, 3),
+            "ideal_tokens_per_s": round(workload.total_budget / (prefill_s + decode_s), 2),
+            "full_batch_tokens_per_s": round(workload.total_budget / full_s, 2),
+        }
     ideal = {"prefill_s": round(prefill_s, 4), "prefill_forwards": len(forwards)}
     return ideal | {"decode_context": context, "per_batch": per_batch}

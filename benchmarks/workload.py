@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
@@ -234,9 +235,38 @@ def engine_counters(snapshot: EngineSnapshot) -> dict:
     return pools | asdict(s) | derived
 
 
+class ForwardClock:
+    """Seconds inside ``runner.execute`` (the forward and its input preparation), split into
+    decode-only forwards and those with prompt tokens: what the run spent in the model, so the
+    rest of its wall time is the engine's own host work (on the CPU the forward is synchronous)."""
+
+    def __init__(self, engine: Engine):
+        self.seconds = {"decode": 0.0, "prefill": 0.0}
+        self.forwards = {"decode": 0, "prefill": 0}
+        inner = engine.runner.execute
+
+        def timed(forward, *args, **kwargs):
+            kind = "decode" if all(row.decode for row in forward.rows) else "prefill"
+            start = time.perf_counter()
+            try:
+                return inner(forward, *args, **kwargs)
+            finally:
+                self.seconds[kind] += time.perf_counter() - start
+                self.forwards[kind] += 1
+
+        engine.runner.execute = timed
+
+    def counters(self, wall_s: float) -> dict:
+        total = sum(self.seconds.values())
+        found = {f"{kind}_forward_s": round(s, 3) for kind, s in self.seconds.items()}
+        found |= {f"{kind}_forwards": n for kind, n in self.forwards.items()}
+        return found | {"forward_share": round(total / wall_s, 4)}
+
+
 def drive(engine: Engine, arrivals: list[Arrival]) -> EngineRun:
     """Submit each request before its iteration and step until all have finished."""
     outputs: dict[str, RequestOutput] = {}
+    forwards = ForwardClock(engine)
     queue: list[int] = []
     pending = deque(arrivals)
     max_steps = MAX_STEPS_PER_TOKEN * sum(a.budget + 1 for a in arrivals)
@@ -259,6 +289,7 @@ def drive(engine: Engine, arrivals: list[Arrival]) -> EngineRun:
                 raise RuntimeError(f"no end after {max_steps} iterations: stuck?")
     recomputed = engine.snapshot.stats.prompt_tokens - sum(len(a.prompt) for a in arrivals)
     counters = engine_counters(engine.snapshot) | {"recomputed_tokens": recomputed}
+    counters |= forwards.counters(clock.wall)
     return EngineRun(outputs, queue, clock, counters)
 
 

@@ -7,7 +7,8 @@ call was 13% of the decode time. For a stock fast tokenizer the wrapper only for
 ``backend_tokenizer.decode`` and then, if ``clean_up_tokenization_spaces`` is set, cleans the
 text up; ``text_decoder`` calls the Rust tokenizer directly exactly then, and keeps
 ``tokenizer.decode`` for anything else (a slow tokenizer, a subclass with its own decoding,
-clean-up on), so the text is the same either way.
+clean-up on), so the text is the same either way. ``rust_tokenizer`` hands that same Rust
+tokenizer to the detokenizer's decode stream.
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ TextDecoder = Callable[[Sequence[int], bool], str]
 
 def text_decoder(tokenizer: Any) -> TextDecoder:
     """``tokenizer.decode`` for token ids, by the direct path where it gives the same text."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is not None and _decodes_by_forwarding(tokenizer):
+    backend = rust_tokenizer(tokenizer)
+    if backend is not None:
         return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
     return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
+
+
+def rust_tokenizer(tokenizer: Any) -> Any | None:
+    """The ``tokenizers.Tokenizer`` whose ``decode`` gives exactly ``tokenizer.decode``'s text,
+    or None when transformers' decoding adds something of its own."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend if backend is not None and _decodes_by_forwarding(tokenizer) else None
 
 
 def _decodes_by_forwarding(tokenizer: Any) -> bool:

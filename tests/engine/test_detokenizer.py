@@ -145,3 +145,41 @@ def test_find_stop_agrees_with_a_full_search_on_random_text():
         ]
         expected = min(matches, key=lambda m: (m[0], stops.index(m[1]))) if matches else None
         assert find_stop(text, len(new), stops) == expected
+
+
+def test_tokens_go_through_the_rust_decode_stream(tokenizer):
+    """A stock fast tokenizer decodes each token by one ``DecodeStream`` step, not from Python."""
+    detokenizer = IncrementalDetokenizer(tokenizer, [], True)
+    assert detokenizer._stream is not None
+    calls = []
+    real = detokenizer._decode_window
+    detokenizer._decode_window = lambda: calls.append(1) or real()
+    for token in tokenizer.encode(MULTIBYTE):
+        detokenizer.add(token)
+    assert calls == []
+
+
+class FailingStream:
+    """A decode stream whose prefix check fails at its ``fail_at``-th step."""
+
+    def __init__(self, inner, fail_at: int):
+        self.inner, self.steps, self.fail_at = inner, 0, fail_at
+
+    def step(self, rust, token):
+        self.steps += 1
+        if self.steps == self.fail_at:
+            raise Exception("Invalid prefix encountered")
+        return self.inner.step(rust, token)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 5, 17])
+def test_a_failing_stream_hands_over_to_the_python_path_losing_nothing(tokenizer, fail_at):
+    ids = tokenizer.encode(MULTIBYTE)
+    prompt = tokenizer.encode("prompt: ")
+    want_pieces, want = stream(tokenizer, prompt, ids)
+    detokenizer = IncrementalDetokenizer(tokenizer, prompt, True)
+    detokenizer._stream = FailingStream(detokenizer._stream, fail_at)
+    pieces = [detokenizer.add(token) for token in ids] + [detokenizer.flush()]
+    assert detokenizer._stream is None
+    assert "".join(pieces) == want == MULTIBYTE
+    assert pieces == want_pieces

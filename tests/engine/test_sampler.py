@@ -11,7 +11,8 @@ from collections import Counter
 import pytest
 import torch
 
-from baton_paged.model.sampler import SamplingRow, _top_k_top_p, sample, token_logprobs
+from baton_paged.model.nucleus import top_k_top_p
+from baton_paged.model.sampler import SamplingRow, sample, token_logprobs
 from baton_paged.outputs import Logprob
 from baton_paged.sampling_params import SamplingParams
 
@@ -129,7 +130,7 @@ def test_top_p_one_keeps_every_token():
     # drop the tail: top_p == 1 must mean no filtering at all.
     scores = torch.tensor([[30.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
     params = [SamplingParams(top_p=1.0, top_k=2), SamplingParams(top_p=1.0)]
-    filtered = _top_k_top_p(scores, params)
+    filtered = top_k_top_p(scores, params)
     assert torch.isinf(filtered[0]).tolist() == [False, False, True, True]
     assert torch.equal(filtered[1], scores[1])
 
