@@ -25,7 +25,7 @@ from baton_paged.model.loaded_model import check_loaded_model, config_for_loaded
 from baton_paged.model.loading import load_model, model_max_len
 from baton_paged.outputs import RequestOutput
 from baton_paged.processing.input_processor import PromptInput
-from baton_paged.processing.output_processor import ForwardOutputs
+from baton_paged.processing.output_processor import ForwardOutputs, Output, built
 from baton_paged.processing.parallel_sampling import SampleGroups
 from baton_paged.registries import check_registered
 from baton_paged.request import Request, RequestStatus
@@ -160,6 +160,12 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """One iteration: every request that got a token reports its output."""
+        return [built(output) for output in self.step_unbuilt()]
+
+    def step_unbuilt(self) -> list[Output]:
+        """``step``, leaving the outputs of single-completion requests unbuilt: snapshots whose
+        ``build()`` gives the ``RequestOutput`` on any thread, later (``AsyncEngine`` has each
+        stream's reader build its own, off the step loop, and only the latest one it reads)."""
         self._step = progress = _StepProgress(self._schedule())
         self.stats.record_peak(self.cache.pool.num_used)  # before finished requests free pages
         self.runner.swap(progress.plan)
@@ -201,14 +207,15 @@ class Engine:
                 preempted = (self.requests[rid] for rid in progress.plan.preempted)
                 unissued = [r.request_id for r in preempted if r.status is RequestStatus.SWAPPED]
         done = [r for r in self.requests.values() if r.status.is_finished]
-        outputs = self._report(done)
+        outputs = [built(output) for output in self._report(done)]
         running = [rid for rid, r in self.requests.items() if r.status is RequestStatus.RUNNING]
         suspects = (self.groups.owner(rid) for rid in running + unissued)
         return outputs, list(dict.fromkeys(suspects))
 
-    def _report(self, requests) -> list[RequestOutput]:
+    def _report(self, requests) -> list[Output]:
         """Outputs for ``requests``, but none for an unfinished one that asked only for its final
-        output; finished ones are forgotten once theirs is built."""
+        output; finished ones are forgotten once theirs is captured. A child of a request with
+        several completions has its output built here, to merge into its parent's."""
         requests = list(requests)
         final_only = {
             self.groups.owner(request.request_id)
@@ -217,6 +224,8 @@ class Engine:
         }
         outputs = [
             self.outputs.output(request)
+            if self.groups.is_child(request.request_id)
+            else self.outputs.snapshot(request)
             for request in requests
             if request.status.is_finished or request.request_id not in final_only
         ]

@@ -16,8 +16,10 @@ from outside (the engine is not changed for it), over decode-only steps:
 - sampling: the sampler, the device->host copy of the sampled ids included;
 - output processing: the rest of ``outputs.process`` (appending, detokenizing, stops) and
   building the step's ``RequestOutput``s: by default as the offline ``LLM`` asks for them
-  (``FINAL_ONLY``: built when a request ends), ``--output-kind cumulative`` for one per request
-  every step, as a stream reads them;
+  (``FINAL_ONLY``: built when a request ends); ``--output-kind cumulative`` for one per request
+  every step, as a stream reads them, with the step loop the server runs (``step_unbuilt``):
+  the step captures each output, and building it is the reader's work on its own thread,
+  timed apart (``reader_build``, not part of the step's wall time);
 - other: the step's wall time less all of the above.
 
 Host time = step wall time - forward. On CUDA, CUDA events around each forward also give the
@@ -63,7 +65,8 @@ class PhaseClock:
         for graph, _ in getattr(runner.graphs, "_graphs", {}).values():  # decode replays
             self._wrap(graph, "replay", "forward", gpu=True)
         self._wrap(outputs, "process", "process")
-        self._wrap(outputs, "output", "report")
+        self._wrap(outputs, "snapshot", "report")
+        self._wrap(output_processor.OutputSnapshot, "build", "build")
         self._wrap(output_processor, "sample", "sampling")
 
     def _wrap(self, owner, name: str, phase: str, gpu: bool = False) -> None:
@@ -85,14 +88,22 @@ class PhaseClock:
 
         setattr(owner, name, timed)
 
-    def run_step(self, engine, sync: Callable[[], None]) -> None:
-        """One ``engine.step``; its phases count if every row of it was a decode."""
+    def run_step(self, engine, sync: Callable[[], None], unbuilt: bool) -> None:
+        """One ``engine.step`` (``step_unbuilt`` if ``unbuilt``, the outputs then built after
+        the step's wall time, as readers on their own threads build them); its phases count if
+        every row of it was a decode."""
         self.step.clear()
         self.gpu_events.clear()
         start = time.perf_counter()
-        engine.step()
+        outputs = engine.step_unbuilt() if unbuilt else engine.step()
         sync()
         wall = time.perf_counter() - start
+        reader_build = 0.0
+        if unbuilt:
+            in_step = self.step["build"]
+            for output in outputs:
+                output.build()
+            reader_build = self.step["build"] - in_step
         rows = [row for forward in self.last["schedule"].forwards for row in forward.rows]
         if not rows or not all(row.decode for row in rows):
             return
@@ -102,13 +113,18 @@ class PhaseClock:
             "input_prep": self.step["execute"] - self.step["forward"],
             "forward": self.step["forward"],
             "sampling": self.step["sampling"],
-            "outputs": self.step["process"] - self.step["sampling"] + self.step["report"],
+            "outputs": self.step["process"]
+            - self.step["sampling"]
+            + self.step["report"]
+            + self.step["build"]
+            - reader_build,
             "update": self.step["update"],
         }
         exclusive["other"] = wall - sum(exclusive.values())
         for phase, seconds in exclusive.items():
             self.totals[phase] += seconds
         self.totals["wall"] += wall
+        self.totals["reader_build"] += reader_build
         self.totals["gpu"] += sum(a.elapsed_time(b) / 1e3 for a, b in self.gpu_events)
         self.steps += 1
 
@@ -132,9 +148,10 @@ def measure(model: str, batch: int, args, device: torch.device) -> dict:
     engine.step()  # the first decode, after the prefill step
     clock = PhaseClock(engine, device)
     while engine.has_unfinished_requests() and engine.snapshot.num_running == batch:
-        clock.run_step(engine, sync)
+        clock.run_step(engine, sync, unbuilt=kind is RequestOutputKind.CUMULATIVE)
     engine.close()
-    per_step = {p: 1e3 * clock.totals[p] / max(clock.steps, 1) for p in (*PHASES, "wall")}
+    measured = (*PHASES, "wall", "reader_build")
+    per_step = {p: 1e3 * clock.totals[p] / max(clock.steps, 1) for p in measured}
     row = {"batch": batch, "steps": clock.steps}
     row |= {f"{p}_ms": round(v, 3) for p, v in per_step.items()}
     row["host_ms"] = round(per_step["wall"] - per_step["forward"], 3)
@@ -146,7 +163,7 @@ def measure(model: str, batch: int, args, device: torch.device) -> dict:
 
 def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
     rows = saved["rows"]
-    columns = ["batch", "wall_ms", "host_ms", *(f"{p}_ms" for p in PHASES)]
+    columns = ["batch", "wall_ms", "host_ms", *(f"{p}_ms" for p in PHASES), "reader_build_ms"]
     if any("gpu_idle_share" in row for row in rows):
         columns.append("gpu_idle_share")
     lines = [

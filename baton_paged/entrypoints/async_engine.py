@@ -7,7 +7,9 @@ at once), then posts the add, or an abort, to an inbox that the engine thread ap
 iterations, exactly where BATON lets requests join and leave. The event loop never waits for an
 iteration: a lock held across a forward would stall every stream for one iteration per arrival
 and, since a plain lock is not fair, starve submissions while the engine thread re-takes it.
-Outputs cross back to each request's event loop with ``call_soon_threadsafe``.
+Outputs cross back to each request's event loop with ``call_soon_threadsafe``, unbuilt: the
+reader builds the latest one when it takes it (``_Stream``), so building outputs is not step-loop
+work and a reader that falls behind skips the outputs it would only overwrite.
 
 The loop runs on a thread of its own, or, with ``own_thread=False``, on whichever thread calls
 ``run_loop`` (``baton-paged serve`` gives it the main thread and uvicorn a background one). That
@@ -32,12 +34,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from baton_paged.engine import Engine
 from baton_paged.outputs import RequestOutput
 from baton_paged.processing.input_processor import PromptInput
+from baton_paged.processing.output_processor import Output, built
 from baton_paged.request import Request
 from baton_paged.sampling_params import SamplingParams
 from baton_paged.snapshot import EngineSnapshot
@@ -61,10 +63,40 @@ class EngineStoppedError(RuntimeError):
     """The step loop has stopped (shut down, or died); nothing more is served (HTTP 503)."""
 
 
-@dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    """One request's outputs on their way to its reader, on the reader's event loop.
+
+    Outputs are cumulative (each holds everything so far), so an output its reader has not
+    taken yet is replaced by the next one instead of queueing behind it, as vLLM's output
+    collector does: a reader that falls behind reads the latest state once, not every step it
+    missed, and nothing is lost (a finished output or an error is never replaced). Outputs
+    arrive unbuilt (``OutputSnapshot``) and are built by the reader when it takes them, on its
+    own thread, off the engine's step loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._items: deque[Output | Exception] = deque()
+        self._ready = asyncio.Event()
+
+    def put(self, item: Output | Exception) -> None:
+        """Called on ``loop`` (``call_soon_threadsafe``)."""
+        items = self._items
+        if items and not isinstance(items[-1], Exception) and not items[-1].finished:
+            items[-1] = item
+        else:
+            items.append(item)
+        self._ready.set()
+
+    async def get(self) -> RequestOutput:
+        """The next output, built (raising the error that ended the request, if one did)."""
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        if isinstance(item, Exception):
+            raise item
+        return built(item)
 
 
 class AsyncEngine:
@@ -132,11 +164,9 @@ class AsyncEngine:
         finished = False
         try:
             while not finished:
-                item = await stream.queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                finished = item.finished
-                yield item
+                output = await stream.get()
+                finished = output.finished
+                yield output
         finally:
             if not finished:
                 self.abort(request_id)
@@ -149,7 +179,7 @@ class AsyncEngine:
 
     def submit_request(self, request: Request) -> tuple[str, _Stream]:
         """Open the stream of a request ``inputs.prepare`` made and post its add."""
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         with self._lock:
             if self._stopping:
                 raise EngineStoppedError("the engine has stopped and takes no more requests")
@@ -216,7 +246,7 @@ class AsyncEngine:
             self._posted_adds = 0
         for stream in streams:
             with contextlib.suppress(RuntimeError):  # its event loop is already closed
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+                stream.loop.call_soon_threadsafe(stream.put, error)
 
     @property
     def snapshot(self) -> EngineSnapshot:
@@ -278,7 +308,7 @@ class AsyncEngine:
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            outputs = self.engine.step_unbuilt()
         except Exception as error:  # one bad iteration must not take the server down
             logger.exception("engine iteration failed; failing the requests it left half-done")
             try:
@@ -288,9 +318,10 @@ class AsyncEngine:
                 outputs, suspect = [], list(self.engine.requests)
             self._fail(suspect, error)
         for output in outputs:
-            self._deliver(output.request_id, output)
-            if output.finished:
+            if output.finished:  # built here once: the listeners and the stream share it
+                output = built(output)
                 self._finished(output)
+            self._deliver(output.request_id, output)
 
     def _fail(self, request_ids: list[str], error: Exception) -> None:
         for request_id in request_ids:
@@ -307,7 +338,7 @@ class AsyncEngine:
             except Exception:  # a metrics bug must not stop the engine
                 logger.exception("finish listener %r failed", listener)
 
-    def _deliver(self, request_id: str, item: RequestOutput | Exception) -> None:
+    def _deliver(self, request_id: str, item: Output | Exception) -> None:
         finished = isinstance(item, Exception) or item.finished
         with self._lock:
             streams = self._streams
@@ -315,7 +346,7 @@ class AsyncEngine:
         if stream is None:
             return
         try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            stream.loop.call_soon_threadsafe(stream.put, item)
         except RuntimeError:  # its event loop has closed: nobody will read it, so stop it
             if not finished:
                 self.abort(request_id)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -204,6 +204,11 @@ class OutputProcessor:
     def output(self, request: Request) -> RequestOutput:
         """A snapshot of the request (the same one again for a finished request, until
         ``release``)."""
+        return self.snapshot(request).build()
+
+    def snapshot(self, request: Request) -> OutputSnapshot:
+        """What the request's output holds now, captured in a few field reads so the output
+        itself can be built later, on another thread (``OutputSnapshot.build``)."""
         finished = request.status.is_finished
         state = self._states[request.request_id]
         if finished and not state.flushed:
@@ -216,32 +221,81 @@ class OutputProcessor:
             text = state.text
         else:
             text = state.text[: max(len(state.text) - state.stop_holdback, 0)]
+        return OutputSnapshot(
+            request,
+            state.logprobs,
+            state.prompt_logprobs,
+            len(request.output_token_ids),
+            text,
+            request.status.finish_reason if finished else None,
+            request.stop_reason,
+            state.cumulative_logprob,
+            request.first_token_time,
+            request.finished_time,
+            request.num_preemptions,
+        )
+
+
+class OutputSnapshot(NamedTuple):
+    """A request's output at one moment: its values, and the lengths of the lists that only
+    grow (tokens, their times and log-probabilities) at that moment. ``build`` reads nothing
+    else, so it may run on another thread while the engine appends to those lists."""
+
+    request: Request
+    logprobs: list[dict[int, Logprob]] | None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None
+    num_tokens: int
+    text: str
+    finish_reason: str | None
+    stop_reason: int | str | None
+    cumulative_logprob: float | None
+    first_token_time: float | None
+    finished_time: float | None
+    num_preemptions: int
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def build(self) -> RequestOutput:
+        request, n = self.request, self.num_tokens
         completion = CompletionOutput(
             index=0,
-            text=text,
-            token_ids=tuple(request.output_token_ids),
-            cumulative_logprob=state.cumulative_logprob,
-            logprobs=tuple(state.logprobs) if state.logprobs is not None else None,
-            finish_reason=request.status.finish_reason,
-            stop_reason=request.stop_reason,
+            text=self.text,
+            token_ids=tuple(request.output_token_ids[:n]),
+            cumulative_logprob=self.cumulative_logprob,
+            logprobs=None if self.logprobs is None else tuple(self.logprobs[:n]),
+            finish_reason=self.finish_reason,
+            stop_reason=self.stop_reason,
         )
+        prompt_logprobs = self.prompt_logprobs
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
             prompt_token_ids=tuple(request.prompt_token_ids),
             outputs=(completion,),
-            finished=finished,
-            prompt_logprobs=(
-                None if state.prompt_logprobs is None else tuple(state.prompt_logprobs)
-            ),
+            finished=self.finished,
+            prompt_logprobs=None if prompt_logprobs is None else tuple(prompt_logprobs),
             metrics=RequestMetrics(
                 arrival_time=request.arrival_time,
-                first_token_time=request.first_token_time,
-                finished_time=request.finished_time,
-                token_times=tuple(request.token_times),
-                num_preemptions=request.num_preemptions,
+                first_token_time=self.first_token_time,
+                finished_time=self.finished_time,
+                token_times=tuple(request.token_times[:n]),
+                num_preemptions=self.num_preemptions,
             ),
         )
+
+
+Output = RequestOutput | OutputSnapshot
+"""A request's output, or the snapshot that builds it."""
+
+
+def built(output: Output) -> RequestOutput:
+    return output if isinstance(output, RequestOutput) else output.build()
 
 
 def _stop_holdback(params) -> int:

@@ -18,11 +18,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
 from baton_paged.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from baton_paged.request import Request
+
+if TYPE_CHECKING:
+    from baton_paged.processing.output_processor import Output
 
 
 def child_requests(parent: Request) -> list[Request]:
@@ -145,14 +149,17 @@ class SampleGroups:
         self._parent_of.update(dict.fromkeys(ids, request.request_id))
         return children
 
+    def is_child(self, request_id: str) -> bool:
+        return request_id in self._parent_of
+
     def owner(self, request_id: str) -> str:
         """The id the caller knows ``request_id`` by: its parent's, or its own."""
         return self._parent_of.get(request_id, request_id)
 
-    def merge(self, outputs: list[RequestOutput]) -> list[RequestOutput]:
+    def merge(self, outputs: list[Output]) -> list[Output]:
         """Children's outputs become their parent's (one per parent, the latest); a group whose
-        children have all finished is forgotten."""
-        merged: dict[str, RequestOutput | None] = {}
+        children have all finished is forgotten. Others' outputs (or their snapshots) pass."""
+        merged: dict[str, Output | None] = {}
         for output in outputs:
             parent = self._parent_of.get(output.request_id)
             if parent is None:

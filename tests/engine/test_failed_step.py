@@ -108,17 +108,17 @@ def test_a_failure_while_building_outputs_still_hands_back_finished_ones(make_en
     one = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
     engine.add_request("x", one, request_id="a")
     engine.add_request("y", LONG, request_id="b")
-    real_output = engine.outputs.output
+    real_snapshot = engine.outputs.snapshot
 
-    def output_failing_for_b(request):
+    def snapshot_failing_for_b(request):
         if request.request_id == "b":
             raise RuntimeError("detokenizer bug")
-        return real_output(request)
+        return real_snapshot(request)
 
-    engine.outputs.output = output_failing_for_b
+    engine.outputs.snapshot = snapshot_failing_for_b
     with pytest.raises(RuntimeError, match="detokenizer bug"):
-        engine.step()  # "a" finished in this step, its output built before "b" failed
-    engine.outputs.output = real_output
+        engine.step()  # "a" finished in this step, its output taken before "b" failed
+    engine.outputs.snapshot = real_snapshot
 
     finished, suspect = engine.salvage_failed_step()
     assert [o.request_id for o in finished] == ["a"] and finished[0].finished

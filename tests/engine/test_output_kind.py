@@ -40,8 +40,8 @@ def test_the_offline_llm_builds_final_outputs_only(make_engine, monkeypatch):
 
     llm = LLM.from_engine(make_engine())
     built = []
-    output = llm.engine.outputs.output
-    monkeypatch.setattr(llm.engine.outputs, "output", lambda r: built.append(r) or output(r))
+    snapshot = llm.engine.outputs.snapshot
+    monkeypatch.setattr(llm.engine.outputs, "snapshot", lambda r: built.append(r) or snapshot(r))
     results = llm.generate(["a", "bb"], SamplingParams(temperature=0, max_tokens=5))
     assert [len(r.outputs[0].token_ids) for r in results] == [5, 5]
     assert len(built) == 2  # one per request, at its end; not one per request per step

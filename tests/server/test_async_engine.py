@@ -33,14 +33,14 @@ def tiny_engine(path) -> Engine:
 
 
 class GatedSteps:
-    """Wraps ``Engine.step`` so a test decides when each iteration may run, and can look at the
-    engine from inside an iteration."""
+    """Wraps ``Engine.step_unbuilt`` (the AsyncEngine's iteration) so a test decides when each
+    iteration may run, and can look at the engine from inside an iteration."""
 
     def __init__(self, engine: Engine):
-        self.engine, self.real_step = engine, engine.step
+        self.engine, self.real_step = engine, engine.step_unbuilt
         self.entered, self.gate = threading.Event(), threading.Event()
         self.seen: list[tuple[set[str], int]] = []
-        engine.step = self.step
+        engine.step_unbuilt = self.step
 
     def step(self):
         self.seen.append((set(self.engine.requests), self.engine.cache.pool.num_used))
@@ -97,7 +97,7 @@ def test_submit_returns_while_an_iteration_is_running(engine):
         assert "second" not in engine.engine.requests  # joins between iterations, not during
         gated.gate.set()
         await first
-        while not (await second.queue.get()).finished:
+        while not (await second.get()).finished:
             pass
         return [seen for seen, _ in gated.seen]
 
@@ -161,7 +161,7 @@ def test_a_full_waiting_queue_refuses_without_queuing(engine):
         gated.gate.set()
         await running
         for _, stream in waiting:
-            while not (await stream.queue.get()).finished:
+            while not (await stream.get()).finished:
                 pass
 
     asyncio.run(scenario())
@@ -183,7 +183,7 @@ def test_each_completion_of_a_request_takes_a_queue_place(engine):
             engine.submit("x", GREEDY, "one-too-many", 0)
         gated.gate.set()
         await running
-        while not (output := await three.queue.get()).finished:
+        while not (output := await three.get()).finished:
             pass
         assert len(output.outputs) == 3
 
@@ -192,7 +192,7 @@ def test_each_completion_of_a_request_takes_a_queue_place(engine):
 
 
 def test_a_failing_iteration_fails_only_its_requests(engine):
-    real_step, calls = engine.engine.step, {"n": 0}
+    real_step, calls = engine.engine.step_unbuilt, {"n": 0}
 
     def failing_second_step():
         calls["n"] += 1
@@ -200,7 +200,7 @@ def test_a_failing_iteration_fails_only_its_requests(engine):
             raise RuntimeError("boom")
         return real_step()
 
-    engine.engine.step = failing_second_step
+    engine.engine.step_unbuilt = failing_second_step
 
     async def scenario():
         with pytest.raises(RequestFailedError, match="boom"):
@@ -294,8 +294,13 @@ def test_the_loop_runs_on_the_callers_thread(path):
     async_engine = AsyncEngine(tiny_engine(path), own_thread=False)
     assert not async_engine.is_running
     threads = []
-    real_step = async_engine.engine.step
-    async_engine.engine.step = lambda: threads.append(threading.current_thread()) or real_step()
+    real_step = async_engine.engine.step_unbuilt
+
+    def step():
+        threads.append(threading.current_thread())
+        return real_step()
+
+    async_engine.engine.step_unbuilt = step
     result = {}
 
     def client():

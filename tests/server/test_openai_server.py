@@ -149,13 +149,13 @@ def test_a_client_that_disconnects_mid_stream_frees_its_pages(server):
 
 def test_a_non_streaming_client_that_disconnects_aborts_its_request(server, monkeypatch):
     engine = server.engine.engine
-    real_step = engine.step
+    real_step = engine.step_unbuilt
 
     def slow_step():  # 200 tokens now take ~4 s, far past the client's patience
         time.sleep(0.02)
         return real_step()
 
-    monkeypatch.setattr(engine, "step", slow_step)
+    monkeypatch.setattr(engine, "step_unbuilt", slow_step)
     aborted = engine.stats.aborted
     body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "ignore_eos": True}
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -169,7 +169,7 @@ def test_a_client_that_leaves_before_its_first_token_is_never_prefilled(server, 
     """It left while queued behind a long iteration: its abort follows its add through the
     inbox, so no iteration ever holds it."""
     engine = server.engine.engine
-    real_step, gate, entered = engine.step, threading.Event(), threading.Event()
+    real_step, gate, entered = engine.step_unbuilt, threading.Event(), threading.Event()
     held: list[set[str]] = []
 
     def gated_step():
@@ -178,7 +178,7 @@ def test_a_client_that_leaves_before_its_first_token_is_never_prefilled(server, 
         assert gate.wait(timeout=30)
         return real_step()
 
-    monkeypatch.setattr(engine, "step", gated_step)
+    monkeypatch.setattr(engine, "step_unbuilt", gated_step)
     aborted = engine.stats.aborted
     url, headers = f"{server.url}/v1/completions", {"Authorization": f"Bearer {KEY}"}
     blocker = threading.Thread(
@@ -261,7 +261,7 @@ def test_a_failing_iteration_fails_its_requests_and_the_server_keeps_serving(
     server, client, monkeypatch
 ):
     engine = server.engine.engine
-    real_step = engine.step
+    real_step = engine.step_unbuilt
     calls = {"n": 0}
 
     def step_failing_once():
@@ -270,7 +270,7 @@ def test_a_failing_iteration_fails_its_requests_and_the_server_keeps_serving(
             raise RuntimeError("boom")
         return real_step()
 
-    monkeypatch.setattr(engine, "step", step_failing_once)
+    monkeypatch.setattr(engine, "step_unbuilt", step_failing_once)
     with pytest.raises(openai.InternalServerError) as raised:
         client.completions.create(model=MODEL, prompt="x", max_tokens=4)
     assert raised.value.status_code == 500 and "boom" in str(raised.value)

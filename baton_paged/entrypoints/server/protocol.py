@@ -37,7 +37,7 @@ from pydantic_core import PydanticCustomError
 
 from baton_paged.entrypoints.server.chat import ChatMessage
 from baton_paged.entrypoints.server.fields import RequestModel, Text
-from baton_paged.sampling_params import SamplingParams
+from baton_paged.sampling_params import RequestOutputKind, SamplingParams
 
 TokenId = Annotated[int, Field(ge=0)]
 NonEmptyText = Annotated[Text, Field(min_length=1)]
@@ -139,8 +139,12 @@ class SamplingFields(RequestModel):
         sent = self.model_dump(include=set(self.PASSED_THROUGH), exclude_none=True)
         sent.update(self.extra_params())
         limit = self.token_limit()
+        # a stream reads an output every step; a plain reply only the last, so only that is built
+        kind = RequestOutputKind.CUMULATIVE if self.stream else RequestOutputKind.FINAL_ONLY
         return SamplingParams(
-            **sent, max_tokens=self.DEFAULT_MAX_TOKENS if limit is None else limit
+            **sent,
+            max_tokens=self.DEFAULT_MAX_TOKENS if limit is None else limit,
+            output_kind=kind,
         )
 
     def extra_params(self) -> dict:
