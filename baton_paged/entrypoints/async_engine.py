@@ -82,7 +82,8 @@ class _Stream:
     def put(self, item: Output | Exception) -> None:
         """Called on ``loop`` (``call_soon_threadsafe``)."""
         items = self._items
-        if items and not isinstance(items[-1], Exception) and not items[-1].finished:
+        unread = items[-1] if items else None
+        if _replaceable(unread) and _replaceable(item):
             items[-1] = item
         else:
             items.append(item)
@@ -97,6 +98,11 @@ class _Stream:
         if isinstance(item, Exception):
             raise item
         return built(item)
+
+
+def _replaceable(item: Output | Exception | None) -> bool:
+    """An unfinished output: the next one holds all it holds."""
+    return item is not None and not isinstance(item, Exception) and not item.finished
 
 
 class AsyncEngine:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,6 +20,7 @@ from baton_paged.entrypoints.async_engine import (
     EngineStoppedError,
     QueueFullError,
     RequestFailedError,
+    _Stream,
 )
 from baton_paged.entrypoints.llm import LLM
 from baton_paged.sampling_params import SamplingParams
@@ -313,3 +315,46 @@ def test_the_loop_runs_on_the_callers_thread(path):
     helper.join(timeout=10)
     assert result["text"] and set(threads) == {threading.current_thread()}
     assert not async_engine.is_running
+
+
+class Built:
+    """An unbuilt output: ``build`` counts how often it is called."""
+
+    def __init__(self, name: str, finished: bool = False):
+        self.name, self.finished, self.builds = name, finished, 0
+
+    def build(self):
+        self.builds += 1
+        return SimpleNamespace(name=self.name, finished=self.finished)
+
+
+def test_a_reader_that_falls_behind_builds_only_the_latest_output():
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop())
+        outputs = [Built("1"), Built("2"), Built("3")]
+        for output in outputs:
+            stream.put(output)  # three steps before the reader wakes
+        first = await stream.get()
+        final = Built("4", finished=True)
+        stream.put(final)
+        stream.put(RequestFailedError("late"))  # behind a finished output: never replaces it
+        return first, await stream.get(), outputs, final, stream
+
+    first, last, outputs, final, stream = asyncio.run(scenario())
+    assert first.name == "3" and [o.builds for o in outputs] == [0, 0, 1]
+    assert last.name == "4" and last.finished and final.builds == 1
+
+
+def test_an_error_is_never_replaced_by_a_later_output():
+    async def scenario():
+        stream = _Stream(asyncio.get_running_loop())
+        stream.put(Built("1"))
+        stream.put(RequestFailedError("boom"))
+        stream.put(Built("2"))
+        got = [(await stream.get()).name]
+        with pytest.raises(RequestFailedError, match="boom"):
+            await stream.get()
+        got.append((await stream.get()).name)
+        return got
+
+    assert asyncio.run(scenario()) == ["1", "2"]
