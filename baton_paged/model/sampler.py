@@ -112,24 +112,50 @@ def _add_logit_bias(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
 
 def _apply_penalties(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     """Repetition penalty over prompt and output (transformers' ``RepetitionPenaltyLogitsProcessor``
-    rule), then OpenAI's frequency and presence penalties over the output, row by row in place."""
-    for i, row in enumerate(rows):
-        params = row.params
-        if not params.has_penalties:
-            continue
-        device = scores.device
-        if params.repetition_penalty != 1.0:
-            seen = torch.tensor(
-                sorted({*row.prompt_token_ids, *row.output_token_ids}), device=device
-            )
-            values = scores[i, seen]
-            penalty = params.repetition_penalty
-            scores[i, seen] = torch.where(values < 0, values * penalty, values / penalty)
-        if (params.frequency_penalty or params.presence_penalty) and row.output_token_ids:
-            output = torch.tensor(row.output_token_ids, device=device)
-            counts = torch.bincount(output, minlength=scores.shape[1]).to(scores.dtype)
-            scores[i] -= params.frequency_penalty * counts
-            scores[i] -= params.presence_penalty * (counts > 0).to(scores.dtype)
+    rule), then OpenAI's frequency and presence penalties over the output, in place.
+
+    All penalised rows at once, touching only the (row, token) entries that occur: each is one
+    position of the flattened scores, found with its count by one ``unique`` over the batch,
+    never a vocabulary-sized tensor per row (or for the batch: 25 MB at B=128 x 49,152). A
+    penalty at its neutral value changes nothing (x * 1, x / 1 and x - 0 are exact).
+    """
+    index = [i for i, row in enumerate(rows) if row.params.has_penalties]
+    if not index:
+        return
+    flat = scores.view(-1)  # the sampler's own contiguous copy
+    params = [rows[i].params for i in index]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        seen = [(*rows[i].prompt_token_ids, *rows[i].output_token_ids) for i in index]
+        at, _ = _occurrences(index, seen, scores)
+        penalty = _per_row([p.repetition_penalty for p in params], index, at, scores)
+        values = flat[at]
+        flat[at] = torch.where(values < 0, values * penalty, values / penalty)
+    at, counts = _occurrences(index, [rows[i].output_token_ids for i in index], scores)
+    if len(at):
+        values = (
+            flat[at] - _per_row([p.frequency_penalty for p in params], index, at, scores) * counts
+        )
+        flat[at] = values - _per_row([p.presence_penalty for p in params], index, at, scores)
+
+
+def _occurrences(
+    index: list[int], token_lists: Sequence[Sequence[int]], scores: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat positions in ``scores`` of every (row ``index[j]``, token in ``token_lists[j]``)
+    pair, each once, and how often it occurs (in ``scores``' dtype)."""
+    vocab, device = scores.shape[1], scores.device
+    keys = [index[j] * vocab + t for j, ids in enumerate(token_lists) for t in ids]
+    at, counts = torch.tensor(keys, dtype=torch.long, device=device).unique(return_counts=True)
+    return at, counts.to(scores.dtype)
+
+
+def _per_row(
+    values: list[float], index: list[int], at: torch.Tensor, scores: torch.Tensor
+) -> torch.Tensor:
+    """Each flat position's row's value of ``values`` (given for the rows ``index``)."""
+    by_row = torch.zeros(scores.shape[0], dtype=scores.dtype, device=scores.device)
+    by_row[index] = torch.tensor(values, dtype=scores.dtype, device=scores.device)
+    return by_row[at // scores.shape[1]]
 
 
 def _sample_random(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

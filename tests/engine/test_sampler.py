@@ -259,3 +259,52 @@ def test_ranking_the_whole_vocabulary_needs_memory_in_the_vocabulary_not_its_squ
     """logprobs=vocab once OOM-killed the server: ranking the top-k built a k x k matrix."""
     probe = subprocess.run([sys.executable, "-c", RANK_MEMORY_PROBE], capture_output=True)
     assert probe.returncode == 0, probe.stderr.decode()[-2000:]
+
+
+def penalised_row_by_row(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """The penalties one row at a time, the plain way (what the batched form must equal)."""
+    scores = scores.clone()
+    for i, r in enumerate(rows):
+        p = r.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted({*r.prompt_token_ids, *r.output_token_ids}))
+            values = scores[i, seen]
+            penalty = p.repetition_penalty
+            scores[i, seen] = torch.where(values < 0, values * penalty, values / penalty)
+        if r.output_token_ids:
+            counts = torch.bincount(torch.tensor(r.output_token_ids), minlength=scores.shape[1])
+            scores[i] -= p.frequency_penalty * counts.to(scores.dtype)
+            scores[i] -= p.presence_penalty * (counts > 0).to(scores.dtype)
+    return scores
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_penalties_equal_row_by_row_ones_exactly(dtype):
+    from baton_paged.model.sampler import _apply_penalties
+
+    gen = torch.Generator().manual_seed(5)
+    vocab = 300
+    scores = torch.randn(6, vocab, generator=gen, dtype=dtype) * 3
+    scores[0, 7] = -torch.inf  # a suppressed token stays suppressed
+
+    def ids(n):
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    params = [
+        SamplingParams(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2),
+        SamplingParams(),  # no penalty: untouched
+        SamplingParams(frequency_penalty=-0.4),
+        SamplingParams(repetition_penalty=0.8),
+        SamplingParams(presence_penalty=1.0),  # no output yet: untouched
+        SamplingParams(repetition_penalty=1.1, frequency_penalty=2.0),
+    ]
+    outputs = [ids(40) + [7, 7], ids(10), ids(25), ids(5), [], ids(60)]
+    rows = [
+        row(p)._replace(prompt_token_ids=ids(30), output_token_ids=o)
+        for p, o in zip(params, outputs, strict=True)
+    ]
+    want = penalised_row_by_row(scores, rows)
+    got = scores.clone()
+    _apply_penalties(got, rows)
+    assert torch.equal(got, want)
+    assert torch.equal(got[1], scores[1]) and torch.equal(got[4], scores[4])
