@@ -84,9 +84,14 @@ class ModelRunner:
             self.device,
         )
         ids = np.fromiter((t for row in rows for t in row.token_ids), np.int64, meta.num_tokens)
-        positions = np.concatenate([np.arange(row.start, row.end) for row in rows])
-        last = np.cumsum(query_lens) - 1
-        keep = np.concatenate([last[[row.sample for row in rows]], np.asarray(extra_tokens)])
+        if meta.num_tokens == len(rows) and not extra_tokens and all(row.sample for row in rows):
+            # one token per row, each sampled (a decode batch): no per-row ranges to build
+            positions = np.fromiter((row.start for row in rows), np.int64, len(rows))
+            keep = np.arange(len(rows))
+        else:
+            positions = np.concatenate([np.arange(row.start, row.end) for row in rows])
+            last = np.cumsum(query_lens) - 1
+            keep = np.concatenate([last[[row.sample for row in rows]], np.asarray(extra_tokens)])
         keep = self._to_device(keep)
         ids, positions = self._to_device(ids), self._to_device(positions)
         return self.forward(ids, positions, keep, PagedStep(self.cache, meta, self.backend))

@@ -78,3 +78,10 @@ def test_a_tie_straddling_the_last_candidate_falls_back_to_the_whole_sort():
     params = [SamplingParams(top_k=10)]  # keeps the five, then the five lowest ids of the tie
     got = top_k_top_p(scores, params)
     assert (~got[0].isinf()).nonzero()[:, 0].tolist() == [0, 1, 2, 3, 4, *range(VOCAB - 5, VOCAB)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["peaked", "flat", "ties", "suppressed"])
+def test_the_shortcut_equals_the_whole_sort_on_cuda(kind):
+    scores = rows_of(kind, len(PARAMS), seed=len(kind)).cuda()
+    assert torch.equal(top_k_top_p(scores, PARAMS), whole_sort(scores.cpu(), PARAMS).cuda())

@@ -308,3 +308,27 @@ def test_batched_penalties_equal_row_by_row_ones_exactly(dtype):
     _apply_penalties(got, rows)
     assert torch.equal(got, want)
     assert torch.equal(got[1], scores[1]) and torch.equal(got[4], scores[4])
+
+
+@pytest.mark.gpu
+def test_draws_on_cuda_follow_the_filtered_distribution_and_seeds():
+    """The inverse-transform draw on the device: only kept tokens, at their probabilities, and a
+    seeded row repeats itself whatever its neighbours."""
+    logits = torch.tensor([[0.4, 0.3, 0.2, 0.1]]).log().cuda()
+    generator = torch.Generator("cuda").manual_seed(0)
+    rows = [SamplingRow(SamplingParams(top_k=3, top_p=0.7), generator) for _ in range(4000)]
+    counts = Counter(sample(logits.expand(4000, -1), rows).token_ids)
+    assert set(counts) == {0, 1} and counts[0] / 4000 == pytest.approx(4 / 7, abs=0.03)
+    params = SamplingParams(temperature=1.3, seed=3)
+
+    def seeded(batch):
+        seeded_row = SamplingRow(params, torch.Generator("cuda").manual_seed(3))
+        others = [SamplingRow(SamplingParams(), None)] * (batch - 1)
+        steps = [
+            torch.cat([random_logits(1, 50, s), random_logits(batch - 1, 50, 99)])
+            for s in range(10)
+        ]
+        return [sample(step.cuda(), [seeded_row, *others]).token_ids[0] for step in steps]
+
+    alone = seeded(1)
+    assert alone == seeded(3) and len(set(alone)) > 2
