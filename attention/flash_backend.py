@@ -1,11 +1,13 @@
-"""``flash_attn``: FlashAttention-2 varlen kernels, in one of two forms chosen by what can run.
+"""``flash_attn``: FlashAttention varlen kernels, in one of two forms chosen by what can run.
 
 **In place** (``PagedFlash``): the kernel walks ``block_table`` itself, with ``cu_seqlens_q``
-packing the queries and bottom-right causal masking: no gather, no padding. It comes from the
-``flash-attn`` package when installed, else from a PyTorch whose
-``torch.nn.attention.varlen.varlen_attn`` takes a ``block_table``. Upstream FA2 reads pages only
-of a multiple of 256 tokens, and the kernel steps between pages by the K tensor's stride 0, so
-our page-major cache is read as it is.
+packing the queries and bottom-right causal masking: no gather, no padding. First choice is
+FlashAttention-4 (the ``flash-attn-4`` package: ``flash_attn.cute``, CuTe DSL kernels compiled on
+first use), which on Hopper and Blackwell reads a page table of any page size (a page that is not
+one K tile is loaded without TMA), so our 16-token pages are read where they are. Else FA2: the
+``flash-attn`` package when installed, or a PyTorch whose ``torch.nn.attention.varlen.varlen_attn``
+takes a ``block_table``; upstream FA2 reads pages only of a multiple of 256 tokens. Every kernel
+steps between pages by the K tensor's stride 0, so our page-major cache is read as it is.
 
 **Packed** (``PackedFlash``): for every other page size, on any CUDA build of PyTorch (which
 bundles FA2's varlen kernel without a block table, ``aten._flash_attention_forward``). Each
@@ -16,8 +18,9 @@ request's context is never read as a key and no query is padded. The gather is t
 16-token pages; it costs a copy of the step's K/V per layer and cannot be captured by a CUDA
 graph at a useful size (a graph replays the widest block table), so this form runs eagerly.
 
-Both need fp16/bf16, head dim <= 256 and a multiple of 8, and an Ampere or newer GPU;
-``unsupported_reason`` checks each, and ``create`` picks the form for the page size.
+Both need fp16/bf16, head dim <= 256 and a multiple of 8, and an Ampere or newer GPU (FA4:
+compute capability 9.0-11.x and head dim <= 128); ``unsupported_reason`` checks each, and
+``create`` picks the form for the page size.
 """
 
 from __future__ import annotations
@@ -46,13 +49,16 @@ class FlashAttnBackend(AttentionBackend):
 
     @classmethod
     def create(cls, req: AttentionRequirements) -> AttentionBackend:
-        return PagedFlash(_paged_varlen_kernel()) if _in_place(req.page_size) else PackedFlash()
+        kernel = _in_place_kernel(req)
+        return PagedFlash(kernel) if kernel is not None else PackedFlash()
 
     @classmethod
     def page_size_for(cls, req: AttentionRequirements) -> int:
-        """256-token pages where a kernel reads them in place, else the engine's 16."""
-        in_place = _paged_varlen_kernel() is not None
-        return FLASH_PAGE_MULTIPLE if in_place else cls.preferred_page_size
+        """The engine's 16-token pages where FA4 reads them in place (or nothing does), 256 where
+        only FA2 can."""
+        if _fa4_reason(req) is None or _paged_varlen_kernel() is None:
+            return cls.preferred_page_size
+        return FLASH_PAGE_MULTIPLE
 
     @classmethod
     def unsupported_reason(cls, req: AttentionRequirements) -> str | None:
@@ -62,7 +68,7 @@ class FlashAttnBackend(AttentionBackend):
             return f"supports float16 and bfloat16 only, not {req.dtype}"
         if req.head_dim % 8 or req.head_dim > 256:
             return f"needs a head dim <= 256 and a multiple of 8, not {req.head_dim}"
-        if not (_in_place(req.page_size) or _packed_kernel_available()):
+        if _in_place_kernel(req) is None and not _packed_kernel_available():
             return _no_kernel_reason(req.page_size)
         major, minor = torch.cuda.get_device_capability(req.device)
         if major < 8:
@@ -110,9 +116,63 @@ def _row_starts(rows: int, span: int, device) -> torch.Tensor:
     return torch.arange(0, (rows + 1) * span, span, dtype=torch.int32, device=device)
 
 
-def _in_place(page_size: int) -> bool:
-    """Whether a kernel here reads pages of ``page_size`` tokens where they are."""
-    return page_size % FLASH_PAGE_MULTIPLE == 0 and _paged_varlen_kernel() is not None
+def _in_place_kernel(req: AttentionRequirements) -> PagedKernel | None:
+    """The kernel that reads ``req``'s pages where they are: FA4's where it runs, else FA2's
+    for pages of a multiple of 256 tokens, else None."""
+    if _fa4_reason(req) is None:
+        return _flash_attn_4
+    if req.page_size % FLASH_PAGE_MULTIPLE == 0:
+        return _paged_varlen_kernel()
+    return None
+
+
+FA4_HEAD_DIMS = range(8, 129, 8)
+"""FA4's standard head dims (16-bit: a multiple of 8 elements, 16 bytes)."""
+
+
+def _fa4_reason(req: AttentionRequirements) -> str | None:
+    """Why FlashAttention-4 cannot serve ``req`` here, or None when it can."""
+    if not _fa4_imports():
+        return "needs the flash-attn-4 package (flash_attn.cute)"
+    if req.device.type != "cuda" or req.dtype not in FLASH_DTYPES:
+        return "runs on CUDA in float16 or bfloat16 only"
+    if req.head_dim not in FA4_HEAD_DIMS:
+        return f"needs a head dim of 8-128 in steps of 8, not {req.head_dim}"
+    major, _ = torch.cuda.get_device_capability(req.device)
+    if major not in (9, 10, 11):  # its SM80 path takes no page table of small pages
+        return f"reads small pages on compute capability 9.x-11.x only, not {major}.x"
+    return None
+
+
+@functools.cache
+def _fa4_imports() -> bool:
+    """Whether ``flash_attn.cute`` loads (a package present but built for another CUDA or
+    missing its CuTe DSL libraries makes FA4 unavailable, not the first step fail)."""
+    try:
+        from flash_attn.cute import flash_attn_varlen_func  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def _flash_attn_4(query, key_pages, value_pages, meta: AttentionMetadata, scale: float):
+    """FA4 over the page table: the keys' lengths from ``seqused_k`` (a page table takes no
+    ``cu_seqlens_k``), causality bottom-right aligned to them; a decode-only step is not causal
+    (one query sees its whole context)."""
+    from flash_attn.cute import flash_attn_varlen_func
+
+    out, _ = flash_attn_varlen_func(
+        query,
+        key_pages,
+        value_pages,
+        cu_seqlens_q=meta.cu_seqlens_q,
+        max_seqlen_q=meta.max_query_len,
+        seqused_k=meta.seqused_k,
+        page_table=meta.block_table,
+        softmax_scale=scale,
+        causal=meta.max_query_len > 1,
+    )
+    return out
 
 
 def _flash_varlen(query, keys, values, meta, key_offsets, span, scale):

@@ -3,7 +3,8 @@
 # torch, triton and transformers are preinstalled there; fastapi/uvicorn, openai, xformers and
 # their needs are not, and travel as wheels in .gpu-wheels: `carry: [".gpu-wheels"]`).
 #
-#   benchmarks/gpu_check.sh [tests] [bf16] [attention] [engine] [overhead] [policies]  (default: all)
+#   benchmarks/gpu_check.sh [fa4] [tests] [bf16] [attention] [engine] [overhead] [policies]
+#     (default: all but fa4, which needs the two-call preparation below)
 #   TESTS="tests/engine/test_gpu_engine.py -k swap" benchmarks/gpu_check.sh tests   (a rerun)
 #
 # Installs the project without dependencies and the carried wheels, then runs the parts named:
@@ -23,8 +24,35 @@
 #     xformers==0.0.35 fastapi starlette uvicorn pydantic pydantic_core annotated-types \
 #     typing-inspection typing_extensions opentelemetry-api anyio sniffio openai jiter distro \
 #     httpx2 httpcore2 idna truststore
+#
+# FlashAttention-4 (part fa4: flash_attn.cute, which reads our 16-token pages in place on SM90+).
+# Its CuTe DSL library wheel is 92 MB, over one call's 64 MiB, so it travels in two halves over
+# two back-to-back calls (a warm machine keeps the repository's ignored files between calls):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 -d .gpu-fa4 flash-attn-4==4.0.0b36 nvidia-cutlass-dsl==4.8.1 \
+#     nvidia-cutlass-dsl-libs-base==4.8.1 nvidia-cutlass-dsl-libs-cu13==4.8.1 apache-tvm-ffi \
+#     torch-c-dlpack-ext quack-kernels einops
+#   benchmarks/gpu_check.sh split-fa4   # here: .gpu-fa4-1 (the big wheel's first half and the
+#                                       # small wheels, 55 MB), .gpu-fa4-2 (its second half, 44 MB)
+#   call 1: carry [".gpu-fa4-1"]; command: benchmarks/gpu_check.sh stash-fa4   (seconds)
+#   call 2, at once: carry [".gpu-wheels", ".gpu-fa4-2"]; command: benchmarks/gpu_check.sh fa4 tests
+# (nvidia-cutlass-dsl asks for its CUDA 12 libraries too; installed without dependencies, the
+# CUDA 13 ones that match the machine's torch are the only ones there.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+BIG_FA4_WHEEL="nvidia_cutlass_dsl_libs_cu13-*.whl"
+if [[ "${1:-}" == split-fa4 ]]; then
+  rm -rf .gpu-fa4-1 .gpu-fa4-2 && mkdir -p .gpu-fa4-1 .gpu-fa4-2
+  big=$(ls .gpu-fa4/$BIG_FA4_WHEEL) || { echo "no $BIG_FA4_WHEEL in .gpu-fa4"; exit 1; }
+  split -b 46m -d "$big" ".gpu-fa4-1/$(basename "$big").part-"
+  mv .gpu-fa4-1/*.part-01 .gpu-fa4-2/ && cp .gpu-fa4/*.whl .gpu-fa4-1/ && rm ".gpu-fa4-1/$(basename "$big")"
+  du -sh .gpu-fa4-1 .gpu-fa4-2
+  exit 0
+fi
+if [[ "${1:-}" == stash-fa4 ]]; then  # call 1 of 2: keep the first half on the machine
+  mkdir -p .gpu-stash && cp .gpu-fa4-1/* .gpu-stash/ && ls -la .gpu-stash
+  exit 0
+fi
 OUT="${OUT:-/tmp/gpu-check}"
 LOGS="${LOGS:-/tmp/gpu-check-logs}"
 mkdir -p "$OUT" "$LOGS"
@@ -45,6 +73,17 @@ if compgen -G ".gpu-wheels/*.whl" >/dev/null; then
     && stamp "installed $(ls .gpu-wheels/*.whl | wc -l) carried wheels" \
     || stamp "could not install the carried wheels (install.log)"
 fi
+if wants fa4; then  # call 2 of 2: join the halves and install FlashAttention-4
+  cp .gpu-stash/* .gpu-fa4-2/ 2>/dev/null
+  big=$(ls .gpu-fa4-2/*.part-00 2>/dev/null | sed 's/.part-00$//')
+  if [[ -n "$big" ]] && cat "$big".part-* >"$big" && rm "$big".part-* \
+    && python -m pip install --no-deps --no-index .gpu-fa4-2/*.whl >>"$LOGS/install.log" 2>&1 \
+    && python -c "from flash_attn.cute import flash_attn_varlen_func" >>"$LOGS/install.log" 2>&1; then
+    stamp "installed FlashAttention-4"
+  else
+    stamp "FlashAttention-4 not installed (first half not stashed, or it does not import: install.log)"
+  fi
+fi
 nvidia-smi >"$LOGS/nvidia-smi.txt" 2>&1
 python - <<'PY' 2>&1 | tee "$LOGS/versions.txt"
 import importlib, torch
@@ -53,7 +92,7 @@ def version(name):
         return importlib.import_module(name).__version__
     except Exception as error:
         return f"absent ({type(error).__name__})"
-names = ("transformers", "triton", "xformers", "fastapi", "uvicorn", "openai")
+names = ("transformers", "triton", "xformers", "flash_attn.cute", "fastapi", "uvicorn", "openai")
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(),
       "flash-attention built in:", torch.backends.cuda.is_flash_attention_available(),
       *(f"{n} {version(n)}" for n in names))

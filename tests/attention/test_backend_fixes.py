@@ -21,13 +21,17 @@ from baton_paged.attention.metadata import AttentionMetadata
 CUDA_BF16 = AttentionRequirements(torch.device("cuda"), torch.bfloat16, 256, 64, 8, 2)
 
 
+def clear_import_caches() -> None:
+    flash_backend._paged_varlen_kernel.cache_clear()
+    flash_backend._fa4_imports.cache_clear()
+    xformers_backend._import_problem.cache_clear()
+
+
 @pytest.fixture
 def fresh_imports():
-    flash_backend._paged_varlen_kernel.cache_clear()
-    xformers_backend._import_problem.cache_clear()
+    clear_import_caches()
     yield
-    flash_backend._paged_varlen_kernel.cache_clear()
-    xformers_backend._import_problem.cache_clear()
+    clear_import_caches()
 
 
 @pytest.fixture
@@ -215,3 +219,96 @@ def test_an_xformers_without_a_working_operator_is_unavailable(monkeypatch, capa
         reason
         == "xformers has no operator that runs here (xFormers wasn't build with CUDA support)"
     )
+
+
+def reference_fa4_paged(q, k_pages, v_pages, *, cu_seqlens_q, max_seqlen_q, seqused_k, page_table,
+                        softmax_scale, causal):  # fmt: skip
+    """FA4's documented varlen call over a page table, in plain torch: request ``b``'s keys are
+    the first ``seqused_k[b]`` slots of its pages in table order; causal is bottom-right aligned;
+    returns ``(out, lse)``."""
+    page_size = k_pages.shape[1]
+    cu_k, rows = [0], []
+    for b, used in enumerate(seqused_k.tolist()):
+        pages = page_table[b, : -(-used // page_size)].long()
+        rows.append((k_pages[pages].flatten(0, 1)[:used], v_pages[pages].flatten(0, 1)[:used]))
+        cu_k.append(cu_k[-1] + used)
+    keys, values = (torch.cat(part) for part in zip(*rows, strict=True))
+    max_k = int(seqused_k.max())
+    args = (q, keys, values, cu_seqlens_q, cu_k, max_seqlen_q, max_k, 0.0, causal, False)
+    out, *_ = reference_flash_varlen(*args, scale=softmax_scale, seqused_k=seqused_k)
+    return out, None
+
+
+@pytest.fixture
+def fake_fa4(monkeypatch, fresh_imports, capability):
+    """A ``flash_attn.cute`` whose kernel is FA4's contract in plain torch, recording its calls."""
+    calls = []
+    cute = types.ModuleType("flash_attn.cute")
+
+    def varlen(*args, **kwargs):
+        calls.append(kwargs)
+        return reference_fa4_paged(*args, **kwargs)
+
+    cute.flash_attn_varlen_func = varlen
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    return calls
+
+
+def test_fa4_reads_the_engines_16_token_pages_in_place(fake_fa4):
+    req = AttentionRequirements(torch.device("cuda"), torch.bfloat16, 16, 64, 8, 2)
+    assert flash_backend.FlashAttnBackend.page_size_for(req) == 16
+    backend = flash_backend.FlashAttnBackend.create(req)
+    assert isinstance(backend, flash_backend.PagedFlash) and backend.graph_safe
+    assert backend._kernel is flash_backend._flash_attn_4
+    assert flash_backend.FlashAttnBackend.unsupported_reason(req) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"head_dim": 256}, "head dim of 8-128"),
+        ({"dtype": torch.float32}, "float16 or bfloat16"),
+    ],
+)
+def test_fa4_is_not_used_outside_its_shapes(fake_fa4, change, reason):
+    from dataclasses import replace
+
+    req = replace(
+        AttentionRequirements(torch.device("cuda"), torch.bfloat16, 16, 64, 8, 2), **change
+    )
+    assert reason in flash_backend._fa4_reason(req)
+    assert flash_backend._in_place_kernel(req) is not flash_backend._flash_attn_4
+
+
+def test_fa4_is_not_used_before_hopper(fake_fa4, capability):
+    capability(8, 0)
+    req = AttentionRequirements(torch.device("cuda"), torch.bfloat16, 16, 64, 8, 2)
+    assert "9.x-11.x" in flash_backend._fa4_reason(req)
+    assert flash_backend._in_place_kernel(req) is None
+    assert isinstance(flash_backend.FlashAttnBackend.create(req), flash_backend.PackedFlash)
+
+
+def test_a_broken_flash_attn_4_is_unavailable(monkeypatch, fresh_imports, capability):
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn"))
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", None)  # import raises
+    req = AttentionRequirements(torch.device("cuda"), torch.bfloat16, 16, 64, 8, 2)
+    assert "flash-attn-4" in flash_backend._fa4_reason(req)
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("kind", KINDS)
+def test_fa4_gets_the_page_table_and_lengths_as_its_contract_reads_them(fake_fa4, kind, seed):
+    """The backend's part of the FA4 call (page table, seqused_k, causality per step) against a
+    reference of the kernel's contract; the kernel itself runs in the gpu tests."""
+    query_lens, context_lens = random_lengths(kind, 5, 70, np.random.default_rng(seed))
+    batch = make_batch(query_lens, context_lens, num_heads=8, num_kv_heads=2, head_dim=16,
+                       page_size=16, dtype=torch.float64, seed=seed)  # fmt: skip
+    backend = flash_backend.PagedFlash(flash_backend._flash_attn_4)
+    out = backend.forward(batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.3)
+    torch.testing.assert_close(out, naive_attention(batch, 0.3), atol=1e-10, rtol=1e-10)
+    (call,) = fake_fa4
+    assert (
+        call["page_table"] is batch.meta.block_table and call["seqused_k"] is batch.meta.seqused_k
+    )
+    assert call["causal"] == (batch.meta.max_query_len > 1) and "cu_seqlens_k" not in call
