@@ -105,18 +105,23 @@ class DecodeGraphs:
 
     def _load(self, forward: ForwardBatch, bucket: int) -> tuple[int, ...]:
         """Write the step's rows, then padding, into the static buffers; return the context
-        lengths (padding rows: 1)."""
+        lengths (padding rows: 1).
+
+        The block table is kept from step to step (``_StaticBuffers``): a row's entries past its
+        context may be another step's page ids, which no kernel reads (they stop at
+        ``seqused_k``), and a padding row needs only its first entry, the scratch page."""
         rows, n = forward.rows, len(forward.rows)
+        buffers = self._buffers
         ends = np.ones(bucket, dtype=np.int64)
         ends[:n] = [row.end for row in rows]
-        table = np.full((bucket, self.max_pages), self.scratch_page, dtype=np.int32)
+        buffers.wait_for_copy()
+        table = buffers.host_table[:bucket]
         width = min(forward.block_table.shape[1], self.max_pages)
         table[:n, :width] = forward.block_table[:, :width]
+        table[n:, 0] = self.scratch_page
         ids = np.zeros(bucket, dtype=np.int64)
         ids[:n] = [row.token_ids[0] for row in rows]
-        self._buffers.load(
-            bucket, ids, ends, table, slot_mapping(table, ends - 1, ends, self.page_size)
-        )
+        buffers.load(bucket, ids, ends, slot_mapping(table, ends - 1, ends, self.page_size))
         return tuple(int(end) for end in ends)
 
     def _step(self, bucket: int, context_lens: tuple[int, ...]) -> PagedStep:
@@ -138,11 +143,12 @@ class DecodeGraphs:
         """Capture every bucket, largest first, into one memory pool (vLLM's order: the smaller
         graphs then reuse the largest one's activation memory)."""
         pool = torch.cuda.graph_pool_handle()
+        self._buffers.wait_for_copy()
+        self._buffers.host_table[:] = self.scratch_page
         for bucket in reversed(self.buckets):
             ends = np.ones(bucket, dtype=np.int64)
-            table = np.full((bucket, self.max_pages), self.scratch_page, dtype=np.int32)
             slots = np.full(bucket, self.scratch_page * self.page_size, dtype=np.int64)
-            self._buffers.load(bucket, np.zeros(bucket, dtype=np.int64), ends, table, slots)
+            self._buffers.load(bucket, np.zeros(bucket, dtype=np.int64), ends, slots)
             step = self._step(bucket, (self.max_model_len,) * bucket)
             args = (*self._buffers.inputs(bucket), step)
             side = torch.cuda.Stream()  # warm up off the capture stream: JIT, cuBLAS workspaces
@@ -158,40 +164,72 @@ class DecodeGraphs:
 
 
 class _StaticBuffers:
-    """Device tensors at fixed addresses, sized for the largest bucket; a bucket uses a prefix."""
+    """Device tensors at fixed addresses, sized for the largest bucket; a bucket uses a prefix.
+
+    Every per-step input is a view of one device block, filled from one host block of the same
+    layout (pinned on CUDA) by one asynchronous copy per step: the inputs' int64 fields, then the
+    int32 ones with the block table last, so a bucket's rows end the part that is copied. The host
+    block is written again only once the last copy from it has finished (an event; in steady state
+    long since, as each step's sampled tokens come back to the host before the next is planned)."""
 
     def __init__(self, max_bucket: int, max_pages: int, device: torch.device):
-        def zeros(*shape, dtype=torch.int64):
-            return torch.zeros(shape, dtype=dtype, device=device)
-
-        self.input_ids = zeros(max_bucket)
-        self.positions = zeros(max_bucket)
+        self.max_bucket, self.max_pages = max_bucket, max_pages
+        self._longs = 3 * max_bucket  # input ids, positions, slot mapping
+        ints = (max_bucket + 1) + max_bucket + max_bucket * max_pages
+        size = self._longs + (ints + 1) // 2
+        pinned = torch.device(device).type == "cuda"
+        self._host = torch.zeros(size, dtype=torch.int64, pin_memory=pinned)
+        self._copied = torch.cuda.Event() if pinned else None
+        self._device = torch.zeros(size, dtype=torch.int64, device=device)
+        host = self._fields(self._host)
+        self._host_fields = {name: tensor.numpy() for name, tensor in host.items()}
+        self.host_table = self._host_fields["block_table"]
+        """The host side of the block table, ``[max_bucket, max_pages]``: written in place."""
+        device_fields = self._fields(self._device)
+        self.input_ids, self.positions = device_fields["input_ids"], device_fields["positions"]
+        self.slot_mapping, self.seqused_k = (
+            device_fields["slot_mapping"],
+            device_fields["seqused_k"],
+        )
+        self.cu_seqlens_k = device_fields["cu_seqlens_k"]
+        self.block_table = device_fields["block_table"]
         self.keep = torch.arange(max_bucket, device=device)
-        self.slot_mapping = zeros(max_bucket)
         self.cu_seqlens_q = torch.arange(max_bucket + 1, dtype=torch.int32, device=device)
-        self.cu_seqlens_k = zeros(max_bucket + 1, dtype=torch.int32)
-        self.seqused_k = zeros(max_bucket, dtype=torch.int32)
-        self.block_table = zeros(max_bucket, max_pages, dtype=torch.int32)
+
+    def _fields(self, block: torch.Tensor) -> dict[str, torch.Tensor]:
+        b = self.max_bucket
+        longs = block[: self._longs]
+        ints = block[self._longs :].view(torch.int32)
+        return {
+            "input_ids": longs[:b],
+            "positions": longs[b : 2 * b],
+            "slot_mapping": longs[2 * b : 3 * b],
+            "cu_seqlens_k": ints[: b + 1],
+            "seqused_k": ints[b + 1 : 2 * b + 1],
+            "block_table": ints[2 * b + 1 : 2 * b + 1 + b * self.max_pages].view(b, self.max_pages),
+        }
 
     def inputs(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.input_ids[:bucket], self.positions[:bucket], self.keep[:bucket]
 
-    def load(
-        self,
-        bucket: int,
-        ids: np.ndarray,
-        ends: np.ndarray,
-        table: np.ndarray,
-        slots: np.ndarray,
-    ) -> None:
-        def put(buffer: torch.Tensor, array: np.ndarray) -> None:
-            buffer.copy_(torch.from_numpy(np.ascontiguousarray(array)))
+    def load(self, bucket: int, ids: np.ndarray, ends: np.ndarray, slots: np.ndarray) -> None:
+        """Write a step's inputs (the block table is already in ``host_table``) and copy the
+        part of the block that ``bucket`` reads to the device."""
+        self.wait_for_copy()
+        host = self._host_fields
+        host["input_ids"][:bucket] = ids
+        host["positions"][:bucket] = ends - 1
+        host["slot_mapping"][:bucket] = slots
+        host["seqused_k"][:bucket] = ends
+        host["cu_seqlens_k"][0] = 0
+        host["cu_seqlens_k"][1 : bucket + 1] = np.cumsum(ends)
+        ints_used = 2 * self.max_bucket + 1 + bucket * self.max_pages
+        used = self._longs + (ints_used + 1) // 2
+        self._device[:used].copy_(self._host[:used], non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
 
-        put(self.input_ids[:bucket], ids)
-        put(self.positions[:bucket], ends - 1)
-        put(self.seqused_k[:bucket], ends.astype(np.int32))
-        put(
-            self.cu_seqlens_k[: bucket + 1], np.concatenate([[0], np.cumsum(ends)]).astype(np.int32)
-        )
-        put(self.block_table[:bucket], table)
-        put(self.slot_mapping[:bucket], slots)
+    def wait_for_copy(self) -> None:
+        """Until the last copy from the host block has finished (call before writing it)."""
+        if self._copied is not None:
+            self._copied.synchronize()
