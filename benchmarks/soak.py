@@ -439,10 +439,10 @@ def report(payload: dict) -> str:
         row["pages left"], row["requests left"] = leftovers(p)
         rows.append(row)
     abuse = payload["phases"]["B"]["abuse"] or {}
-    counts = ("sent", "expected", "unexpected", "server_errors")
+    counts = ("sent", "expected", "unexpected", "server_errors", "finished_first")
     kinds = [
         {"kind": kind}
-        | {key: row[key] for key in counts}
+        | {key: row.get(key) for key in counts}
         | {f"{q} s": row.get("seconds", {}).get(q) for q in ("p50", "max")}
         for kind, row in abuse.items()
     ]
