@@ -9,7 +9,8 @@ before it was made batch work, kept here as the reference it is measured against
 a stable sort of the whole vocabulary; penalties row by row with a vocabulary-sized count per
 row). Logits are "peaked" like a real model's (a few dozen likely tokens and a long flat tail),
 so a nucleus is a few dozen tokens, as in chat. Cases: temperature 1; temperature 0.8 with
-top-p 0.95; top-k 50; greedy with a frequency penalty 0.5 over 100 earlier tokens. Both run
+top-p 0.95; top-k 50; greedy with a frequency penalty 0.5 over 100 earlier tokens; and top-p on
+flat logits, the worst case (``FLAT``). Both run
 interleaved on the same logits; ms per step are medians. Results: ``results/sampler-<device>.*``.
 """
 
@@ -27,7 +28,11 @@ CASES = {
     "t 0.8, top-p 0.95": SamplingParams(temperature=0.8, top_p=0.95),
     "top-k 50": SamplingParams(temperature=0.8, top_k=50),
     "frequency penalty": SamplingParams(temperature=0.0, frequency_penalty=0.5),
+    "top-p 0.95, flat logits": SamplingParams(temperature=0.8, top_p=0.95),
 }
+FLAT = ("top-p 0.95, flat logits",)
+"""Cases on flat logits (a random-weight model's): every nucleus reaches past the best 1,024
+scores, so the sampler tries its shortcut and then sorts the whole row: its worst case."""
 EARLIER_TOKENS = 100
 
 
@@ -69,7 +74,10 @@ def plain(logits: torch.Tensor, rows: list[SamplingRow]) -> list[int]:
 
 def measure(vocab: int, batch: int, case: str, repeats: int, device: torch.device) -> dict:
     generator = torch.Generator(device).manual_seed(0)
-    logits = peaked_logits(batch, vocab, seed=0).to(device)
+    if case in FLAT:
+        logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(0)).to(device)
+    else:
+        logits = peaked_logits(batch, vocab, seed=0).to(device)
     earlier = torch.randint(0, vocab, (batch, EARLIER_TOKENS)).tolist()
     rows = [SamplingRow(CASES[case], generator, (), (), earlier[i]) for i in range(batch)]
     sync = synchronizer(device)
@@ -109,7 +117,7 @@ def main() -> None:
     rows = [
         measure(vocab, batch, case, args.repeats, device)
         for vocab in (4096, 49152)
-        for batch in (32, 128)
+        for batch in (1, 32, 128)
         for case in CASES
     ]
     for row in rows:

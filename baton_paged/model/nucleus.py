@@ -37,46 +37,89 @@ def top_k_top_p(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch
     top_k = torch.tensor([vocab if p.top_k_disabled else p.top_k for p in params], device=device)
     top_p = [p.top_p if p.top_p < 1 else float("inf") for p in params]
     top_p = torch.tensor(top_p, dtype=scores.dtype, device=device)
-    whole_row = any(p.top_k_disabled for p in params)  # some row's top-p shares all its mass
-    filtered = None
+    # each whole row's mass, which top-p without a top-k shares out: summed once for all tiers
+    # (and not at all when every row has a top-k: a stand-in no row reads)
+    row_mass = torch.ones(len(params), 1, dtype=scores.dtype, device=device)
+    if any(p.top_k_disabled for p in params):
+        row_mass = _row_mass(scores)
+    filtered, seen = None, None
     pending = torch.arange(len(params), device=device)
     for width in (w for w in TIERS if w < vocab):
         rows = scores if filtered is None else scores[pending]
-        decided, exact = _filter_best(rows, width, top_k[pending], top_p[pending], whole_row)
+        mass = row_mass if filtered is None else row_mass[pending]
+        limits = (top_k[pending], top_p[pending], mass, vocab)
+        if seen is not None and not _may_decide(seen, width, *limits):
+            continue  # the best scores seen already show no row's kept set ends this early
+        best = rows.topk(width, dim=-1)
+        seen = best.values
+        if not _may_decide(seen, width, *limits):
+            continue
+        decided, exact = _filter_best(rows, best, *limits[:3])
         if filtered is None and bool(exact.all()):  # the usual case: one tier decides all
             return decided
         if filtered is None:
             filtered = decided
         else:
             filtered[pending[exact]] = decided[exact]
-        pending = pending[~exact]
+        pending, seen = pending[~exact], seen[~exact]
         if not pending.numel():
             return filtered
-    sorted_rows = _filter_sorted(scores[pending], top_k[pending], top_p[pending], whole_row)
+    sorted_rows = _filter_sorted(scores[pending], top_k[pending], top_p[pending], row_mass[pending])
     if filtered is None:
         return sorted_rows
     filtered[pending] = sorted_rows
     return filtered
 
 
+def _may_decide(
+    seen: torch.Tensor,
+    width: int,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    row_mass: torch.Tensor,
+    vocab: int,
+) -> bool:
+    """Whether any row's kept set could end within its best ``width`` scores, judged from its
+    best scores ``seen`` so far (sorted, the first ones or all ``width``). Only a skip: a row
+    this passes over is decided by a later tier or the whole sort, exactly as it would be here.
+
+    A row with a top-k of at most ``width`` may. A row with no top-k needs its first
+    ``width - 1`` tokens to hold ``top_p`` of its mass; tokens not seen are each at most as
+    likely as the last one seen, which bounds that mass from above (a flat distribution, a
+    random-weight model's, fails it at once and goes straight to the whole sort)."""
+    probs = (seen - seen[:, :1]).exp() / row_mass
+    unseen = max(width - 1 - seen.shape[-1], 0)
+    bound = probs[:, : width - 1].sum(dim=-1) + unseen * probs[:, -1]
+    may = (top_k <= width) | ((top_k >= vocab) & (bound >= top_p * (1 - 1e-6)))
+    return bool(may.any())
+
+
 def _filter_sorted(
-    scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, whole_row: bool = True
+    scores: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    row_mass: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The rule over every row's whole vocabulary, stably sorted."""
     sorted_scores, order = scores.sort(dim=-1, descending=True, stable=True)
-    kept = _keep(scores, sorted_scores, top_k, top_p, whole_row)
+    kept = _keep(sorted_scores, top_k, top_p, _whole_rows(scores, row_mass))
     filtered = sorted_scores.masked_fill(~kept, -torch.inf)
     return torch.empty_like(scores).scatter_(-1, order, filtered)
 
 
 def _filter_best(
-    scores: torch.Tensor, width: int, top_k: torch.Tensor, top_p: torch.Tensor, whole_row: bool
+    scores: torch.Tensor,
+    best: tuple[torch.Tensor, torch.Tensor],
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    row_mass: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rule over each row's best ``width`` scores; also which rows it decided exactly. A
-    top-k beyond ``width`` (short of the vocabulary) would need the mass of scores not seen,
-    so such rows are never exact here."""
-    values, ids = _ties_by_id(*scores.topk(width, dim=-1))
-    kept = _keep(scores, values, top_k, top_p, whole_row)
+    """The rule over each row's best scores (``best``: ``topk``'s values and ids); also which
+    rows it decided exactly. A top-k beyond them (short of the vocabulary) would need the mass
+    of scores not seen, so such rows are never exact here."""
+    values, ids = _ties_by_id(*best)
+    width = values.shape[-1]
+    kept = _keep(values, top_k, top_p, _whole_rows(scores, row_mass))
     count = kept.sum(dim=-1)
     last_kept = values.gather(-1, (count - 1)[:, None])[:, 0]
     known_mass = (top_k <= width) | (top_k >= scores.shape[-1])
@@ -95,15 +138,25 @@ def _ties_by_id(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, 
     return values.gather(-1, by_score), ids.gather(-1, by_score)
 
 
+def _whole_rows(scores: torch.Tensor, row_mass: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """``(row mass, vocabulary size)``: each whole row's mass (given by the caller, else summed
+    here) and where a top-k stops being one."""
+    return (_row_mass(scores) if row_mass is None else row_mass), scores.shape[-1]
+
+
+def _row_mass(scores: torch.Tensor) -> torch.Tensor:
+    """``sum(exp(score - row max))`` per row, ``[N, 1]``."""
+    return (scores - scores.amax(dim=-1, keepdim=True)).exp().sum(dim=-1, keepdim=True)
+
+
 def _keep(
-    scores: torch.Tensor,
     best: torch.Tensor,
     top_k: torch.Tensor,
     top_p: torch.Tensor,
-    whole_row: bool,
+    whole: tuple[torch.Tensor, int],
 ) -> torch.Tensor:
     """Which of ``best`` (each row's best scores in the rule's order: all of them, or the first
-    ones) the rule keeps; ``whole_row``: some row has no top-k.
+    ones) the rule keeps; ``whole``: the rows' whole masses and the vocabulary size.
 
     Every path that can decide a row must compare the same numbers with ``top_p``, or a running
     sum landing exactly on it could round one way in one path and the other way in another. So
@@ -111,12 +164,12 @@ def _keep(
     holding it, the whole row's (no top-k) over the unsorted scores, running sums tier by tier
     (``_segments``).
     """
+    row_mass, vocab = whole
     positions = torch.arange(best.shape[-1], device=best.device)
     in_top_k = positions < top_k[:, None]
-    peak = best[:, :1]
-    weights = (best - peak).exp().masked_fill(~in_top_k, 0)
-    mass = (scores - peak).exp().sum(dim=-1, keepdim=True) if whole_row else 1.0
-    has_top_k = top_k < scores.shape[-1]
+    weights = (best - best[:, :1]).exp().masked_fill(~in_top_k, 0)  # best[:, 0]: the row max
+    mass = row_mass
+    has_top_k = top_k < vocab
     for _, end in reversed(_segments(best.shape[-1])):  # widest first: the smallest span wins
         top_mass = weights[:, :end].sum(dim=-1, keepdim=True)
         mass = torch.where((has_top_k & (top_k <= end))[:, None], top_mass, mass)

@@ -67,7 +67,7 @@ def test_peaked_rows_take_the_shortcut():
     vocab = scores.shape[-1]
     top_k = torch.tensor([vocab if p.top_k_disabled else p.top_k for p in PARAMS])
     top_p = torch.tensor([p.top_p if p.top_p < 1 else float("inf") for p in PARAMS])
-    _, exact = nucleus._filter_best(scores, CANDIDATES, top_k, top_p, whole_row=True)
+    _, exact = nucleus._filter_best(scores, scores.topk(CANDIDATES, dim=-1), top_k, top_p)
     beyond = [p.top_k >= CANDIDATES for p in PARAMS]  # a kept set must end before the last
     assert exact.tolist() == [not b for b in beyond]
 
@@ -85,3 +85,18 @@ def test_a_tie_straddling_the_last_candidate_falls_back_to_the_whole_sort():
 def test_the_shortcut_equals_the_whole_sort_on_cuda(kind):
     scores = rows_of(kind, len(PARAMS), seed=len(kind)).cuda()
     assert torch.equal(top_k_top_p(scores, PARAMS), whole_sort(scores.cpu(), PARAMS).cuda())
+
+
+def test_a_flat_row_skips_the_shortcut_and_a_peaked_one_takes_it():
+    """The skip is judged from the best scores seen: a flat row's first 64 cannot hold top_p of
+    its mass, nor can 1024 tokens no likelier than its 64th; a peaked row's can."""
+    params = [SamplingParams(top_p=0.9)]
+    top_k, top_p = torch.tensor([VOCAB]), torch.tensor([0.9])
+    for kind, expected in (("flat", False), ("peaked", True)):
+        scores = rows_of(kind, 1, seed=3)
+        mass = nucleus._row_mass(scores)
+        seen = scores.topk(TIERS[0], dim=-1).values
+        limits = (top_k, top_p, mass, VOCAB)
+        decides = [nucleus._may_decide(seen, width, *limits) for width in TIERS]
+        assert decides == [expected, expected], kind
+        assert torch.equal(top_k_top_p(scores, params), whole_sort(scores, params))
