@@ -8,12 +8,14 @@ cumulative sum reach 1 before the tail, which would drop tokens that should stay
 
 Sorting 49,152 scores per row costs ~1.7 ms of CPU per row (220 ms at B=128), more than a small
 model's forward, while a real model's nucleus is usually a few dozen tokens. So each row first
-takes its ``CANDIDATES`` best scores (``topk``, linear time), orders them by the same rule, and
-decides its kept set from them alone, with the probabilities normalised over the whole row. That
-answer is exact when the kept set ends before the last candidate at a score strictly above the
-last candidate's: every token outside the candidates then scores below every kept token, so
-neither the kept set nor its order among ties could change. Rows where that does not hold (a flat
-distribution, a huge top-k) take the full sort, so the result never depends on the shortcut.
+takes its best 64 scores (``topk``, linear time; then 1,024: ``TIERS``), orders them by the same
+rule, and decides its kept set from them alone, with the probabilities normalised over the whole
+row. That answer is exact when the kept set ends before the last candidate at a score strictly
+above the last candidate's: every token outside the candidates then scores below every kept
+token, so neither the kept set nor its order among ties could change. Rows where that does not
+hold (a flat distribution, a huge top-k) take the full sort, so the result never depends on the
+shortcut; a tier that the best scores already seen show cannot decide any row is skipped
+(``_may_decide``), so a flat distribution goes to the sort at once.
 """
 
 from __future__ import annotations
@@ -32,8 +34,7 @@ tier cannot decide try the next, and the rest sort whole."""
 def top_k_top_p(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """``scores`` (``[N, V]``) with the tokens outside each row's top-k, then outside its top-p
     nucleus, set to -inf (``params[i]`` is row ``i``'s)."""
-    vocab = scores.shape[-1]
-    device = scores.device
+    vocab, device = scores.shape[-1], scores.device
     top_k = torch.tensor([vocab if p.top_k_disabled else p.top_k for p in params], device=device)
     top_p = [p.top_p if p.top_p < 1 else float("inf") for p in params]
     top_p = torch.tensor(top_p, dtype=scores.dtype, device=device)
@@ -42,12 +43,26 @@ def top_k_top_p(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch
     row_mass = torch.ones(len(params), 1, dtype=scores.dtype, device=device)
     if any(p.top_k_disabled for p in params):
         row_mass = _row_mass(scores)
+    filtered, pending = _by_tiers(scores, top_k, top_p, row_mass)
+    if not pending.numel():
+        return filtered
+    sorted_rows = _filter_sorted(scores[pending], top_k[pending], top_p[pending], row_mass[pending])
+    if filtered is None:
+        return sorted_rows
+    filtered[pending] = sorted_rows
+    return filtered
+
+
+def _by_tiers(
+    scores: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, row_mass: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The rows the tiers decide, filtered (None if none), and the rows still pending."""
     filtered, seen = None, None
-    pending = torch.arange(len(params), device=device)
-    for width in (w for w in TIERS if w < vocab):
+    pending = torch.arange(len(scores), device=scores.device)
+    for width in (w for w in TIERS if w < scores.shape[-1]):
         rows = scores if filtered is None else scores[pending]
         mass = row_mass if filtered is None else row_mass[pending]
-        limits = (top_k[pending], top_p[pending], mass, vocab)
+        limits = (top_k[pending], top_p[pending], mass, scores.shape[-1])
         if seen is not None and not _may_decide(seen, width, *limits):
             continue  # the best scores seen already show no row's kept set ends this early
         best = rows.topk(width, dim=-1)
@@ -56,19 +71,15 @@ def top_k_top_p(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch
             continue
         decided, exact = _filter_best(rows, best, *limits[:3])
         if filtered is None and bool(exact.all()):  # the usual case: one tier decides all
-            return decided
+            return decided, pending[:0]
         if filtered is None:
             filtered = decided
         else:
             filtered[pending[exact]] = decided[exact]
         pending, seen = pending[~exact], seen[~exact]
         if not pending.numel():
-            return filtered
-    sorted_rows = _filter_sorted(scores[pending], top_k[pending], top_p[pending], row_mass[pending])
-    if filtered is None:
-        return sorted_rows
-    filtered[pending] = sorted_rows
-    return filtered
+            break
+    return filtered, pending
 
 
 def _may_decide(
