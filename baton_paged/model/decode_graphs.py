@@ -226,8 +226,8 @@ class _StaticBuffers:
         ints_used = 2 * self.max_bucket + 1 + bucket * self.max_pages
         used = self._longs + (ints_used + 1) // 2
         self._device[:used].copy_(self._host[:used], non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
+        if self._copied is not None:  # on the stream the copy ran on: the block's device's
+            self._copied.record(torch.cuda.current_stream(self._device.device))
 
     def wait_for_copy(self) -> None:
         """Until the last copy from the host block has finished (call before writing it)."""

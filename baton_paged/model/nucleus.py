@@ -35,13 +35,15 @@ def top_k_top_p(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch
     """``scores`` (``[N, V]``) with the tokens outside each row's top-k, then outside its top-p
     nucleus, set to -inf (``params[i]`` is row ``i``'s)."""
     vocab, device = scores.shape[-1], scores.device
-    top_k = torch.tensor([vocab if p.top_k_disabled else p.top_k for p in params], device=device)
+    whole = [p.top_k_disabled or p.top_k >= vocab for p in params]  # a top-k keeping every token
+    top_k = torch.tensor([vocab if w else p.top_k for p, w in zip(params, whole, strict=True)])
+    top_k = top_k.to(device)
     top_p = [p.top_p if p.top_p < 1 else float("inf") for p in params]
     top_p = torch.tensor(top_p, dtype=scores.dtype, device=device)
     # each whole row's mass, which top-p without a top-k shares out: summed once for all tiers
     # (and not at all when every row has a top-k: a stand-in no row reads)
     row_mass = torch.ones(len(params), 1, dtype=scores.dtype, device=device)
-    if any(p.top_k_disabled for p in params):
+    if any(whole):
         row_mass = _row_mass(scores)
     filtered, pending = _by_tiers(scores, top_k, top_p, row_mass)
     if not pending.numel():
@@ -132,7 +134,7 @@ def _filter_best(
     width = values.shape[-1]
     kept = _keep(values, top_k, top_p, _whole_rows(scores, row_mass))
     count = kept.sum(dim=-1)
-    last_kept = values.gather(-1, (count - 1)[:, None])[:, 0]
+    last_kept = values.gather(-1, (count - 1).clamp(min=0)[:, None])[:, 0]  # NaN rows keep none
     known_mass = (top_k <= width) | (top_k >= scores.shape[-1])
     exact = (count < width) & (last_kept > values[:, -1]) & known_mass
     filtered = torch.full_like(scores, -torch.inf)

@@ -129,13 +129,20 @@ def _apply_penalties(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         at, _ = _occurrences(index, seen, scores)
         penalty = _per_row([p.repetition_penalty for p in params], index, at, scores)
         values = flat[at]
-        flat[at] = torch.where(values < 0, values * penalty, values / penalty)
+        flat[at] = torch.where(values < 0, values * penalty, _divided(values, penalty))
     at, counts = _occurrences(index, [rows[i].output_token_ids for i in index], scores)
     if len(at):
         values = (
             flat[at] - _per_row([p.frequency_penalty for p in params], index, at, scores) * counts
         )
         flat[at] = values - _per_row([p.presence_penalty for p in params], index, at, scores)
+
+
+def _divided(values: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
+    """``values / divisor`` as dividing by a Python float does, which transformers' processor
+    (and the row-by-row form) do: a true division on the CPU, a multiplication by the divisor's
+    reciprocal on CUDA (PyTorch's kernel for a scalar divisor), one bit apart at times."""
+    return values * divisor.reciprocal() if values.is_cuda else values / divisor
 
 
 def _occurrences(
@@ -181,8 +188,19 @@ def _draw(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     scaled by their total, so the softmax's normalising pass is never made (the same
     distribution in two fewer passes over the scores). A token of probability 0 is never
     chosen: the first index past the draw has a larger sum than its predecessor, and a draw
-    that rounds up to the whole mass takes the last token with any."""
-    cdf = (scores - scores.amax(dim=-1, keepdim=True)).exp_().cumsum_(dim=-1)
+    that rounds up to the whole mass takes the last token with any. That needs sums that never
+    fall and do not move at a zero: so they are on the CPU (added in order); CUDA's parallel scan
+    associates neighbouring sums differently, so there a zero's sum is set to its predecessor's.
+
+    A row with no finite score (all -inf, or NaN from the model) has nothing to draw: an error
+    names it rather than a token outside the vocabulary."""
+    peak = scores.amax(dim=-1, keepdim=True)
+    if not bool(torch.isfinite(peak).all()):
+        raise ValueError("a row of logits has no finite score (NaN, or every token -inf)")
+    weights = (scores - peak).exp_()
+    cdf = weights.cumsum(dim=-1)
+    if cdf.is_cuda:
+        cdf = torch.where(weights > 0, cdf, -torch.inf).cummax(dim=-1).values
     total = cdf[:, -1:].contiguous()
     uniform = torch.empty(len(rows), 1, dtype=cdf.dtype, device=cdf.device)
     for generator, index in _by_generator(rows).items():

@@ -100,3 +100,13 @@ def test_a_flat_row_skips_the_shortcut_and_a_peaked_one_takes_it():
         decides = [nucleus._may_decide(seen, width, *limits) for width in TIERS]
         assert decides == [expected, expected], kind
         assert torch.equal(top_k_top_p(scores, params), whole_sort(scores, params))
+
+
+@pytest.mark.parametrize("top_k", [VOCAB, VOCAB + 50])
+def test_a_top_k_of_the_whole_vocabulary_is_no_top_k(top_k):
+    """Alone in its batch too: its top-p shares out the whole row's mass."""
+    scores = rows_of("peaked", 2, seed=9)
+    params = [SamplingParams(top_k=top_k, top_p=0.9)] * 2
+    assert torch.equal(
+        top_k_top_p(scores, params), whole_sort(scores, [SamplingParams(top_p=0.9)] * 2)
+    )

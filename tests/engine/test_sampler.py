@@ -332,3 +332,12 @@ def test_draws_on_cuda_follow_the_filtered_distribution_and_seeds():
 
     alone = seeded(1)
     assert alone == seeded(3) and len(set(alone)) > 2
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_a_row_with_nothing_to_draw_is_an_error_not_a_token(bad):
+    logits = random_logits(2, vocab=40, seed=1)
+    logits[1] = bad
+    for params in (SamplingParams(temperature=1.0), SamplingParams(top_k=5, top_p=0.9)):
+        with pytest.raises(ValueError, match="no finite score"):
+            sample(logits, [row(params), row(params)])
