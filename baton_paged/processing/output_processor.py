@@ -53,6 +53,9 @@ class ForwardOutputs:
 class _TextState:
     request: Request
     detokenizer: IncrementalDetokenizer
+    prompt_token_ids: tuple[int, ...] = ()
+    """The prompt as every output of the request carries it: made once, not once per output
+    (a chat prompt of a thousand tokens would otherwise be copied at every step of a stream)."""
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
@@ -84,6 +87,7 @@ class OutputProcessor:
         self._states[request.request_id] = _TextState(
             request,
             detokenizer,
+            tuple(request.prompt_token_ids),
             logprobs=[] if wants_logprobs else None,
             cumulative_logprob=0.0 if wants_logprobs else None,
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
@@ -223,6 +227,7 @@ class OutputProcessor:
             text = state.text[: max(len(state.text) - state.stop_holdback, 0)]
         return OutputSnapshot(
             request,
+            state.prompt_token_ids,
             state.logprobs,
             state.prompt_logprobs,
             len(request.output_token_ids),
@@ -242,6 +247,7 @@ class OutputSnapshot(NamedTuple):
     else, so it may run on another thread while the engine appends to those lists."""
 
     request: Request
+    prompt_token_ids: tuple[int, ...]
     logprobs: list[dict[int, Logprob]] | None
     prompt_logprobs: list[dict[int, Logprob] | None] | None
     num_tokens: int
@@ -276,7 +282,7 @@ class OutputSnapshot(NamedTuple):
         return RequestOutput(
             request_id=request.request_id,
             prompt=request.prompt,
-            prompt_token_ids=tuple(request.prompt_token_ids),
+            prompt_token_ids=self.prompt_token_ids,
             outputs=(completion,),
             finished=self.finished,
             prompt_logprobs=None if prompt_logprobs is None else tuple(prompt_logprobs),
