@@ -127,15 +127,15 @@ def _apply_penalties(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     if any(p.repetition_penalty != 1.0 for p in params):
         seen = [(*rows[i].prompt_token_ids, *rows[i].output_token_ids) for i in index]
         at, _ = _occurrences(index, seen, scores)
-        penalty = _per_row([p.repetition_penalty for p in params], index, at, scores)
+        (penalty,) = _per_row(scores, index, at, [p.repetition_penalty for p in params])
         values = flat[at]
         flat[at] = torch.where(values < 0, values * penalty, _divided(values, penalty))
     at, counts = _occurrences(index, [rows[i].output_token_ids for i in index], scores)
     if len(at):
-        values = (
-            flat[at] - _per_row([p.frequency_penalty for p in params], index, at, scores) * counts
-        )
-        flat[at] = values - _per_row([p.presence_penalty for p in params], index, at, scores)
+        frequencies = [p.frequency_penalty for p in params]
+        presences = [p.presence_penalty for p in params]
+        frequency, presence = _per_row(scores, index, at, frequencies, presences)
+        flat[at] = (flat[at] - frequency * counts) - presence
 
 
 def _divided(values: torch.Tensor, divisor: torch.Tensor) -> torch.Tensor:
@@ -157,12 +157,17 @@ def _occurrences(
 
 
 def _per_row(
-    values: list[float], index: list[int], at: torch.Tensor, scores: torch.Tensor
-) -> torch.Tensor:
-    """Each flat position's row's value of ``values`` (given for the rows ``index``)."""
-    by_row = torch.zeros(scores.shape[0], dtype=scores.dtype, device=scores.device)
-    by_row[index] = torch.tensor(values, dtype=scores.dtype, device=scores.device)
-    return by_row[at // scores.shape[1]]
+    scores: torch.Tensor, index: list[int], at: torch.Tensor, *values: list[float]
+) -> list[torch.Tensor]:
+    """For each list in ``values`` (one value per row of ``index``): each flat position's row's
+    value, the positions' rows found once for all lists."""
+    rows_at = at // scores.shape[1]
+    found = []
+    for per_row in values:
+        by_row = torch.zeros(scores.shape[0], **_like(scores))
+        by_row[index] = torch.tensor(per_row, **_like(scores))
+        found.append(by_row[rows_at])
+    return found
 
 
 def _sample_random(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

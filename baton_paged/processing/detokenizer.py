@@ -46,14 +46,14 @@ class IncrementalDetokenizer:
     def __init__(
         self, tokenizer: Any, prompt_token_ids: Sequence[int], skip_special_tokens: bool = True
     ):
-        self._decode_ids = text_decoder(tokenizer)
+        self._rust = rust_tokenizer(tokenizer)
+        self._decode_ids = text_decoder(tokenizer, self._rust)
         self.skip_special_tokens = skip_special_tokens
         self._window = self._prompt_context(prompt_token_ids)
         """Context tokens (the window's start, decoded only as context), then unreleased ones."""
         self._read_offset = len(self._window)
         """Tokens before this offset have had their text released."""
         self._text = ""
-        self._rust = rust_tokenizer(tokenizer)
         self._stream = None
         if self._rust is not None:
             self._stream = DecodeStream(list(self._window), skip_special_tokens)

@@ -20,9 +20,10 @@ TextDecoder = Callable[[Sequence[int], bool], str]
 """``(token_ids, skip_special_tokens) -> text``, as ``tokenizer.decode`` gives it."""
 
 
-def text_decoder(tokenizer: Any) -> TextDecoder:
-    """``tokenizer.decode`` for token ids, by the direct path where it gives the same text."""
-    backend = rust_tokenizer(tokenizer)
+def text_decoder(tokenizer: Any, backend: Any = None) -> TextDecoder:
+    """``tokenizer.decode`` for token ids, by the direct path where it gives the same text
+    (``backend``: ``rust_tokenizer(tokenizer)`` when the caller has already looked it up)."""
+    backend = backend if backend is not None else rust_tokenizer(tokenizer)
     if backend is not None:
         return lambda ids, skip: backend.decode(ids, skip_special_tokens=skip)
     return lambda ids, skip: tokenizer.decode(ids, skip_special_tokens=skip)
