@@ -53,6 +53,10 @@ class EngineConfig:
     """Run every step eagerly (vLLM's name). Otherwise decode steps on CUDA replay CUDA graphs
     captured at startup for batch sizes 1, 2, 4 and multiples of 8 (triton and flash_attn
     backends); the CPU always runs eagerly."""
+    async_scheduling: bool | None = None
+    """Plan and launch each iteration before reading the previous one's tokens, so the host's
+    work hides behind the GPU's (vLLM's name); None = on for CUDA, off on the CPU, where the
+    forward and the host work share the same cores."""
     enable_prefix_caching: bool = True
     """Share computed K/V pages between requests with a common prefix (vLLM's name): a request
     starts from its longest cached prefix of full pages, and freed pages stay cached until the

@@ -5,6 +5,11 @@ The scheduler and the engine share this object; the runner never sees it (it get
 ``all_token_ids`` have K/V in the cache, and a step computes the rest (a whole prompt, one decode
 token, a prefill chunk, or everything again after a recompute preemption). A request swapped to
 host memory keeps ``num_computed_tokens``: its K/V comes back by copy.
+
+Under step-ahead scheduling (``engine.py``) a token can be sampled on the device before the host
+reads it: ``num_placeholders`` counts such tokens, and ``num_tokens`` includes them, so the
+scheduler plans the next step (its pages, its decode row) as if the token were known. The output
+side replaces a placeholder by the token when it reads it (``OutputProcessor.accept``).
 """
 
 from __future__ import annotations
@@ -73,10 +78,18 @@ class Request:
     num_preemptions: int = 0
     page_keys: list[bytes] = field(default_factory=list)
     """Prefix-cache keys of its full pages so far (``sched/prefix_caching.py``)."""
+    num_placeholders: int = 0
+    """Tokens sampled on the device whose ids the host has not read yet (0 or 1)."""
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids) + self.num_placeholders
+
+    @property
+    def is_complete(self) -> bool:
+        """Its last token is sampled, counting one still in flight: no forward may compute past
+        it (``max_tokens`` is capped by the model's context, so this covers that limit too)."""
+        return len(self.output_token_ids) + self.num_placeholders >= self.max_tokens
 
     @property
     def num_pending_tokens(self) -> int:

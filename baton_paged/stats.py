@@ -48,11 +48,13 @@ class EngineStats:
     prefix_cache_evictions: int = 0
     """Cached pages evicted for new allocations."""
 
-    def record(self, plan: StepPlan, monitor: MemoryMonitor) -> None:
-        """Count a finished iteration: each sampling row of its plan generated one token."""
+    def record(self, plan: StepPlan, monitor: MemoryMonitor, generated: int) -> None:
+        """Count a finished iteration that gave ``generated`` requests a token (under step-ahead
+        scheduling fewer than its sampling rows: rows of requests that finished on the token
+        before are dropped)."""
         self.iterations += 1
         self.forwards += len(plan.forwards)
-        self.generated_tokens += sum(row.sample for f in plan.forwards for row in f.rows)
+        self.generated_tokens += generated
         self.offered_slots += plan.offered_slots
         self.admitted += len(plan.admitted)
         self.preemptions += len(plan.preempted)

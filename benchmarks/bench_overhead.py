@@ -9,18 +9,23 @@ prompts, ``--output-tokens`` each, EOS ignored; greedy unless ``--temperature``,
 engine's own host work. Each phase of ``Engine.step`` is timed by wrapping the engine's parts
 from outside (the engine is not changed for it), over decode-only steps:
 
-- schedule: ``scheduler.schedule``; update: ``scheduler.update``; swap: ``runner.swap``;
+- schedule: ``scheduler.schedule``; update: ``scheduler.commit`` and ``scheduler.finish``;
+  swap: ``runner.swap``;
 - input preparation: ``runner.execute`` less the forward (positions, metadata, copies);
 - forward: the model's forward, or a CUDA graph's replay of it (on CUDA its launch: the GPU
   runs it asynchronously; the first H200 run missed replays, so its forward read 0);
-- sampling: the sampler, the device->host copy of the sampled ids included;
-- output processing: the rest of ``outputs.process`` (appending, detokenizing, stops) and
+- sampling: the sampler, and waiting for the device->host copy of the sampled ids;
+- output processing: the rest of ``outputs.sample`` and ``outputs.accept`` (appending,
+  detokenizing, stops) and
   building the step's ``RequestOutput``s: by default as the offline ``LLM`` asks for them
   (``FINAL_ONLY``: built when a request ends); ``--output-kind cumulative`` for one per request
   every step, as a stream reads them, with the step loop the server runs (``step_unbuilt``):
   the step captures each output, and building it is the reader's work on its own thread,
   timed apart (``reader_build``, not part of the step's wall time);
 - other: the step's wall time less all of the above.
+
+``--async-scheduling on`` plans each step before reading the previous one's tokens (the engine's
+step-ahead scheduling; ``auto``: the engine's default for the device, on for CUDA).
 
 Host time = step wall time - forward. On CUDA, CUDA events around each forward also give the
 GPU's busy time, and its idle share of the decode wall time. Target (CPU, ``tiny``): host time per
@@ -39,6 +44,7 @@ from harness import Default, check
 
 from baton_paged import LLM, RequestOutputKind, SamplingParams
 from baton_paged.model.builder import cached_model
+from baton_paged.model.sampled_tokens import SampledTokens
 from baton_paged.processing import output_processor
 
 PROMPT_TOKENS = 8
@@ -56,21 +62,26 @@ class PhaseClock:
         self.steps = 0
         self.gpu_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
         self.cuda = device.type == "cuda"
+        self._wrapped: list[tuple[object, str, object]] = []
         runner, scheduler, outputs = engine.runner, engine.scheduler, engine.outputs
         self._wrap(scheduler, "schedule", "schedule")
-        self._wrap(scheduler, "update", "update")
+        self._wrap(scheduler, "commit", "update")
+        self._wrap(scheduler, "finish", "update")
         self._wrap(runner, "swap", "swap")
         self._wrap(runner, "execute", "execute")
         self._wrap(runner, "forward", "forward", gpu=True)
         for graph, _ in getattr(runner.graphs, "_graphs", {}).values():  # decode replays
             self._wrap(graph, "replay", "forward", gpu=True)
-        self._wrap(outputs, "process", "process")
+        self._wrap(outputs, "sample", "process")
+        self._wrap(outputs, "accept", "process")
         self._wrap(outputs, "snapshot", "report")
         self._wrap(output_processor.OutputSnapshot, "build", "build")
-        self._wrap(output_processor, "sample", "sampling")
+        self._wrap(output_processor, "sample_on_device", "draw")
+        self._wrap(SampledTokens, "to_host", "read")
 
     def _wrap(self, owner, name: str, phase: str, gpu: bool = False) -> None:
         inner: Callable = getattr(owner, name)
+        self._wrapped.append((owner, name, owner.__dict__.get(name)))
 
         def timed(*args, **kwargs):
             if gpu and self.cuda:
@@ -87,6 +98,14 @@ class PhaseClock:
                     self.gpu_events.append(events)
 
         setattr(owner, name, timed)
+
+    def unwrap(self) -> None:
+        """Put back what was wrapped (classes and modules outlive this clock's engine)."""
+        for owner, name, original in reversed(self._wrapped):
+            if original is None:
+                delattr(owner, name)  # an instance attribute shadowing its class's method
+            else:
+                setattr(owner, name, original)
 
     def run_step(self, engine, sync: Callable[[], None], unbuilt: bool) -> None:
         """One ``engine.step`` (``step_unbuilt`` if ``unbuilt``, the outputs then built after
@@ -112,9 +131,9 @@ class PhaseClock:
             "swap": self.step["swap"],
             "input_prep": self.step["execute"] - self.step["forward"],
             "forward": self.step["forward"],
-            "sampling": self.step["sampling"],
+            "sampling": self.step["draw"] + self.step["read"],
             "outputs": self.step["process"]
-            - self.step["sampling"]
+            - self.step["draw"]
             + self.step["report"]
             + self.step["build"]
             - reader_build,
@@ -131,7 +150,9 @@ class PhaseClock:
 
 def measure(model: str, batch: int, args, device: torch.device) -> dict:
     """Per-step milliseconds of each phase over the decode steps of one run of ``batch``."""
-    llm = LLM(model, max_batch_size=batch, device=str(device), enable_prefix_caching=False)
+    ahead = {"auto": None, "on": True, "off": False}[getattr(args, "async_scheduling", "auto")]
+    llm = LLM(model, max_batch_size=batch, device=str(device), enable_prefix_caching=False,
+              async_scheduling=ahead)  # fmt: skip
     engine = llm.engine
     vocab = len(llm.get_tokenizer())
     kind = RequestOutputKind[args.output_kind.upper()]
@@ -149,6 +170,7 @@ def measure(model: str, batch: int, args, device: torch.device) -> dict:
     clock = PhaseClock(engine, device)
     while engine.has_unfinished_requests() and engine.snapshot.num_running == batch:
         clock.run_step(engine, sync, unbuilt=kind is RequestOutputKind.CUMULATIVE)
+    clock.unwrap()
     engine.close()
     measured = (*PHASES, "wall", "reader_build")
     per_step = {p: 1e3 * clock.totals[p] / max(clock.steps, 1) for p in measured}
@@ -200,6 +222,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=-1)
+    parser.add_argument("--async-scheduling", choices=("auto", "on", "off"), default="auto")
     args = harness.start(parser, must_include={"batches": 128})
     device = torch.device(args.device)
     model = str(cached_model("llama", "tiny"))
@@ -214,6 +237,7 @@ def main() -> None:
     payload = {
         "model": "llama-tiny",
         "output_kind": args.output_kind,
+        "async_scheduling": args.async_scheduling,
         "sampling": {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k},
         "environment": harness.environment(args.threads, device),
         "rows": rows,

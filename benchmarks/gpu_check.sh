@@ -12,8 +12,9 @@
 # bf16      the bf16 token-by-token checks against HF per backend and model shape (-s: figures)
 # attention bench_attention.py on CUDA: per-backend kernel time beside the HBM-read bound
 # engine    bench_gpu.py: the engine per attention backend, padded, HF generate (small Llama)
-# overhead  bench_overhead.py on CUDA: host ms per step by phase, GPU idle share (greedy offline,
-#           streams, sampled), and bench_sampler.py on CUDA
+# overhead  bench_overhead.py on CUDA: host ms per step by phase, GPU idle share (greedy offline
+#           with step-ahead scheduling on, the CUDA default, and off; streams; sampled), and
+#           bench_sampler.py on CUDA
 # policies  bench_policies_gpu.py: BATON vs Orca/static/chunked on a Llama-3.2-1B shape in bf16
 # Every log and result lands in $LOGS, packed after each part into $OUT/gpu-check.tgz (the
 # device tool brings back at most 8 files); $OUT/summary.txt has one line per part.
@@ -138,6 +139,9 @@ if wants overhead; then
   timeout 60 python benchmarks/bench_overhead.py --device cuda --repeats 1 --batches 32,128 \
     --output-kind cumulative --name overhead-cpu-cumulative >"$LOGS/bench-overhead-stream.log" 2>&1
   stamp "bench_overhead (streams) exit $?"
+  timeout 60 python benchmarks/bench_overhead.py --device cuda --repeats 1 --batches 32,128 \
+    --async-scheduling off --name overhead-cpu-sync >"$LOGS/bench-overhead-sync.log" 2>&1
+  stamp "bench_overhead (step-ahead off) exit $?"
   timeout 60 python benchmarks/bench_overhead.py --device cuda --repeats 1 --batches 32,128 \
     --temperature 0.8 --top-p 0.95 --name overhead-cpu-sampled >"$LOGS/bench-overhead-sampled.log" 2>&1
   stamp "bench_overhead (sampled) exit $?"

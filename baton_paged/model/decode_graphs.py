@@ -31,6 +31,7 @@ from baton_paged.allocator import KVCache
 from baton_paged.allocator.slots import pages_needed, slot_mapping
 from baton_paged.attention import AttentionBackend, AttentionMetadata, PagedStep
 from baton_paged.config import EngineConfig
+from baton_paged.model.sampled_tokens import SampledTokens
 from baton_paged.sched.plan import ForwardBatch
 
 logger = logging.getLogger(__name__)
@@ -91,11 +92,18 @@ class DecodeGraphs:
         )
 
     @torch.inference_mode()
-    def run(self, forward: ForwardBatch) -> torch.Tensor:
-        """``[len(rows), vocab]`` logits of a decode step ``covers`` accepted, in row order."""
+    def run(self, forward: ForwardBatch, previous: SampledTokens | None = None) -> torch.Tensor:
+        """``[len(rows), vocab]`` logits of a decode step ``covers`` accepted, in row order; rows
+        whose token is ``IN_FLIGHT`` take it from ``previous`` on the device, before the replay
+        (``SampledTokens.fill``: no wait for the step that drew it)."""
         n = len(forward.rows)
         bucket = next(b for b in self.buckets if b >= n)
-        context_lens = self._load(forward, bucket)
+        sources = np.full(bucket, -1, dtype=np.int64)
+        if previous is not None:
+            sources[:n] = previous.sources(forward.rows)
+        context_lens = self._load(forward, bucket, sources)
+        if (sources >= 0).any():
+            previous.fill(self._buffers.input_ids[:bucket], self._buffers.sources[:bucket])
         if self.mode == "eager":
             step = self._step(bucket, context_lens)
             return self.forward(*self._buffers.inputs(bucket), step)[:n]
@@ -103,9 +111,9 @@ class DecodeGraphs:
         graph.replay()
         return logits[:n].clone()  # the next replay overwrites the graph's output
 
-    def _load(self, forward: ForwardBatch, bucket: int) -> tuple[int, ...]:
-        """Write the step's rows, then padding, into the static buffers; return the context
-        lengths (padding rows: 1).
+    def _load(self, forward: ForwardBatch, bucket: int, sources: np.ndarray) -> tuple[int, ...]:
+        """Write the step's rows, then padding, into the static buffers (``sources``: where
+        each row's in-flight token is, or -1); return the context lengths (padding rows: 1).
 
         The block table is kept from step to step (``_StaticBuffers``): a row's entries past its
         context may be another step's page ids, which no kernel reads (they stop at
@@ -121,7 +129,8 @@ class DecodeGraphs:
         table[n:, 0] = self.scratch_page
         ids = np.zeros(bucket, dtype=np.int64)
         ids[:n] = [row.token_ids[0] for row in rows]
-        buffers.load(bucket, ids, ends, slot_mapping(table, ends - 1, ends, self.page_size))
+        slots = slot_mapping(table, ends - 1, ends, self.page_size)
+        buffers.load(bucket, ids, ends, slots, sources)
         return tuple(int(end) for end in ends)
 
     def _step(self, bucket: int, context_lens: tuple[int, ...]) -> PagedStep:
@@ -148,7 +157,8 @@ class DecodeGraphs:
         for bucket in reversed(self.buckets):
             ends = np.ones(bucket, dtype=np.int64)
             slots = np.full(bucket, self.scratch_page * self.page_size, dtype=np.int64)
-            self._buffers.load(bucket, np.zeros(bucket, dtype=np.int64), ends, slots)
+            none = np.full(bucket, -1, dtype=np.int64)
+            self._buffers.load(bucket, np.zeros(bucket, dtype=np.int64), ends, slots, none)
             step = self._step(bucket, (self.max_model_len,) * bucket)
             args = (*self._buffers.inputs(bucket), step)
             side = torch.cuda.Stream()  # warm up off the capture stream: JIT, cuBLAS workspaces
@@ -170,11 +180,11 @@ class _StaticBuffers:
     layout (pinned on CUDA) by one asynchronous copy per step: the inputs' int64 fields, then the
     int32 ones with the block table last, so a bucket's rows end the part that is copied. The host
     block is written again only once the last copy from it has finished (an event; in steady state
-    long since, as each step's sampled tokens come back to the host before the next is planned)."""
+    that copy, queued ahead of the previous step's forward, has long landed)."""
 
     def __init__(self, max_bucket: int, max_pages: int, device: torch.device):
         self.max_bucket, self.max_pages = max_bucket, max_pages
-        self._longs = 3 * max_bucket  # input ids, positions, slot mapping
+        self._longs = 4 * max_bucket  # input ids, positions, slot mapping, in-flight sources
         ints = (max_bucket + 1) + max_bucket + max_bucket * max_pages
         size = self._longs + (ints + 1) // 2
         pinned = torch.device(device).type == "cuda"
@@ -191,7 +201,7 @@ class _StaticBuffers:
             device_fields["slot_mapping"],
             device_fields["seqused_k"],
         )
-        self.cu_seqlens_k = device_fields["cu_seqlens_k"]
+        self.cu_seqlens_k, self.sources = device_fields["cu_seqlens_k"], device_fields["sources"]
         self.block_table = device_fields["block_table"]
         self.keep = torch.arange(max_bucket, device=device)
         self.cu_seqlens_q = torch.arange(max_bucket + 1, dtype=torch.int32, device=device)
@@ -204,6 +214,7 @@ class _StaticBuffers:
             "input_ids": longs[:b],
             "positions": longs[b : 2 * b],
             "slot_mapping": longs[2 * b : 3 * b],
+            "sources": longs[3 * b : 4 * b],
             "cu_seqlens_k": ints[: b + 1],
             "seqused_k": ints[b + 1 : 2 * b + 1],
             "block_table": ints[2 * b + 1 : 2 * b + 1 + b * self.max_pages].view(b, self.max_pages),
@@ -212,12 +223,20 @@ class _StaticBuffers:
     def inputs(self, bucket: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.input_ids[:bucket], self.positions[:bucket], self.keep[:bucket]
 
-    def load(self, bucket: int, ids: np.ndarray, ends: np.ndarray, slots: np.ndarray) -> None:
+    def load(
+        self,
+        bucket: int,
+        ids: np.ndarray,
+        ends: np.ndarray,
+        slots: np.ndarray,
+        sources: np.ndarray,
+    ) -> None:
         """Write a step's inputs (the block table is already in ``host_table``) and copy the
         part of the block that ``bucket`` reads to the device."""
         self.wait_for_copy()
         host = self._host_fields
         host["input_ids"][:bucket] = ids
+        host["sources"][:bucket] = sources
         host["positions"][:bucket] = ends - 1
         host["slot_mapping"][:bucket] = slots
         host["seqused_k"][:bucket] = ends

@@ -20,7 +20,8 @@ from baton_paged.allocator import HostSwapPool, KVCache, execute_swap
 from baton_paged.attention import AttentionBackend, AttentionMetadata, PagedStep
 from baton_paged.model.decode_graphs import DecodeGraphs, Forward
 from baton_paged.model.llama_executor import LlamaExecutor
-from baton_paged.sched.plan import ForwardBatch, StepPlan
+from baton_paged.model.sampled_tokens import SampledTokens
+from baton_paged.sched.plan import ForwardBatch, ScheduledRow, StepPlan
 
 
 def model_forward(model: torch.nn.Module, executor: LlamaExecutor | None) -> Forward:
@@ -68,12 +69,18 @@ class ModelRunner:
             execute_swap(swap, self.cache, self.host)
 
     @torch.inference_mode()
-    def execute(self, forward: ForwardBatch, extra_tokens: Sequence[int] = ()) -> torch.Tensor:
+    def execute(
+        self,
+        forward: ForwardBatch,
+        extra_tokens: Sequence[int] = (),
+        previous: SampledTokens | None = None,
+    ) -> torch.Tensor:
         """Run the forward; return the logits of each sampling row's last token in row order,
         then those of the packed tokens ``extra_tokens`` (prompt positions whose log-probabilities
-        a request asked for): ``[num sampling rows + len(extra_tokens), vocab]``."""
+        a request asked for): ``[num sampling rows + len(extra_tokens), vocab]``. Decode rows
+        whose token is ``IN_FLIGHT`` take it from ``previous``, the last step's samples."""
         if self.graphs is not None and not extra_tokens and self.graphs.covers(forward):
-            return self.graphs.run(forward)
+            return self.graphs.run(forward, previous)
         rows = forward.rows
         query_lens = [len(row.token_ids) for row in rows]
         meta = AttentionMetadata.build(
@@ -84,7 +91,8 @@ class ModelRunner:
             self.device,
         )
         ids = np.fromiter((t for row in rows for t in row.token_ids), np.int64, meta.num_tokens)
-        if meta.num_tokens == len(rows) and not extra_tokens and all(row.sample for row in rows):
+        one_each = meta.num_tokens == len(rows)
+        if one_each and not extra_tokens and all(row.sample for row in rows):
             # one token per row, each sampled (a decode batch): no per-row ranges to build
             positions = np.fromiter((row.start for row in rows), np.int64, len(rows))
             keep = np.arange(len(rows))
@@ -92,9 +100,24 @@ class ModelRunner:
             positions = np.concatenate([np.arange(row.start, row.end) for row in rows])
             last = np.cumsum(query_lens) - 1
             keep = np.concatenate([last[[row.sample for row in rows]], np.asarray(extra_tokens)])
-        keep = self._to_device(keep)
-        ids, positions = self._to_device(ids), self._to_device(positions)
+        keep, positions = self._to_device(keep), self._to_device(positions)
+        ids = self._input_ids(ids, rows, query_lens, previous)
         return self.forward(ids, positions, keep, PagedStep(self.cache, meta, self.backend))
+
+    def _input_ids(
+        self,
+        ids: np.ndarray,
+        rows: Sequence[ScheduledRow],
+        query_lens: list[int],
+        previous: SampledTokens | None,
+    ) -> torch.Tensor:
+        """The packed ids on the device, in-flight ones filled from ``previous`` there."""
+        sources = None if previous is None else previous.sources(rows)
+        if sources is None or not (sources >= 0).any():
+            return self._to_device(ids)
+        both = self._to_device(np.stack([ids, np.repeat(sources, query_lens)]))
+        previous.fill(both[0], both[1])
+        return both[0]
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64)).to(self.device)

@@ -54,12 +54,31 @@ class SampleResult:
     ``params.logprobs`` tokens (one entry per token id)."""
 
 
+@dataclass(frozen=True)
+class DeviceSample:
+    """Tokens drawn but not yet read by the host: the next step's decode rows can take them as
+    inputs on the device while the host is still busy with this one (step-ahead scheduling)."""
+
+    token_ids: torch.Tensor
+    """``[N]`` int64, on the logits' device."""
+    raw_logprobs: dict[int, torch.Tensor]
+    """``log_softmax`` of the unmodified logits of the rows that asked, by row index."""
+
+
 def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
     """Sample one token per row of ``logits`` (``[N, V]``; row ``i`` belongs to ``rows[i]``)."""
+    drawn = sample_on_device(logits, rows)
+    token_ids = drawn.token_ids.tolist()
+    return SampleResult(token_ids, collect_logprobs(drawn, token_ids, rows))
+
+
+def sample_on_device(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> DeviceSample:
+    """``sample``, leaving the tokens on the device: no copy to the host is waited for (the
+    filtering of a random row may still read a flag or two from the device)."""
     if logits.ndim != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(rows)} rows")
     if all(_bare_argmax(row) for row in rows):  # the common greedy batch: nothing to copy
-        return SampleResult(logits.argmax(dim=-1).tolist(), [None] * len(rows))
+        return DeviceSample(logits.argmax(dim=-1), {})
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     scores = logits.detach().to(dtype=dtype, copy=True)
     raw = _raw_logprobs(scores, rows)
@@ -68,13 +87,22 @@ def sample(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
     _apply_penalties(scores, rows)
     random = [i for i, row in enumerate(rows) if not row.params.is_greedy]
     if len(random) == len(rows):  # a batch that samples: no copy of its scores by index
-        tokens = _sample_random(scores, rows)
-    else:
-        tokens = scores.argmax(dim=-1)
-        if random:
-            tokens[random] = _sample_random(scores[random], [rows[i] for i in random])
-    token_ids = tokens.tolist()
-    return SampleResult(token_ids, _collect_logprobs(raw, token_ids, rows))
+        return DeviceSample(_sample_random(scores, rows), raw)
+    tokens = scores.argmax(dim=-1)
+    if random:
+        tokens[random] = _sample_random(scores[random], [rows[i] for i in random])
+    return DeviceSample(tokens, raw)
+
+
+def collect_logprobs(
+    drawn: DeviceSample, token_ids: Sequence[int], rows: Sequence[SamplingRow]
+) -> list[dict[int, Logprob] | None]:
+    """Each row's log-probabilities (None where not asked), once its token is read."""
+    raw = drawn.raw_logprobs
+    return [
+        token_logprobs(raw[i], token_ids[i], row.params.logprobs) if i in raw else None
+        for i, row in enumerate(rows)
+    ]
 
 
 def _bare_argmax(row: SamplingRow) -> bool:
@@ -247,15 +275,6 @@ def _raw_logprobs(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> dict[int
         return {}
     logprobs = scores[wanted].log_softmax(dim=-1)
     return dict(zip(wanted, logprobs, strict=True))
-
-
-def _collect_logprobs(
-    raw: dict[int, torch.Tensor], token_ids: Sequence[int], rows: Sequence[SamplingRow]
-) -> list[dict[int, Logprob] | None]:
-    return [
-        token_logprobs(raw[i], token_ids[i], row.params.logprobs) if i in raw else None
-        for i, row in enumerate(rows)
-    ]
 
 
 def token_logprobs(logprobs: torch.Tensor, sampled: int, top_n: int) -> dict[int, Logprob]:

@@ -5,10 +5,11 @@ the request with "stop" once ``min_tokens`` are out; a stop string ends it with 
 text before the match (after it with ``include_stop_str_in_output``); reaching ``max_tokens`` or
 the model's context ends it with "length".
 
-The engine hands over each forward's logits once (``process``): the sampling rows' logits are
-sampled (EOS and stop ids suppressed below ``min_tokens``), each new token appended and its stop
-conditions checked; the rest score the prompt positions ``prompt_positions`` asked the forward
-for.
+The engine hands over each forward's logits once (``sample``): the sampling rows' logits are
+sampled on the device (EOS and stop ids suppressed below ``min_tokens``); the rest score the
+prompt positions ``prompt_positions`` asked the forward for. Once the host has read the tokens
+(``accept``; under step-ahead scheduling one step later, after the next forward is launched),
+each is appended and its stop conditions checked.
 
 Log-probabilities carry each token's text (``decoded_token``, the token decoded on its own, as
 vLLM's). Prompt log-probabilities: position ``p``'s logits score prompt token ``p + 1`` (the
@@ -29,7 +30,13 @@ from typing import Any, NamedTuple
 
 import torch
 
-from baton_paged.model.sampler import SamplingRow, sample, token_logprobs
+from baton_paged.model.sampler import (
+    DeviceSample,
+    SamplingRow,
+    collect_logprobs,
+    sample_on_device,
+    token_logprobs,
+)
 from baton_paged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from baton_paged.processing.detokenizer import IncrementalDetokenizer, find_stop
 from baton_paged.processing.token_text import text_decoder
@@ -69,6 +76,15 @@ class _TextState:
     """Characters an unfinished snapshot holds back: a stop string's start could be there."""
 
 
+class SampledRows(NamedTuple):
+    """One forward's sampling rows, drawn on the device, their tokens not yet read: the rows'
+    request states and sampling rows, in the same order as the draw's tokens."""
+
+    states: tuple[_TextState, ...]
+    rows: tuple[SamplingRow, ...]
+    drawn: DeviceSample
+
+
 class OutputProcessor:
     def __init__(self, tokenizer: Any, max_model_len: int, generator: torch.Generator):
         """``generator`` draws the samples of requests without a seed of their own."""
@@ -106,22 +122,44 @@ class OutputProcessor:
         eos = () if params.ignore_eos else request.eos_token_ids
         return eos + params.stop_token_ids
 
-    def process(
+    def sample(
         self, forward: ForwardBatch, logits: torch.Tensor, positions: list[PromptPosition]
-    ) -> ForwardOutputs:
+    ) -> SampledRows:
         """Take one forward's logits (its sampling rows', then ``positions``' from
-        ``prompt_positions``): score those prompt positions, sample and append every sampling
-        row's next token."""
-        states = [self._states[row.request_id] for row in forward.rows if row.sample]
-        self._add_prompt_logprobs(positions, logits[len(states) :])
-        rows = [self._sampling_row(state.request) for state in states]
-        result = sample(logits[: len(states)], rows)
-        now, finished = time.monotonic(), []
-        for state, token, logprobs in zip(states, result.token_ids, result.logprobs, strict=True):
-            status = self._append(state, token, logprobs, now)
+        ``prompt_positions``): score those prompt positions, and draw every sampling row's next
+        token on the device, a placeholder of its request until ``accept`` reads it. A row whose
+        request ended while the forward was in flight (step-ahead scheduling: it finished on
+        the previous step's token, or was aborted) is dropped."""
+        sampling = [row.request_id for row in forward.rows if row.sample]
+        self._add_prompt_logprobs(positions, logits[len(sampling) :])
+        live = [
+            (i, state)
+            for i, state in enumerate(map(self._states.get, sampling))
+            if state is not None and not state.request.status.is_finished
+        ]
+        if len(live) < len(sampling):
+            logits = logits[[i for i, _ in live]]
+        states = tuple(state for _, state in live)
+        rows = tuple(self._sampling_row(state.request) for state in states)
+        drawn = sample_on_device(logits[: len(states)], rows)
+        for state in states:
+            state.request.num_placeholders += 1
+        return SampledRows(states, rows, drawn)
+
+    def accept(self, sampled: SampledRows, token_ids: list[int]) -> ForwardOutputs:
+        """The host has read ``sampled``'s tokens (``token_ids``, in its row order): each
+        replaces its request's placeholder, and its stop conditions are checked. A request
+        aborted meanwhile gets nothing."""
+        logprobs = collect_logprobs(sampled.drawn, token_ids, sampled.rows)
+        now, touched, finished = time.monotonic(), [], []
+        for state, token, its_logprobs in zip(sampled.states, token_ids, logprobs, strict=True):
+            if state.request.status.is_finished:
+                continue
+            touched.append(state.request)
+            status = self._append(state, token, its_logprobs, now)
             if status is not None:
                 finished.append((state.request.request_id, status))
-        return ForwardOutputs(tuple(state.request for state in states), tuple(finished))
+        return ForwardOutputs(tuple(touched), tuple(finished))
 
     def _sampling_row(self, request: Request) -> SamplingRow:
         return SamplingRow(
@@ -139,6 +177,7 @@ class OutputProcessor:
         request = state.request
         request.first_token_time = request.first_token_time or now
         request.token_times.append(now)
+        request.num_placeholders -= 1
         request.output_token_ids.append(token)
         if logprobs is not None:
             state.logprobs.append(self._decoded(logprobs))

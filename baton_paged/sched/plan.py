@@ -1,7 +1,8 @@
 """The scheduler <-> engine contract, as frozen data: what an iteration does, and what it did.
 
-``Scheduler.schedule`` returns a ``StepPlan``; the engine carries it out and reports back a
-``StepResult`` through ``Scheduler.update``. An iteration first issues its swap copies (out, then
+``Scheduler.schedule`` returns a ``StepPlan``; the engine carries it out and reports back how
+many forwards ran (``Scheduler.commit``) and which requests finished (``Scheduler.finish``;
+``update`` takes both as a ``StepResult``). An iteration first issues its swap copies (out, then
 in: the order the page-reuse rule in ``allocator/swap.py`` relies on), then runs one or more
 forwards in order. Under ``baton`` a step with newcomers runs two: their prompts alone (the
 separate prefill), then the running batch's decode. Under ``orca`` and ``chunked`` one forward
@@ -18,6 +19,10 @@ import numpy as np
 from baton_paged.allocator import SwapPlan
 from baton_paged.request import RequestStatus
 
+IN_FLIGHT = -1
+"""A row's input token that the previous step sampled on the device and the host has not read
+yet (step-ahead scheduling): the runner takes it from that step's sampled ids, on the device."""
+
 
 @dataclass(frozen=True)
 class ScheduledRow:
@@ -25,7 +30,8 @@ class ScheduledRow:
     start: int
     """First position computed: the request's ``num_computed_tokens``."""
     token_ids: tuple[int, ...]
-    """Tokens at positions ``[start, start + len(token_ids))``."""
+    """Tokens at positions ``[start, start + len(token_ids))``; a decode row's one token may be
+    ``IN_FLIGHT``."""
     sample: bool
     """True when the last of these tokens is the request's newest (its logits give a token)."""
     decode: bool = False

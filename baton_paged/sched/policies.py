@@ -84,8 +84,9 @@ class StaticPolicy(BatonPolicy):
     name = "static"
 
     def form(self, step: Step) -> list[ForwardBatch]:
-        if step.running:
-            return [step.forward(step.row(r) for r in step.decoders())]
+        if step.running:  # (its decoders may all have their last token in flight)
+            rows = [step.row(r) for r in step.decoders()]
+            return [step.forward(rows)] if rows else []
         # run to completion: a request held back to share a prefix would wait for the batch
         return self.prefill_then_decode(step, step.admit(share_prefixes=False))
 
@@ -102,7 +103,7 @@ class ChunkedPolicy(Policy):
         # a request that took a lower one's place is computed now, and a started prompt
         # finishes before a new one starts.
         rows, left = [], self.token_budget
-        for request in sorted(step.running, key=lambda r: (r.priority, not is_decoder(r))):
+        for request in sorted(step.computable, key=lambda r: (r.priority, not is_decoder(r))):
             if left == 0:
                 break
             rows.append(step.row(request, min(left, request.num_pending_tokens)))
@@ -111,7 +112,7 @@ class ChunkedPolicy(Policy):
 
     def tokens_left(self, step: Step) -> int:
         """Budget the running requests' pending tokens leave for another prompt."""
-        return self.token_budget - sum(r.num_pending_tokens for r in step.running)
+        return self.token_budget - sum(r.num_pending_tokens for r in step.computable)
 
     @staticmethod
     def head_outranks_the_batch(step: Step) -> bool:

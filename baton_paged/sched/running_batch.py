@@ -128,7 +128,7 @@ class RunningBatch:
 
     def swap_in(self, request_id: str) -> SwapPlan:
         """Device pages for a swapped-out request's K/V to come back into; its host pages stay
-        owned until the copy has been issued (``Scheduler.update`` releases them)."""
+        owned until the copy has been issued (``Scheduler.commit`` releases them)."""
         return plan_swap_in(self._swapped.pop(request_id), self.pool)
 
     def discard(self, request: Request) -> None:

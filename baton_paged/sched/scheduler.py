@@ -1,17 +1,23 @@
 """Scheduler: the waiting queue, the running batch and its pages; a policy picks the forwards.
 
-The engine and the scheduler meet in two calls per iteration:
+The engine and the scheduler meet in three calls per iteration:
 
     plan = scheduler.schedule()      # who runs, on which pages, with which copies: frozen data
-    ...                              # the engine issues the copies, runs the forwards, samples
-    scheduler.update(plan, result)   # K/V written, swap sources read, requests finished
+    ...                              # the engine issues the copies, runs the forwards
+    scheduler.commit(plan, ran)      # K/V written, swap sources read
+    ...                              # the engine samples and reads the tokens
+    scheduler.finish(finished)       # requests that finished leave
+
+(``update`` is the last two at once.) Under step-ahead scheduling the engine plans step N+1
+before it reads step N's tokens, so ``schedule`` runs between N's ``commit`` and ``finish``:
+requests about to finish on a token in flight are planned once more, and their rows dropped.
 
 ``schedule`` opens a ``Step`` (``baton_paged/sched/step.py``), the iteration's planning transaction:
 it applies memory pressure, reserves the pages the running requests' next tokens need and asks the
 policy which forwards to form, which may admit, preempt and swap. The step's record becomes the plan
 and the step is dropped, so nothing of one iteration lives on in scheduler fields. A step that
-raises half-way is settled through ``update`` too, from its plan and what it got done; if planning
-itself raises, ``PlanningError`` carries the plan of what the step had done by then.
+raises half-way is settled through ``commit`` and ``finish`` too, from its plan and what it got
+done; if planning itself raises, ``PlanningError`` carries the plan of what the step had done.
 
 The scheduler owns bookkeeping and never touches tensors. The running requests, their pages and the
 swapped-out requests' host pages are one ``RunningBatch`` (``baton_paged/sched/running_batch.py``),
@@ -20,6 +26,8 @@ where it stopped, from its old place in the queue.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from baton_paged.allocator import PagePool, release_source
 from baton_paged.request import Request, RequestStatus
@@ -78,6 +86,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.batch) or bool(self.waiting)
 
+    def has_work_to_plan(self) -> bool:
+        """Is there anything a new iteration could compute: a waiting request, or a running one
+        whose last token is not already in flight (step-ahead scheduling)?"""
+        return bool(self.waiting) or any(not r.is_complete for r in self.batch.requests)
+
     def schedule(self) -> StepPlan:
         """Plan the next iteration, pages reserved and copies paired (see the module docstring)."""
         step = Step(
@@ -92,22 +105,41 @@ class Scheduler:
         return step.plan(forwards)
 
     def update(self, plan: StepPlan, result: StepResult) -> QueueSizes:
-        """The engine did ``result`` of ``plan``: record the K/V its forwards wrote, release the
-        host pages its swap-ins read, and end the requests that finished. A step that raised
-        part-way is settled the same way, with the result of what it did: its swap-ins' host
-        pages go back whether or not they were read, as their requests are half-done either way
-        and the caller aborts every running request. Not idempotent: once per plan."""
+        """The engine did ``result`` of ``plan`` and read its tokens: ``commit`` then
+        ``finish``. Not idempotent: once per plan."""
+        self.commit(plan, result.forwards_run)
+        return self.finish(result.finished)
+
+    def commit(self, plan: StepPlan, forwards_run: int) -> None:
+        """The engine issued ``plan``'s copies and ran its first ``forwards_run`` forwards:
+        release the host pages its swap-ins read, and record (and index, for prefix caching)
+        the K/V those forwards wrote. A step that raised part-way is settled the same way: its
+        swap-ins' host pages go back whether or not they were read, as their requests are
+        half-done either way and the caller aborts every running request.
+
+        Under step-ahead scheduling a step commits after the previous step's tokens were read,
+        so every row's tokens are known here; a row whose request left the batch meanwhile (it
+        finished on that previous token, or was aborted) wrote K/V nobody reads and is skipped."""
         for swap in plan.swap_in:
             release_source(swap, self.batch.pool, self.batch.host_pool)
-        for forward in plan.forwards[: result.forwards_run]:
+        for forward in plan.forwards[:forwards_run]:
             for row in forward.rows:
+                if row.request_id not in self.batch:
+                    continue
                 request = self.batch[row.request_id]
                 request.num_computed_tokens = row.end
                 if self.prefix_caching is not None:
                     pages = self.batch.pages(row.request_id)
                     self.prefix_caching.index(request, pages, row.start, row.end)
-        for request_id, status in result.finished:
-            self._finish(self.batch[request_id], status)
+
+    def finish(self, finished: Iterable[tuple[str, RequestStatus]]) -> QueueSizes:
+        """End the requests that finished on a token just read, wherever they are now (a
+        request preempted while its token was in flight is waiting)."""
+        for request_id, status in finished:
+            if request_id in self.batch:
+                self._finish(self.batch[request_id], status)
+            elif (request := self.waiting.get(request_id)) is not None:
+                self._finish(request, status)
         return self._sizes()
 
     def check_integrity(self) -> None:

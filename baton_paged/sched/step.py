@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from baton_paged.allocator import OutOfPagesError, SwapPlan, pages_needed
 from baton_paged.request import Request
 from baton_paged.sched.memory_monitor import MemoryMonitor
-from baton_paged.sched.plan import ForwardBatch, ScheduledRow, StepPlan
+from baton_paged.sched.plan import IN_FLIGHT, ForwardBatch, ScheduledRow, StepPlan
 from baton_paged.sched.prefix_caching import PrefixCaching
 from baton_paged.sched.running_batch import RunningBatch
 from baton_paged.sched.waiting_queue import WaitingQueue
@@ -52,13 +52,20 @@ class Step:
         """Requests in the batch, in admission order (the oldest first)."""
         return self._batch.requests
 
+    @property
+    def computable(self) -> list[Request]:
+        """Running requests with tokens to compute: all but those whose last token is in
+        flight (step-ahead scheduling), in admission order."""
+        return [r for r in self._batch.requests if not r.is_complete]
+
     def waiting_head(self) -> Request | None:
         """The next request to admit, if any."""
         return self._waiting.peek()
 
     def decoders(self) -> list[Request]:
-        """Running requests whose prompt is fully computed, oldest first."""
-        return [r for r in self._batch.requests if is_decoder(r)]
+        """Running requests whose prompt is fully computed and whose next token is wanted,
+        oldest first."""
+        return [r for r in self._batch.requests if is_decoder(r) and not r.is_complete]
 
     def admit(self, max_requests: int | None = None, share_prefixes: bool = True) -> list[Request]:
         """Move waiting requests into the batch in service order while slots and pages last
@@ -88,7 +95,8 @@ class Step:
         start, total = request.num_computed_tokens, request.num_tokens
         end = total if num_tokens is None else start + num_tokens
         if end - start == 1 and end == total and start >= len(request.prompt_token_ids) > 0:
-            token_ids = (request.output_token_ids[-1],)  # a decode: the last sampled token
+            # a decode: the last sampled token, maybe still on the device
+            token_ids = (IN_FLIGHT if request.num_placeholders else request.output_token_ids[-1],)
         else:
             token_ids = tuple(request.token_ids(start, end))
         return ScheduledRow(
@@ -119,7 +127,7 @@ class Step:
 
     def reserve_decode_pages(self) -> None:
         """Give every decoder the page its next token needs, preempting while the pool is dry
-        (possibly the decoder itself)."""
+        (possibly the decoder itself). A request whose last token is in flight needs none."""
         batch = self._batch
         for request in self.decoders():
             while request.request_id in batch and not batch.grow(request, request.num_tokens):

@@ -36,6 +36,9 @@ class WaitingQueue:
         bisect.insort(self._entries, (request.priority, number, request.request_id))
         self._requests[request.request_id] = request
 
+    def get(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
     def peek(self) -> Request | None:
         return self._requests[self._entries[0][2]] if self._entries else None
 

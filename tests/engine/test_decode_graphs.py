@@ -32,9 +32,9 @@ def eager_graphs(monkeypatch):
     sizes: list[int] = []
     run = DecodeGraphs.run
 
-    def counting_run(self, forward):
+    def counting_run(self, forward, previous=None):
         sizes.append(len(forward.rows))
-        return run(self, forward)
+        return run(self, forward, previous)
 
     monkeypatch.setattr(DecodeGraphs, "run", counting_run)
     return sizes
@@ -61,12 +61,15 @@ def test_graphs_only_on_cuda_with_a_capturable_backend():
         assert mode(backend, device="cuda") is None, backend
 
 
+@pytest.mark.parametrize("step_ahead", [False, True])
 @pytest.mark.parametrize("policy", ["baton", "orca", "static", "chunked"])
-def test_padded_decode_equals_generate(make_engine, reference, eager_graphs, policy):
+def test_padded_decode_equals_generate(make_engine, reference, eager_graphs, policy, step_ahead):
     """Six batch slots (buckets 1, 2, 4, 6): a batch of 3 or 5 decodes with padding rows. orca
     and chunked mix prompts into decode steps, which run eagerly: mostly, only their tails are
-    decode-only."""
-    engine = make_engine("llama", policy=policy, max_batch_size=6, max_num_batched_tokens=24)
+    decode-only. With step-ahead scheduling the rows' input ids are written into the graphs'
+    static buffer on the device, from the previous step's samples."""
+    engine = make_engine("llama", policy=policy, max_batch_size=6, max_num_batched_tokens=24,
+                         async_scheduling=step_ahead)  # fmt: skip
     assert engine.runner.graphs is not None
     rng = random.Random(11)
     workload = [(tuple(rng.randrange(500) for _ in range(rng.randint(1, 40))),

@@ -1,5 +1,7 @@
-"""Where the engine's modules meet: two calls into the scheduler per iteration, observers that
-read only the snapshot, and no scheduler fields read from outside ``baton_paged/sched/``."""
+"""Where the engine's modules meet: three calls into the scheduler per iteration (schedule,
+commit, finish; step-ahead scheduling finishes the previous iteration before committing this one),
+observers that read only the snapshot, and no scheduler fields read from outside
+``baton_paged/sched/``."""
 
 from __future__ import annotations
 
@@ -16,8 +18,10 @@ SCHEDULER_API = {
     "add",
     "abort",
     "has_work",
+    "has_work_to_plan",
     "schedule",
-    "update",
+    "commit",
+    "finish",
 }
 
 
@@ -33,10 +37,9 @@ class Recorder:
         return getattr(self._target, name)
 
 
-def test_each_step_calls_the_scheduler_exactly_twice(make_engine, monkeypatch):
-    """Through admissions, swap preemptions, swap-ins and finishes alike: schedule, then update."""
-    engine = make_engine(max_batch_size=4, page_size=4, kv_memory="1MiB")
-    recorder = Recorder(engine.scheduler)
+def record_scheduler_calls(engine, monkeypatch) -> list[list[str]]:
+    """Every scheduler attribute each ``engine.step`` reads, one list per step."""
+    recorder, steps = Recorder(engine.scheduler), []
     real_step = engine.step
 
     def recorded_step():
@@ -46,10 +49,38 @@ def test_each_step_calls_the_scheduler_exactly_twice(make_engine, monkeypatch):
             return real_step()
         finally:
             engine.scheduler = recorder._target
-            assert recorder.reads == ["schedule", "update"]
+            steps.append(list(recorder.reads))
 
     monkeypatch.setattr(engine, "step", recorded_step)
+    return steps
+
+
+def test_each_step_calls_the_scheduler_three_times(make_engine, monkeypatch):
+    """Through admissions, swap preemptions, swap-ins and finishes alike: schedule, commit,
+    finish (after asking whether there is anything to plan)."""
+    engine = make_engine(max_batch_size=4, page_size=4, kv_memory="1MiB")
+    steps = record_scheduler_calls(engine, monkeypatch)
     run(engine, priority_workload(seed=5))
+    assert all(reads == ["has_work_to_plan", "schedule", "commit", "finish"] for reads in steps)
+    assert engine.stats.swap_preemptions > 0 and engine.stats.pages_swapped_in > 0
+
+
+def test_step_ahead_finishes_the_last_iteration_before_committing_the_next(
+    make_engine, monkeypatch
+):
+    """Step-ahead: plan N+1, read N's tokens and finish its requests, then commit N+1; every
+    plan is committed once and finished once."""
+    engine = make_engine(max_batch_size=4, page_size=4, kv_memory="1MiB", async_scheduling=True)
+    steps = record_scheduler_calls(engine, monkeypatch)
+    run(engine, priority_workload(seed=5))
+    shapes = {
+        ("has_work_to_plan", "schedule", "commit"),  # nothing in flight: the first step
+        ("has_work_to_plan", "schedule", "finish", "commit"),
+        ("has_work_to_plan", "finish"),  # only the last tokens were in flight
+    }
+    assert all(tuple(reads) in shapes for reads in steps), steps
+    calls = [name for reads in steps for name in reads]
+    assert calls.count("schedule") == calls.count("commit") == calls.count("finish")
     assert engine.stats.swap_preemptions > 0 and engine.stats.pages_swapped_in > 0
 
 

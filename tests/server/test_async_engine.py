@@ -28,8 +28,10 @@ from baton_paged.sampling_params import SamplingParams
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 
-def tiny_engine(path) -> Engine:
-    config = EngineConfig(model=str(path), dtype="float64", max_batch_size=4, max_model_len=128)
+def tiny_engine(path, **options) -> Engine:
+    config = EngineConfig(
+        model=str(path), dtype="float64", max_batch_size=4, max_model_len=128, **options
+    )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
     return Engine(config, model, AutoTokenizer.from_pretrained(path))
 
@@ -85,6 +87,28 @@ def test_outputs_equal_the_offline_llm(engine, path):
 
     expected = LLM.from_engine(tiny_engine(path)).generate(prompts, GREEDY)
     assert asyncio.run(run_all()) == [out.outputs[0].text for out in expected]
+
+
+def test_streams_with_step_ahead_scheduling_equal_the_offline_llm(path):
+    """Each iteration reports the one before it: streams still see every token, in order, and
+    an early abort leaves nothing behind."""
+    prompts = ["def main():", "import os", "x = 1", "for i in"]
+    async_engine = AsyncEngine(tiny_engine(path, async_scheduling=True), max_waiting=8)
+
+    async def run_all():
+        abandoned = async_engine.generate("while True:", GREEDY, "gone")
+        await anext(abandoned)
+        await abandoned.aclose()
+        return await asyncio.gather(*(collect(async_engine, p) for p in prompts))
+
+    try:
+        texts = asyncio.run(run_all())
+        wait_until(lambda: not async_engine.engine.requests)
+        assert async_engine.engine.cache.pool.num_used == 0
+    finally:
+        async_engine.shutdown()
+    expected = LLM.from_engine(tiny_engine(path)).generate(prompts, GREEDY)
+    assert texts == [out.outputs[0].text for out in expected]
 
 
 def test_submit_returns_while_an_iteration_is_running(engine):
@@ -214,18 +238,18 @@ def test_a_failing_iteration_fails_only_its_requests(engine):
 
 
 def test_a_request_that_finished_before_its_iteration_failed_still_gets_its_output(engine):
-    """BATON prefills a newcomer in its own forward; if it finishes there and the same
-    iteration's decode forward raises, it has its whole output, not an error or a hang."""
+    """BATON prefills a newcomer in its own forward; if it finishes there and reading the same
+    iteration's decode tokens raises, it has its whole output, not an error or a hang."""
     inner = engine.engine
-    real_execute = inner.runner.execute
+    real_accept = inner.outputs.accept
 
-    def execute(forward, *extra):
+    def accept(sampled, token_ids):
         short = inner.requests.get("short")
         if short is not None and short.output_token_ids:  # its one token is out: it finished
             raise RuntimeError("boom after short finished")
-        return real_execute(forward, *extra)
+        return real_accept(sampled, token_ids)
 
-    inner.runner.execute = execute
+    inner.outputs.accept = accept
     one_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
     long_params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
 
