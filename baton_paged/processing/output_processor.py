@@ -83,6 +83,8 @@ class SampledRows(NamedTuple):
     states: tuple[_TextState, ...]
     rows: tuple[SamplingRow, ...]
     drawn: DeviceSample
+    releases: int
+    """The processor's count of released requests when these were drawn."""
 
 
 class OutputProcessor:
@@ -93,6 +95,8 @@ class OutputProcessor:
         self.max_model_len = max_model_len
         self.generator = generator
         self._states: dict[str, _TextState] = {}
+        self._releases = 0
+        """Requests forgotten so far: rows drawn before the latest release may be ended ones'."""
 
     def add(self, request: Request) -> None:
         params = request.params
@@ -113,6 +117,7 @@ class OutputProcessor:
     def release(self, request_id: str) -> None:
         """Forget a finished request once its final output is built."""
         self._states.pop(request_id, None)
+        self._releases += 1
 
     def suppressed_token_ids(self, request: Request) -> tuple[int, ...]:
         """Tokens the request may not sample yet: EOS and stop ids before ``min_tokens``."""
@@ -132,19 +137,15 @@ class OutputProcessor:
         the previous step's token, or was aborted) is dropped."""
         sampling = [row.request_id for row in forward.rows if row.sample]
         self._add_prompt_logprobs(positions, logits[len(sampling) :])
-        live = [
-            (i, state)
-            for i, state in enumerate(map(self._states.get, sampling))
-            if state is not None and not state.request.status.is_finished
-        ]
-        if len(live) < len(sampling):
-            logits = logits[[i for i, _ in live]]
-        states = tuple(state for _, state in live)
+        states = tuple(map(self._states.get, sampling))  # an ended request's is released
+        if None in states:
+            logits = logits[[i for i, state in enumerate(states) if state is not None]]
+            states = tuple(state for state in states if state is not None)
         rows = tuple(self._sampling_row(state.request) for state in states)
         drawn = sample_on_device(logits[: len(states)], rows)
         for state in states:
             state.request.num_placeholders += 1
-        return SampledRows(states, rows, drawn)
+        return SampledRows(states, rows, drawn, self._releases)
 
     def accept(self, sampled: SampledRows, token_ids: list[int]) -> ForwardOutputs:
         """The host has read ``sampled``'s tokens (``token_ids``, in its row order): each
@@ -152,8 +153,9 @@ class OutputProcessor:
         aborted meanwhile gets nothing."""
         logprobs = collect_logprobs(sampled.drawn, token_ids, sampled.rows)
         now, touched, finished = time.monotonic(), [], []
+        aborted = self._releases != sampled.releases  # else no row's request ended meanwhile
         for state, token, its_logprobs in zip(sampled.states, token_ids, logprobs, strict=True):
-            if state.request.status.is_finished:
+            if aborted and state.request.status.is_finished:
                 continue
             touched.append(state.request)
             status = self._append(state, token, its_logprobs, now)

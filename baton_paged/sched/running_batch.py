@@ -45,6 +45,9 @@ class RunningBatch:
     def __getitem__(self, request_id: str) -> Request:
         return self._requests[request_id]
 
+    def get(self, request_id: str) -> Request | None:
+        return self._requests.get(request_id)
+
     @property
     def requests(self) -> list[Request]:
         """Running requests in admission order (the oldest first)."""

@@ -124,9 +124,9 @@ class Scheduler:
             release_source(swap, self.batch.pool, self.batch.host_pool)
         for forward in plan.forwards[:forwards_run]:
             for row in forward.rows:
-                if row.request_id not in self.batch:
+                request = self.batch.get(row.request_id)
+                if request is None:
                     continue
-                request = self.batch[row.request_id]
                 request.num_computed_tokens = row.end
                 if self.prefix_caching is not None:
                     pages = self.batch.pages(row.request_id)
@@ -136,9 +136,8 @@ class Scheduler:
         """End the requests that finished on a token just read, wherever they are now (a
         request preempted while its token was in flight is waiting)."""
         for request_id, status in finished:
-            if request_id in self.batch:
-                self._finish(self.batch[request_id], status)
-            elif (request := self.waiting.get(request_id)) is not None:
+            request = self.batch.get(request_id) or self.waiting.get(request_id)
+            if request is not None:
                 self._finish(request, status)
         return self._sizes()
 
