@@ -17,6 +17,7 @@ _EXPORTS = {
     "LLM": "baton_paged.entrypoints.llm",
     "SamplingParams": "baton_paged.sampling_params",
     "RequestOutputKind": "baton_paged.sampling_params",
+    "StructuredOutputsParams": "baton_paged.structured_outputs",
     "EngineConfig": "baton_paged.config",
     "Engine": "baton_paged.engine",
     "RequestOutput": "baton_paged.outputs",

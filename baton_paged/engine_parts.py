@@ -26,6 +26,7 @@ from baton_paged.config import EngineConfig
 from baton_paged.model.decode_graphs import DecodeGraphs, Forward, graph_mode
 from baton_paged.model.loading import choose_attention, choose_executor, eos_token_ids
 from baton_paged.model.runner import ModelRunner, model_forward
+from baton_paged.processing.grammars import GrammarCompiler
 from baton_paged.processing.input_processor import InputProcessor
 from baton_paged.processing.output_processor import OutputProcessor
 from baton_paged.sched.device_memory import MemoryReader, beyond_baseline, device_memory_reader
@@ -72,6 +73,7 @@ def build_parts(
     forward = model_forward(model, executor)
     graphs = _capture_graphs(forward, cache, backend, config, max_model_len, mode)
     generator = torch.Generator(config.device).manual_seed(config.seed)
+    vocab_size = model.config.vocab_size  # the logits' width, which grammar masks cover
     return EngineParts(
         cache=cache,
         host=host,
@@ -87,8 +89,9 @@ def build_parts(
             cache.num_pages,
             config.device,
             config.max_logprobs,
+            GrammarCompiler(tokenizer, vocab_size),
         ),
-        outputs=OutputProcessor(tokenizer, max_model_len, generator),
+        outputs=OutputProcessor(tokenizer, max_model_len, generator, vocab_size),
         model_impl="native" if executor is not None else "transformers",
     )
 

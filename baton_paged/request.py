@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -78,6 +79,9 @@ class Request:
     num_preemptions: int = 0
     page_keys: list[bytes] = field(default_factory=list)
     """Prefix-cache keys of its full pages so far (``sched/prefix_caching.py``)."""
+    grammar: Any = None
+    """The matcher of ``params.structured_outputs`` in its start state, compiled when the request
+    was prepared (``processing/grammars.py``); the output side advances a copy of it."""
     num_placeholders: int = 0
     """Tokens sampled on the device whose ids the host has not read yet (0 or 1)."""
 

@@ -16,6 +16,10 @@ from enum import IntEnum
 from numbers import Real
 from typing import Any
 
+from baton_paged.structured_outputs import StructuredOutputsParams
+
+__all__ = ["FieldError", "RequestOutputKind", "SamplingParams", "StructuredOutputsParams"]
+
 GREEDY_TEMPERATURE = 1e-5
 """Below this temperature sampling is greedy (argmax), as in vLLM: dividing by ~0 only overflows."""
 
@@ -96,6 +100,9 @@ class SamplingParams:
     ``prompt_logprobs`` most likely tokens at that position; None returns none."""
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     """When the request reports an output: see ``RequestOutputKind``."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """The grammar every sampled token must follow (a JSON schema, regex, choice or grammar);
+    None leaves the output free."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _normalise_stop(self.stop))
@@ -116,6 +123,10 @@ class SamplingParams:
         _check_range("min_p", self.min_p, 0.0, 1.0)
         object.__setattr__(self, "logit_bias", _normalise_logit_bias(self.logit_bias))
         object.__setattr__(self, "output_kind", _check_output_kind(self.output_kind))
+        spec = self.structured_outputs
+        if spec is not None and not isinstance(spec, StructuredOutputsParams):
+            message = f"structured_outputs must be StructuredOutputsParams, got {spec!r}"
+            raise FieldError(message, "structured_outputs")
 
     @property
     def is_greedy(self) -> bool:

@@ -24,7 +24,7 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .gpu-wheels \
 #     xformers==0.0.35 fastapi starlette uvicorn pydantic pydantic_core annotated-types \
 #     typing-inspection typing_extensions opentelemetry-api anyio sniffio openai jiter distro \
-#     httpx2 httpcore2 idna truststore
+#     httpx2 httpcore2 idna truststore llguidance
 #
 # FlashAttention-4 (part fa4: flash_attn.cute, which reads our 16-token pages in place on SM90+).
 # Its CuTe DSL library wheel is 92 MB, over one call's 64 MiB, so it travels in two halves over

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from baton_paged.allocator import pages_needed
+from baton_paged.processing.grammars import GrammarCompiler
 from baton_paged.processing.prompt_encoding import encode, untruncated
 from baton_paged.request import Request
 from baton_paged.sampling_params import FieldError, SamplingParams
@@ -32,6 +33,7 @@ class InputProcessor:
         num_pages: int,
         device: str,
         max_logprobs: int,
+        grammars: GrammarCompiler,
     ):
         self.tokenizer = untruncated(tokenizer)  # before any thread encodes with it
         self.eos_token_ids = eos_token_ids
@@ -42,6 +44,8 @@ class InputProcessor:
         self.device = device
         self.max_logprobs = max_logprobs
         """Most log-probabilities per token a request may ask for (EngineConfig.max_logprobs)."""
+        self.grammars = grammars
+        """Compiles structured-output specs: here, on the caller's thread, never in a step."""
         self._ids = itertools.count()
 
     def prepare(
@@ -62,6 +66,7 @@ class InputProcessor:
         self._check_logprobs(params)
         text, ids = self._tokenize(prompt)
         seed = params.seed
+        grammar = self._grammar(params)
         return Request(
             request_id=request_id,
             prompt_token_ids=ids,
@@ -71,7 +76,18 @@ class InputProcessor:
             priority=priority,
             prompt=text,
             generator=None if seed is None else torch.Generator(self.device).manual_seed(seed),
+            grammar=grammar,
         )
+
+    def _grammar(self, params: SamplingParams) -> Any:
+        """The request's grammar matcher (None without structured outputs); a spec that cannot
+        compile is refused here, naming its field."""
+        if params.structured_outputs is None:
+            return None
+        try:
+            return self.grammars.matcher(params.structured_outputs)
+        except ValueError as error:
+            raise FieldError(str(error), "structured_outputs") from error
 
     def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):

@@ -39,6 +39,7 @@ from baton_paged.model.sampler import (
 )
 from baton_paged.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from baton_paged.processing.detokenizer import IncrementalDetokenizer, find_stop
+from baton_paged.processing.grammar_masks import GrammarMasks
 from baton_paged.processing.token_text import text_decoder
 from baton_paged.request import Request, RequestStatus
 from baton_paged.sched.plan import ForwardBatch
@@ -74,6 +75,9 @@ class _TextState:
     """The detokenizer's held-back text is in ``text`` (the request finished)."""
     stop_holdback: int = 0
     """Characters an unfinished snapshot holds back: a stop string's start could be there."""
+    matcher: Any = None
+    """The request's grammar matcher, advanced by every token it accepts (structured outputs):
+    a preempted request keeps it, as it keeps its tokens."""
 
 
 class SampledRows(NamedTuple):
@@ -88,9 +92,13 @@ class SampledRows(NamedTuple):
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Any, max_model_len: int, generator: torch.Generator):
-        """``generator`` draws the samples of requests without a seed of their own."""
+    def __init__(
+        self, tokenizer: Any, max_model_len: int, generator: torch.Generator, vocab_size: int
+    ):
+        """``generator`` draws the samples of requests without a seed of their own;
+        ``vocab_size``: the logits' width, which grammar masks cover."""
         self.tokenizer = tokenizer
+        self.masks = GrammarMasks(vocab_size)
         self._decode_ids = text_decoder(tokenizer)
         self.max_model_len = max_model_len
         self.generator = generator
@@ -112,6 +120,7 @@ class OutputProcessor:
             cumulative_logprob=0.0 if wants_logprobs else None,
             prompt_logprobs=None if params.prompt_logprobs is None else [None],
             stop_holdback=_stop_holdback(params),
+            matcher=None if request.grammar is None else request.grammar.deep_copy(),
         )
 
     def release(self, request_id: str) -> None:
@@ -142,7 +151,11 @@ class OutputProcessor:
             logits = logits[[i for i, state in enumerate(states) if state is not None]]
             states = tuple(state for state in states if state is not None)
         rows = tuple(self._sampling_row(state.request) for state in states)
-        drawn = sample_on_device(logits[: len(states)], rows)
+        logits = logits[: len(states)]
+        self.masks.apply(
+            logits, [(i, s.matcher) for i, s in enumerate(states) if s.matcher is not None]
+        )
+        drawn = sample_on_device(logits, rows)
         for state in states:
             state.request.num_placeholders += 1
         return SampledRows(states, rows, drawn, self._releases)
@@ -184,6 +197,8 @@ class OutputProcessor:
         if logprobs is not None:
             state.logprobs.append(self._decoded(logprobs))
             state.cumulative_logprob += logprobs[token].logprob
+        if state.matcher is not None:
+            state.matcher.consume_token(token)
         new_text = state.detokenizer.add(token)
         state.text += new_text
         status = self._check_stop(request, state, token, len(new_text))
@@ -240,6 +255,8 @@ class OutputProcessor:
             ]
             request.stop_reason = stop
             return RequestStatus.FINISHED_STOPPED
+        if state.matcher is not None and state.matcher.is_stopped():
+            return RequestStatus.FINISHED_STOPPED  # the grammar is complete
         if len(request.output_token_ids) >= request.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         if request.num_tokens >= self.max_model_len:
