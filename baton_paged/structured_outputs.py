@@ -33,7 +33,8 @@ class StructuredOutputsParams:
     disable_any_whitespace: bool = False
     """JSON without whitespace between tokens (vLLM's name)."""
     whitespace_pattern: str | None = None
-    """A regex for the whitespace allowed between JSON tokens, instead of any."""
+    """A regex for the whitespace allowed between JSON tokens (default: up to 32 whitespace
+    characters, ``processing/grammars.py``)."""
 
     def __post_init__(self) -> None:
         set_ = [kind for kind in KINDS if getattr(self, kind) not in (None, False)]

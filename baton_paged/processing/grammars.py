@@ -100,12 +100,19 @@ def grammar_source(spec: StructuredOutputsParams) -> tuple[str, str]:
         raise ValueError(f"structured_outputs.{field}: {_first_line(str(error))}") from error
 
 
+JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,32}"
+"""Whitespace allowed between two JSON tokens unless the spec says otherwise: enough for
+pretty-printed JSON nested a dozen levels deep, but bounded, so that a model cannot loop on
+whitespace until ``max_tokens`` (a small model under a schema does; llama.cpp's JSON grammars bound
+it too). vLLM allows any run."""
+
+
 def _whitespace(spec: StructuredOutputsParams) -> dict:
     """The JSON compiler's whitespace options (vLLM's ``whitespace_pattern`` and
-    ``disable_any_whitespace``)."""
-    if spec.whitespace_pattern is not None:
-        return {"whitespace_pattern": spec.whitespace_pattern}
-    return {"whitespace_flexible": False} if spec.disable_any_whitespace else {}
+    ``disable_any_whitespace``, else ``JSON_WHITESPACE``)."""
+    if spec.disable_any_whitespace:
+        return {"whitespace_flexible": False}
+    return {"whitespace_pattern": spec.whitespace_pattern or JSON_WHITESPACE}
 
 
 def _first_line(message: str) -> str:

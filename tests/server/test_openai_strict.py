@@ -43,6 +43,8 @@ def assert_refused(reply: httpx.Response, server, status: int, *words: str, para
         ("chat/completions", {"messages": USER_HI, "tools": [{"type": "function"}]}, "tools"),
         ("chat/completions", {"messages": USER_HI, "tool_choice": "auto"}, "tool_choice"),
         ("chat/completions", {"messages": USER_HI, "response_format": {"type": "json"}}, "resp"),
+        ("completions", {"prompt": "x", "guided_json": {"type": "object"}}, "guided_json"),
+        ("chat/completions", {"messages": USER_HI, "guided_choice": ["a"]}, "guided_choice"),
         ("chat/completions", {"messages": USER_HI, "functions": [{"name": "f"}]}, "functions"),
         ("chat/completions", {"messages": [{"role": "user", "content": "a", "n": 1}]}, "n"),
     ],
@@ -56,6 +58,7 @@ def test_unknown_and_unsupported_fields_are_400_naming_them(server, route, extra
 def test_fields_clients_send_at_their_defaults_are_accepted(server, client):
     harmless = {"user": "u-1", "suffix": None, "logprobs": False, "tools": [], "store": False}
     harmless |= {"response_format": {"type": "text"}, "tool_choice": "none", "echo": False}
+    harmless |= {"structured_outputs": None}
     reply = client.chat.completions.create(
         model=MODEL, messages=USER_HI, max_tokens=3, temperature=0, extra_body=harmless
     )

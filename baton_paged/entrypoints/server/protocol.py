@@ -10,14 +10,17 @@ Implemented, with OpenAI's names: ``model``, ``prompt`` (one text or one list of
 tokens; chat: ``logprobs`` + ``top_logprobs``), ``echo`` (completions), ``best_of``
 (completions). vLLM's extensions: ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
 ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``,
-``priority``. A null value means the engine's default, as if the field were absent.
+``priority``. A null value means the engine's default, as if the field were absent. The reply's
+shape: OpenAI's ``response_format`` (text, json_object, json_schema) and vLLM's
+``structured_outputs``, on both routes (``structured.py``; vLLM's removed ``guided_*`` fields are a
+400 naming their replacement).
 
 Accepted at a harmless value only (OpenAI SDKs and frameworks send some of these with their
 defaults); any other value is a 400 naming the field (see ``HARMLESS``):
 ``user`` (any string: OpenAI's end-user id for abuse monitoring; it changes no output),
 ``suffix`` (null or ""), and for chat ``tools``/``functions`` (null or []), ``tool_choice``/
 ``function_call`` (null or "none"), ``parallel_tool_calls`` (any: no tools, no calls),
-``response_format`` (null or ``{"type": "text"}``), ``modalities`` (null or ["text"]),
+``modalities`` (null or ["text"]),
 ``audio``/``prediction``/``reasoning_effort``/``metadata``/``web_search_options`` (null),
 ``store`` (null or false), ``service_tier`` (null, "auto" or "default"), ``best_of`` (null or
 1), ``echo`` (null or false).
@@ -37,6 +40,12 @@ from pydantic_core import PydanticCustomError
 
 from baton_paged.entrypoints.server.chat import ChatMessage
 from baton_paged.entrypoints.server.fields import RequestModel, Text
+from baton_paged.entrypoints.server.structured import (
+    ResponseFormat,
+    StructuredOutputsField,
+    refuse_removed_fields,
+    structured_spec,
+)
 from baton_paged.sampling_params import RequestOutputKind, SamplingParams
 
 TokenId = Annotated[int, Field(ge=0)]
@@ -114,6 +123,12 @@ class SamplingFields(RequestModel):
     stream_options: StreamOptions | None = None
     user: Text | None = Field(default=None, description="Accepted; it changes no output.")
     priority: int = Field(default=0, description="Lower is served first; may preempt.")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="text, json_object or json_schema: the reply's shape."
+    )
+    structured_outputs: StructuredOutputsField | None = Field(
+        default=None, description="vLLM: json, regex, choice, grammar or json_object."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -121,6 +136,7 @@ class SamplingFields(RequestModel):
         """Drop the ``HARMLESS`` fields sent at a harmless value; refuse them at any other."""
         if not isinstance(data, dict):
             return data
+        refuse_removed_fields(data)
         data = dict(data)
         for name, harmless in cls.HARMLESS.items():
             if name in data and not _one_of(data.pop(name), harmless):
@@ -138,6 +154,9 @@ class SamplingFields(RequestModel):
         out or sent as null keep SamplingParams' defaults."""
         sent = self.model_dump(include=set(self.PASSED_THROUGH), exclude_none=True)
         sent.update(self.extra_params())
+        spec = structured_spec(self.response_format, self.structured_outputs)
+        if spec is not None:
+            sent["structured_outputs"] = spec
         limit = self.token_limit()
         # a stream reads an output every step; a plain reply only the last, so only that is built
         kind = RequestOutputKind.CUMULATIVE if self.stream else RequestOutputKind.FINAL_ONLY
@@ -234,7 +253,6 @@ class ChatCompletionRequest(SamplingFields):
         "tool_choice": (None, "none"),
         "function_call": (None, "none"),
         "parallel_tool_calls": (None, True, False),
-        "response_format": (None, {"type": "text"}),
         "modalities": (None, ["text"]),
         "audio": (None,),
         "prediction": (None,),
