@@ -21,7 +21,8 @@ KINDS = ("json", "regex", "choice", "grammar", "json_object")
 class StructuredOutputsParams:
     json: Any = None
     """A JSON schema (a dict or its JSON text): the output is a JSON value valid against it.
-    Kept as canonical JSON text, so the params stay hashable."""
+    Kept as JSON text (keys in the order given: properties come out in it), so the params stay
+    hashable."""
     regex: str | None = None
     """A regular expression (Rust ``regex`` syntax) the whole output matches."""
     choice: Any = None
@@ -64,10 +65,7 @@ class StructuredOutputsParams:
     def cache_key(self) -> str:
         """Equal for specs that compile to the same grammar."""
         value = getattr(self, self.kind)
-        return json.dumps(
-            [self.kind, value, self.disable_any_whitespace, self.whitespace_pattern],
-            sort_keys=True,
-        )
+        return json.dumps([self.kind, value, self.disable_any_whitespace, self.whitespace_pattern])
 
 
 def _canonical_schema(schema: Any) -> str:
@@ -79,7 +77,7 @@ def _canonical_schema(schema: Any) -> str:
     if not isinstance(schema, (dict, bool)):
         kind = type(schema).__name__
         raise ValueError(f"structured_outputs.json must be a JSON schema (an object), got {kind}")
-    return json.dumps(schema, sort_keys=True)
+    return json.dumps(schema)  # key order kept: a schema's property order is its output's
 
 
 def _choices(choice: Any) -> tuple[str, ...]:

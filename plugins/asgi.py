@@ -40,17 +40,19 @@ def baton_app(
     api_key: str | None = None,
     max_waiting: int = 1024,
     limits: ServerLimits | None = None,
+    tool_parser: str | None = None,
     **options,
 ) -> FastAPI:
     """The routes of ``baton-paged serve`` (``/v1/completions``, ``/v1/chat/completions``,
     ``/v1/models``, ``/health``, ``/metrics``) for a checkpoint or an already-loaded
-    transformers model, under ``limits`` (``ServerLimits``). ``options`` are ``EngineConfig``
-    fields."""
+    transformers model, under ``limits`` (``ServerLimits``), reading tool_choice "auto" replies
+    with ``tool_parser`` (``build_app``). ``options`` are ``EngineConfig`` fields."""
     engine = AsyncEngine.build(
         model, hf_model=hf_model, tokenizer=tokenizer, max_waiting=max_waiting, **options
     )
     source = model or getattr(hf_model, "name_or_path", None)
-    app = build_app(engine, served_model_id(source, served_model_name), api_key, limits)
+    name = served_model_id(source, served_model_name)
+    app = build_app(engine, name, api_key, limits, tool_parser)
     app.router.lifespan_context = _closing(engine, app.router.lifespan_context)
     return app
 

@@ -45,14 +45,16 @@ class BatonReplica:
         api_key: str | None,
         waiting: int,
         limits: ServerLimits | None = None,
+        tool_parser: str | None = None,
     ):
         self.engine = AsyncEngine(Engine.build(**engine_options), max_waiting=waiting)
         self.model_name = model_name
         self.api_key = api_key
         self.limits = limits
+        self.tool_parser = tool_parser
 
     def __serve_build_asgi_app__(self):
-        app = build_app(self.engine, self.model_name, self.api_key, self.limits)
+        app = build_app(self.engine, self.model_name, self.api_key, self.limits, self.tool_parser)
         replica = serve.get_replica_context().replica_tag
 
         @app.middleware("http")
@@ -85,10 +87,12 @@ def baton_application(
     max_ongoing_requests: int | None = None,
     ray_actor_options: dict | None = None,
     limits: ServerLimits | None = None,
+    tool_parser: str | None = None,
 ) -> Application:
     """The Serve application: ``replicas`` engines built from ``engine_options`` (``EngineConfig``
     fields), or Serve autoscaling (``autoscaling``: an ``AutoscalingConfig`` dict) when given.
-    A replica takes one GPU when the engine runs on CUDA, else one CPU."""
+    A replica takes one GPU when the engine runs on CUDA, else one CPU. ``tool_parser``: how
+    tool_choice "auto" replies are read (``build_app``)."""
     if autoscaling is None and (replicas is None or replicas < 1):
         raise ValueError(f"replicas must be a positive int, got {replicas!r}")
     device = str(engine_options.get("device", "cpu"))
@@ -104,7 +108,7 @@ def baton_application(
         health_check_period_s=10,
     )
     name = served_model_id(engine_options.get("model"), served_model_name)
-    return deployment.bind(engine_options, name, api_key, max_waiting, limits)
+    return deployment.bind(engine_options, name, api_key, max_waiting, limits, tool_parser)
 
 
 def default_actor_options(device: str) -> dict:

@@ -56,3 +56,36 @@ def test_prompts_encode_as_the_tokenizer_encodes_them(smollm2_dir):
         for special in (True, False):
             expected = tokenizer.encode(text, add_special_tokens=special)
             assert encode(tokenizer, text, special) == expected
+
+
+def test_default_model_answers_in_json_valid_against_a_schema(smollm2_dir):
+    """Structured outputs on the real model: a chat question answered as a JSON record that
+    validates against its schema, greedy and sampled."""
+    import json
+
+    import jsonschema
+
+    from baton_paged import StructuredOutputsParams
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "country": {"type": "string", "maxLength": 40},
+            "capital": {"type": "string", "maxLength": 40},
+            "population_millions": {"type": "number", "minimum": 0},
+        },
+        "required": ["country", "capital", "population_millions"],
+        "additionalProperties": False,
+    }
+    question = [{"role": "user", "content": "Give France's capital and population as JSON."}]
+    spec = StructuredOutputsParams(json=schema)
+    with LLM(str(smollm2_dir), max_model_len=512) as llm:
+        outputs = llm.chat(
+            [question, question],
+            [SamplingParams(temperature=0, max_tokens=120, structured_outputs=spec),
+             SamplingParams(temperature=0.8, seed=1, max_tokens=120, structured_outputs=spec)],
+        )  # fmt: skip
+    for output in outputs:
+        answer = output.outputs[0]
+        assert answer.finish_reason == "stop", answer.text
+        jsonschema.validate(json.loads(answer.text), schema)

@@ -6,6 +6,8 @@ import dataclasses
 
 import click
 
+from baton_paged.processing.tool_calls import PARSERS
+
 ARCH_CHOICES = ("llama", "qwen2", "gpt2")
 SIZE_CHOICES = ("tiny", "small", "smollm2", "llama1b")
 
@@ -177,6 +179,19 @@ API_KEY_ENV = "BATON_PAGED_API_KEY"
     "stops at once).",
 )
 @click.option(
+    "--enable-auto-tool-choice",
+    is_flag=True,
+    help='Let requests use tool_choice "auto" (the default with tools): the model decides '
+    "whether to call, and --tool-call-parser reads its calls (vLLM's flags).",
+)
+@click.option(
+    "--tool-call-parser",
+    type=click.Choice(sorted(PARSERS)),
+    default=None,
+    help="How the model writes tool calls: hermes (<tool_call>{json}</tool_call>: Hermes, "
+    "Qwen2.5, SmolLM2) or llama3_json (Llama 3.1+).",
+)
+@click.option(
     "--replicas",
     type=click.IntRange(min=1),
     default=None,
@@ -184,14 +199,25 @@ API_KEY_ENV = "BATON_PAGED_API_KEY"
     "instance, or the cluster this machine joined with `ray start`.",
 )
 def serve(
-    host, port, api_key, served_model_name, max_waiting, drain_timeout, replicas, **options
+    host,
+    port,
+    api_key,
+    served_model_name,
+    max_waiting,
+    drain_timeout,
+    enable_auto_tool_choice,
+    tool_call_parser,
+    replicas,
+    **options,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
     /v1/models, /health), streaming included."""
     check_api_key(api_key)
     limits = server_limits(options)
+    tool_parser = auto_tool_parser(enable_auto_tool_choice, tool_call_parser)
     if replicas is not None:
         ray_options = {"api_key": api_key, "max_waiting": max_waiting, "limits": limits}
+        ray_options["tool_parser"] = tool_parser
         serve_on_ray(host, port, replicas, served_model_name, options, **ray_options)
         return
     import uvicorn
@@ -203,11 +229,21 @@ def serve(
 
     engine = AsyncEngine(build_engine(options), max_waiting=max_waiting, own_thread=False)
     name = served_model_id(options["model"], served_model_name)
-    app = build_app(engine, name, api_key, limits)
+    app = build_app(engine, name, api_key, limits, tool_parser)
     server = uvicorn.Server(serving_config(app, host, port, limits, drain_timeout))
     run_engine_on_main_thread(engine, server, drain_timeout)
     if not server.started:
         raise SystemExit(1)  # uvicorn has logged why (a port in use, say)
+
+
+def auto_tool_parser(enabled: bool, parser: str | None) -> str | None:
+    """The parser of tool_choice "auto" replies, or None when "auto" is off; one flag without
+    the other is an error, as in vLLM."""
+    if enabled and parser is None:
+        raise click.UsageError("--enable-auto-tool-choice needs --tool-call-parser")
+    if parser is not None and not enabled:
+        raise click.UsageError("--tool-call-parser takes effect with --enable-auto-tool-choice")
+    return parser
 
 
 def check_api_key(api_key: str | None) -> None:
@@ -236,7 +272,7 @@ def server_limits(options: dict):
 
 
 def serve_on_ray(
-    host, port, replicas, served_model_name, options, *, api_key, max_waiting, limits
+    host, port, replicas, served_model_name, options, *, api_key, max_waiting, limits, tool_parser
 ) -> None:
     """The same routes from ``replicas`` engines behind Ray Serve's proxy, until Ctrl-C."""
     from baton_paged.config import EngineConfig
@@ -265,6 +301,7 @@ def serve_on_ray(
         max_waiting=max_waiting,
         replicas=replicas,
         limits=limits,
+        tool_parser=tool_parser,
     )
     try:
         serve.run(app, name="baton-paged", route_prefix="/", blocking=True)

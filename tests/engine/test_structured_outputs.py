@@ -14,6 +14,7 @@ import re
 
 import jsonschema
 import pytest
+import torch
 
 from baton_paged.sampling_params import FieldError, SamplingParams
 from baton_paged.structured_outputs import StructuredOutputsParams
@@ -201,3 +202,24 @@ def test_compiled_specs_are_cached_and_each_request_gets_its_own_matcher(make_en
     assert (
         not again.is_error() and again.validate_tokens(grammars.tokenizer().tokenize_str("{")) == 1
     )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_masks_refuse_exactly_what_each_matcher_refuses(make_engine, dtype):
+    """Rows 0 and 2 of four under grammars at different states: -inf exactly where llguidance's
+    own per-token mask says no, every other logit unchanged to the bit."""
+    engine = make_engine()
+    grammars, masks = engine.inputs.grammars, engine.outputs.masks
+    brace = grammars.tokenizer().tokenize_str('{"name":"ab')
+    fresh, midway = grammars.matcher(spec("json")), grammars.matcher(spec("json"))
+    assert midway.consume_tokens(brace)
+    logits = torch.randn(4, masks.vocab_size, generator=torch.Generator().manual_seed(0))
+    logits = logits.to(dtype)
+    masked = logits.clone()
+    masks.apply(masked, [(0, fresh), (2, midway)])
+    for row, matcher in ((0, fresh), (2, midway)):
+        allowed = torch.frombuffer(bytearray(matcher.compute_logit_bias()), dtype=torch.uint8) > 0
+        allowed = allowed[: masks.vocab_size]
+        assert torch.equal(masked[row][allowed], logits[row][allowed])
+        assert torch.isneginf(masked[row][~allowed]).all() and 0 < allowed.sum() < len(allowed)
+    assert torch.equal(masked[[1, 3]], logits[[1, 3]])

@@ -40,10 +40,10 @@ LIMITS = ServerLimits(max_best_of=4)
 
 
 @contextmanager
-def serving(path, make_engine=tiny_engine) -> Iterator[SimpleNamespace]:
+def serving(path, make_engine=tiny_engine, tool_parser=None) -> Iterator[SimpleNamespace]:
     """A real uvicorn serving ``make_engine(path)``, and a second such engine offline."""
     engine = AsyncEngine(make_engine(path), max_waiting=256)
-    app = build_app(engine, MODEL, KEY, LIMITS)
+    app = build_app(engine, MODEL, KEY, LIMITS, tool_parser)
     uv = uvicorn.Server(uvicorn.Config(app, port=0, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()

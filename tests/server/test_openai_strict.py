@@ -127,7 +127,7 @@ def test_chat_content_parts_are_joined_with_newlines(server, client):
         ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "image"),
         ({"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}, "audio"),
         ({"role": "user", "content": None}, "needs content"),
-        ({"role": "assistant", "content": None, "tool_calls": []}, "tool_calls"),
+        ({"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]}, "tool_calls"),
     ],
 )
 def test_non_text_content_is_refused_saying_so(server, message, words):

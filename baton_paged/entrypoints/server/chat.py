@@ -3,8 +3,9 @@
 A message's ``content`` is a string or a list of parts, the form the OpenAI SDK, LangChain and
 vLLM send. Text parts are joined with a newline, as vLLM joins them; any other part (images,
 audio, files) is a 400 saying so, since the served models read text only. ``content`` may be
-null only for an assistant message (OpenAI allows it beside ``tool_calls``, which this server
-refuses as it serves no tools): it renders as an empty turn.
+null only for an assistant message (OpenAI allows it beside ``tool_calls``): it renders as an
+empty turn. An assistant message may carry ``tool_calls``, a ``tool`` message the
+``tool_call_id`` it answers, and any message a ``name`` (``server/tools.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from baton_paged.entrypoints.server.fields import RequestModel, Text
+from baton_paged.entrypoints.server.tools import ToolCallIn
 
 
 class TextPart(RequestModel):
@@ -24,8 +26,15 @@ class TextPart(RequestModel):
 class ChatMessage(RequestModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: Text | list[TextPart] | None = Field(
-        description="Text, or a list of text parts (joined with newlines); null for assistant."
+        default=None,
+        description="Text, or a list of text parts (joined with newlines); null or absent only "
+        "for assistant.",
     )
+    tool_calls: list[ToolCallIn] | None = Field(
+        default=None, description="An assistant message's calls."
+    )
+    tool_call_id: Text | None = Field(default=None, description="The call a tool message answers.")
+    name: Text | None = Field(default=None, description="The participant's name.")
 
     @field_validator("content", mode="before")
     @classmethod

@@ -13,14 +13,14 @@ tokens; chat: ``logprobs`` + ``top_logprobs``), ``echo`` (completions), ``best_o
 ``priority``. A null value means the engine's default, as if the field were absent. The reply's
 shape: OpenAI's ``response_format`` (text, json_object, json_schema) and vLLM's
 ``structured_outputs``, on both routes (``structured.py``; vLLM's removed ``guided_*`` fields are a
-400 naming their replacement).
+400 naming their replacement). Chat's ``tools``, ``tool_choice`` and ``parallel_tool_calls``:
+``tools.py``.
 
 Accepted at a harmless value only (OpenAI SDKs and frameworks send some of these with their
 defaults); any other value is a 400 naming the field (see ``HARMLESS``):
 ``user`` (any string: OpenAI's end-user id for abuse monitoring; it changes no output),
-``suffix`` (null or ""), and for chat ``tools``/``functions`` (null or []), ``tool_choice``/
-``function_call`` (null or "none"), ``parallel_tool_calls`` (any: no tools, no calls),
-``modalities`` (null or ["text"]),
+``suffix`` (null or ""), and for chat the deprecated ``functions`` (null or []) and
+``function_call`` (null or "none"), ``modalities`` (null or ["text"]),
 ``audio``/``prediction``/``reasoning_effort``/``metadata``/``web_search_options`` (null),
 ``store`` (null or false), ``service_tier`` (null, "auto" or "default"), ``best_of`` (null or
 1), ``echo`` (null or false).
@@ -46,7 +46,9 @@ from baton_paged.entrypoints.server.structured import (
     refuse_removed_fields,
     structured_spec,
 )
-from baton_paged.sampling_params import RequestOutputKind, SamplingParams
+from baton_paged.entrypoints.server.tools import Tool, ToolChoice
+from baton_paged.sampling_params import FieldError, RequestOutputKind, SamplingParams
+from baton_paged.structured_outputs import StructuredOutputsParams
 
 TokenId = Annotated[int, Field(ge=0)]
 NonEmptyText = Annotated[Text, Field(min_length=1)]
@@ -149,14 +151,18 @@ class SamplingFields(RequestModel):
                 )
         return data
 
-    def sampling_params(self) -> SamplingParams:
+    def sampling_params(self, calls: StructuredOutputsParams | None = None) -> SamplingParams:
         """Raises ValueError (a 400) for values SamplingParams refuses. Fields the client left
-        out or sent as null keep SamplingParams' defaults."""
+        out or sent as null keep SamplingParams' defaults. ``calls``: the grammar of a reply
+        that must call tools (then the body may not ask for another shape)."""
         sent = self.model_dump(include=set(self.PASSED_THROUGH), exclude_none=True)
         sent.update(self.extra_params())
         spec = structured_spec(self.response_format, self.structured_outputs)
-        if spec is not None:
-            sent["structured_outputs"] = spec
+        if calls is not None and spec is not None:
+            message = "a reply that must call a tool cannot also follow response_format"
+            raise FieldError(message + " or structured_outputs", "tool_choice")
+        if spec or calls:
+            sent["structured_outputs"] = spec or calls
         limit = self.token_limit()
         # a stream reads an output every step; a plain reply only the last, so only that is built
         kind = RequestOutputKind.CUMULATIVE if self.stream else RequestOutputKind.FINAL_ONLY
@@ -248,11 +254,8 @@ class CompletionRequest(SamplingFields):
 class ChatCompletionRequest(SamplingFields):
     HARMLESS: ClassVar[dict[str, tuple]] = {
         **SamplingFields.HARMLESS,
-        "tools": (None, []),
         "functions": (None, []),
-        "tool_choice": (None, "none"),
         "function_call": (None, "none"),
-        "parallel_tool_calls": (None, True, False),
         "modalities": (None, ["text"]),
         "audio": (None,),
         "prediction": (None,),
@@ -274,6 +277,13 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = Field(default=False, description="Return the chosen tokens' logprobs.")
     top_logprobs: int | None = Field(
         default=None, ge=0, description="With logprobs: also the N most likely tokens at each step."
+    )
+    tools: list[Tool] | None = Field(default=None, description="Functions the reply may call.")
+    tool_choice: ToolChoice | None = Field(
+        default=None, description="none, auto (the default with tools), required, or a function."
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, description="Whether a required reply may make several calls (default yes)."
     )
 
     @property

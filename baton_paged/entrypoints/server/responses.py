@@ -61,9 +61,27 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str
+    """JSON text."""
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
+class DeltaToolCall(ToolCall):
+    index: int
+    """Which call of the choice this is (a stream's calls arrive whole, one delta each)."""
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -87,6 +105,7 @@ class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     """Only in each choice's first chunk."""
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatChunkChoice(BaseModel):

@@ -50,10 +50,13 @@ from baton_paged.entrypoints.server.responses import (
 from baton_paged.entrypoints.server.shapes import ChatShape, CompletionShape
 from baton_paged.entrypoints.server.streaming import sse_events
 from baton_paged.entrypoints.server.tokenizing import Tokenizing
+from baton_paged.entrypoints.server.tools import template_turn, tool_use
 from baton_paged.outputs import RequestOutput
 from baton_paged.processing.chat_prompt import conversation_prompt
 from baton_paged.processing.input_processor import PromptInput
+from baton_paged.processing.tool_calls import PARSERS
 from baton_paged.request import Request as EngineRequest
+from baton_paged.structured_outputs import StructuredOutputsParams
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -64,13 +67,18 @@ def build_app(
     model_name: str,
     api_key: str | None = None,
     limits: ServerLimits | None = None,
+    tool_parser: str | None = None,
 ) -> FastAPI:
     """The app serving ``engine`` as ``model_name``; with ``api_key``, /v1 routes need it as a
-    Bearer token. ``limits``: what one request may ask (``ServerLimits``' defaults if None)."""
+    Bearer token. ``limits``: what one request may ask (``ServerLimits``' defaults if None).
+    ``tool_parser``: how replies under tool_choice "auto" are read (``PARSERS``' names; None
+    refuses "auto", as vLLM without --enable-auto-tool-choice)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: give a key, or none to serve without one")
+    if tool_parser is not None and tool_parser not in PARSERS:
+        raise ValueError(f"unknown tool call parser {tool_parser!r}; choose one of {list(PARSERS)}")
     limits = limits or ServerLimits()
-    server = Routes(engine, model_name, limits)
+    server = Routes(engine, model_name, limits, tool_parser)
     app = FastAPI(
         title="baton-paged",
         docs_url=None,
@@ -161,10 +169,18 @@ def bearer_check(api_key: str) -> Callable:
 
 
 class Routes:
-    def __init__(self, engine: AsyncEngine, model_name: str, limits: ServerLimits):
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        model_name: str,
+        limits: ServerLimits,
+        tool_parser: str | None = None,
+    ):
         self.engine = engine
         self.model_name = model_name
         self.limits = limits
+        self.tool_parser = tool_parser
+        """How replies under tool_choice "auto" are read (None: "auto" is refused)."""
         self.tokenizing = Tokenizing()
 
     async def health(self) -> Response:
@@ -184,19 +200,22 @@ class Routes:
         return await self.respond(body, prepared, shape, request)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
-        turns = [{"role": m.role, "content": m.text} for m in body.messages]
+        tools = tool_use(body.tools, body.tool_choice, body.parallel_tool_calls, self.tool_parser)
+        turns = [template_turn(m) for m in body.messages]
+        rendered = {"tools": list(tools.tools)} if tools.tools else {}
         tokenizer = self.engine.tokenizer
         prepared = await self.prepare(
             body,
-            lambda: conversation_prompt(tokenizer, turns),
+            lambda: conversation_prompt(tokenizer, turns, **rendered),
             body.prompt_size,
             "messages",
             request,
+            calls=tools.spec(),
         )
         if prepared is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         top_n = body.top_logprobs or 0
-        shape = ChatShape(self.model_name, body.choices, self.decode, top_n=top_n)
+        shape = ChatShape(self.model_name, body.choices, self.decode, top_n=top_n, tools=tools)
         return await self.respond(body, prepared, shape, request)
 
     async def prepare(
@@ -206,6 +225,7 @@ class Routes:
         size: int,
         what: str,
         request: Request,
+        calls: StructuredOutputsParams | None = None,
     ) -> EngineRequest | None:
         """The engine's request, checked and tokenized (else a 400, or 404 for another model,
         before anything is queued), or None if the client left meanwhile. ``render`` makes the
@@ -217,7 +237,7 @@ class Routes:
                 param="model",
             )
         check_sampling(body, self.limits, self.engine.inputs.max_logprobs)
-        params = body.sampling_params()
+        params = body.sampling_params(calls)
         inputs = self.engine.inputs
 
         def tokenize() -> EngineRequest:

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from baton_paged.entrypoints.server import responses as r
+from baton_paged.entrypoints.server.tools import ToolUse
 from baton_paged.outputs import CompletionOutput, Logprob, RequestOutput
 
 TokenLogprobs = tuple[dict[int, Logprob], ...]
@@ -95,7 +96,9 @@ class CompletionShape:
         pieces = [Piece(i, self.echo, None, None, None, 0) for i in range(self.n)]
         return [self.chunk(piece) for piece in pieces]
 
-    def chunk(self, piece: Piece):
+    def chunk(self, piece: Piece, done: CompletionOutput | None = None):
+        """A stream chunk for ``piece`` of the choice now at ``done``; None: nothing to send
+        yet."""
         return r.CompletionResponse(**self.head(), choices=[self.choice(piece)])
 
     def usage_chunk(self, output: RequestOutput):
@@ -103,21 +106,46 @@ class CompletionShape:
 
 
 class ChatShape(CompletionShape):
-    """``/v1/chat/completions`` bodies: ``chat.completion`` objects and their chunks."""
+    """``/v1/chat/completions`` bodies: ``chat.completion`` objects and their chunks. With tools
+    (``server/tools.py``) a reply's text is read into its content and calls (``finish_reason``
+    "tool_calls" when it made some and stopped); a stream then sends each choice whole, content
+    and calls in one chunk, when it ends, since a call is only known once its text is complete."""
 
     prefix = "chatcmpl"
+
+    def __init__(self, *args, tools: ToolUse | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tools = tools if tools is not None and tools.mode != "none" else None
 
     def whole(self, output: RequestOutput) -> r.ChatCompletionResponse:
         choices = [self.message(self.whole_piece(done)) for done in output.outputs]
         return r.ChatCompletionResponse(**self.head(), choices=choices, usage=usage_of(output))
 
     def message(self, piece: Piece) -> r.ChatChoice:
+        content, calls, finish_reason = self.read(piece.text, piece.finish_reason)
         return r.ChatChoice(
             index=piece.index,
-            message=r.AssistantMessage(content=piece.text),
+            message=r.AssistantMessage(content=content, tool_calls=calls or None),
             logprobs=self.chat_logprobs(piece.logprobs),
-            finish_reason=piece.finish_reason,
+            finish_reason=finish_reason,
             stop_reason=piece.stop_reason,
+        )
+
+    def read(
+        self, text: str, finish_reason: str | None
+    ) -> tuple[str | None, list[r.ToolCall], str | None]:
+        """The reply's content, its calls and its finish reason."""
+        if self.tools is None:
+            return text, [], finish_reason
+        content, calls = self.tools.read(text)
+        called = [
+            r.ToolCall(id=c.id, function=r.CalledFunction(name=c.name, arguments=c.arguments))
+            for c in calls
+        ]
+        return (
+            content,
+            called,
+            "tool_calls" if called and finish_reason == "stop" else finish_reason,
         )
 
     def chat_logprobs(self, steps: TokenLogprobs | None) -> r.ChatLogprobs | None:
@@ -146,12 +174,29 @@ class ChatShape(CompletionShape):
             for i in range(self.n)
         ]
 
-    def chunk(self, piece: Piece):
+    def chunk(self, piece: Piece, done: CompletionOutput | None = None):
+        if self.tools is not None:
+            return self.tool_chunk(piece, done)
         choice = r.ChatChunkChoice(
             index=piece.index,
             delta=r.Delta(content=piece.text or None),
             logprobs=self.chat_logprobs(piece.logprobs),
             finish_reason=piece.finish_reason,
+            stop_reason=piece.stop_reason,
+        )
+        return r.ChatCompletionChunk(**self.head(), choices=[choice])
+
+    def tool_chunk(self, piece: Piece, done: CompletionOutput):
+        """With tools: nothing until the choice ends, then its content and calls at once."""
+        if piece.finish_reason is None:
+            return None
+        content, calls, finish_reason = self.read(done.text, piece.finish_reason)
+        deltas = [r.DeltaToolCall(index=i, **call.model_dump()) for i, call in enumerate(calls)]
+        choice = r.ChatChunkChoice(
+            index=piece.index,
+            delta=r.Delta(content=content, tool_calls=deltas or None),
+            logprobs=self.chat_logprobs(done.logprobs),
+            finish_reason=finish_reason,
             stop_reason=piece.stop_reason,
         )
         return r.ChatCompletionChunk(**self.head(), choices=[choice])

@@ -55,8 +55,9 @@ async def sse_events(
             for done in output.outputs:
                 before = sent.get(done.index, Sent())
                 piece, sent[done.index] = next_piece(done, before, len(shape.echo))
-                if piece is not None:
-                    yield sse(shape.chunk(piece))
+                chunk = None if piece is None else shape.chunk(piece, done)
+                if chunk is not None:
+                    yield sse(chunk)
         if usage:
             yield sse(shape.usage_chunk(last))
     except Exception as error:  # the request failed mid-stream: say so in the stream
