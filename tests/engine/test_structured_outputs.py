@@ -223,3 +223,11 @@ def test_masks_refuse_exactly_what_each_matcher_refuses(make_engine, dtype):
         assert torch.equal(masked[row][allowed], logits[row][allowed])
         assert torch.isneginf(masked[row][~allowed]).all() and 0 < allowed.sum() < len(allowed)
     assert torch.equal(masked[[1, 3]], logits[[1, 3]])
+
+
+def test_the_thread_pool_fills_the_same_masks_as_one_after_another(make_engine):
+    engine = make_engine()
+    grammars, masks = engine.inputs.grammars, engine.outputs.masks
+    matchers = [grammars.matcher(spec(kind)) for kind in KINDS]
+    assert matchers[0].consume_tokens(grammars.tokenizer().tokenize_str('{"name":"x'))
+    assert torch.equal(masks._fill(matchers, parallel=True), masks._fill(matchers, parallel=False))
