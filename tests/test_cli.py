@@ -8,6 +8,8 @@ import sys
 import time
 
 import httpx
+import pytest
+import transformers
 from click.testing import CliRunner
 from transformers import AutoConfig
 
@@ -200,3 +202,55 @@ def test_serve_limits_are_flags_and_a_bad_one_is_a_usage_error():
         assert flag in result.output
     result = CliRunner().invoke(cli.main, ["serve", "--model", "random", "--max-body-bytes", "0"])
     assert result.exit_code == 2 and "max_body_bytes must be a positive number" in result.output
+
+
+def test_a_vllm_launch_line_with_only_the_command_changed_starts_the_server(
+    tiny_model_dir, tmp_path
+):
+    """``vllm serve MODEL --served-model-name a b --max-num-seqs ... --chat-template FILE``: the
+    positional model, several names (any accepted, the first in replies), vLLM's engine flags,
+    and a template file the chat route renders with."""
+    template = tmp_path / "plain.jinja"
+    template.write_text("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}>")
+    port = free_port()
+    vllm_line = [
+        str(tiny_model_dir("llama")), "--served-model-name", "first", "second",
+        "--max-num-seqs", "4", "--block-size", "16", "--swap-space", "1",
+        "--tensor-parallel-size", "1", "--gpu-memory-utilization", "0.9", "--disable-log-requests",
+        "--disable-log-stats", "--uvicorn-log-level", "warning", "--chat-template", str(template),
+        "--max-model-len", "128", "--port", str(port), "--dtype", "float32",
+    ]  # fmt: skip
+    command = [sys.executable, "-c", "from baton_paged.entrypoints.cli import main; main()"]
+    server = subprocess.Popen(
+        [*command, "serve", *vllm_line], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    try:
+        wait_healthy(server, port)
+        url = f"http://127.0.0.1:{port}/v1"
+        assert [m["id"] for m in httpx.get(f"{url}/models").json()["data"]] == ["first", "second"]
+        body = {"model": "second", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        reply = httpx.post(f"{url}/chat/completions", json=body, timeout=30).json()
+        assert reply["model"] == "first"
+        rendered = "[user] hi\n>"  # the template file's rendering, tokenized
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
+        assert reply["usage"]["prompt_tokens"] == len(tokenizer(rendered).input_ids)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["MODEL", "--model", "other"], "disagree"),
+        (["a", "b"], "unexpected arguments"),
+        (["--tensor-parallel-size", "2"], "tensor_parallel_size=2 is not supported"),
+        (["--quantization", "awq"], "quantization='awq' is not supported"),
+        (["--trust-remote-code"], "trust_remote_code=True is not supported"),
+        (["--page-size", "16", "--block-size", "32"], "disagree"),
+        (["M", "--served-model-name", "a", "b", "--replicas", "2"], "--replicas serves one"),
+    ],
+)
+def test_vllm_flags_that_cannot_work_are_usage_errors(args, words):
+    result = CliRunner().invoke(cli.main, ["serve", *args])
+    assert result.exit_code == 2 and words in result.output, result.output

@@ -6,6 +6,7 @@ import dataclasses
 
 import click
 
+from baton_paged.entrypoints.vllm_flags import take_vllm_flags, vllm_serve_options
 from baton_paged.processing.tool_calls import PARSERS
 
 ARCH_CHOICES = ("llama", "qwen2", "gpt2")
@@ -159,9 +160,10 @@ API_KEY_ENV = "BATON_PAGED_API_KEY"
 )
 @click.option(
     "--served-model-name",
-    default=None,
+    multiple=True,
     help="Model id clients send (default: the checkpoint's directory or file name, never its "
-    "path; a hub id as given; baton-paged-default for the built-in model).",
+    "path; a hub id as given; baton-paged-default for the built-in model). Several names, as "
+    "in vLLM (--served-model-name a b): replies carry the first, requests may use any.",
 )
 @click.option(
     "--max-waiting",
@@ -198,11 +200,13 @@ API_KEY_ENV = "BATON_PAGED_API_KEY"
     help="Serve N engine replicas on Ray Serve (pip install 'baton-paged[ray]'): a local Ray "
     "instance, or the cluster this machine joined with `ray start`.",
 )
+@vllm_serve_options
+@click.pass_context
 def serve(
+    ctx,
     host,
     port,
     api_key,
-    served_model_name,
     max_waiting,
     drain_timeout,
     enable_auto_tool_choice,
@@ -211,11 +215,16 @@ def serve(
     **options,
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions,
-    /v1/models, /health), streaming included."""
+    /v1/models, /health), streaming included. MODEL, vLLM's positional form, is --model."""
     check_api_key(api_key)
     limits = server_limits(options)
+    server_options = take_vllm_flags(options, ctx)
+    names = server_options["served_model_names"]
+    served_model_name = names[0] if names else None
     tool_parser = auto_tool_parser(enable_auto_tool_choice, tool_call_parser)
     if replicas is not None:
+        if len(names) > 1 or server_options["chat_template"] is not None:
+            raise click.UsageError("--replicas serves one model name and the tokenizer's template")
         ray_options = {"api_key": api_key, "max_waiting": max_waiting, "limits": limits}
         ray_options["tool_parser"] = tool_parser
         serve_on_ray(host, port, replicas, served_model_name, options, **ray_options)
@@ -229,8 +238,17 @@ def serve(
 
     engine = AsyncEngine(build_engine(options), max_waiting=max_waiting, own_thread=False)
     name = served_model_id(options["model"], served_model_name)
-    app = build_app(engine, name, api_key, limits, tool_parser)
-    server = uvicorn.Server(serving_config(app, host, port, limits, drain_timeout))
+    app = build_app(
+        engine,
+        name,
+        api_key,
+        limits,
+        tool_parser,
+        aliases=names[1:],
+        chat_template=server_options["chat_template"],
+    )
+    log_level = server_options["uvicorn_log_level"]
+    server = uvicorn.Server(serving_config(app, host, port, limits, drain_timeout, log_level))
     run_engine_on_main_thread(engine, server, drain_timeout)
     if not server.started:
         raise SystemExit(1)  # uvicorn has logged why (a port in use, say)

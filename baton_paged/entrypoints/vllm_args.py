@@ -22,14 +22,17 @@ logger = logging.getLogger(__name__)
 
 RENAMED = {"max_num_seqs": "max_batch_size", "block_size": "page_size"}
 DTYPE_ALIASES = {"half": "float16", "float": "float32", "double": "float64"}
+ANY = object()
 NEUTRAL = {
     "tensor_parallel_size": 1,
     "pipeline_parallel_size": 1,
     "trust_remote_code": False,
     "quantization": None,
-    "disable_log_stats": None,
+    "disable_log_stats": ANY,
 }
-"""Accepted at these values (None: any value; logging only); other values are refused."""
+"""Accepted at these values, or None (``ANY``: any value; logging only); other values are
+refused: ``quantization`` at anything but None is refused, not ignored (weights load at
+``dtype``)."""
 
 
 def engine_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -57,7 +60,7 @@ def engine_options(options: dict[str, Any]) -> dict[str, Any]:
 
 def _check_neutral(name: str, value: Any) -> None:
     expected = NEUTRAL[name]
-    if expected is not None and value != expected and value is not None:
+    if expected is not ANY and value is not None and value != expected:
         raise ValueError(f"{name}={value!r} is not supported (only {expected!r})")
 
 

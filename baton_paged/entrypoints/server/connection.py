@@ -32,7 +32,9 @@ GRACE_S = 5.0
 before it cuts connections."""
 
 
-def serving_config(app, host: str, port: int, limits: ServerLimits, drain_timeout: float):
+def serving_config(
+    app, host: str, port: int, limits: ServerLimits, drain_timeout: float, log_level: str = "info"
+):
     """uvicorn's config for ``app`` under these limits (``baton-paged serve``, and the tests)."""
     protocol = type("GuardedH11Protocol", (GuardedH11Protocol,), {"limits": limits})
     return uvicorn.Config(
@@ -41,7 +43,7 @@ def serving_config(app, host: str, port: int, limits: ServerLimits, drain_timeou
         port=port,
         http=protocol,
         h11_max_incomplete_event_size=limits.max_header_bytes,
-        log_level="info",
+        log_level=log_level,
         timeout_graceful_shutdown=drain_timeout + GRACE_S,
     )
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -68,17 +68,22 @@ def build_app(
     api_key: str | None = None,
     limits: ServerLimits | None = None,
     tool_parser: str | None = None,
+    *,
+    aliases: Sequence[str] = (),
+    chat_template: str | None = None,
 ) -> FastAPI:
     """The app serving ``engine`` as ``model_name``; with ``api_key``, /v1 routes need it as a
     Bearer token. ``limits``: what one request may ask (``ServerLimits``' defaults if None).
     ``tool_parser``: how replies under tool_choice "auto" are read (``PARSERS``' names; None
-    refuses "auto", as vLLM without --enable-auto-tool-choice)."""
+    refuses "auto", as vLLM without --enable-auto-tool-choice). ``aliases``: more ids requests
+    may name the model by; ``chat_template``: the chat route's template instead of the
+    tokenizer's."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: give a key, or none to serve without one")
     if tool_parser is not None and tool_parser not in PARSERS:
         raise ValueError(f"unknown tool call parser {tool_parser!r}; choose one of {list(PARSERS)}")
     limits = limits or ServerLimits()
-    server = Routes(engine, model_name, limits, tool_parser)
+    server = Routes(engine, model_name, limits, tool_parser, aliases, chat_template)
     app = FastAPI(
         title="baton-paged",
         docs_url=None,
@@ -175,9 +180,14 @@ class Routes:
         model_name: str,
         limits: ServerLimits,
         tool_parser: str | None = None,
+        aliases: Sequence[str] = (),
+        chat_template: str | None = None,
     ):
         self.engine = engine
         self.model_name = model_name
+        self.model_names = list(dict.fromkeys([model_name, *aliases]))
+        """Every id a request may name the model by; replies carry the first."""
+        self.chat_template = chat_template
         self.limits = limits
         self.tool_parser = tool_parser
         """How replies under tool_choice "auto" are read (None: "auto" is refused)."""
@@ -189,7 +199,7 @@ class Routes:
         return Response(status_code=200)
 
     async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.model_name)])
+        return ModelList(data=[ModelCard(id=name) for name in self.model_names])
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         prepared = await self.prepare(body, body.engine_prompt, body.prompt_size, "prompt", request)
@@ -206,7 +216,9 @@ class Routes:
         tokenizer = self.engine.tokenizer
         prepared = await self.prepare(
             body,
-            lambda: conversation_prompt(tokenizer, turns, **rendered),
+            lambda: conversation_prompt(
+                tokenizer, turns, chat_template=self.chat_template, **rendered
+            ),
             body.prompt_size,
             "messages",
             request,
@@ -230,7 +242,7 @@ class Routes:
         """The engine's request, checked and tokenized (else a 400, or 404 for another model,
         before anything is queued), or None if the client left meanwhile. ``render`` makes the
         prompt of ``size`` characters; it runs with the tokenizer, off the event loop."""
-        if body.model is not None and body.model != self.model_name:
+        if body.model is not None and body.model not in self.model_names:
             raise APIError(
                 404,
                 f"the model {body.model!r} does not exist; this server has {self.model_name!r}",
