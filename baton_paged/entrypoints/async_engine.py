@@ -160,8 +160,12 @@ class AsyncEngine:
         """Submit a request (ValueError or QueueFullError before anything is queued) and yield
         its output after every iteration that gave it a token, the last one finished."""
         request = self.inputs.prepare(prompt, params, request_id, priority)
-        async for output in self.generate_request(request):
-            yield output
+        outputs = self.generate_request(request)
+        try:
+            async for output in outputs:
+                yield output
+        finally:  # closed early, this aborts now: an abandoned inner generator would only
+            await outputs.aclose()  # post its abort when the event loop finalises it
 
     async def generate_request(self, request: Request) -> AsyncIterator[RequestOutput]:
         """``generate`` for a request ``inputs.prepare`` has made (a server prepares requests

@@ -3,6 +3,7 @@ uvicorn on 127.0.0.1 (random port), and the offline ``LLM`` its answers are comp
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Iterator
@@ -25,11 +26,19 @@ KEY = "test-key"
 MODEL = "tiny-llama"
 MAX_MODEL_LEN = 256
 HEADERS = {"Authorization": f"Bearer {KEY}"}
+TEST_MEMORY = "64MiB"
+"""KV pages and host swap pages of each test engine: plenty for the tiny model, where the
+defaults (1 GiB each) made every server module hold 4 GiB until its engines were collected."""
 
 
 def tiny_engine(path, max_model_len: int = MAX_MODEL_LEN) -> Engine:
     config = EngineConfig(
-        model=str(path), dtype="float64", max_batch_size=8, max_model_len=max_model_len
+        model=str(path),
+        dtype="float64",
+        max_batch_size=8,
+        max_model_len=max_model_len,
+        kv_memory=TEST_MEMORY,
+        swap_memory=TEST_MEMORY,
     )
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
     return Engine(config, model, AutoTokenizer.from_pretrained(path))
@@ -57,6 +66,7 @@ def serving(path, make_engine=tiny_engine, tool_parser=None) -> Iterator[SimpleN
         uv.should_exit = True
         thread.join(timeout=10)
         engine.shutdown()
+        gc.collect()  # the engines' reference cycles hold their caches until a collection
 
 
 def offline(server, prompt, max_tokens):

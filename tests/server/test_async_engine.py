@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from serving import TEST_MEMORY
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from baton_paged.config import EngineConfig
@@ -30,8 +31,9 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
 def tiny_engine(path, **options) -> Engine:
     config = EngineConfig(
-        model=str(path), dtype="float64", max_batch_size=4, max_model_len=128, **options
-    )
+        model=str(path), dtype="float64", max_batch_size=4, max_model_len=128,
+        kv_memory=TEST_MEMORY, swap_memory=TEST_MEMORY, **options,
+    )  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
     return Engine(config, model, AutoTokenizer.from_pretrained(path))
 
