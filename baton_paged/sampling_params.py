@@ -100,6 +100,9 @@ class SamplingParams:
     ``prompt_logprobs`` most likely tokens at that position; None returns none."""
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     """When the request reports an output: see ``RequestOutputKind``."""
+    truncate_prompt_tokens: int | None = None
+    """Keep only the prompt's last ``truncate_prompt_tokens`` tokens (vLLM's left truncation);
+    None keeps the whole prompt."""
     structured_outputs: StructuredOutputsParams | None = None
     """The grammar every sampled token must follow (a JSON schema, regex, choice or grammar);
     None leaves the output free."""
@@ -114,6 +117,7 @@ class SamplingParams:
         _check_token_counts(self.max_tokens, self.min_tokens)
         _check_optional_int("logprobs", self.logprobs, minimum=0)
         _check_optional_int("prompt_logprobs", self.prompt_logprobs, minimum=0)
+        _check_optional_int("truncate_prompt_tokens", self.truncate_prompt_tokens, minimum=1)
         _check_samples(self.n, self.best_of)
         for name in ("presence_penalty", "frequency_penalty"):
             _check_range(name, getattr(self, name), -2.0, 2.0)

@@ -65,6 +65,8 @@ class InputProcessor:
         self._check_logit_bias(params)
         self._check_logprobs(params)
         text, ids = self._tokenize(prompt)
+        if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
+            text, ids = None, ids[-params.truncate_prompt_tokens :]  # the text no longer matches
         seed = params.seed
         grammar = self._grammar(params)
         return Request(

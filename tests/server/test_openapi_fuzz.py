@@ -51,4 +51,5 @@ def test_the_schema_is_true_and_nothing_is_a_500(app_schema):
             case.call_and_validate(headers=HEADERS, checks=CHECKS)
 
         fuzz()
-    assert len(labels) == 5, labels  # health, metrics, models, completions, chat
+    # health, metrics, tokenize, detokenize, version, models, completions, chat
+    assert len(labels) == 8, labels

@@ -16,14 +16,19 @@ shape: OpenAI's ``response_format`` (text, json_object, json_schema) and vLLM's
 400 naming their replacement). Chat's ``tools``, ``tool_choice`` and ``parallel_tool_calls``:
 ``tools.py``.
 
+vLLM's request extras: ``truncate_prompt_tokens`` and ``request_id`` (both routes);
+``chat_template_kwargs``, ``add_generation_prompt`` and ``continue_final_message`` (chat).
+Accepted at any value and changing no output (current OpenAI SDKs send them): ``store``,
+``metadata``, ``reasoning_effort``, ``verbosity``, ``prompt_cache_key``, ``safety_identifier``
+(chat).
+
 Accepted at a harmless value only (OpenAI SDKs and frameworks send some of these with their
 defaults); any other value is a 400 naming the field (see ``HARMLESS``):
 ``user`` (any string: OpenAI's end-user id for abuse monitoring; it changes no output),
 ``suffix`` (null or ""), and for chat the deprecated ``functions`` (null or []) and
 ``function_call`` (null or "none"), ``modalities`` (null or ["text"]),
-``audio``/``prediction``/``reasoning_effort``/``metadata``/``web_search_options`` (null),
-``store`` (null or false), ``service_tier`` (null, "auto" or "default"), ``best_of`` (null or
-1), ``echo`` (null or false).
+``audio``/``prediction``/``web_search_options`` (null), ``service_tier`` (null, "auto" or
+"default"), ``best_of`` (null or 1), ``echo`` (null or false).
 
 Any other field is unknown and a 400 naming it. Refused as well: several prompts in one
 request, ``echo`` together with ``logprobs`` (that needs the prompt's logprobs), ``max_tokens``
@@ -33,7 +38,7 @@ past the model's context (vLLM's message, see ``limits``), and ``best_of`` small
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, Strict, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -86,6 +91,7 @@ class SamplingFields(RequestModel):
         "n",
         "include_stop_str_in_output",
         "skip_special_tokens",
+        "truncate_prompt_tokens",
     )
     """Fields that reach ``SamplingParams`` under their own name, when the client sends them."""
     DEFAULT_MAX_TOKENS: ClassVar[int | None] = None
@@ -125,6 +131,12 @@ class SamplingFields(RequestModel):
     stream_options: StreamOptions | None = None
     user: Text | None = Field(default=None, description="Accepted; it changes no output.")
     priority: int = Field(default=0, description="Lower is served first; may preempt.")
+    truncate_prompt_tokens: int | None = Field(
+        default=None, ge=1, description="vLLM: keep only the prompt's last N tokens."
+    )
+    request_id: Annotated[Text, Field(min_length=1, max_length=128)] | None = Field(
+        default=None, description="vLLM: the request's id (replies carry it in theirs)."
+    )
     response_format: ResponseFormat | None = Field(
         default=None, description="text, json_object or json_schema: the reply's shape."
     )
@@ -251,6 +263,13 @@ class CompletionRequest(SamplingFields):
         return {name: value for name, value in wanted.items() if value is not None}
 
 
+RESERVED_TEMPLATE_KWARGS = {
+    "messages", "conversation", "tools", "documents", "chat_template", "tokenize",
+    "add_generation_prompt", "continue_final_message", "return_dict",
+}  # fmt: skip
+"""Template arguments the server sets itself (send the fields for them instead)."""
+
+
 class ChatCompletionRequest(SamplingFields):
     HARMLESS: ClassVar[dict[str, tuple]] = {
         **SamplingFields.HARMLESS,
@@ -259,10 +278,7 @@ class ChatCompletionRequest(SamplingFields):
         "modalities": (None, ["text"]),
         "audio": (None,),
         "prediction": (None,),
-        "reasoning_effort": (None,),
-        "metadata": (None,),
         "web_search_options": (None,),
-        "store": (None, False),
         "service_tier": (None, "auto", "default"),
         "best_of": (None, 1),
         "echo": (None, False),
@@ -278,6 +294,28 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(
         default=None, ge=0, description="With logprobs: also the N most likely tokens at each step."
     )
+    add_generation_prompt: bool = Field(
+        default=True, description="vLLM: end the prompt with the assistant's turn opening."
+    )
+    continue_final_message: bool = Field(
+        default=False, description="vLLM: continue the last (assistant) message instead."
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="vLLM: extra variables for the chat template."
+    )
+    store: bool | None = Field(default=None, description="Accepted; nothing is stored.")
+    metadata: dict[str, Text] | None = Field(default=None, description="Accepted; ignored.")
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        default=None,
+        description="Accepted; ignored (no reasoning parser).",
+    )
+    verbosity: Literal["low", "medium", "high"] | None = Field(
+        default=None, description="Accepted; ignored."
+    )
+    prompt_cache_key: Text | None = Field(
+        default=None, description="Accepted; prefix caching is automatic."
+    )
+    safety_identifier: Text | None = Field(default=None, description="Accepted; ignored.")
     tools: list[Tool] | None = Field(default=None, description="Functions the reply may call.")
     tool_choice: ToolChoice | None = Field(
         default=None, description="none, auto (the default with tools), required, or a function."
@@ -295,6 +333,18 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return {"logprobs": self.top_logprobs or 0} if self.logprobs else {}
+
+    def template_options(self) -> dict:
+        """``conversation_prompt``'s options: where the prompt ends, and the template's extra
+        variables (which may not replace what the server passes itself)."""
+        extra = dict(self.chat_template_kwargs or {})
+        taken = sorted(set(extra) & RESERVED_TEMPLATE_KWARGS)
+        if taken:
+            raise FieldError(f"chat_template_kwargs may not set {taken}", "chat_template_kwargs")
+        return extra | {
+            "add_generation_prompt": self.add_generation_prompt and not self.continue_final_message,
+            "continue_final_message": self.continue_final_message,
+        }
 
     def token_limit(self) -> int | None:
         limits = {self.max_completion_tokens, self.max_tokens} - {None}

@@ -130,6 +130,11 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = 0
     owned_by: str = "baton-paged"
+    root: str | None = None
+    """vLLM's: the served model's first id (every alias's card points at it)."""
+    parent: str | None = None
+    max_model_len: int | None = None
+    """vLLM's: the longest prompt + output the server takes."""
 
 
 class ModelList(BaseModel):

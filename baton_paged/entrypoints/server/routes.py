@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
@@ -51,6 +52,12 @@ from baton_paged.entrypoints.server.shapes import ChatShape, CompletionShape
 from baton_paged.entrypoints.server.streaming import sse_events
 from baton_paged.entrypoints.server.tokenizing import Tokenizing
 from baton_paged.entrypoints.server.tools import template_turn, tool_use
+from baton_paged.entrypoints.server.utility_routes import (
+    DetokenizeResponse,
+    TokenizeResponse,
+    UtilityRoutes,
+    VersionResponse,
+)
 from baton_paged.outputs import RequestOutput
 from baton_paged.processing.chat_prompt import conversation_prompt
 from baton_paged.processing.input_processor import PromptInput
@@ -102,6 +109,14 @@ def build_app(
     app.get("/metrics", response_class=PlainTextResponse, responses=METRICS)(
         lambda: Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
     )
+    utility = UtilityRoutes(server)
+    app.post("/tokenize", response_model=TokenizeResponse, responses=errors(400, 404))(
+        utility.tokenize
+    )
+    app.post("/detokenize", response_model=DetokenizeResponse, responses=errors(400, 404))(
+        utility.detokenize
+    )
+    app.get("/version", response_model=VersionResponse)(utility.version)
     app.get(
         "/v1/models",
         dependencies=guard,
@@ -188,6 +203,8 @@ class Routes:
         self.model_names = list(dict.fromkeys([model_name, *aliases]))
         """Every id a request may name the model by; replies carry the first."""
         self.chat_template = chat_template
+        self.created = int(time.time())
+        """When the server started (``/v1/models`` cards' ``created``, as vLLM's)."""
         self.limits = limits
         self.tool_parser = tool_parser
         """How replies under tool_choice "auto" are read (None: "auto" is refused)."""
@@ -199,20 +216,30 @@ class Routes:
         return Response(status_code=200)
 
     async def models(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=name) for name in self.model_names])
+        max_len = self.engine.inputs.max_model_len
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=name, created=self.created, root=self.model_name, max_model_len=max_len
+                )
+                for name in self.model_names
+            ]
+        )
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         prepared = await self.prepare(body, body.engine_prompt, body.prompt_size, "prompt", request)
         if prepared is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         echo = self.prompt_text(prepared) if body.echo else ""
-        shape = CompletionShape(self.model_name, body.choices, self.decode, echo)
+        shape = CompletionShape(
+            self.model_name, body.choices, self.decode, echo, request_id=body.request_id
+        )
         return await self.respond(body, prepared, shape, request)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         tools = tool_use(body.tools, body.tool_choice, body.parallel_tool_calls, self.tool_parser)
         turns = [template_turn(m) for m in body.messages]
-        rendered = {"tools": list(tools.tools)} if tools.tools else {}
+        rendered = body.template_options() | ({"tools": list(tools.tools)} if tools.tools else {})
         tokenizer = self.engine.tokenizer
         prepared = await self.prepare(
             body,
@@ -227,7 +254,10 @@ class Routes:
         if prepared is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         top_n = body.top_logprobs or 0
-        shape = ChatShape(self.model_name, body.choices, self.decode, top_n=top_n, tools=tools)
+        shape = ChatShape(
+            self.model_name, body.choices, self.decode, top_n=top_n, tools=tools,
+            request_id=body.request_id,
+        )  # fmt: skip
         return await self.respond(body, prepared, shape, request)
 
     async def prepare(
@@ -253,7 +283,7 @@ class Routes:
         inputs = self.engine.inputs
 
         def tokenize() -> EngineRequest:
-            return inputs.prepare(render(), params, priority=body.priority)
+            return inputs.prepare(render(), params, body.request_id, body.priority)
 
         prepared = await unless_gone(self.tokenizing.run(size, tokenize), request)
         if prepared is not None:

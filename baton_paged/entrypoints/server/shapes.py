@@ -45,12 +45,19 @@ class CompletionShape:
     prefix = "cmpl"
 
     def __init__(
-        self, model: str, n: int, decode: Callable[[int], str], echo: str = "", top_n: int = 0
+        self,
+        model: str,
+        n: int,
+        decode: Callable[[int], str],
+        echo: str = "",
+        top_n: int = 0,
+        request_id: str | None = None,
     ):
         """``decode``: a token id's text (for logprobs); ``echo``: the prompt text to prepend;
-        ``top_n``: chat's top_logprobs."""
+        ``top_n``: chat's top_logprobs; ``request_id``: the client's (vLLM's field), which the
+        reply's id then carries."""
         self.model, self.n, self.decode, self.echo, self.top_n = model, n, decode, echo, top_n
-        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.id = f"{self.prefix}-{request_id or uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def head(self) -> dict:
