@@ -16,6 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from baton_paged.config import EngineConfig
 from baton_paged.engine import Engine
 
+TEST_MEMORY = {"kv_memory": "64MiB", "swap_memory": "64MiB"}
+"""Each test engine's KV and host swap pages unless a test sizes them: plenty for the tiny
+models, where the defaults (1 GiB each, zeroed at start) cost every test half a second."""
+
 
 @pytest.fixture
 def forward_path() -> str:
@@ -33,7 +37,7 @@ def make_engine(tiny_model_dir, forward_path):
         if arch not in loaded:
             loaded[arch] = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
-        options = FORWARD_PATHS[forward_path] | options
+        options = FORWARD_PATHS[forward_path] | TEST_MEMORY | options
         config = EngineConfig(model=str(path), dtype="float64", **options)
         return Engine(config, model, loaded[arch], memory_reader=memory_reader)
 
