@@ -272,12 +272,7 @@ class Routes:
         """The engine's request, checked and tokenized (else a 400, or 404 for another model,
         before anything is queued), or None if the client left meanwhile. ``render`` makes the
         prompt of ``size`` characters; it runs with the tokenizer, off the event loop."""
-        if body.model is not None and body.model not in self.model_names:
-            raise APIError(
-                404,
-                f"the model {body.model!r} does not exist; this server has {self.model_name!r}",
-                param="model",
-            )
+        self.check_model(body.model)
         check_sampling(body, self.limits, self.engine.inputs.max_logprobs)
         params = body.sampling_params(calls)
         inputs = self.engine.inputs
@@ -290,6 +285,15 @@ class Routes:
             prompt_len = len(prepared.prompt_token_ids)
             check_context(prompt_len, body.token_limit(), inputs.max_model_len, what)
         return prepared
+
+    def check_model(self, model: str | None) -> None:
+        """404 for a model this server does not serve under any of its names."""
+        if model is not None and model not in self.model_names:
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; this server has {self.model_name!r}",
+                param="model",
+            )
 
     def prompt_text(self, prepared: EngineRequest) -> str:
         if prepared.prompt is not None:

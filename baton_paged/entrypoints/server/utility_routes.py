@@ -21,6 +21,7 @@ from baton_paged import __version__
 from baton_paged.entrypoints.server.chat import ChatMessage
 from baton_paged.entrypoints.server.errors import APIError
 from baton_paged.entrypoints.server.fields import RequestModel, Text
+from baton_paged.entrypoints.server.tools import template_turn
 from baton_paged.processing.chat_prompt import conversation_prompt
 from baton_paged.processing.prompt_encoding import encode
 
@@ -70,7 +71,7 @@ class UtilityRoutes:
         self.routes = routes
 
     async def tokenize(self, body: TokenizePrompt | TokenizeChat) -> TokenizeResponse:
-        self._check_model(body.model)
+        self.routes.check_model(body.model)
         tokenizer = self.routes.engine.tokenizer
         if isinstance(body, TokenizePrompt):
             size = len(body.prompt)
@@ -83,7 +84,7 @@ class UtilityRoutes:
             def work() -> list[int]:
                 rendered = conversation_prompt(
                     tokenizer,
-                    [{"role": m.role, "content": m.text} for m in body.messages],
+                    [template_turn(m) for m in body.messages],  # as the chat route renders
                     add_generation_prompt=body.add_generation_prompt
                     and not body.continue_final_message,
                     continue_final_message=body.continue_final_message,
@@ -105,7 +106,7 @@ class UtilityRoutes:
         )
 
     async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
-        self._check_model(body.model)
+        self.routes.check_model(body.model)
         tokenizer = self.routes.engine.tokenizer
         vocab = len(tokenizer)
         outside = [t for t in body.tokens if t >= vocab]
@@ -119,9 +120,3 @@ class UtilityRoutes:
 
     async def version(self) -> VersionResponse:
         return VersionResponse(version=__version__)
-
-    def _check_model(self, model: str | None) -> None:
-        if model is not None and model not in self.routes.model_names:
-            names = self.routes.model_names
-            raise APIError(404, f"the model {model!r} does not exist; this server has {names}",
-                           "model")  # fmt: skip
