@@ -223,8 +223,11 @@ def serve(
     served_model_name = names[0] if names else None
     tool_parser = auto_tool_parser(enable_auto_tool_choice, tool_call_parser)
     if replicas is not None:
-        if len(names) > 1 or server_options["chat_template"] is not None:
-            raise click.UsageError("--replicas serves one model name and the tokenizer's template")
+        if len(names) > 1 or server_options["chat_template"] or server_options["tokenizer_info"]:
+            raise click.UsageError(
+                "--replicas serves one model name and the tokenizer's template, without "
+                "/tokenizer_info"
+            )
         ray_options = {"api_key": api_key, "max_waiting": max_waiting, "limits": limits}
         ray_options["tool_parser"] = tool_parser
         serve_on_ray(host, port, replicas, served_model_name, options, **ray_options)
@@ -246,6 +249,7 @@ def serve(
         tool_parser,
         aliases=names[1:],
         chat_template=server_options["chat_template"],
+        tokenizer_info=server_options["tokenizer_info"],
     )
     log_level = server_options["uvicorn_log_level"]
     server = uvicorn.Server(serving_config(app, host, port, limits, drain_timeout, log_level))

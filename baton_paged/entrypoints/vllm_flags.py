@@ -56,6 +56,9 @@ def vllm_serve_options(fn):
                      "instead of the tokenizer's."),
         click.option("--uvicorn-log-level", type=click.Choice(UVICORN_LOG_LEVELS),
                      default="info", show_default=True, help="uvicorn's log level."),
+        click.option("--enable-tokenizer-info-endpoint", is_flag=True,
+                     help="Serve GET /tokenizer_info (the tokenizer's settings and chat "
+                     "template; lm-eval tokenizes through it)."),
         click.option("--disable-log-requests", is_flag=True,
                      help="vLLM: accepted (no per-request lines are written)."),
         click.option("--disable-log-stats", is_flag=True,
@@ -68,7 +71,8 @@ def vllm_serve_options(fn):
 
 def take_vllm_flags(options: dict, ctx: click.Context) -> dict:
     """Fold vLLM's engine flags in ``options`` into our fields (in place) and return the
-    server's: ``served_model_names``, ``chat_template``, ``uvicorn_log_level``."""
+    server's: ``served_model_names``, ``chat_template``, ``uvicorn_log_level``,
+    ``tokenizer_info``."""
     from baton_paged.entrypoints.vllm_args import engine_options
 
     positional = list(options.pop("positional"))
@@ -98,6 +102,7 @@ def take_vllm_flags(options: dict, ctx: click.Context) -> dict:
         "served_model_names": names,
         "chat_template": _template(options.pop("chat_template")),
         "uvicorn_log_level": options.pop("uvicorn_log_level"),
+        "tokenizer_info": options.pop("enable_tokenizer_info_endpoint"),
     }
 
 

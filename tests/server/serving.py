@@ -49,10 +49,13 @@ LIMITS = ServerLimits(max_best_of=4)
 
 
 @contextmanager
-def serving(path, make_engine=tiny_engine, tool_parser=None) -> Iterator[SimpleNamespace]:
-    """A real uvicorn serving ``make_engine(path)``, and a second such engine offline."""
+def serving(
+    path, make_engine=tiny_engine, tool_parser=None, **app_options
+) -> Iterator[SimpleNamespace]:
+    """A real uvicorn serving ``make_engine(path)``, and a second such engine offline;
+    ``app_options``: more of ``build_app``'s."""
     engine = AsyncEngine(make_engine(path), max_waiting=256)
-    app = build_app(engine, MODEL, KEY, LIMITS, tool_parser)
+    app = build_app(engine, MODEL, KEY, LIMITS, tool_parser, **app_options)
     uv = uvicorn.Server(uvicorn.Config(app, port=0, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()

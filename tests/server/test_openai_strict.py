@@ -152,11 +152,6 @@ def test_echo_prepends_the_prompt_streaming_or_not(server, client):
     assert by_ids.choices[0].text.startswith("import os")
 
 
-def test_echo_with_logprobs_is_refused_naming_both(server):
-    body = {"prompt": "x", "echo": True, "logprobs": 1, "max_tokens": 2}
-    assert_refused(post(server, "completions", body), server, 400, "echo", "logprobs")
-
-
 def test_completion_logprobs_are_the_engines_and_follow_the_stream(server, client):
     args = {"model": MODEL, "prompt": "import os", "max_tokens": 6, "temperature": 0}
     reply = client.completions.create(**args, logprobs=2)

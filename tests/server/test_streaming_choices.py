@@ -40,7 +40,8 @@ def stream(shape) -> list[dict]:
             for item in items[1:]:
                 yield item
 
-        return [event async for event in sse_events(items[0], rest(), shape, usage=True)]
+        opened = [(items[0], rest())]
+        return [event async for event in sse_events(opened, shape, usage=True)]
 
     events = asyncio.run(run())
     assert events[-1] == "data: [DONE]\n\n"
@@ -52,7 +53,7 @@ def decode(token: int) -> str:
 
 
 def test_completion_choices_stream_on_their_own_index():
-    chunks = stream(CompletionShape("m", 2, decode, echo="P"))
+    chunks = stream(CompletionShape("m", 2, decode, echoes=["P"]))
     *chunks, usage = chunks
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 5
     for index, text, finish in ((0, "Pace", "length"), (1, "Pbd", "stop")):
@@ -62,7 +63,7 @@ def test_completion_choices_stream_on_their_own_index():
         assert sum(c["finish_reason"] is not None for c in mine) == 1
         tokens = [t for c in mine if c["logprobs"] for t in c["logprobs"]["tokens"]]
         assert "P" + "".join(tokens) == text
-    whole = CompletionShape("m", 2, decode).whole(outputs()[-1]).model_dump()
+    whole = CompletionShape("m", 2, decode).whole(outputs()[-1:]).model_dump()
     assert [c["text"] for c in whole["choices"]] == ["ace", "bd"]
 
 

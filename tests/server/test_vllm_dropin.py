@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from serving import HEADERS, MAX_MODEL_LEN, MODEL, offline
+from serving import HEADERS, MAX_MODEL_LEN, MODEL, offline, serving
 from test_openai_strict import USER_HI, assert_refused, post
 
 from baton_paged import __version__
@@ -48,6 +48,16 @@ def test_utility_routes_refuse_what_cannot_work(server, path, body, status, para
     assert reply.status_code == status and (
         param is None or reply.json()["error"]["param"] == param
     )
+
+
+def test_tokenizer_info_is_served_only_when_enabled(server, tiny_model_dir):
+    assert httpx.get(f"{server.url}/tokenizer_info").status_code == 404
+    with serving(tiny_model_dir("llama"), tokenizer_info=True) as enabled:
+        info = httpx.get(f"{enabled.url}/tokenizer_info").json()
+        tokenizer = enabled.engine.tokenizer
+    assert info["eos_token"] == tokenizer.eos_token and info["bos_token"] == tokenizer.bos_token
+    assert info["model_max_length"] == MAX_MODEL_LEN
+    assert info["chat_template"] == tokenizer.chat_template
 
 
 def test_version_and_model_cards(server):

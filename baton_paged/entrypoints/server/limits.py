@@ -26,6 +26,8 @@ from baton_paged.sampling_params import FieldError
 class ServerLimits:
     max_best_of: int = 2
     """Most completions one request may generate (n, and best_of; TGI's name and default)."""
+    max_prompts: int = 256
+    """Most prompts in one completions request (each is queued as a request of its own)."""
     max_stop_sequences: int = 4
     """Most stop strings per request (OpenAI's and TGI's limit)."""
     max_stop_chars: int = 1024
@@ -62,7 +64,10 @@ def check_sampling(body, limits: ServerLimits, max_logprobs: int) -> None:
         asked = getattr(body, name, None)
         if asked is not None and asked > limits.max_best_of:
             raise over_limit(f"{name}={asked}", limits.max_best_of, "max-best-of", name)
-    for name in ("logprobs", "top_logprobs"):  # chat's logprobs is a bool, not a count
+    prompts = len(getattr(body, "prompts", ()))
+    if prompts > limits.max_prompts:
+        raise over_limit(f"{prompts} prompts", limits.max_prompts, "max-prompts", "prompt")
+    for name in ("logprobs", "top_logprobs", "prompt_logprobs"):  # chat's logprobs is a bool
         asked = getattr(body, name, None)
         if type(asked) is int and asked > max_logprobs:
             raise over_limit(f"{name}={asked}", max_logprobs, "max-logprobs", name)

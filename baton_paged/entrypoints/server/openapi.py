@@ -67,6 +67,7 @@ def declare_limits(properties: dict, limits: ServerLimits, max_logprobs: int) ->
         "best_of": {"maximum": limits.max_best_of},
         "logprobs": {"maximum": max_logprobs},
         "top_logprobs": {"maximum": max_logprobs},
+        "prompt_logprobs": {"maximum": max_logprobs},
         "logit_bias": {"maxProperties": limits.max_logit_bias},
         "stop_token_ids": {"maxItems": limits.max_stop_token_ids},
         "stop": {"maxItems": limits.max_stop_sequences, "maxLength": limits.max_stop_chars},

@@ -3,22 +3,25 @@
 Nothing a client asks for is ignored: every field below either does what OpenAI (or vLLM) says
 it does, or the request fails with a 400 that names it.
 
-Implemented, with OpenAI's names: ``model``, ``prompt`` (one text or one list of token ids) /
-``messages``, ``max_tokens`` (chat also ``max_completion_tokens``), ``temperature``, ``top_p``,
-``n``, ``seed``, ``stop``, ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (token id
--> bias), ``stream``, ``stream_options.include_usage``, ``logprobs`` (completions: how many top
-tokens; chat: ``logprobs`` + ``top_logprobs``), ``echo`` (completions), ``best_of``
-(completions). vLLM's extensions: ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
-``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``, ``skip_special_tokens``,
-``priority``. A null value means the engine's default, as if the field were absent. The reply's
-shape: OpenAI's ``response_format`` (text, json_object, json_schema) and vLLM's
-``structured_outputs``, on both routes (``structured.py``; vLLM's removed ``guided_*`` fields are a
-400 naming their replacement). Chat's ``tools``, ``tool_choice`` and ``parallel_tool_calls``:
-``tools.py``.
+Implemented, with OpenAI's names: ``model``, ``prompt`` (a text or token id list, or a list of
+either: choice ``i * n + j`` answers prompt ``i``) / ``messages``, ``max_tokens`` (chat also
+``max_completion_tokens``), ``temperature``, ``top_p``, ``n``, ``seed``, ``stop``,
+``presence_penalty``, ``frequency_penalty``, ``logit_bias`` (token id -> bias), ``stream``,
+``stream_options.include_usage``, ``logprobs`` (completions: how many top tokens; chat:
+``logprobs`` + ``top_logprobs``), ``best_of`` (completions), ``echo`` (completions; with
+``logprobs`` the prompt's tokens are scored too, and ``max_tokens=0`` returns the scored prompt
+alone: what evaluation harnesses such as lm-eval's ``local-completions`` send for
+log-likelihoods). vLLM's extensions: ``top_k``, ``min_p``, ``repetition_penalty``,
+``min_tokens``, ``ignore_eos``, ``stop_token_ids``, ``include_stop_str_in_output``,
+``skip_special_tokens``, ``priority``. A null value means the engine's default, as if the field
+were absent. The reply's shape: OpenAI's ``response_format`` (text, json_object, json_schema) and
+vLLM's ``structured_outputs``, on both routes (``structured.py``; vLLM's removed ``guided_*``
+fields are a 400 naming their replacement). Chat's ``tools``, ``tool_choice`` and
+``parallel_tool_calls``: ``tools.py``.
 
-vLLM's request extras: ``truncate_prompt_tokens`` and ``request_id`` (both routes);
-``chat_template_kwargs``, ``add_generation_prompt`` and ``continue_final_message`` (chat).
-Accepted at any value and changing no output (current OpenAI SDKs send them): ``store``,
+vLLM's request extras: ``truncate_prompt_tokens``, ``prompt_logprobs`` and ``request_id`` (both
+routes); ``chat_template_kwargs``, ``add_generation_prompt`` and ``continue_final_message``
+(chat). Accepted at any value and changing no output (current OpenAI SDKs send them): ``store``,
 ``metadata``, ``reasoning_effort``, ``verbosity``, ``prompt_cache_key``, ``safety_identifier``
 (chat).
 
@@ -30,9 +33,9 @@ defaults); any other value is a 400 naming the field (see ``HARMLESS``):
 ``audio``/``prediction``/``web_search_options`` (null), ``service_tier`` (null, "auto" or
 "default"), ``best_of`` (null or 1), ``echo`` (null or false).
 
-Any other field is unknown and a 400 naming it. Refused as well: several prompts in one
-request, ``echo`` together with ``logprobs`` (that needs the prompt's logprobs), ``max_tokens``
-past the model's context (vLLM's message, see ``limits``), and ``best_of`` smaller than ``n``
+Any other field is unknown and a 400 naming it. Refused as well: more prompts in one request
+than the server's ``--max-prompts``, ``max_tokens=0`` without ``echo``, ``max_tokens`` past the
+model's context (vLLM's message, see ``limits``), and ``best_of`` smaller than ``n``
 (by ``SamplingParams``).
 """
 
@@ -58,8 +61,9 @@ from baton_paged.structured_outputs import StructuredOutputsParams
 TokenId = Annotated[int, Field(ge=0)]
 NonEmptyText = Annotated[Text, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
-OnePrompt = Annotated[list[NonEmptyText], Field(min_length=1, max_length=1)]
-"""A list holding one prompt (OpenAI's batch form, with a batch of one)."""
+Texts = Annotated[list[NonEmptyText], Field(min_length=1)]
+TokenIdLists = Annotated[list[TokenIds], Field(min_length=1)]
+"""OpenAI's batch forms: several prompts in one request, as texts or as token id lists."""
 
 
 class StreamOptions(RequestModel):
@@ -92,6 +96,7 @@ class SamplingFields(RequestModel):
         "include_stop_str_in_output",
         "skip_special_tokens",
         "truncate_prompt_tokens",
+        "prompt_logprobs",
     )
     """Fields that reach ``SamplingParams`` under their own name, when the client sends them."""
     DEFAULT_MAX_TOKENS: ClassVar[int | None] = None
@@ -133,6 +138,9 @@ class SamplingFields(RequestModel):
     priority: int = Field(default=0, description="Lower is served first; may preempt.")
     truncate_prompt_tokens: int | None = Field(
         default=None, ge=1, description="vLLM: keep only the prompt's last N tokens."
+    )
+    prompt_logprobs: int | None = Field(
+        default=None, ge=0, description="vLLM: also score each prompt token, with the top N."
     )
     request_id: Annotated[Text, Field(min_length=1, max_length=128)] | None = Field(
         default=None, description="vLLM: the request's id (replies carry it in theirs)."
@@ -210,14 +218,19 @@ class CompletionRequest(SamplingFields):
     DEFAULT_MAX_TOKENS: ClassVar[int | None] = 16
     """OpenAI's and vLLM's default for completions."""
 
-    prompt: NonEmptyText | TokenIds | OnePrompt = Field(
-        description="One prompt: text, token ids, or a list holding one text.", min_length=1
+    prompt: NonEmptyText | TokenIds | Texts | TokenIdLists = Field(
+        description="A prompt (text or token ids), or a list of them: one choice set each."
+    )
+    max_tokens: int | None = Field(
+        default=None,
+        ge=0,
+        description="Tokens to generate at most; 0 (with echo) scores the prompt only.",
     )
     echo: bool | None = Field(default=False, description="Prepend the prompt to each choice.")
     logprobs: int | None = Field(
         default=None,
         ge=0,
-        description="Also return the top N tokens' logprobs per generated token.",
+        description="Also return the top N tokens' logprobs per token (with echo: the prompt's).",
     )
     best_of: int | None = Field(
         default=None, ge=1, description="Generate best_of sequences, return the n most likely."
@@ -234,32 +247,45 @@ class CompletionRequest(SamplingFields):
             bad_text = [e["msg"] for e in error.errors() if e["type"] == "value_error"]
             if bad_text:
                 raise ValueError(bad_text[0].removeprefix("Value error, ")) from None
-            if isinstance(prompt, list) and len(prompt) > 1 and isinstance(prompt[0], str):
-                several = "send one prompt per request (a list of prompts is not supported)"
-                raise ValueError(several) from None
             raise ValueError(
                 "the prompt must be a non-empty string, a non-empty list of token ids (integers "
-                ">= 0) or a list holding one string"
+                ">= 0), or a non-empty list of either"
             ) from None
 
     @property
-    def prompt_size(self) -> int:
-        """Characters (or token ids) to tokenize (or check)."""
-        if isinstance(self.prompt, str):
-            return len(self.prompt)
-        return sum(len(p) if isinstance(p, str) else 1 for p in self.prompt)
+    def prompts(self) -> list[str | list[int]]:
+        """The request's prompts, one or several."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
 
-    def engine_prompt(self) -> str | dict:
-        if isinstance(self.prompt, str):
-            return self.prompt
-        if isinstance(self.prompt[0], str):
-            return self.prompt[0]
-        return {"prompt_token_ids": list(self.prompt)}
+    @property
+    def prompt_size(self) -> int:
+        """Characters (or token ids) to tokenize (or check), over every prompt."""
+        return sum(len(prompt) for prompt in self.prompts)
+
+    def engine_prompts(self) -> list[str | dict]:
+        return [p if isinstance(p, str) else {"prompt_token_ids": p} for p in self.prompts]
+
+    @property
+    def score_only(self) -> bool:
+        """``echo`` with ``max_tokens=0``: the reply is the prompt (and its logprobs) alone."""
+        return self.max_tokens == 0
+
+    def token_limit(self) -> int | None:
+        """A score-only request draws one token, as vLLM's, which its reply leaves out."""
+        if self.score_only and not self.echo:
+            message = "max_tokens=0 returns nothing without echo (with echo it scores the prompt)"
+            raise FieldError(message, "max_tokens")
+        return 1 if self.score_only else self.max_tokens
 
     def extra_params(self) -> dict:
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs is not supported (it needs prompt logprobs)")
-        wanted = {"logprobs": self.logprobs, "best_of": self.best_of}
+        scored = self.prompt_logprobs if self.prompt_logprobs is not None else self.logprobs
+        wanted = {
+            "logprobs": self.logprobs,
+            "best_of": self.best_of,
+            "prompt_logprobs": scored if self.echo else self.prompt_logprobs,
+        }
         return {name: value for name, value in wanted.items() if value is not None}
 
 

@@ -16,14 +16,27 @@ class Usage(BaseModel):
 
 
 class CompletionLogprobs(BaseModel):
-    """OpenAI's legacy per-token logprobs: parallel lists, one entry per generated token."""
+    """OpenAI's legacy per-token logprobs: parallel lists, one entry per token of the choice's
+    text (with ``echo``, the prompt's tokens first: the very first is unscored, null)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
-    """The sampled token and the top N, by their text."""
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    """The sampled (or prompt) token and the top N, by their text."""
     text_offset: list[int]
     """Where each token's text starts in the choice's text."""
+
+
+class PromptLogprob(BaseModel):
+    """vLLM's ``prompt_logprobs`` entries, by token id."""
+
+    logprob: float
+    rank: int
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None] | None
+"""Per prompt token (None for the first, which nothing precedes): its logprob and the top N's."""
 
 
 class CompletionChoice(BaseModel):
@@ -34,6 +47,8 @@ class CompletionChoice(BaseModel):
     """"stop", "length", or null while a stream goes on."""
     stop_reason: int | str | None = None
     """vLLM's: the stop string or stop token id that ended the choice."""
+    prompt_logprobs: PromptLogprobs = None
+    """vLLM's, when the request asks for ``prompt_logprobs`` (a stream: in the first chunk)."""
 
 
 class CompletionResponse(BaseModel):
@@ -99,6 +114,8 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs = None
+    """vLLM's, when the request asks for ``prompt_logprobs``."""
 
 
 class Delta(BaseModel):
@@ -123,6 +140,8 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs = None
+    """In the first chunk, when the request asks for ``prompt_logprobs``."""
 
 
 class ModelCard(BaseModel):

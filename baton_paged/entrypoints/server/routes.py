@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -78,13 +78,14 @@ def build_app(
     *,
     aliases: Sequence[str] = (),
     chat_template: str | None = None,
+    tokenizer_info: bool = False,
 ) -> FastAPI:
     """The app serving ``engine`` as ``model_name``; with ``api_key``, /v1 routes need it as a
     Bearer token. ``limits``: what one request may ask (``ServerLimits``' defaults if None).
     ``tool_parser``: how replies under tool_choice "auto" are read (``PARSERS``' names; None
     refuses "auto", as vLLM without --enable-auto-tool-choice). ``aliases``: more ids requests
     may name the model by; ``chat_template``: the chat route's template instead of the
-    tokenizer's."""
+    tokenizer's; ``tokenizer_info``: serve ``GET /tokenizer_info``."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: give a key, or none to serve without one")
     if tool_parser is not None and tool_parser not in PARSERS:
@@ -117,6 +118,8 @@ def build_app(
         utility.detokenize
     )
     app.get("/version", response_model=VersionResponse)(utility.version)
+    if tokenizer_info:
+        app.get("/tokenizer_info")(utility.tokenizer_info)
     app.get(
         "/v1/models",
         dependencies=guard,
@@ -227,13 +230,16 @@ class Routes:
         )
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        prepared = await self.prepare(body, body.engine_prompt, body.prompt_size, "prompt", request)
+        prompts = body.engine_prompts()
+        prepared = await self.prepare(body, lambda: prompts, body.prompt_size, "prompt", request)
         if prepared is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        echo = self.prompt_text(prepared) if body.echo else ""
+        echoes = [self.prompt_text(p) if body.echo else "" for p in prepared]
         shape = CompletionShape(
-            self.model_name, body.choices, self.decode, echo, request_id=body.request_id
-        )
+            self.model_name, body.choices, self.decode, echoes,
+            request_id=body.request_id, score_only=body.score_only,
+            prompt_logprobs=body.prompt_logprobs is not None,
+        )  # fmt: skip
         return await self.respond(body, prepared, shape, request)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
@@ -243,9 +249,9 @@ class Routes:
         tokenizer = self.engine.tokenizer
         prepared = await self.prepare(
             body,
-            lambda: conversation_prompt(
-                tokenizer, turns, chat_template=self.chat_template, **rendered
-            ),
+            lambda: [
+                conversation_prompt(tokenizer, turns, chat_template=self.chat_template, **rendered)
+            ],
             body.prompt_size,
             "messages",
             request,
@@ -256,33 +262,39 @@ class Routes:
         top_n = body.top_logprobs or 0
         shape = ChatShape(
             self.model_name, body.choices, self.decode, top_n=top_n, tools=tools,
-            request_id=body.request_id,
+            request_id=body.request_id, prompt_logprobs=body.prompt_logprobs is not None,
         )  # fmt: skip
         return await self.respond(body, prepared, shape, request)
 
     async def prepare(
         self,
         body: SamplingFields,
-        render: Callable[[], PromptInput],
+        render: Callable[[], list[PromptInput]],
         size: int,
         what: str,
         request: Request,
         calls: StructuredOutputsParams | None = None,
-    ) -> EngineRequest | None:
-        """The engine's request, checked and tokenized (else a 400, or 404 for another model,
-        before anything is queued), or None if the client left meanwhile. ``render`` makes the
-        prompt of ``size`` characters; it runs with the tokenizer, off the event loop."""
+    ) -> list[EngineRequest] | None:
+        """The engine's requests, one per prompt, checked and tokenized (else a 400, or 404 for
+        another model, before anything is queued), or None if the client left meanwhile.
+        ``render`` makes the prompts of ``size`` characters in all; it runs with the tokenizer,
+        off the event loop."""
         self.check_model(body.model)
         check_sampling(body, self.limits, self.engine.inputs.max_logprobs)
         params = body.sampling_params(calls)
         inputs = self.engine.inputs
 
-        def tokenize() -> EngineRequest:
-            return inputs.prepare(render(), params, body.request_id, body.priority)
+        def tokenize() -> list[EngineRequest]:
+            prompts = render()
+            ids = [body.request_id] if len(prompts) == 1 else _numbered(body.request_id, prompts)
+            return [
+                inputs.prepare(prompt, params, request_id, body.priority)
+                for prompt, request_id in zip(prompts, ids, strict=True)
+            ]
 
         prepared = await unless_gone(self.tokenizing.run(size, tokenize), request)
-        if prepared is not None:
-            prompt_len = len(prepared.prompt_token_ids)
+        for one in prepared or ():
+            prompt_len = len(one.prompt_token_ids)
             check_context(prompt_len, body.token_limit(), inputs.max_model_len, what)
         return prepared
 
@@ -303,19 +315,44 @@ class Routes:
     def decode(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id])
 
-    async def respond(self, body, prepared: EngineRequest, shape, request: Request) -> Response:
-        stream = self.engine.generate_request(prepared)
-        # Submission errors surface with the first output, before any byte is sent.
-        first = await unless_gone(anext(stream), request, stream)
-        if first is None:
+    async def respond(
+        self, body, prepared: list[EngineRequest], shape, request: Request
+    ) -> Response:
+        streams = [self.engine.generate_request(one) for one in prepared]
+        # Submission errors surface with the first outputs, before any byte is sent.
+        firsts = await unless_gone(all_or_none(map(anext, streams), streams), request, streams)
+        if firsts is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         if body.stream:
-            events = sse_events(first, stream, shape, body.include_usage)
+            events = sse_events(list(zip(firsts, streams, strict=True)), shape, body.include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
-        final = await unless_gone(_last(first, stream), request, stream)
-        if final is None:
+        finals = map(_last, firsts, streams)
+        finals = await unless_gone(all_or_none(finals, streams), request, streams)
+        if finals is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return JSONResponse(shape.whole(final).model_dump())
+        return JSONResponse(shape.whole(finals).model_dump())
+
+
+def _numbered(request_id: str | None, prompts: list) -> list[str | None]:
+    """The engine's ids of a request's several prompts: the client's id, numbered."""
+    if request_id is None:
+        return [None] * len(prompts)
+    return [f"{request_id}-{i}" for i in range(len(prompts))]
+
+
+async def all_or_none(work: Iterable[Awaitable[T]], streams: Sequence[AsyncIterator]) -> list[T]:
+    """Every result of ``work`` (which reads ``streams``), or, if one fails or the caller is
+    cancelled, none: the rest is cancelled and every stream closed, aborting its request."""
+    tasks = [asyncio.ensure_future(one) for one in work]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()
+        raise
 
 
 CLIENT_CLOSED_REQUEST = 499
@@ -323,10 +360,10 @@ CLIENT_CLOSED_REQUEST = 499
 
 
 async def unless_gone(
-    work: Awaitable[T], request: Request, stream: AsyncIterator | None = None
+    work: Awaitable[T], request: Request, streams: Sequence[AsyncIterator] = ()
 ) -> T | None:
     """``work``'s result, or None if the client disconnects first, which cancels ``work`` (a
-    tokenization not started yet is dropped) and closes ``stream`` (aborting its request).
+    tokenization not started yet is dropped) and closes ``streams`` (aborting their requests).
 
     Starlette notices a vanished client only while it writes a streaming body; a request still
     queued for its first token, or a non-streaming one, writes nothing, so a watcher listens for
@@ -341,7 +378,7 @@ async def unless_gone(
         if not working.done():
             working.cancel()
             await asyncio.gather(working, return_exceptions=True)
-            if stream is not None:
+            for stream in streams:
                 await stream.aclose()
     return None if working.cancelled() else working.result()
 

@@ -9,19 +9,25 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 from baton_paged.entrypoints.server import responses as r
 from baton_paged.entrypoints.server.tools import ToolUse
 from baton_paged.outputs import CompletionOutput, Logprob, RequestOutput
 
 TokenLogprobs = tuple[dict[int, Logprob], ...]
+PromptSteps = tuple[tuple[int, dict[int, Logprob] | None], ...]
+"""An echoed prompt's tokens, each with its logprobs (None for the first: nothing precedes it)."""
+FLOOR = -9999.0
+"""A logprob of -inf (a token a grammar forbids) is sent as this, as vLLM and OpenAI do: JSON
+has no infinity."""
 
 
 @dataclass(frozen=True)
 class Piece:
     index: int
+    """The choice's index in the reply: prompt ``i``'s ``j``-th choice is ``i * n + j``."""
     text: str
     logprobs: TokenLogprobs | None
     """Per new token: the sampled token first, then the top N (None if none were asked for)."""
@@ -29,18 +35,40 @@ class Piece:
     stop_reason: int | str | None
     offset: int
     """Where the piece's first new token starts in the choice's text."""
+    echoed: PromptSteps = ()
+    """With ``echo`` and ``logprobs``: the prompt's tokens, scored, before the new ones."""
 
 
-def usage_of(output: RequestOutput) -> r.Usage:
-    prompt = len(output.prompt_token_ids)
-    completion = sum(len(choice.token_ids) for choice in output.outputs)
+def usage_of(outputs: Sequence[RequestOutput], generated: bool = True) -> r.Usage:
+    """Token counts over a reply's prompts; ``generated=False``: a score-only reply, whose
+    drawn token is not sent."""
+    prompt = sum(len(output.prompt_token_ids) for output in outputs)
+    drawn = sum(len(choice.token_ids) for output in outputs for choice in output.outputs)
+    completion = drawn if generated else 0
     return r.Usage(
         prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion
     )
 
 
+def prompt_logprobs_of(output: RequestOutput) -> r.PromptLogprobs:
+    """vLLM's ``prompt_logprobs`` reply field: per prompt token, by token id."""
+    return [
+        None
+        if step is None
+        else {
+            str(token): r.PromptLogprob(
+                logprob=max(lp.logprob, FLOOR), rank=lp.rank, decoded_token=lp.decoded_token
+            )
+            for token, lp in step.items()
+        }
+        for step in output.prompt_logprobs
+    ]
+
+
 class CompletionShape:
-    """``/v1/completions`` bodies: ``text_completion`` objects, streamed as the same objects."""
+    """``/v1/completions`` bodies: ``text_completion`` objects, streamed as the same objects. A
+    reply answers one or several prompts: ``echoes`` holds each one's echoed text ("" without
+    ``echo``), and every method that reads an output takes its prompt's place."""
 
     prefix = "cmpl"
 
@@ -49,67 +77,146 @@ class CompletionShape:
         model: str,
         n: int,
         decode: Callable[[int], str],
-        echo: str = "",
+        echoes: Sequence[str] = ("",),
         top_n: int = 0,
         request_id: str | None = None,
+        score_only: bool = False,
+        prompt_logprobs: bool = False,
     ):
-        """``decode``: a token id's text (for logprobs); ``echo``: the prompt text to prepend;
-        ``top_n``: chat's top_logprobs; ``request_id``: the client's (vLLM's field), which the
-        reply's id then carries."""
-        self.model, self.n, self.decode, self.echo, self.top_n = model, n, decode, echo, top_n
+        """``decode``: a token id's text (for logprobs); ``top_n``: chat's top_logprobs;
+        ``request_id``: the client's (vLLM's field), which the reply's id then carries;
+        ``score_only``: send each echoed prompt alone (``max_tokens=0``), without the token
+        drawn after it; ``prompt_logprobs``: the client asked for that field (``echo`` with
+        ``logprobs`` scores the prompt too, but sends it in ``logprobs``)."""
+        self.model, self.n, self.decode, self.top_n = model, n, decode, top_n
+        self.echoes, self.score_only = tuple(echoes), score_only
+        self.prompt_logprobs = prompt_logprobs
         self.id = f"{self.prefix}-{request_id or uuid.uuid4().hex}"
         self.created = int(time.time())
 
     def head(self) -> dict:
         return {"id": self.id, "created": self.created, "model": self.model}
 
-    def whole(self, output: RequestOutput) -> r.CompletionResponse:
-        choices = [self.choice(self.whole_piece(done)) for done in output.outputs]
-        return r.CompletionResponse(**self.head(), choices=choices, usage=usage_of(output))
+    def index(self, prompt: int, choice: int) -> int:
+        return prompt * self.n + choice
 
-    def whole_piece(self, done: CompletionOutput) -> Piece:
-        text, logprobs = self.echo + done.text, done.logprobs
+    def offset(self, prompt: int) -> int:
+        """Where prompt ``prompt``'s new text starts in each of its choices."""
+        return len(self.echoes[prompt])
+
+    def whole(self, outputs: Sequence[RequestOutput]) -> r.CompletionResponse:
+        choices = [
+            self.choice(self.whole_piece(prompt, output, done), output)
+            for prompt, output in enumerate(outputs)
+            for done in output.outputs
+        ]
+        usage = usage_of(outputs, not self.score_only)
+        return r.CompletionResponse(**self.head(), choices=choices, usage=usage)
+
+    def whole_piece(self, prompt: int, output: RequestOutput, done: CompletionOutput) -> Piece:
+        echo = self.echoes[prompt]
+        text, logprobs = done.text, done.logprobs
+        if self.score_only:
+            text, logprobs = "", None if logprobs is None else ()
         return Piece(
-            done.index, text, logprobs, done.finish_reason, done.stop_reason, len(self.echo)
+            self.index(prompt, done.index),
+            echo + text,
+            logprobs,
+            done.finish_reason,
+            done.stop_reason,
+            len(echo),
+            self.echoed(prompt, output, scored=logprobs is not None),
         )
 
-    def choice(self, piece: Piece) -> r.CompletionChoice:
+    def echoed(self, prompt: int, output: RequestOutput, scored: bool) -> PromptSteps:
+        """The prompt's scored tokens, where the choice's logprobs include them."""
+        if not (scored and self.echoes[prompt] and output.prompt_logprobs is not None):
+            return ()
+        return tuple(zip(output.prompt_token_ids, output.prompt_logprobs, strict=True))
+
+    def choice(self, piece: Piece, output: RequestOutput | None = None) -> r.CompletionChoice:
+        """``output``: the prompt's, in the choice's first message (for ``prompt_logprobs``)."""
         return r.CompletionChoice(
             index=piece.index,
             text=piece.text,
             logprobs=None if piece.logprobs is None else self.legacy_logprobs(piece),
             finish_reason=piece.finish_reason,
             stop_reason=piece.stop_reason,
+            prompt_logprobs=self.prompt_logprobs_of(output),
         )
+
+    def prompt_logprobs_of(self, output: RequestOutput | None) -> r.PromptLogprobs:
+        if output is None or not self.prompt_logprobs:
+            return None
+        return prompt_logprobs_of(output)
 
     def legacy_logprobs(self, piece: Piece) -> r.CompletionLogprobs:
-        tokens, chosen, tops, offsets, offset = [], [], [], [], piece.offset
-        for step in piece.logprobs:
-            token_id, logprob = next(iter(step.items()))  # the sampled token comes first
-            token = self.decode(token_id)
-            tokens.append(token)
-            chosen.append(logprob.logprob)
-            tops.append({self.decode(t): lp.logprob for t, lp in step.items()})
-            offsets.append(offset)
-            offset += len(token)
-        return r.CompletionLogprobs(
-            tokens=tokens, token_logprobs=chosen, top_logprobs=tops, text_offset=offsets
+        """OpenAI's parallel lists: the echoed prompt's tokens (offsets from 0, the first one
+        unscored), then the new ones (offsets from the piece's)."""
+        logprobs = r.CompletionLogprobs(
+            tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[]
         )
+        offset = 0
+        for token_id, step in piece.echoed:
+            offset += self.add_step(logprobs, token_id, step, offset)
+        offset = piece.offset
+        for step in piece.logprobs:
+            offset += self.add_step(logprobs, next(iter(step)), step, offset)
+        return logprobs
 
-    def opening(self) -> list:
-        """Chunks before any token: the echoed prompt of each choice."""
-        if not self.echo:
+    def add_step(
+        self,
+        into: r.CompletionLogprobs,
+        token_id: int,
+        step: dict[int, Logprob] | None,
+        offset: int,
+    ) -> int:
+        """Append one token's entries; return its text's length."""
+        token = self.decode(token_id)
+        into.tokens.append(token)
+        into.text_offset.append(offset)
+        if step is None:
+            into.token_logprobs.append(None)
+            into.top_logprobs.append(None)
+        else:
+            into.token_logprobs.append(max(step[token_id].logprob, FLOOR))
+            tops = {self.decode(t): max(lp.logprob, FLOOR) for t, lp in step.items()}
+            into.top_logprobs.append(tops)
+        return len(token)
+
+    def opening(self, prompt: int, first: RequestOutput) -> list:
+        """Chunks before any new text of prompt ``prompt``'s choices (``first``: its first
+        output): each choice's echoed prompt, scored if asked, and ``prompt_logprobs``."""
+        if not (self.echoes[prompt] or self.prompt_logprobs):
             return []
-        pieces = [Piece(i, self.echo, None, None, None, 0) for i in range(self.n)]
-        return [self.chunk(piece) for piece in pieces]
+        chunks = []
+        for done in first.outputs:
+            scored = done.logprobs is not None
+            piece = Piece(
+                self.index(prompt, done.index),
+                self.echoes[prompt],
+                () if scored else None,
+                None,
+                None,
+                0,
+                self.echoed(prompt, first, scored),
+            )
+            choice = self.choice(piece, first)
+            chunks.append(r.CompletionResponse(**self.head(), choices=[choice]))
+        return chunks
 
     def chunk(self, piece: Piece, done: CompletionOutput | None = None):
         """A stream chunk for ``piece`` of the choice now at ``done``; None: nothing to send
-        yet."""
+        yet. A score-only choice sends only its end."""
+        if self.score_only:
+            if piece.finish_reason is None:
+                return None
+            piece = replace(piece, text="", logprobs=None)
         return r.CompletionResponse(**self.head(), choices=[self.choice(piece)])
 
-    def usage_chunk(self, output: RequestOutput):
-        return r.CompletionResponse(**self.head(), choices=[], usage=usage_of(output))
+    def usage_chunk(self, outputs: Sequence[RequestOutput]):
+        usage = usage_of(outputs, not self.score_only)
+        return r.CompletionResponse(**self.head(), choices=[], usage=usage)
 
 
 class ChatShape(CompletionShape):
@@ -124,9 +231,15 @@ class ChatShape(CompletionShape):
         super().__init__(*args, **kwargs)
         self.tools = tools if tools is not None and tools.mode != "none" else None
 
-    def whole(self, output: RequestOutput) -> r.ChatCompletionResponse:
-        choices = [self.message(self.whole_piece(done)) for done in output.outputs]
-        return r.ChatCompletionResponse(**self.head(), choices=choices, usage=usage_of(output))
+    def whole(self, outputs: Sequence[RequestOutput]) -> r.ChatCompletionResponse:
+        (output,) = outputs  # a conversation is one prompt
+        choices = [self.message(self.whole_piece(0, output, done)) for done in output.outputs]
+        return r.ChatCompletionResponse(
+            **self.head(),
+            choices=choices,
+            usage=usage_of(outputs),
+            prompt_logprobs=self.prompt_logprobs_of(output),
+        )
 
     def message(self, piece: Piece) -> r.ChatChoice:
         content, calls, finish_reason = self.read(piece.text, piece.finish_reason)
@@ -169,14 +282,17 @@ class ChatShape(CompletionShape):
 
     def top(self, token_id: int, logprob: Logprob) -> r.TopLogprob:
         token = self.decode(token_id)
-        return r.TopLogprob(token=token, logprob=logprob.logprob, bytes=list(token.encode()))
+        value = max(logprob.logprob, FLOOR)
+        return r.TopLogprob(token=token, logprob=value, bytes=list(token.encode()))
 
-    def opening(self) -> list:
-        """Each choice's first chunk carries the role."""
+    def opening(self, prompt: int, first: RequestOutput) -> list:
+        """Each choice's first chunk carries the role (the first one also ``prompt_logprobs``,
+        if asked)."""
         return [
             r.ChatCompletionChunk(
                 **self.head(),
                 choices=[r.ChatChunkChoice(index=i, delta=r.Delta(role="assistant", content=""))],
+                prompt_logprobs=self.prompt_logprobs_of(first) if i == 0 else None,
             )
             for i in range(self.n)
         ]
@@ -208,5 +324,5 @@ class ChatShape(CompletionShape):
         )
         return r.ChatCompletionChunk(**self.head(), choices=[choice])
 
-    def usage_chunk(self, output: RequestOutput):
-        return r.ChatCompletionChunk(**self.head(), choices=[], usage=usage_of(output))
+    def usage_chunk(self, outputs: Sequence[RequestOutput]):
+        return r.ChatCompletionChunk(**self.head(), choices=[], usage=usage_of(outputs))

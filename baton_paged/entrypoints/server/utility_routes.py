@@ -8,7 +8,10 @@ conversation (``messages`` rendered by the chat template, ``add_generation_promp
 ``continue_final_message``, ``chat_template_kwargs``; ``add_special_tokens`` default false: the
 template wrote them) and answers ``{"count", "max_model_len", "tokens", "token_strs"}``
 (``token_strs`` with ``return_token_strs``). ``/detokenize`` takes ``tokens`` and answers
-``{"prompt"}``.
+``{"prompt"}``. ``GET /tokenizer_info`` (only with ``--enable-tokenizer-info-endpoint``, as in
+vLLM, since it shows the chat template) answers the tokenizer's settings: its special tokens,
+class, length limit and chat template, which lets lm-eval's ``local-completions`` tokenize
+through the server instead of loading the tokenizer itself.
 """
 
 from __future__ import annotations
@@ -63,6 +66,9 @@ class DetokenizeResponse(BaseModel):
 
 class VersionResponse(BaseModel):
     version: str
+
+
+SPECIAL = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
 class UtilityRoutes:
@@ -120,3 +126,18 @@ class UtilityRoutes:
 
     async def version(self) -> VersionResponse:
         return VersionResponse(version=__version__)
+
+    async def tokenizer_info(self) -> dict:
+        tokenizer = self.routes.engine.tokenizer
+        info: dict[str, Any] = {name: _text(getattr(tokenizer, name, None)) for name in SPECIAL}
+        info["tokenizer_class"] = type(tokenizer).__name__
+        info["model_max_length"] = self.routes.engine.inputs.max_model_len
+        info["add_bos_token"] = getattr(tokenizer, "add_bos_token", None)
+        template = self.routes.chat_template or getattr(tokenizer, "chat_template", None)
+        info["chat_template"] = template if isinstance(template, str) else None
+        return info
+
+
+def _text(token: Any) -> str | None:
+    """A special token's text (transformers may hold an ``AddedToken``)."""
+    return None if token is None else str(token)
