@@ -45,6 +45,15 @@ class RequestMetrics:
     finished_time: float | None
     token_times: tuple[float, ...]
     num_preemptions: int
+    scheduled_time: float | None = None
+    """When the request first joined the batch (None while it waits)."""
+
+    @property
+    def queue_time(self) -> float | None:
+        """Arrival to first joining the batch."""
+        if self.scheduled_time is None:
+            return None
+        return self.scheduled_time - self.arrival_time
 
     @property
     def time_to_first_token(self) -> float | None:
@@ -69,3 +78,5 @@ class RequestOutput:
     prompt_logprobs: tuple[dict[int, Logprob] | None, ...] | None = None
     """With ``SamplingParams.prompt_logprobs``: None for the first prompt token, then per prompt
     token its log-probability (and the top ones) given the tokens before it."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose K/V the prefix cache supplied (vLLM's field)."""

@@ -77,6 +77,10 @@ class Request:
     token_times: list[float] = field(default_factory=list)
     finished_time: float | None = None
     num_preemptions: int = 0
+    scheduled_time: float | None = None
+    """When it first joined the batch (its queue time ends there)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens whose K/V came from the prefix cache when it first joined (vLLM's)."""
     page_keys: list[bytes] = field(default_factory=list)
     """Prefix-cache keys of its full pages so far (``sched/prefix_caching.py``)."""
     grammar: Any = None

@@ -32,8 +32,8 @@ LAUNCHER = (
     "from baton_paged.entrypoints.cli import main; main(sys.argv[2:], prog_name='baton-paged')"
 )
 """Pins torch's intra-op threads in the server process, then runs the real CLI."""
-COUNTERS = ("iterations", "generation_tokens", "idle_slot_iterations")
-"""The engine counters of /metrics (``baton:<name>_total``) a run's deltas are taken of."""
+COUNTERS = {"iterations": "baton", "generation_tokens": "vllm", "idle_slot_iterations": "baton"}
+"""The engine counters of /metrics (``<prefix>:<name>_total``) a run's deltas are taken of."""
 DISTURBED_CPU = 0.25
 """A run during which other processes used more than this many cores is flagged disturbed: on 2
 cores one other busy process (which reads about 1) slows OpenMP forwards far more than 2x."""
@@ -83,10 +83,14 @@ class Server:
         return times.user + times.system + times.children_user + times.children_system
 
     def counters(self) -> dict[str, float]:
-        """The unlabelled counters of /metrics (``baton:iterations_total``...)."""
+        """The engine's counters of /metrics (``baton:iterations_total``...)."""
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
         samples = [s for family in text_string_to_metric_families(text) for s in family.samples]
-        return {s.name: s.value for s in samples if not s.labels and s.name.endswith("_total")}
+        return {
+            s.name: s.value
+            for s in samples
+            if set(s.labels) <= {"model_name"} and s.name.endswith("_total")
+        }
 
     def tail(self, chars: int = 1500) -> str:
         self.log.flush()
@@ -129,7 +133,7 @@ class Server:
         run.other_cpu_per_wall, run.disturbed = round(other, 3), other > DISTURBED_CPU
         run.loadavg_1m = (round(load_before, 2), round(os.getloadavg()[0], 2))
         after = self.counters()
-        names = {k: f"baton:{k}_total" for k in COUNTERS}
+        names = {k: f"{prefix}:{k}_total" for k, prefix in COUNTERS.items()}
         run.server_stats = {k: after.get(n, 0) - before.get(n, 0) for k, n in names.items()}
         if run.server_stats["iterations"]:  # the mean decode batch
             tokens = run.server_stats["generation_tokens"] / run.server_stats["iterations"]

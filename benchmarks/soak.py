@@ -136,17 +136,17 @@ def server_state(url: str) -> dict:
     """Requests running / waiting / swapped, KV pages in use per pool, requests aborted."""
     text = httpx.get(f"{url}/metrics", timeout=10).text
     values = {
-        (s.name, tuple(sorted(s.labels.values()))): s.value
+        (s.name, tuple(v for k, v in sorted(s.labels.items()) if k != "model_name")): s.value
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
     state = {
-        key: values.get((f"baton:num_requests_{key}", ()), float("nan"))
+        key: values.get((f"vllm:num_requests_{key}", ()), float("nan"))
         for key in ("running", "waiting", "swapped")
     }
     for pool in ("device", "host"):
         state[f"{pool}_pages"] = values.get(("baton:kv_pages_in_use", (pool,)), float("nan"))
-    state["aborted"] = values.get(("baton:request_success_total", ("abort",)), 0.0)
+    state["aborted"] = values.get(("vllm:request_success_total", ("abort",)), 0.0)
     return state
 
 

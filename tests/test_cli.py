@@ -1,6 +1,7 @@
 """The `baton-paged` command line."""
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -111,6 +112,9 @@ def test_serve_answers_and_stops_cleanly_on_sigterm(tiny_model_dir):
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
+    log = server.stdout.read().decode()
+    assert "[baton_paged.requests] Finished request cmpl-" in log  # vLLM logs each request
+    assert re.search(r"length; prompt \d+ tokens \(0 cached\), generated 3 in 1 choice", log), log
 
 
 def test_sigterm_lets_a_stream_in_flight_finish_before_exiting(tiny_model_dir):
@@ -237,6 +241,7 @@ def test_a_vllm_launch_line_with_only_the_command_changed_starts_the_server(
     finally:
         server.send_signal(signal.SIGTERM)
         assert server.wait(timeout=30) == 0
+    assert b"Finished request" not in server.stdout.read()  # --disable-log-requests
 
 
 @pytest.mark.parametrize(
@@ -249,6 +254,7 @@ def test_a_vllm_launch_line_with_only_the_command_changed_starts_the_server(
         (["--trust-remote-code"], "trust_remote_code=True is not supported"),
         (["--page-size", "16", "--block-size", "32"], "disagree"),
         (["M", "--served-model-name", "a", "b", "--replicas", "2"], "--replicas serves one"),
+        (["--enable-log-requests", "--disable-log-requests"], "disagree"),
     ],
 )
 def test_vllm_flags_that_cannot_work_are_usage_errors(args, words):

@@ -237,6 +237,7 @@ def serve(
     from baton_paged.entrypoints.async_engine import AsyncEngine
     from baton_paged.entrypoints.server import build_app
     from baton_paged.entrypoints.server.connection import serving_config
+    from baton_paged.entrypoints.server.logs import STATS_INTERVAL, show_server_logs
     from baton_paged.entrypoints.server.model_id import served_model_id
 
     engine = AsyncEngine(build_engine(options), max_waiting=max_waiting, own_thread=False)
@@ -250,8 +251,11 @@ def serve(
         aliases=names[1:],
         chat_template=server_options["chat_template"],
         tokenizer_info=server_options["tokenizer_info"],
+        log_requests=server_options["log_requests"],
+        stats_interval=STATS_INTERVAL if server_options["log_stats"] else None,
     )
     log_level = server_options["uvicorn_log_level"]
+    show_server_logs()
     server = uvicorn.Server(serving_config(app, host, port, limits, drain_timeout, log_level))
     run_engine_on_main_thread(engine, server, drain_timeout)
     if not server.started:

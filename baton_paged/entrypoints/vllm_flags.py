@@ -10,8 +10,9 @@ free GPU memory; on the CPU, as in vLLM's CPU build, ``--kv-memory`` sizes it),
 yet), ``--trust-remote-code`` (refused). Server flags: ``--served-model-name`` takes several
 names as vLLM does (``--served-model-name a b``: the first is the id replies carry, every one is
 accepted as ``model``), ``--chat-template`` (a file or the template itself),
-``--uvicorn-log-level``, and ``--disable-log-requests`` / ``--disable-log-stats`` (accepted:
-this server writes no per-request lines, and its stats are on ``/metrics``). A flag given in both
+``--uvicorn-log-level``, ``--disable-log-requests`` (no line per finished request;
+``--enable-log-requests``, vLLM's newer spelling, keeps the default), ``--disable-log-stats``
+(no periodic stats line) and ``--enable-tokenizer-info-endpoint``. A flag given in both
 spellings with different values is an error, never a silent choice.
 """
 
@@ -60,9 +61,11 @@ def vllm_serve_options(fn):
                      help="Serve GET /tokenizer_info (the tokenizer's settings and chat "
                      "template; lm-eval tokenizes through it)."),
         click.option("--disable-log-requests", is_flag=True,
-                     help="vLLM: accepted (no per-request lines are written)."),
+                     help="Write no log line per finished request."),
+        click.option("--enable-log-requests", is_flag=True,
+                     help="vLLM's newer spelling: a line per finished request (the default)."),
         click.option("--disable-log-stats", is_flag=True,
-                     help="vLLM: accepted (stats are served on /metrics)."),
+                     help="Write no periodic stats line (/metrics still serves them)."),
     ]  # fmt: skip
     for option in reversed(options):
         fn = option(fn)
@@ -72,7 +75,7 @@ def vllm_serve_options(fn):
 def take_vllm_flags(options: dict, ctx: click.Context) -> dict:
     """Fold vLLM's engine flags in ``options`` into our fields (in place) and return the
     server's: ``served_model_names``, ``chat_template``, ``uvicorn_log_level``,
-    ``tokenizer_info``."""
+    ``tokenizer_info``, ``log_requests``, ``log_stats``."""
     from baton_paged.entrypoints.vllm_args import engine_options
 
     positional = list(options.pop("positional"))
@@ -96,9 +99,12 @@ def take_vllm_flags(options: dict, ctx: click.Context) -> dict:
         if _typed(ctx, field) and options[field] != value:
             raise click.UsageError(f"{ours} and its vLLM spelling disagree; give one of them")
         options[field] = value
-    options.pop("disable_log_requests")
-    options.pop("disable_log_stats")
+    quiet, loud = options.pop("disable_log_requests"), options.pop("enable_log_requests")
+    if quiet and loud:
+        raise click.UsageError("--disable-log-requests and --enable-log-requests disagree")
     return {
+        "log_requests": not quiet,
+        "log_stats": not options.pop("disable_log_stats"),
         "served_model_names": names,
         "chat_template": _template(options.pop("chat_template")),
         "uvicorn_log_level": options.pop("uvicorn_log_level"),

@@ -350,7 +350,9 @@ class OutputSnapshot(NamedTuple):
                 finished_time=self.finished_time,
                 token_times=tuple(request.token_times[:n]),
                 num_preemptions=self.num_preemptions,
+                scheduled_time=request.scheduled_time,  # set once, before any token
             ),
+            num_cached_tokens=request.num_cached_tokens,
         )
 
 

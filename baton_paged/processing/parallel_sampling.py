@@ -101,6 +101,7 @@ class SampleGroup:
             finished=self.finished,
             metrics=_merged_metrics([o.metrics for o in outputs], self.finished),
             prompt_logprobs=outputs[0].prompt_logprobs,
+            num_cached_tokens=max(o.num_cached_tokens for o in outputs),
         )
 
 
@@ -110,14 +111,17 @@ def _best(completions: list[CompletionOutput], n: int) -> list[CompletionOutput]
 
 
 def _merged_metrics(metrics: list[RequestMetrics], finished: bool) -> RequestMetrics:
-    """The first completion's token times; first token and finish over all of them."""
+    """The first completion's token times; first admission, first token and finish over all
+    of them."""
     firsts = [m.first_token_time for m in metrics if m.first_token_time is not None]
+    scheduled = [m.scheduled_time for m in metrics if m.scheduled_time is not None]
     return RequestMetrics(
         arrival_time=metrics[0].arrival_time,
         first_token_time=min(firsts) if firsts else None,
         finished_time=max(m.finished_time or 0.0 for m in metrics) if finished else None,
         token_times=metrics[0].token_times,
         num_preemptions=sum(m.num_preemptions for m in metrics),
+        scheduled_time=min(scheduled) if scheduled else None,
     )
 
 

@@ -15,6 +15,7 @@ admitted request.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 
 from baton_paged.allocator import OutOfPagesError, SwapPlan, pages_needed
@@ -215,6 +216,9 @@ class Step:
         pages += pool.allocate(needed - len(pages))
         self._waiting.remove(request.request_id)
         self._batch.join(request, pages)
+        if request.scheduled_time is None:  # its first admission
+            request.scheduled_time = time.monotonic()
+            request.num_cached_tokens = request.num_computed_tokens
 
 
 def is_decoder(request: Request) -> bool:

@@ -109,10 +109,15 @@ def assert_no_pages_owned(server: RealServer, patience_s: float = 10) -> None:
 def engine_gauges(server: RealServer) -> dict[str, float]:
     """The KV pages owned per pool and the requests running, waiting and swapped."""
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
-    wanted = ("baton:kv_pages_in_use", "baton:num_requests_")
+    wanted = ("baton:kv_pages_in_use", "vllm:num_requests_")
     return {
-        f"{sample.name}{sample.labels or ''}": sample.value
+        f"{sample.name}{_without_model(sample.labels)}": sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
         if sample.name.startswith(wanted)
     }
+
+
+def _without_model(labels: dict) -> str:
+    rest = {k: v for k, v in labels.items() if k != "model_name"}
+    return str(rest) if rest else ""

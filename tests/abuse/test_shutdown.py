@@ -45,6 +45,6 @@ def test_requests_open_past_the_drain_timeout_fail_in_their_own_format(tiny_mode
 
 def wait_until_both_run(server: RealServer) -> None:
     deadline = time.monotonic() + 60
-    while engine_gauges(server)["baton:num_requests_running"] < 2:
+    while engine_gauges(server)["vllm:num_requests_running"] < 2:
         assert time.monotonic() < deadline, "the two requests never ran"
         time.sleep(0.05)

@@ -89,9 +89,11 @@ def test_metrics_read_nothing_but_the_snapshot(make_engine):
 
     class OnlyASnapshot:
         snapshot = engine.snapshot
+        inputs = engine.inputs  # read once, for the token-count buckets
 
-    text = ServerMetrics(OnlyASnapshot()).render().decode()
-    assert "baton:num_requests_running 0.0" in text and "baton:kv_cache_usage_perc 0.0" in text
+    text = ServerMetrics(OnlyASnapshot(), "m").render().decode()
+    assert 'vllm:num_requests_running{model_name="m"} 0.0' in text
+    assert 'vllm:kv_cache_usage_perc{model_name="m"} 0.0' in text
 
 
 def test_the_snapshot_follows_adds_steps_and_aborts(make_engine):

@@ -286,21 +286,21 @@ def test_metrics_parse_and_count_what_was_served(server, client):
     text = httpx.get(f"{server.url}/metrics").text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     expected = {
-        "baton:num_requests_running",
-        "baton:num_requests_waiting",
-        "baton:kv_cache_usage_perc",
-        "baton:time_to_first_token_seconds",
-        "baton:inter_token_latency_seconds",
-        "baton:e2e_request_latency_seconds",
-        "baton:generation_tokens",
-        "baton:prompt_tokens",
-        "baton:request_success",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:time_to_first_token_seconds",
+        "vllm:inter_token_latency_seconds",
+        "vllm:e2e_request_latency_seconds",
+        "vllm:generation_tokens",
+        "vllm:prompt_tokens",
+        "vllm:request_success",
+        "vllm:prefix_cache_queries",
+        "vllm:prefix_cache_hits",
         "baton:slot_efficiency",
         "baton:idle_slot_iterations",
         "baton:preemptions",
         "baton:swapped_bytes",
-        "baton:prefix_cache_queries",
-        "baton:prefix_cache_hits",
         "baton:prefix_cache_evictions",
         "baton:prefix_cache_hit_rate",
     }
@@ -315,10 +315,10 @@ def test_metrics_parse_and_count_what_was_served(server, client):
         )
 
     stats = server.engine.engine.stats
-    assert value("baton:generation_tokens", "_total") == stats.generated_tokens > 0
-    assert value("baton:request_success", "_total") >= 1
-    queries = value("baton:prefix_cache_queries", "_total")
+    assert value("vllm:generation_tokens", "_total") == stats.generated_tokens > 0
+    assert value("vllm:request_success", "_total") >= 1
+    queries = value("vllm:prefix_cache_queries", "_total")
     assert queries == stats.prefix_cache_queries > 0
-    finished = value("baton:request_success", "_total")
-    not_aborted = finished - value("baton:request_success", "_total", finished_reason="abort")
-    assert not_aborted <= value("baton:time_to_first_token_seconds", "_count") <= finished
+    finished = value("vllm:request_success", "_total")
+    not_aborted = finished - value("vllm:request_success", "_total", finished_reason="abort")
+    assert not_aborted <= value("vllm:time_to_first_token_seconds", "_count") <= finished

@@ -34,6 +34,7 @@ from baton_paged.entrypoints.server.limits import (
     check_context,
     check_sampling,
 )
+from baton_paged.entrypoints.server.logs import StatsLog, log_request
 from baton_paged.entrypoints.server.metrics import ServerMetrics
 from baton_paged.entrypoints.server.openapi import published_schema
 from baton_paged.entrypoints.server.protocol import (
@@ -79,13 +80,16 @@ def build_app(
     aliases: Sequence[str] = (),
     chat_template: str | None = None,
     tokenizer_info: bool = False,
+    log_requests: bool = False,
+    stats_interval: float | None = None,
 ) -> FastAPI:
     """The app serving ``engine`` as ``model_name``; with ``api_key``, /v1 routes need it as a
     Bearer token. ``limits``: what one request may ask (``ServerLimits``' defaults if None).
     ``tool_parser``: how replies under tool_choice "auto" are read (``PARSERS``' names; None
     refuses "auto", as vLLM without --enable-auto-tool-choice). ``aliases``: more ids requests
     may name the model by; ``chat_template``: the chat route's template instead of the
-    tokenizer's; ``tokenizer_info``: serve ``GET /tokenizer_info``."""
+    tokenizer's; ``tokenizer_info``: serve ``GET /tokenizer_info``; ``log_requests``: a log line
+    per finished request; ``stats_interval``: seconds between stats lines (None: none)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: give a key, or none to serve without one")
     if tool_parser is not None and tool_parser not in PARSERS:
@@ -96,15 +100,17 @@ def build_app(
         title="baton-paged",
         docs_url=None,
         redoc_url=None,
-        lifespan=closing(server.tokenizing),
+        lifespan=closing(server.tokenizing, stats_interval and StatsLog(engine, stats_interval)),
     )
     app.state.engine = engine
     install_handlers(app)
     app.add_middleware(RequestGuard, limits=limits)
     guard = [Depends(bearer_check(api_key))] if api_key else []
     refusals = (400, 401, 404, 500, 503) if api_key else (400, 404, 500, 503)
-    metrics = ServerMetrics(engine)
+    metrics = ServerMetrics(engine, model_name)
     engine.finish_listeners.append(metrics.observe)
+    if log_requests:
+        engine.finish_listeners.append(log_request)
 
     app.get("/health", response_class=Response, responses=HEALTH)(server.health)
     app.get("/metrics", response_class=PlainTextResponse, responses=METRICS)(
@@ -142,13 +148,19 @@ def build_app(
     return app
 
 
-def closing(tokenizing: Tokenizing):
-    """The app's lifespan: its tokenizer threads end with it."""
+def closing(tokenizing: Tokenizing, stats: StatsLog | None):
+    """The app's lifespan: the stats line runs with it, and its tokenizer threads end with
+    it."""
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        tokenizing.close()
+        logging_stats = asyncio.ensure_future(stats.run()) if stats else None
+        try:
+            yield
+        finally:
+            if logging_stats is not None:
+                logging_stats.cancel()
+            tokenizing.close()
 
     return lifespan
 
@@ -230,14 +242,16 @@ class Routes:
         )
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        prompts = body.engine_prompts()
-        prepared = await self.prepare(body, lambda: prompts, body.prompt_size, "prompt", request)
+        prompts, reply_id = body.engine_prompts(), CompletionShape.new_id(body.request_id)
+        prepared = await self.prepare(
+            body, lambda: prompts, body.prompt_size, "prompt", request, reply_id
+        )
         if prepared is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         echoes = [self.prompt_text(p) if body.echo else "" for p in prepared]
         shape = CompletionShape(
             self.model_name, body.choices, self.decode, echoes,
-            request_id=body.request_id, score_only=body.score_only,
+            reply_id=reply_id, score_only=body.score_only,
             prompt_logprobs=body.prompt_logprobs is not None,
         )  # fmt: skip
         return await self.respond(body, prepared, shape, request)
@@ -246,7 +260,7 @@ class Routes:
         tools = tool_use(body.tools, body.tool_choice, body.parallel_tool_calls, self.tool_parser)
         turns = [template_turn(m) for m in body.messages]
         rendered = body.template_options() | ({"tools": list(tools.tools)} if tools.tools else {})
-        tokenizer = self.engine.tokenizer
+        tokenizer, reply_id = self.engine.tokenizer, ChatShape.new_id(body.request_id)
         prepared = await self.prepare(
             body,
             lambda: [
@@ -255,6 +269,7 @@ class Routes:
             body.prompt_size,
             "messages",
             request,
+            reply_id,
             calls=tools.spec(),
         )
         if prepared is None:
@@ -262,7 +277,7 @@ class Routes:
         top_n = body.top_logprobs or 0
         shape = ChatShape(
             self.model_name, body.choices, self.decode, top_n=top_n, tools=tools,
-            request_id=body.request_id, prompt_logprobs=body.prompt_logprobs is not None,
+            reply_id=reply_id, prompt_logprobs=body.prompt_logprobs is not None,
         )  # fmt: skip
         return await self.respond(body, prepared, shape, request)
 
@@ -273,12 +288,14 @@ class Routes:
         size: int,
         what: str,
         request: Request,
+        reply_id: str,
         calls: StructuredOutputsParams | None = None,
     ) -> list[EngineRequest] | None:
         """The engine's requests, one per prompt, checked and tokenized (else a 400, or 404 for
         another model, before anything is queued), or None if the client left meanwhile.
         ``render`` makes the prompts of ``size`` characters in all; it runs with the tokenizer,
-        off the event loop."""
+        off the event loop. The requests' ids are the reply's (numbered for several prompts, as
+        vLLM's), so the log lines name what the client was sent."""
         self.check_model(body.model)
         check_sampling(body, self.limits, self.engine.inputs.max_logprobs)
         params = body.sampling_params(calls)
@@ -286,7 +303,11 @@ class Routes:
 
         def tokenize() -> list[EngineRequest]:
             prompts = render()
-            ids = [body.request_id] if len(prompts) == 1 else _numbered(body.request_id, prompts)
+            ids = (
+                [reply_id]
+                if len(prompts) == 1
+                else [f"{reply_id}-{i}" for i in range(len(prompts))]
+            )
             return [
                 inputs.prepare(prompt, params, request_id, body.priority)
                 for prompt, request_id in zip(prompts, ids, strict=True)
@@ -331,13 +352,6 @@ class Routes:
         if finals is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         return JSONResponse(shape.whole(finals).model_dump())
-
-
-def _numbered(request_id: str | None, prompts: list) -> list[str | None]:
-    """The engine's ids of a request's several prompts: the client's id, numbered."""
-    if request_id is None:
-        return [None] * len(prompts)
-    return [f"{request_id}-{i}" for i in range(len(prompts))]
 
 
 async def all_or_none(work: Iterable[Awaitable[T]], streams: Sequence[AsyncIterator]) -> list[T]:

@@ -79,20 +79,27 @@ class CompletionShape:
         decode: Callable[[int], str],
         echoes: Sequence[str] = ("",),
         top_n: int = 0,
-        request_id: str | None = None,
+        reply_id: str | None = None,
         score_only: bool = False,
         prompt_logprobs: bool = False,
     ):
         """``decode``: a token id's text (for logprobs); ``top_n``: chat's top_logprobs;
-        ``request_id``: the client's (vLLM's field), which the reply's id then carries;
+        ``reply_id``: the reply's id (``new_id``; a fresh one if None), which the engine's
+        requests carry too;
         ``score_only``: send each echoed prompt alone (``max_tokens=0``), without the token
         drawn after it; ``prompt_logprobs``: the client asked for that field (``echo`` with
         ``logprobs`` scores the prompt too, but sends it in ``logprobs``)."""
         self.model, self.n, self.decode, self.top_n = model, n, decode, top_n
         self.echoes, self.score_only = tuple(echoes), score_only
         self.prompt_logprobs = prompt_logprobs
-        self.id = f"{self.prefix}-{request_id or uuid.uuid4().hex}"
+        self.id = reply_id or self.new_id()
         self.created = int(time.time())
+
+    @classmethod
+    def new_id(cls, request_id: str | None = None) -> str:
+        """A reply's id: ``cmpl-`` (chat: ``chatcmpl-``) and the client's ``request_id`` (vLLM's
+        field), or a random one."""
+        return f"{cls.prefix}-{request_id or uuid.uuid4().hex}"
 
     def head(self) -> dict:
         return {"id": self.id, "created": self.created, "model": self.model}
