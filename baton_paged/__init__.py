@@ -22,6 +22,8 @@ _EXPORTS = {
     "Engine": "baton_paged.engine",
     "RequestOutput": "baton_paged.outputs",
     "CompletionOutput": "baton_paged.outputs",
+    "TextPrompt": "baton_paged.inputs",
+    "TokensPrompt": "baton_paged.inputs",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -86,6 +86,8 @@ class Request:
     grammar: Any = None
     """The matcher of ``params.structured_outputs`` in its start state, compiled when the request
     was prepared (``processing/grammars.py``); the output side advances a copy of it."""
+    bad_words_token_ids: tuple[tuple[int, ...], ...] = ()
+    """``params.bad_words`` as token sequences (``InputProcessor`` tokenizes them)."""
     num_placeholders: int = 0
     """Tokens sampled on the device whose ids the host has not read yet (0 or 1)."""
 

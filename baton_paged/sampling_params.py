@@ -106,10 +106,17 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | None = None
     """The grammar every sampled token must follow (a JSON schema, regex, choice or grammar);
     None leaves the output free."""
+    allowed_token_ids: list[int] | None = None
+    """Only these token ids may be sampled (vLLM's); None allows every token."""
+    bad_words: list[str] | None = None
+    """Words never to generate (vLLM's): each word's last token is forbidden wherever the
+    tokens before it were just generated, the word as written and with a leading space."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", _normalise_stop(self.stop))
         object.__setattr__(self, "stop_token_ids", _normalise_stop_token_ids(self.stop_token_ids))
+        object.__setattr__(self, "allowed_token_ids", _normalise_allowed(self.allowed_token_ids))
+        object.__setattr__(self, "bad_words", _normalise_bad_words(self.bad_words))
         _check_temperature(self.temperature)
         _check_top_p(self.top_p)
         _check_top_k(self.top_k)
@@ -184,6 +191,27 @@ def _normalise_stop_token_ids(ids: Sequence[int] | None) -> tuple[int, ...]:
                 f"stop_token_ids must be token ids >= 0, got {token_id!r} in {list(ids)!r}"
             )
     return ids
+
+
+def _normalise_allowed(ids: Sequence[int] | None) -> tuple[int, ...] | None:
+    if ids is None:
+        return None
+    ids = tuple(ids)
+    if not ids:
+        raise FieldError("allowed_token_ids may not be empty (nothing could be sampled)",
+                         "allowed_token_ids")  # fmt: skip
+    if not all(_is_int(token_id) and token_id >= 0 for token_id in ids):
+        message = f"allowed_token_ids must be token ids >= 0, got {list(ids)[:10]!r}"
+        raise FieldError(message, "allowed_token_ids")
+    return tuple(sorted(set(ids)))
+
+
+def _normalise_bad_words(words: Sequence[str] | None) -> tuple[str, ...]:
+    words = (words,) if isinstance(words, str) else tuple(words or ())
+    if not all(isinstance(word, str) and word.strip() for word in words):
+        message = f"bad_words must be non-empty strings, got {list(words)!r}"
+        raise FieldError(message, "bad_words")
+    return words
 
 
 def _check_number(name: str, value: object) -> None:

@@ -1,7 +1,8 @@
 """The sampler: one step's logits in, one token per request out (plus log-probabilities on request).
 
-Order of operations, per row, as vLLM's: ``logit_bias`` is added; suppressed ids are set to
--inf (the engine forbids EOS and stop ids while a request is below ``min_tokens``); repetition,
+Order of operations, per row, as vLLM's: ``logit_bias`` is added; tokens outside
+``allowed_token_ids`` and suppressed ids are set to -inf (the engine forbids EOS and stop ids
+while a request is below ``min_tokens``, and the token completing a bad word); repetition,
 frequency and presence penalties apply; all of this to greedy rows too. Then greedy rows take
 the argmax and random rows go through temperature, min-p, top-k, top-p (``nucleus.py``) and one
 draw by inverse transform.
@@ -83,6 +84,7 @@ def sample_on_device(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> Devic
     scores = logits.detach().to(dtype=dtype, copy=True)
     raw = _raw_logprobs(scores, rows)
     _add_logit_bias(scores, rows)
+    _allow_only(scores, rows)
     _suppress(scores, rows)
     _apply_penalties(scores, rows)
     random = [i for i, row in enumerate(rows) if not row.params.is_greedy]
@@ -114,6 +116,7 @@ def _bare_argmax(row: SamplingRow) -> bool:
         params.is_greedy
         and params.logprobs is None
         and not params.logit_bias
+        and params.allowed_token_ids is None
         and not row.suppressed_token_ids
         and not params.has_penalties
     )
@@ -129,6 +132,16 @@ def _suppress(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     scores[torch.tensor(row_index, device=device), torch.tensor(token_index, device=device)] = (
         float("-inf")
     )
+
+
+def _allow_only(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Rows with ``allowed_token_ids``: every other token to -inf."""
+    for i, row in enumerate(rows):
+        allowed = row.params.allowed_token_ids
+        if allowed is not None:
+            keep = scores[i, list(allowed)]
+            scores[i] = float("-inf")
+            scores[i, list(allowed)] = keep
 
 
 def _add_logit_bias(scores: torch.Tensor, rows: Sequence[SamplingRow]) -> None:

@@ -14,13 +14,15 @@ from typing import Any
 import torch
 
 from baton_paged.allocator import pages_needed
+from baton_paged.inputs import PROMPT_KEYS
 from baton_paged.processing.grammars import GrammarCompiler
 from baton_paged.processing.prompt_encoding import encode, untruncated
 from baton_paged.request import Request
 from baton_paged.sampling_params import FieldError, SamplingParams
 
 PromptInput = str | Sequence[int] | dict
-"""Text, token ids, or ``{"prompt": text}`` / ``{"prompt_token_ids": ids[, "prompt": text]}``."""
+"""Text, token ids, or ``{"prompt": text}`` / ``{"prompt_token_ids": ids[, "prompt": text]}``
+(``baton_paged.inputs``' ``TextPrompt`` and ``TokensPrompt``)."""
 
 
 class InputProcessor:
@@ -63,6 +65,7 @@ class InputProcessor:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority must be an int, got {priority!r}")
         self._check_logit_bias(params)
+        self._check_allowed(params)
         self._check_logprobs(params)
         text, ids = self._tokenize(prompt)
         if params.truncate_prompt_tokens is not None and len(ids) > params.truncate_prompt_tokens:
@@ -79,6 +82,7 @@ class InputProcessor:
             prompt=text,
             generator=None if seed is None else torch.Generator(self.device).manual_seed(seed),
             grammar=grammar,
+            bad_words_token_ids=self._bad_words(params.bad_words),
         )
 
     def _grammar(self, params: SamplingParams) -> Any:
@@ -93,6 +97,13 @@ class InputProcessor:
 
     def _tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
+            unknown = sorted(set(prompt) - PROMPT_KEYS)
+            if unknown:
+                raise FieldError(
+                    f"prompt keys {unknown} are not supported: this engine takes text or token "
+                    f"prompts ({sorted(PROMPT_KEYS)}), never images or other inputs",
+                    "prompt",
+                )
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), self._check_ids(prompt["prompt_token_ids"])
             if "prompt" not in prompt:
@@ -123,6 +134,24 @@ class InputProcessor:
         if outside:
             message = f"logit_bias token ids must be < the vocabulary's {vocab}: {outside[:10]}"
             raise FieldError(message, "logit_bias")
+
+    def _check_allowed(self, params: SamplingParams) -> None:
+        vocab = len(self.tokenizer)
+        outside = [t for t in params.allowed_token_ids or () if t >= vocab]
+        if outside:
+            message = f"allowed_token_ids must be < the vocabulary's {vocab}: {outside[:10]}"
+            raise FieldError(message, "allowed_token_ids")
+
+    def _bad_words(self, words: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
+        """Each word's token sequences: as written (without leading spaces) and after a space,
+        where that tokenizes differently (mid-text, most tokenizers fold the space in)."""
+        sequences: dict[tuple[int, ...], None] = {}
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = encode(self.tokenizer, text, add_special_tokens=False)
+                if ids:
+                    sequences[tuple(ids)] = None
+        return tuple(sequences)
 
     def _check_logprobs(self, params: SamplingParams) -> None:
         """Each returned log-probability is work on every step: past the limit, refuse."""

@@ -129,12 +129,14 @@ class OutputProcessor:
         self._releases += 1
 
     def suppressed_token_ids(self, request: Request) -> tuple[int, ...]:
-        """Tokens the request may not sample yet: EOS and stop ids before ``min_tokens``."""
+        """Tokens the request may not sample now: EOS and stop ids before ``min_tokens``, and
+        the token that would complete one of its bad words."""
         params = request.params
+        banned = _completing_bad_words(request) if request.bad_words_token_ids else ()
         if len(request.output_token_ids) >= params.min_tokens:
-            return ()
+            return banned
         eos = () if params.ignore_eos else request.eos_token_ids
-        return eos + params.stop_token_ids
+        return eos + params.stop_token_ids + banned
 
     def sample(
         self, forward: ForwardBatch, logits: torch.Tensor, positions: list[PromptPosition]
@@ -362,6 +364,17 @@ Output = RequestOutput | OutputSnapshot
 
 def built(output: Output) -> RequestOutput:
     return output if isinstance(output, RequestOutput) else output.build()
+
+
+def _completing_bad_words(request: Request) -> tuple[int, ...]:
+    """The last token of each bad word whose other tokens the output ends with."""
+    output = request.output_token_ids
+    return tuple(
+        word[-1]
+        for word in request.bad_words_token_ids
+        if len(word) == 1
+        or (len(output) >= len(word) - 1 and output[1 - len(word) :] == list(word[:-1]))
+    )
 
 
 def _stop_holdback(params) -> int:

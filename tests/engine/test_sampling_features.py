@@ -191,3 +191,67 @@ def test_prompt_logprobs_are_reported_once_after_recompute(make_engine):
         done.update((o.request_id, o) for o in engine.step() if o.finished)
     assert engine.stats.recompute_preemptions > 0
     assert all(len(o.prompt_logprobs) == 20 for o in done.values())
+
+
+class AllowOnly(LogitsProcessor):
+    def __init__(self, allowed: list[int]):
+        self.allowed = allowed
+
+    def __call__(self, input_ids, scores):
+        masked = torch.full_like(scores, float("-inf"))
+        masked[:, self.allowed] = scores[:, self.allowed]
+        return masked
+
+
+def test_allowed_token_ids_equal_transformers_with_the_same_mask(make_engine, hf_generate):
+    allowed = [3, 17, 42, 99, 250]
+    outputs = run_all(make_engine("llama"), greedy(allowed_token_ids=allowed))
+    for prompt, output in zip(PROMPTS, outputs, strict=True):
+        assert set(output.outputs[0].token_ids) <= set(allowed)
+        processor = LogitsProcessorList([AllowOnly(allowed)])
+        assert output.outputs[0].token_ids == hf_generate(prompt, 12, logits_processor=processor)
+
+
+def test_bad_words_never_appear_and_equal_transformers(make_engine, hf_generate):
+    """A word the unconstrained output contains, banned: transformers' ``bad_words_ids`` (which
+    also looks at the prompt's tail; these prompts do not end in a banned word's start)."""
+    engine = make_engine("llama")
+    tokenizer = engine.tokenizer
+    free = run_all(engine, greedy())[0].outputs[0]
+    pairs = [list(free.token_ids[i : i + 2]) for i in range(1, len(free.token_ids) - 1)]
+
+    def encode(text: str) -> list[int]:
+        return tokenizer.encode(text, add_special_tokens=False)
+
+    word = next(tokenizer.decode(p) for p in pairs if encode(tokenizer.decode(p).lstrip()) == p)
+    params = greedy(bad_words=[word])
+    banned = [encode(text) for text in (word.lstrip(), " " + word.lstrip())]
+    for prompt, output in zip(PROMPTS, run_all(make_engine("llama"), params), strict=True):
+        ids = list(output.outputs[0].token_ids)
+        for seq in banned:
+            windows = [ids[i : i + len(seq)] for i in range(len(ids) - len(seq) + 1)]
+            assert seq not in windows
+        assert tuple(ids) == hf_generate(prompt, 12, bad_words_ids=banned)
+    assert run_all(make_engine("llama"), params)[0].outputs[0].token_ids != free.token_ids
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"allowed_token_ids": []}, "allowed_token_ids"),
+        ({"allowed_token_ids": [-1]}, "allowed_token_ids"),
+        ({"bad_words": [""]}, "bad_words"),
+        ({"bad_words": [3]}, "bad_words"),
+    ],
+)
+def test_bad_allowed_or_banned_values_name_their_field(options, field):
+    with pytest.raises(FieldError) as error:
+        SamplingParams(**options)
+    assert error.value.param == field
+
+
+def test_allowed_token_ids_outside_the_vocabulary_are_refused(make_engine):
+    engine = make_engine("llama")
+    with pytest.raises(FieldError, match="vocabulary"):
+        engine.add_request("x", SamplingParams(allowed_token_ids=[10**7]))
+    assert not engine.requests

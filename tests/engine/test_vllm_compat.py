@@ -126,3 +126,20 @@ def test_conversation_without_a_template_is_plain_role_lines():
         conversation_prompt(Plain(), messages, continue_final_message=True)
     with pytest.raises(ValueError, match="at least one message"):
         conversation_prompt(Plain(), [])
+
+
+def test_prompt_types_and_unknown_prompt_keys(tiny_model_dir):
+    from baton_paged import TextPrompt, TokensPrompt
+
+    llm = LLM(str(tiny_model_dir("llama")), max_model_len=64, kv_memory="16MiB",
+              swap_memory="16MiB")  # fmt: skip
+    params = SamplingParams(temperature=0, max_tokens=3)
+    ids = llm.get_tokenizer().encode("def main():")
+    by_text, by_ids = llm.generate(
+        [TextPrompt(prompt="def main():"), TokensPrompt(prompt_token_ids=ids)], params
+    )
+    assert by_text.outputs[0].token_ids == by_ids.outputs[0].token_ids
+    image = {"prompt": "describe", "multi_modal_data": {"image": object()}}
+    with pytest.raises(ValueError, match="multi_modal_data"):
+        llm.generate([image], params)
+    assert not llm.engine.requests

@@ -12,6 +12,7 @@ from test_openai_strict import USER_HI, assert_refused, post
 
 from baton_paged import __version__
 from baton_paged.processing.chat_prompt import conversation_prompt
+from baton_paged.sampling_params import SamplingParams
 
 
 def get(server, path: str) -> httpx.Response:
@@ -111,3 +112,17 @@ def test_fields_current_sdks_send_are_accepted_and_change_nothing(server, client
     plain = client.chat.completions.create(model=MODEL, messages=USER_HI, max_tokens=3,
                                            temperature=0)  # fmt: skip
     assert reply.choices[0].message.content == plain.choices[0].message.content
+
+
+def test_allowed_token_ids_and_bad_words_reach_the_engine(server, client):
+    allowed = [3, 17, 42, 99]
+    extra = {"allowed_token_ids": allowed, "bad_words": ["the"], "ignore_eos": True}
+    reply = client.completions.create(
+        model=MODEL, prompt="def main():", max_tokens=6, temperature=0, extra_body=extra
+    )
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                            allowed_token_ids=allowed, bad_words=["the"])  # fmt: skip
+    expected = server.offline.generate(["def main():"], params)[0].outputs[0]
+    assert reply.choices[0].text == expected.text and set(expected.token_ids) <= set(allowed)
+    bad = {"model": MODEL, "prompt": "x", "allowed_token_ids": [10**7]}
+    assert_refused(post(server, "completions", bad), server, 400, param="allowed_token_ids")

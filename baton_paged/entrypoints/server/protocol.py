@@ -19,9 +19,9 @@ vLLM's ``structured_outputs``, on both routes (``structured.py``; vLLM's removed
 fields are a 400 naming their replacement). Chat's ``tools``, ``tool_choice`` and
 ``parallel_tool_calls``: ``tools.py``.
 
-vLLM's request extras: ``truncate_prompt_tokens``, ``prompt_logprobs`` and ``request_id`` (both
-routes); ``chat_template_kwargs``, ``add_generation_prompt`` and ``continue_final_message``
-(chat). Accepted at any value and changing no output (current OpenAI SDKs send them): ``store``,
+vLLM's request extras: ``truncate_prompt_tokens``, ``prompt_logprobs``, ``allowed_token_ids``,
+``bad_words`` and ``request_id`` (both routes); ``chat_template_kwargs``,
+``add_generation_prompt`` and ``continue_final_message`` (chat). Accepted at any value and changing no output (current OpenAI SDKs send them): ``store``,
 ``metadata``, ``reasoning_effort``, ``verbosity``, ``prompt_cache_key``, ``safety_identifier``
 (chat).
 
@@ -97,6 +97,8 @@ class SamplingFields(RequestModel):
         "skip_special_tokens",
         "truncate_prompt_tokens",
         "prompt_logprobs",
+        "allowed_token_ids",
+        "bad_words",
     )
     """Fields that reach ``SamplingParams`` under their own name, when the client sends them."""
     DEFAULT_MAX_TOKENS: ClassVar[int | None] = None
@@ -141,6 +143,12 @@ class SamplingFields(RequestModel):
     )
     prompt_logprobs: int | None = Field(
         default=None, ge=0, description="vLLM: also score each prompt token, with the top N."
+    )
+    allowed_token_ids: Annotated[list[TokenId], Field(min_length=1)] | None = Field(
+        default=None, description="vLLM: sample only these tokens."
+    )
+    bad_words: list[NonEmptyText] | None = Field(
+        default=None, description="vLLM: words never to generate."
     )
     request_id: Annotated[Text, Field(min_length=1, max_length=128)] | None = Field(
         default=None, description="vLLM: the request's id (replies carry it in theirs)."
