@@ -21,9 +21,9 @@ fields are a 400 naming their replacement). Chat's ``tools``, ``tool_choice`` an
 
 vLLM's request extras: ``truncate_prompt_tokens``, ``prompt_logprobs``, ``allowed_token_ids``,
 ``bad_words`` and ``request_id`` (both routes); ``chat_template_kwargs``,
-``add_generation_prompt`` and ``continue_final_message`` (chat). Accepted at any value and changing no output (current OpenAI SDKs send them): ``store``,
-``metadata``, ``reasoning_effort``, ``verbosity``, ``prompt_cache_key``, ``safety_identifier``
-(chat).
+``add_generation_prompt`` and ``continue_final_message`` (chat). Accepted at any value and
+changing no output (current OpenAI SDKs send them): ``store``, ``metadata``,
+``reasoning_effort``, ``verbosity``, ``prompt_cache_key``, ``safety_identifier`` (chat).
 
 Accepted at a harmless value only (OpenAI SDKs and frameworks send some of these with their
 defaults); any other value is a 400 naming the field (see ``HARMLESS``):
