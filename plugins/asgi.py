@@ -26,9 +26,9 @@ from typing import Any
 from fastapi import FastAPI
 
 from baton_paged.entrypoints.async_engine import AsyncEngine
+from baton_paged.entrypoints.model_id import served_model_names
 from baton_paged.entrypoints.server import build_app
 from baton_paged.entrypoints.server.limits import ServerLimits
-from baton_paged.entrypoints.server.model_id import served_model_id
 
 
 def baton_app(
@@ -51,8 +51,8 @@ def baton_app(
         model, hf_model=hf_model, tokenizer=tokenizer, max_waiting=max_waiting, **options
     )
     source = model or getattr(hf_model, "name_or_path", None)
-    name = served_model_id(source, served_model_name)
-    app = build_app(engine, name, api_key, limits, tool_parser)
+    name, *aliases = served_model_names(source, [served_model_name] if served_model_name else None)
+    app = build_app(engine, name, api_key, limits, tool_parser, aliases=aliases)
     app.router.lifespan_context = _closing(engine, app.router.lifespan_context)
     return app
 

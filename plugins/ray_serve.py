@@ -27,9 +27,9 @@ from ray.serve import Application
 
 from baton_paged.engine import Engine
 from baton_paged.entrypoints.async_engine import AsyncEngine
+from baton_paged.entrypoints.model_id import served_model_names
 from baton_paged.entrypoints.server import build_app
 from baton_paged.entrypoints.server.limits import ServerLimits
-from baton_paged.entrypoints.server.model_id import served_model_id
 
 REPLICA_HEADER = "x-baton-replica"
 
@@ -41,20 +41,24 @@ class BatonReplica:
     def __init__(
         self,
         engine_options: dict,
-        model_name: str,
+        model_names: list[str],
         api_key: str | None,
         waiting: int,
         limits: ServerLimits | None = None,
         tool_parser: str | None = None,
     ):
         self.engine = AsyncEngine(Engine.build(**engine_options), max_waiting=waiting)
-        self.model_name = model_name
+        self.model_names = model_names
+        """The id replies carry, then the others requests may use."""
         self.api_key = api_key
         self.limits = limits
         self.tool_parser = tool_parser
 
     def __serve_build_asgi_app__(self):
-        app = build_app(self.engine, self.model_name, self.api_key, self.limits, self.tool_parser)
+        name, *aliases = self.model_names
+        app = build_app(
+            self.engine, name, self.api_key, self.limits, self.tool_parser, aliases=aliases
+        )
         replica = serve.get_replica_context().replica_tag
 
         @app.middleware("http")
@@ -107,8 +111,10 @@ def baton_application(
         ray_actor_options=ray_actor_options or default_actor_options(device),
         health_check_period_s=10,
     )
-    name = served_model_id(engine_options.get("model"), served_model_name)
-    return deployment.bind(engine_options, name, api_key, max_waiting, limits, tool_parser)
+    names = served_model_names(
+        engine_options.get("model"), [served_model_name] if served_model_name else None
+    )
+    return deployment.bind(engine_options, names, api_key, max_waiting, limits, tool_parser)
 
 
 def default_actor_options(device: str) -> dict:

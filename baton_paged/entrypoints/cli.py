@@ -162,7 +162,8 @@ API_KEY_ENV = "BATON_PAGED_API_KEY"
     "--served-model-name",
     multiple=True,
     help="Model id clients send (default: the checkpoint's directory or file name, never its "
-    "path; a hub id as given; baton-paged-default for the built-in model). Several names, as "
+    "path; a hub id as given; the built-in model's hub id, with baton-paged-default also "
+    "accepted). Several names, as "
     "in vLLM (--served-model-name a b): replies carry the first, requests may use any.",
 )
 @click.option(
@@ -235,20 +236,20 @@ def serve(
     import uvicorn
 
     from baton_paged.entrypoints.async_engine import AsyncEngine
+    from baton_paged.entrypoints.model_id import served_model_names
     from baton_paged.entrypoints.server import build_app
     from baton_paged.entrypoints.server.connection import serving_config
     from baton_paged.entrypoints.server.logs import STATS_INTERVAL, show_server_logs
-    from baton_paged.entrypoints.server.model_id import served_model_id
 
     engine = AsyncEngine(build_engine(options), max_waiting=max_waiting, own_thread=False)
-    name = served_model_id(options["model"], served_model_name)
+    name, *aliases = served_model_names(options["model"], names)
     app = build_app(
         engine,
         name,
         api_key,
         limits,
         tool_parser,
-        aliases=names[1:],
+        aliases=aliases,
         chat_template=server_options["chat_template"],
         tokenizer_info=server_options["tokenizer_info"],
         log_requests=server_options["log_requests"],

@@ -20,7 +20,10 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from baton_paged.engine import Engine
+from baton_paged.entrypoints.model_id import served_model_id
 from baton_paged.entrypoints.vllm_args import engine_options
+from baton_paged.metrics import EngineMetrics
+from baton_paged.metrics_reader import Metric, read
 from baton_paged.outputs import RequestOutput
 from baton_paged.processing.chat_prompt import Message, conversation_prompt
 from baton_paged.processing.input_processor import PromptInput
@@ -42,14 +45,25 @@ class LLM:
                 "checkpoint is not supported: keep the tokenizer files beside the model's"
             )
         options = engine_options(options)
-        self.engine = Engine.build(model, hf_model=hf_model, tokenizer=tokenizer, **options)
+        self._attach(Engine.build(model, hf_model=hf_model, tokenizer=tokenizer, **options))
 
     @classmethod
     def from_engine(cls, engine: Engine) -> LLM:
         """Wrap an engine that is already built (the CLI builds one from its options)."""
         llm = cls.__new__(cls)
-        llm.engine = engine
+        llm._attach(engine)
         return llm
+
+    def _attach(self, engine: Engine) -> None:
+        self.engine = engine
+        self.metrics = EngineMetrics(engine, served_model_id(engine.config.model))
+        """What ``get_metrics`` reads: the series a server's ``/metrics`` serves."""
+
+    def get_metrics(self) -> list[Metric]:
+        """vLLM's offline metrics: every ``vllm:`` and ``baton:`` series ``/metrics`` would
+        serve for this engine (the per-request histograms over the requests ``generate`` and
+        ``chat`` finished), as ``metrics_reader``'s Counter / Gauge / Histogram."""
+        return read(self.metrics.registry)
 
     def close(self) -> None:
         """Hand the model back (see ``Engine.close``); also runs on leaving a ``with`` block."""
@@ -95,6 +109,7 @@ class LLM:
                 for output in self.engine.step():
                     if output.finished:
                         finished[output.request_id] = output
+                        self.metrics.observe(output)
                         bar.update(1)
         return [finished[request_id] for request_id in ids]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from equivalence import run
 from test_preemption import priority_workload
 
-from baton_paged.entrypoints.server.metrics import ServerMetrics
+from baton_paged.metrics import EngineMetrics
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEDULER_API = {
@@ -91,7 +91,7 @@ def test_metrics_read_nothing_but_the_snapshot(make_engine):
         snapshot = engine.snapshot
         inputs = engine.inputs  # read once, for the token-count buckets
 
-    text = ServerMetrics(OnlyASnapshot(), "m").render().decode()
+    text = EngineMetrics(OnlyASnapshot(), "m").render().decode()
     assert 'vllm:num_requests_running{model_name="m"} 0.0' in text
     assert 'vllm:kv_cache_usage_perc{model_name="m"} 0.0' in text
 

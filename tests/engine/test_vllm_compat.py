@@ -143,3 +143,34 @@ def test_prompt_types_and_unknown_prompt_keys(tiny_model_dir):
     with pytest.raises(ValueError, match="multi_modal_data"):
         llm.generate([image], params)
     assert not llm.engine.requests
+
+
+def test_get_metrics_reads_what_generate_served(tiny_model_dir):
+    from baton_paged.metrics_reader import Counter, Gauge, Histogram
+
+    llm = LLM(str(tiny_model_dir("llama")), max_model_len=64, kv_memory="16MiB",
+              swap_memory="16MiB")  # fmt: skip
+    outputs = llm.generate(["a", "bc", "def"], SamplingParams(max_tokens=4, ignore_eos=True))
+    metrics = {m.name: m for m in llm.get_metrics()}
+    generated = metrics["vllm:generation_tokens_total"]
+    assert isinstance(generated, Counter) and generated.value == 12
+    assert generated.labels == {"model_name": tiny_model_dir("llama").name}
+    e2e = metrics["vllm:e2e_request_latency_seconds"]
+    assert isinstance(e2e, Histogram) and e2e.count == 3 and e2e.buckets["+Inf"] == 3
+    prompts = metrics["vllm:request_prompt_tokens"]
+    assert prompts.sum == sum(len(o.prompt_token_ids) for o in outputs)
+    running = metrics["vllm:num_requests_running"]
+    assert isinstance(running, Gauge) and running.value == 0
+    assert metrics["baton:iterations_total"].value > 0
+    assert all(o.num_cached_tokens == 0 for o in outputs)
+
+
+def test_the_built_in_model_is_served_under_its_hub_id():
+    from baton_paged.entrypoints.model_id import served_model_names
+
+    assert served_model_names(None) == [
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "baton-paged-default",
+    ]
+    assert served_model_names("org/name") == ["org/name"]
+    assert served_model_names(None, ["mine"]) == ["mine"]

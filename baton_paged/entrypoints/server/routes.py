@@ -35,7 +35,6 @@ from baton_paged.entrypoints.server.limits import (
     check_sampling,
 )
 from baton_paged.entrypoints.server.logs import StatsLog, log_request
-from baton_paged.entrypoints.server.metrics import ServerMetrics
 from baton_paged.entrypoints.server.openapi import published_schema
 from baton_paged.entrypoints.server.protocol import (
     ChatCompletionRequest,
@@ -59,6 +58,7 @@ from baton_paged.entrypoints.server.utility_routes import (
     UtilityRoutes,
     VersionResponse,
 )
+from baton_paged.metrics import EngineMetrics
 from baton_paged.outputs import RequestOutput
 from baton_paged.processing.chat_prompt import conversation_prompt
 from baton_paged.processing.input_processor import PromptInput
@@ -107,7 +107,7 @@ def build_app(
     app.add_middleware(RequestGuard, limits=limits)
     guard = [Depends(bearer_check(api_key))] if api_key else []
     refusals = (400, 401, 404, 500, 503) if api_key else (400, 404, 500, 503)
-    metrics = ServerMetrics(engine, model_name)
+    metrics = EngineMetrics(engine, model_name)
     engine.finish_listeners.append(metrics.observe)
     if log_requests:
         engine.finish_listeners.append(log_request)

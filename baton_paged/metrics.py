@@ -41,7 +41,7 @@ def token_buckets(max_model_len: int) -> tuple[int, ...]:
     return tuple(itertools.takewhile(lambda bucket: bucket <= max_model_len, steps))
 
 
-class ServerMetrics:
+class EngineMetrics:
     def __init__(self, engine: AsyncEngine, model_name: str):
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(engine, model_name))
