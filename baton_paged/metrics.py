@@ -180,28 +180,20 @@ class EngineCollector:
         yield counter("baton:iterations", "Engine iterations.", stats.iterations)
         idle = stats.idle_slot_iterations
         yield counter("baton:idle_slot_iterations", "Offered slots left idle.", idle)
-        yield labelled_counter(
-            "baton:preemptions",
-            "Requests preempted, by how.",
-            "mode",
-            {"swap": stats.swap_preemptions, "recompute": stats.recompute_preemptions},
-        )
-        yield labelled_counter(
-            "baton:swapped_bytes",
-            "KV bytes copied between device and host.",
-            "direction",
-            {"out": stats.swapped_out_bytes, "in": stats.swapped_in_bytes},
-        )
         evicted = stats.prefix_cache_evictions
         yield counter("baton:prefix_cache_evictions", "Cached pages evicted.", evicted)
         rate = stats.prefix_cache_hit_rate
         yield gauge("baton:prefix_cache_hit_rate", "Prefix-cache hits / queries, 0-1.", rate)
-        yield labelled_counter(
-            "baton:watermark_crossings",
-            "Memory pressure watermark crossings.",
-            "watermark",
-            {"high": stats.high_watermark_crossings, "low": stats.low_watermark_crossings},
-        )
+        by_label = {
+            "preemptions": ("Requests preempted, by how.", "mode", {
+                "swap": stats.swap_preemptions, "recompute": stats.recompute_preemptions}),
+            "swapped_bytes": ("KV bytes copied between device and host.", "direction", {
+                "out": stats.swapped_out_bytes, "in": stats.swapped_in_bytes}),
+            "watermark_crossings": ("Memory pressure watermark crossings.", "watermark", {
+                "high": stats.high_watermark_crossings, "low": stats.low_watermark_crossings}),
+        }  # fmt: skip
+        for name, (doc, label, values) in by_label.items():
+            yield labelled_counter(f"baton:{name}", doc, label, values)
 
 
 def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
