@@ -70,6 +70,10 @@ class EngineConfig:
     """Most requests decoding together (batch slots)."""
     max_model_len: int | None = None
     """Longest prompt + output in tokens; None = the model's max_position_embeddings."""
+    generation_config: str = "auto"
+    """Sampling defaults for requests that leave them unset: ``auto`` takes the model's
+    ``generation_config.json`` (its temperature, top_p, top_k, min_p, repetition_penalty and
+    max_new_tokens, as vLLM does), ``vllm`` ignores it, a directory reads that one's."""
     max_logprobs: int = 20
     """Most log-probabilities a request may ask for per token (``logprobs``, ``top_logprobs``,
     ``prompt_logprobs``; vLLM's name and default); a request asking for more is refused."""

@@ -24,7 +24,12 @@ from baton_paged.allocator import (
 from baton_paged.attention import AttentionBackend
 from baton_paged.config import EngineConfig
 from baton_paged.model.decode_graphs import DecodeGraphs, Forward, graph_mode
-from baton_paged.model.loading import choose_attention, choose_executor, eos_token_ids
+from baton_paged.model.loading import (
+    choose_attention,
+    choose_executor,
+    eos_token_ids,
+    sampling_defaults,
+)
 from baton_paged.model.runner import ModelRunner, model_forward
 from baton_paged.processing.grammars import GrammarCompiler
 from baton_paged.processing.input_processor import InputProcessor
@@ -90,6 +95,7 @@ def build_parts(
             config.device,
             config.max_logprobs,
             GrammarCompiler(tokenizer, vocab_size),
+            sampling_defaults(model, config.generation_config),
         ),
         outputs=OutputProcessor(tokenizer, max_model_len, generator, vocab_size),
         model_impl="native" if executor is not None else "transformers",

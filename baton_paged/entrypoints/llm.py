@@ -79,6 +79,11 @@ class LLM:
         """Forget every cached prefix (vLLM's name): the next requests start cold."""
         return self.engine.reset_prefix_cache()
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What ``generate`` uses without ``sampling_params``: the model's generation config
+        defaults (``EngineConfig.generation_config``), else ``SamplingParams()``'s."""
+        return self.engine.inputs.default_params()
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer
 
@@ -94,7 +99,8 @@ class LLM:
         All requests are validated before any is queued, so a bad one queues nothing.
         ``use_tqdm``: a progress bar of finished requests on stderr, as vLLM's."""
         prompts = _as_list(prompts)
-        params = _per_prompt(sampling_params, len(prompts), SamplingParams())
+        default = self.get_default_sampling_params()
+        params = _per_prompt(sampling_params, len(prompts), default)
         # only the final outputs are read here: no step builds the others (vLLM's LLM does too)
         params = [replace(param, output_kind=RequestOutputKind.FINAL_ONLY) for param in params]
         priorities = _per_prompt(priority, len(prompts), 0)

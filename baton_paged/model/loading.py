@@ -7,6 +7,7 @@ from dataclasses import replace
 from typing import Any
 
 import torch
+from transformers import GenerationConfig
 
 from baton_paged.allocator import KVCacheSpec
 from baton_paged.attention import (
@@ -81,6 +82,32 @@ def eos_token_ids(model: Any, tokenizer: Any) -> tuple[int, ...]:
     configured = getattr(generation, "eos_token_id", None)
     ids += configured if isinstance(configured, list | tuple) else [configured]
     return tuple(dict.fromkeys(i for i in ids if i is not None))
+
+
+GENERATION_DEFAULTS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repetition_penalty",
+    "max_new_tokens": "max_tokens",
+}
+"""``generation_config.json`` field -> the ``SamplingParams`` default it sets (vLLM's set)."""
+
+
+def sampling_defaults(model: Any, source: str) -> dict[str, Any]:
+    """The sampling defaults ``source`` (``EngineConfig.generation_config``) gives: the fields
+    the generation config sets away from transformers' own defaults."""
+    if source == "vllm":
+        return {}
+    if source == "auto":
+        generation = getattr(model, "generation_config", None)
+    else:
+        generation = GenerationConfig.from_pretrained(source)
+    explicit = generation.to_diff_dict() if generation is not None else {}
+    return {
+        ours: explicit[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if theirs in explicit
+    }
 
 
 def choose_attention(config: EngineConfig, model: Any) -> tuple[int, AttentionBackend]:

@@ -36,6 +36,7 @@ class InputProcessor:
         device: str,
         max_logprobs: int,
         grammars: GrammarCompiler,
+        sampling_defaults: dict[str, Any] | None = None,
     ):
         self.tokenizer = untruncated(tokenizer)  # before any thread encodes with it
         self.eos_token_ids = eos_token_ids
@@ -48,7 +49,14 @@ class InputProcessor:
         """Most log-probabilities per token a request may ask for (EngineConfig.max_logprobs)."""
         self.grammars = grammars
         """Compiles structured-output specs: here, on the caller's thread, never in a step."""
+        self.sampling_defaults = dict(sampling_defaults or {})
+        """``SamplingParams`` fields the model's generation config sets (see
+        ``EngineConfig.generation_config``): the defaults of requests that leave them unset."""
         self._ids = itertools.count()
+
+    def default_params(self, **sent: Any) -> SamplingParams:
+        """``SamplingParams`` of the fields ``sent``, the model's defaults filling the rest."""
+        return SamplingParams(**(self.sampling_defaults | sent))
 
     def prepare(
         self,

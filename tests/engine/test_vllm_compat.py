@@ -174,3 +174,37 @@ def test_the_built_in_model_is_served_under_its_hub_id():
     ]
     assert served_model_names("org/name") == ["org/name"]
     assert served_model_names(None, ["mine"]) == ["mine"]
+
+
+@pytest.fixture
+def model_with_sampling_defaults(tiny_model_dir, tmp_path):
+    """The tiny checkpoint, its generation config recommending sampling settings."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    path = tmp_path / "with-defaults"
+    shutil.copytree(tiny_model_dir("llama"), path)
+    config = GenerationConfig.from_pretrained(path)
+    config.update(
+        do_sample=True, temperature=0.5, top_k=5, max_new_tokens=7, repetition_penalty=1.3
+    )
+    config.save_pretrained(path)
+    return path
+
+
+def test_the_generation_config_sets_the_defaults_as_vllm(model_with_sampling_defaults):
+    options = {"max_model_len": 64, "kv_memory": "16MiB", "swap_memory": "16MiB"}
+    llm = LLM(str(model_with_sampling_defaults), **options)
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_k, defaults.max_tokens) == (0.5, 5, 7)
+    assert defaults.repetition_penalty == 1.3 and defaults.top_p == 1.0
+    (out,) = llm.generate(["hi"], SamplingParams(max_tokens=3, ignore_eos=True))
+    assert len(out.outputs[0].token_ids) == 3  # given params are used as they are
+    (out,) = llm.generate(["hi"])
+    assert len(out.outputs[0].token_ids) <= 7
+    plain = LLM(str(model_with_sampling_defaults), generation_config="vllm", **options)
+    assert plain.get_default_sampling_params() == SamplingParams()
+    elsewhere = LLM(str(plain.engine.config.model), generation_config=str(
+        model_with_sampling_defaults), **options)  # fmt: skip
+    assert elsewhere.get_default_sampling_params().top_k == 5

@@ -126,3 +126,21 @@ def test_allowed_token_ids_and_bad_words_reach_the_engine(server, client):
     assert reply.choices[0].text == expected.text and set(expected.token_ids) <= set(allowed)
     bad = {"model": MODEL, "prompt": "x", "allowed_token_ids": [10**7]}
     assert_refused(post(server, "completions", bad), server, 400, param="allowed_token_ids")
+
+
+def test_the_models_generation_config_fills_unset_fields(tiny_model_dir, tmp_path):
+    import shutil
+
+    from transformers import GenerationConfig
+
+    path = tmp_path / "with-defaults"
+    shutil.copytree(tiny_model_dir("llama"), path)
+    config = GenerationConfig.from_pretrained(path)
+    config.update(max_new_tokens=5)
+    config.save_pretrained(path)
+    with serving(path) as running:
+        body = {"model": MODEL, "messages": USER_HI, "ignore_eos": True}
+        unset = post(running, "chat/completions", body).json()
+        given = post(running, "chat/completions", {**body, "max_tokens": 2}).json()
+    assert unset["usage"]["completion_tokens"] == 5
+    assert given["usage"]["completion_tokens"] == 2

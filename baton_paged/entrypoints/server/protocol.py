@@ -179,10 +179,14 @@ class SamplingFields(RequestModel):
                 )
         return data
 
-    def sampling_params(self, calls: StructuredOutputsParams | None = None) -> SamplingParams:
+    def sampling_params(
+        self, calls: StructuredOutputsParams | None = None, defaults: dict | None = None
+    ) -> SamplingParams:
         """Raises ValueError (a 400) for values SamplingParams refuses. Fields the client left
-        out or sent as null keep SamplingParams' defaults. ``calls``: the grammar of a reply
-        that must call tools (then the body may not ask for another shape)."""
+        out or sent as null take ``defaults`` (the model's generation config), else
+        SamplingParams' own. ``calls``: the grammar of a reply that must call tools (then the
+        body may not ask for another shape)."""
+        defaults = dict(defaults or {})
         sent = self.model_dump(include=set(self.PASSED_THROUGH), exclude_none=True)
         sent.update(self.extra_params())
         spec = structured_spec(self.response_format, self.structured_outputs)
@@ -192,13 +196,12 @@ class SamplingFields(RequestModel):
         if spec or calls:
             sent["structured_outputs"] = spec or calls
         limit = self.token_limit()
+        if limit is None:
+            limit = defaults.pop("max_tokens", self.DEFAULT_MAX_TOKENS)
         # a stream reads an output every step; a plain reply only the last, so only that is built
         kind = RequestOutputKind.CUMULATIVE if self.stream else RequestOutputKind.FINAL_ONLY
-        return SamplingParams(
-            **sent,
-            max_tokens=self.DEFAULT_MAX_TOKENS if limit is None else limit,
-            output_kind=kind,
-        )
+        defaults.pop("max_tokens", None)
+        return SamplingParams(**(defaults | sent), max_tokens=limit, output_kind=kind)
 
     def extra_params(self) -> dict:
         """Route-specific fields for ``SamplingParams``."""

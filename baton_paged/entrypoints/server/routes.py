@@ -298,8 +298,8 @@ class Routes:
         vLLM's), so the log lines name what the client was sent."""
         self.check_model(body.model)
         check_sampling(body, self.limits, self.engine.inputs.max_logprobs)
-        params = body.sampling_params(calls)
         inputs = self.engine.inputs
+        params = body.sampling_params(calls, inputs.sampling_defaults)
 
         def tokenize() -> list[EngineRequest]:
             prompts = render()
