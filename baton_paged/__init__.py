@@ -16,6 +16,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "baton_paged.entrypoints.llm",
     "SamplingParams": "baton_paged.sampling_params",
+    "BeamSearchParams": "baton_paged.sampling_params",
     "RequestOutputKind": "baton_paged.sampling_params",
     "StructuredOutputsParams": "baton_paged.structured_outputs",
     "EngineConfig": "baton_paged.config",

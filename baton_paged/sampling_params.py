@@ -18,7 +18,13 @@ from typing import Any
 
 from baton_paged.structured_outputs import StructuredOutputsParams
 
-__all__ = ["FieldError", "RequestOutputKind", "SamplingParams", "StructuredOutputsParams"]
+__all__ = [
+    "BeamSearchParams",
+    "FieldError",
+    "RequestOutputKind",
+    "SamplingParams",
+    "StructuredOutputsParams",
+]
 
 GREEDY_TEMPERATURE = 1e-5
 """Below this temperature sampling is greedy (argmax), as in vLLM: dividing by ~0 only overflows."""
@@ -157,6 +163,31 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty) or (
             self.repetition_penalty != 1.0
         )
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """``LLM.beam_search``'s settings (``beam_search.py``), with vLLM's names and defaults."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    """Keep extending beams past end-of-sequence tokens."""
+    temperature: float = 0.0
+    """Only 0: beams are ranked by the model's own log-probabilities."""
+    length_penalty: float = 1.0
+    """A beam's score is its cumulative log-probability / (its length ** length_penalty)."""
+    include_stop_str_in_output: bool = False
+    """Accepted for vLLM's scripts; beam search stops on end-of-sequence tokens only."""
+
+    def __post_init__(self) -> None:
+        for name in ("beam_width", "max_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise FieldError(f"{name} must be an int >= 1, got {value!r}", name)
+        if self.temperature != 0:
+            message = "beam search ranks by the model's log-probabilities: temperature must be 0"
+            raise FieldError(message, "temperature")
 
 
 def _is_int(value: object) -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from baton_paged.beam_search import BeamSearchOutput, beam_search
 from baton_paged.engine import Engine
 from baton_paged.entrypoints.model_id import served_model_id
 from baton_paged.entrypoints.vllm_args import engine_options
@@ -27,7 +28,7 @@ from baton_paged.metrics_reader import Metric, read
 from baton_paged.outputs import RequestOutput
 from baton_paged.processing.chat_prompt import Message, conversation_prompt
 from baton_paged.processing.input_processor import PromptInput
-from baton_paged.sampling_params import RequestOutputKind, SamplingParams
+from baton_paged.sampling_params import BeamSearchParams, RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -118,6 +119,13 @@ class LLM:
                         self.metrics.observe(output)
                         bar.update(1)
         return [finished[request_id] for request_id in ids]
+
+    def beam_search(
+        self, prompts: PromptInput | Sequence[PromptInput], params: BeamSearchParams
+    ) -> list[BeamSearchOutput]:
+        """vLLM's beam search (``beam_search.py``): each prompt's ``params.beam_width`` best
+        continuations, best first."""
+        return beam_search(self, _as_list(prompts), params)
 
     def chat(
         self,
