@@ -14,14 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import Any
 
 from baton_paged.outputs import Logprob
 from baton_paged.processing.input_processor import PromptInput
 from baton_paged.sampling_params import BeamSearchParams, SamplingParams
-
-if TYPE_CHECKING:
-    from baton_paged.entrypoints.llm import LLM
 
 
 @dataclass
@@ -54,8 +51,9 @@ class _Search:
 
 
 def beam_search(
-    llm: LLM, prompts: Sequence[PromptInput], params: BeamSearchParams
+    llm: Any, prompts: Sequence[PromptInput], params: BeamSearchParams
 ) -> list[BeamSearchOutput]:
+    """``LLM.beam_search``; ``llm`` is the ``LLM`` whose ``generate`` runs each step."""
     inputs = llm.engine.inputs
     eos = set(inputs.eos_token_ids)
     searches = []

@@ -6,10 +6,8 @@ streams completions from it and measures them as vLLM's ``benchmark_serving`` do
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -20,8 +18,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import psutil
-from harness import percentile, ratio
+from harness import ratio
 from prometheus_client.parser import text_string_to_metric_families
+
+from baton_paged.bench.client import RequestRecord, poisson_offsets, send_all, stats
 
 SERVED_NAME = "bench"
 """The model name the server is started with and every request asks for."""
@@ -142,25 +142,6 @@ class Server:
 
 
 @dataclass
-class RequestRecord:
-    """One streamed request as the client saw it (``time.perf_counter`` seconds)."""
-
-    sent: float = 0.0
-    times: list[float] = field(default_factory=list)
-    """Arrival of every chunk with choices (vLLM's token events)."""
-    output_tokens: int | None = None
-    error: str | None = None
-
-    @property
-    def ttft(self) -> float:
-        return self.times[0] - self.sent
-
-    @property
-    def latency(self) -> float:
-        return self.times[-1] - self.sent
-
-
-@dataclass
 class ServingRun:
     policy: str
     rate: str
@@ -208,8 +189,7 @@ class ServingRun:
         self.output_tokens_per_s = round(self.output_tokens / duration, 2)
         self.request_throughput = round(self.completed / duration, 4)
         self.ttft_s = stats([r.ttft for r, _ in ok])
-        tpots = [(r.latency - r.ttft) / (r.output_tokens - 1) for r, _ in ok if r.output_tokens > 1]
-        self.tpot_s = stats(tpots)
+        self.tpot_s = stats([r.tpot for r, _ in ok if r.tpot is not None])
         self.itl_s = stats([gap for r, _ in ok for gap in np.diff(r.times).tolist()])
         self.e2e_s = stats([r.latency for r, _ in ok])
         self.longest_silence_s = longest_silence([r for r, _ in ok])
@@ -225,17 +205,12 @@ class ServingRun:
 
 
 def make_arrivals(n: int, base_rate: float, factors: list[str], seed: int) -> dict:
-    """label -> (requests/s or None, send times from t=0): Poisson arrivals (exponential gaps,
-    the first at 0; a seed per rate, shared by all policies) at ``factor`` x ``base_rate``, or
-    all at 0 ("inf")."""
+    """label -> (requests/s or None, send times from t=0): Poisson arrivals (a seed per rate,
+    shared by all policies) at ``factor`` x ``base_rate``, or all at 0 ("inf")."""
     arrivals = {}
     for k, factor in enumerate(factors):
-        if factor == "inf":
-            arrivals[factor] = (None, [0.0] * n)
-            continue
-        rate = float(factor) * base_rate
-        gaps = np.random.default_rng(seed + 100 + k).exponential(1.0 / rate, n - 1)
-        arrivals[factor] = (rate, [0.0, *np.cumsum(gaps).tolist()])
+        rate = None if factor == "inf" else float(factor) * base_rate
+        arrivals[factor] = (rate, poisson_offsets(n, rate, seed + 100 + k))
     return arrivals
 
 
@@ -243,50 +218,6 @@ def request_body(prompt: list[int], budget: int) -> dict:
     """Exactly ``budget`` tokens (EOS ignored), greedy, streamed with a final usage chunk."""
     body = {"model": SERVED_NAME, "prompt": prompt, "max_tokens": budget, "temperature": 0}
     return body | {"ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-
-
-async def stream_one(client: httpx.AsyncClient, url: str, body: dict) -> RequestRecord:
-    """Send one streaming completion and time its chunks as vLLM's client does: every chunk
-    with choices is a token event; the usage chunk gives the token count."""
-    record = RequestRecord(sent=time.perf_counter())
-    try:
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")[:200]
-                record.error = f"HTTP {response.status_code}: {text}"
-                return record
-            async for line in response.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                data = json.loads(line[6:])
-                if "error" in data:
-                    record.error = f"in stream: {data['error'].get('message')}"
-                elif data.get("choices"):
-                    record.times.append(time.perf_counter())
-                elif data.get("usage"):
-                    record.output_tokens = data["usage"]["completion_tokens"]
-    except Exception as error:  # recorded per request, the run goes on
-        record.error = f"{type(error).__name__}: {error}"
-    if record.error is None and (not record.times or record.output_tokens is None):
-        record.error = "stream ended without tokens or usage"
-    return record
-
-
-async def send_all(
-    url: str, bodies: list[dict], offsets: list[float], timeout_s: float
-) -> tuple[list[RequestRecord], float]:
-    """Send each body at its offset from the start; (records, first send -> last completion)."""
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s), limits=limits) as client:
-        start = time.perf_counter()
-        tasks = []
-        for body, offset in zip(bodies, offsets, strict=True):
-            delay = start + offset - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(stream_one(client, url, body)))
-        records = await asyncio.gather(*tasks)
-        return records, time.perf_counter() - start
 
 
 def longest_silence(records: list[RequestRecord]) -> float | None:
@@ -301,10 +232,3 @@ def longest_silence(records: list[RequestRecord]) -> float | None:
     spanned = ((sent <= starts) & (last >= ends)).any(axis=0)
     gaps = (ends - starts)[spanned]
     return round(float(gaps.max()), 4) if len(gaps) else None
-
-
-def stats(values: list[float]) -> dict:
-    if not values:
-        return {}
-    p50, p99 = (percentile(values, q, 5) for q in (50, 99))
-    return {"n": len(values), "mean": round(statistics.fmean(values), 5), "p50": p50, "p99": p99}
