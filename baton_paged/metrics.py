@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import itertools
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from baton_paged.bucket_counts import BucketCounts
 from baton_paged.entrypoints.async_engine import AsyncEngine
 from baton_paged.outputs import RequestOutput
 
@@ -46,6 +48,8 @@ class EngineMetrics:
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(engine, model_name))
         self.model_name = model_name
+        self.histograms: list[BucketCounts] = []
+        self.registry.register(self)  # collect(): the histograms
         tokens = token_buckets(engine.inputs.max_model_len)
         self.ttft = self.histogram("time_to_first_token_seconds", "Time to first token.")
         self.itl = self.histogram(
@@ -89,11 +93,14 @@ class EngineMetrics:
             for reason in ("stop", "length", "abort")
         }
 
-    def histogram(self, name: str, doc: str, buckets=LATENCY_BUCKETS):
-        family = Histogram(
-            f"vllm:{name}", doc, ["model_name"], buckets=buckets, registry=self.registry
-        )
-        return family.labels(model_name=self.model_name)
+    def histogram(self, name: str, doc: str, buckets=LATENCY_BUCKETS) -> BucketCounts:
+        histogram = BucketCounts(f"vllm:{name}", doc, buckets)
+        self.histograms.append(histogram)
+        return histogram
+
+    def collect(self):
+        labels = {"model_name": self.model_name}
+        return [histogram.family(labels) for histogram in self.histograms]
 
     def observe(self, output: RequestOutput) -> None:
         """Record a finished request."""
@@ -108,9 +115,9 @@ class EngineMetrics:
 
     def observe_times(self, output: RequestOutput) -> None:
         m = output.metrics
-        for earlier, later in itertools.pairwise(m.token_times):
-            self.itl.observe(later - earlier)
-            self.tpot.observe(later - earlier)
+        gaps = np.diff(m.token_times)
+        self.itl.observe_many(gaps)
+        self.tpot.observe_many(gaps)
         if m.finished_time is not None:
             self.e2e.observe(m.finished_time - m.arrival_time)
         if m.queue_time is not None:

@@ -130,3 +130,25 @@ def test_the_stats_line_reports_the_interval_and_quiets_when_idle(engine_counts,
     assert "Avg prompt throughput: 0.0 tokens/s" in second.getMessage()
     levels = [r.levelno for r in (first, second, third)]
     assert levels == [logging.INFO, logging.INFO, logging.DEBUG]
+
+
+def test_bucket_counts_equal_prometheus_clients_histogram():
+    import numpy as np
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from baton_paged.bucket_counts import BucketCounts
+
+    bounds = (0.001, 0.01, 0.1, 1.0, 10.0)
+    values = np.random.default_rng(0).lognormal(-3, 2, 2000).tolist() + [0.01, 1.0, 10.0]
+    theirs = Histogram("h", "doc", ["model_name"], buckets=bounds, registry=CollectorRegistry())
+    ours = BucketCounts("h", "doc", bounds)
+    for value in values:
+        theirs.labels(model_name="m").observe(value)
+    ours.observe_many(values[:1000])
+    for value in values[1000:]:
+        ours.observe(value)
+    (expected,) = theirs.collect()
+    got = ours.family({"model_name": "m"})
+    pick = lambda family: [(s.name, s.labels, round(s.value, 9)) for s in family.samples  # noqa: E731
+                           if not s.name.endswith("_created")]  # fmt: skip
+    assert pick(got) == pick(expected)
