@@ -20,6 +20,7 @@ only as long as that replica does.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ray import serve
@@ -83,7 +84,7 @@ class BatonReplica:
 def baton_application(
     engine_options: dict,
     *,
-    served_model_name: str | None = None,
+    served_model_name: str | Sequence[str] | None = None,
     api_key: str | None = None,
     max_waiting: int = 1024,
     replicas: int | None = 1,
@@ -111,9 +112,8 @@ def baton_application(
         ray_actor_options=ray_actor_options or default_actor_options(device),
         health_check_period_s=10,
     )
-    names = served_model_names(
-        engine_options.get("model"), [served_model_name] if served_model_name else None
-    )
+    given = [served_model_name] if isinstance(served_model_name, str) else served_model_name
+    names = served_model_names(engine_options.get("model"), given)
     return deployment.bind(engine_options, names, api_key, max_waiting, limits, tool_parser)
 
 

@@ -253,7 +253,7 @@ def test_a_vllm_launch_line_with_only_the_command_changed_starts_the_server(
         (["--quantization", "awq"], "quantization='awq' is not supported"),
         (["--trust-remote-code"], "trust_remote_code=True is not supported"),
         (["--page-size", "16", "--block-size", "32"], "disagree"),
-        (["M", "--served-model-name", "a", "b", "--replicas", "2"], "--replicas serves one"),
+        (["M", "--chat-template", "x", "--replicas", "2"], "--replicas serves the tokenizer's"),
         (["--enable-log-requests", "--disable-log-requests"], "disagree"),
     ],
 )

@@ -139,17 +139,15 @@ def serve(
     limits = server_limits(options)
     server_options = take_vllm_flags(options, ctx)
     names = server_options["served_model_names"]
-    served_model_name = names[0] if names else None
     tool_parser = auto_tool_parser(enable_auto_tool_choice, tool_call_parser)
     if replicas is not None:
-        if len(names) > 1 or server_options["chat_template"] or server_options["tokenizer_info"]:
+        if server_options["chat_template"] or server_options["tokenizer_info"]:
             raise click.UsageError(
-                "--replicas serves one model name and the tokenizer's template, without "
-                "/tokenizer_info"
+                "--replicas serves the tokenizer's chat template, without /tokenizer_info"
             )
         ray_options = {"api_key": api_key, "max_waiting": max_waiting, "limits": limits}
         ray_options["tool_parser"] = tool_parser
-        serve_on_ray(host, port, replicas, served_model_name, options, **ray_options)
+        serve_on_ray(host, port, replicas, names, options, **ray_options)
         return
     import uvicorn
 
@@ -217,7 +215,7 @@ def server_limits(options: dict):
 
 
 def serve_on_ray(
-    host, port, replicas, served_model_name, options, *, api_key, max_waiting, limits, tool_parser
+    host, port, replicas, served_model_names, options, *, api_key, max_waiting, limits, tool_parser
 ) -> None:
     """The same routes from ``replicas`` engines behind Ray Serve's proxy, until Ctrl-C."""
     from baton_paged.config import EngineConfig
@@ -241,7 +239,7 @@ def serve_on_ray(
     serve.start(http_options={"host": host, "port": port})
     app = baton_application(
         options,
-        served_model_name=served_model_name,
+        served_model_name=served_model_names,
         api_key=api_key,
         max_waiting=max_waiting,
         replicas=replicas,

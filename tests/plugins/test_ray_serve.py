@@ -36,7 +36,10 @@ def cluster(tiny_model_dir):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = baton_application(
-        {"model": path, **OPTIONS}, replicas=2, ray_actor_options={"num_cpus": 0.5}
+        {"model": path, **OPTIONS},
+        replicas=2,
+        ray_actor_options={"num_cpus": 0.5},
+        served_model_name=[Path(path).name, "second"],
     )
     serve.run(app, name="baton", route_prefix="/")
     yield f"http://127.0.0.1:{port}", path
@@ -62,6 +65,15 @@ def test_two_replicas_serve_and_equal_the_offline_engine(cluster):
     assert len({replica for replica, _ in served}) == 2
     offline = LLM(path, **OPTIONS).generate(prompts, SamplingParams(temperature=0, max_tokens=8))
     assert [text for _, text in served] == [out.outputs[0].text for out in offline]
+
+
+def test_every_replica_answers_to_each_served_name(cluster):
+    url, path = cluster
+    cards = httpx.get(f"{url}/v1/models", timeout=60).json()["data"]
+    assert [card["id"] for card in cards] == [Path(path).name, "second"]
+    body = {"model": "second", "prompt": "x", "max_tokens": 2}
+    reply = httpx.post(f"{url}/v1/completions", json=body, timeout=120)
+    assert reply.status_code == 200 and reply.json()["model"] == Path(path).name
 
 
 def test_streaming_goes_through_the_proxy(cluster):
