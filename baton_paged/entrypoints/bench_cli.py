@@ -143,18 +143,16 @@ def serve(base_url, model, tokenizer, request_rate, max_concurrency, api_key, **
 
 
 def bench_tokenizer(tokenizer: str | None, model: str):
-    """The tokenizer the dataset is made with: ``--tokenizer``, the built-in model's when the
-    server runs it, or the model id read as a local directory."""
+    """The tokenizer the dataset is made with: ``--tokenizer``, a built-in model's (the default
+    or ``random``) when the server runs it, or the model id read as a local directory."""
     from transformers import AutoTokenizer
 
     from baton_paged.entrypoints.model_id import DEFAULT_ALIAS, DEFAULT_MODEL_ID
+    from baton_paged.model.loading import checkpoint_path
 
     source = tokenizer
-    if source is None and model in (DEFAULT_MODEL_ID, DEFAULT_ALIAS):
-        from baton_paged.model.builder.smollm2 import default_model
-
-        source = str(default_model())
-    source = source or model
+    if source is None:
+        source = checkpoint_path(None if model in (DEFAULT_MODEL_ID, DEFAULT_ALIAS) else model)
     if not os.path.isdir(source):
         raise click.UsageError(f"no tokenizer directory {source!r}: pass --tokenizer DIR")
     return AutoTokenizer.from_pretrained(source)

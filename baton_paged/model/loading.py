@@ -42,7 +42,9 @@ def _load(config: EngineConfig) -> tuple[Any, Any]:
 
     from baton_paged.model.gguf_loading import gguf_file, load_gguf
 
-    path = _checkpoint_path(config.model)
+    path = checkpoint_path(config.model)
+    if config.model == RANDOM_MODEL_NAME:
+        logger.warning("serving the built-in random-weight model at %s: its text is noise", path)
     gguf = gguf_file(path)
     if gguf is not None:
         return load_gguf(gguf, config.torch_dtype)
@@ -53,16 +55,14 @@ def _load(config: EngineConfig) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def _checkpoint_path(model: str | None) -> str:
+def checkpoint_path(model: str | None) -> str:
     """Where ``model`` loads from; the two built-in names resolve to their cache directories."""
     from baton_paged.model import builder as model_builder
 
     if model is None:
         return str(model_builder.default_model())
     if model == RANDOM_MODEL_NAME:
-        path = str(model_builder.cached_model(*RANDOM_MODEL))
-        logger.warning("serving the built-in random-weight model at %s: its text is noise", path)
-        return path
+        return str(model_builder.cached_model(*RANDOM_MODEL))
     return model
 
 
