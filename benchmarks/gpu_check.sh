@@ -24,7 +24,9 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .gpu-wheels \
 #     xformers==0.0.35 fastapi starlette uvicorn pydantic pydantic_core annotated-types \
 #     typing-inspection typing_extensions opentelemetry-api anyio sniffio openai jiter distro \
-#     httpx2 httpcore2 idna truststore llguidance
+#     httpx2 httpcore2 idna truststore
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_31_x86_64 -d .gpu-wheels "llguidance==1.7.6"  # a newer glibc tag
 #
 # FlashAttention-4 (part fa4: flash_attn.cute, which reads our 16-token pages in place on SM90+).
 # Its CuTe DSL library wheel is 92 MB, over one call's 64 MiB, so it travels in two halves over
