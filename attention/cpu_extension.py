@@ -80,7 +80,7 @@ class KernelLibrary:
 CSRC = Path(__file__).with_name("csrc")
 ATTENTION_KERNELS = KernelLibrary(
     name="baton_attention_kernels",
-    sources=(CSRC / "paged_attention.cpp", CSRC / "bindings.cpp"),
+    sources=(CSRC / "paged_attention.cpp", CSRC / "page_copy.cpp", CSRC / "bindings.cpp"),
     headers=(CSRC / "cpu_common.h",),
     fallback="attention uses the plain torch backend",
 )

@@ -35,6 +35,7 @@ from baton_paged.allocator import (
     release_source,
 )
 from baton_paged.attention import AttentionMetadata
+from baton_paged.attention.cpu_extension import cpu_kernels
 from baton_paged.model.builder import cached_model
 
 BATCH = 32
@@ -121,18 +122,21 @@ def swap_cases(device: torch.device, rng: np.random.Generator):
     plain_src = torch.randn(nbytes // 4, device=device)
     plain_dst = torch.empty(nbytes // 4, pin_memory=device.type == "cuda")
 
+    kernels = cpu_kernels() if device.type == "cpu" else None
+    copy_pages = None if kernels is None else kernels.copy_pages  # as the model runner passes it
+
     def cycle(cache: KVCache, host: HostSwapPool, pages: list[int]):
         state = {"device": pages}
 
         def swap_out():
             plan = plan_swap_out(state["device"], host.pool)
-            execute_swap(plan, cache, host)
+            execute_swap(plan, cache, host, copy_pages)
             release_source(plan, cache.pool, host.pool)
             state["host"] = list(plan.host_pages)
 
         def swap_in():
             plan = plan_swap_in(state["host"], cache.pool)
-            execute_swap(plan, cache, host)
+            execute_swap(plan, cache, host, copy_pages)
             release_source(plan, cache.pool, host.pool)
             state["device"] = list(plan.device_pages)
 

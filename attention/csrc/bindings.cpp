@@ -1,4 +1,4 @@
-// The Python module of the attention kernels (paged_attention.cpp). It includes only pybind11
+// The Python module of the attention kernels (paged_attention.cpp, page_copy.cpp). It includes only pybind11
 // and torch's Tensor casters: torch/extension.h brings the whole C++ frontend, which tripled
 // this file's compile time, the longest step of a first build.
 
@@ -9,8 +9,11 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
                      const at::Tensor& cu_seqlens_q, const at::Tensor& context_lens, double scale);
 void write_kv(at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& slot_mapping,
               const at::Tensor& key, const at::Tensor& value);
+void copy_pages(at::Tensor dst, const at::Tensor& src, const at::Tensor& dst_pages,
+                const at::Tensor& src_pages);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention);
   m.def("write_kv", &write_kv);
+  m.def("copy_pages", &copy_pages);
 }

@@ -18,6 +18,7 @@ import torch
 
 from baton_paged.allocator import HostSwapPool, KVCache, execute_swap
 from baton_paged.attention import AttentionBackend, AttentionMetadata, PagedStep
+from baton_paged.attention.cpu_extension import cpu_kernels
 from baton_paged.model.decode_graphs import DecodeGraphs, Forward
 from baton_paged.model.llama_executor import LlamaExecutor
 from baton_paged.model.sampled_tokens import SampledTokens
@@ -61,12 +62,15 @@ class ModelRunner:
         self.host = host
         self.graphs = graphs
         self.device = cache.storage.device
+        kernels = cpu_kernels() if self.device.type == "cpu" and host is not None else None
+        self.copy_pages = None if kernels is None else kernels.copy_pages
+        """Scattered swaps' copier (``allocator/swap.py``): the attention kernels' where built."""
 
     def swap(self, plan: StepPlan) -> None:
         """Issue the plan's page copies on the current stream: every swap-out before any swap-in,
         and all before the forwards (the order ``allocator/swap.py``'s page-reuse rule needs)."""
         for swap in (*plan.swap_out, *plan.swap_in):
-            execute_swap(swap, self.cache, self.host)
+            execute_swap(swap, self.cache, self.host, self.copy_pages)
 
     @torch.inference_mode()
     def execute(

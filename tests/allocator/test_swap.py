@@ -63,6 +63,51 @@ def test_swap_out_and_in_round_trip_byte_exact():
     host.check_integrity()
 
 
+def python_copy_pages(calls):
+    """The ``copy_pages`` contract in plain torch, recording each call."""
+
+    def copy(dst, src, dst_pages, src_pages):
+        calls.append(len(dst_pages))
+        dst[dst_pages] = src[src_pages]
+
+    return copy
+
+
+def kernel_copy_pages():
+    from baton_paged.attention.cpu_extension import cpu_kernels
+
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("the attention kernels cannot be built here")
+    return kernels.copy_pages
+
+
+@pytest.mark.parametrize("copier", ["python", "kernel"])
+def test_scattered_pages_swap_in_one_call_byte_exact(copier):
+    calls = []
+    copy = python_copy_pages(calls) if copier == "python" else kernel_copy_pages()
+    cache, host = KVCache(SPEC, 12), HostSwapPool(SPEC, 12)
+    taken = cache.pool.allocate(12)
+    cache.pool.free(taken[1::2])  # every other page: no two of a request's pages consecutive
+    pages = taken[::2][::-1]
+    data = fill(cache.storage, pages)
+    host.pool.allocate(1)  # the host side starts one page in, unlike the device side
+    out = plan_swap_out(pages, host.pool)
+    execute_swap(out, cache, host, copy)
+    assert torch.equal(host.storage[list(out.host_pages)], data)
+    release_source(out, cache.pool, host.pool)
+    cache.storage.fill_(float("nan"))
+    back = plan_swap_in(out.host_pages, cache.pool)
+    assert len(back.runs()) > 1
+    execute_swap(back, cache, host, copy)
+    assert torch.equal(cache.storage[list(back.device_pages)], data)
+    assert calls in ([], [len(pages), len(pages)])  # one call per swap (kernel: not recorded)
+    fresh, fresh_host = KVCache(SPEC, 4), HostSwapPool(SPEC, 4)
+    one_run = plan_swap_out(fresh.pool.allocate(3), fresh_host.pool)
+    execute_swap(one_run, fresh, fresh_host, copy)  # one run of pages: a plain copy_
+    assert calls in ([], [len(pages), len(pages)])
+
+
 def test_contiguous_pages_swap_in_one_copy():
     cache, host = KVCache(SPEC, 8), HostSwapPool(SPEC, 8)
     plan = plan_swap_out(cache.pool.allocate(6), host.pool)

@@ -31,7 +31,7 @@ def fresh_build_state():
 @pytest.mark.parametrize(
     ("library", "ops"),
     [
-        (ATTENTION_KERNELS, ("paged_attention", "write_kv")),
+        (ATTENTION_KERNELS, ("paged_attention", "write_kv", "copy_pages")),
         (DECODER_KERNELS, ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul")),
     ],
     ids=["attention", "decoder"],
