@@ -23,7 +23,7 @@ def tiny_gguf(tiny_model_dir, tmp_path_factory):
 
 
 def test_gguf_file_loads_equal_to_the_hf_checkpoint(tiny_gguf, tiny_model_dir):
-    model, tokenizer = load_model(EngineConfig(model=str(tiny_gguf)))
+    model, tokenizer = load_model(EngineConfig(model=str(tiny_gguf), dtype="float32"))
     reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir("llama"))
     ref_tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("llama"))
     ids = ref_tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -40,7 +40,7 @@ def test_engine_on_a_gguf_gives_hf_generate_greedy_tokens(tiny_gguf, tiny_model_
     expected = reference.generate(
         torch.tensor([ids]), max_new_tokens=8, min_new_tokens=8, do_sample=False
     )[0, len(ids) :].tolist()
-    with LLM(str(tiny_gguf), max_model_len=128) as llm:
+    with LLM(str(tiny_gguf), dtype="float32", max_model_len=128) as llm:
         params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
         output = llm.generate([{"prompt_token_ids": ids}], params)[0].outputs[0]
     assert list(output.token_ids) == expected

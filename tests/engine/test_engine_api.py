@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from baton_paged import config as config_module
 from baton_paged.config import EngineConfig
 from baton_paged.engine import Engine
 from baton_paged.entrypoints.llm import LLM
@@ -184,11 +185,13 @@ def test_peak_pages_include_the_last_step_of_a_finishing_request(make_engine):
     assert engine.stats.peak_pages_in_use == 3 and engine.snapshot.device_pages_used == 0
 
 
-def test_dtype_auto_is_bfloat16_on_cuda_and_float32_on_the_cpu():
-    """float32 on CUDA rules flash-attn out and runs at a fraction of the tensor
-    cores' speed, so the default follows the device."""
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_dtype_auto_follows_the_device(monkeypatch, native_bf16):
+    """float32 on CUDA rules flash-attn out and runs at a fraction of the tensor cores' speed;
+    on a CPU, bfloat16 where it computes it natively (as vLLM's CPU build), else float32."""
+    monkeypatch.setattr(config_module, "cpu_computes_bfloat16", lambda: native_bf16)
     assert EngineConfig().dtype == "auto"
-    assert EngineConfig().torch_dtype == torch.float32
+    assert EngineConfig().torch_dtype == (torch.bfloat16 if native_bf16 else torch.float32)
     assert EngineConfig(device="cuda").torch_dtype == torch.bfloat16
     assert EngineConfig(device="cuda", dtype="float16").torch_dtype == torch.float16
 
@@ -207,6 +210,6 @@ def test_a_checkpoint_loads_straight_onto_the_device(tiny_model_dir, monkeypatch
         return real(path, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
-    model, _ = load_model(EngineConfig(model=str(tiny_model_dir("llama"))))
+    model, _ = load_model(EngineConfig(model=str(tiny_model_dir("llama")), dtype="float32"))
     assert seen["device_map"] == "cpu" and seen["dtype"] == torch.float32
     assert next(model.parameters()).dtype == torch.float32
