@@ -3,14 +3,18 @@
 Runs in the vLLM environment (``.venv-vllm``, built by ``.ci/vllm-tests``), never in ours:
 vLLM pins its own torch and transformers. ``bench_peers`` starts it as
 
-    .venv-vllm/bin/python benchmarks/vllm_peer.py WORKLOAD.json MODEL_DIR MAX_NUM_SEQS
+    .venv-vllm/bin/python benchmarks/vllm_peer.py WORKLOAD.json MODEL_DIR MAX_NUM_SEQS \
+        [DTYPE [eager|default]]
 
-and talks over stdin/stdout, one JSON object per line: it prints ``{"ready": seconds}`` once the
-engine is built (seconds from process start to the first token of a one-request warm-up), then
-answers each ``run`` line with the workload's wall time and every request's token ids, and stops
-at ``quit`` or end of input. Everything else vLLM prints goes to stderr. A workload with
-``"rounds"`` (lists of request indices) runs them one ``generate`` after another, as multi-turn
-chat does (``bench_prefix``), and each ``run`` starts from a reset prefix cache.
+(dtype float32 unless given; ``eager`` sets ``enforce_eager``, ``default`` leaves vLLM's own
+choice, its compiled graphs) and talks over stdin/stdout, one JSON object per line: it prints
+``{"ready": seconds}`` once the engine is built (seconds from process start to the first token of
+a one-request warm-up), then answers each ``run`` line with the workload's wall time and every
+request's token ids, ``warmup N BUDGET`` by generating the first N prompts with at most BUDGET
+tokens each (``{"warm": seconds}``), and stops at ``quit`` or end of input. Everything else vLLM
+prints goes to stderr. A workload with ``"rounds"`` (lists of request indices) runs them one
+``generate`` after another, as multi-turn chat does (``bench_prefix``), and each ``run`` starts
+from a reset prefix cache.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ STARTED = time.perf_counter()
 
 def main() -> None:
     workload_path, model_dir, max_num_seqs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    dtype = sys.argv[4] if len(sys.argv) > 4 else "float32"
+    eager = (sys.argv[5] if len(sys.argv) > 5 else "eager") == "eager"
     workload = json.loads(open(workload_path).read())
     reply = sys.stdout
     sys.stdout = sys.stderr  # vLLM's own prints must not break the protocol
@@ -32,10 +38,10 @@ def main() -> None:
 
     llm = LLM(
         model=model_dir,
-        dtype="float32",
+        dtype=dtype,
         max_num_seqs=max_num_seqs,
         max_model_len=workload["max_model_len"],
-        enforce_eager=True,
+        enforce_eager=eager,
         seed=0,
     )
     prompts = [TokensPrompt(prompt_token_ids=p) for p in workload["prompts"]]
@@ -47,6 +53,14 @@ def main() -> None:
     llm.generate(prompts[:1], first, use_tqdm=False)
     answer(reply, {"ready": time.perf_counter() - STARTED})
     for line in sys.stdin:
+        if line.startswith("warmup"):
+            _, count, budget = line.split()
+            start = time.perf_counter()
+            few = [SamplingParams(temperature=0, max_tokens=min(b, int(budget)), ignore_eos=True)
+                   for b in workload["budgets"][: int(count)]]  # fmt: skip
+            llm.generate(prompts[: int(count)], few, use_tqdm=False)
+            answer(reply, {"warm": time.perf_counter() - start})
+            continue
         if line.strip() != "run":
             break
         llm.reset_prefix_cache()
