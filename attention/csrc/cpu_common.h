@@ -37,6 +37,29 @@ inline vfloat load(const c10::BFloat16* p) {  // bfloat16 is the top half of a f
   return v;
 }
 
+// The bfloat16 bits of each lane, rounded to nearest even as c10::BFloat16 rounds (a NaN stays a
+// quiet NaN), in the low half of each 32-bit lane.
+inline vint bfloat16_bits(vfloat v) {
+  vint bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const vint rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16;
+  const vint is_nan = (bits & 0x7FFFFFFF) > 0x7F800000;  // all ones where the lane is a NaN
+  return ((rounded & 0xFFFF) & ~is_nan) | (0x7FC0 & is_nan);
+}
+
+// v rounded to bfloat16 and widened back: what a float takes from a bfloat16 round trip.
+inline vfloat round_to_bfloat16(vfloat v) {
+  const vint bits = bfloat16_bits(v) << 16;
+  vfloat out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+inline void store(c10::BFloat16* p, vfloat v) {
+  const vhalf h = __builtin_convertvector(bfloat16_bits(v), vhalf);
+  std::memcpy(p, &h, sizeof h);
+}
+
 inline float horizontal_sum(vfloat v) {
   typedef float quarter __attribute__((vector_size(16)));
   quarter four = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
