@@ -45,7 +45,6 @@ class BeamSearchOutput:
 class _Search:
     """One prompt's search: its live beams and those already complete."""
 
-    prompt_len: int
     beams: list[BeamSearchSequence]
     complete: list[BeamSearchSequence] = field(default_factory=list)
 
@@ -59,13 +58,16 @@ def beam_search(
     searches = []
     for prompt in prompts:
         ids = inputs.prepare(prompt, SamplingParams(max_tokens=1)).prompt_token_ids
-        searches.append(_Search(len(ids), [BeamSearchSequence(list(ids))]))
+        searches.append(_Search([BeamSearchSequence(list(ids))]))
     step = SamplingParams(temperature=0, max_tokens=1, logprobs=2 * params.beam_width)
     for _ in range(params.max_tokens):
-        live = [(s, beam) for s in searches for beam in s.beams]
-        live = [(s, beam) for s, beam in live if len(beam.tokens) < inputs.max_model_len]
+        live = []
         for search in searches:  # a beam at the context's end can grow no more
-            search.complete += [b for b in search.beams if len(b.tokens) >= inputs.max_model_len]
+            for beam in search.beams:
+                if len(beam.tokens) < inputs.max_model_len:
+                    live.append((search, beam))
+                else:
+                    search.complete.append(replace(beam, finish_reason="length"))
             search.beams = []
         if not live:
             break

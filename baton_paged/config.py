@@ -18,6 +18,7 @@ from baton_paged.sched.memory_monitor import check_watermarks
 PREEMPTION_MODES = ("swap", "recompute")
 MODEL_IMPLS = ("auto", "native", "transformers")
 
+
 def cpu_computes_bfloat16() -> bool:
     """Does this CPU have bfloat16 arithmetic (AVX512-BF16 or AMX tiles)? There, bfloat16 halves
     the bytes a decode step reads and oneDNN's matmuls run natively: 1.4-1.5x float32's single

@@ -14,30 +14,35 @@ import click
 
 from baton_paged.entrypoints.engine_flags import build_engine, engine_options
 
+DATASET_OPTIONS = {
+    "dataset_name": click.option("--dataset-name", type=click.Choice(["random", "sharegpt"]),
+                                 default="random", show_default=True),
+    "dataset_path": click.option("--dataset-path", type=click.Path(exists=True, dir_okay=False),
+                                 help="A ShareGPT-style JSON file (with --dataset-name sharegpt)."),
+    "num_prompts": click.option("--num-prompts", type=click.IntRange(min=1), default=100,
+                                show_default=True),
+    "input_len": click.option("--input-len", "--random-input-len", type=click.IntRange(min=1),
+                              default=128, show_default=True, help="Random prompts' tokens."),
+    "output_len": click.option(
+        "--output-len", "--random-output-len", type=click.IntRange(min=1), default=128,
+        show_default=True, help="Tokens to generate (sharegpt: instead of each answer's length)."),
+    "random_range_ratio": click.option(
+        "--random-range-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+        show_default=True, help="Spread of random lengths."),
+    "output_json": click.option("--output-json", type=click.Path(dir_okay=False),
+                                help="Also write the results there."),
+}  # fmt: skip
+"""The dataset flags by the argument each sets; the random prompts' seed is the engine's
+``--seed`` (``serve``'s own)."""
+DATASET = tuple(DATASET_OPTIONS)
+LATENCY = ("input_len", "output_len", "output_json")
+"""``latency``'s: one batch of random prompts."""
 
-def dataset_options(fn, only: tuple[str, ...] | None = None):
-    """``fn`` with the dataset flags (``only`` those whose first name is listed)."""
-    options = [
-        click.option("--dataset-name", type=click.Choice(["random", "sharegpt"]),
-                     default="random", show_default=True),
-        click.option("--dataset-path", type=click.Path(exists=True, dir_okay=False),
-                     help="A ShareGPT-style JSON file (with --dataset-name sharegpt)."),
-        click.option("--num-prompts", type=click.IntRange(min=1), default=100, show_default=True),
-        click.option("--input-len", "--random-input-len", type=click.IntRange(min=1),
-                     default=128, show_default=True, help="Random prompts' tokens."),
-        click.option("--output-len", "--random-output-len", type=click.IntRange(min=1),
-                     default=128, show_default=True,
-                     help="Tokens to generate (sharegpt: instead of each answer's length)."),
-        click.option("--random-range-ratio", type=click.FloatRange(0, 1, max_open=True),
-                     default=0.0, show_default=True, help="Spread of random lengths."),
-        click.option("--output-json", type=click.Path(dir_okay=False),
-                     help="Also write the results there."),
-    ]  # fmt: skip
-    for option in reversed(options):
-        probe = option(lambda: None)
-        name = probe.__click_params__[0].opts[0]
-        if only is None or name in only:
-            fn = option(fn)
+
+def dataset_options(fn, only: tuple[str, ...] = DATASET):
+    """``fn`` with the dataset flags named in ``only``."""
+    for name in reversed(only):
+        fn = DATASET_OPTIONS[name](fn)
     return fn
 
 
@@ -65,11 +70,6 @@ def take(options: dict, names: tuple[str, ...]) -> dict:
     return {name: options.pop(name) for name in names}
 
 
-DATASET = ("dataset_name", "dataset_path", "num_prompts", "input_len", "output_len",
-           "random_range_ratio", "output_json")  # fmt: skip
-"""The dataset flags; the random prompts' seed is the engine's ``--seed``."""
-
-
 @click.group()
 def bench() -> None:
     """Measure this machine: latency, throughput (offline engine) or serve (a running server)."""
@@ -79,14 +79,14 @@ def bench() -> None:
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--num-iters-warmup", type=click.IntRange(min=0), default=3, show_default=True)
 @click.option("--num-iters", type=click.IntRange(min=1), default=10, show_default=True)
-@lambda fn: dataset_options(fn, ("--input-len", "--output-len", "--output-json"))
+@lambda fn: dataset_options(fn, LATENCY)
 @engine_options
 def latency(batch_size, num_iters_warmup, num_iters, **options) -> None:
     """Seconds to generate one batch of --batch-size random prompts end to end."""
     from baton_paged.bench.runs import latency as run
     from baton_paged.entrypoints.llm import LLM
 
-    args = take(options, ("input_len", "output_len", "output_json")) | {"seed": options["seed"]}
+    args = take(options, LATENCY) | {"seed": options["seed"]}
     llm = LLM.from_engine(build_engine(options))
     random = {"dataset_name": "random", "num_prompts": batch_size, "random_range_ratio": 0.0}
     samples = load_samples(args | random, llm.get_tokenizer())

@@ -50,7 +50,7 @@ def usage_of(outputs: Sequence[RequestOutput], generated: bool = True) -> r.Usag
     )
 
 
-def prompt_logprobs_of(output: RequestOutput) -> r.PromptLogprobs:
+def prompt_logprobs_body(output: RequestOutput) -> r.PromptLogprobs:
     """vLLM's ``prompt_logprobs`` reply field: per prompt token, by token id."""
     return [
         None
@@ -155,7 +155,7 @@ class CompletionShape:
     def prompt_logprobs_of(self, output: RequestOutput | None) -> r.PromptLogprobs:
         if output is None or not self.prompt_logprobs:
             return None
-        return prompt_logprobs_of(output)
+        return prompt_logprobs_body(output)
 
     def legacy_logprobs(self, piece: Piece) -> r.CompletionLogprobs:
         """OpenAI's parallel lists: the echoed prompt's tokens (offsets from 0, the first one
