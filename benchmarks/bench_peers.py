@@ -40,6 +40,7 @@ from pathlib import Path
 import harness
 import torch
 from harness import Clock, Default, check, markdown, median, ratio
+from llama_cpp_peer import LlamaCppPeer
 from transformers import AutoConfig, AutoTokenizer
 from workload import MAX_BUDGET, make_workload
 
@@ -55,8 +56,13 @@ SYSTEMS = {
 }
 PEERS = {"vllm": "default", "vllm-eager": "eager"}
 """vLLM's systems: its default (compiled graphs) and ``enforce_eager``."""
+LLAMA_CPP = "llama.cpp"
 MAX_MODEL_LEN = 2048
+SINGLE_PROMPT, SINGLE_BUDGET = 64, 256
+"""The single stream: one request alone, the workload's longest prompt cut to 64 tokens, 256
+greedy tokens (a chat turn as one CPU user sees it)."""
 TARGET, MILESTONE, STEP_TARGET = 1.3, 1.0, 1.3
+LLAMA_CPP_SINGLE, LLAMA_CPP_BATCH, STARTUP_SHARE = 1.0, 1.5, 0.5
 
 
 class VllmPeer:
@@ -94,6 +100,11 @@ class VllmPeer:
         self.process.stdin.flush()
         self._read()
 
+    def single(self, prompt: list[int], budget: int) -> float:
+        self.process.stdin.write(f"single {json.dumps(prompt, separators=(',', ':'))} {budget}\n")
+        self.process.stdin.flush()
+        return self._read()["wall_s"]
+
     def close(self) -> None:
         self.process.communicate("quit\n", timeout=120)
 
@@ -113,6 +124,28 @@ def baton_llm(model_dir: Path, batch_size: int, system: str, dtype: str) -> LLM:
         max_model_len=MAX_MODEL_LEN,
         **SYSTEMS[system],
     )
+
+
+class BatonSystem:
+    """Our engine through its ``LLM`` API, with the peers' interface."""
+
+    def __init__(self, llm: LLM, work):
+        self.llm, self.work = llm, work
+
+    def run(self) -> tuple[float, list[list[int]]]:
+        return baton_run(self.llm, self.work)
+
+    def warm_up(self, count: int, budget: int) -> None:
+        baton_run(self.llm, self.work.head(count, budget))
+
+    def single(self, prompt: list[int], budget: int) -> float:
+        params = SamplingParams(temperature=0, max_tokens=budget, ignore_eos=True)
+        start = time.perf_counter()
+        self.llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self.llm.close()
 
 
 def baton_run(llm: LLM, work) -> tuple[float, list[list[int]]]:
@@ -186,25 +219,39 @@ def weight_matmuls(model_dir: Path, batch: int) -> Callable[[], None]:
     return matmuls
 
 
-def fresh_run(system: str, args, model_dir: Path, work, workload_file: Path) -> dict:
-    """One system built afresh: its build time, a 4-prompt warm-up, then the workload twice."""
-    start = time.perf_counter()
+def build_system(system: str, args, model_dir: Path, work, workload_file: Path):
     if system in PEERS:
-        peer = VllmPeer(workload_file, model_dir, args.batch_size, args.threads, args.dtype,
+        return VllmPeer(workload_file, model_dir, args.batch_size, args.threads, args.dtype,
                         PEERS[system])  # fmt: skip
-        built = time.perf_counter() - start
-        peer.warm_up(4, 4)
-        (first, tokens), (warm, _) = peer.run(), peer.run()
-        peer.close()
-    else:
-        llm = baton_llm(model_dir, args.batch_size, system, args.dtype)
-        built = time.perf_counter() - start
-        baton_run(llm, work.head(4, 4))
-        (first, tokens), (warm, _) = baton_run(llm, work), baton_run(llm, work)
-        llm.close()
+    if system == LLAMA_CPP:
+        return LlamaCppPeer(work, model_dir, args.batch_size, args.threads, args.dtype,
+                            MAX_MODEL_LEN)  # fmt: skip
+    return BatonSystem(baton_llm(model_dir, args.batch_size, system, args.dtype), work)
+
+
+def fresh_run(system: str, args, model_dir: Path, work, workload_file: Path) -> dict:
+    """One system built afresh: its build time, a 4-prompt warm-up, the workload twice, then one
+    request alone (the single stream)."""
+    start = time.perf_counter()
+    engine = build_system(system, args, model_dir, work, workload_file)
+    built = time.perf_counter() - start
+    engine.warm_up(4, 4)
+    (first, tokens), (warm, _) = engine.run(), engine.run()
+    single = engine.single(single_prompt(work), SINGLE_BUDGET)
+    engine.close()
     per_s = work.total_budget
-    return {"built_s": built, "first_tok_s": per_s / first, "warm_tok_s": per_s / warm,
-            "tokens": tokens}  # fmt: skip
+    return {
+        "built_s": built,
+        "first_tok_s": per_s / first,
+        "warm_tok_s": per_s / warm,
+        "single_tok_s": SINGLE_BUDGET / single,
+        "unparsed": getattr(engine, "unparsed", 0),
+        "tokens": tokens,
+    }
+
+
+def single_prompt(work) -> list[int]:
+    return max(work.prompts, key=len)[:SINGLE_PROMPT]
 
 
 def measure_model(args, size: str) -> dict:
@@ -216,14 +263,15 @@ def measure_model(args, size: str) -> dict:
         workload_file = Path(scratch) / "workload.json"
         payload = {"prompts": work.prompts, "budgets": work.budgets, "max_model_len": MAX_MODEL_LEN}
         workload_file.write_text(json.dumps(payload))
-        for repeat, system in harness.rotations([*SYSTEMS, *PEERS], args.repeats):
+        for repeat, system in harness.rotations(systems(args), args.repeats):
             with Clock() as clock:
                 run = fresh_run(system, args, model_dir, work, workload_file)
             tokens[system] = run.pop("tokens")
             cpu = round(clock.cpu / clock.wall, 2)
             runs.append({"model": size, "system": system, "repeat": repeat} | run | {"cpu": cpu})
             print(f"{size} {system} repeat {repeat}: first {run['first_tok_s']:.1f} tok/s, warm "
-                  f"{run['warm_tok_s']:.1f}, built {run['built_s']:.1f} s", flush=True)  # fmt: skip
+                  f"{run['warm_tok_s']:.1f}, single {run['single_tok_s']:.1f}, built "
+                  f"{run['built_s']:.1f} s, unparsed {run['unparsed']}", flush=True)  # fmt: skip
         llm = baton_llm(model_dir, args.batch_size, "baton", args.dtype)
         step = decode_step_vs_matmuls(llm, model_dir, args.batch_size, args.repeats * 5)
         llm.close()
@@ -233,13 +281,11 @@ def measure_model(args, size: str) -> dict:
         startup["baton-general"] = startup_seconds(
             model_dir, "baton-general", args.threads, None, args.dtype
         )
-        for peer in PEERS:
+        for peer in set(systems(args)) - set(SYSTEMS):
             startup[peer] = median(r["built_s"] for r in runs if r["system"] == peer)
-    agree = {
-        f"{a} = {b}": sum(x == y for x, y in zip(tokens[a], tokens[b], strict=True))
-        / len(work.prompts)
-        for a, b in (("baton", "vllm"), ("baton", "baton-general"), ("vllm", "vllm-eager"))
-    }
+    pairs = [("baton", "vllm"), ("baton", "baton-general"), ("vllm", "vllm-eager")]
+    pairs += [("baton", LLAMA_CPP)] if LLAMA_CPP in tokens else []
+    agree = {f"{a} = {b}": same_share(tokens[a], tokens[b]) for a, b in pairs}
     return {
         "runs": runs,
         "decode_step": step,
@@ -249,14 +295,36 @@ def measure_model(args, size: str) -> dict:
     }
 
 
+def systems(args) -> list[str]:
+    return [*SYSTEMS, *PEERS, *([LLAMA_CPP] if args.llama_cpp else [])]
+
+
+def same_share(ours: list, theirs: list) -> float:
+    """The share of requests with equal greedy tokens, among those both returned."""
+    both = [(x, y) for x, y in zip(ours, theirs, strict=True) if x is not None and y is not None]
+    return round(sum(x == y for x, y in both) / len(both), 3)
+
+
 def summarise(model: dict, size: str) -> list[dict]:
+    """One row per system: its medians over repeats, and its ratios to vLLM's default (and eager)
+    and to llama.cpp, each taken within a repeat."""
     rows = []
-    base = {(r["repeat"], k): r[k] for r in model["runs"] if r["system"] == "vllm"
+    runs = model["runs"]
+    base = {(r["repeat"], k): r[k] for r in runs if r["system"] == "vllm"
             for k in ("first_tok_s", "warm_tok_s")}  # fmt: skip
-    eager = {r["repeat"]: r["first_tok_s"] for r in model["runs"] if r["system"] == "vllm-eager"}
-    for system in [*SYSTEMS, *PEERS]:
-        mine = [r for r in model["runs"] if r["system"] == system]
+    eager = {r["repeat"]: r["first_tok_s"] for r in runs if r["system"] == "vllm-eager"}
+    llama = {(r["repeat"], k): r[k] for r in runs if r["system"] == LLAMA_CPP
+             for k in ("first_tok_s", "single_tok_s")}  # fmt: skip
+    for system in [s for s in (*SYSTEMS, *PEERS, LLAMA_CPP) if any(r["system"] == s for r in runs)]:
+        mine = [r for r in runs if r["system"] == system]
         first = [r["first_tok_s"] / base[r["repeat"], "first_tok_s"] for r in mine]
+        to_llama = {
+            f"{k.split('_')[0]} x llama.cpp": median(
+                (r[k] / llama[r["repeat"], k] for r in mine), 3
+            )
+            for k in ("first_tok_s", "single_tok_s")
+            if llama
+        }
         rows.append(
             {
                 "model": size,
@@ -271,6 +339,9 @@ def summarise(model: dict, size: str) -> list[dict]:
                 "warm x vLLM": median(
                     (r["warm_tok_s"] / base[r["repeat"], "warm_tok_s"] for r in mine), 3
                 ),
+                "single tok/s": median((r["single_tok_s"] for r in mine), 1),
+                **to_llama,
+                "unparsed": sum(r["unparsed"] for r in mine),
                 "startup_s": round(model["startup_s"].get(system), 1),
             }
         )
@@ -280,8 +351,9 @@ def summarise(model: dict, size: str) -> list[dict]:
 def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
     rows = [row for size, model in saved["models"].items() for row in summarise(model, size)]
     lines = [
-        "# baton-paged vs vLLM CPU (useful output tokens/s, same workload, fresh engines: the first"
-        " generate, then a warm one)",
+        "# baton-paged vs vLLM CPU and llama.cpp (useful output tokens/s, same workload, fresh"
+        " engines: the first generate, then a warm one; then one request alone, the single"
+        f" stream: a {SINGLE_PROMPT}-token prompt, {SINGLE_BUDGET} tokens)",
         "",
         *markdown(rows),
         "",
@@ -294,7 +366,7 @@ def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
     steps = [{"model": size} | m["decode_step"] for size, m in saved["models"].items()]
     lines += ["", "Decode step vs its weight matmuls:", "", *markdown(steps)]
     panels = {"tokens/s": harness.series(rows, "model", "system", "first tok/s")}
-    return lines, "baton-paged vs vLLM CPU", panels
+    return lines, "baton-paged vs vLLM CPU and llama.cpp", panels
 
 
 def main() -> None:
@@ -311,7 +383,11 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=Default(128, 16))
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="both engines' dtype (%(default)s)")  # fmt: skip
+                        help="every engine's dtype (%(default)s)")  # fmt: skip
+    parser.add_argument(
+        "--no-llama-cpp", dest="llama_cpp", action="store_false",
+        help="leave llama.cpp out (else built and cached by build_llama_cpp.sh)",
+    )  # fmt: skip
     parser.set_defaults(max_budget=Default(MAX_BUDGET.full, 32))
     args = harness.start(parser)
     if not VLLM_PYTHON.exists():
@@ -319,11 +395,19 @@ def main() -> None:
     models = {size: measure_model(args, size) for size in args.models}
     checks = []
     for size, model in models.items():
-        baton = summarise(model, size)[0]["first x vLLM"]
+        baton = summarise(model, size)[0]
+        first = baton["first x vLLM"]
         checks += [
-            check(f"{size}: baton / vLLM default, first generate (milestone)", baton, MILESTONE),
-            check(f"{size}: baton / vLLM default, first generate", baton, TARGET),
-        ]
+            check(f"{size}: baton / vLLM default, first generate (milestone)", first, MILESTONE),
+            check(f"{size}: baton / vLLM default, first generate", first, TARGET),
+            check(f"{size}: baton / llama.cpp, single stream", baton.get("single x llama.cpp"),
+                  LLAMA_CPP_SINGLE),
+            check(f"{size}: baton / llama.cpp, first generate", baton.get("first x llama.cpp"),
+                  LLAMA_CPP_BATCH),
+            check(f"{size}: baton / vLLM default, start to first token",
+                  ratio(model["startup_s"]["baton"], model["startup_s"]["vllm"], 3),
+                  STARTUP_SHARE, "<="),
+        ]  # fmt: skip
         step = model["decode_step"]
         checks.append(
             check(

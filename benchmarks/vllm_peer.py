@@ -11,10 +11,11 @@ choice, its compiled graphs) and talks over stdin/stdout, one JSON object per li
 ``{"ready": seconds}`` once the engine is built (seconds from process start to the first token of
 a one-request warm-up), then answers each ``run`` line with the workload's wall time and every
 request's token ids, ``warmup N BUDGET`` by generating the first N prompts with at most BUDGET
-tokens each (``{"warm": seconds}``), and stops at ``quit`` or end of input. Everything else vLLM
-prints goes to stderr. A workload with ``"rounds"`` (lists of request indices) runs them one
-``generate`` after another, as multi-turn chat does (``bench_prefix``), and each ``run`` starts
-from a reset prefix cache.
+tokens each (``{"warm": seconds}``), ``single [IDS] BUDGET`` with the wall time of that one
+prompt (a JSON list, no spaces) generating BUDGET tokens alone (``{"wall_s": seconds}``), and
+stops at ``quit`` or end of input. Everything else vLLM prints goes to stderr. A workload with
+``"rounds"`` (lists of request indices) runs them one ``generate`` after another, as multi-turn
+chat does (``bench_prefix``), and each ``run`` starts from a reset prefix cache.
 """
 
 from __future__ import annotations
@@ -60,6 +61,13 @@ def main() -> None:
                    for b in workload["budgets"][: int(count)]]  # fmt: skip
             llm.generate(prompts[: int(count)], few, use_tqdm=False)
             answer(reply, {"warm": time.perf_counter() - start})
+            continue
+        if line.startswith("single"):
+            _, ids, budget = line.split()
+            alone = SamplingParams(temperature=0, max_tokens=int(budget), ignore_eos=True)
+            start = time.perf_counter()
+            llm.generate([TokensPrompt(prompt_token_ids=json.loads(ids))], alone, use_tqdm=False)
+            answer(reply, {"wall_s": time.perf_counter() - start})
             continue
         if line.strip() != "run":
             break

