@@ -60,6 +60,17 @@ inline void store(c10::BFloat16* p, vfloat v) {
   std::memcpy(p, &h, sizeof h);
 }
 
+// Ask for the cache line holding p. GCC 12 deletes __builtin_prefetch in a loop that does nothing
+// else once it is inlined (the built attention kernel held not one prefetch instruction), so on
+// x86 the instruction is written out, where the compiler must keep it.
+inline void prefetch(const void* p) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
 inline float horizontal_sum(vfloat v) {
   typedef float quarter __attribute__((vector_size(16)));
   quarter four = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);

@@ -27,18 +27,29 @@ namespace {
 
 constexpr int64_t kQueryTile = 16;  // new tokens of one request handled by one work item
 constexpr int64_t kPrefetchPages = 2;  // how far ahead of the page being read its K/V is asked for
+constexpr int64_t kBlockPages = 8;  // pages per softmax update: their K (then V) stay in cache
 
-// ---- Per-row math of one page: scores, softmax weights, weighted values ------------------------
+// ---- Per-row math: scores, softmax weights, weighted values -------------------------------------
 // Two implementations with one interface. ScalarMath is plain loops for any dtype and head size
 // (float64 exactness runs here); VectorMath uses cpu_common.h's 8-lane float vectors for float
-// and bfloat16 with head_dim % 8 == 0.
+// and bfloat16 with head_dim % 8 == 0. ``view`` hands the math one page's K or V of one head in
+// the type it reads: VectorMath widens bfloat16 pages into float scratch once per page and head,
+// so the rows of a query group (and both passes over the page) never convert a value twice.
 
 template <typename scalar_t, typename acc_t>
 struct ScalarMath {
+  using kv_t = scalar_t;
   static bool fits(int64_t) { return true; }
 
-  // score[j] = q . k_j for the n keys of a page (keys `stride` elements apart).
-  static void scores(acc_t* score, const acc_t* q, const scalar_t* k, int64_t n, int64_t stride,
+  // The page's n rows of one head as they lie (`stride` elements apart).
+  static const kv_t* view(const scalar_t* page, int64_t, int64_t stride, int64_t, kv_t*,
+                          int64_t& view_stride) {
+    view_stride = stride;
+    return page;
+  }
+
+  // score[j] = q . k_j for n keys (keys `stride` elements apart).
+  static void scores(acc_t* score, const acc_t* q, const kv_t* k, int64_t n, int64_t stride,
                      int64_t dim) {
     for (int64_t j = 0; j < n; ++j, k += stride) {
       acc_t sum = 0;
@@ -54,38 +65,71 @@ struct ScalarMath {
     return sum;
   }
 
-  // acc = acc * correction + sum_j p[j] v_j.
-  static void accumulate(acc_t* acc, acc_t correction, const acc_t* p, const scalar_t* v,
-                         int64_t n, int64_t stride, int64_t dim) {
+  static void rescale(acc_t* acc, acc_t correction, int64_t dim) {
     for (int64_t d = 0; d < dim; ++d) acc[d] *= correction;
+  }
+
+  // acc += sum_j p[j] v_j.
+  static void accumulate(acc_t* acc, const acc_t* p, const kv_t* v, int64_t n, int64_t stride,
+                         int64_t dim) {
     for (int64_t j = 0; j < n; ++j, v += stride) {
       for (int64_t d = 0; d < dim; ++d) acc[d] += p[j] * static_cast<acc_t>(v[d]);
     }
   }
 };
 
+// The sums of eight vectors' lanes, sum i in lane i: a transposing tree of pairwise adds, 7
+// shuffle-and-add steps for all eight where a horizontal sum each takes 3 (24).
+inline vfloat sum_each(vfloat a0, vfloat a1, vfloat a2, vfloat a3, vfloat a4, vfloat a5,
+                       vfloat a6, vfloat a7) {
+  auto pairs = [](vfloat x, vfloat y) {  // lanes (x0+x1, y0+y1, x2+x3, y2+y3, ...)
+    return __builtin_shufflevector(x, y, 0, 8, 2, 10, 4, 12, 6, 14) +
+           __builtin_shufflevector(x, y, 1, 9, 3, 11, 5, 13, 7, 15);
+  };
+  auto quads = [](vfloat x, vfloat y) {  // pairs of pairs: (x01, x23 ...) -> sums of four
+    return __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+  };
+  const vfloat q0 = quads(pairs(a0, a1), pairs(a2, a3));  // a0..a3 over lanes 0-3, then 4-7
+  const vfloat q1 = quads(pairs(a4, a5), pairs(a6, a7));
+  return __builtin_shufflevector(q0, q1, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(q0, q1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
 template <typename scalar_t>
 struct VectorMath {
+  using kv_t = float;
   static bool fits(int64_t dim) { return dim % kLanes == 0; }
 
-  // Four keys at a time: four independent FMA chains instead of one, which a single dot's
-  // chain of dependent additions would leave waiting on FMA latency.
-  static void scores(float* score, const float* q, const scalar_t* k, int64_t n, int64_t stride,
+  static const float* view(const scalar_t* page, int64_t n, int64_t stride, int64_t dim,
+                           float* scratch, int64_t& view_stride) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      view_stride = stride;
+      return page;
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        for (int64_t d = 0; d < dim; d += kLanes) {
+          const vfloat v = load(page + j * stride + d);
+          std::memcpy(scratch + j * dim + d, &v, sizeof v);
+        }
+      }
+      view_stride = dim;
+      return scratch;
+    }
+  }
+
+  // Eight keys at a time, their sums gathered into one vector (sum_each); the rest one by one.
+  static void scores(float* score, const float* q, const float* k, int64_t n, int64_t stride,
                      int64_t dim) {
     int64_t j = 0;
-    for (; j + 4 <= n; j += 4, k += 4 * stride) {
-      vfloat a0 = {}, a1 = {}, a2 = {}, a3 = {};
+    for (; j + kLanes <= n; j += kLanes, k += kLanes * stride) {
+      vfloat a[kLanes] = {};
       for (int64_t d = 0; d < dim; d += kLanes) {
         const vfloat qd = load(q + d);
-        a0 += qd * load(k + d);
-        a1 += qd * load(k + stride + d);
-        a2 += qd * load(k + 2 * stride + d);
-        a3 += qd * load(k + 3 * stride + d);
+        for (int64_t i = 0; i < kLanes; ++i) a[i] += qd * load(k + i * stride + d);
       }
-      score[j] = horizontal_sum(a0);
-      score[j + 1] = horizontal_sum(a1);
-      score[j + 2] = horizontal_sum(a2);
-      score[j + 3] = horizontal_sum(a3);
+      const vfloat sums = sum_each(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
+      std::memcpy(score + j, &sums, sizeof sums);
     }
     for (; j < n; ++j, k += stride) {
       vfloat sum = {};
@@ -96,25 +140,38 @@ struct VectorMath {
 
   // The score buffer has room for n rounded up to a whole vector; the tail is ignored.
   static float exp_sum(float* score, int64_t n, float shift) {
-    for (int64_t j = 0; j < n; j += kLanes) {
+    vfloat sums = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes) {
       const vfloat e = exp_clamped(load(score + j) - shift);
       std::memcpy(score + j, &e, sizeof e);
+      sums += e;
     }
-    float sum = 0;
-    for (int64_t j = 0; j < n; ++j) sum += score[j];
+    float sum = horizontal_sum(sums);
+    if (j < n) {
+      const vfloat e = exp_clamped(load(score + j) - shift);
+      std::memcpy(score + j, &e, sizeof e);
+      for (; j < n; ++j) sum += score[j];
+    }
     return sum;
   }
 
-  // Four 8-wide slices of the head at a time, each kept in a register across the page's keys
-  // (four independent chains, as in ``scores``), then any remaining slices one by one.
-  static void accumulate(float* acc, float correction, const float* p, const scalar_t* v,
-                         int64_t n, int64_t stride, int64_t dim) {
+  static void rescale(float* acc, float correction, int64_t dim) {
+    for (int64_t d = 0; d < dim; d += kLanes) {
+      const vfloat a = load(acc + d) * correction;
+      std::memcpy(acc + d, &a, sizeof a);
+    }
+  }
+
+  // Four 8-wide slices of the head at a time, each kept in a register across the keys (four
+  // independent FMA chains), then any remaining slices one by one.
+  static void accumulate(float* acc, const float* p, const float* v, int64_t n, int64_t stride,
+                         int64_t dim) {
     int64_t d = 0;
     for (; d + 4 * kLanes <= dim; d += 4 * kLanes) {
-      vfloat a0 = load(acc + d) * correction, a1 = load(acc + d + kLanes) * correction;
-      vfloat a2 = load(acc + d + 2 * kLanes) * correction;
-      vfloat a3 = load(acc + d + 3 * kLanes) * correction;
-      const scalar_t* row = v + d;
+      vfloat a0 = load(acc + d), a1 = load(acc + d + kLanes);
+      vfloat a2 = load(acc + d + 2 * kLanes), a3 = load(acc + d + 3 * kLanes);
+      const float* row = v + d;
       for (int64_t j = 0; j < n; ++j, row += stride) {
         a0 += p[j] * load(row);
         a1 += p[j] * load(row + kLanes);
@@ -127,8 +184,8 @@ struct VectorMath {
       std::memcpy(acc + d + 3 * kLanes, &a3, sizeof a3);
     }
     for (; d < dim; d += kLanes) {
-      vfloat a = load(acc + d) * correction;
-      const scalar_t* column = v + d;
+      vfloat a = load(acc + d);
+      const float* column = v + d;
       for (int64_t j = 0; j < n; ++j, column += stride) a += p[j] * load(column);
       std::memcpy(acc + d, &a, sizeof a);
     }
@@ -188,70 +245,121 @@ std::vector<WorkItem> plan_items(const PagedInputs<scalar_t>& in, int64_t batch,
   return items;
 }
 
-// Per-thread scratch: the tile's scaled queries, running max / sum, output accumulators, scores.
-template <typename acc_t>
+// Per-thread scratch: the tile's scaled queries, running max / sum, output accumulators, each
+// row's scores over one block of keys, and one page of one head widened (VectorMath, bfloat16).
+template <typename acc_t, typename kv_t>
 struct Scratch {
   std::vector<acc_t> query, max, sum, acc, scores;
-  void fit(int64_t rows, int64_t dim, int64_t page) {
+  std::vector<kv_t> page;
+  int64_t score_stride = 0;
+  void fit(int64_t rows, int64_t dim, int64_t page_size, int64_t block_keys) {
     query.resize(rows * dim);
     acc.assign(rows * dim, acc_t(0));
     max.assign(rows, -std::numeric_limits<acc_t>::infinity());
     sum.assign(rows, acc_t(0));
-    scores.resize(page + kLanes);
+    score_stride = block_keys + kLanes;
+    scores.resize(rows * score_stride);
+    page.resize(page_size * dim);
   }
 };
 
-// Ask for the K and V of heads [first, last) of one page: the whole page when every head is
-// wanted (contiguous), else each token's slice.
+// Ask for one page's K (or V) of heads [first, last): the whole page when every head is wanted
+// (contiguous), else each token's slice. Pages are scattered, so the hardware cannot guess the
+// next one; each is asked for while the page before it is being read.
 template <typename scalar_t>
-void prefetch_page(const PagedInputs<scalar_t>& in, int64_t page, int64_t first, int64_t last) {
+void prefetch_page(const PagedInputs<scalar_t>& in, const scalar_t* cache, int64_t page,
+                   int64_t first, int64_t last) {
   const bool whole = first == 0 && last == in.num_kv_heads;
   const int64_t runs = whole ? 1 : in.page_size;
   const int64_t run_bytes = (whole ? in.page_size * in.slot_stride : (last - first) * in.head_stride)
                             * sizeof(scalar_t);
-  for (const scalar_t* base : {in.key_cache, in.value_cache}) {
-    const char* start = reinterpret_cast<const char*>(base + page * in.page_stride +
-                                                      first * in.head_stride);
-    for (int64_t r = 0; r < runs; ++r) {
-      const char* run = start + r * in.slot_stride * sizeof(scalar_t);
-      for (int64_t i = 0; i < run_bytes; i += 64) __builtin_prefetch(run + i);
-    }
+  const char* start = reinterpret_cast<const char*>(cache + page * in.page_stride +
+                                                    first * in.head_stride);
+  for (int64_t r = 0; r < runs; ++r) {
+    const char* run = start + r * in.slot_stride * sizeof(scalar_t);
+    for (int64_t i = 0; i < run_bytes; i += 64) prefetch(run + i);
   }
 }
 
-// Rows of KV head `head` against keys [start, start + n) of one page: online softmax, so each
-// row rescales what it has when its running max grows.
+// Keys [start, start + len) of one block against every row of the item: their scores first (each
+// page's K read front to back once, for every head and row of the group), one softmax update per
+// row for the whole block, then the values (each page's V read once). Row r of a head sees keys
+// < first_limit + r / group + 1 (causal within the tile); a row that sees none of the block is
+// left as it was.
 template <typename Math, typename scalar_t, typename acc_t>
-void attend_page(const PagedInputs<scalar_t>& in, Scratch<acc_t>& s, const WorkItem& item,
-                 int64_t head, int64_t first_limit, int64_t start, int64_t n,
-                 const scalar_t* k_page, const scalar_t* v_page) {
-  const int64_t dim = in.head_dim, rows = item.num_tokens * in.group;
-  const int64_t row0 = (head - item.first_head) * rows;
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t visible = std::min(n, first_limit + r / in.group + 1 - start);
-    if (visible <= 0) continue;
-    acc_t* score = s.scores.data();
-    Math::scores(score, s.query.data() + (row0 + r) * dim, k_page, visible, in.slot_stride, dim);
-    const acc_t page_max = *std::max_element(score, score + visible);
-    const acc_t new_max = std::max(s.max[row0 + r], page_max);
-    const acc_t correction = std::exp(s.max[row0 + r] - new_max);
-    const acc_t page_sum = Math::exp_sum(score, visible, new_max);
-    Math::accumulate(s.acc.data() + (row0 + r) * dim, correction, score, v_page, visible,
-                     in.slot_stride, dim);
-    s.sum[row0 + r] = s.sum[row0 + r] * correction + page_sum;
-    s.max[row0 + r] = new_max;
+void attend_block(const PagedInputs<scalar_t>& in, Scratch<acc_t, typename Math::kv_t>& s,
+                  const WorkItem& item, const int32_t* pages, int64_t num_pages,
+                  int64_t first_limit, int64_t start, int64_t len) {
+  const int64_t dim = in.head_dim, page = in.page_size, rows = item.num_tokens * in.group;
+  auto seen = [&](int64_t r) {  // keys of the block row r sees
+    return std::clamp<int64_t>(first_limit + r / in.group + 1 - start, 0, len);
+  };
+  // use(row0, offset, n, kv, stride) for each page of the block and head of the item.
+  auto each_page = [&](const scalar_t* cache, auto&& before, auto&& use) {
+    for (int64_t offset = 0; offset < len; offset += page) {
+      const int64_t n = std::min(page, len - offset), index = (start + offset) / page;
+      before(index);
+      for (int64_t head = item.first_head; head < item.last_head; ++head) {
+        const scalar_t* at = cache + pages[index] * in.page_stride + head * in.head_stride;
+        int64_t stride = 0;
+        const auto* kv = Math::view(at, n, in.slot_stride, dim, s.page.data(), stride);
+        use((head - item.first_head) * rows, offset, n, kv, stride);
+      }
+    }
+  };
+  auto ask = [&](const scalar_t* cache, int64_t index) {
+    if (index < num_pages) prefetch_page(in, cache, pages[index], item.first_head, item.last_head);
+  };
+  acc_t* scores = s.scores.data();
+  each_page(
+      in.key_cache,
+      [&](int64_t index) {
+        ask(in.key_cache, index + kPrefetchPages);
+        ask(in.value_cache, index);
+      },
+      [&](int64_t row0, int64_t offset, int64_t n, const auto* k, int64_t stride) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t visible = std::min(n, seen(r) - offset);
+          if (visible <= 0) continue;
+          Math::scores(scores + (row0 + r) * s.score_stride + offset,
+                       s.query.data() + (row0 + r) * dim, k, visible, stride, dim);
+        }
+      });
+  for (int64_t h = 0; h < item.last_head - item.first_head; ++h) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t visible = seen(r), row = h * rows + r;
+      if (visible == 0) continue;
+      acc_t* score = scores + row * s.score_stride;
+      const acc_t block_max = *std::max_element(score, score + visible);
+      const acc_t new_max = std::max(s.max[row], block_max);
+      const acc_t correction = std::exp(s.max[row] - new_max);
+      s.sum[row] = s.sum[row] * correction + Math::exp_sum(score, visible, new_max);
+      s.max[row] = new_max;
+      Math::rescale(s.acc.data() + row * dim, correction, dim);
+    }
   }
+  each_page(
+      in.value_cache, [](int64_t) {},
+      [&](int64_t row0, int64_t offset, int64_t n, const auto* v, int64_t stride) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t visible = std::min(n, seen(r) - offset);
+          if (visible <= 0) continue;
+          Math::accumulate(s.acc.data() + (row0 + r) * dim,
+                           scores + (row0 + r) * s.score_stride + offset, v, visible, stride, dim);
+        }
+      });
 }
 
 template <typename Math, typename scalar_t>
 void attend_item(const WorkItem& item, const PagedInputs<scalar_t>& in,
-                 Scratch<at::opmath_type<scalar_t>>& s) {
+                 Scratch<at::opmath_type<scalar_t>, typename Math::kv_t>& s) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t dim = in.head_dim, group = in.group, page = in.page_size;
   const int64_t rows = item.num_tokens * group, heads = item.last_head - item.first_head;
   const int64_t q_len = in.cu_seqlens_q[item.request + 1] - in.cu_seqlens_q[item.request];
   const int64_t first_token = in.cu_seqlens_q[item.request] + item.first_token;
-  s.fit(heads * rows, dim, page);
+  const int64_t block_keys = kBlockPages * page;
+  s.fit(heads * rows, dim, page, block_keys);
   // Row (h, r) is query head (first_head + h) * group + r % group of token r / group.
   auto row_of = [&](int64_t h, int64_t r) { return (h * rows + r) * dim; };
   auto head_of = [&](int64_t h, int64_t r) { return (item.first_head + h) * group + r % group; };
@@ -268,18 +376,12 @@ void attend_item(const WorkItem& item, const PagedInputs<scalar_t>& in,
   const int64_t num_keys = first_limit + item.num_tokens;
   const int32_t* pages = in.block_table + item.request * in.table_stride;
   const int64_t num_pages = (num_keys + page - 1) / page;
-  auto prefetch = [&](int64_t p) {  // pages are scattered: the hardware cannot guess the next
-    if (p < num_pages) prefetch_page(in, pages[p], item.first_head, item.last_head);
-  };
-  for (int64_t p = 0; p < kPrefetchPages; ++p) prefetch(p);
-  for (int64_t p = 0; p < num_pages; ++p) {
-    prefetch(p + kPrefetchPages);
-    const int64_t start = p * page, n = std::min(page, num_keys - start);
-    for (int64_t head = item.first_head; head < item.last_head; ++head) {
-      const int64_t at = pages[p] * in.page_stride + head * in.head_stride;
-      attend_page<Math>(in, s, item, head, first_limit, start, n, in.key_cache + at,
-                        in.value_cache + at);
-    }
+  for (int64_t p = 0; p < kPrefetchPages && p < num_pages; ++p) {
+    prefetch_page(in, in.key_cache, pages[p], item.first_head, item.last_head);
+  }
+  for (int64_t start = 0; start < num_keys; start += block_keys) {
+    attend_block<Math>(in, s, item, pages, num_pages, first_limit, start,
+                       std::min(block_keys, num_keys - start));
   }
 
   for (int64_t h = 0; h < heads; ++h) {
@@ -299,7 +401,7 @@ void run_items(const PagedInputs<scalar_t>& in, int64_t batch) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), items.size());
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    Scratch<at::opmath_type<scalar_t>> scratch;
+    Scratch<at::opmath_type<scalar_t>, typename Math::kv_t> scratch;
     for (int64_t w = begin; w < end; ++w) {
       for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
         attend_item<Math>(items[i], in, scratch);

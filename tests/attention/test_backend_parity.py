@@ -22,14 +22,16 @@ HEADS = {"gqa": (8, 2), "mha": (4, 4)}
 HEAD_DIM = 32
 
 
-def check_backend(name, kind, heads, page_size, dtype, device, seed=0, head_dim=HEAD_DIM):
+def check_backend(
+    name, kind, heads, page_size, dtype, device, seed=0, head_dim=HEAD_DIM, max_context=None
+):
     num_heads, num_kv_heads = HEADS[heads]
     req = AttentionRequirements(torch.device(device), dtype, page_size, head_dim, *HEADS[heads])
     reason = backend_class(name).unsupported_reason(req)
     if reason is not None:
         pytest.skip(f"{name}: {reason}")
     rng = np.random.default_rng(seed)
-    max_context = min(max(3 * page_size, 40), 600)
+    max_context = max_context or min(max(3 * page_size, 40), 600)
     query_lens, context_lens = random_lengths(kind, 6, max_context, rng)
     batch = make_batch(
         query_lens,
@@ -71,6 +73,15 @@ def test_cpu_paged_kernel_on_head_sizes_off_and_on_its_vector_width(head_dim, dt
     """Head sizes that are not a multiple of 8 take the kernel's scalar loops; 8 and 128 the
     8-lane vectors at their smallest and a common large size."""
     check_backend("cpu_paged", "mixed", "gqa", 16, dtype, "cpu", seed=3, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", ["decode", "mixed"])
+def test_cpu_paged_kernel_across_several_softmax_blocks(kind, dtype):
+    """Contexts up to 700 keys on 16-token pages: several of the kernel's 8-page softmax blocks
+    and a ragged last one, on its vector path (bfloat16 pages widened once per page and head,
+    scores eight keys at a time)."""
+    check_backend("cpu_paged", kind, "gqa", 16, dtype, "cpu", seed=7, max_context=700)
 
 
 def test_cpu_paged_kernel_on_one_long_prompt_split_into_tiles():
