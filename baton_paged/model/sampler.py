@@ -79,7 +79,7 @@ def sample_on_device(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> Devic
     if logits.ndim != 2 or logits.shape[0] != len(rows):
         raise ValueError(f"logits of shape {tuple(logits.shape)} do not match {len(rows)} rows")
     if all(_bare_argmax(row) for row in rows):  # the common greedy batch: nothing to copy
-        return DeviceSample(logits.argmax(dim=-1), {})
+        return DeviceSample(_argmax(logits), {})
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     scores = logits.detach().to(dtype=dtype, copy=True)
     raw = _raw_logprobs(scores, rows)
@@ -105,6 +105,15 @@ def collect_logprobs(
         token_logprobs(raw[i], token_ids[i], row.params.logprobs) if i in raw else None
         for i, row in enumerate(rows)
     ]
+
+
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax. torch's CPU argmax over 16-bit floats runs element by element: 2.45 ms
+    on [32, 49152] bfloat16 logits, where widening to float32 first and its vectorised argmax
+    take 0.46 ms (one run, 2 threads); widening keeps order and ties, so the ids are the same."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16):
+        return logits.float().argmax(dim=-1)
+    return logits.argmax(dim=-1)
 
 
 def _bare_argmax(row: SamplingRow) -> bool:
