@@ -1,29 +1,36 @@
-"""Peers benchmark: baton-paged against vLLM CPU on the same checkpoint, workload and threads.
+"""Peers benchmark: baton-paged against vLLM CPU and llama.cpp on the same checkpoint, workload
+and threads.
 
     python benchmarks/bench_peers.py [--quick] [--models small,smollm2] [--repeats 2]
         [--num-requests 128] [--batch-size 32] [--threads 2] [--dtype float32|bfloat16]
+        [--no-llama-cpp]
 
-What a user of either runs: a fresh ``LLM(...)``, a 4-prompt warm-up, then one ``generate`` over
-the workload. Every repeat builds every system afresh (order rotated) and times that first
-``generate`` (the headline) and a second one on the same engine (warm). Systems: baton-paged
+What a user of each runs: a fresh engine, a 4-prompt warm-up, then one ``generate`` over the
+workload. Every repeat builds every system afresh (order rotated) and times that first
+``generate`` (the headline), a second one on the same engine (warm), then one request alone (the
+single stream: the longest prompt cut to 64 tokens, 256 greedy tokens). Systems: baton-paged
 through its ``LLM`` API (the fast path: native Llama executor on the CPU kernels, ``cpu_paged``
 attention), the same engine on its general path (``model_impl=transformers``,
 ``attention_backend=torch``), and vLLM CPU 0.32 (``vllm_peer.py`` in ``.venv-vllm``, which
 ``.ci/vllm-tests`` builds) at its default, compiled (``vllm``), and with ``enforce_eager``
 (``vllm-eager``): ``max_num_seqs`` = batch size, the same dtype, its OpenMP threads bound to as
-many cores as ours use. Models: random-weight Llamas from ``make-model``, ``small`` (8 layers,
-hidden 512, 27.8M) and ``smollm2`` (SmolLM2-135M-Instruct's shape: 30 layers, hidden 576, 9/3
-heads, vocab 49152 tied). Workload: ``bench_policies``'s (128 requests at t=0, prompts 16-256
-tokens, lognormal budgets clipped to [4, 512], every request producing exactly its budget), token
-ids drawn from the tokenizer's vocabulary.
+many cores as ours use; and llama.cpp's ``llama-server`` on a GGUF of the checkpoint at the same
+dtype (``llama_cpp_peer.py``; built from source once by ``build_llama_cpp.sh``). Models:
+random-weight Llamas from ``make-model``, ``small`` (8 layers, hidden 512, 27.8M) and ``smollm2``
+(SmolLM2-135M-Instruct's shape: 30 layers, hidden 576, 9/3 heads, vocab 49152 tied). Workload:
+``bench_policies``'s (128 requests at t=0, prompts 16-256 tokens, lognormal budgets clipped to
+[4, 512], every request producing exactly its budget), token ids drawn from the tokenizer's
+vocabulary.
 
-Reported per system: tokens/s of the first and the warm ``generate``, and their ratio to vLLM at
-its default in the same repeat (median over repeats), and to vLLM eager. Also measured: time from
-process start to the first token of a one-request generate (baton with a cold kernel cache, so
-the one-time kernel build is included; warm; the general path; vLLM's build time in each mode),
-and on ``small`` the decode step at B=32 against the same step's weight matmuls alone (the floor
-any engine pays). Targets: baton's first ``generate`` >= 1.3x vLLM's default (milestone 1.0x);
-decode step <= 1.3x its matmuls. Results: ``results/peers-cpu.{json,md,png}``.
+Reported per system: tokens/s of the first and the warm ``generate`` and of the single stream, and
+their ratios to vLLM at its default and to llama.cpp in the same repeat (median over repeats),
+and to vLLM eager. Also measured: time from process start to the first token of a one-request
+generate (baton with a cold kernel cache, so the one-time kernel build is included; warm; the
+general path; the peers' build times), and on ``small`` the decode step at B=32 against the same
+step's weight matmuls alone (the floor any engine pays). Targets: baton's first ``generate``
+>= 1.3x vLLM's default (milestone 1.0x) and >= 1.5x llama.cpp's, its single stream >= 1.0x
+llama.cpp's, start to first token <= 0.5x vLLM's, decode step <= 1.3x its matmuls. Results:
+``results/peers-cpu.{json,md,png}``.
 """
 
 from __future__ import annotations
