@@ -12,9 +12,10 @@
 # looks for a tokenizer.model). The converter names a BPE tokenizer's pre-tokenizer by hashing how
 # it splits a probe text, and refuses one it has never seen: our random-weight checkpoints'
 # tokenizers are byte-level BPEs trained here with GPT-2's split pattern, so an unknown hash is
-# written as "gpt2" (it only decides how llama.cpp splits text; bench_peers sends token ids). The build takes about 6 minutes on 2 cores (Ninja, Release,
-# tuned to this CPU, no curl, no BLAS: llama.cpp's own CPU kernels, as a CPU user builds it).
-# Never part of CI's test run.
+# written as "gpt-2" (it only decides how llama.cpp splits text; bench_peers sends token ids).
+#
+# The build takes about 6 minutes on 2 cores (Ninja, Release, tuned to this CPU, no curl, no BLAS:
+# llama.cpp's own CPU kernels, as a CPU user builds it). Never part of CI's test run.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -50,7 +51,7 @@ convert() {
   [[ -f "$out" ]] && { echo "$out"; return; }
   [[ -d "$CACHE/py/sentencepiece" ]] || "$PYTHON" -m pip install -q --target "$CACHE/py" sentencepiece >&2
   PYTHONPATH="$CACHE/py:$SOURCE:$SOURCE/gguf-py" "$PYTHON" - "$SOURCE/convert_hf_to_gguf.py" \
-    "$model_dir" --outfile "$out" --outtype "$type" >&2 <<'PY'
+    "$model_dir" --outfile "$out.part" --outtype "$type" >&2 <<'PY'
 import runpy, sys
 from conversion.base import TextModel
 known = TextModel.get_vocab_base_pre
@@ -63,6 +64,7 @@ TextModel.get_vocab_base_pre = gpt2_if_unknown
 sys.argv = sys.argv[1:]
 runpy.run_path(sys.argv[0], run_name="__main__")
 PY
+  mv "$out.part" "$out"  # a killed conversion leaves no file the cache check would take
   echo "$out"
 }
 

@@ -14,8 +14,8 @@ that is not valid UTF-8 with a 500. Random weights write such bytes often (about
 on the small Llama's vocabulary; a real model's text does not); streamed, the parser runs on every
 chunk and cancels the request at the first bad byte. Unstreamed, as here, the 500 comes after the
 whole budget was generated (its log: "stop processing" at the full length, then the parser's
-error), so such a request counts as served, without its token ids (``None``), and the count is
-reported as ``unparsed``. Any other error stops the benchmark.
+error), so such a request counts as served, without its token ids (``None``); ``bench_peers``
+reports how many as ``unparsed``. Any other error stops the benchmark.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ PARSER_REFUSAL = "does not match the expected"
 
 def server_binary() -> Path:
     """``llama-server``, built on the first call (about 6 minutes on 2 cores)."""
-    out = subprocess.run([BUILD_SCRIPT, "build"], check=True, capture_output=True, text=True)
+    out = subprocess.run([BUILD_SCRIPT, "build"], check=True, stdout=subprocess.PIPE, text=True)
     return Path(out.stdout.strip()) / "llama-server"
 
 
@@ -50,7 +50,7 @@ def gguf_of(model_dir: Path, dtype: str) -> Path:
     if not out.exists():
         GGUF_DIR.mkdir(parents=True, exist_ok=True)
         command = [BUILD_SCRIPT, "convert", model_dir, out, kind]
-        subprocess.run(list(map(str, command)), check=True, capture_output=True)
+        subprocess.run(list(map(str, command)), check=True, stdout=subprocess.DEVNULL)
     return out
 
 
@@ -68,11 +68,15 @@ class LlamaCppPeer:
         self.process = subprocess.Popen(
             list(map(str, command)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        self.unparsed = 0
-        """Requests generated in full whose text the output parser refused (see above)."""
-        self._wait_ready()
-        self._generate([self.work.prompts[0]], [1])
+        try:
+            self._wait_ready()
+            self._generate([self.work.prompts[0]], [1])
+        except BaseException:
+            self.close()
+            raise
         self.startup_s = time.perf_counter() - start
+        """Seconds from starting the server to its first token (the build and the GGUF
+        conversion, once per machine, are not in it)."""
 
     def run(self) -> tuple[float, list[list[int] | None]]:
         """The whole workload at once: wall seconds and each request's tokens (None: unparsed)."""
@@ -92,7 +96,11 @@ class LlamaCppPeer:
 
     def close(self) -> None:
         self.process.terminate()
-        self.process.wait(timeout=60)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
     def _generate(self, prompts, budgets) -> list[list[int] | None]:
         with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
@@ -112,7 +120,6 @@ class LlamaCppPeer:
         except urllib.error.HTTPError as error:
             if PARSER_REFUSAL not in error.read().decode(errors="replace"):
                 raise
-            self.unparsed += 1
             return None
 
     def _wait_ready(self) -> None:
@@ -123,7 +130,7 @@ class LlamaCppPeer:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=5):
                     return
-            except (urllib.error.URLError, ConnectionError):
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
                 time.sleep(0.2)
         raise TimeoutError(f"llama-server not ready after {READY_TIMEOUT_S} s")
 
