@@ -4,10 +4,9 @@ The torch backend copies every page a step reads into a contiguous buffer and th
 the copy (a CPU profile of B=32 decode: the gather 18% of the step, SDPA 12.5% in ~130 calls per
 step). This backend's kernel (``attention/csrc/paged_attention.cpp``) walks each request's
 block table instead: one work item per (request, KV head, tile of 16 new tokens) computes all the
-query heads sharing that KV head, in blocks of 8 pages with an online softmax (the scores of a
+query heads sharing that KV head, in blocks of 128 keys with an online softmax (the scores of a
 block, one softmax update, then its values), so K/V is read once, in place, and the whole step's
-attention is one call. New K/V is written into the pages by one
-kernel call too.
+attention is one call. New K/V is written into the pages by one kernel call too.
 """
 
 from __future__ import annotations

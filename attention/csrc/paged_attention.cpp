@@ -27,7 +27,9 @@ namespace {
 
 constexpr int64_t kQueryTile = 16;  // new tokens of one request handled by one work item
 constexpr int64_t kPrefetchPages = 2;  // how far ahead of the page being read its K/V is asked for
-constexpr int64_t kBlockPages = 8;  // pages per softmax update: their K (then V) stay in cache
+// Keys per softmax update, in whole pages (at least one): a block's K, then its V, stay in cache
+// between the two passes, and its scores fit the per-thread scratch.
+constexpr int64_t kBlockKeys = 128;
 
 // ---- Per-row math: scores, softmax weights, weighted values -------------------------------------
 // Two implementations with one interface. ScalarMath is plain loops for any dtype and head size
@@ -358,7 +360,7 @@ void attend_item(const WorkItem& item, const PagedInputs<scalar_t>& in,
   const int64_t rows = item.num_tokens * group, heads = item.last_head - item.first_head;
   const int64_t q_len = in.cu_seqlens_q[item.request + 1] - in.cu_seqlens_q[item.request];
   const int64_t first_token = in.cu_seqlens_q[item.request] + item.first_token;
-  const int64_t block_keys = kBlockPages * page;
+  const int64_t block_keys = std::max<int64_t>(1, kBlockKeys / page) * page;
   s.fit(heads * rows, dim, page, block_keys);
   // Row (h, r) is query head (first_head + h) * group + r % group of token r / group.
   auto row_of = [&](int64_t h, int64_t r) { return (h * rows + r) * dim; };

@@ -78,7 +78,7 @@ def test_cpu_paged_kernel_on_head_sizes_off_and_on_its_vector_width(head_dim, dt
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["decode", "mixed"])
 def test_cpu_paged_kernel_across_several_softmax_blocks(kind, dtype):
-    """Contexts up to 700 keys on 16-token pages: several of the kernel's 8-page softmax blocks
+    """Contexts up to 700 keys on 16-token pages: several of the kernel's 128-key softmax blocks
     and a ragged last one, on its vector path (bfloat16 pages widened once per page and head,
     scores eight keys at a time)."""
     check_backend("cpu_paged", kind, "gqa", 16, dtype, "cpu", seed=7, max_context=700)
