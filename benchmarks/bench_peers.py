@@ -199,17 +199,17 @@ def decode_step_vs_matmuls(llm: LLM, model_dir: Path, batch: int, repeats: int) 
         engine.step()
     for _ in range(3):
         engine.step()
-    matmuls = weight_matmuls(model_dir, batch)
+    matmuls = weight_matmuls(model_dir, batch, engine.config.torch_dtype)
     times = harness.interleaved({"step": engine.step, "matmuls": matmuls}, repeats, lambda: None)
     for i in range(batch):
         engine.abort_request(f"d{i}")
     return {"batch": batch, "step_s": times["step"], "matmul_s": times["matmuls"]}
 
 
-def weight_matmuls(model_dir: Path, batch: int) -> Callable[[], None]:
+def weight_matmuls(model_dir: Path, batch: int, dtype: torch.dtype) -> Callable[[], None]:
     """One decode step's weight matmuls on ``batch`` rows as the native executor runs them: per
     layer fused QKV, output, fused gate-up and down projections, then the LM head, each a
-    ``PackedLinear`` of the checkpoint's shape and dtype (float32; the values do not change the
+    ``PackedLinear`` of the checkpoint's shape in the engine's dtype (the values do not change the
     time, and these Llamas have no biases)."""
     config = AutoConfig.from_pretrained(model_dir)
     hidden, mlp = config.hidden_size, config.intermediate_size
@@ -217,8 +217,8 @@ def weight_matmuls(model_dir: Path, batch: int) -> Callable[[], None]:
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     layer = [(q + 2 * kv, hidden), (hidden, q), (2 * mlp, hidden), (hidden, mlp)]
     shapes = layer * config.num_hidden_layers + [(config.vocab_size, hidden)]
-    linears = [PackedLinear(torch.randn(shape)) for shape in shapes]
-    inputs = {n: torch.randn(batch, n) for n in {linear.in_features for linear in linears}}
+    linears = [PackedLinear(torch.randn(shape, dtype=dtype)) for shape in shapes]
+    inputs = {n: torch.randn(batch, n, dtype=dtype) for n in {lin.in_features for lin in linears}}
 
     def matmuls() -> None:
         for linear in linears:

@@ -1,6 +1,6 @@
-// The Python module of the attention kernels (paged_attention.cpp, page_copy.cpp). It includes only pybind11
-// and torch's Tensor casters: torch/extension.h brings the whole C++ frontend, which tripled
-// this file's compile time, the longest step of a first build.
+// The Python module of the attention kernels (paged_attention.cpp, page_copy.cpp). It includes
+// only pybind11 and torch's Tensor casters: torch/extension.h brings the whole C++ frontend, which
+// tripled this file's compile time, the longest step of a first build.
 
 #include <torch/csrc/utils/pybind.h>
 
