@@ -22,20 +22,27 @@ typedef int32_t vint __attribute__((vector_size(32)));
 typedef uint16_t vhalf __attribute__((vector_size(16)));
 constexpr int64_t kLanes = 8;
 
-inline vfloat load(const float* p) {
-  vfloat v;
+// A float vector V's worth of lanes read from floats, or from bfloat16 (the top half of a float's
+// bits; Bits and Half: V's lanes as int32 and uint16), for any width of V.
+template <typename V>
+inline V load_lanes(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-inline vfloat load(const c10::BFloat16* p) {  // bfloat16 is the top half of a float's bits
-  vhalf h;
+template <typename V, typename Bits, typename Half>
+inline V load_lanes(const c10::BFloat16* p) {
+  Half h;
   std::memcpy(&h, p, sizeof h);
-  const vint bits = __builtin_convertvector(h, vint) << 16;
-  vfloat v;
+  const Bits bits = __builtin_convertvector(h, Bits) << 16;
+  V v;
   std::memcpy(&v, &bits, sizeof v);
   return v;
 }
+
+inline vfloat load(const float* p) { return load_lanes<vfloat>(p); }
+inline vfloat load(const c10::BFloat16* p) { return load_lanes<vfloat, vint, vhalf>(p); }
 
 // The bfloat16 bits of each lane, rounded to nearest even as c10::BFloat16 rounds (a NaN stays a
 // quiet NaN), in the low half of each 32-bit lane.

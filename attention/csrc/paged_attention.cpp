@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "wide_math.h"
 
 using namespace baton;
 
@@ -32,16 +33,25 @@ constexpr int64_t kPrefetchPages = 2;  // how far ahead of the page being read i
 constexpr int64_t kBlockKeys = 128;
 
 // ---- Per-row math: scores, softmax weights, weighted values -------------------------------------
-// Two implementations with one interface. ScalarMath is plain loops for any dtype and head size
+// Three implementations with one interface. ScalarMath is plain loops for any dtype and head size
 // (float64 exactness runs here); VectorMath uses cpu_common.h's 8-lane float vectors for float
-// and bfloat16 with head_dim % 8 == 0. ``view`` hands the math one page's K or V of one head in
-// the type it reads: VectorMath widens bfloat16 pages into float scratch once per page and head,
-// so the rows of a query group (and both passes over the page) never convert a value twice.
+// and bfloat16 with head_dim % 8 == 0; WideMath (wide_math.h) 16-lane ones where the head size
+// allows, which every common model's does. ``load_query`` gives a query row in the form the scores
+// read; ``view`` hands the math one page's K or V of one head in the type it reads: VectorMath
+// widens bfloat16 pages into float scratch once per page and head, so the rows of a query group
+// (and both passes over the page) never convert a value twice.
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_type>
 struct ScalarMath {
+  using acc_t = acc_type;
   using kv_t = scalar_t;
+  using query_t = acc_t;
   static bool fits(int64_t) { return true; }
+
+  // The query row as the scores read it: widened and scaled.
+  static void load_query(query_t* dst, const scalar_t* src, int64_t dim, double scale) {
+    for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<acc_t>(src[d]) * scale;
+  }
 
   // The page's n rows of one head as they lie (`stride` elements apart).
   static const kv_t* view(const scalar_t* page, int64_t, int64_t stride, int64_t, kv_t*,
@@ -52,7 +62,7 @@ struct ScalarMath {
 
   // score[j] = q . k_j for n keys (keys `stride` elements apart).
   static void scores(acc_t* score, const acc_t* q, const kv_t* k, int64_t n, int64_t stride,
-                     int64_t dim) {
+                     int64_t dim, acc_t /*scale: already in q*/) {
     for (int64_t j = 0; j < n; ++j, k += stride) {
       acc_t sum = 0;
       for (int64_t d = 0; d < dim; ++d) sum += q[d] * static_cast<acc_t>(k[d]);
@@ -100,8 +110,14 @@ inline vfloat sum_each(vfloat a0, vfloat a1, vfloat a2, vfloat a3, vfloat a4, vf
 
 template <typename scalar_t>
 struct VectorMath {
+  using acc_t = float;
   using kv_t = float;
+  using query_t = float;
   static bool fits(int64_t dim) { return dim % kLanes == 0; }
+
+  static void load_query(float* dst, const scalar_t* src, int64_t dim, double scale) {
+    ScalarMath<scalar_t, float>::load_query(dst, src, dim, scale);
+  }
 
   static const float* view(const scalar_t* page, int64_t n, int64_t stride, int64_t dim,
                            float* scratch, int64_t& view_stride) {
@@ -122,7 +138,7 @@ struct VectorMath {
 
   // Eight keys at a time, their sums gathered into one vector (sum_each); the rest one by one.
   static void scores(float* score, const float* q, const float* k, int64_t n, int64_t stride,
-                     int64_t dim) {
+                     int64_t dim, float /*scale: already in q*/) {
     int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes, k += kLanes * stride) {
       vfloat a[kLanes] = {};
@@ -249,10 +265,12 @@ std::vector<WorkItem> plan_items(const PagedInputs<scalar_t>& in, int64_t batch,
 
 // Per-thread scratch: the tile's scaled queries, running max / sum, output accumulators, each
 // row's scores over one block of keys, and one page of one head widened (VectorMath, bfloat16).
-template <typename acc_t, typename kv_t>
+template <typename Math>
 struct Scratch {
-  std::vector<acc_t> query, max, sum, acc, scores;
-  std::vector<kv_t> page;
+  using acc_t = typename Math::acc_t;
+  std::vector<typename Math::query_t> query;
+  std::vector<acc_t> max, sum, acc, scores;
+  std::vector<typename Math::kv_t> page;
   int64_t score_stride = 0;
   void fit(int64_t rows, int64_t dim, int64_t page_size, int64_t block_keys) {
     query.resize(rows * dim);
@@ -288,8 +306,8 @@ void prefetch_page(const PagedInputs<scalar_t>& in, const scalar_t* cache, int64
 // row for the whole block, then the values (each page's V read once). Row r of a head sees keys
 // < first_limit + r / group + 1 (causal within the tile); a row that sees none of the block is
 // left as it was.
-template <typename Math, typename scalar_t, typename acc_t>
-void attend_block(const PagedInputs<scalar_t>& in, Scratch<acc_t, typename Math::kv_t>& s,
+template <typename Math, typename scalar_t>
+void attend_block(const PagedInputs<scalar_t>& in, Scratch<Math>& s,
                   const WorkItem& item, const int32_t* pages, int64_t num_pages,
                   int64_t first_limit, int64_t start, int64_t len) {
   const int64_t dim = in.head_dim, page = in.page_size, rows = item.num_tokens * in.group;
@@ -312,6 +330,8 @@ void attend_block(const PagedInputs<scalar_t>& in, Scratch<acc_t, typename Math:
   auto ask = [&](const scalar_t* cache, int64_t index) {
     if (index < num_pages) prefetch_page(in, cache, pages[index], item.first_head, item.last_head);
   };
+  using acc_t = typename Math::acc_t;
+  const acc_t scale = static_cast<acc_t>(in.scale);  // for maths that score an unscaled query
   acc_t* scores = s.scores.data();
   each_page(
       in.key_cache,
@@ -324,7 +344,7 @@ void attend_block(const PagedInputs<scalar_t>& in, Scratch<acc_t, typename Math:
           const int64_t visible = std::min(n, seen(r) - offset);
           if (visible <= 0) continue;
           Math::scores(scores + (row0 + r) * s.score_stride + offset,
-                       s.query.data() + (row0 + r) * dim, k, visible, stride, dim);
+                       s.query.data() + (row0 + r) * dim, k, visible, stride, dim, scale);
         }
       });
   for (int64_t h = 0; h < item.last_head - item.first_head; ++h) {
@@ -353,9 +373,8 @@ void attend_block(const PagedInputs<scalar_t>& in, Scratch<acc_t, typename Math:
 }
 
 template <typename Math, typename scalar_t>
-void attend_item(const WorkItem& item, const PagedInputs<scalar_t>& in,
-                 Scratch<at::opmath_type<scalar_t>, typename Math::kv_t>& s) {
-  using acc_t = at::opmath_type<scalar_t>;
+void attend_item(const WorkItem& item, const PagedInputs<scalar_t>& in, Scratch<Math>& s) {
+  using acc_t = typename Math::acc_t;
   const int64_t dim = in.head_dim, group = in.group, page = in.page_size;
   const int64_t rows = item.num_tokens * group, heads = item.last_head - item.first_head;
   const int64_t q_len = in.cu_seqlens_q[item.request + 1] - in.cu_seqlens_q[item.request];
@@ -369,8 +388,7 @@ void attend_item(const WorkItem& item, const PagedInputs<scalar_t>& in,
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* src = in.query + (first_token + r / group) * in.query_token_stride +
                             head_of(h, r) * in.query_head_stride;
-      acc_t* dst = s.query.data() + row_of(h, r);
-      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<acc_t>(src[d]) * in.scale;
+      Math::load_query(s.query.data() + row_of(h, r), src, dim, in.scale);
     }
   }
   // Token i of the tile (absolute position context - q_len + first_token + i) sees keys <= it.
@@ -403,7 +421,7 @@ void run_items(const PagedInputs<scalar_t>& in, int64_t batch) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), items.size());
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    Scratch<at::opmath_type<scalar_t>, typename Math::kv_t> scratch;
+    Scratch<Math> scratch;
     for (int64_t w = begin; w < end; ++w) {
       for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
         attend_item<Math>(items[i], in, scratch);
@@ -415,6 +433,7 @@ void run_items(const PagedInputs<scalar_t>& in, int64_t batch) {
 template <typename scalar_t>
 void dispatch_math(const PagedInputs<scalar_t>& in, int64_t batch) {
   if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
+    if (WideMath<scalar_t>::fits(in.head_dim)) return run_items<WideMath<scalar_t>>(in, batch);
     if (VectorMath<scalar_t>::fits(in.head_dim)) return run_items<VectorMath<scalar_t>>(in, batch);
   }
   run_items<ScalarMath<scalar_t, at::opmath_type<scalar_t>>>(in, batch);

@@ -68,10 +68,12 @@ def test_cpu_backend_on_more_random_mixed_batches(name, seed):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("head_dim", [20, 8, 128])
-def test_cpu_paged_kernel_on_head_sizes_off_and_on_its_vector_width(head_dim, dtype):
-    """Head sizes that are not a multiple of 8 take the kernel's scalar loops; 8 and 128 the
-    8-lane vectors at their smallest and a common large size."""
+@pytest.mark.parametrize("head_dim", [20, 8, 16, 48, 96, 128])
+def test_cpu_paged_kernel_on_head_sizes_off_and_on_its_vector_widths(head_dim, dtype):
+    """Each of the kernel's three maths: head sizes that are not a multiple of 8 take its scalar
+    loops, 8 its 8-lane vectors, multiples of 16 its 16-lane ones (bfloat16's dot products need
+    a multiple of 32, so bfloat16 at 16 and 48 stays on 8 lanes); 48 and 96 also run the values'
+    leftover 16-lane slices beside (96) or instead of (48) whole 64-lane groups."""
     check_backend("cpu_paged", "mixed", "gqa", 16, dtype, "cpu", seed=3, head_dim=head_dim)
 
 
@@ -79,8 +81,7 @@ def test_cpu_paged_kernel_on_head_sizes_off_and_on_its_vector_width(head_dim, dt
 @pytest.mark.parametrize("kind", ["decode", "mixed"])
 def test_cpu_paged_kernel_across_several_softmax_blocks(kind, dtype):
     """Contexts up to 700 keys on 16-token pages: several of the kernel's 128-key softmax blocks
-    and a ragged last one, on its vector path (bfloat16 pages widened once per page and head,
-    scores eight keys at a time)."""
+    and a ragged last one, on its 16-lane path (scores sixteen keys at a time)."""
     check_backend("cpu_paged", kind, "gqa", 16, dtype, "cpu", seed=7, max_context=700)
 
 
