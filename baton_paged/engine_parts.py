@@ -23,6 +23,7 @@ from baton_paged.allocator import (
 )
 from baton_paged.attention import AttentionBackend
 from baton_paged.config import EngineConfig
+from baton_paged.host_memory import keep_freed_memory
 from baton_paged.model.decode_graphs import DecodeGraphs, Forward, graph_mode
 from baton_paged.model.loading import (
     choose_attention,
@@ -68,6 +69,8 @@ def build_parts(
     """Every part around ``model``, whose attention is already attached."""
     page_size, backend = choose_attention(config, model)
     spec = KVCacheSpec.from_model_config(model.config, page_size, config.torch_dtype)
+    if torch.device(config.device).type == "cpu":
+        keep_freed_memory()  # large activations reuse freed heap memory (host_memory.py)
     mode = graph_mode(config, type(backend))
     scratch = 1 if mode else 0  # the page decode graphs' padding rows write to
     cache = KVCache.from_budget(spec, config.kv_memory, config.device, scratch)

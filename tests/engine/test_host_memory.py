@@ -1,0 +1,86 @@
+"""A CPU engine's large activations reuse freed heap memory instead of being faulted in afresh.
+
+Each case runs in a fresh interpreter: the malloc setting is the process's, and this test process
+has it already once any CPU engine was built."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from baton_paged.host_memory import OPT_OUT_ENV
+
+pytestmark = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+    reason="the setting is glibc's malloc's",
+)
+
+PROBE = """
+import json, resource, torch
+from baton_paged.host_memory import keep_freed_memory
+from baton_paged.model.packed_linear import PackedLinear
+torch.set_num_threads(1)
+kept = keep_freed_memory() if {configure} else None
+torch.manual_seed(0)
+shapes = [(1024, 512), (2816, 512), (512, 1408)]  # the small Llama's
+qkv, gate_up, down = (PackedLinear(torch.randn(shape)) for shape in shapes)
+def forward(rows):  # a prefill forward's large activations, at its row count
+    hidden = torch.randn(rows, 512)
+    for _ in range(2):
+        hidden = hidden + qkv(hidden)[:, :512]
+        both = gate_up(hidden)
+        hidden = hidden + down(both[:, :1408] * both[:, 1408:])
+forward(2048)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for rows in torch.randint(256, 4096, (20,)).tolist():
+    forward(rows)
+faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+print(json.dumps({{"kept": kept, "faults": faults}}))
+"""
+
+
+def probe(configure: bool, env: dict[str, str] | None = None) -> dict:
+    code = PROBE.format(configure=configure)
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        env=os.environ | (env or {}),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+def test_prefill_forwards_fault_far_less_once_freed_memory_is_kept():
+    """Forwards at varied row counts, as prefills come: glibc's default faults every large block
+    in afresh; kept, most blocks land in memory an earlier forward freed (this probe: 3.0-3.4x
+    fewer faults measured here; at least 2x asked)."""
+    default = probe(configure=False)
+    kept = probe(configure=True)
+    assert kept["kept"] is True
+    assert kept["faults"] * 2 < default["faults"]
+
+
+def test_the_environment_can_opt_out():
+    default = probe(configure=False)
+    opted_out = probe(configure=True, env={OPT_OUT_ENV: "0"})
+    assert opted_out["kept"] is False
+    assert opted_out["faults"] > default["faults"] / 2
+
+
+def test_a_cpu_engine_configures_it():
+    code = (
+        "import torch\n"
+        "from baton_paged import LLM\n"
+        "import baton_paged.host_memory as hm\n"
+        "assert hm._configured is None\n"
+        "LLM('random', kv_memory='16MiB', max_model_len=64)\n"
+        "print(hm._configured)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.splitlines()[-1] == "True"
