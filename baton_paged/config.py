@@ -17,6 +17,7 @@ from baton_paged.sched.memory_monitor import check_watermarks
 
 PREEMPTION_MODES = ("swap", "recompute")
 MODEL_IMPLS = ("auto", "native", "transformers")
+QUANTIZATIONS = ("int8", "int4")
 
 
 def cpu_computes_bfloat16() -> bool:
@@ -60,6 +61,14 @@ class EngineConfig:
     """How the model's forward runs (vLLM's name): native (the fused Llama-family executor:
     Llama, SmolLM2, Mistral, Qwen2 on the CPU kernels), transformers (the unmodified HF model
     through the paged attention bridge; every causal LM), or auto (native where it applies)."""
+    quantization: str | None = None
+    """Weight-only quantization of the native executor's linears, done as the model loads
+    (vLLM's name): int8 (a scale per output channel) or int4 (a scale and a zero per 32 inputs,
+    llama.cpp's Q4_1 layout); the LM head (and a tied embedding) is int8 in both. Activations and
+    the KV cache stay in dtype; the quantized kernels run for bfloat16 decode steps of a few rows,
+    the rest runs the same weights dequantized. None runs the weights at dtype. CPU only, where
+    the native executor runs the model (Llama, SmolLM2, Mistral, Qwen2), on checkpoints the
+    engine loads: anything else is an error, never ignored."""
     enforce_eager: bool = False
     """Run every step eagerly (vLLM's name). Otherwise decode steps on CUDA replay CUDA graphs
     captured at startup for batch sizes 1, 2, 4 and multiples of 8 (triton and flash_attn
@@ -122,6 +131,8 @@ class EngineConfig:
         _check_int("max_logprobs", self.max_logprobs, minimum=0)
         check_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
         check_choice("model_impl", self.model_impl, MODEL_IMPLS)
+        if self.quantization is not None:
+            check_choice("quantization", self.quantization, QUANTIZATIONS)
         if self.swap_memory != "0":
             parse_memory_budget(self.swap_memory)
         check_watermarks(self.memory_high_watermark, self.memory_low_watermark)

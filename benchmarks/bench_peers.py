@@ -47,7 +47,7 @@ from pathlib import Path
 import harness
 import torch
 from harness import Clock, Default, check, markdown, median, ratio
-from llama_cpp_peer import LlamaCppPeer
+from llama_cpp_peer import LlamaCppPeer, gguf_of
 from transformers import AutoConfig, AutoTokenizer
 from workload import MAX_BUDGET, make_workload
 
@@ -232,7 +232,7 @@ def build_system(system: str, args, model_dir: Path, work, workload_file: Path):
         return VllmPeer(workload_file, model_dir, args.batch_size, args.threads, args.dtype,
                         PEERS[system])  # fmt: skip
     if system == LLAMA_CPP:
-        return LlamaCppPeer(work, model_dir, args.batch_size, args.threads, args.dtype,
+        return LlamaCppPeer(work, gguf_of(model_dir, args.dtype), args.batch_size, args.threads,
                             MAX_MODEL_LEN)  # fmt: skip
     return BatonSystem(baton_llm(model_dir, args.batch_size, system, args.dtype), work)
 

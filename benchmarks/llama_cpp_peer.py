@@ -57,10 +57,10 @@ def gguf_of(model_dir: Path, dtype: str) -> Path:
 class LlamaCppPeer:
     """One ``llama-server`` process, kept alive across runs, with ``VllmPeer``'s interface."""
 
-    def __init__(self, work, model_dir: Path, batch_size: int, threads: int, dtype: str,
-                 max_model_len: int):  # fmt: skip
+    def __init__(self, work, model: Path, batch_size: int, threads: int, max_model_len: int):
+        """``model``: a GGUF file (``gguf_of`` converts a checkpoint to one)."""
         self.work = work
-        binary, model = server_binary(), gguf_of(model_dir, dtype)
+        binary = server_binary()
         self.port = _free_port()
         command = [binary, "-m", model, "-t", threads, "-tb", threads, "-np", batch_size,
                    "-c", batch_size * max_model_len, "--port", self.port, "--no-webui"]  # fmt: skip

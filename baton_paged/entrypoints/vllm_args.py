@@ -27,12 +27,11 @@ NEUTRAL = {
     "tensor_parallel_size": 1,
     "pipeline_parallel_size": 1,
     "trust_remote_code": False,
-    "quantization": None,
     "disable_log_stats": ANY,
 }
 """Accepted at these values, or None (``ANY``: any value; logging only); other values are
-refused: ``quantization`` at anything but None is refused, not ignored (weights load at
-``dtype``)."""
+refused. (``quantization`` is an ``EngineConfig`` field of the same name: int8 or int4, anything
+else refused.)"""
 
 
 def engine_options(options: dict[str, Any]) -> dict[str, Any]:

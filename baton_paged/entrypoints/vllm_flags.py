@@ -6,10 +6,11 @@ Engine flags become ``EngineConfig`` fields through the same translation as ``LL
 (``vllm_args.py``): ``--max-num-seqs`` (``--max-batch-size``), ``--block-size``
 (``--page-size``), ``--swap-space`` (GiB), ``--gpu-memory-utilization`` (the KV cache's share of
 free GPU memory; on the CPU, as in vLLM's CPU build, ``--kv-memory`` sizes it),
-``--tensor-parallel-size`` / ``--pipeline-parallel-size`` (1 only), ``--quantization`` (none
-yet), ``--trust-remote-code`` (refused). Server flags: ``--served-model-name`` takes several
-names as vLLM does (``--served-model-name a b``: the first is the id replies carry, every one is
-accepted as ``model``), ``--chat-template`` (a file or the template itself),
+``--tensor-parallel-size`` / ``--pipeline-parallel-size`` (1 only), ``--trust-remote-code``
+(refused); ``--quantization`` is an engine flag of our own under the same name (int8, int4).
+Server flags: ``--served-model-name`` takes several names as vLLM does (``--served-model-name
+a b``: the first is the id replies carry, every one is accepted as ``model``),
+``--chat-template`` (a file or the template itself),
 ``--uvicorn-log-level``, ``--disable-log-requests`` (no line per finished request;
 ``--enable-log-requests``, vLLM's newer spelling, keeps the default), ``--disable-log-stats``
 (no periodic stats line) and ``--enable-tokenizer-info-endpoint``. A flag given in both
@@ -48,8 +49,6 @@ def vllm_serve_options(fn):
                      help="vLLM: 1 only (one device per engine; --replicas scales out)."),
         click.option("--pipeline-parallel-size", "-pp", type=int, default=None,
                      help="vLLM: 1 only."),
-        click.option("--quantization", "-q", default=None,
-                     help="vLLM: none supported yet (weights load at --dtype)."),
         click.option("--trust-remote-code", is_flag=True, default=None,
                      help="vLLM: refused (no model code is run from a checkpoint)."),
         click.option("--chat-template", default=None,
@@ -83,7 +82,7 @@ def take_vllm_flags(options: dict, ctx: click.Context) -> dict:
     _take_model(options, positional, names)
     given = {name: options.pop(name) for name in (
         "max_num_seqs", "block_size", "swap_space", "gpu_memory_utilization",
-        "tensor_parallel_size", "pipeline_parallel_size", "quantization", "trust_remote_code",
+        "tensor_parallel_size", "pipeline_parallel_size", "trust_remote_code",
     )}  # fmt: skip
     given = {name: value for name, value in given.items() if value is not None}
     if "gpu_memory_utilization" in given:

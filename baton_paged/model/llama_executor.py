@@ -20,7 +20,9 @@ through the bridge; ``unsupported_reason`` says why.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from types import ModuleType
 
 import torch
@@ -28,6 +30,11 @@ import torch.nn.functional as F
 
 from baton_paged.attention import PagedStep
 from baton_paged.model.packed_linear import PackedLinear
+from baton_paged.model.quantized_linear import quantized_linear
+
+Linear = Callable[[torch.Tensor], torch.Tensor]
+"""A projection ``x -> x @ W.T + b``: a ``PackedLinear``, or an int8 / int4 one."""
+LinearMaker = Callable[[torch.Tensor, torch.Tensor | None], Linear]
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -57,18 +64,28 @@ class Layer:
     """One decoder layer's fused projections (their dense weights are views the HF modules share)
     and norms."""
 
-    qkv: PackedLinear
-    o: PackedLinear
-    gate_up: PackedLinear
-    down: PackedLinear
+    qkv: Linear
+    o: Linear
+    gate_up: Linear
+    down: Linear
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
 
 
 class LlamaExecutor:
-    """``forward(input_ids, positions, keep, step)`` -> logits of the ``keep`` rows."""
+    """``forward(input_ids, positions, keep, step)`` -> logits of the ``keep`` rows.
 
-    def __init__(self, model: torch.nn.Module, kernels: ModuleType, max_positions: int):
+    ``quantization`` (int8 / int4, ``quantized_linear.py``): every projection's weight is
+    quantized as the executor is built, the LM head to int8 (as llama.cpp keeps its output
+    matrix above 4 bits); the HF modules keep their dense weights."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kernels: ModuleType,
+        max_positions: int,
+        quantization: str | None = None,
+    ):
         config = model.config
         self.kernels = kernels
         self.num_heads = config.num_attention_heads
@@ -78,8 +95,9 @@ class LlamaExecutor:
         self.eps = model.model.norm.variance_epsilon
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
-        self.lm_head = PackedLinear(model.lm_head.weight)
-        self.layers = [_fuse(layer) for layer in model.model.layers]
+        head = _linear_maker(quantization and "int8")  # int8 whenever quantized
+        self.lm_head = head(model.lm_head.weight, None)
+        self.layers = [_fuse(layer, _linear_maker(quantization)) for layer in model.model.layers]
         self.cos, self.sin = _rope_table(model, max_positions)
 
     @torch.inference_mode()
@@ -122,7 +140,14 @@ class LlamaExecutor:
         return layer.o(out.view(tokens, q_width))
 
 
-def _fuse(layer: torch.nn.Module) -> Layer:
+def _linear_maker(quantization: str | None) -> LinearMaker:
+    """OneDNN-packed linears at the model's dtype, else ``quantization``'s."""
+    if quantization is None:
+        return PackedLinear
+    return partial(quantized_linear, method=quantization)
+
+
+def _fuse(layer: torch.nn.Module, linear: LinearMaker) -> Layer:
     attn, mlp = layer.self_attn, layer.mlp
     qkv = _concat_into(attn.q_proj, attn.k_proj, attn.v_proj)
     biases = [m.bias for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
@@ -135,10 +160,10 @@ def _fuse(layer: torch.nn.Module) -> Layer:
             ]
         )
     return Layer(
-        qkv=PackedLinear(qkv, qkv_bias),
-        o=PackedLinear(attn.o_proj.weight, attn.o_proj.bias),
-        gate_up=PackedLinear(_concat_into(mlp.gate_proj, mlp.up_proj)),
-        down=PackedLinear(mlp.down_proj.weight),
+        qkv=linear(qkv, qkv_bias),
+        o=linear(attn.o_proj.weight, attn.o_proj.bias),
+        gate_up=linear(_concat_into(mlp.gate_proj, mlp.up_proj), None),
+        down=linear(mlp.down_proj.weight, None),
         input_norm=layer.input_layernorm.weight,
         post_attention_norm=layer.post_attention_layernorm.weight,
     )

@@ -33,7 +33,14 @@ def config_for_loaded_model(hf_model: Any, tokenizer: Any, options: dict) -> Eng
 
 
 def check_loaded_model(hf_model: Any, config: EngineConfig) -> None:
-    """ValueError unless the model's weights have the config's dtype and sit on its device."""
+    """ValueError unless the model's weights have the config's dtype and sit on its device, and
+    no quantization is asked for (it rewrites the weights it quantizes: the caller's model would
+    come back changed)."""
+    if config.quantization is not None:
+        raise ValueError(
+            "quantization rewrites the weights of a checkpoint the engine loads itself; an "
+            "already-loaded model is served as it is (pass model=PATH to quantize)"
+        )
     weights = _first_weight(hf_model)
     wanted = torch.device(config.device)
     same_device = weights.device.type == wanted.type and (

@@ -129,18 +129,28 @@ def choose_attention(config: EngineConfig, model: Any) -> tuple[int, AttentionBa
 
 def choose_executor(config: EngineConfig, model: Any, max_model_len: int) -> LlamaExecutor | None:
     """The native executor when ``config.model_impl`` allows it and it can run ``model`` here;
-    None runs the HF model through the bridge. ``native`` that cannot run is an error saying why;
-    ``auto`` falls back with one logged line naming the reason."""
+    None runs the HF model through the bridge. ``native`` or a quantization that cannot run is an
+    error saying why; ``auto`` falls back with one logged line naming the reason."""
+    quantized = config.quantization is not None
     if config.model_impl == "transformers":
+        if quantized:
+            raise ValueError("quantization runs in the native executor; use model_impl='auto'")
         return None
     reason = llama_executor.unsupported_reason(model, torch.device(config.device))
     reason = reason or DECODER_KERNELS.unavailable_reason()
     if reason is not None:
-        if config.model_impl == "native":
-            raise ValueError(f"model_impl='native' cannot run this model: {reason}")
+        if config.model_impl == "native" or quantized:
+            wanted = "quantization" if quantized else "model_impl='native'"
+            raise ValueError(f"{wanted} needs the native executor, which cannot run here: {reason}")
         logger.info("running the model through the transformers bridge: %s", reason)
         return None
-    return LlamaExecutor(model, DECODER_KERNELS.kernels(), max_model_len)
+    if quantized and config.torch_dtype != torch.bfloat16:
+        logger.warning(
+            "quantization=%s with %s activations runs the quantized weights densely (torch's "
+            "quantized CPU kernels are slower than its %s matmuls): no speed-up; use bfloat16",
+            config.quantization, config.dtype, config.dtype,
+        )  # fmt: skip
+    return LlamaExecutor(model, DECODER_KERNELS.kernels(), max_model_len, config.quantization)
 
 
 def _text_config(model: Any) -> Any:

@@ -1,0 +1,159 @@
+"""Weight-only quantized linears for the native executor: int8 per output channel, int4 per group.
+
+Why: a CPU decode step at small batch sizes reads every weight once per step, and its time is
+those bytes over the memory bandwidth. int8 reads half of bfloat16's bytes, int4 a quarter (plus
+a scale, and for int4 a zero, per group). PyTorch's own CPU kernels (``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu``) widen the weights as they read them; measured here on
+SmolLM2-135M's 120 projections (bfloat16 activations, 2 threads, weights out of cache), per
+token at 1 row: oneDNN bfloat16 5.42 ms, int8 3.96 ms, int4 2.48 ms. They are matrix-vector
+kernels, though: at 8 rows int8 takes 8.3 ms against oneDNN's 6.5, at 16 rows both are slower,
+and with float32 activations they are 7-17x slower than float32's own oneDNN matmuls at any row
+count. So a ``QuantizedLinear`` runs the quantized kernel for up to ``KERNEL_ROWS`` rows of
+bfloat16 (decode steps of small batches, a single stream) and otherwise oneDNN on the same
+weights dequantized (prefill, large batches; float32 always): one model, two ways to read it.
+
+The formats (``Int8Weights``, ``Int4Weights``), each with its dequantized form:
+
+- int8: ``w[n, k] = q[n, k] * scale[n]``, ``q`` in [-127, 127], ``scale = max |w[n, :]| / 127``.
+- int4: per group of ``group_size`` inputs, ``w = (q - 8) * scale + zero``, ``q`` in [0, 15]:
+  asymmetric, ``scale = (max - min) / 15`` and ``zero = min + 8 * scale``, so a group's min and
+  max are exact. This is llama.cpp's Q4_1 (``d * q + m``: ``scale = d``, ``zero = m + 8 d``) at
+  32 inputs a group, and its Q4_0 (``d * (q - 8)``) with ``zero = 0``.
+
+Scales and zeros are kept in float32 and handed to the kernels in the activations' dtype.
+``quantized_linear`` writes the dequantized values into the weight it is given (the executor's
+fused weights, which the HF modules view), so the model the engine holds is the quantized model
+whichever path reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from baton_paged.config import QUANTIZATIONS
+from baton_paged.model.packed_linear import PackedLinear
+
+INT4_GROUP_SIZE = 32
+"""Inputs sharing one int4 scale and zero: llama.cpp's Q4_0 / Q4_1 block."""
+INT4_INNER_K_TILES = 2
+KERNEL_ROWS = {"int8": 4, "int4": 8}
+"""Most rows of bfloat16 activations a quantized kernel takes; more run densely (oneDNN). The
+crossovers measured on SmolLM2-135M's projections (module docstring): int8 is faster up to 4
+rows (4.1 against 6.0 ms), int4 up to 8 (5.9 against 6.5 ms)."""
+"""``_convert_weight_to_int4pack_for_cpu``'s tile argument (its CPU layout ignores it)."""
+TINY = torch.finfo(torch.float32).tiny
+"""The smallest scale: an all-zero row or group still divides."""
+
+
+@dataclass(frozen=True)
+class Int8Weights:
+    q: torch.Tensor
+    """[out, in] int8 in [-127, 127]."""
+    scale: torch.Tensor
+    """[out] float32."""
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> Int8Weights:
+        dense = weight.detach().float()
+        scale = (dense.abs().amax(dim=1) / 127).clamp(min=TINY)
+        q = torch.round(dense / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scale)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        return (self.q.float() * self.scale.to(dtype).float()[:, None]).to(dtype)
+
+
+@dataclass(frozen=True)
+class Int4Weights:
+    q: torch.Tensor
+    """[out, in] int32 in [0, 15]."""
+    scale: torch.Tensor
+    """[out, in / group_size] float32."""
+    zero: torch.Tensor
+    """[out, in / group_size] float32: the value ``q = 8`` stands for."""
+    group_size: int = INT4_GROUP_SIZE
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Int4Weights:
+        rows, columns = weight.shape
+        if columns % group_size:
+            raise ValueError(f"int4 needs in_features ({columns}) divisible by {group_size}")
+        groups = weight.detach().float().view(rows, columns // group_size, group_size)
+        low, high = groups.amin(dim=2), groups.amax(dim=2)
+        scale = ((high - low) / 15).clamp(min=TINY)
+        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
+        return cls(q.view(rows, columns).to(torch.int32), scale, low + 8 * scale, group_size)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight the kernel multiplies by in ``dtype``: scales and zeros rounded to it."""
+        scale, zero = (t.to(dtype).float()[..., None] for t in (self.scale, self.zero))
+        q = self.q.float().view(self.q.shape[0], -1, self.group_size)
+        return ((q - 8) * scale + zero).view(self.q.shape).to(dtype)
+
+
+class Int8Linear:
+    """``layer(x)`` = ``F.linear(x, weights.dequantized(x.dtype), bias)``, reading int8."""
+
+    def __init__(self, weights: Int8Weights, dtype: torch.dtype, bias: torch.Tensor | None = None):
+        self.q, self.scale, self.bias = weights.q, weights.scale.to(dtype), bias
+        self.in_features = weights.q.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
+        return out if self.bias is None else out + self.bias
+
+
+class Int4Linear:
+    """``layer(x)`` = ``F.linear(x, weights.dequantized(x.dtype), bias)``, reading packed int4."""
+
+    def __init__(self, weights: Int4Weights, dtype: torch.dtype, bias: torch.Tensor | None = None):
+        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            weights.q, INT4_INNER_K_TILES
+        )
+        # [groups, out, 2] in the activations' dtype, as the kernel reads them
+        both = torch.stack([weights.scale, weights.zero], dim=-1).transpose(0, 1)
+        self.scale_and_zero = both.contiguous().to(dtype)
+        self.group_size, self.bias = weights.group_size, bias
+        self.in_features = weights.q.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, self.packed, self.group_size, self.scale_and_zero
+        )
+        return out if self.bias is None else out + self.bias
+
+
+class QuantizedLinear:
+    """``layer(x)`` = ``F.linear(x, dequantized weight, bias)``: the quantized kernel for up to
+    ``kernel_rows`` rows, oneDNN on the dequantized weight beyond."""
+
+    def __init__(self, kernel: Int8Linear | Int4Linear, dense: PackedLinear, kernel_rows: int):
+        self.kernel, self.dense, self.kernel_rows = kernel, dense, kernel_rows
+        self.in_features = dense.in_features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.kernel(x) if x.shape[0] <= self.kernel_rows else self.dense(x)
+
+
+def quantize(weight: torch.Tensor, method: str) -> Int8Weights | Int4Weights:
+    if method == "int8":
+        return Int8Weights.quantize(weight)
+    if method == "int4":
+        return Int4Weights.quantize(weight)
+    raise ValueError(f"unknown quantization {method!r}; choose one of: {', '.join(QUANTIZATIONS)}")
+
+
+@torch.no_grad()
+def quantized_linear(
+    weight: torch.Tensor, bias: torch.Tensor | None, method: str
+) -> QuantizedLinear:
+    """``weight`` quantized by ``method`` and overwritten with its dequantized values, as a linear
+    taking activations of its dtype (the quantized kernel only for bfloat16: see the module
+    docstring)."""
+    weights = quantize(weight, method)
+    weight.copy_(weights.dequantized(weight.dtype))
+    kind = Int8Linear if isinstance(weights, Int8Weights) else Int4Linear
+    rows = KERNEL_ROWS[method] if weight.dtype == torch.bfloat16 else 0
+    return QuantizedLinear(kind(weights, weight.dtype, bias), PackedLinear(weight, bias), rows)
