@@ -1,5 +1,6 @@
 // WideMath: paged attention's per-row math on 16-lane float vectors, for heads whose size is a
-// multiple of 16 (every common model: 64, 80, 96, 128).
+// multiple of 16 (float32: 64, 80, 96, 128, ...; bfloat16 with AVX512-BF16 dot products: a
+// multiple of 32, so 80 and 112 stay on 8 lanes).
 //
 // Why a second vector width: cpu_common.h's 8-lane vectors fill half of an AVX-512 register, and
 // on a core with full-width AVX-512 units (AMD Zen 5, Intel server cores) half the arithmetic is
@@ -10,9 +11,11 @@
 // What else differs from VectorMath: bfloat16 K/V is never widened into scratch. Where the CPU
 // has AVX512-BF16, scores are bfloat16 dot products of the unscaled bfloat16 query and the keys
 // as they lie (``vdpbf16ps``: exact products summed in float), scaled afterwards; values are
-// widened in registers as they are read (a bfloat16 is the top half of a float's bits). GCC's
-// vector extensions keep the code portable: without AVX-512 each 16-lane vector is two or four
-// narrower ones, and without AVX512-BF16 the scores widen the keys too.
+// widened in registers as they are read (a bfloat16 is the top half of a float's bits).
+//
+// Only on AVX-512 builds: elsewhere GCC lowers each 16-lane vector with spills (a review built it
+// for AVX2 and measured 4.5-6.7x the 8-lane kernel's time), so ``fits`` refuses and VectorMath
+// runs. Without AVX512-BF16, bfloat16 scores widen the keys in registers too.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -100,7 +103,11 @@ struct WideMath {
   // bfloat16 dot products take the query as it came, unscaled; float math takes it scaled.
   using query_t = std::conditional_t<kBf16Dots, c10::BFloat16, float>;
 
+#if defined(__AVX512F__)
   static bool fits(int64_t dim) { return dim % (kBf16Dots ? 2 * kWideLanes : kWideLanes) == 0; }
+#else
+  static bool fits(int64_t) { return false; }
+#endif
 
   static const kv_t* view(const scalar_t* page, int64_t, int64_t stride, int64_t, kv_t*,
                           int64_t& view_stride) {

@@ -5,7 +5,9 @@ dropped); each window runs as one prompt, and only its second half is scored (to
 ``context // 2 + 1`` to ``context - 1``, each given every token before it in the window), so every
 scored token has at least half a window of context. The perplexity is ``exp`` of the mean negative
 log-probability over all scored tokens. Same windows, same scored positions as
-``llama-perplexity -c context``, so the two figures compare on one model file.
+``llama-perplexity -c context`` on a vocabulary that adds no BOS (the default model's; measured:
+every window's running figure within 0.8% of llama.cpp's, the final one within 0.001%); where the
+vocabulary adds one, llama.cpp also puts BOS first in every window, which this does not.
 """
 
 from __future__ import annotations

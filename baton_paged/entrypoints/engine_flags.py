@@ -21,14 +21,20 @@ def limit_options(fn):
     return dataclass_options(fn, config_fields("ServerLimits", LIMITS_SOURCE))
 
 
+SHORT_FLAGS = {"quantization": "-q"}
+"""vLLM's one-letter spellings of our fields' flags."""
+
+
 def dataclass_options(fn, fields: dict):
     """``fn`` with a click option per field (``config_fields``' records), in field order."""
     for field in reversed(list(fields.values())):
         flag = f"--{field.name.replace('_', '-')}"
         if field.type is bool:
             flag = f"{flag}/--no-{field.name.replace('_', '-')}"
+        short = [SHORT_FLAGS[field.name]] if field.name in SHORT_FLAGS else []
         option = click.option(
             flag,
+            *short,
             field.name,
             type=field.type,
             default=field.default,

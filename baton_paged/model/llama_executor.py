@@ -77,7 +77,8 @@ class LlamaExecutor:
 
     ``quantization`` (int8 / int4, ``quantized_linear.py``): every projection's weight is
     quantized as the executor is built, the LM head to int8 (as llama.cpp keeps its output
-    matrix above 4 bits); the HF modules keep their dense weights."""
+    matrix above 4 bits), and the fused weights the HF modules view are overwritten with the
+    dequantized values: the model is the quantized one however it is read."""
 
     def __init__(
         self,

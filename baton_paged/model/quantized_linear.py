@@ -23,7 +23,9 @@ The formats (``Int8Weights``, ``Int4Weights``), each with its dequantized form:
 Scales and zeros are kept in float32 and handed to the kernels in the activations' dtype.
 ``quantized_linear`` writes the dequantized values into the weight it is given (the executor's
 fused weights, which the HF modules view), so the model the engine holds is the quantized model
-whichever path reads it.
+whichever path reads it. Memory: for bfloat16 the int8 / int4 copy comes on top of the dense
+weight and oneDNN's packed one (+50% / +31% of the weights' bytes on SmolLM2): quantization here
+makes reading faster, it does not yet make the model smaller.
 """
 
 from __future__ import annotations
@@ -38,11 +40,13 @@ from baton_paged.model.packed_linear import PackedLinear
 INT4_GROUP_SIZE = 32
 """Inputs sharing one int4 scale and zero: llama.cpp's Q4_0 / Q4_1 block."""
 INT4_INNER_K_TILES = 2
+"""``_convert_weight_to_int4pack_for_cpu``'s tile argument (its CPU layout ignores it)."""
+INT4_OUT_MULTIPLE = 16
+"""torch's int4 packing takes output counts that are a multiple of 16 only."""
 KERNEL_ROWS = {"int8": 4, "int4": 8}
 """Most rows of bfloat16 activations a quantized kernel takes; more run densely (oneDNN). The
 crossovers measured on SmolLM2-135M's projections (module docstring): int8 is faster up to 4
 rows (4.1 against 6.0 ms), int4 up to 8 (5.9 against 6.5 ms)."""
-"""``_convert_weight_to_int4pack_for_cpu``'s tile argument (its CPU layout ignores it)."""
 TINY = torch.finfo(torch.float32).tiny
 """The smallest scale: an all-zero row or group still divides."""
 
@@ -80,6 +84,8 @@ class Int4Weights:
         rows, columns = weight.shape
         if columns % group_size:
             raise ValueError(f"int4 needs in_features ({columns}) divisible by {group_size}")
+        if rows % INT4_OUT_MULTIPLE:
+            raise ValueError(f"int4 needs out_features ({rows}) divisible by {INT4_OUT_MULTIPLE}")
         groups = weight.detach().float().view(rows, columns // group_size, group_size)
         low, high = groups.amin(dim=2), groups.amax(dim=2)
         scale = ((high - low) / 15).clamp(min=TINY)
@@ -127,9 +133,11 @@ class Int4Linear:
 
 class QuantizedLinear:
     """``layer(x)`` = ``F.linear(x, dequantized weight, bias)``: the quantized kernel for up to
-    ``kernel_rows`` rows, oneDNN on the dequantized weight beyond."""
+    ``kernel_rows`` rows, oneDNN on the dequantized weight beyond (no kernel: always oneDNN)."""
 
-    def __init__(self, kernel: Int8Linear | Int4Linear, dense: PackedLinear, kernel_rows: int):
+    def __init__(
+        self, kernel: Int8Linear | Int4Linear | None, dense: PackedLinear, kernel_rows: int
+    ):
         self.kernel, self.dense, self.kernel_rows = kernel, dense, kernel_rows
         self.in_features = dense.in_features
 
@@ -150,10 +158,14 @@ def quantized_linear(
     weight: torch.Tensor, bias: torch.Tensor | None, method: str
 ) -> QuantizedLinear:
     """``weight`` quantized by ``method`` and overwritten with its dequantized values, as a linear
-    taking activations of its dtype (the quantized kernel only for bfloat16: see the module
+    taking activations of its dtype. The quantized kernel (and its copy of the weights) exists for
+    bfloat16 only: other dtypes read the dequantized weight through oneDNN alone (module
     docstring)."""
     weights = quantize(weight, method)
+    kernel = None
+    if weight.dtype == torch.bfloat16:
+        kind = Int8Linear if isinstance(weights, Int8Weights) else Int4Linear
+        kernel = kind(weights, weight.dtype, bias)
     weight.copy_(weights.dequantized(weight.dtype))
-    kind = Int8Linear if isinstance(weights, Int8Weights) else Int4Linear
-    rows = KERNEL_ROWS[method] if weight.dtype == torch.bfloat16 else 0
-    return QuantizedLinear(kind(weights, weight.dtype, bias), PackedLinear(weight, bias), rows)
+    rows = KERNEL_ROWS[method] if kernel is not None else 0
+    return QuantizedLinear(kernel, PackedLinear(weight, bias), rows)
