@@ -102,7 +102,7 @@ class LlamaCpp:
 
     def single(self, prompt: list[int], budget: int) -> tuple[float, list[int] | None]:
         start = time.perf_counter()
-        tokens = self.peer._generate([prompt], [budget])[0]
+        tokens = self.peer.generate([prompt], [budget])[0]
         return time.perf_counter() - start, tokens
 
     def run(self) -> float:

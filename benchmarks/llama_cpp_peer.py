@@ -70,7 +70,7 @@ class LlamaCppPeer:
         )
         try:
             self._wait_ready()
-            self._generate([self.work.prompts[0]], [1])
+            self.generate([self.work.prompts[0]], [1])
         except BaseException:
             self.close()
             raise
@@ -81,17 +81,17 @@ class LlamaCppPeer:
     def run(self) -> tuple[float, list[list[int] | None]]:
         """The whole workload at once: wall seconds and each request's tokens (None: unparsed)."""
         start = time.perf_counter()
-        tokens = self._generate(self.work.prompts, self.work.budgets)
+        tokens = self.generate(self.work.prompts, self.work.budgets)
         return time.perf_counter() - start, tokens
 
     def warm_up(self, count: int, budget: int) -> None:
         budgets = [min(b, budget) for b in self.work.budgets[:count]]
-        self._generate(self.work.prompts[:count], budgets)
+        self.generate(self.work.prompts[:count], budgets)
 
     def single(self, prompt: list[int], budget: int) -> float:
         """Wall seconds of one request alone."""
         start = time.perf_counter()
-        self._generate([prompt], [budget])
+        self.generate([prompt], [budget])
         return time.perf_counter() - start
 
     def close(self) -> None:
@@ -102,7 +102,8 @@ class LlamaCppPeer:
             self.process.kill()
             self.process.wait()
 
-    def _generate(self, prompts, budgets) -> list[list[int] | None]:
+    def generate(self, prompts, budgets) -> list[list[int] | None]:
+        """Each prompt's tokens (None: unparsed), all requests sent at once."""
         with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
             return list(pool.map(self._complete, prompts, budgets))
 

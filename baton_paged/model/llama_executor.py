@@ -98,7 +98,8 @@ class LlamaExecutor:
         self.final_norm = model.model.norm.weight
         head = _linear_maker(quantization and "int8")  # int8 whenever quantized
         self.lm_head = head(model.lm_head.weight, None)
-        self.layers = [_fuse(layer, _linear_maker(quantization)) for layer in model.model.layers]
+        linear = _linear_maker(quantization)
+        self.layers = [_fuse(layer, linear) for layer in model.model.layers]
         self.cos, self.sin = _rope_table(model, max_positions)
 
     @torch.inference_mode()

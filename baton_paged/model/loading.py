@@ -20,6 +20,7 @@ from baton_paged.config import EngineConfig
 from baton_paged.model import llama_executor
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
 from baton_paged.model.llama_executor import LlamaExecutor
+from baton_paged.model.quantized_linear import KERNEL_DTYPE
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +145,7 @@ def choose_executor(config: EngineConfig, model: Any, max_model_len: int) -> Lla
             raise ValueError(f"{wanted} needs the native executor, which cannot run here: {reason}")
         logger.info("running the model through the transformers bridge: %s", reason)
         return None
-    if quantized and config.torch_dtype != torch.bfloat16:
+    if quantized and config.torch_dtype != KERNEL_DTYPE:
         logger.warning(
             "quantization=%s with %s activations runs the quantized weights densely (torch's "
             "quantized CPU kernels are slower than its %s matmuls): no speed-up; use bfloat16",

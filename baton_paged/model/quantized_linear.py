@@ -43,6 +43,8 @@ INT4_INNER_K_TILES = 2
 """``_convert_weight_to_int4pack_for_cpu``'s tile argument (its CPU layout ignores it)."""
 INT4_OUT_MULTIPLE = 16
 """torch's int4 packing takes output counts that are a multiple of 16 only."""
+KERNEL_DTYPE = torch.bfloat16
+"""The activations' dtype the quantized kernels are fast for; others read the weights densely."""
 KERNEL_ROWS = {"int8": 4, "int4": 8}
 """Most rows of bfloat16 activations a quantized kernel takes; more run densely (oneDNN). The
 crossovers measured on SmolLM2-135M's projections (module docstring): int8 is faster up to 4
@@ -107,8 +109,7 @@ class Int8Linear:
         self.in_features = weights.q.shape[1]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)
-        return out if self.bias is None else out + self.bias
+        return _plus(torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale), self.bias)
 
 
 class Int4Linear:
@@ -128,7 +129,11 @@ class Int4Linear:
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group_size, self.scale_and_zero
         )
-        return out if self.bias is None else out + self.bias
+        return _plus(out, self.bias)
+
+
+def _plus(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return out if bias is None else out + bias
 
 
 class QuantizedLinear:
@@ -163,7 +168,7 @@ def quantized_linear(
     docstring)."""
     weights = quantize(weight, method)
     kernel = None
-    if weight.dtype == torch.bfloat16:
+    if weight.dtype == KERNEL_DTYPE:
         kind = Int8Linear if isinstance(weights, Int8Weights) else Int4Linear
         kernel = kind(weights, weight.dtype, bias)
     weight.copy_(weights.dequantized(weight.dtype))
