@@ -35,7 +35,7 @@ from baton_paged.attention import attach, detach
 from baton_paged.config import EngineConfig
 from baton_paged.engine_parts import build_parts
 from baton_paged.model.loaded_model import check_loaded_model, config_for_loaded_model
-from baton_paged.model.loading import load_model, model_max_len
+from baton_paged.model.loading import load_model, model_max_len, resolve_quantization
 from baton_paged.model.sampled_tokens import SampledTokens
 from baton_paged.outputs import RequestOutput
 from baton_paged.processing.input_processor import PromptInput
@@ -107,6 +107,7 @@ class Engine:
         self.config = config
         if model is None:
             model, tokenizer = load_model(config)
+            config = self.config = resolve_quantization(config, model)
         else:
             check_loaded_model(model, config)
             model.eval()  # dropout would make greedy decoding random

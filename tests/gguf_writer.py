@@ -1,8 +1,9 @@
 """Write a small HF Llama as a GGUF file with the gguf package's writer, as llama.cpp lays it out.
 
 Tests use it to load a GGUF without downloading one: float32 tensors (nothing to dequantize
-except the layout), llama.cpp's tensor names and its rotary permutation of the Q/K rows, and the
-byte-level BPE tokenizer as ``tokenizer.ggml.*`` metadata.
+except the layout) unless ``formats`` names a block format for some (quantized by the gguf
+package, as llama.cpp's quantizer would), llama.cpp's tensor names and its rotary permutation
+of the Q/K rows, and the byte-level BPE tokenizer as ``tokenizer.ggml.*`` metadata.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ CONTROL_TOKEN = 3
 NORMAL_TOKEN = 1
 
 
-def write_llama_gguf(model_dir: Path, out_file: Path, architecture: str = "llama") -> Path:
-    """``out_file``: the HF Llama checkpoint in ``model_dir`` as GGUF (float32)."""
+def write_llama_gguf(
+    model_dir: Path, out_file: Path, architecture: str = "llama", formats: dict | None = None
+) -> Path:
+    """``out_file``: the HF Llama checkpoint in ``model_dir`` as GGUF: float32, except the
+    tensors ``formats`` names by their GGUF role (``attn_q``, ``ffn_down``, ``output``, ...), in
+    the ``GGMLQuantizationType`` given (one the gguf package can quantize: Q4_0, Q4_1, Q5_0,
+    Q5_1, Q8_0, F16, BF16)."""
     import gguf
 
     config = AutoConfig.from_pretrained(model_dir)
@@ -38,7 +44,11 @@ def write_llama_gguf(model_dir: Path, out_file: Path, architecture: str = "llama
     _add_config(writer, config, architecture)
     _add_tokenizer(writer, model_dir, config)
     for name, tensor in _gguf_tensors(model_dir, config).items():
-        writer.add_tensor(name, tensor)
+        qtype = (formats or {}).get(name.split(".")[-2])
+        if qtype is None:
+            writer.add_tensor(name, tensor)
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(tensor, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -128,6 +128,7 @@ def test_the_download_lies_in_the_cache_entrys_scratch_not_in_tmp(
     path = default_model()
     (download_dir,) = downloads
     scratch = download_dir.relative_to(cache / "models").parts[0]
-    assert scratch.startswith(f".{default_module.CACHE_NAME}-") and temp not in download_dir.parents
+    assert scratch.startswith(f".{default_module.GGUF_CACHE_NAME}-")
+    assert temp not in download_dir.parents
     assert list(temp.iterdir()) == [] and not download_dir.exists()
     assert all(p.is_file() for p in path.iterdir())  # the download folder went before the manifest

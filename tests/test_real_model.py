@@ -28,7 +28,8 @@ def smollm2_dir():
     [("auto", "Germany", "Berlin"), ("float32", "France", "Paris")],
 )
 def test_default_model_answers_a_chat_question(smollm2_dir, dtype, country, capital):
-    """As served out of the box (``auto``: bfloat16 on CPUs with AVX512-BF16), and in float32.
+    """As served out of the box (``auto``: bfloat16 on CPUs with AVX512-BF16, where the model
+    runs at its file's width, Q4_1), and in float32 (the weights dequantized).
 
     France is asked in float32 only: the answer's first token ("The" against "L") wins by 0.08
     in log-probability in float32, about one bfloat16 step of the logits, so in bfloat16 any
@@ -39,6 +40,8 @@ def test_default_model_answers_a_chat_question(smollm2_dir, dtype, country, capi
     with LLM(max_model_len=512, dtype=dtype) as llm:  # no model named: the built-in default
         question = [{"role": "user", "content": f"What is the capital of {country}?"}]
         output = llm.chat(question, SamplingParams(temperature=0, max_tokens=32))[0]
+        bfloat16 = llm.engine.config.torch_dtype == torch.bfloat16
+        assert llm.engine.config.quantization == ("gguf" if bfloat16 else None)
     answer = output.outputs[0]
     assert capital in answer.text and answer.finish_reason == "stop"  # stopped at <|im_end|>
 
@@ -112,21 +115,23 @@ Lincoln's Second Inaugural): ~3,000 tokens, five 512-token windows."""
 
 
 def test_quantized_default_model_keeps_its_perplexity(smollm2_dir):
-    """int8 and int4 each within 1% of the unquantized model's perplexity, in bfloat16 (the
-    activations quantization runs with). Measured here: 24.339 unquantized, int8 +0.32%, int4
-    +0.34% (float32: 24.264, int8 +1.17%, int4 +0.33%). The weights are the default model's Q4_1
-    file dequantized, so int4's 32-input asymmetric groups recover the file's blocks, and what
-    int4 loses is the LM head's int8; int8's one scale per output channel re-rounds them."""
+    """int8, int4 and the file's own width (gguf) each within 1% of the unquantized model's
+    perplexity, in bfloat16 (the activations quantization runs with). Measured here: 24.339
+    unquantized, int8 +0.32%, int4 +0.34%, gguf +0.25% (float32: 24.264, int8 +1.17%, int4
+    +0.33%). The weights are the default model's Q4_1 file dequantized, so int4's 32-input
+    asymmetric groups recover the file's blocks and gguf reads them; what both lose is the LM
+    head's int8 (the file's Q8_0 re-rounded to one scale a row); int8's one scale per output
+    channel re-rounds every weight."""
     from baton_paged.bench.perplexity import perplexity
 
     tokens = AutoTokenizer.from_pretrained(smollm2_dir)(
         PERPLEXITY_TEXT.read_text(), add_special_tokens=False
     ).input_ids
     scores = {}
-    for quantization in (None, "int8", "int4"):
-        with LLM(str(smollm2_dir), dtype="bfloat16", quantization=quantization,
-                 max_model_len=1024) as llm:  # fmt: skip
+    for quantization in (None, "int8", "int4", "gguf"):
+        model = None if quantization == "gguf" else str(smollm2_dir)  # the default: its file
+        with LLM(model, dtype="bfloat16", quantization=quantization, max_model_len=1024) as llm:
             scores[quantization] = perplexity(llm, tokens, 512)
     assert 1 < scores[None] < 100  # the model reads English
-    assert abs(scores["int8"] / scores[None] - 1) < 0.01, scores
-    assert abs(scores["int4"] / scores[None] - 1) < 0.01, scores
+    for quantization in ("int8", "int4", "gguf"):
+        assert abs(scores[quantization] / scores[None] - 1) < 0.01, scores

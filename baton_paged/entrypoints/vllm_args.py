@@ -30,8 +30,8 @@ NEUTRAL = {
     "disable_log_stats": ANY,
 }
 """Accepted at these values, or None (``ANY``: any value; logging only); other values are
-refused. (``quantization`` is an ``EngineConfig`` field of the same name: int8 or int4, anything
-else refused.)"""
+refused. (``quantization`` is an ``EngineConfig`` field of the same name: int8, int4 or gguf,
+anything else refused.)"""
 
 
 def engine_options(options: dict[str, Any]) -> dict[str, Any]:

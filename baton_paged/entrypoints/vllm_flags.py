@@ -7,7 +7,7 @@ Engine flags become ``EngineConfig`` fields through the same translation as ``LL
 (``--page-size``), ``--swap-space`` (GiB), ``--gpu-memory-utilization`` (the KV cache's share of
 free GPU memory; on the CPU, as in vLLM's CPU build, ``--kv-memory`` sizes it),
 ``--tensor-parallel-size`` / ``--pipeline-parallel-size`` (1 only), ``--trust-remote-code``
-(refused); ``--quantization`` is an engine flag of our own under the same name (int8, int4).
+(refused); ``--quantization`` is an engine flag of our own under the same name (int8, int4, gguf).
 Server flags: ``--served-model-name`` takes several names as vLLM does (``--served-model-name
 a b``: the first is the id replies carry, every one is accepted as ``model``),
 ``--chat-template`` (a file or the template itself),

@@ -8,6 +8,8 @@ rebuilds an ordinary model around the same weights (the default model is cached 
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +43,8 @@ def load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     _require_gguf_package()
     where = {"pretrained_model_name_or_path": path.parent, "gguf_file": path.name}
     try:
-        model = AutoModelForCausalLM.from_pretrained(**where, dtype=dtype)
+        with _quiet_packed_gguf_advice():
+            model = AutoModelForCausalLM.from_pretrained(**where, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(**where)
     except (ValueError, NotImplementedError, KeyError) as error:
         raise ValueError(f"cannot load the GGUF checkpoint {path}: {error}") from error
@@ -60,6 +63,20 @@ def plain_copy(model: Any) -> Any:
     plain.load_state_dict(model.state_dict(), strict=True)
     plain.generation_config = model.generation_config
     return plain.eval()
+
+
+@contextmanager
+def _quiet_packed_gguf_advice():
+    """transformers advises float32 for a GGUF loaded in another dtype "with its weights packed",
+    also when it dequantizes them (no ``kernels`` GGUF kernel here): we always take them
+    dequantized, so the advice only misleads."""
+    advice = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    level = advice.level
+    advice.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        advice.setLevel(level)
 
 
 def _require_gguf_package() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from types import ModuleType
 
 import torch
@@ -30,11 +29,13 @@ import torch.nn.functional as F
 
 from baton_paged.attention import PagedStep
 from baton_paged.model.packed_linear import PackedLinear
-from baton_paged.model.quantized_linear import quantized_linear
+from baton_paged.model.quantized_linear import Quantization, Quantizer, quantized_linear
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 """A projection ``x -> x @ W.T + b``: a ``PackedLinear``, or an int8 / int4 one."""
-LinearMaker = Callable[[torch.Tensor, torch.Tensor | None], Linear]
+LinearMaker = Callable[[torch.Tensor, torch.Tensor | None, tuple[torch.nn.Module, ...]], Linear]
+"""``maker(weight, bias, sources)``: the linear for ``weight``, fused from the HF linears
+``sources``."""
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -75,17 +76,17 @@ class Layer:
 class LlamaExecutor:
     """``forward(input_ids, positions, keep, step)`` -> logits of the ``keep`` rows.
 
-    ``quantization`` (int8 / int4, ``quantized_linear.py``): every projection's weight is
-    quantized as the executor is built, the LM head to int8 (as llama.cpp keeps its output
-    matrix above 4 bits), and the fused weights the HF modules view are overwritten with the
-    dequantized values: the model is the quantized one however it is read."""
+    ``quantization`` (``quantized_linear.Quantization``): how the LM head's and the layers'
+    weights are stored as the executor is built (int8 / int4 from their values, or a GGUF file's
+    own blocks); the fused weights the HF modules view are overwritten with the dequantized
+    values, so the model is the quantized one however it is read."""
 
     def __init__(
         self,
         model: torch.nn.Module,
         kernels: ModuleType,
         max_positions: int,
-        quantization: str | None = None,
+        quantization: Quantization | None = None,
     ):
         config = model.config
         self.kernels = kernels
@@ -96,9 +97,9 @@ class LlamaExecutor:
         self.eps = model.model.norm.variance_epsilon
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
-        head = _linear_maker(quantization and "int8")  # int8 whenever quantized
-        self.lm_head = head(model.lm_head.weight, None)
-        linear = _linear_maker(quantization)
+        head = _linear_maker(quantization and quantization.head)
+        self.lm_head = head(model.lm_head.weight, None, (model.lm_head,))
+        linear = _linear_maker(quantization and quantization.layers)
         self.layers = [_fuse(layer, linear) for layer in model.model.layers]
         self.cos, self.sin = _rope_table(model, max_positions)
 
@@ -142,30 +143,38 @@ class LlamaExecutor:
         return layer.o(out.view(tokens, q_width))
 
 
-def _linear_maker(quantization: str | None) -> LinearMaker:
-    """OneDNN-packed linears at the model's dtype, else ``quantization``'s."""
-    if quantization is None:
-        return PackedLinear
-    return partial(quantized_linear, method=quantization)
+def _linear_maker(quantizer: Quantizer | None) -> LinearMaker:
+    """Linears stored as ``quantizer`` says; oneDNN-packed at the model's dtype where it keeps
+    a weight dense (or there is none)."""
+
+    def make(weight: torch.Tensor, bias: torch.Tensor | None, sources: tuple) -> Linear:
+        weights = quantizer(weight, sources) if quantizer is not None else None
+        if weights is None:
+            return PackedLinear(weight, bias)
+        return quantized_linear(weight, bias, weights)
+
+    return make
 
 
 def _fuse(layer: torch.nn.Module, linear: LinearMaker) -> Layer:
     attn, mlp = layer.self_attn, layer.mlp
-    qkv = _concat_into(attn.q_proj, attn.k_proj, attn.v_proj)
-    biases = [m.bias for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    qkv_sources = (attn.q_proj, attn.k_proj, attn.v_proj)
+    qkv = _concat_into(*qkv_sources)
+    gate_up_sources = (mlp.gate_proj, mlp.up_proj)
+    biases = [m.bias for m in qkv_sources]
     qkv_bias = None
     if any(b is not None for b in biases):
         qkv_bias = torch.cat(
             [
                 b if b is not None else m.weight.new_zeros(m.weight.shape[0])
-                for b, m in zip(biases, (attn.q_proj, attn.k_proj, attn.v_proj), strict=True)
+                for b, m in zip(biases, qkv_sources, strict=True)
             ]
         )
     return Layer(
-        qkv=linear(qkv, qkv_bias),
-        o=linear(attn.o_proj.weight, attn.o_proj.bias),
-        gate_up=linear(_concat_into(mlp.gate_proj, mlp.up_proj), None),
-        down=linear(mlp.down_proj.weight, None),
+        qkv=linear(qkv, qkv_bias, qkv_sources),
+        o=linear(attn.o_proj.weight, attn.o_proj.bias, (attn.o_proj,)),
+        gate_up=linear(_concat_into(*gate_up_sources), None, gate_up_sources),
+        down=linear(mlp.down_proj.weight, None, (mlp.down_proj,)),
         input_norm=layer.input_layernorm.weight,
         post_attention_norm=layer.post_attention_layernorm.weight,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,8 +20,10 @@ from baton_paged.attention import (
 from baton_paged.config import EngineConfig
 from baton_paged.model import llama_executor
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
+from baton_paged.model.gguf_loading import gguf_file
+from baton_paged.model.gguf_weights import GGUFQuantizer
 from baton_paged.model.llama_executor import LlamaExecutor
-from baton_paged.model.quantized_linear import KERNEL_DTYPE
+from baton_paged.model.quantized_linear import KERNEL_DTYPE, Quantization
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +44,7 @@ def _load(config: EngineConfig) -> tuple[Any, Any]:
     in host memory first); GGUF dequantizes on the CPU, then moves."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from baton_paged.model.gguf_loading import gguf_file, load_gguf
+    from baton_paged.model.gguf_loading import load_gguf
 
     path = checkpoint_path(config.model)
     if config.model == RANDOM_MODEL_NAME:
@@ -128,6 +131,25 @@ def choose_attention(config: EngineConfig, model: Any) -> tuple[int, AttentionBa
     return page_size, create_backend(config.attention_backend, req)
 
 
+def resolve_quantization(config: EngineConfig, model: Any) -> EngineConfig:
+    """``config`` with ``quantization=None`` made what it means for the loaded ``model``
+    (``EngineConfig.quantization``): gguf for a GGUF checkpoint or the built-in default model
+    running in bfloat16 on the native executor, else none. ``gguf`` asked of a checkpoint that
+    is not one is an error."""
+    if config.quantization == "gguf" and _gguf_source(config) is None:
+        raise ValueError(
+            f"quantization='gguf' reads a GGUF file's own blocks; {config.model} is not a GGUF "
+            "checkpoint (use int8 or int4 to quantize it as it loads)"
+        )
+    if config.quantization is not None or config.torch_dtype != KERNEL_DTYPE:
+        return config
+    if config.model_impl == "transformers" or _native_problem(config, model) is not None:
+        return config
+    if config.model is not None and _gguf_source(config) is None:
+        return config
+    return replace(config, quantization="gguf")
+
+
 def choose_executor(config: EngineConfig, model: Any, max_model_len: int) -> LlamaExecutor | None:
     """The native executor when ``config.model_impl`` allows it and it can run ``model`` here;
     None runs the HF model through the bridge. ``native`` or a quantization that cannot run is an
@@ -137,8 +159,7 @@ def choose_executor(config: EngineConfig, model: Any, max_model_len: int) -> Lla
         if quantized:
             raise ValueError("quantization runs in the native executor; use model_impl='auto'")
         return None
-    reason = llama_executor.unsupported_reason(model, torch.device(config.device))
-    reason = reason or DECODER_KERNELS.unavailable_reason()
+    reason = _native_problem(config, model)
     if reason is not None:
         if config.model_impl == "native" or quantized:
             wanted = "quantization" if quantized else "model_impl='native'"
@@ -151,7 +172,34 @@ def choose_executor(config: EngineConfig, model: Any, max_model_len: int) -> Lla
             "quantized CPU kernels are slower than its %s matmuls): no speed-up; use bfloat16",
             config.quantization, config.dtype, config.dtype,
         )  # fmt: skip
-    return LlamaExecutor(model, DECODER_KERNELS.kernels(), max_model_len, config.quantization)
+    quantization = _quantization(config, model)
+    executor = LlamaExecutor(model, DECODER_KERNELS.kernels(), max_model_len, quantization)
+    if quantization is not None and isinstance(quantization.layers, GGUFQuantizer):
+        logger.warning("%s", quantization.layers.summary())
+    return executor
+
+
+def _native_problem(config: EngineConfig, model: Any) -> str | None:
+    reason = llama_executor.unsupported_reason(model, torch.device(config.device))
+    return reason or DECODER_KERNELS.unavailable_reason()
+
+
+def _quantization(config: EngineConfig, model: Any) -> Quantization | None:
+    if config.quantization is None:
+        return None
+    if config.quantization != "gguf":
+        return Quantization.by_method(config.quantization)
+    quantizer = GGUFQuantizer(_gguf_source(config), model)
+    return Quantization(head=quantizer, layers=quantizer)
+
+
+def _gguf_source(config: EngineConfig) -> Path | None:
+    """The GGUF file ``config.model`` was loaded from (the default model's own), or None."""
+    from baton_paged.model import builder as model_builder
+
+    if config.model is None:
+        return model_builder.default_model_gguf()
+    return gguf_file(checkpoint_path(config.model))
 
 
 def _text_config(model: Any) -> Any:

@@ -30,13 +30,17 @@ makes reading faster, it does not yet make the model smaller.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
-from baton_paged.config import QUANTIZATIONS
 from baton_paged.model.packed_linear import PackedLinear
 
+METHODS = ("int8", "int4")
+"""Quantizations computed here from float weights (``gguf`` reads them from the file:
+``gguf_weights.py``)."""
 INT4_GROUP_SIZE = 32
 """Inputs sharing one int4 scale and zero: llama.cpp's Q4_0 / Q4_1 block."""
 INT4_INNER_K_TILES = 2
@@ -55,6 +59,7 @@ TINY = torch.finfo(torch.float32).tiny
 
 @dataclass(frozen=True)
 class Int8Weights:
+    method: ClassVar[str] = "int8"
     q: torch.Tensor
     """[out, in] int8 in [-127, 127]."""
     scale: torch.Tensor
@@ -67,12 +72,18 @@ class Int8Weights:
         q = torch.round(dense / scale[:, None]).clamp(-127, 127).to(torch.int8)
         return cls(q, scale)
 
+    @classmethod
+    def stacked(cls, parts: list[Int8Weights]) -> Int8Weights:
+        """One weight of ``parts``' rows in order (a fused projection's)."""
+        return cls(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]))
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         return (self.q.float() * self.scale.to(dtype).float()[:, None]).to(dtype)
 
 
 @dataclass(frozen=True)
 class Int4Weights:
+    method: ClassVar[str] = "int4"
     q: torch.Tensor
     """[out, in] int32 in [0, 15]."""
     scale: torch.Tensor
@@ -84,21 +95,45 @@ class Int4Weights:
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = INT4_GROUP_SIZE) -> Int4Weights:
         rows, columns = weight.shape
-        if columns % group_size:
-            raise ValueError(f"int4 needs in_features ({columns}) divisible by {group_size}")
-        if rows % INT4_OUT_MULTIPLE:
-            raise ValueError(f"int4 needs out_features ({rows}) divisible by {INT4_OUT_MULTIPLE}")
+        problem = int4_shape_problem(rows, columns, group_size)
+        if problem is not None:
+            raise ValueError(problem)
         groups = weight.detach().float().view(rows, columns // group_size, group_size)
         low, high = groups.amin(dim=2), groups.amax(dim=2)
         scale = ((high - low) / 15).clamp(min=TINY)
         q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
         return cls(q.view(rows, columns).to(torch.int32), scale, low + 8 * scale, group_size)
 
+    @classmethod
+    def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> Int4Weights:
+        """The weights ``codes * scale + low`` (codes in [0, 15], one ``scale`` and ``low`` per
+        ``INT4_GROUP_SIZE`` inputs): GGUF's 4-bit blocks, kept as they are."""
+        return cls(codes.to(torch.int32), scale.float(), (low + 8 * scale).float())
+
+    @classmethod
+    def stacked(cls, parts: list[Int4Weights]) -> Int4Weights:
+        """One weight of ``parts``' rows in order (a fused projection's); one group size."""
+        (group_size,) = {p.group_size for p in parts}
+        fields = (torch.cat([getattr(p, f) for p in parts]) for f in ("q", "scale", "zero"))
+        return cls(*fields, group_size)
+
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight the kernel multiplies by in ``dtype``: scales and zeros rounded to it."""
         scale, zero = (t.to(dtype).float()[..., None] for t in (self.scale, self.zero))
         q = self.q.float().view(self.q.shape[0], -1, self.group_size)
         return ((q - 8) * scale + zero).view(self.q.shape).to(dtype)
+
+
+QuantizedWeights = Int8Weights | Int4Weights
+
+
+def int4_shape_problem(rows: int, columns: int, group_size: int = INT4_GROUP_SIZE) -> str | None:
+    """Why torch's int4 kernel cannot take a ``[rows, columns]`` weight, or None."""
+    if columns % group_size:
+        return f"int4 needs in_features ({columns}) divisible by {group_size}"
+    if rows % INT4_OUT_MULTIPLE:
+        return f"int4 needs out_features ({rows}) divisible by {INT4_OUT_MULTIPLE}"
+    return None
 
 
 class Int8Linear:
@@ -150,27 +185,55 @@ class QuantizedLinear:
         return self.kernel(x) if x.shape[0] <= self.kernel_rows else self.dense(x)
 
 
-def quantize(weight: torch.Tensor, method: str) -> Int8Weights | Int4Weights:
+def quantize(weight: torch.Tensor, method: str) -> QuantizedWeights:
     if method == "int8":
         return Int8Weights.quantize(weight)
     if method == "int4":
         return Int4Weights.quantize(weight)
-    raise ValueError(f"unknown quantization {method!r}; choose one of: {', '.join(QUANTIZATIONS)}")
+    raise ValueError(f"unknown quantization {method!r}; choose one of: {', '.join(METHODS)}")
 
 
 @torch.no_grad()
 def quantized_linear(
-    weight: torch.Tensor, bias: torch.Tensor | None, method: str
+    weight: torch.Tensor, bias: torch.Tensor | None, weights: QuantizedWeights
 ) -> QuantizedLinear:
-    """``weight`` quantized by ``method`` and overwritten with its dequantized values, as a linear
-    taking activations of its dtype. The quantized kernel (and its copy of the weights) exists for
-    bfloat16 only: other dtypes read the dequantized weight through oneDNN alone (module
+    """A linear reading ``weights`` (the quantized form of ``weight``), which ``weight`` is
+    overwritten with in its own dtype. The quantized kernel (and its copy of the weights) exists
+    for bfloat16 only: other dtypes read the dequantized weight through oneDNN alone (module
     docstring)."""
-    weights = quantize(weight, method)
     kernel = None
     if weight.dtype == KERNEL_DTYPE:
         kind = Int8Linear if isinstance(weights, Int8Weights) else Int4Linear
         kernel = kind(weights, weight.dtype, bias)
     weight.copy_(weights.dequantized(weight.dtype))
-    rows = KERNEL_ROWS[method] if kernel is not None else 0
+    rows = KERNEL_ROWS[weights.method] if kernel is not None else 0
     return QuantizedLinear(kernel, PackedLinear(weight, bias), rows)
+
+
+Quantizer = Callable[[torch.Tensor, tuple[torch.nn.Module, ...]], "QuantizedWeights | None"]
+"""``quantizer(weight, sources)``: how to store ``weight``, the (fused) weight of the HF linears
+``sources``; None keeps it dense."""
+
+
+@dataclass(frozen=True)
+class MethodQuantizer:
+    """Every weight quantized by ``method`` from its float values."""
+
+    method: str
+
+    def __call__(self, weight: torch.Tensor, sources: tuple[torch.nn.Module, ...]):
+        return quantize(weight, self.method)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How the native executor stores its linears: the LM head's and the decoder layers'."""
+
+    head: Quantizer
+    layers: Quantizer
+
+    @classmethod
+    def by_method(cls, method: str) -> Quantization:
+        """``method`` for the layers, int8 for the LM head (llama.cpp too keeps its output
+        matrix above 4 bits: the logits are what sampling reads)."""
+        return cls(head=MethodQuantizer("int8"), layers=MethodQuantizer(method))

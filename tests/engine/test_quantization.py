@@ -19,6 +19,7 @@ from baton_paged.model.decoder_kernels import DECODER_KERNELS
 from baton_paged.model.quantized_linear import (
     Int4Weights,
     Int8Weights,
+    Quantization,
     quantize,
     quantized_linear,
 )
@@ -56,7 +57,7 @@ def test_int4_refuses_shapes_it_cannot_pack_before_touching_the_weight():
     weight = torch.randn(40, 64, dtype=torch.bfloat16)
     before = weight.clone()
     with pytest.raises(ValueError, match="out_features \\(40\\) divisible by 16"):
-        quantized_linear(weight, None, "int4")
+        quantized_linear(weight, None, quantize(weight, "int4"))
     assert torch.equal(weight, before)
 
 
@@ -73,7 +74,7 @@ def test_both_ways_of_reading_a_quantized_linear_equal_a_matmul_on_its_dequantiz
     x = torch.randn(rows, 160, dtype=dtype)
     dense = quantize(weight, method).dequantized(dtype)
     expected = F.linear(x.float(), dense.float(), bias.float())
-    layer = quantized_linear(weight, bias, method)
+    layer = quantized_linear(weight, bias, quantize(weight, method))
     assert torch.equal(weight, dense)
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     reads = (layer.kernel, layer.dense, layer) if dtype == torch.bfloat16 else (layer.dense, layer)
@@ -90,7 +91,8 @@ def test_both_ways_of_reading_a_quantized_linear_equal_a_matmul_on_its_dequantiz
 def test_the_kernel_takes_a_few_rows_of_bfloat16_and_onednn_the_rest(method, dtype, kernel_rows):
     """float32 never takes the quantized kernels (torch's are far slower than oneDNN there), so
     it keeps no quantized copy of the weights either."""
-    layer = quantized_linear(torch.randn(64, 64, dtype=dtype), None, method)
+    weight = torch.randn(64, 64, dtype=dtype)
+    layer = quantized_linear(weight, None, quantize(weight, method))
     assert layer.kernel_rows == kernel_rows
     assert (layer.kernel is None) == (dtype == torch.float32)
     calls = []
@@ -135,7 +137,9 @@ def test_quantized_executor_logits_equal_hf_on_the_dequantized_weights(
     with torch.inference_mode():
         expected = torch.stack([reference(torch.tensor([p])).logits[0, -1] for p in prompts])
         plain = torch.stack([model(torch.tensor([p])).logits[0, -1] for p in prompts])
-        executor = llama_executor.LlamaExecutor(model, DECODER_KERNELS.kernels(), 128, method)
+        executor = llama_executor.LlamaExecutor(
+            model, DECODER_KERNELS.kernels(), 128, Quantization.by_method(method)
+        )
         attach(model, 128)
         got = torch.cat([prefill_logits(executor, model, [p], dtype) for p in prompts])
     scale = expected.abs().max().item()
@@ -152,21 +156,30 @@ def test_quantized_engine_greedy_tokens_equal_hf_generate_on_the_dequantized_wei
     path = tiny_model_dir("llama")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     reference = dequantized_copy(model, method)
+    # float32 reads the quantized weights densely (oneDNN), as HF's forward does
+    expected, got = greedy_pair(reference, str(path), dtype="float32", quantization=method)
+    assert got == expected
+
+
+def greedy_pair(reference, model: str, **options) -> tuple[list, list]:
+    """24 greedy tokens for three prompts: HF ``generate``'s on ``reference``, and the native
+    executor's engine's on ``model`` with ``options``."""
     prompts = [[5, 17, 300, 2, 9, 44, 100], [7, 8, 9], list(range(30, 60))]
     expected = []
     for prompt in prompts:
         out = reference.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False)
         expected.append(out[0, len(prompt) :].tolist())
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    # float32 reads the quantized weights densely (oneDNN), as HF's forward does
-    with LLM(str(path), dtype="float32", quantization=method, kv_memory="16MiB") as llm:
+    with LLM(model, kv_memory="16MiB", **options) as llm:
         assert llm.engine.snapshot.model_impl == "native"
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    assert [list(o.outputs[0].token_ids) for o in outs] == expected
+    return expected, [list(o.outputs[0].token_ids) for o in outs]
 
 
 def test_an_unknown_quantization_is_refused_before_any_model_loads():
-    with pytest.raises(ValueError, match="unknown quantization 'awq'; choose one of: int8, int4"):
+    with pytest.raises(
+        ValueError, match="unknown quantization 'awq'; choose one of: int8, int4, gguf"
+    ):
         EngineConfig(quantization="awq")
 
 

