@@ -17,7 +17,7 @@ from baton_paged.sched.memory_monitor import check_watermarks
 
 PREEMPTION_MODES = ("swap", "recompute")
 MODEL_IMPLS = ("auto", "native", "transformers")
-QUANTIZATIONS = ("int8", "int4", "gguf")
+QUANTIZATIONS = ("int8", "int4", "gguf", "fp8")
 
 
 def cpu_computes_bfloat16() -> bool:
@@ -62,17 +62,20 @@ class EngineConfig:
     Llama, SmolLM2, Mistral, Qwen2 on the CPU kernels), transformers (the unmodified HF model
     through the paged attention bridge; every causal LM), or auto (native where it applies)."""
     quantization: str | None = None
-    """Weight-only quantization of the native executor's linears (vLLM's name): int8 (a scale
-    per output channel) or int4 (a scale and a zero per 32 inputs, llama.cpp's Q4_1 layout),
+    """Quantized linears (vLLM's name). On the CPU, weight-only, in the native executor: int8 (a
+    scale per output channel) or int4 (a scale and a zero per 32 inputs, llama.cpp's Q4_1 layout),
     quantized as the model loads, the LM head (and a tied embedding) int8 in both; or gguf, a GGUF
     checkpoint's linears read at the file's own width (``gguf_weights.py``). Activations and the
     KV cache stay in dtype; the quantized kernels run for bfloat16 decode steps of a few rows, the
-    rest runs the same weights dequantized. None: gguf for a GGUF checkpoint and for the built-in
+    rest runs the same weights dequantized. On CUDA (bfloat16, the bridge; ``cuda_quantized.py``):
+    int4 (the same groups, on torch's tinygemm kernel, compute capability 8.0+) or fp8 (e4m3
+    weights per output channel and activations per token on ``torch._scaled_mm``, 9.0+), every
+    linear but the LM head. None: gguf for a GGUF checkpoint and for the built-in
     default model (whose source is a Q4_1 file) when they run in bfloat16 on the native executor,
     where it measures faster (benchmarks/bench_quantized.py), else the weights at dtype (float32
-    opts out). CPU only, where the native executor runs the model (Llama, SmolLM2, Mistral,
-    Qwen2), on checkpoints the engine loads: an explicit method anywhere else is an error, never
-    ignored."""
+    opts out). int8 and gguf run on the CPU, where the native executor runs the model (Llama,
+    SmolLM2, Mistral, Qwen2); every method on checkpoints the engine loads: an explicit method
+    anywhere else is an error, never ignored."""
     enforce_eager: bool = False
     """Run every step eagerly (vLLM's name). Otherwise decode steps on CUDA replay CUDA graphs
     captured at startup for batch sizes 1, 2, 4 and multiples of 8 (triton and flash_attn

@@ -3,7 +3,7 @@
 # torch, triton and transformers are preinstalled there; fastapi/uvicorn, openai, xformers and
 # their needs are not, and travel as wheels in .gpu-wheels: `carry: [".gpu-wheels"]`).
 #
-#   benchmarks/gpu_check.sh [fa4] [tests] [bf16] [attention] [engine] [overhead] [policies]
+#   benchmarks/gpu_check.sh [fa4] [tests] [bf16] [attention] [engine] [quantized] [overhead] [policies]
 #     (default: all but fa4, which needs the two-call preparation below)
 #   TESTS="tests/engine/test_gpu_engine.py -k swap" benchmarks/gpu_check.sh tests   (a rerun)
 #
@@ -12,6 +12,8 @@
 # bf16      the bf16 token-by-token checks against HF per backend and model shape (-s: figures)
 # attention bench_attention.py on CUDA: per-backend kernel time beside the HBM-read bound
 # engine    bench_gpu.py: the engine per attention backend, padded, HF generate (small Llama)
+# quantized bench_gpu.py on the Llama-3.2-1B shape at B=64: bf16, int4 and fp8 against the
+#           bound the weights' bytes put on tokens/s (issue 35)
 # overhead  bench_overhead.py on CUDA: host ms per step by phase, GPU idle share (greedy offline
 #           with step-ahead scheduling on, the CUDA default, and off; streams; sampled), and
 #           bench_sampler.py on CUDA
@@ -61,7 +63,7 @@ LOGS="${LOGS:-/tmp/gpu-check-logs}"
 mkdir -p "$OUT" "$LOGS"
 export BATON_PAGED_CACHE="${BATON_PAGED_CACHE:-/tmp/baton-paged-cache}"  # models, kernels: not in $OUT
 export PYTHONUNBUFFERED=1
-parts="${*:-tests bf16 attention engine overhead policies}"
+parts="${*:-tests bf16 attention engine quantized overhead policies}"
 start=$(date +%s)
 stamp() {
   echo "[$(( $(date +%s) - start )) s] $*" | tee -a "$LOGS/summary.txt"
@@ -131,6 +133,15 @@ if wants engine; then
   stamp "bench_gpu exit $?"
   tail -12 "$LOGS/bench-gpu.log"
   cp benchmarks/results/gpu-*.json "$LOGS/" 2>/dev/null
+fi
+
+if wants quantized; then
+  timeout 240 python benchmarks/bench_gpu.py --models llama1b --batch-sizes 64 \
+    --num-requests 128 --max-budget 128 --systems baton,baton-int4,baton-fp8 --tag quantized \
+    >"$LOGS/bench-quantized.log" 2>&1
+  stamp "bench_gpu quantized exit $?"
+  tail -6 "$LOGS/bench-quantized.log"
+  cp benchmarks/results/gpu-*-quantized.json "$LOGS/" 2>/dev/null
 fi
 
 if wants overhead; then

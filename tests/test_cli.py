@@ -250,8 +250,11 @@ def test_a_vllm_launch_line_with_only_the_command_changed_starts_the_server(
         (["MODEL", "--model", "other"], "disagree"),
         (["a", "b"], "unexpected arguments"),
         (["--tensor-parallel-size", "2"], "tensor_parallel_size=2 is not supported"),
-        (["--quantization", "awq"], "unknown quantization 'awq'; choose one of: int8, int4, gguf"),
-        (["-q", "awq"], "unknown quantization 'awq'; choose one of: int8, int4, gguf"),
+        (
+            ["--quantization", "awq"],
+            "unknown quantization 'awq'; choose one of: int8, int4, gguf, fp8",
+        ),
+        (["-q", "awq"], "unknown quantization 'awq'; choose one of: int8, int4, gguf, fp8"),
         (["--trust-remote-code"], "trust_remote_code=True is not supported"),
         (["--page-size", "16", "--block-size", "32"], "disagree"),
         (["M", "--chat-template", "x", "--replicas", "2"], "--replicas serves the tokenizer's"),

@@ -19,13 +19,17 @@ from baton_paged.attention import (
 )
 from baton_paged.config import EngineConfig
 from baton_paged.model import llama_executor
+from baton_paged.model.cuda_quantized import CUDA_METHODS, quantize_linears
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
 from baton_paged.model.gguf_loading import gguf_file
 from baton_paged.model.gguf_weights import GGUFQuantizer
 from baton_paged.model.llama_executor import LlamaExecutor
-from baton_paged.model.quantized_linear import KERNEL_DTYPE, Quantization
+from baton_paged.model.quantized_linear import KERNEL_DTYPE, METHODS, Quantization
 
 logger = logging.getLogger(__name__)
+
+CUDA_ONLY = tuple(m for m in CUDA_METHODS if m not in METHODS)
+"""Quantizations with no CPU kernel here (fp8)."""
 
 RANDOM_MODEL_NAME = "random"
 """``--model random``: the random-weight ~28M Llama, built locally on first use (no download)."""
@@ -155,6 +159,12 @@ def choose_executor(config: EngineConfig, model: Any, max_model_len: int) -> Lla
     None runs the HF model through the bridge. ``native`` or a quantization that cannot run is an
     error saying why; ``auto`` falls back with one logged line naming the reason."""
     quantized = config.quantization is not None
+    if quantized and torch.device(config.device).type == "cuda":
+        swapped = quantize_linears(model, config.quantization)  # the bridge runs them
+        logger.info("quantization=%s: %d linears swapped", config.quantization, swapped)
+        return None
+    if config.quantization in CUDA_ONLY:
+        raise ValueError(f"quantization={config.quantization!r} needs CUDA (cuda_quantized.py)")
     if config.model_impl == "transformers":
         if quantized:
             raise ValueError("quantization runs in the native executor; use model_impl='auto'")

@@ -178,7 +178,7 @@ def greedy_pair(reference, model: str, **options) -> tuple[list, list]:
 
 def test_an_unknown_quantization_is_refused_before_any_model_loads():
     with pytest.raises(
-        ValueError, match="unknown quantization 'awq'; choose one of: int8, int4, gguf"
+        ValueError, match="unknown quantization 'awq'; choose one of: int8, int4, gguf, fp8"
     ):
         EngineConfig(quantization="awq")
 
