@@ -1,4 +1,5 @@
-"""GGUF's 4-bit blocks read as int4 groups: the same weights the gguf package dequantizes."""
+"""GGUF's blocks read as int4 groups (4-bit formats) and int8 groups (5-, 6- and 8-bit): the
+same weights the gguf package dequantizes."""
 
 import numpy as np
 import pytest
@@ -6,6 +7,7 @@ from gguf import GGMLQuantizationType as QuantType
 from gguf import quants
 
 from baton_paged.model.gguf_blocks import INT4_TYPES, int4_groups
+from baton_paged.model.gguf_int8_blocks import int8_groups
 
 
 def weights_of(codes, scale, low):
@@ -48,3 +50,40 @@ def test_a_format_that_is_not_4_bit_is_refused():
     assert INT4_TYPES == ("Q4_0", "Q4_1", "Q4_K")
     with pytest.raises(ValueError, match="Q8_0 is not a 4-bit block format"):
         int4_groups(np.zeros((1, 34), np.uint8), "Q8_0")
+
+
+@pytest.mark.parametrize(
+    "qtype", [QuantType.Q8_0, QuantType.Q5_0, QuantType.Q5_1], ids=lambda t: t.name
+)
+def test_5_and_8_bit_blocks_read_back_to_the_gguf_packages_values(qtype):
+    rng = np.random.default_rng(2)
+    values = rng.standard_normal((4, 256)).astype(np.float32)
+    blocks = quants.quantize(values, qtype)
+    codes, scale, low, group = int8_groups(blocks, qtype.name)
+    assert codes.dtype == np.int8 and group == 32
+    got = weights_of(codes.astype(np.float32), scale, low)
+    np.testing.assert_array_equal(got, quants.dequantize(blocks, qtype))
+
+
+def random_k_blocks(rng, rows: int, size: int, halves_at: tuple[int, ...]) -> np.ndarray:
+    """K-quant blocks of random bits, with finite ``d`` (and ``dmin``) at the given offsets."""
+    blocks = rng.integers(0, 256, (rows * 2, size), dtype=np.uint8)  # 512 weights a row
+    for offset in halves_at:
+        halves = rng.uniform(0.001, 0.02, (blocks.shape[0], 1)).astype(np.float16)
+        blocks[:, offset : offset + 2] = halves.view(np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize(("qtype", "size", "halves_at", "group"), [
+    (QuantType.Q5_K, 176, (0, 2), 32),  # the 5th bits in their own 32 bytes
+    (QuantType.Q6_K, 210, (208,), 16),  # 16 int8 scales, one per 16 weights
+])  # fmt: skip
+def test_k_quant_5_and_6_bit_blocks_read_back_to_the_gguf_packages_values(
+    qtype, size, halves_at, group
+):
+    blocks = random_k_blocks(np.random.default_rng(3), 3, size, halves_at)
+    codes, scale, low, found = int8_groups(blocks, qtype.name)
+    assert found == group and codes.shape == (3, 512)
+    rows = codes.shape[0]
+    got = (codes.reshape(rows, -1, group) * scale[..., None] + low[..., None]).reshape(rows, -1)
+    np.testing.assert_allclose(got, quants.dequantize(blocks, qtype), rtol=1e-6, atol=1e-7)

@@ -40,25 +40,25 @@ def int4_groups(blocks: np.ndarray, qtype: str) -> tuple[np.ndarray, ...]:
 
 def _q4_0(raw: np.ndarray) -> tuple[np.ndarray, ...]:
     blocks = raw.reshape(-1, 18)
-    d = _halves(blocks[:, :2])
+    d = halves(blocks[:, :2])
     return _nibbles_in_halves(blocks[:, 2:]), d, -8 * d
 
 
 def _q4_1(raw: np.ndarray) -> tuple[np.ndarray, ...]:
     blocks = raw.reshape(-1, 20)
-    return _nibbles_in_halves(blocks[:, 4:]), _halves(blocks[:, :2]), _halves(blocks[:, 2:4])
+    return _nibbles_in_halves(blocks[:, 4:]), halves(blocks[:, :2]), halves(blocks[:, 2:4])
 
 
 def _q4_k(raw: np.ndarray) -> tuple[np.ndarray, ...]:
     blocks = raw.reshape(-1, 144)
-    d, dmin = _halves(blocks[:, :2]), _halves(blocks[:, 2:4])
-    scales, mins = _six_bit_pairs(blocks[:, 4:16])
+    d, dmin = halves(blocks[:, :2]), halves(blocks[:, 2:4])
+    scales, mins = six_bit_pairs(blocks[:, 4:16])
     pairs = blocks[:, 16:].reshape(-1, 4, 1, 32)  # four 32-byte chunks: two sub-blocks each
     codes = np.concatenate([pairs & 0x0F, pairs >> 4], axis=2)  # [blocks, 4, 2, 32]
     return codes.reshape(-1, GROUP), d[:, None] * scales, -(dmin[:, None] * mins)
 
 
-def _six_bit_pairs(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def six_bit_pairs(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Q4_K's eight ``(scale, min)`` pairs per block (``get_scale_min_k4``): pairs 0-3 are the
     low 6 bits of bytes 0-3 and 4-7; pairs 4-7 take their low 4 bits from bytes 8-11 and their
     top 2 from the spare top bits of bytes 0-3 (scale) and 4-7 (min)."""
@@ -68,7 +68,7 @@ def _six_bit_pairs(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return scales.astype(np.float32), mins.astype(np.float32)
 
 
-def _halves(two_bytes: np.ndarray) -> np.ndarray:
+def halves(two_bytes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(two_bytes).view("<f2").reshape(-1).astype(np.float32)
 
 

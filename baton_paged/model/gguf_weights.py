@@ -5,14 +5,15 @@ bridge, the embedding and the norms run. With ``quantization="gguf"`` each linea
 builds is instead stored as the file stores it:
 
 - Q4_0, Q4_1, Q4_K: int4 groups of 32 holding the file's own codes (``gguf_blocks.py``), exact;
-- other formats under 5 bits a weight (Q2_K, Q3_K, the IQ formats, ...): re-quantized to int4;
-- formats of 5 bits or more (Q5_*, Q6_K, Q8_0): re-quantized to int8, one scale per output
-  channel (torch's int8 kernel takes no finer scales than that);
+- Q5_0, Q5_1, Q5_K, Q6_K, Q8_0: int8 codes with the file's scale and offset per 16 or 32 inputs
+  (``gguf_int8_blocks.py``, ``int8_groups.py``), exact;
+- any other quantized format (Q2_K, Q3_K, the IQ formats, ...): re-quantized to int8 groups of
+  16 from the file's values, the error reported;
 - float tensors (F32, F16, BF16): kept dense at the model's dtype.
 
 A fused projection (Q/K/V, gate/up) whose parts the file stores differently takes the widest
-part's form: Q4_K_M keeps some layers' V in Q6_K, and those layers' QKV are int8. Each
-re-quantization's error against the file's values is measured and reported in one log line.
+part's form, exactly (int4 groups are int8 groups with ``code = q - 8``): Q4_K_M keeps some
+layers' V in Q6_K, and those layers' QKV are int8 groups.
 
 Which file tensor feeds which HF linear is gguf's own name map; Llama's Q/K rows are stored
 permuted for llama.cpp's rotary layout and are put back as transformers puts them back. Every
@@ -31,17 +32,12 @@ import numpy as np
 import torch
 
 from baton_paged.model.gguf_blocks import INT4_TYPES, int4_groups
-from baton_paged.model.quantized_linear import (
-    Int4Weights,
-    Int8Weights,
-    QuantizedWeights,
-    int4_shape_problem,
-)
+from baton_paged.model.gguf_int8_blocks import INT8_TYPES, int8_groups
+from baton_paged.model.int8_groups import Int8GroupWeights
+from baton_paged.model.quantized_linear import Int4Weights, QuantizedWeights, int4_shape_problem
 
 logger = logging.getLogger(__name__)
 
-INT4_BELOW_BITS = 5
-"""File formats with fewer bits a weight than this become int4, the others int8."""
 PERMUTED_ARCHITECTURES = ("llama",)
 """GGUF architectures whose Q/K rows llama.cpp's converter permutes (transformers undoes it)."""
 AGREEMENT = 1e-2
@@ -60,16 +56,14 @@ class FileTensor:
     """``gguf.GGMLQuantizationType``."""
     values: torch.Tensor
     """[out, in] float32: the weights the file stands for, in the HF model's row order."""
-    codes: Int4Weights | None
-    """The file's own int4 groups where its format is one of them."""
+    codes: Int4Weights | Int8GroupWeights | None
+    """The file's own codes where its format is one read exactly."""
 
     @property
     def form(self) -> str:
-        if self.codes is not None:
+        if isinstance(self.codes, Int4Weights):
             return "int4"
-        if self.qtype.name in ("F32", "F16", "BF16"):
-            return "dense"
-        return "int4" if _bits_per_weight(self.qtype) < INT4_BELOW_BITS else "int8"
+        return "dense" if self.qtype.name in ("F32", "F16", "BF16") else "int8"
 
 
 @dataclass(frozen=True)
@@ -116,16 +110,14 @@ class GGUFQuantizer:
             self.dense += len(parts)
             return None
         stored = [self._stored(part, form) for part in parts]
-        kind = Int4Weights if form == "int4" else Int8Weights
+        kind = Int4Weights if form == "int4" else Int8GroupWeights
         return kind.stacked(stored)
 
     def summary(self) -> str:
         """One line: how many linears kept the file's codes, which were re-quantized and the
         worst relative error that cost."""
         kept = ", ".join(f"{count} {qtype}" for qtype, count in sorted(self.exact.items()))
-        words = [
-            f"{self.path.name} at its own width: int4 from the file's codes ({kept or 'none'})"
-        ]
+        words = [f"{self.path.name} at its own width: the file's own codes ({kept or 'none'})"]
         if self.dense:
             words.append(f"{self.dense} dense (float in the file)")
         if self.requantized:
@@ -147,8 +139,13 @@ class GGUFQuantizer:
         qtype, raw = tensor.tensor_type, np.asarray(tensor.data)
         codes = None
         if qtype.name in INT4_TYPES:
-            codes = [torch.from_numpy(a) for a in int4_groups(raw, qtype.name)]
-            codes = Int4Weights.from_codes(*(self._row_order(name, a) for a in codes))
+            arrays = [torch.from_numpy(a) for a in int4_groups(raw, qtype.name)]
+            codes = Int4Weights.from_codes(*(self._row_order(name, a) for a in arrays))
+        elif qtype.name in INT8_TYPES:
+            *arrays, group = int8_groups(raw, qtype.name)
+            rows = (self._row_order(name, torch.from_numpy(a)) for a in arrays)
+            codes = Int8GroupWeights.from_codes(*rows, group)
+        if codes is not None:
             values = codes.dequantized(torch.float32)
         else:
             values = self._row_order(name, torch.from_numpy(_dequantized(raw, qtype)))
@@ -166,11 +163,15 @@ class GGUFQuantizer:
         return unpermuted.reshape(rows.shape).contiguous()
 
     def _stored(self, part: FileTensor, form: str) -> QuantizedWeights:
-        if form == "int4" and part.codes is not None:
+        """``part`` as ``form``: its own codes where it has them (int4 ones widen exactly into
+        int8 groups), else re-quantized to int8 groups, the error recorded."""
+        exact = part.codes
+        if form == "int8" and isinstance(exact, Int4Weights):
+            exact = Int8GroupWeights.from_int4(exact)
+        if exact is not None:
             self.exact[part.qtype.name] = self.exact.get(part.qtype.name, 0) + 1
-            return part.codes
-        kind = Int4Weights if form == "int4" else Int8Weights
-        stored = kind.quantize(part.values)
+            return exact
+        stored = Int8GroupWeights.quantize(part.values)
         error = (stored.dequantized(torch.float32) - part.values).norm() / part.values.norm()
         self.requantized.append(Requantized(part.name, part.qtype.name, form, float(error)))
         return stored
@@ -196,13 +197,6 @@ def _dequantized(raw: np.ndarray, qtype: Any) -> np.ndarray:
     from gguf import quants
 
     return np.ascontiguousarray(quants.dequantize(raw, qtype), dtype=np.float32)
-
-
-def _bits_per_weight(qtype: Any) -> float:
-    from gguf import GGML_QUANT_SIZES
-
-    block_size, type_size = GGML_QUANT_SIZES[qtype]
-    return 8 * type_size / block_size
 
 
 def _string_field(reader: Any, key: str) -> str:

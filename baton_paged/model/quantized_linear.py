@@ -36,6 +36,7 @@ from typing import ClassVar
 
 import torch
 
+from baton_paged.model.int8_groups import GroupInt8Linear, Int8GroupWeights
 from baton_paged.model.packed_linear import PackedLinear
 
 METHODS = ("int8", "int4")
@@ -49,10 +50,11 @@ INT4_OUT_MULTIPLE = 16
 """torch's int4 packing takes output counts that are a multiple of 16 only."""
 KERNEL_DTYPE = torch.bfloat16
 """The activations' dtype the quantized kernels are fast for; others read the weights densely."""
-KERNEL_ROWS = {"int8": 4, "int4": 8}
+KERNEL_ROWS = {"int8": 4, "int4": 8, "int8-groups": 1}
 """Most rows of bfloat16 activations a quantized kernel takes; more run densely (oneDNN). The
 crossovers measured on SmolLM2-135M's projections (module docstring): int8 is faster up to 4
-rows (4.1 against 6.0 ms), int4 up to 8 (5.9 against 6.5 ms)."""
+rows (4.1 against 6.0 ms), int4 up to 8 (5.9 against 6.5 ms), int8 groups (``int8_groups.py``)
+at one row."""
 TINY = torch.finfo(torch.float32).tiny
 """The smallest scale: an all-zero row or group still divides."""
 
@@ -124,7 +126,7 @@ class Int4Weights:
         return ((q - 8) * scale + zero).view(self.q.shape).to(dtype)
 
 
-QuantizedWeights = Int8Weights | Int4Weights
+QuantizedWeights = Int8Weights | Int4Weights | Int8GroupWeights
 
 
 def int4_shape_problem(rows: int, columns: int, group_size: int = INT4_GROUP_SIZE) -> str | None:
@@ -203,8 +205,8 @@ def quantized_linear(
     docstring)."""
     kernel = None
     if weight.dtype == KERNEL_DTYPE:
-        kind = Int8Linear if isinstance(weights, Int8Weights) else Int4Linear
-        kernel = kind(weights, weight.dtype, bias)
+        kinds = {"int8": Int8Linear, "int4": Int4Linear, "int8-groups": GroupInt8Linear}
+        kernel = kinds[weights.method](weights, weight.dtype, bias)
     weight.copy_(weights.dequantized(weight.dtype))
     rows = KERNEL_ROWS[weights.method] if kernel is not None else 0
     return QuantizedLinear(kernel, PackedLinear(weight, bias), rows)

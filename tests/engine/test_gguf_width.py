@@ -18,22 +18,23 @@ from baton_paged.attention import attach
 from baton_paged.config import EngineConfig
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
 from baton_paged.model.gguf_blocks import int4_groups
-from baton_paged.model.gguf_weights import GGUFQuantizer
+from baton_paged.model.gguf_weights import FileTensor, GGUFQuantizer
+from baton_paged.model.int8_groups import GroupInt8Linear, Int8GroupWeights
 from baton_paged.model.llama_executor import LlamaExecutor
 from baton_paged.model.loading import load_model, resolve_quantization
 from baton_paged.model.packed_linear import PackedLinear
-from baton_paged.model.quantized_linear import Int4Linear, Int8Linear, Quantization
+from baton_paged.model.quantized_linear import Int4Linear, Quantization
 
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 ALL_Q4 = {**dict.fromkeys(PROJECTIONS, QuantType.Q4_0), "output": QuantType.Q4_1}
 MIXED = {
     "attn_q": QuantType.Q4_0,
     "attn_k": QuantType.Q4_0,
-    "attn_v": QuantType.Q8_0,  # QKV takes its widest part's form: int8
+    "attn_v": QuantType.Q8_0,  # QKV takes its widest part's form: int8 groups
     "attn_output": QuantType.F16,  # float in the file: dense
     "ffn_gate": QuantType.Q4_1,
-    "ffn_up": QuantType.Q4_1,  # gate-up: the file's own codes
-    "ffn_down": QuantType.Q5_0,  # 5.5 bits a weight: int8
+    "ffn_up": QuantType.Q4_1,  # gate-up: int4, the file's own codes
+    "ffn_down": QuantType.Q5_0,  # int8 groups, the file's own codes
     "output": QuantType.Q8_0,
 }
 PROMPTS = [[5, 17, 300], [7, 8], list(range(30, 90))]
@@ -93,7 +94,7 @@ def test_a_q4_file_runs_on_its_own_codes(gguf_of):
     for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
         atol = theirs.abs().max().item() * 2**-7
         torch.testing.assert_close(ours.float(), theirs, rtol=0, atol=atol)
-    assert "int4 from the file's codes (14 Q4_0, 1 Q4_1)" in quantizer.summary()
+    assert "the file's own codes (14 Q4_0, 1 Q4_1)" in quantizer.summary()
     assert quantizer.requantized == []
 
 
@@ -113,21 +114,38 @@ def test_executor_logits_equal_hf_on_the_weights_it_holds(gguf_of, dtype, format
     assert (got.double() - expected.double()).abs().max().item() <= TOLERANCE[dtype] * scale
 
 
-def test_mixed_formats_take_their_widest_parts_form_and_report_what_it_cost(gguf_of):
-    executor, _, quantizer = executor_on(gguf_of("mixed", MIXED), torch.bfloat16)
+def test_mixed_formats_take_their_widest_parts_form_exactly(gguf_of):
+    """Q/K in Q4_0 beside V in Q8_0 become int8 groups, the Q4_0 codes widened exactly; the
+    5- and 8-bit formats keep the file's own codes and scales; F16 stays dense. Every stored
+    weight is the file's value, as transformers' float32 load of it has it."""
+    path = gguf_of("mixed", MIXED)
+    reference, _ = load_model(EngineConfig(model=str(path), dtype="float32"))
+    executor, model, quantizer = executor_on(path, torch.bfloat16)
     layer = executor.layers[0]
-    assert isinstance(layer.qkv.kernel, Int8Linear)
+    assert isinstance(layer.qkv.kernel, GroupInt8Linear)
     assert isinstance(layer.o, PackedLinear)
     assert isinstance(layer.gate_up.kernel, Int4Linear)
-    assert isinstance(layer.down.kernel, Int8Linear)
-    assert isinstance(executor.lm_head.kernel, Int8Linear)
-    changes = sorted({(r.file_type, r.form) for r in quantizer.requantized})
-    assert changes == [("Q4_0", "int8"), ("Q5_0", "int8"), ("Q8_0", "int8")]
-    assert len(quantizer.requantized) == 2 * 4 + 1  # q, k, v, down per layer; the LM head
-    assert all(0 < r.relative_error < 0.02 for r in quantizer.requantized)
+    assert isinstance(layer.down.kernel, GroupInt8Linear)
+    assert isinstance(executor.lm_head.kernel, GroupInt8Linear)
+    attn = reference.model.layers[0].self_attn
+    fused = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+    torch.testing.assert_close(layer.qkv.kernel.weights.dequantized(torch.float32), fused,
+                               rtol=1e-6, atol=1e-7)  # fmt: skip
+    assert quantizer.requantized == []
     summary = quantizer.summary()
-    assert "int4 from the file's codes (4 Q4_1)" in summary and "2 dense" in summary
-    assert "9 re-quantized (Q4_0->int8, Q5_0->int8, Q8_0->int8; worst relative error" in summary
+    assert "the file's own codes (4 Q4_0, 4 Q4_1, 2 Q5_0, 3 Q8_0); 2 dense" in summary
+
+
+def test_a_format_read_from_values_is_re_quantized_to_int8_groups_with_its_error(gguf_of):
+    """Formats with no exact reader here (Q2_K, Q3_K, the IQ ones) go through their values."""
+    _, _, quantizer = executor_on(gguf_of("q4", ALL_Q4), torch.bfloat16)
+    values = torch.randn(32, 256) * 0.02
+    part = FileTensor("blk.0.attn_q.weight", QuantType.Q3_K, values, None)
+    stored = quantizer._stored(part, part.form)
+    assert isinstance(stored, Int8GroupWeights) and stored.group_size == 16
+    (record,) = quantizer.requantized
+    assert record.file_type == "Q3_K" and 0 < record.relative_error < 0.005
+    assert "1 re-quantized (Q3_K->int8; worst relative error" in quantizer.summary()
 
 
 def test_a_file_read_in_another_row_order_than_transformers_is_an_error(gguf_of, monkeypatch):

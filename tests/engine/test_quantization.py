@@ -44,11 +44,17 @@ def test_int4_groups_round_trip_within_half_a_step_with_their_extremes_exact():
     weight = torch.randn(48, 128) * 0.05 + torch.linspace(-1, 1, 48)[:, None]
     q = Int4Weights.quantize(weight)
     assert q.q.min() >= 0 and q.q.max() <= 15 and q.scale.shape == (48, 4)
-    dense = q.dequantized(torch.float32).view(48, 4, 32)
-    groups = weight.view(48, 4, 32)
-    assert ((dense - groups).abs() <= q.scale[..., None] / 2 + 1e-6).all()
-    torch.testing.assert_close(dense.amin(2), groups.amin(2), atol=1e-6, rtol=0)
-    torch.testing.assert_close(dense.amax(2), groups.amax(2), atol=1e-6, rtol=0)
+    check_group_round_trip(q, weight)
+
+
+def check_group_round_trip(q, weight) -> None:
+    """Every weight within half its group's step, and each group's min and max exact."""
+    rows, groups = q.scale.shape
+    dense = q.dequantized(torch.float32).view(rows, groups, -1)
+    weight = weight.view(rows, groups, -1)
+    assert ((dense - weight).abs() <= q.scale[..., None] / 2 + 1e-6).all()
+    torch.testing.assert_close(dense.amin(2), weight.amin(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(dense.amax(2), weight.amax(2), atol=1e-6, rtol=0)
 
 
 def test_int4_refuses_shapes_it_cannot_pack_before_touching_the_weight():
