@@ -32,7 +32,10 @@ def fresh_build_state():
     ("library", "ops"),
     [
         (ATTENTION_KERNELS, ("paged_attention", "write_kv", "copy_pages")),
-        (DECODER_KERNELS, ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul")),
+        (
+            DECODER_KERNELS,
+            ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul", "group_int8_linear"),
+        ),
     ],
     ids=["attention", "decoder"],
 )
