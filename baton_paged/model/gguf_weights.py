@@ -196,7 +196,9 @@ def _check_agreement(parts: list[FileTensor], weight: torch.Tensor) -> None:
 def _dequantized(raw: np.ndarray, qtype: Any) -> np.ndarray:
     from gguf import quants
 
-    return np.ascontiguousarray(quants.dequantize(raw, qtype), dtype=np.float32)
+    return np.array(
+        quants.dequantize(raw, qtype), dtype=np.float32
+    )  # a copy: the file is read-only
 
 
 def _string_field(reader: Any, key: str) -> str:

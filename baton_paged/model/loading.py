@@ -149,7 +149,13 @@ def resolve_quantization(config: EngineConfig, model: Any) -> EngineConfig:
         return config
     if config.model_impl == "transformers" or _native_problem(config, model) is not None:
         return config
-    if config.model is not None and _gguf_source(config) is None:
+    if _gguf_source(config, fetch=False) is None:
+        if config.model is None:
+            logger.warning(
+                "the default model runs its dequantized checkpoint: its own GGUF file (which "
+                "runs faster at the file's width) is not in the cache, and quantization='gguf' "
+                "fetches it"
+            )
         return config
     return replace(config, quantization="gguf")
 
@@ -159,7 +165,8 @@ def choose_executor(config: EngineConfig, model: Any, max_model_len: int) -> Lla
     None runs the HF model through the bridge. ``native`` or a quantization that cannot run is an
     error saying why; ``auto`` falls back with one logged line naming the reason."""
     quantized = config.quantization is not None
-    if quantized and torch.device(config.device).type == "cuda":
+    on_cuda = torch.device(config.device).type == "cuda"
+    if quantized and on_cuda and config.model_impl != "native":
         swapped = quantize_linears(model, config.quantization)  # the bridge runs them
         logger.info("quantization=%s: %d linears swapped", config.quantization, swapped)
         return None
@@ -172,7 +179,7 @@ def choose_executor(config: EngineConfig, model: Any, max_model_len: int) -> Lla
     reason = _native_problem(config, model)
     if reason is not None:
         if config.model_impl == "native" or quantized:
-            wanted = "quantization" if quantized else "model_impl='native'"
+            wanted = "model_impl='native'" if config.model_impl == "native" else "quantization"
             raise ValueError(f"{wanted} needs the native executor, which cannot run here: {reason}")
         logger.info("running the model through the transformers bridge: %s", reason)
         return None
@@ -203,12 +210,13 @@ def _quantization(config: EngineConfig, model: Any) -> Quantization | None:
     return Quantization(head=quantizer, layers=quantizer)
 
 
-def _gguf_source(config: EngineConfig) -> Path | None:
-    """The GGUF file ``config.model`` was loaded from (the default model's own), or None."""
+def _gguf_source(config: EngineConfig, fetch: bool = True) -> Path | None:
+    """The GGUF file ``config.model`` was loaded from (the default model's own: fetched first
+    if need be, else only if already cached), or None."""
     from baton_paged.model import builder as model_builder
 
     if config.model is None:
-        return model_builder.default_model_gguf()
+        return model_builder.default_model_gguf() if fetch else model_builder.cached_default_gguf()
     return gguf_file(checkpoint_path(config.model))
 
 

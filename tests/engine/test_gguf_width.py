@@ -181,6 +181,16 @@ def test_quantization_none_means_the_files_width_in_bfloat16_only(gguf_of, tiny_
         resolved(model=directory, dtype="bfloat16", quantization="gguf")
 
 
+def test_chunked_prefill_runs_a_file_whose_head_is_int8_groups(gguf_of):
+    """Chunks that end no prompt leave the LM head (Q8_0 here: int8 groups) no rows."""
+    path = gguf_of("mixed", MIXED)
+    with LLM(str(path), dtype="bfloat16", policy="chunked", max_num_batched_tokens=32,
+             kv_memory="16MiB") as llm:  # fmt: skip
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        out = llm.generate([{"prompt_token_ids": list(range(10, 90))}], params, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 6
+
+
 def test_the_engine_says_which_width_it_runs(gguf_of):
     with LLM(str(gguf_of("q4", ALL_Q4)), dtype="bfloat16", kv_memory="16MiB") as llm:
         assert llm.engine.config.quantization == "gguf"

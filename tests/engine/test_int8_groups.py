@@ -54,6 +54,18 @@ def test_the_kernel_refuses_what_it_cannot_take():
     odd = Int8GroupWeights(weights.q, weights.scale[:, :2], weights.zero[:, :2], 24)
     with pytest.raises(RuntimeError, match="group 24"):
         GroupInt8Linear(odd, torch.float32)(torch.randn(1, 64))
+    coarse = Int8GroupWeights(
+        weights.q, weights.scale[:, :2].contiguous(), weights.zero[:, :2].contiguous(), 16
+    )
+    with pytest.raises(RuntimeError, match=r"scale and zero must be float32 \[n, k / group\]"):
+        GroupInt8Linear(coarse, torch.float32)(torch.randn(1, 64))
+
+
+def test_no_rows_give_no_rows():
+    """A chunked step whose chunks end no prompt hands the LM head an empty batch."""
+    weights = Int8GroupWeights.quantize(torch.randn(16, 64))
+    out = GroupInt8Linear(weights, torch.bfloat16)(torch.randn(0, 64, dtype=torch.bfloat16))
+    assert out.shape == (0, 16) and out.dtype == torch.bfloat16
 
 
 def test_one_row_of_bfloat16_takes_the_kernel_and_more_take_onednn():

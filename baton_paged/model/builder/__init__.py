@@ -6,6 +6,7 @@ from baton_paged.model.builder.cache import cached_model
 from baton_paged.model.builder.configs import ARCHS, SIZES, model_config
 from baton_paged.model.builder.smollm2 import (
     ModelUnavailableError,
+    cached_default_gguf,
     default_model,
     default_model_gguf,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "ARCHS",
     "MARKER_FILE",
     "ModelUnavailableError",
+    "cached_default_gguf",
     "SIZES",
     "build_model",
     "cached_model",

