@@ -105,7 +105,8 @@ class Engine:
         external pressure so)."""
         check_registered(config)  # an unknown policy or backend fails before any model loads
         self.config = config
-        if model is None:
+        owned = model is None
+        if owned:
             model, tokenizer = load_model(config)
             config = self.config = resolve_quantization(config, model)
         else:
@@ -115,7 +116,9 @@ class Engine:
         self.max_model_len = config.max_model_len or model_max_len(model)
         attach(model, self.max_model_len)
         try:
-            parts = build_parts(config, model, tokenizer, self.max_model_len, memory_reader)
+            parts = build_parts(
+                config, model, tokenizer, self.max_model_len, memory_reader, owns_model=owned
+            )
         except BaseException:
             detach(model)  # a lent model goes back as it came, whatever failed
             raise

@@ -65,8 +65,10 @@ def build_parts(
     tokenizer: Any,
     max_model_len: int,
     memory_reader: MemoryReader | None,
+    owns_model: bool = False,
 ) -> EngineParts:
-    """Every part around ``model``, whose attention is already attached."""
+    """Every part around ``model``, whose attention is already attached. ``owns_model``: the
+    engine loaded it, and nothing but the engine runs it."""
     page_size, backend = choose_attention(config, model)
     spec = KVCacheSpec.from_model_config(model.config, page_size, config.torch_dtype)
     if torch.device(config.device).type == "cpu":
@@ -77,7 +79,7 @@ def build_parts(
     host = _host_pool(spec, config, cache) if config.swapping else None
     monitor = _monitor(config, cache, memory_reader)
     prefix_caching = _prefix_caching(config, cache, page_size)
-    executor = choose_executor(config, model, max_model_len)
+    executor = choose_executor(config, model, max_model_len, owns_weights=owns_model)
     forward = model_forward(model, executor)
     graphs = _capture_graphs(forward, cache, backend, config, max_model_len, mode)
     generator = torch.Generator(config.device).manual_seed(config.seed)

@@ -6,12 +6,13 @@ small ops around the matmuls (a profile of B=32 on the small model: views, trans
 gate/up matmuls). For the architectures that share Llama's decoder (Llama, SmolLM2, Mistral,
 Qwen2 with its Q/K/V bias) this executor runs the same math in fewer, larger steps: one QKV
 matmul and one gate-up matmul per layer (the HF modules' weights become views of the fused
-tensors, so memory is not doubled and the model still works on its own after the engine
-closes), RoPE from a cos/sin table indexed by positions, and RMSNorm fused with the residual
-add, each one call into the decoder's kernel library (``baton_paged/model/decoder_kernels.py``,
-compiled from ``baton_paged/model/csrc/decoder_ops.cpp``). Every step follows Hugging Face's
-op order and dtypes (RMSNorm in float32, the cos/sin table built exactly as HF builds it), so
-its greedy tokens equal HF ``generate``'s.
+tensors, so memory is not doubled and a lent model still works on its own after the engine
+closes; a model the engine loaded itself gives up those dense weights once their packed copies
+exist, ``owns_weights``, so it is held once), RoPE from a cos/sin table indexed by positions,
+and RMSNorm fused with the residual add, each one call into the decoder's kernel library
+(``decoder_kernels.py``, compiled from ``csrc/decoder_ops.cpp``). Every step follows Hugging
+Face's op order and dtypes (RMSNorm in float32, the cos/sin table built exactly as HF builds
+it), so its greedy tokens equal HF ``generate``'s.
 
 Any other model, or one of these with features the executor does not implement (a rope type
 that changes with the sequence length, an activation other than SiLU, sliding windows), runs
@@ -29,7 +30,12 @@ import torch.nn.functional as F
 
 from baton_paged.attention import PagedStep
 from baton_paged.model.packed_linear import PackedLinear
-from baton_paged.model.quantized_linear import Quantization, Quantizer, quantized_linear
+from baton_paged.model.quantized_linear import (
+    Quantization,
+    QuantizedLinear,
+    Quantizer,
+    quantized_linear,
+)
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 """A projection ``x -> x @ W.T + b``: a ``PackedLinear``, or an int8 / int4 one."""
@@ -87,6 +93,7 @@ class LlamaExecutor:
         kernels: ModuleType,
         max_positions: int,
         quantization: Quantization | None = None,
+        owns_weights: bool = False,
     ):
         config = model.config
         self.kernels = kernels
@@ -97,11 +104,30 @@ class LlamaExecutor:
         self.eps = model.model.norm.variance_epsilon
         self.embed = model.model.embed_tokens.weight
         self.final_norm = model.model.norm.weight
-        head = _linear_maker(quantization and quantization.head)
+        self.released = 0
+        """Bytes of the HF modules' dense weights let go (``owns_weights``)."""
+        release = self._release if owns_weights else None
+        head = _linear_maker(quantization and quantization.head, release)
         self.lm_head = head(model.lm_head.weight, None, (model.lm_head,))
-        linear = _linear_maker(quantization and quantization.layers)
+        linear = _linear_maker(quantization and quantization.layers, release)
         self.layers = [_fuse(layer, linear) for layer in model.model.layers]
         self.cos, self.sin = _rope_table(model, max_positions)
+
+    @torch.no_grad()
+    def _release(self, linear: Linear, sources: tuple[torch.nn.Module, ...]) -> None:
+        """Free the dense weight the HF modules ``sources`` hold once ``linear`` reads only its
+        own (oneDNN-packed, or quantized) copy, as each linear is built: the freed memory holds
+        the next layer's copies, so the model is not held twice. For models the engine loaded
+        itself (``owns_weights``), which nothing else runs; the modules then hold meta tensors,
+        so running the HF model fails loudly rather than computing garbage. A lent model keeps
+        its weights; the embedding (and an LM head tied to it) stays."""
+        dense = linear.dense if isinstance(linear, QuantizedLinear) else linear
+        if any(m.weight is self.embed for m in sources) or not dense.release_weight():
+            return
+        for module in sources:
+            self.released += module.weight.numel() * module.weight.element_size()
+            meta = torch.empty_like(module.weight, device="meta")
+            module.weight = torch.nn.Parameter(meta, requires_grad=False)
 
     @torch.inference_mode()
     def forward(
@@ -143,15 +169,19 @@ class LlamaExecutor:
         return layer.o(out.view(tokens, q_width))
 
 
-def _linear_maker(quantizer: Quantizer | None) -> LinearMaker:
+def _linear_maker(quantizer: Quantizer | None, release: Callable | None) -> LinearMaker:
     """Linears stored as ``quantizer`` says; oneDNN-packed at the model's dtype where it keeps
-    a weight dense (or there is none)."""
+    a weight dense (or there is none). ``release(linear, sources)`` follows each build."""
 
     def make(weight: torch.Tensor, bias: torch.Tensor | None, sources: tuple) -> Linear:
         weights = quantizer(weight, sources) if quantizer is not None else None
         if weights is None:
-            return PackedLinear(weight, bias)
-        return quantized_linear(weight, bias, weights)
+            linear = PackedLinear(weight, bias)
+        else:
+            linear = quantized_linear(weight, bias, weights)
+        if release is not None:
+            release(linear, sources)
+        return linear
 
     return make
 

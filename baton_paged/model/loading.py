@@ -160,10 +160,14 @@ def resolve_quantization(config: EngineConfig, model: Any) -> EngineConfig:
     return replace(config, quantization="gguf")
 
 
-def choose_executor(config: EngineConfig, model: Any, max_model_len: int) -> LlamaExecutor | None:
+def choose_executor(
+    config: EngineConfig, model: Any, max_model_len: int, owns_weights: bool = False
+) -> LlamaExecutor | None:
     """The native executor when ``config.model_impl`` allows it and it can run ``model`` here;
     None runs the HF model through the bridge. ``native`` or a quantization that cannot run is an
-    error saying why; ``auto`` falls back with one logged line naming the reason."""
+    error saying why; ``auto`` falls back with one logged line naming the reason.
+    ``owns_weights``: the engine loaded ``model`` and nothing else runs it, so the executor lets
+    the HF modules' dense weights go (``LlamaExecutor``)."""
     quantized = config.quantization is not None
     on_cuda = torch.device(config.device).type == "cuda"
     if quantized and on_cuda and config.model_impl != "native":
@@ -190,7 +194,11 @@ def choose_executor(config: EngineConfig, model: Any, max_model_len: int) -> Lla
             config.quantization, config.dtype, config.dtype,
         )  # fmt: skip
     quantization = _quantization(config, model)
-    executor = LlamaExecutor(model, DECODER_KERNELS.kernels(), max_model_len, quantization)
+    kernels = DECODER_KERNELS.kernels()
+    executor = LlamaExecutor(model, kernels, max_model_len, quantization, owns_weights)
+    if executor.released:
+        logger.info("released %.0f MiB of dense weights the executor does not read",
+                    executor.released / 2**20)  # fmt: skip
     if quantization is not None and isinstance(quantization.layers, GGUFQuantizer):
         logger.warning("%s", quantization.layers.summary())
     return executor

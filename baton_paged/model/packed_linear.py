@@ -4,7 +4,8 @@ At decode batch sizes a CPU matmul is dominated by how the weight is read: MKL's
 re-streams the row-major weight every call, while oneDNN reads a copy reordered into its own
 blocked layout (what inductor's CPU weight freezing uses). Measured here at M = 8-32 rows
 (torch 2.13, 2 threads, fp32): 1.1-2x faster; at prefill sizes (M = 256) about even. The cost is
-the packed copy, held beside the dense weight the HF module keeps.
+the packed copy, held beside the dense weight the HF module keeps, unless its owner lets the
+dense one go (``release_weight``: the engine does for models it loaded itself).
 
 Packing needs a torch built with oneDNN and a dtype and CPU it has kernels for (float32; bfloat16
 only where the CPU has AVX-512 BW/VL/DQ or AVX-NE-CONVERT; never float64). Anything else keeps
@@ -24,15 +25,19 @@ class PackedLinear:
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
+        self.in_features = weight.shape[1]
         self._packed = _pack(weight)
 
     @property
     def packed(self) -> bool:
         return self._packed is not None
 
-    @property
-    def in_features(self) -> int:
-        return self.weight.shape[1]
+    def release_weight(self) -> bool:
+        """Let go of the dense weight where the packed copy is all a call reads; whether it
+        did."""
+        if self._packed is not None:
+            self.weight = None
+        return self._packed is not None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None:

@@ -23,9 +23,9 @@ The formats (``Int8Weights``, ``Int4Weights``), each with its dequantized form:
 Scales and zeros are kept in float32 and handed to the kernels in the activations' dtype.
 ``quantized_linear`` writes the dequantized values into the weight it is given (the executor's
 fused weights, which the HF modules view), so the model the engine holds is the quantized model
-whichever path reads it. Memory: for bfloat16 the int8 / int4 copy comes on top of the dense
-weight and oneDNN's packed one (+50% / +31% of the weights' bytes on SmolLM2): quantization here
-makes reading faster, it does not yet make the model smaller.
+whichever path reads it. Memory: for bfloat16 the int8 / int4 copy comes on top of oneDNN's
+packed one (+50% / +31% of the weights' bytes; the HF modules' dense weights go too for a model
+the engine loaded itself): quantization here makes reading faster, not yet the model smaller.
 """
 
 from __future__ import annotations

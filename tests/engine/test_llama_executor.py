@@ -103,6 +103,31 @@ def test_fused_weights_are_the_hf_modules_weights(tiny_model_dir):
     torch.testing.assert_close(after, before)
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["own-head", "tied-head"])
+def test_an_owned_models_dense_weights_go_and_its_logits_stay(tiny_model_dir, tied):
+    """``owns_weights``: each projection's dense weight is let go once its packed copy exists
+    (the HF modules then hold meta tensors); the embedding, a head tied to it, and the norms
+    stay; the logits are those of the model before."""
+    model = in_memory("llama").float() if tied else load(tiny_model_dir, "llama", torch.float32)
+    prompts = [[5, 17, 200, 2, 9], list(range(30, 90))]
+    with torch.inference_mode():
+        expected = torch.stack([model(torch.tensor([p])).logits[0, -1] for p in prompts])
+    projections = [m for layer in model.model.layers for m in layer.modules()
+                   if isinstance(m, torch.nn.Linear)]  # fmt: skip
+    size = sum(m.weight.numel() * 4 for m in projections)
+    head_size = 0 if tied else model.lm_head.weight.numel() * 4
+    executor = llama_executor.LlamaExecutor(
+        model, DECODER_KERNELS.kernels(), 128, owns_weights=True
+    )
+    assert executor.released == size + head_size
+    assert all(m.weight.is_meta for m in projections)
+    assert model.lm_head.weight.is_meta != tied and not model.model.embed_tokens.weight.is_meta
+    attach(model, 128)
+    got = prefill_logits(executor, model, prompts, torch.float32)
+    scale = expected.abs().max().item()
+    assert (got.double() - expected.double()).abs().max().item() <= TOLERANCE[torch.float32] * scale
+
+
 def test_packed_linear_equals_f_linear_and_float64_stays_unpacked():
     weight, bias, x = torch.randn(96, 40), torch.randn(96), torch.randn(5, 40)
     packed = PackedLinear(weight, bias)
