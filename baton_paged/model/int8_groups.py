@@ -7,9 +7,10 @@ every 32 inputs (0.8-0.9% relative error on SmolLM2's Q5_0 / Q8_0 tensors, +1.6%
 Q4_K_M file of it). Here ``w = code * scale + zero`` per group, in float32, holds them as they
 are, and holds int4 groups too (``code = q - 8``), so a fused projection whose parts the file
 stores in different formats stays exact. Measured on SmolLM2-135M's 120 projections (bfloat16
-activations, 2 threads, weights out of cache), one row: 4.8 ms against torch's per-row int8
-kernel's 4.4 and oneDNN bfloat16's 5.9; at two rows even with oneDNN, beyond it slower: so it
-takes single rows (``KERNEL_ROWS``) and oneDNN the rest, on the same weights dequantized.
+activations, 2 threads, weights out of cache): 4.5 / 4.8 / 5.8 / 8.9 ms at 1 / 2 / 4 / 8 rows,
+against torch's per-row int8 kernel's 4.2 / 3.8 / 4.2 / 7.9 and oneDNN bfloat16's 6.7 / 6.5 /
+6.4 / 7.0: so it takes up to 4 rows (``KERNEL_ROWS``) and oneDNN the rest, on the same weights
+dequantized.
 """
 
 from __future__ import annotations

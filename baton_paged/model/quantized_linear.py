@@ -50,11 +50,11 @@ INT4_OUT_MULTIPLE = 16
 """torch's int4 packing takes output counts that are a multiple of 16 only."""
 KERNEL_DTYPE = torch.bfloat16
 """The activations' dtype the quantized kernels are fast for; others read the weights densely."""
-KERNEL_ROWS = {"int8": 4, "int4": 8, "int8-groups": 1}
+KERNEL_ROWS = {"int8": 4, "int4": 8, "int8-groups": 4}
 """Most rows of bfloat16 activations a quantized kernel takes; more run densely (oneDNN). The
 crossovers measured on SmolLM2-135M's projections (module docstring): int8 is faster up to 4
 rows (4.1 against 6.0 ms), int4 up to 8 (5.9 against 6.5 ms), int8 groups (``int8_groups.py``)
-at one row."""
+up to 4 (5.8 against 6.4 ms)."""
 TINY = torch.finfo(torch.float32).tiny
 """The smallest scale: an all-zero row or group still divides."""
 

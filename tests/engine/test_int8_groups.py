@@ -68,8 +68,8 @@ def test_no_rows_give_no_rows():
     assert out.shape == (0, 16) and out.dtype == torch.bfloat16
 
 
-def test_one_row_of_bfloat16_takes_the_kernel_and_more_take_onednn():
+def test_a_few_rows_of_bfloat16_take_the_kernel_and_more_take_onednn():
     weight = torch.randn(64, 64, dtype=torch.bfloat16)
     layer = quantized_linear(weight, None, Int8GroupWeights.quantize(weight))
-    assert isinstance(layer.kernel, GroupInt8Linear) and layer.kernel_rows == 1
+    assert isinstance(layer.kernel, GroupInt8Linear) and layer.kernel_rows == 4
     assert torch.equal(weight, Int8GroupWeights.quantize(weight).dequantized(torch.bfloat16))

@@ -1,11 +1,10 @@
 // out = x @ w.T for a few rows of x, w stored as int8 codes with a float32 scale and offset per
 // group of 16 or 32 inputs: w[n, k] = codes[n, k] * scale[n, g] + zero[n, g], g = k / group.
-// GGUF's 5-, 6- and 8-bit formats are exactly such groups (Q5_0, Q6_K, Q8_0: gguf_blocks.py), which
-// torch's int8 kernel (one scale per output row) cannot hold. A decode step reads each weight
-// once, so this is a matrix-vector kernel: the codes are widened in registers, scaled once per
-// group and multiplied into every row of x; the offsets come in afterwards as zero . (x summed
-// over each group). Built with the decoder's ops (baton_paged/model/decoder_kernels.py), whose
-// module binds it.
+// GGUF's 5-, 6- and 8-bit formats are exactly such groups (Q5_0, Q6_K, Q8_0:
+// gguf_int8_blocks.py), which torch's int8 kernel (one scale per output row) cannot hold. A decode
+// step reads each weight once, so this is a matrix-vector kernel: the codes are widened in
+// registers, scaled and offset with one FMA and multiplied into every row of x. Built with the
+// decoder's ops (baton_paged/model/decoder_kernels.py), whose module binds it.
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -58,46 +57,47 @@ inline wfloat load_wide(const float* p) {
 }
 
 inline float lane_sum(wfloat v) {
-  float sum = 0;
-  for (int64_t i = 0; i < kWidth; ++i) sum += v[i];
-  return sum;
+#if defined(__AVX512F__)
+  const baton::vfloat low = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const baton::vfloat high = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  return baton::horizontal_sum(low + high);
+#else
+  return baton::horizontal_sum(v);
+#endif
 }
 
-// One output column for every row of x: x is [Rows, k] float, its group sums [Rows, groups].
-// Rows is a template argument so that the accumulators stay in registers.
+// One output column for every row of x ([Rows, k] float). Rows is a template argument so that
+// the accumulators stay in registers; two a row, taking alternate runs of kWidth inputs, as one
+// chain of dependent additions left the loop waiting on the FMA's latency. Each run's weights are
+// code * scale + zero, one FMA: the offsets cost nothing after the loop.
 template <int64_t Rows, typename scalar_t>
-void column(scalar_t* out, int64_t out_stride, const float* x, const float* x_sums, int64_t k,
-            const int8_t* codes, const float* scale, const float* zero, int64_t group) {
-  // Two accumulators a row, taking alternate runs of kWidth inputs: one chain of dependent
-  // additions a row left the loop waiting on the FMA's latency.
+void column(scalar_t* out, int64_t out_stride, const float* x, int64_t k, const int8_t* codes,
+            const float* scale, const float* zero, int shift) {
   wfloat acc[Rows][2] = {};
-  const int shift = __builtin_ctzll(group);  // group is a power of two: no division in the loop
-  for (int64_t i = 0; i < k; i += 2 * kWidth) {  // a scale a run: group is kWidth or a multiple
-    const wfloat w0 = widened(codes + i) * scale[i >> shift];
-    const wfloat w1 = widened(codes + i + kWidth) * scale[(i + kWidth) >> shift];
+  for (int64_t i = 0; i < k; i += 2 * kWidth) {  // group is kWidth or a multiple: a run, a scale
+    const int64_t g0 = i >> shift, g1 = (i + kWidth) >> shift;
+    const wfloat w0 = widened(codes + i) * scale[g0] + zero[g0];
+    const wfloat w1 = widened(codes + i + kWidth) * scale[g1] + zero[g1];
 #pragma GCC unroll 8
     for (int64_t r = 0; r < Rows; ++r) {
       acc[r][0] += load_wide(x + r * k + i) * w0;
       acc[r][1] += load_wide(x + r * k + i + kWidth) * w1;
     }
   }
-  const int64_t groups = k / group;
   for (int64_t r = 0; r < Rows; ++r) {
-    float offsets = 0;
-    for (int64_t g = 0; g < groups; ++g) offsets += zero[g] * x_sums[r * groups + g];
-    out[r * out_stride] = static_cast<scalar_t>(lane_sum(acc[r][0] + acc[r][1]) + offsets);
+    out[r * out_stride] = static_cast<scalar_t>(lane_sum(acc[r][0] + acc[r][1]));
   }
 }
 
 template <int64_t Rows, typename scalar_t>
-void columns(scalar_t* out, int64_t out_stride, const float* x, const float* x_sums, int64_t k,
-             const int8_t* codes, const float* scale, const float* zero, int64_t n,
-             int64_t group) {
+void columns(scalar_t* out, int64_t out_stride, const float* x, int64_t k, const int8_t* codes,
+             const float* scale, const float* zero, int64_t n, int64_t group) {
   const int64_t groups = k / group;
+  const int shift = __builtin_ctzll(group);  // group is a power of two: no division in the loop
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (int64_t col = begin; col < end; ++col) {
-      column<Rows>(out + col, out_stride, x, x_sums, k, codes + col * k, scale + col * groups,
-                   zero + col * groups, group);
+      column<Rows>(out + col, out_stride, x, k, codes + col * k, scale + col * groups,
+                   zero + col * groups, shift);
     }
   });
 }
@@ -123,30 +123,26 @@ void group_int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& co
                 "scale and zero must be float32 [n, k / group]");
   }
   TORCH_CHECK(out.size(0) == rows && out.size(1) == n && out.scalar_type() == x.scalar_type());
-  const int64_t groups = k / group;
-  std::vector<float> x_float(rows * k), x_sums(rows * groups, 0.0f);
+  std::vector<float> x_float(rows * k);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "group_int8_linear", [&] {
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* row = x.data_ptr<scalar_t>() + r * x.stride(0);
-      for (int64_t i = 0; i < k; ++i) {
-        x_float[r * k + i] = static_cast<float>(row[i]);
-        x_sums[r * groups + i / group] += x_float[r * k + i];
-      }
+      for (int64_t i = 0; i < k; ++i) x_float[r * k + i] = static_cast<float>(row[i]);
     }
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t stride = out.stride(0);
-    const float *xf = x_float.data(), *xs = x_sums.data(), *sc = scale.data_ptr<float>();
+    const float *xf = x_float.data(), *sc = scale.data_ptr<float>();
     const float* z = zero.data_ptr<float>();
     const int8_t* c = codes.data_ptr<int8_t>();
     switch (rows) {
-      case 1: columns<1>(o, stride, xf, xs, k, c, sc, z, n, group); break;
-      case 2: columns<2>(o, stride, xf, xs, k, c, sc, z, n, group); break;
-      case 3: columns<3>(o, stride, xf, xs, k, c, sc, z, n, group); break;
-      case 4: columns<4>(o, stride, xf, xs, k, c, sc, z, n, group); break;
-      case 5: columns<5>(o, stride, xf, xs, k, c, sc, z, n, group); break;
-      case 6: columns<6>(o, stride, xf, xs, k, c, sc, z, n, group); break;
-      case 7: columns<7>(o, stride, xf, xs, k, c, sc, z, n, group); break;
-      default: columns<8>(o, stride, xf, xs, k, c, sc, z, n, group); break;
+      case 1: columns<1>(o, stride, xf, k, c, sc, z, n, group); break;
+      case 2: columns<2>(o, stride, xf, k, c, sc, z, n, group); break;
+      case 3: columns<3>(o, stride, xf, k, c, sc, z, n, group); break;
+      case 4: columns<4>(o, stride, xf, k, c, sc, z, n, group); break;
+      case 5: columns<5>(o, stride, xf, k, c, sc, z, n, group); break;
+      case 6: columns<6>(o, stride, xf, k, c, sc, z, n, group); break;
+      case 7: columns<7>(o, stride, xf, k, c, sc, z, n, group); break;
+      default: columns<8>(o, stride, xf, k, c, sc, z, n, group); break;
     }
   });
 }
