@@ -26,7 +26,8 @@ from typing import ClassVar
 
 import torch
 
-from baton_paged.model.quantized_linear import TINY, Int4Weights, int4_shape_problem
+from baton_paged.model.quantize_math import row_scales
+from baton_paged.model.quantized_linear import Int4Weights, int4_shape_problem
 
 CUDA_METHODS = ("int4", "fp8")
 MIN_CAPABILITY = {"int4": (8, 0), "fp8": (9, 0)}
@@ -50,7 +51,7 @@ class Fp8Weights:
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Fp8Weights:
         dense = weight.detach().float()
-        scale = (dense.abs().amax(dim=1) / FP8_MAX).clamp(min=TINY)
+        scale = row_scales(dense, FP8_MAX)
         return cls((dense / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
@@ -59,7 +60,7 @@ class Fp8Weights:
 
 def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(q, scale)``: each row of ``x`` as e4m3 with its own float32 scale, ``x ~= q * scale``."""
-    scale = (x.abs().amax(dim=1, keepdim=True).float() / FP8_MAX).clamp(min=TINY)
+    scale = row_scales(x, FP8_MAX)[:, None]
     return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 

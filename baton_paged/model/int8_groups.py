@@ -21,11 +21,10 @@ from typing import ClassVar
 import torch
 
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
+from baton_paged.model.quantize_math import asymmetric_groups
 
 GROUP_SIZE = 16
 """The group re-quantized weights get (and the finest a GGUF format has: Q6_K's)."""
-TINY = torch.finfo(torch.float32).tiny
-"""The smallest scale: a constant group still divides (``quantized_linear.py`` has the same)."""
 
 
 @dataclass(frozen=True)
@@ -42,12 +41,8 @@ class Int8GroupWeights:
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Int8GroupWeights:
         """Asymmetric: each group's min and max exact, 255 steps between them."""
-        rows, columns = weight.shape
-        groups = weight.detach().float().view(rows, columns // group_size, group_size)
-        low, high = groups.amin(dim=2), groups.amax(dim=2)
-        scale = ((high - low) / 255).clamp(min=TINY)
-        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 255) - 128
-        return cls(q.view(rows, columns).to(torch.int8), scale, low + 128 * scale, group_size)
+        q, scale, low = asymmetric_groups(weight, group_size, 255)
+        return cls((q - 128).to(torch.int8), scale, low + 128 * scale, group_size)
 
     @classmethod
     def from_codes(cls, codes, scale, low, group_size: int) -> Int8GroupWeights:

@@ -38,6 +38,7 @@ import torch
 
 from baton_paged.model.int8_groups import GroupInt8Linear, Int8GroupWeights
 from baton_paged.model.packed_linear import PackedLinear
+from baton_paged.model.quantize_math import asymmetric_groups, row_scales
 
 METHODS = ("int8", "int4")
 """Quantizations computed here from float weights (``gguf`` reads them from the file:
@@ -55,8 +56,6 @@ KERNEL_ROWS = {"int8": 4, "int4": 8, "int8-groups": 4}
 crossovers measured on SmolLM2-135M's projections (module docstring): int8 is faster up to 4
 rows (4.1 against 6.0 ms), int4 up to 8 (5.9 against 6.5 ms), int8 groups (``int8_groups.py``)
 up to 4 (5.8 against 6.4 ms)."""
-TINY = torch.finfo(torch.float32).tiny
-"""The smallest scale: an all-zero row or group still divides."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ class Int8Weights:
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> Int8Weights:
         dense = weight.detach().float()
-        scale = (dense.abs().amax(dim=1) / 127).clamp(min=TINY)
+        scale = row_scales(dense, 127)
         q = torch.round(dense / scale[:, None]).clamp(-127, 127).to(torch.int8)
         return cls(q, scale)
 
@@ -100,11 +99,8 @@ class Int4Weights:
         problem = int4_shape_problem(rows, columns, group_size)
         if problem is not None:
             raise ValueError(problem)
-        groups = weight.detach().float().view(rows, columns // group_size, group_size)
-        low, high = groups.amin(dim=2), groups.amax(dim=2)
-        scale = ((high - low) / 15).clamp(min=TINY)
-        q = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15)
-        return cls(q.view(rows, columns).to(torch.int32), scale, low + 8 * scale, group_size)
+        q, scale, low = asymmetric_groups(weight, group_size, 15)
+        return cls(q.to(torch.int32), scale, low + 8 * scale, group_size)
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> Int4Weights:

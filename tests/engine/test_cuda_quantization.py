@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_gpu_bf16 import gaps_to_hf
 from transformers import AutoModelForCausalLM
 
 from baton_paged import LLM, SamplingParams
@@ -100,15 +101,6 @@ def quantized_model(path, method: str):
     swapped = quantize_linears(model, method)
     assert swapped == 7 * model.config.num_hidden_layers  # q k v o gate up down; the head stays
     return model
-
-
-@torch.no_grad()
-def gaps_to_hf(model, prompt: list[int], tokens: list[int]) -> torch.Tensor:
-    """HF's best logit minus its logit of the engine's token, at every generated position."""
-    ids = torch.tensor([prompt + tokens[:-1]], device="cuda")
-    logits = model(ids).logits[0, len(prompt) - 1 :].float()
-    chosen = logits.gather(1, torch.tensor(tokens, device="cuda")[:, None])[:, 0]
-    return logits.max(dim=1).values - chosen
 
 
 @pytest.mark.gpu
