@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
-from baton_paged.model.quantize_math import asymmetric_groups
+from baton_paged.model.quantize_math import asymmetric_groups, in_row_blocks
 
 GROUP_SIZE = 16
 """The group re-quantized weights get (and the finest a GGUF format has: Q6_K's)."""
@@ -41,8 +41,12 @@ class Int8GroupWeights:
     @classmethod
     def quantize(cls, weight: torch.Tensor, group_size: int = GROUP_SIZE) -> Int8GroupWeights:
         """Asymmetric: each group's min and max exact, 255 steps between them."""
-        q, scale, low = asymmetric_groups(weight, group_size, 255)
-        return cls((q - 128).to(torch.int8), scale, low + 128 * scale, group_size)
+
+        def groups(block: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            q, scale, low = asymmetric_groups(block, group_size, 255)
+            return (q - 128).to(torch.int8), scale, low + 128 * scale
+
+        return cls(*in_row_blocks(groups, weight), group_size)
 
     @classmethod
     def from_codes(cls, codes, scale, low, group_size: int) -> Int8GroupWeights:
@@ -68,8 +72,11 @@ class Int8GroupWeights:
         return Int8GroupWeights(self.q, scale, zero, group_size)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        q = self.q.float().view(self.q.shape[0], -1, self.group_size)
-        return (q * self.scale[..., None] + self.zero[..., None]).view(self.q.shape).to(dtype)
+        def rows(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor]:
+            groups = q.float().view(q.shape[0], -1, self.group_size)
+            return ((groups * scale[..., None] + zero[..., None]).view(q.shape).to(dtype),)
+
+        return in_row_blocks(rows, self.q, self.scale, self.zero)[0]
 
 
 class GroupInt8Linear:

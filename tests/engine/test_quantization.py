@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from baton_paged import LLM, SamplingParams
 from baton_paged.attention import attach
 from baton_paged.config import EngineConfig
-from baton_paged.model import llama_executor
+from baton_paged.model import llama_executor, quantize_math
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
+from baton_paged.model.int8_groups import Int8GroupWeights
 from baton_paged.model.quantized_linear import (
     Int4Weights,
     Int8Weights,
@@ -55,6 +56,23 @@ def check_group_round_trip(q, weight) -> None:
     assert ((dense - weight).abs() <= q.scale[..., None] / 2 + 1e-6).all()
     torch.testing.assert_close(dense.amin(2), weight.amin(2), atol=1e-6, rtol=0)
     torch.testing.assert_close(dense.amax(2), weight.amax(2), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", [Int8Weights, Int4Weights, Int8GroupWeights])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantizing_in_row_blocks_equals_quantizing_the_whole_weight(fmt, dtype, monkeypatch):
+    """Blocks of 7 rows (the last one short) give the very bits one pass over the weight gives,
+    quantized and dequantized."""
+    weight = (torch.randn(48, 128) * torch.linspace(0.01, 2, 48)[:, None]).to(dtype)
+    whole = fmt.quantize(weight)
+    monkeypatch.setattr(quantize_math, "ROW_BLOCK_BYTES", 7 * 128 * 4)
+    blocked = fmt.quantize(weight)
+    for field in ("q", "scale", "zero"):
+        if hasattr(whole, field):
+            assert torch.equal(getattr(blocked, field), getattr(whole, field)), field
+    dense = whole.dequantized(dtype)
+    monkeypatch.setattr(quantize_math, "ROW_BLOCK_BYTES", 1 << 30)
+    assert torch.equal(dense, whole.dequantized(dtype))
 
 
 def test_int4_refuses_shapes_it_cannot_pack_before_touching_the_weight():
