@@ -25,8 +25,10 @@ HEAD_DIM = 32
 def check_backend(
     name, kind, heads, page_size, dtype, device, seed=0, head_dim=HEAD_DIM, max_context=None
 ):
-    num_heads, num_kv_heads = HEADS[heads]
-    req = AttentionRequirements(torch.device(device), dtype, page_size, head_dim, *HEADS[heads])
+    num_heads, num_kv_heads = HEADS[heads] if isinstance(heads, str) else heads
+    req = AttentionRequirements(
+        torch.device(device), dtype, page_size, head_dim, num_heads, num_kv_heads
+    )
     reason = backend_class(name).unsupported_reason(req)
     if reason is not None:
         pytest.skip(f"{name}: {reason}")
@@ -75,6 +77,16 @@ def test_cpu_paged_kernel_on_head_sizes_off_and_on_its_vector_widths(head_dim, d
     a multiple of 32, so bfloat16 at 16 and 48 stays on 8 lanes); 48 and 96 also run the values'
     leftover 16-lane slices beside (96) or instead of (48) whole 64-lane groups."""
     check_backend("cpu_paged", "mixed", "gqa", 16, dtype, "cpu", seed=3, head_dim=head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("group", [2, 3, 5, 6, 8])
+def test_cpu_paged_kernel_on_every_query_group_size(group, dtype):
+    """The 16-lane path weighs the values for up to four query heads of a KV head at once (a
+    token's rows); groups of 2 and 3 take its narrower variants, 5, 6 and 8 a four followed by
+    the rest. Mixed batches: prompts' tiles hold several tokens, whose rows see different keys."""
+    heads = (2 * group, 2)
+    check_backend("cpu_paged", "mixed", heads, 16, dtype, "cpu", seed=group, head_dim=64)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
