@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from baton_paged.attention import PagedStep
+from baton_paged.model import packed_linear
 from baton_paged.model.packed_linear import PackedLinear
 from baton_paged.model.quantized_linear import (
     Quantization,
@@ -36,6 +37,7 @@ from baton_paged.model.quantized_linear import (
     Quantizer,
     quantized_linear,
 )
+from baton_paged.model.row_buckets import LARGEST
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 """A projection ``x -> x @ W.T + b``: a ``PackedLinear``, or an int8 / int4 one."""
@@ -78,6 +80,9 @@ class Layer:
     input_norm: torch.Tensor
     post_attention_norm: torch.Tensor
 
+    def linears(self) -> tuple[Linear, ...]:
+        return self.qkv, self.o, self.gate_up, self.down
+
 
 class LlamaExecutor:
     """``forward(input_ids, positions, keep, step)`` -> logits of the ``keep`` rows.
@@ -113,6 +118,14 @@ class LlamaExecutor:
         self.layers = [_fuse(layer, linear) for layer in model.model.layers]
         self.cos, self.sin = _rope_table(model, max_positions)
 
+    def warm_up(self, head_rows: int) -> int:
+        """Have oneDNN build its kernels for every row bucket now (``row_buckets.py``), not in
+        the first requests' forwards: the layers' at every bucket, the LM head's up to
+        ``head_rows`` (the most rows a step samples). Returns the kernels built."""
+        layers = [linear for layer in self.layers for linear in layer.linears()]
+        built = packed_linear.warm_up(map(_dense, layers), LARGEST)
+        return built + packed_linear.warm_up([_dense(self.lm_head)], head_rows)
+
     @torch.no_grad()
     def _release(self, linear: Linear, sources: tuple[torch.nn.Module, ...]) -> None:
         """Free the dense weight the HF modules ``sources`` hold once ``linear`` reads only its
@@ -121,8 +134,7 @@ class LlamaExecutor:
         itself (``owns_weights``), which nothing else runs; the modules then hold meta tensors,
         so running the HF model fails loudly rather than computing garbage. A lent model keeps
         its weights; the embedding (and an LM head tied to it) stays."""
-        dense = linear.dense if isinstance(linear, QuantizedLinear) else linear
-        if any(m.weight is self.embed for m in sources) or not dense.release_weight():
+        if any(m.weight is self.embed for m in sources) or not _dense(linear).release_weight():
             return
         for module in sources:
             self.released += module.weight.numel() * module.weight.element_size()
@@ -167,6 +179,11 @@ class LlamaExecutor:
         self.kernels.rotary_embedding(query, key, positions, self.cos, self.sin)
         out = step.backend.forward(query, key, value, step.cache, index, step.metadata, self.scale)
         return layer.o(out.view(tokens, q_width))
+
+
+def _dense(linear: Linear) -> PackedLinear:
+    """The oneDNN linear that reads ``linear``'s weight densely (a quantized one's too)."""
+    return linear.dense if isinstance(linear, QuantizedLinear) else linear
 
 
 def _linear_maker(quantizer: Quantizer | None, release: Callable | None) -> LinearMaker:

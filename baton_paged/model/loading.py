@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -196,6 +197,10 @@ def choose_executor(
     quantization = _quantization(config, model)
     kernels = DECODER_KERNELS.kernels()
     executor = LlamaExecutor(model, kernels, max_model_len, quantization, owns_weights)
+    started = time.perf_counter()
+    built = executor.warm_up(head_rows=config.max_batch_size)
+    logger.info("oneDNN kernels for %d row buckets built in %.2f s", built,
+                time.perf_counter() - started)  # fmt: skip
     if executor.released:
         logger.info("released %.0f MiB of dense weights the executor does not read",
                     executor.released / 2**20)  # fmt: skip

@@ -7,6 +7,9 @@ blocked layout (what inductor's CPU weight freezing uses). Measured here at M = 
 the packed copy, held beside the dense weight the HF module keeps, unless its owner lets the
 dense one go (``release_weight``: the engine does for models it loaded itself).
 
+Rows are padded to a fixed set of counts (``row_buckets.py``) whose kernels ``warm_up`` builds
+at start-up: oneDNN compiles a kernel per row count, and the first call at a new count is slow.
+
 Packing needs a torch built with oneDNN and a dtype and CPU it has kernels for (float32; bfloat16
 only where the CPU has AVX-512 BW/VL/DQ or AVX-NE-CONVERT; never float64). Anything else keeps
 ``F.linear``, so float64 exactness runs on the same math as HF.
@@ -14,8 +17,12 @@ only where the CPU has AVX-512 BW/VL/DQ or AVX-NE-CONVERT; never float64). Anyth
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.nn.functional as F
+
+from baton_paged.model.row_buckets import LARGEST, bucket_for, buckets_up_to, row_chunks
 
 PACKABLE = (torch.float32, torch.bfloat16)
 
@@ -39,10 +46,46 @@ class PackedLinear:
             self.weight = None
         return self._packed is not None
 
+    @property
+    def shape(self) -> tuple:
+        """What oneDNN builds a kernel for, besides the row count."""
+        return (*self._packed.shape, self._packed.dtype, self.bias is not None)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._packed is None:
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        rows = x.shape[0]
+        if rows <= LARGEST:
+            return self._bucketed(x)
+        out = x.new_empty((rows, self._packed.shape[0]))
+        for start, stop in row_chunks(rows):
+            out[start:stop] = self._bucketed(x[start:stop])
+        return out
+
+    def _bucketed(self, x: torch.Tensor) -> torch.Tensor:
+        """oneDNN on ``x``'s rows padded with zeros to their bucket (``row_buckets.py``)."""
+        rows = x.shape[0]
+        bucket = bucket_for(rows) if rows else 0
+        if bucket != rows:
+            padded = x.new_zeros((bucket, x.shape[1]))
+            padded[:rows] = x
+            x = padded
+        out = torch.ops.mkldnn._linear_pointwise(x, self._packed, self.bias, "none", [], "")
+        return out[:rows]
+
+
+def warm_up(linears: Iterable[PackedLinear], max_rows: int) -> int:
+    """Run one linear of each weight shape among ``linears`` once at every bucket up to
+    ``max_rows``, so that oneDNN builds their kernels now rather than inside a request's forward
+    (it keeps them per shape, whatever the weight). Returns the kernels built."""
+    shapes = {linear.shape: linear for linear in linears if linear.packed}
+    built = 0
+    with torch.inference_mode():
+        for linear in shapes.values():
+            for rows in buckets_up_to(max_rows):
+                linear(torch.zeros((rows, linear.in_features), dtype=linear._packed.dtype))
+                built += 1
+    return built
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:
