@@ -43,6 +43,15 @@ class KVCache(PagedKV):
     def key(self, layer: int) -> torch.Tensor:
         return self._keys[layer]
 
+    @property
+    def layer_keys(self) -> list[torch.Tensor]:
+        """Every layer's K pages (``key(layer)`` for each), for a kernel that runs all layers."""
+        return self._keys
+
+    @property
+    def layer_values(self) -> list[torch.Tensor]:
+        return self._values
+
     def value(self, layer: int) -> torch.Tensor:
         return self._values[layer]
 

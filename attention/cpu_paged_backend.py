@@ -35,6 +35,11 @@ class CpuPagedBackend(AttentionBackend):
     def __init__(self) -> None:
         self._kernels = cpu_kernels()
 
+    def kernel_addresses(self) -> tuple[int, int]:
+        """``(write_kv, paged_attention)``'s addresses, for the native executor's C++ layer loop
+        (``baton_paged/model/csrc/decoder_loop.cpp``), which calls them directly."""
+        return self._kernels.write_kv_address(), self._kernels.paged_attention_address()
+
     def write(
         self,
         cache: KVCache,

@@ -16,4 +16,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_attention", &paged_attention);
   m.def("write_kv", &write_kv);
   m.def("copy_pages", &copy_pages);
+  // Addresses of the two kernels for the native executor's layer loop (baton_paged/model/csrc/
+  // decoder_loop.cpp), a library of its own in the same process, built against the same torch.
+  m.def("write_kv_address", [] { return reinterpret_cast<int64_t>(&write_kv); });
+  m.def("paged_attention_address", [] { return reinterpret_cast<int64_t>(&paged_attention); });
 }

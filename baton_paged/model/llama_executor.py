@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from baton_paged.attention import PagedStep
+from baton_paged.attention.cpu_paged_backend import CpuPagedBackend
 from baton_paged.model import packed_linear
 from baton_paged.model.packed_linear import PackedLinear
 from baton_paged.model.quantized_linear import (
@@ -37,7 +38,7 @@ from baton_paged.model.quantized_linear import (
     Quantizer,
     quantized_linear,
 )
-from baton_paged.model.row_buckets import LARGEST
+from baton_paged.model.row_buckets import LARGEST, ROW_BUCKETS
 
 Linear = Callable[[torch.Tensor], torch.Tensor]
 """A projection ``x -> x @ W.T + b``: a ``PackedLinear``, or an int8 / int4 one."""
@@ -117,6 +118,8 @@ class LlamaExecutor:
         linear = _linear_maker(quantization and quantization.layers, release)
         self.layers = [_fuse(layer, linear) for layer in model.model.layers]
         self.cos, self.sin = _rope_table(model, max_positions)
+        self._loop = _loop_weights(self.layers) if hasattr(kernels, "decoder_layers") else None
+        """The layers' flat weights for the C++ layer loop; None keeps the Python loop."""
 
     def warm_up(self, head_rows: int) -> int:
         """Have oneDNN build its kernels for every row bucket now (``row_buckets.py``), not in
@@ -145,8 +148,21 @@ class LlamaExecutor:
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor, step: PagedStep
     ) -> torch.Tensor:
-        k = self.kernels
         residual = F.embedding(input_ids, self.embed)
+        if self._loop is not None and isinstance(step.backend, CpuPagedBackend):
+            hidden = self._layers_in_cpp(residual, positions, step)
+        else:
+            hidden = self._layers(residual, positions, step)
+        kept = (residual.index_select(0, keep), hidden.index_select(0, keep))
+        self.kernels.add_rms_norm(kept[1], kept[0], self.final_norm, self.eps)
+        return self.lm_head(kept[1])
+
+    def _layers(
+        self, residual: torch.Tensor, positions: torch.Tensor, step: PagedStep
+    ) -> torch.Tensor:
+        """The decoder layers in Python: any linear (quantized ones too), any attention backend.
+        ``residual`` is updated in place; returns the last layer's output."""
+        k = self.kernels
         hidden = torch.empty_like(residual)
         k.rms_norm(hidden, residual, self.layers[0].input_norm, self.eps)
         for index, layer in enumerate(self.layers):
@@ -158,9 +174,22 @@ class LlamaExecutor:
             activated = gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
             k.silu_and_mul(activated, gate_up)
             hidden = layer.down(activated)
-        kept = (residual.index_select(0, keep), hidden.index_select(0, keep))
-        k.add_rms_norm(kept[1], kept[0], self.final_norm, self.eps)
-        return self.lm_head(kept[1])
+        return hidden
+
+    def _layers_in_cpp(
+        self, residual: torch.Tensor, positions: torch.Tensor, step: PagedStep
+    ) -> torch.Tensor:
+        """``_layers`` as one call into ``csrc/decoder_loop.cpp`` (the same kernels in the same
+        order, so the same bits), for dense oneDNN linears on ``cpu_paged`` attention."""
+        norms, weights, biases = self._loop
+        meta, cache = step.metadata, step.cache
+        write_kv, paged_attention = step.backend.kernel_addresses()
+        return self.kernels.decoder_layers(
+            residual, norms, weights, biases, ROW_BUCKETS, positions, self.cos, self.sin,
+            cache.layer_keys, cache.layer_values, meta.slot_mapping, meta.block_table,
+            meta.cu_seqlens_q, meta.seqused_k, self.num_heads, self.scale, self.eps, write_kv,
+            paged_attention,
+        )  # fmt: skip
 
     def _attention(
         self,
@@ -179,6 +208,16 @@ class LlamaExecutor:
         self.kernels.rotary_embedding(query, key, positions, self.cos, self.sin)
         out = step.backend.forward(query, key, value, step.cache, index, step.metadata, self.scale)
         return layer.o(out.view(tokens, q_width))
+
+
+def _loop_weights(layers: list[Layer]) -> tuple[list, list, list] | None:
+    """``(norms, weights, biases)`` as ``decoder_layers`` reads them (two norms, four oneDNN
+    weights and their biases a layer), or None where a linear is quantized or not packed."""
+    linears = [linear for layer in layers for linear in layer.linears()]
+    if not all(isinstance(linear, PackedLinear) and linear.packed for linear in linears):
+        return None
+    norms = [norm for layer in layers for norm in (layer.input_norm, layer.post_attention_norm)]
+    return norms, [linear.onednn_weight for linear in linears], [lin.bias for lin in linears]
 
 
 def _dense(linear: Linear) -> PackedLinear:

@@ -47,6 +47,11 @@ class PackedLinear:
         return self._packed is not None
 
     @property
+    def onednn_weight(self) -> torch.Tensor | None:
+        """The weight as oneDNN packed it (None where unpacked): what the C++ layer loop reads."""
+        return self._packed
+
+    @property
     def shape(self) -> tuple:
         """What oneDNN builds a kernel for, besides the row count."""
         return (*self._packed.shape, self._packed.dtype, self.bias is not None)

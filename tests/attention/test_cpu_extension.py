@@ -31,10 +31,15 @@ def fresh_build_state():
 @pytest.mark.parametrize(
     ("library", "ops"),
     [
-        (ATTENTION_KERNELS, ("paged_attention", "write_kv", "copy_pages")),
+        (
+            ATTENTION_KERNELS,
+            ("paged_attention", "write_kv", "copy_pages")
+            + ("paged_attention_address", "write_kv_address"),
+        ),
         (
             DECODER_KERNELS,
-            ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul", "group_int8_linear"),
+            ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul", "group_int8_linear")
+            + ("decoder_layers",),
         ),
     ],
     ids=["attention", "decoder"],

@@ -72,6 +72,7 @@ def test_executor_logits_are_the_same_padded_or_not(tiny_model_dir, dtype, monke
     prompts = [[5, 17, 300, 2, 9, 44, 100], [7, 8], list(range(30, 63))]  # 42 rows: padded to 48
     with torch.inference_mode():
         executor = llama_executor.LlamaExecutor(model, DECODER_KERNELS.kernels(), 128)
+        executor._loop = None  # the Python loop, whose linears bucket_for pads
         attach(model, 128)
         padded = prefill_logits(executor, model, prompts, dtype)
         monkeypatch.setattr(packed_linear, "bucket_for", lambda rows: rows)
@@ -82,17 +83,20 @@ def test_executor_logits_are_the_same_padded_or_not(tiny_model_dir, dtype, monke
         torch.testing.assert_close(padded, exact, atol=0.1, rtol=0.02)
 
 
-def test_greedy_tokens_are_the_same_padded_or_not(tiny_model_dir, monkeypatch):
-    """A mixed batch through the engine, float32: prompts of several lengths, decode steps of
-    1-5 rows, each padded to its bucket; the same tokens with every count run as it is."""
+def mixed_batch_tokens(model_dir) -> list[list[int]]:
+    """Greedy tokens of a mixed batch, float32: prompts of several lengths, then decode steps of
+    1-5 rows."""
     prompts = [list(range(3, 3 + n)) for n in (5, 40, 17, 90, 2)]
     params = [SamplingParams(temperature=0, max_tokens=12 + 3 * i) for i in range(5)]
+    llm = LLM(model_dir, dtype="float32", kv_memory="64MiB", swap_memory="0")
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
 
-    def tokens() -> list[list[int]]:
-        llm = LLM(tiny_model_dir("llama"), dtype="float32", kv_memory="64MiB", swap_memory="0")
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
 
-    padded = tokens()
+def test_greedy_tokens_are_the_same_padded_or_not(tiny_model_dir, monkeypatch):
+    """Through the engine's Python layer loop, each row count padded to its bucket, then every
+    count run as it is. (The C++ loop pads to the same buckets: test_decoder_loop.py.)"""
+    monkeypatch.setattr(llama_executor, "_loop_weights", lambda layers: None)
+    padded = mixed_batch_tokens(tiny_model_dir("llama"))
     monkeypatch.setattr(packed_linear, "bucket_for", lambda rows: rows)
-    assert tokens() == padded
+    assert mixed_batch_tokens(tiny_model_dir("llama")) == padded

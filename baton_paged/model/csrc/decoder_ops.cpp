@@ -15,6 +15,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include "cpu_common.h"
+#include "decoder_ops.h"
 
 using namespace baton;
 
@@ -163,14 +164,11 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x) {
   });
 }
 
-// group_int8.cpp
-void group_int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& codes,
-                       const at::Tensor& scale, const at::Tensor& zero, int64_t group);
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
   m.def("add_rms_norm", &add_rms_norm);
   m.def("rotary_embedding", &rotary_embedding);
   m.def("silu_and_mul", &silu_and_mul);
   m.def("group_int8_linear", &group_int8_linear);
+  m.def("decoder_layers", &decoder_layers, py::call_guard<py::gil_scoped_release>());
 }

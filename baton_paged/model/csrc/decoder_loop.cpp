@@ -1,0 +1,113 @@
+// The native executor's decoder layers in one C++ call: per layer the fused norm, QKV matmul,
+// rotary embedding, K/V write, paged attention, output matmul, norm, gate-up matmul, SiLU-and-mul
+// and down matmul, the same calls in the same order as the Python loop in llama_executor.py, so
+// their results are the same to the bit. Why: at decode sizes each of a layer's ~15 calls cost
+// 5-15 us of Python and dispatch around a kernel of tens of us (the small Llama's B=32 decode
+// forward spent ~1.2 of its 4.8 ms outside kernels), and the loop holds no GIL while it runs.
+//
+// The matmuls go through torch's dispatcher to oneDNN (mkldnn::_linear_pointwise on the weights
+// oneDNN packed), their rows padded to the buckets the caller passes (baton_paged/model/
+// row_buckets.py). Attention is the cpu_paged backend's kernels, in the attention library: that
+// library hands over their addresses (attention/csrc/bindings.cpp), so they are called directly,
+// in the same process and against the same torch, with no trip through Python.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <optional>
+#include <vector>
+
+#include "decoder_ops.h"
+
+namespace {
+
+// The attention library's functions (attention/csrc/paged_attention.cpp), by address.
+using PagedAttention = void (*)(at::Tensor, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                const at::Tensor&, const at::Tensor&, const at::Tensor&, double);
+using WriteKV = void (*)(at::Tensor, at::Tensor, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&);
+
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
+                         const std::optional<at::Tensor>& bias) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
+          .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                            c10::string_view, c10::List<std::optional<at::Scalar>>,
+                            std::optional<c10::string_view>)>();
+  return op.call(x, packed, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
+}
+
+// x @ W.T (+ b) with x's rows padded with zeros to their bucket, in chunks of the largest bucket
+// beyond it: PackedLinear.__call__ (packed_linear.py) step for step.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
+                  const std::optional<at::Tensor>& bias, const std::vector<int64_t>& buckets) {
+  const int64_t rows = x.size(0), largest = buckets.back();
+  if (rows > largest) {
+    at::Tensor out = at::empty({rows, packed.size(0)}, x.options());
+    for (int64_t start = 0; start < rows; start += largest) {
+      const int64_t n = std::min(largest, rows - start);
+      out.narrow(0, start, n).copy_(linear(x.narrow(0, start, n), packed, bias, buckets));
+    }
+    return out;
+  }
+  const int64_t bucket = rows ? *std::lower_bound(buckets.begin(), buckets.end(), rows) : 0;
+  if (bucket == rows) return onednn_linear(x, packed, bias);
+  at::Tensor padded = at::zeros({bucket, x.size(1)}, x.options());
+  padded.narrow(0, 0, rows).copy_(x);
+  return onednn_linear(padded, packed, bias).narrow(0, 0, rows);
+}
+
+}  // namespace
+
+// residual [T, hidden]: the embedded tokens in, the residual stream after the last layer out (in
+// place); returns the last layer's output, which the caller adds and norms with the final norm.
+// Per layer l: norms[2l], norms[2l + 1] (input, post-attention); weights[4l .. 4l + 3] and
+// biases alike (QKV, output, gate-up, down; oneDNN-packed); keys[l], values[l] its pages.
+at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& norms,
+                          const std::vector<at::Tensor>& weights,
+                          const std::vector<std::optional<at::Tensor>>& biases,
+                          const std::vector<int64_t>& buckets, const at::Tensor& positions,
+                          const at::Tensor& cos, const at::Tensor& sin,
+                          const std::vector<at::Tensor>& keys,
+                          const std::vector<at::Tensor>& values, const at::Tensor& slot_mapping,
+                          const at::Tensor& block_table, const at::Tensor& cu_seqlens_q,
+                          const at::Tensor& context_lens, int64_t num_heads, double scale,
+                          double eps, int64_t write_kv_address, int64_t paged_attention_address) {
+  const int64_t layers = static_cast<int64_t>(keys.size());
+  TORCH_CHECK(layers > 0 && values.size() == keys.size() &&
+                  norms.size() == static_cast<size_t>(2 * layers) &&
+                  weights.size() == static_cast<size_t>(4 * layers) &&
+                  biases.size() == weights.size() && !buckets.empty(),
+              "decoder_layers: 2 norms, 4 weights and 4 biases a layer, one K and V each");
+  const auto write_kv = reinterpret_cast<WriteKV>(write_kv_address);
+  const auto paged_attention = reinterpret_cast<PagedAttention>(paged_attention_address);
+  const int64_t tokens = residual.size(0), kv_heads = keys[0].size(2), dim = keys[0].size(3);
+  const int64_t q_width = num_heads * dim, kv_width = kv_heads * dim;
+  at::Tensor hidden = at::empty_like(residual);
+  rms_norm(hidden, residual, norms[0], eps);
+  for (int64_t l = 0; l < layers; ++l) {
+    if (l) add_rms_norm(hidden, residual, norms[2 * l], eps);
+    const at::Tensor qkv = linear(hidden, weights[4 * l], biases[4 * l], buckets);
+    at::Tensor query = qkv.narrow(1, 0, q_width).view({tokens, num_heads, dim});
+    at::Tensor key = qkv.narrow(1, q_width, kv_width).view({tokens, kv_heads, dim});
+    const at::Tensor value = qkv.narrow(1, q_width + kv_width, kv_width).view({tokens, kv_heads, dim});
+    rotary_embedding(query, key, positions, cos, sin);
+    write_kv(keys[l], values[l], slot_mapping, key, value);
+    at::Tensor attended = at::empty({tokens, num_heads, dim}, query.options());
+    paged_attention(attended, query, keys[l], values[l], block_table, cu_seqlens_q, context_lens,
+                    scale);
+    hidden = linear(attended.view({tokens, q_width}), weights[4 * l + 1], biases[4 * l + 1],
+                    buckets);
+    add_rms_norm(hidden, residual, norms[2 * l + 1], eps);
+    const at::Tensor gate_up = linear(hidden, weights[4 * l + 2], biases[4 * l + 2], buckets);
+    at::Tensor activated = at::empty({tokens, gate_up.size(1) / 2}, gate_up.options());
+    silu_and_mul(activated, gate_up);
+    hidden = linear(activated, weights[4 * l + 3], biases[4 * l + 3], buckets);
+  }
+  return hidden;
+}

@@ -1,0 +1,31 @@
+// The decoder library's functions (decoder_ops.cpp, group_int8.cpp, decoder_loop.cpp), declared
+// once for the files that call or bind them.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+#include <vector>
+
+// decoder_ops.cpp
+void rms_norm(at::Tensor out, const at::Tensor& x, const at::Tensor& weight, double eps);
+void add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, double eps);
+void rotary_embedding(at::Tensor query, at::Tensor key, const at::Tensor& positions,
+                      const at::Tensor& cos, const at::Tensor& sin);
+void silu_and_mul(at::Tensor out, const at::Tensor& x);
+
+// group_int8.cpp
+void group_int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& codes,
+                       const at::Tensor& scale, const at::Tensor& zero, int64_t group);
+
+// decoder_loop.cpp
+at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& norms,
+                          const std::vector<at::Tensor>& weights,
+                          const std::vector<std::optional<at::Tensor>>& biases,
+                          const std::vector<int64_t>& buckets, const at::Tensor& positions,
+                          const at::Tensor& cos, const at::Tensor& sin,
+                          const std::vector<at::Tensor>& keys,
+                          const std::vector<at::Tensor>& values, const at::Tensor& slot_mapping,
+                          const at::Tensor& block_table, const at::Tensor& cu_seqlens_q,
+                          const at::Tensor& context_lens, int64_t num_heads, double scale,
+                          double eps, int64_t write_kv_address, int64_t paged_attention_address);

@@ -1,0 +1,61 @@
+"""The C++ layer loop (``csrc/decoder_loop.cpp``) gives the Python loop's logits to the bit, and
+the executor takes it only where it can run: dense oneDNN linears on ``cpu_paged`` attention."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_llama_executor import load, prefill_logits
+from test_row_buckets import mixed_batch_tokens
+
+from baton_paged.attention import attach
+from baton_paged.model import llama_executor
+from baton_paged.model.decoder_kernels import DECODER_KERNELS
+from baton_paged.model.quantized_linear import Quantization
+
+PROMPTS = [[5, 17, 300, 2, 9, 44, 100], [7, 8], list(range(30, 90))]
+
+
+def both_loops(executor, model, dtype, calls: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same prefill through the C++ loop, then the Python one (``calls`` records which)."""
+    for name in ("_layers", "_layers_in_cpp"):
+        method = getattr(executor, name)
+        setattr(executor, name, lambda *a, m=method, n=name: calls.append(n) or m(*a))
+    in_cpp = prefill_logits(executor, model, PROMPTS, dtype)
+    executor._loop = None
+    return in_cpp, prefill_logits(executor, model, PROMPTS, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_the_cpp_loop_gives_the_python_loops_logits_to_the_bit(tiny_model_dir, arch, dtype):
+    """Qwen2 brings the QKV biases; 60 + 7 + 2 tokens are padded to a bucket in both."""
+    model = load(tiny_model_dir, arch, dtype)
+    calls = []
+    with torch.inference_mode():
+        executor = llama_executor.LlamaExecutor(model, DECODER_KERNELS.kernels(), 128)
+        attach(model, 128)
+        in_cpp, in_python = both_loops(executor, model, dtype, calls)
+    assert calls == ["_layers_in_cpp", "_layers"]
+    assert torch.equal(in_cpp, in_python)
+
+
+def test_quantized_layers_keep_the_python_loop(tiny_model_dir):
+    model = load(tiny_model_dir, "llama", torch.bfloat16)
+    quantization = Quantization.by_method("int8")
+    executor = llama_executor.LlamaExecutor(model, DECODER_KERNELS.kernels(), 128, quantization)
+    assert executor._loop is None
+
+
+def test_the_engine_runs_the_cpp_loop_and_equals_the_python_one(tiny_model_dir, monkeypatch):
+    calls = []
+    original = llama_executor.LlamaExecutor._layers_in_cpp
+    monkeypatch.setattr(
+        llama_executor.LlamaExecutor,
+        "_layers_in_cpp",
+        lambda self, *a: calls.append(1) or original(self, *a),
+    )
+    in_cpp = mixed_batch_tokens(tiny_model_dir("llama"))
+    assert calls
+    monkeypatch.setattr(llama_executor, "_loop_weights", lambda layers: None)
+    assert mixed_batch_tokens(tiny_model_dir("llama")) == in_cpp
