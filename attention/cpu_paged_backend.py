@@ -34,11 +34,12 @@ class CpuPagedBackend(AttentionBackend):
 
     def __init__(self) -> None:
         self._kernels = cpu_kernels()
-
-    def kernel_addresses(self) -> tuple[int, int]:
+        self.kernel_addresses = (
+            self._kernels.write_kv_address(),
+            self._kernels.paged_attention_address(),
+        )
         """``(write_kv, paged_attention)``'s addresses, for the native executor's C++ layer loop
         (``baton_paged/model/csrc/decoder_loop.cpp``), which calls them directly."""
-        return self._kernels.write_kv_address(), self._kernels.paged_attention_address()
 
     def write(
         self,

@@ -183,7 +183,7 @@ class LlamaExecutor:
         order, so the same bits), for dense oneDNN linears on ``cpu_paged`` attention."""
         norms, weights, biases = self._loop
         meta, cache = step.metadata, step.cache
-        write_kv, paged_attention = step.backend.kernel_addresses()
+        write_kv, paged_attention = step.backend.kernel_addresses
         return self.kernels.decoder_layers(
             residual, norms, weights, biases, ROW_BUCKETS, positions, self.cos, self.sin,
             cache.layer_keys, cache.layer_values, meta.slot_mapping, meta.block_table,

@@ -88,7 +88,7 @@ def warm_up(linears: Iterable[PackedLinear], max_rows: int) -> int:
     with torch.inference_mode():
         for linear in shapes.values():
             for rows in buckets_up_to(max_rows):
-                linear(torch.zeros((rows, linear.in_features), dtype=linear._packed.dtype))
+                linear(torch.zeros((rows, linear.in_features), dtype=linear.onednn_weight.dtype))
                 built += 1
     return built
 
