@@ -132,7 +132,7 @@ class LlamaExecutor:
     @torch.no_grad()
     def _release(self, linear: Linear, sources: tuple[torch.nn.Module, ...]) -> None:
         """Free the dense weight the HF modules ``sources`` hold once ``linear`` reads only its
-        own (oneDNN-packed, or quantized) copy, as each linear is built: the freed memory holds
+        own (packed, or quantized) copy, as each linear is built: the freed memory holds
         the next layer's copies, so the model is not held twice. For models the engine loaded
         itself (``owns_weights``), which nothing else runs; the modules then hold meta tensors,
         so running the HF model fails loudly rather than computing garbage. A lent model keeps
@@ -180,7 +180,7 @@ class LlamaExecutor:
         self, residual: torch.Tensor, positions: torch.Tensor, step: PagedStep
     ) -> torch.Tensor:
         """``_layers`` as one call into ``csrc/decoder_loop.cpp`` (the same kernels in the same
-        order, so the same bits), for dense oneDNN linears on ``cpu_paged`` attention."""
+        order, so the same bits), for dense packed linears on ``cpu_paged`` attention."""
         norms, weights, biases = self._loop
         meta, cache = step.metadata, step.cache
         write_kv, paged_attention = step.backend.kernel_addresses
@@ -211,22 +211,22 @@ class LlamaExecutor:
 
 
 def _loop_weights(layers: list[Layer]) -> tuple[list, list, list] | None:
-    """``(norms, weights, biases)`` as ``decoder_layers`` reads them (two norms, four oneDNN
+    """``(norms, weights, biases)`` as ``decoder_layers`` reads them (two norms, four packed
     weights and their biases a layer), or None where a linear is quantized or not packed."""
     linears = [linear for layer in layers for linear in layer.linears()]
     if not all(isinstance(linear, PackedLinear) and linear.packed for linear in linears):
         return None
     norms = [norm for layer in layers for norm in (layer.input_norm, layer.post_attention_norm)]
-    return norms, [linear.onednn_weight for linear in linears], [lin.bias for lin in linears]
+    return norms, [linear.packed_weight for linear in linears], [lin.bias for lin in linears]
 
 
 def _dense(linear: Linear) -> PackedLinear:
-    """The oneDNN linear that reads ``linear``'s weight densely (a quantized one's too)."""
+    """The packed linear that reads ``linear``'s weight densely (a quantized one's too)."""
     return linear.dense if isinstance(linear, QuantizedLinear) else linear
 
 
 def _linear_maker(quantizer: Quantizer | None, release: Callable | None) -> LinearMaker:
-    """Linears stored as ``quantizer`` says; oneDNN-packed at the model's dtype where it keeps
+    """Linears stored as ``quantizer`` says; packed at the model's dtype where it keeps
     a weight dense (or there is none). ``release(linear, sources)`` follows each build."""
 
     def make(weight: torch.Tensor, bias: torch.Tensor | None, sources: tuple) -> Linear:

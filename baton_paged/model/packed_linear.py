@@ -1,30 +1,40 @@
-"""PackedLinear: a linear layer whose weight is prepacked once for oneDNN, else plain F.linear.
+"""PackedLinear: a linear layer whose weight is prepacked once for the kernel that reads it, else
+plain F.linear.
 
 At decode batch sizes a CPU matmul is dominated by how the weight is read: MKL's ``F.linear``
-re-streams the row-major weight every call, while oneDNN reads a copy reordered into its own
-blocked layout (what inductor's CPU weight freezing uses). Measured here at M = 8-32 rows
-(torch 2.13, 2 threads, fp32): 1.1-2x faster; at prefill sizes (M = 256) about even. The cost is
-the packed copy, held beside the dense weight the HF module keeps, unless its owner lets the
+re-streams the row-major weight every call, while a packed copy is laid out for the kernel's own
+loop. Two packings:
+
+- float32 where the decoder library is built for AVX-512 and the output width is a multiple of
+  32: column blocks for our own kernel (``csrc/blocked_linear.cpp``). Measured on an Intel Xeon
+  (2 threads) against oneDNN on its own packing: 0.56-0.82x its time at one row (a single stream's
+  every step), 0.81-0.96x at 32, 0.93-1.10x at 256-512; and it compiles nothing per row count.
+- otherwise oneDNN's blocked layout (what inductor's CPU weight freezing uses): 1.1-2x faster
+  than ``F.linear`` at M = 8-32 rows, about even at prefill sizes (M = 256). oneDNN compiles a
+  kernel per row count and the first call at a new count is slow, so rows are padded to a fixed
+  set of counts (``row_buckets.py``) whose kernels ``warm_up`` builds at start-up.
+
+The packed copy is held beside the dense weight the HF module keeps, unless its owner lets the
 dense one go (``release_weight``: the engine does for models it loaded itself).
 
-Rows are padded to a fixed set of counts (``row_buckets.py``) whose kernels ``warm_up`` builds
-at start-up: oneDNN compiles a kernel per row count, and the first call at a new count is slow.
-
-Packing needs a torch built with oneDNN and a dtype and CPU it has kernels for (float32; bfloat16
-only where the CPU has AVX-512 BW/VL/DQ or AVX-NE-CONVERT; never float64). Anything else keeps
-``F.linear``, so float64 exactness runs on the same math as HF.
+oneDNN packing needs a torch built with oneDNN and a dtype and CPU it has kernels for (float32;
+bfloat16 only where the CPU has AVX-512 BW/VL/DQ or AVX-NE-CONVERT; never float64). Anything else
+keeps ``F.linear``, so float64 exactness runs on the same math as HF.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 
+from baton_paged.model.decoder_kernels import DECODER_KERNELS
 from baton_paged.model.row_buckets import LARGEST, bucket_for, buckets_up_to, row_chunks
 
 PACKABLE = (torch.float32, torch.bfloat16)
+BLOCK = 32
+"""Output columns per block of the float32 kernel's packing."""
 
 
 class PackedLinear:
@@ -33,22 +43,30 @@ class PackedLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
         self.in_features = weight.shape[1]
-        self._packed = _pack(weight)
+        self._blocked = _blocked_kernel(weight, bias)
+        self._blocks = _in_blocks(weight) if self._blocked else None
+        self._packed = None if self._blocked else _pack(weight)
 
     @property
     def packed(self) -> bool:
-        return self._packed is not None
+        return self.packed_weight is not None
 
     def release_weight(self) -> bool:
         """Let go of the dense weight where the packed copy is all a call reads; whether it
         did."""
-        if self._packed is not None:
+        if self.packed:
             self.weight = None
-        return self._packed is not None
+        return self.packed
+
+    @property
+    def packed_weight(self) -> torch.Tensor | None:
+        """The packed copy a call reads, column blocks or oneDNN's (None where unpacked): what
+        the C++ layer loop reads."""
+        return self._blocks if self._blocks is not None else self._packed
 
     @property
     def onednn_weight(self) -> torch.Tensor | None:
-        """The weight as oneDNN packed it (None where unpacked): what the C++ layer loop reads."""
+        """The weight as oneDNN packed it (None where it is not)."""
         return self._packed
 
     @property
@@ -57,6 +75,8 @@ class PackedLinear:
         return (*self._packed.shape, self._packed.dtype, self.bias is not None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._blocked is not None:
+            return self._blocked(x, self._blocks, self.bias)
         if self._packed is None:
             return F.linear(x, self.weight, self.bias)
         rows = x.shape[0]
@@ -83,7 +103,7 @@ def warm_up(linears: Iterable[PackedLinear], max_rows: int) -> int:
     """Run one linear of each weight shape among ``linears`` once at every bucket up to
     ``max_rows``, so that oneDNN builds their kernels now rather than inside a request's forward
     (it keeps them per shape, whatever the weight). Returns the kernels built."""
-    shapes = {linear.shape: linear for linear in linears if linear.packed}
+    shapes = {linear.shape: linear for linear in linears if linear.onednn_weight is not None}
     built = 0
     with torch.inference_mode():
         for linear in shapes.values():
@@ -91,6 +111,21 @@ def warm_up(linears: Iterable[PackedLinear], max_rows: int) -> int:
                 linear(torch.zeros((rows, linear.in_features), dtype=linear.onednn_weight.dtype))
                 built += 1
     return built
+
+
+def _blocked_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable | None:
+    """The float32 column-block kernel where it takes this weight, else None."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.shape[0] % BLOCK:
+        return None
+    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+        return None
+    return getattr(DECODER_KERNELS.kernels(), "blocked_linear", None)  # None: no AVX-512
+
+
+def _in_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """``[n, k]`` -> ``[n / 32, k, 32]``: ``blocks[b, k, c] = weight[32 b + c, k]``."""
+    n, k = weight.shape
+    return weight.detach().view(n // BLOCK, BLOCK, k).transpose(1, 2).contiguous()
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:

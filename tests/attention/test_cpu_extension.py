@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from torch.utils import cpp_extension
 
 from baton_paged.attention import cpu_extension
@@ -48,7 +49,9 @@ def test_each_library_loads_with_its_own_ops_only(library, ops):
     kernels = library.kernels()
     assert kernels is not None, library.unavailable_reason()
     exposed = {name for name in dir(kernels) if not name.startswith("_")}
-    assert exposed == set(ops)
+    assert exposed - {"blocked_linear"} == set(ops)  # built where the compiler targets AVX-512
+    if library is DECODER_KERNELS and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        assert "blocked_linear" in exposed
 
 
 def test_no_compiler_means_one_warning_and_none(fresh_build_state, monkeypatch, caplog):

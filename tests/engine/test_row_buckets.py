@@ -1,5 +1,6 @@
-"""Row buckets: every row count a packed linear runs at is one of a few, padding changes no
-output, and the kernels for them are built at start-up."""
+"""Row buckets: every row count a oneDNN-packed linear runs at is one of a few, padding changes
+no output, and the kernels for them are built at start-up. float32 runs here on oneDNN too (the
+``onednn`` fixture): where the column-block kernel takes it, it pads nothing."""
 
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ from baton_paged.model.row_buckets import (
     buckets_up_to,
     row_chunks,
 )
+
+
+@pytest.fixture
+def onednn(monkeypatch):
+    """float32 linears packed for oneDNN, as on a CPU without AVX-512."""
+    monkeypatch.setattr(packed_linear, "_blocked_kernel", lambda weight, bias: None)
 
 
 def test_every_row_count_gets_the_smallest_bucket_that_holds_it():
@@ -41,7 +48,7 @@ def test_chunks_cover_the_rows_in_order_at_most_the_largest_bucket_each():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("rows", [1, 3, 17, 33, 100, LARGEST + 70])
-def test_padded_rows_give_the_kernels_own_answer_for_the_real_rows(rows, dtype):
+def test_padded_rows_give_the_kernels_own_answer_for_the_real_rows(rows, dtype, onednn):
     """Against oneDNN called on exactly ``rows`` rows: float32 to the bit; bfloat16 (whose kernel
     may block a row count's tail differently) within its output rounding."""
     weight, bias = torch.randn(96, 64, dtype=dtype), torch.randn(96, dtype=dtype)
@@ -56,7 +63,7 @@ def test_padded_rows_give_the_kernels_own_answer_for_the_real_rows(rows, dtype):
         torch.testing.assert_close(got, exact, atol=0.05, rtol=0.01)
 
 
-def test_warm_up_builds_each_weight_shape_once_at_every_bucket(monkeypatch):
+def test_warm_up_builds_each_weight_shape_once_at_every_bucket(monkeypatch, onednn):
     calls = []
     monkeypatch.setattr(PackedLinear, "_bucketed", lambda self, x: calls.append(x.shape))
     linears = [PackedLinear(torch.randn(96, 64)) for _ in range(3)]  # one shape
@@ -67,7 +74,7 @@ def test_warm_up_builds_each_weight_shape_once_at_every_bucket(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_executor_logits_are_the_same_padded_or_not(tiny_model_dir, dtype, monkeypatch):
+def test_executor_logits_are_the_same_padded_or_not(tiny_model_dir, dtype, monkeypatch, onednn):
     model = load(tiny_model_dir, "llama", dtype)
     prompts = [[5, 17, 300, 2, 9, 44, 100], [7, 8], list(range(30, 63))]  # 42 rows: padded to 48
     with torch.inference_mode():
@@ -93,7 +100,7 @@ def mixed_batch_tokens(model_dir) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def test_greedy_tokens_are_the_same_padded_or_not(tiny_model_dir, monkeypatch):
+def test_greedy_tokens_are_the_same_padded_or_not(tiny_model_dir, monkeypatch, onednn):
     """Through the engine's Python layer loop, each row count padded to its bucket, then every
     count run as it is. (The C++ loop pads to the same buckets: test_decoder_loop.py.)"""
     monkeypatch.setattr(llama_executor, "_loop_weights", lambda layers: None)

@@ -5,9 +5,9 @@
 // microseconds of Python and dispatch around a kernel of tens of us (measured: the small Llama's
 // B=32 bfloat16 decode forward 4.8 -> ~4.3 ms), and the loop holds no GIL while it runs.
 //
-// The matmuls go through torch's dispatcher to oneDNN (mkldnn::_linear_pointwise on the weights
-// oneDNN packed), their rows padded to the buckets the caller passes (baton_paged/model/
-// row_buckets.py). Attention is the cpu_paged backend's kernels, in the attention library: that
+// The matmuls are float32 ones in column blocks (blocked_linear.cpp), or go through torch's
+// dispatcher to oneDNN (mkldnn::_linear_pointwise on the weights oneDNN packed), their rows padded
+// to the buckets the caller passes (baton_paged/model/row_buckets.py). Attention is the cpu_paged backend's kernels, in the attention library: that
 // library hands over their addresses (attention/csrc/bindings.cpp), so they are called directly,
 // in the same process and against the same torch, with no trip through Python.
 
@@ -42,10 +42,14 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
   return op.call(x, packed, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
-// x @ W.T (+ b) with x's rows padded with zeros to their bucket, in chunks of the largest bucket
-// beyond it: PackedLinear.__call__ (packed_linear.py) step for step.
+// x @ W.T (+ b): PackedLinear.__call__ (packed_linear.py) step for step. A weight in column
+// blocks goes to blocked_linear.cpp as it is; one oneDNN packed, with x's rows padded with zeros
+// to their bucket, in chunks of the largest bucket beyond it.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
                   const std::optional<at::Tensor>& bias, const std::vector<int64_t>& buckets) {
+#ifdef __AVX512F__
+  if (!packed.is_mkldnn()) return blocked_linear(x, packed, bias);
+#endif
   const int64_t rows = x.size(0), largest = buckets.back();
   if (rows > largest) {
     at::Tensor out = at::empty({rows, packed.size(0)}, x.options());
@@ -67,7 +71,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
 // residual [T, hidden]: the embedded tokens in, the residual stream after the last layer out (in
 // place); returns the last layer's output, which the caller adds and norms with the final norm.
 // Per layer l: norms[2l], norms[2l + 1] (input, post-attention); weights[4l .. 4l + 3] and
-// biases alike (QKV, output, gate-up, down; oneDNN-packed); keys[l], values[l] its pages.
+// biases alike (QKV, output, gate-up, down; as PackedLinear packed them); keys[l], values[l]
+// its pages.
 at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& norms,
                           const std::vector<at::Tensor>& weights,
                           const std::vector<std::optional<at::Tensor>>& biases,

@@ -170,5 +170,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding", &rotary_embedding);
   m.def("silu_and_mul", &silu_and_mul);
   m.def("group_int8_linear", &group_int8_linear);
+#ifdef __AVX512F__
+  m.def("blocked_linear", &blocked_linear);
+#endif
   m.def("decoder_layers", &decoder_layers, py::call_guard<py::gil_scoped_release>());
 }

@@ -1,5 +1,5 @@
-// The decoder library's functions (decoder_ops.cpp, group_int8.cpp, decoder_loop.cpp), declared
-// once for the files that call or bind them.
+// The decoder library's functions (decoder_ops.cpp, group_int8.cpp, blocked_linear.cpp,
+// decoder_loop.cpp), declared once for the files that call or bind them.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -17,6 +17,13 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x);
 // group_int8.cpp
 void group_int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& codes,
                        const at::Tensor& scale, const at::Tensor& zero, int64_t group);
+
+// blocked_linear.cpp: float32 x @ W.T (+ b), W packed into blocks of 32 columns ([n / 32, k, 32]);
+// built where the compiler targets AVX-512
+#ifdef __AVX512F__
+at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& packed,
+                          const std::optional<at::Tensor>& bias);
+#endif
 
 // decoder_loop.cpp
 at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& norms,
