@@ -1,8 +1,9 @@
 """The native executor's small per-layer ops (RMSNorm, its fused residual add, rotary embedding,
 SiLU-and-mul, in ``baton_paged/model/csrc/decoder_ops.cpp``), its int8-group linear
-(``group_int8.cpp``), its float32 linear on AVX-512 (``blocked_linear.cpp``) and its layer loop
-(``decoder_loop.cpp``) as a kernel library of their own, so attention's library holds only
-attention. They share attention's vector helpers (``attention/csrc/cpu_common.h``)."""
+(``group_int8.cpp``), its float32 linear on AVX-512 (``blocked_linear.cpp``), greedy sampling's
+argmax (``row_argmax.cpp``) and its layer loop (``decoder_loop.cpp``) as a kernel library of
+their own, so attention's library holds only attention. They share attention's vector helpers
+(``attention/csrc/cpu_common.h``)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,13 @@ DECODER_KERNELS = KernelLibrary(
     name="baton_decoder_kernels",
     sources=tuple(
         Path(__file__).with_name("csrc") / f
-        for f in ("decoder_ops.cpp", "group_int8.cpp", "blocked_linear.cpp", "decoder_loop.cpp")
+        for f in (
+            "decoder_ops.cpp",
+            "group_int8.cpp",
+            "blocked_linear.cpp",
+            "row_argmax.cpp",
+            "decoder_loop.cpp",
+        )
     ),
     headers=(ATTENTION_CSRC / "cpu_common.h", Path(__file__).with_name("csrc") / "decoder_ops.h"),
     fallback="the model runs through the transformers bridge",

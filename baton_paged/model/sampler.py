@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 
+from baton_paged.model.decoder_kernels import DECODER_KERNELS
 from baton_paged.model.nucleus import top_k_top_p
 from baton_paged.outputs import Logprob
 from baton_paged.sampling_params import SamplingParams
@@ -108,9 +109,15 @@ def collect_logprobs(
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's argmax. torch's CPU argmax over 16-bit floats runs element by element: 2.45 ms
-    on [32, 49152] bfloat16 logits, where widening to float32 first and its vectorised argmax
-    take 0.46 ms (one run, 2 threads); widening keeps order and ties, so the ids are the same."""
+    """Each row's argmax. torch's CPU argmax compares element by element: ~1 ms on [32, 49152]
+    float32 logits (2.45 ms in bfloat16), where the decoder library's ``row_argmax`` takes 0.11
+    ms (one run, 2 threads), with the same answer (the first index of the largest, or of the first
+    NaN). Without that library, bfloat16 is widened to float32 first for torch's vectorised
+    float32 argmax: widening keeps order and ties, so the ids are the same."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16):
+        kernels = DECODER_KERNELS.kernels()
+        if kernels is not None and logits.ndim == 2 and logits.shape[1] and logits.stride(1) == 1:
+            return kernels.row_argmax(logits)
     if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16):
         return logits.float().argmax(dim=-1)
     return logits.argmax(dim=-1)

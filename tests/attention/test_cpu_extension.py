@@ -40,7 +40,7 @@ def fresh_build_state():
         (
             DECODER_KERNELS,
             ("rms_norm", "add_rms_norm", "rotary_embedding", "silu_and_mul", "group_int8_linear")
-            + ("decoder_layers",),
+            + ("row_argmax", "decoder_layers"),
         ),
     ],
     ids=["attention", "decoder"],

@@ -170,6 +170,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_embedding", &rotary_embedding);
   m.def("silu_and_mul", &silu_and_mul);
   m.def("group_int8_linear", &group_int8_linear);
+  m.def("row_argmax", &row_argmax);
 #ifdef __AVX512F__
   m.def("blocked_linear", &blocked_linear);
 #endif

@@ -1,5 +1,5 @@
 // The decoder library's functions (decoder_ops.cpp, group_int8.cpp, blocked_linear.cpp,
-// decoder_loop.cpp), declared once for the files that call or bind them.
+// row_argmax.cpp, decoder_loop.cpp), declared once for the files that call or bind them.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -24,6 +24,9 @@ void group_int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& co
 at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& packed,
                           const std::optional<at::Tensor>& bias);
 #endif
+
+// row_argmax.cpp: each row's torch.argmax, float32 or bfloat16
+at::Tensor row_argmax(const at::Tensor& logits);
 
 // decoder_loop.cpp
 at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& norms,
