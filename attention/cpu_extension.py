@@ -73,6 +73,11 @@ class KernelLibrary:
         """Why the library cannot run here, or None once it has loaded (builds it if needed)."""
         return _built(self)[1]
 
+    def loaded(self) -> ModuleType | None:
+        """The library if this process has already loaded it, else None: never builds (for
+        callers on a request's path, which must not wait for a compiler)."""
+        return _LOADED.get(self.name)
+
     def include_dirs(self) -> list[str]:
         return sorted({str(header.parent) for header in self.headers})
 
@@ -96,13 +101,18 @@ def unavailable_reason() -> str | None:
     return ATTENTION_KERNELS.unavailable_reason()
 
 
+_LOADED: dict[str, ModuleType] = {}
+"""Each library this process has loaded, by name."""
+
+
 @functools.cache
 def _built(library: KernelLibrary) -> tuple[ModuleType | None, str | None]:
     """Build or load once per process: the library, or None and why not."""
     reason = _build_problem(library)
     if reason is None:
         try:
-            return _load(library), None
+            _LOADED[library.name] = _load(library)
+            return _LOADED[library.name], None
         except Exception as error:  # a compiler error, a missing header: fall back, say why
             reason = f"building {library.name} failed ({_first_error(str(error))})"
     logger.warning("%s; %s", reason, library.fallback)

@@ -113,9 +113,11 @@ def _argmax(logits: torch.Tensor) -> torch.Tensor:
     float32 logits (2.45 ms in bfloat16), where the decoder library's ``row_argmax`` takes 0.11
     ms (one run, 2 threads), with the same answer (the first index of the largest, or of the first
     NaN). Without that library, bfloat16 is widened to float32 first for torch's vectorised
-    float32 argmax: widening keeps order and ties, so the ids are the same."""
+    float32 argmax: widening keeps order and ties, so the ids are the same. The library is used
+    once loaded (the native executor loads it at start-up), never built here, on a request's
+    path."""
     if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16):
-        kernels = DECODER_KERNELS.kernels()
+        kernels = DECODER_KERNELS.loaded()
         if kernels is not None and logits.ndim == 2 and logits.shape[1] and logits.stride(1) == 1:
             return kernels.row_argmax(logits)
     if logits.device.type == "cpu" and logits.dtype in (torch.bfloat16, torch.float16):

@@ -48,3 +48,22 @@ def test_rows_of_a_wider_tensor():
 def test_misfit_logits_are_refused(logits):
     with pytest.raises(RuntimeError, match="row_argmax|dimensions"):
         KERNELS.row_argmax(logits)
+
+
+def test_greedy_sampling_takes_it_only_once_the_library_is_loaded(monkeypatch):
+    """On a request's path the sampler never builds the library: unloaded, torch answers."""
+    from baton_paged.attention import cpu_extension
+    from baton_paged.model import sampler
+
+    calls = []
+
+    class Spy:
+        def row_argmax(self, logits):
+            calls.append(logits.shape)
+            return KERNELS.row_argmax(logits)
+
+    logits = torch.randn(3, 300)
+    monkeypatch.setattr(cpu_extension, "_LOADED", {DECODER_KERNELS.name: Spy()})
+    assert torch.equal(sampler._argmax(logits), logits.argmax(dim=-1)) and calls == [(3, 300)]
+    monkeypatch.setattr(cpu_extension, "_LOADED", {})
+    assert torch.equal(sampler._argmax(logits), logits.argmax(dim=-1)) and len(calls) == 1

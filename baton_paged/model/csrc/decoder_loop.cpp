@@ -7,9 +7,10 @@
 //
 // The matmuls are float32 ones in column blocks (blocked_linear.cpp), or go through torch's
 // dispatcher to oneDNN (mkldnn::_linear_pointwise on the weights oneDNN packed), their rows padded
-// to the buckets the caller passes (baton_paged/model/row_buckets.py). Attention is the cpu_paged backend's kernels, in the attention library: that
-// library hands over their addresses (attention/csrc/bindings.cpp), so they are called directly,
-// in the same process and against the same torch, with no trip through Python.
+// to the buckets the caller passes (baton_paged/model/row_buckets.py). Attention is the cpu_paged
+// backend's kernels, in the attention library: that library hands over their addresses
+// (attention/csrc/bindings.cpp), so they are called directly, in the same process and against
+// the same torch, with no trip through Python.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
