@@ -38,7 +38,8 @@ BLOCK = 32
 
 
 class PackedLinear:
-    """``layer(x)`` = ``F.linear(x, weight, bias)``; ``packed`` says which path it takes."""
+    """``layer(x)`` = ``F.linear(x, weight, bias)`` for 2-D ``x``; ``packed``: whether it reads a
+    packed copy (column blocks or oneDNN's), ``onednn_weight``: whether that copy is oneDNN's."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
@@ -71,7 +72,7 @@ class PackedLinear:
 
     @property
     def shape(self) -> tuple:
-        """What oneDNN builds a kernel for, besides the row count."""
+        """What oneDNN builds a kernel for, besides the row count (oneDNN-packed linears only)."""
         return (*self._packed.shape, self._packed.dtype, self.bias is not None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,7 +118,12 @@ def _blocked_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable
     """The float32 column-block kernel where it takes this weight, else None."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.shape[0] % BLOCK:
         return None
-    if bias is not None and (bias.dtype != torch.float32 or bias.device.type != "cpu"):
+    if bias is not None and (
+        bias.dtype != torch.float32
+        or bias.device.type != "cpu"
+        or not bias.is_contiguous()
+        or bias.shape != (weight.shape[0],)
+    ):
         return None
     return getattr(DECODER_KERNELS.kernels(), "blocked_linear", None)  # None: no AVX-512
 

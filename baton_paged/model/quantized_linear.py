@@ -9,8 +9,9 @@ token at 1 row: oneDNN bfloat16 5.42 ms, int8 3.96 ms, int4 2.48 ms. They are ma
 kernels, though: at 8 rows int8 takes 8.3 ms against oneDNN's 6.5, at 16 rows both are slower,
 and with float32 activations they are 7-17x slower than float32's own oneDNN matmuls at any row
 count. So a ``QuantizedLinear`` runs the quantized kernel for up to ``KERNEL_ROWS`` rows of
-bfloat16 (decode steps of small batches, a single stream) and otherwise oneDNN on the same
-weights dequantized (prefill, large batches; float32 always): one model, two ways to read it.
+bfloat16 (decode steps of small batches, a single stream) and otherwise a ``PackedLinear`` on the
+same weights dequantized (prefill, large batches; float32 always: oneDNN, or for float32 on
+AVX-512 our column-block kernel): one model, two ways to read it.
 
 The formats (``Int8Weights``, ``Int4Weights``), each with its dequantized form:
 
@@ -191,7 +192,8 @@ def _plus(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 class QuantizedLinear:
     """``layer(x)`` = ``F.linear(x, dequantized weight, bias)``: the quantized kernel for up to
-    ``kernel_rows`` rows, oneDNN on the dequantized weight beyond (no kernel: always oneDNN)."""
+    ``kernel_rows`` rows, the dense ``PackedLinear`` on the dequantized weight beyond (no kernel:
+    always the dense one)."""
 
     def __init__(
         self, kernel: Int8Linear | Int4Linear | None, dense: PackedLinear, kernel_rows: int
@@ -217,8 +219,8 @@ def quantized_linear(
 ) -> QuantizedLinear:
     """A linear reading ``weights`` (the quantized form of ``weight``), which ``weight`` is
     overwritten with in its own dtype. The quantized kernel (and its copy of the weights) exists
-    for bfloat16 only: other dtypes read the dequantized weight through oneDNN alone (module
-    docstring)."""
+    for bfloat16 only: other dtypes read the dequantized weight through the dense
+    ``PackedLinear`` alone (module docstring)."""
     kernel = None
     if weight.dtype == KERNEL_DTYPE:
         kinds = {"int8": Int8Linear, "int4": Int4Linear, "int8-groups": GroupInt8Linear}

@@ -1,4 +1,6 @@
-"""The row counts oneDNN's linears run at: a forward's rows padded up to a small fixed set.
+"""The row counts oneDNN's linears run at: a forward's rows padded up to a small fixed set (the
+float32 column-block kernel, ``csrc/blocked_linear.cpp``, compiles nothing per count and pads
+nothing).
 
 Why: oneDNN builds (JIT-compiles) a kernel for every new row count of a weight shape, and the
 first call at a count pays for it. On an Intel Xeon with AMX (bfloat16, 2 threads) that cost
@@ -17,7 +19,7 @@ from __future__ import annotations
 from bisect import bisect_left
 
 ROW_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, *range(64, 513, 32))
-"""Every row count a packed linear runs at."""
+"""Every row count a oneDNN-packed linear runs at."""
 LARGEST = ROW_BUCKETS[-1]
 
 

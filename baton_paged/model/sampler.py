@@ -109,13 +109,12 @@ def collect_logprobs(
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    """Each row's argmax. torch's CPU argmax compares element by element: ~1 ms on [32, 49152]
-    float32 logits (2.45 ms in bfloat16), where the decoder library's ``row_argmax`` takes 0.11
-    ms (one run, 2 threads), with the same answer (the first index of the largest, or of the first
-    NaN). Without that library, bfloat16 is widened to float32 first for torch's vectorised
-    float32 argmax: widening keeps order and ties, so the ids are the same. The library is used
-    once loaded (the native executor loads it at start-up), never built here, on a request's
-    path."""
+    """Each row's argmax. The decoder library's ``row_argmax`` takes 0.11 ms on [32, 49152]
+    logits where torch's CPU argmax took 0.99 ms in float32 and 1.16 ms in bfloat16 widened to
+    float32 (2.45 ms unwidened; one run, 2 threads), with the same answer (the first index of the
+    largest, or of the first NaN). The library is used once loaded (the native executor loads it
+    at start-up), never built here, on a request's path; without it bfloat16 is widened first, which
+    keeps order and ties, so the ids are the same."""
     if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16):
         kernels = DECODER_KERNELS.loaded()
         if kernels is not None and logits.ndim == 2 and logits.shape[1] and logits.stride(1) == 1:

@@ -25,8 +25,11 @@ GOOD = b"\x7fELF a whole library"
 def fresh_build_state():
     """Forget the process' loaded kernels for the test, and restore them afterwards."""
     cpu_extension._built.cache_clear()
+    loaded = dict(cpu_extension._LOADED)
+    cpu_extension._LOADED.clear()
     yield
     cpu_extension._built.cache_clear()
+    cpu_extension._LOADED.update(loaded)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """The C++ layer loop (``csrc/decoder_loop.cpp``) gives the Python loop's logits to the bit, and
-the executor takes it only where it can run: dense oneDNN linears on ``cpu_paged`` attention."""
+the executor takes it only where it can run: dense packed linears (float32 column blocks, or
+oneDNN's) on ``cpu_paged`` attention."""
 
 from __future__ import annotations
 
@@ -26,10 +27,20 @@ def both_loops(executor, model, dtype, calls: list[str]) -> tuple[torch.Tensor, 
     return in_cpp, prefill_logits(executor, model, PROMPTS, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "dtype, packing",
+    [(torch.float32, "auto"), (torch.float32, "onednn"), (torch.bfloat16, "auto")],
+    ids=["float32", "float32-onednn", "bfloat16"],
+)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_the_cpp_loop_gives_the_python_loops_logits_to_the_bit(tiny_model_dir, arch, dtype):
-    """Qwen2 brings the QKV biases; 60 + 7 + 2 tokens are padded to a bucket in both."""
+def test_the_cpp_loop_gives_the_python_loops_logits_to_the_bit(
+    tiny_model_dir, arch, dtype, packing, request
+):
+    """Qwen2 brings the QKV biases. float32 runs the column-block kernel where the CPU has
+    AVX-512, and oneDNN's (``onednn``) as elsewhere; on oneDNN 60 + 7 + 2 tokens are padded to a
+    bucket in both loops."""
+    if packing == "onednn":
+        request.getfixturevalue("onednn")
     model = load(tiny_model_dir, arch, dtype)
     calls = []
     with torch.inference_mode():

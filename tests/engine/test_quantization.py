@@ -180,7 +180,7 @@ def test_quantized_engine_greedy_tokens_equal_hf_generate_on_the_dequantized_wei
     path = tiny_model_dir("llama")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     reference = dequantized_copy(model, method)
-    # float32 reads the quantized weights densely (oneDNN), as HF's forward does
+    # float32 reads the quantized weights densely (PackedLinear), as HF's forward does
     expected, got = greedy_pair(reference, str(path), dtype="float32", quantization=method)
     assert got == expected
 

@@ -1,6 +1,6 @@
 """Row buckets: every row count a oneDNN-packed linear runs at is one of a few, padding changes
 no output, and the kernels for them are built at start-up. float32 runs here on oneDNN too (the
-``onednn`` fixture): where the column-block kernel takes it, it pads nothing."""
+``onednn`` fixture, conftest.py): where the column-block kernel takes it, it pads nothing."""
 
 from __future__ import annotations
 
@@ -20,12 +20,6 @@ from baton_paged.model.row_buckets import (
     buckets_up_to,
     row_chunks,
 )
-
-
-@pytest.fixture
-def onednn(monkeypatch):
-    """float32 linears packed for oneDNN, as on a CPU without AVX-512."""
-    monkeypatch.setattr(packed_linear, "_blocked_kernel", lambda weight, bias: None)
 
 
 def test_every_row_count_gets_the_smallest_bucket_that_holds_it():

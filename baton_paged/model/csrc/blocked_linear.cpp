@@ -94,13 +94,14 @@ at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& packed,
                           const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
               "blocked_linear: x must be a float32 [rows, k] CPU tensor");
-  TORCH_CHECK(packed.scalar_type() == at::kFloat && packed.dim() == 3 && packed.is_contiguous() &&
-                  packed.size(1) == x.size(1) && packed.size(2) == kBlock,
-              "blocked_linear: packed must be contiguous float32 [n / 32, k, 32]");
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kFloat && packed.dim() == 3 &&
+                  packed.is_contiguous() && packed.size(1) == x.size(1) &&
+                  packed.size(2) == kBlock,
+              "blocked_linear: packed must be a contiguous float32 [n / 32, k, 32] CPU tensor");
   const int64_t count = packed.size(0), width = count * kBlock, n_rows = x.size(0);
-  TORCH_CHECK(!bias || (bias->scalar_type() == at::kFloat && bias->is_contiguous() &&
-                        bias->numel() == width),
-              "blocked_linear: bias must be contiguous float32 [n]");
+  TORCH_CHECK(!bias || (bias->device().is_cpu() && bias->scalar_type() == at::kFloat &&
+                        bias->is_contiguous() && bias->numel() == width),
+              "blocked_linear: bias must be a contiguous float32 [n] CPU tensor");
   const at::Tensor input = x.contiguous();
   at::Tensor out = at::empty({n_rows, width}, x.options());
   const Operands op{input.data_ptr<float>(), packed.data_ptr<float>(),
