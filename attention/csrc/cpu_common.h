@@ -44,6 +44,23 @@ inline V load_lanes(const c10::BFloat16* p) {
 inline vfloat load(const float* p) { return load_lanes<vfloat>(p); }
 inline vfloat load(const c10::BFloat16* p) { return load_lanes<vfloat, vint, vhalf>(p); }
 
+// The lane-wise largest of p[0, n - n % kLanes) (n >= kLanes; the tail is the caller's), eight
+// lanes at a time (a scalar loop is one dependent max per value). With TrackNan, *nan gets
+// all-ones lanes where a NaN was read: a NaN in the first vector keeps its lane, a later one
+// never wins one (v > best is false).
+template <bool TrackNan = false, typename T>
+inline vfloat lanes_largest(const T* p, int64_t n, vint* nan = nullptr) {
+  vfloat best = load(p);
+  vint seen = best != best;
+  for (int64_t j = kLanes; j + kLanes <= n; j += kLanes) {
+    const vfloat v = load(p + j);
+    best = v > best ? v : best;
+    if constexpr (TrackNan) seen |= v != v;
+  }
+  if constexpr (TrackNan) *nan = seen;
+  return best;
+}
+
 // The bfloat16 bits of each lane, rounded to nearest even as c10::BFloat16 rounds (a NaN stays a
 // quiet NaN), in the low half of each 32-bit lane.
 inline vint bfloat16_bits(vfloat v) {

@@ -210,21 +210,15 @@ struct VectorMath {
   }
 };
 
-// The largest of score[0, n): eight lanes at a time for float (a scalar loop is one dependent
-// max per score), plainly otherwise.
+// The largest of score[0, n): eight lanes at a time for float (cpu_common.h), plainly otherwise.
 template <typename acc_t>
 acc_t largest(const acc_t* score, int64_t n) {
   if constexpr (std::is_same_v<acc_t, float>) {
     if (n >= kLanes) {
-      vfloat best = load(score);
-      int64_t j = kLanes;
-      for (; j + kLanes <= n; j += kLanes) {
-        const vfloat v = load(score + j);
-        best = v > best ? v : best;
-      }
+      const vfloat best = lanes_largest(score, n);
       float out = best[0];
       for (int64_t i = 1; i < kLanes; ++i) out = std::max(out, best[i]);
-      for (; j < n; ++j) out = std::max(out, score[j]);
+      for (int64_t j = n - n % kLanes; j < n; ++j) out = std::max(out, score[j]);
       return out;
     }
   }

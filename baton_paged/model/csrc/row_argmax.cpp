@@ -34,13 +34,9 @@ BlockScan scan(const scalar_t* x, int64_t n) {
   bool nan = false;
   int64_t i = 0;
   if (n >= kLanes) {
-    vfloat best = load(x);
-    vint any_nan = best != best;
-    for (i = kLanes; i + kLanes <= n; i += kLanes) {
-      const vfloat v = load(x + i);
-      best = v > best ? v : best;
-      any_nan |= v != v;
-    }
+    vint any_nan;
+    const vfloat best = lanes_largest<true>(x, n, &any_nan);
+    i = n - n % kLanes;
     for (int lane = 0; lane < kLanes; ++lane) {
       largest = std::fmax(largest, best[lane]);
       nan = nan || any_nan[lane];
