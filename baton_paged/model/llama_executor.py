@@ -21,7 +21,7 @@ through the bridge; ``unsupported_reason`` says why.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -127,8 +127,8 @@ class LlamaExecutor:
         ``head_rows`` (the most rows a step samples). Returns the kernels built (none for
         float32 column-block linears, which compile nothing per row count)."""
         layers = [linear for layer in self.layers for linear in layer.linears()]
-        built = packed_linear.warm_up(map(_dense, layers), LARGEST)
-        return built + packed_linear.warm_up([_dense(self.lm_head)], head_rows)
+        built = packed_linear.warm_up(_dense(layers), LARGEST)
+        return built + packed_linear.warm_up(_dense([self.lm_head]), head_rows)
 
     @torch.no_grad()
     def _release(self, linear: Linear, sources: tuple[torch.nn.Module, ...]) -> None:
@@ -138,7 +138,7 @@ class LlamaExecutor:
         itself (``owns_weights``), which nothing else runs; the modules then hold meta tensors,
         so running the HF model fails loudly rather than computing garbage. A lent model keeps
         its weights; the embedding (and an LM head tied to it) stays."""
-        if any(m.weight is self.embed for m in sources) or not _dense(linear).release_weight():
+        if any(m.weight is self.embed for m in sources) or not linear.release_weight():
             return
         for module in sources:
             self.released += module.weight.numel() * module.weight.element_size()
@@ -221,9 +221,11 @@ def _loop_weights(layers: list[Layer]) -> tuple[list, list, list] | None:
     return norms, [linear.packed_weight for linear in linears], [lin.bias for lin in linears]
 
 
-def _dense(linear: Linear) -> PackedLinear:
-    """The packed linear that reads ``linear``'s weight densely (a quantized one's too)."""
-    return linear.dense if isinstance(linear, QuantizedLinear) else linear
+def _dense(linears: Iterable[Linear]) -> list[PackedLinear]:
+    """The packed linears that read ``linears``' weights densely (quantized ones' too, where
+    they keep a dense copy)."""
+    dense = (lin.dense if isinstance(lin, QuantizedLinear) else lin for lin in linears)
+    return [linear for linear in dense if linear is not None]
 
 
 def _linear_maker(quantizer: Quantizer | None, release: Callable | None) -> LinearMaker:

@@ -25,7 +25,12 @@ from baton_paged.model.decoder_kernels import DECODER_KERNELS
 from baton_paged.model.gguf_loading import gguf_file
 from baton_paged.model.gguf_weights import GGUFQuantizer
 from baton_paged.model.llama_executor import LlamaExecutor
-from baton_paged.model.quantized_linear import KERNEL_DTYPE, METHODS, Quantization
+from baton_paged.model.quantized_linear import (
+    KERNEL_DTYPE,
+    METHODS,
+    Quantization,
+    reads_quantized,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -188,11 +193,12 @@ def choose_executor(
             raise ValueError(f"{wanted} needs the native executor, which cannot run here: {reason}")
         logger.info("running the model through the transformers bridge: %s", reason)
         return None
-    if quantized and config.torch_dtype != KERNEL_DTYPE:
+    if quantized and not reads_quantized(config.quantization, config.torch_dtype):
         logger.warning(
-            "quantization=%s with %s activations runs the quantized weights densely (torch's "
-            "quantized CPU kernels are slower than its %s matmuls): no speed-up; use bfloat16",
+            "quantization=%s with %s activations runs the quantized weights densely (no "
+            "quantized kernel here is faster than the %s matmuls): no speed-up; use bfloat16%s",
             config.quantization, config.dtype, config.dtype,
+            ", or int8 on a CPU with AVX-512" if config.quantization != "int8" else "",
         )  # fmt: skip
     quantization = _quantization(config, model)
     kernels = DECODER_KERNELS.kernels()

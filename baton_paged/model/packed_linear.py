@@ -45,7 +45,7 @@ class PackedLinear:
         self.weight, self.bias = weight, bias
         self.in_features = weight.shape[1]
         self._blocked = _blocked_kernel(weight, bias)
-        self._blocks = _in_blocks(weight) if self._blocked else None
+        self._blocks = in_column_blocks(weight) if self._blocked else None
         self._packed = None if self._blocked else _pack(weight)
 
     @property
@@ -114,9 +114,18 @@ def warm_up(linears: Iterable[PackedLinear], max_rows: int) -> int:
     return built
 
 
+def column_block_kernel(weight: torch.Tensor) -> Callable | None:
+    """``csrc/blocked_linear.cpp`` where it can read ``weight`` (float32 or int8 codes) in
+    column blocks: a CPU weight whose output count is a multiple of 32, on a library built for
+    AVX-512; else None."""
+    if weight.device.type != "cpu" or weight.shape[0] % BLOCK:
+        return None
+    return getattr(DECODER_KERNELS.kernels(), "blocked_linear", None)  # None: no AVX-512
+
+
 def _blocked_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable | None:
-    """The float32 column-block kernel where it takes this weight, else None."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or weight.shape[0] % BLOCK:
+    """The float32 column-block kernel where it takes this weight and bias, else None."""
+    if weight.dtype != torch.float32:
         return None
     if bias is not None and (
         bias.dtype != torch.float32
@@ -125,10 +134,10 @@ def _blocked_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable
         or bias.shape != (weight.shape[0],)
     ):
         return None
-    return getattr(DECODER_KERNELS.kernels(), "blocked_linear", None)  # None: no AVX-512
+    return column_block_kernel(weight)
 
 
-def _in_blocks(weight: torch.Tensor) -> torch.Tensor:
+def in_column_blocks(weight: torch.Tensor) -> torch.Tensor:
     """``[n, k]`` -> ``[n / 32, k, 32]``: ``blocks[b, k, c] = weight[32 b + c, k]``."""
     n, k = weight.shape
     return weight.detach().view(n // BLOCK, BLOCK, k).transpose(1, 2).contiguous()

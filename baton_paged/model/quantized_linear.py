@@ -2,16 +2,26 @@
 
 Why: a CPU decode step at small batch sizes reads every weight once per step, and its time is
 those bytes over the memory bandwidth. int8 reads half of bfloat16's bytes, int4 a quarter (plus
-a scale, and for int4 a zero, per group). PyTorch's own CPU kernels (``_weight_int8pack_mm``,
-``_weight_int4pack_mm_for_cpu``) widen the weights as they read them; measured here on
-SmolLM2-135M's 120 projections (bfloat16 activations, 2 threads, weights out of cache), per
-token at 1 row: oneDNN bfloat16 5.42 ms, int8 3.96 ms, int4 2.48 ms. They are matrix-vector
-kernels, though: at 8 rows int8 takes 8.3 ms against oneDNN's 6.5, at 16 rows both are slower,
-and with float32 activations they are 7-17x slower than float32's own oneDNN matmuls at any row
-count. So a ``QuantizedLinear`` runs the quantized kernel for up to ``KERNEL_ROWS`` rows of
-bfloat16 (decode steps of small batches, a single stream) and otherwise a ``PackedLinear`` on the
-same weights dequantized (prefill, large batches; float32 always: oneDNN, or for float32 on
-AVX-512 our column-block kernel): one model, two ways to read it.
+a scale, and for int4 a zero, per group). The kernels widen the weights as they read them:
+
+- int8 on AVX-512: our column-block kernel (``csrc/blocked_linear.cpp``, ``BlockedInt8Linear``),
+  float32 or bfloat16 activations, float32 sums. On SmolLM2-135M's four layer projections (an
+  Intel Xeon, 2 threads, weights out of cache) at 1 row: 0.16-0.18 ms against 0.50 for float32
+  in the same kernel, 0.30 for torch's ``_weight_int8pack_mm`` and 0.39 for oneDNN bfloat16; at
+  float32 prefill sizes (256-512 rows) on a par with float32's (each block pair is widened once
+  and multiplied by every row). So float32 reads int8 codes at every row count, and holds no
+  dense copy; bfloat16 up to ``BLOCKED_INT8_ROWS`` rows, beyond which oneDNN's AMX matmul on the
+  dequantized weight is faster (0.98 against 5.1 ms at 256 rows).
+- Elsewhere, and for int4: PyTorch's CPU kernels (``_weight_int8pack_mm``,
+  ``_weight_int4pack_mm_for_cpu``), measured on SmolLM2-135M's 120 projections (bfloat16
+  activations) per token at 1 row: oneDNN bfloat16 5.42 ms, int8 3.96 ms, int4 2.48 ms. They
+  are matrix-vector kernels: at 8 rows int8 takes 8.3 ms against oneDNN's 6.5, and with float32
+  activations they are 7-17x slower than float32's own matmuls at any row count. So they take
+  up to ``KERNEL_ROWS`` rows of bfloat16 (decode steps of small batches, a single stream), and
+  float32 reads those weights densely.
+
+A ``QuantizedLinear`` runs the quantized kernel for the rows it takes and otherwise a
+``PackedLinear`` on the same weights dequantized: one model, two ways to read it.
 
 The formats (``Int8Weights``, ``Int4Weights``), each with its dequantized form:
 
@@ -26,7 +36,8 @@ Scales and zeros are kept in float32 and handed to the kernels in the activation
 fused weights, which the HF modules view), so the model the engine holds is the quantized model
 whichever path reads it. Memory: for bfloat16 the int8 / int4 copy comes on top of oneDNN's
 packed one (+50% / +31% of the weights' bytes; the HF modules' dense weights go too for a model
-the engine loaded itself): quantization here makes reading faster, not yet the model smaller.
+the engine loaded itself): quantization there makes reading faster, not the model smaller. int8
+under float32 activations on AVX-512 keeps its codes alone: a quarter of float32's bytes.
 
 Quantized at every load, not cached: with the arithmetic in blocks of rows
 (``quantize_math.in_row_blocks``), building a Llama-3.2-1B-shaped executor in bfloat16 took
@@ -44,8 +55,9 @@ from typing import ClassVar
 
 import torch
 
+from baton_paged.model.decoder_kernels import DECODER_KERNELS
 from baton_paged.model.int8_groups import GroupInt8Linear, Int8GroupWeights
-from baton_paged.model.packed_linear import PackedLinear
+from baton_paged.model.packed_linear import PackedLinear, column_block_kernel, in_column_blocks
 from baton_paged.model.quantize_math import asymmetric_groups, in_row_blocks, row_scales
 
 METHODS = ("int8", "int4")
@@ -64,6 +76,10 @@ KERNEL_ROWS = {"int8": 4, "int4": 8, "int8-groups": 4}
 crossovers measured on SmolLM2-135M's projections (module docstring): int8 is faster up to 4
 rows (4.1 against 6.0 ms), int4 up to 8 (5.9 against 6.5 ms), int8 groups (``int8_groups.py``)
 up to 4 (5.8 against 6.4 ms)."""
+BLOCKED_INT8_ROWS = 6
+"""Most rows of bfloat16 activations the column-block int8 kernel (``BlockedInt8Linear``) takes
+before oneDNN's bfloat16 matmul on the dequantized weight: measured on SmolLM2-135M's four layer
+projections (2 threads, weights out of cache), 0.32 against 0.38 ms at 6 rows, even at 7."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +182,22 @@ class Int8Linear:
         return _plus(torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale), self.bias)
 
 
+class BlockedInt8Linear:
+    """``layer(x)`` = ``F.linear(x, weights.dequantized(x.dtype), bias)``, reading the int8 codes
+    in column blocks (``csrc/blocked_linear.cpp``): float32 sums, float32 or bfloat16 ``x``, any
+    row count, each row's result independent of the others in the call."""
+
+    def __init__(self, weights: Int8Weights, dtype: torch.dtype, bias, kernel: Callable):
+        self.codes = in_column_blocks(weights.q)
+        self.scale = weights.scale.to(dtype).float()  # rounded as ``dequantized`` rounds it
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.in_features = weights.q.shape[1]
+        self._kernel = kernel
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._kernel(x, self.codes, self.bias, self.scale)
+
+
 class Int4Linear:
     """``layer(x)`` = ``F.linear(x, weights.dequantized(x.dtype), bias)``, reading packed int4."""
 
@@ -192,17 +224,22 @@ def _plus(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 class QuantizedLinear:
     """``layer(x)`` = ``F.linear(x, dequantized weight, bias)``: the quantized kernel for up to
-    ``kernel_rows`` rows, the dense ``PackedLinear`` on the dequantized weight beyond (no kernel:
-    always the dense one)."""
+    ``kernel_rows`` rows, the dense ``PackedLinear`` on the dequantized weight beyond. No kernel:
+    always the dense one; no dense one (``kernel_rows`` None): the kernel for every row count."""
 
-    def __init__(
-        self, kernel: Int8Linear | Int4Linear | None, dense: PackedLinear, kernel_rows: int
-    ):
+    def __init__(self, kernel, dense: PackedLinear | None, kernel_rows: int | None):
         self.kernel, self.dense, self.kernel_rows = kernel, dense, kernel_rows
-        self.in_features = dense.in_features
+        self.in_features = (dense or kernel).in_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.kernel(x) if x.shape[0] <= self.kernel_rows else self.dense(x)
+        if self.dense is None or x.shape[0] <= self.kernel_rows:
+            return self.kernel(x)
+        return self.dense(x)
+
+    def release_weight(self) -> bool:
+        """Let go of the dense weight where what a call reads is the kernel's codes or a packed
+        copy; whether it did."""
+        return self.dense is None or self.dense.release_weight()
 
 
 def quantize(weight: torch.Tensor, method: str) -> QuantizedWeights:
@@ -218,16 +255,36 @@ def quantized_linear(
     weight: torch.Tensor, bias: torch.Tensor | None, weights: QuantizedWeights
 ) -> QuantizedLinear:
     """A linear reading ``weights`` (the quantized form of ``weight``), which ``weight`` is
-    overwritten with in its own dtype. The quantized kernel (and its copy of the weights) exists
-    for bfloat16 only: other dtypes read the dequantized weight through the dense
-    ``PackedLinear`` alone (module docstring)."""
-    kernel = None
-    if weight.dtype == KERNEL_DTYPE:
-        kinds = {"int8": Int8Linear, "int4": Int4Linear, "int8-groups": GroupInt8Linear}
-        kernel = kinds[weights.method](weights, weight.dtype, bias)
+    overwritten with in its own dtype. Which kernel reads them, for how many rows, and whether a
+    dense copy is packed beside: ``_kernel_for`` (module docstring)."""
+    kernel, rows = _kernel_for(weights, weight.dtype, bias)
     weight.copy_(weights.dequantized(weight.dtype))
-    rows = KERNEL_ROWS[weights.method] if kernel is not None else 0
-    return QuantizedLinear(kernel, PackedLinear(weight, bias), rows)
+    dense = None if kernel is not None and rows is None else PackedLinear(weight, bias)
+    return QuantizedLinear(kernel, dense, rows)
+
+
+def reads_quantized(method: str, dtype: torch.dtype) -> bool:
+    """Whether a quantized kernel reads ``method``'s weights under ``dtype`` activations on this
+    machine (else the dequantized weights are read densely: no faster than unquantized)."""
+    if dtype == KERNEL_DTYPE:
+        return True
+    blocked = hasattr(DECODER_KERNELS.kernels(), "blocked_linear")
+    return method == "int8" and dtype == torch.float32 and blocked
+
+
+def _kernel_for(weights: QuantizedWeights, dtype: torch.dtype, bias: torch.Tensor | None):
+    """``(kernel, rows)``: the quantized kernel for ``weights`` under ``dtype`` activations and
+    the most rows it takes (None: every count, so no dense copy); ``(None, 0)``: dense only.
+    int8 codes in column blocks take every row count of float32 and up to ``BLOCKED_INT8_ROWS``
+    of bfloat16; otherwise torch's kernels, and ours for int8 groups, take bfloat16 only."""
+    blocked = column_block_kernel(weights.q) if weights.method == "int8" else None
+    if blocked is not None and dtype in (torch.float32, torch.bfloat16):
+        rows = None if dtype == torch.float32 else BLOCKED_INT8_ROWS
+        return BlockedInt8Linear(weights, dtype, bias, blocked), rows
+    if dtype != KERNEL_DTYPE:
+        return None, 0
+    kinds = {"int8": Int8Linear, "int4": Int4Linear, "int8-groups": GroupInt8Linear}
+    return kinds[weights.method](weights, dtype, bias), KERNEL_ROWS[weights.method]
 
 
 Quantizer = Callable[[torch.Tensor, tuple[torch.nn.Module, ...]], "QuantizedWeights | None"]

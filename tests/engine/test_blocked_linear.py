@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def blocks(weight: torch.Tensor) -> torch.Tensor:
-    return packed_linear._in_blocks(weight)
+    return packed_linear.in_column_blocks(weight)
 
 
 @pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 6, 7, 13, 48, 49, 100, 600])
@@ -91,3 +91,52 @@ def test_other_weights_stay_with_onednn(weight):
     linear = PackedLinear(weight)
     assert linear._blocks is None
     assert linear.packed_weight is linear.onednn_weight
+
+
+def int8_operands(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int8 codes ``[n, k]``, their ``[n]`` scales, and the weight they stand for in float64."""
+    generator = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    scale = torch.rand(n, generator=generator) * 0.01
+    return codes, scale, codes.double() * scale.double()[:, None]
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 7, 48, 49, 100, 600])
+@pytest.mark.parametrize("n, k", [(32, 1), (96, 17), (160, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_int8_codes_equal_the_matmul_on_the_weight_they_stand_for(rows, n, k, dtype):
+    """Codes times a scale per column, for float32 and bfloat16 rows; beyond 48 rows each pair
+    of blocks is widened to floats once (the second work split)."""
+    codes, scale, weight = int8_operands(n, k, rows * 1000 + n + k)
+    bias = torch.randn(n)
+    x = torch.randn(rows, k).to(dtype)
+    got = KERNELS.blocked_linear(x, blocks(codes), bias, scale)
+    reference = F.linear(x.double(), weight, bias.double())
+    assert got.shape == (rows, n) and got.dtype == dtype
+    # bfloat16: the sum's one rounding on the way out
+    atol, rtol = (1e-4 * k**0.5, 1e-5) if dtype == torch.float32 else (1e-4, 2**-8)
+    torch.testing.assert_close(got.double(), reference, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_an_int8_rows_result_does_not_depend_on_the_other_rows(dtype):
+    """Alone and among 61 (both work splits), to the bit."""
+    codes, scale, _ = int8_operands(128, 96, 0)
+    x = torch.randn(61, 96).to(dtype)
+    together = KERNELS.blocked_linear(x, blocks(codes), None, scale)
+    alone = [KERNELS.blocked_linear(x[i : i + 1], blocks(codes), None, scale) for i in range(61)]
+    assert torch.equal(together, torch.cat(alone))
+
+
+@pytest.mark.parametrize(
+    "packed, scale",
+    [
+        (torch.zeros(2, 16, 32, dtype=torch.int8), None),  # codes without their scale
+        (torch.randn(2, 16, 32), torch.ones(64)),  # a scale for float weights
+        (torch.zeros(2, 16, 32, dtype=torch.int8), torch.ones(32)),  # a scale of one block
+        (torch.zeros(2, 16, 32, dtype=torch.int8), torch.ones(64, dtype=torch.float64)),
+    ],
+)
+def test_misfit_scales_are_refused(packed, scale):
+    with pytest.raises(RuntimeError, match="blocked_linear"):
+        KERNELS.blocked_linear(torch.randn(2, 16), packed, None, scale)

@@ -18,6 +18,8 @@ from baton_paged.model import llama_executor, quantize_math
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
 from baton_paged.model.int8_groups import Int8GroupWeights
 from baton_paged.model.quantized_linear import (
+    BLOCKED_INT8_ROWS,
+    BlockedInt8Linear,
     Int4Weights,
     Int8Weights,
     Quantization,
@@ -91,8 +93,8 @@ def test_int4_refuses_shapes_it_cannot_pack_before_touching_the_weight():
 def test_both_ways_of_reading_a_quantized_linear_equal_a_matmul_on_its_dequantized_weights(
     method, dtype, rows
 ):
-    """The quantized kernel (bfloat16 only) and oneDNN on the dequantized weight, each called
-    directly; and the weight handed in now holds the dequantized values."""
+    """The quantized kernel and the dense linear on the dequantized weight, each called directly
+    where the layer has it; and the weight handed in now holds the dequantized values."""
     torch.manual_seed(0)
     weight, bias = torch.randn(96, 160, dtype=dtype) * 0.1, torch.randn(96, dtype=dtype)
     x = torch.randn(rows, 160, dtype=dtype)
@@ -101,20 +103,29 @@ def test_both_ways_of_reading_a_quantized_linear_equal_a_matmul_on_its_dequantiz
     layer = quantized_linear(weight, bias, quantize(weight, method))
     assert torch.equal(weight, dense)
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
-    reads = (layer.kernel, layer.dense, layer) if dtype == torch.bfloat16 else (layer.dense, layer)
+    reads = [read for read in (layer.kernel, layer.dense, layer) if read is not None]
     for read in reads:
         got = read(x)
         assert got.dtype == dtype and got.shape == (rows, 96)
         torch.testing.assert_close(got.float(), expected, atol=tolerance, rtol=tolerance)
 
 
+BLOCKED = hasattr(DECODER_KERNELS.kernels(), "blocked_linear")
+"""Whether int8 codes are read in column blocks (the decoder library built for AVX-512)."""
+
+
 @pytest.mark.parametrize(
     ("method", "dtype", "kernel_rows"),
-    [("int8", torch.bfloat16, 4), ("int4", torch.bfloat16, 8), ("int8", torch.float32, 0)],
+    [
+        ("int8", torch.bfloat16, BLOCKED_INT8_ROWS if BLOCKED else 4),
+        ("int4", torch.bfloat16, 8),
+        ("int4", torch.float32, 0),
+    ],
 )
-def test_the_kernel_takes_a_few_rows_of_bfloat16_and_onednn_the_rest(method, dtype, kernel_rows):
-    """float32 never takes the quantized kernels (torch's are far slower than oneDNN there), so
-    it keeps no quantized copy of the weights either."""
+def test_the_kernel_takes_a_few_rows_of_bfloat16_and_the_dense_copy_the_rest(
+    method, dtype, kernel_rows
+):
+    """float32 never takes torch's quantized kernels (far slower than the dense matmuls there)."""
     weight = torch.randn(64, 64, dtype=dtype)
     layer = quantized_linear(weight, None, quantize(weight, method))
     assert layer.kernel_rows == kernel_rows
@@ -126,6 +137,18 @@ def test_the_kernel_takes_a_few_rows_of_bfloat16_and_onednn_the_rest(method, dty
         layer(torch.zeros(max(rows, 1), 64, dtype=dtype))
     expected = ["kernel", "kernel", "dense"] if kernel_rows else ["dense", "dense", "dense"]
     assert calls == expected
+
+
+@pytest.mark.skipif(not BLOCKED, reason="the decoder library is not built for AVX-512")
+def test_float32_int8_reads_only_its_codes_at_every_row_count():
+    """No dense copy packed beside the codes, so the layer lets the float weight go."""
+    weight, bias = torch.randn(96, 64), torch.randn(96)
+    layer = quantized_linear(weight, bias, quantize(weight, "int8"))
+    assert isinstance(layer.kernel, BlockedInt8Linear) and layer.dense is None
+    assert layer.kernel.codes.dtype == torch.int8 and layer.release_weight()
+    for rows in (1, 49, 300):
+        x = torch.randn(rows, 64)
+        torch.testing.assert_close(layer(x), F.linear(x, weight, bias), atol=1e-4, rtol=1e-4)
 
 
 def dequantized_copy(model, method: str):
@@ -180,7 +203,7 @@ def test_quantized_engine_greedy_tokens_equal_hf_generate_on_the_dequantized_wei
     path = tiny_model_dir("llama")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     reference = dequantized_copy(model, method)
-    # float32 reads the quantized weights densely (PackedLinear), as HF's forward does
+    # float32: int8 codes in column blocks, scaled after the sum; int4 densely (PackedLinear)
     expected, got = greedy_pair(reference, str(path), dtype="float32", quantization=method)
     assert got == expected
 

@@ -1,25 +1,31 @@
-// out = x @ W.T (+ b) in float32 on AVX-512, W packed once into blocks of 32 output columns:
-// packed[b, k, c] = W[32 b + c, k] (baton_paged/model/packed_linear.py packs it).
+// out = x @ W.T (+ b) on AVX-512, W packed once into blocks of 32 output columns:
+// packed[b, k, c] = W[32 b + c, k] (baton_paged/model/packed_linear.py packs it), its values
+// float32, or int8 codes with a float32 scale per output column (W[n, k] = codes[n, k] * scale[n]:
+// quantized_linear.py's int8). x and out are float32 or bfloat16; the sums are float32.
 //
 // Why our own: oneDNN's float32 kernels on their own packed weights read that weight at 30-40
 // GB/s in a decode step of one row, where a plain matrix-vector product reads it at ~50 (an
 // Intel Xeon with AMX, 2 threads; measured, 0.56-0.82x oneDNN's time at one row), and a single
 // stream is nothing but such steps. From 4 rows up this kernel is on a par with oneDNN (0.81-0.96x
 // at 32 rows, 0.93-1.10x at 256-512), so one packed copy serves every row count, and with no
-// kernel to compile per row count there is nothing to pad rows to.
+// kernel to compile per row count there is nothing to pad rows to. int8 codes are a quarter of
+// float32's bytes, widened in registers; torch's own int8 kernel is a matrix-vector one.
 //
 // The loop: a tile of up to 6 rows x 64 columns (two blocks) keeps 24 accumulators in registers;
 // per input k it loads the 64 weights once and multiplies them into every row's accumulators.
-// Each output is summed over k in order, in one accumulator, whatever the tile: a row's result
-// does not depend on the other rows in the call.
+// Each output is summed over k in order, in one accumulator, whatever the tile, and scaled after:
+// a row's result does not depend on the other rows in the call.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
+#include <cstring>
 #include <optional>
+#include <type_traits>
 
+#include "cpu_common.h"
 #include "decoder_ops.h"
 
 #ifdef __AVX512F__
@@ -32,96 +38,167 @@ constexpr int64_t kTileRows = 6;   // rows a tile of two blocks keeps in registe
 constexpr int64_t kRowChunk = 48;  // rows one work item covers, for larger calls
 
 struct Operands {
-  const float* x;     // [rows, k]
-  const float* w;     // [blocks, k, 32]
-  const float* bias;  // [blocks * 32] or null
-  float* out;         // [rows, blocks * 32]
-  int64_t k, width;   // inputs; output columns
+  const float* x;      // [rows, k]
+  const float* scale;  // [blocks * 32] (int8 codes) or null
+  const float* bias;   // [blocks * 32] or null
+  void* out;           // [rows, blocks * 32], float or bfloat16
+  int64_t k, width;    // inputs; output columns
 };
 
-// Rows [row, row + R) x blocks [block, block + Blocks) (Blocks: 1 or 2).
-template <int R, int Blocks>
-void tile(const Operands& op, int64_t row, int64_t block) {
+// 16 weights as floats: int8 codes are widened (exactly).
+inline __m512 lanes(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 lanes(const int8_t* p) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+}
+
+inline void store_lanes(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store_lanes(c10::BFloat16* p, __m512 v) {
+  baton::vfloat half[2];
+  std::memcpy(half, &v, sizeof v);
+  baton::store(p, half[0]);
+  baton::store(p + baton::kLanes, half[1]);
+}
+
+// Rows [row, row + R) x blocks [block, block + Blocks) (Blocks: 1 or 2); w: the first block's
+// [k, 32] weights, the second's after them.
+template <int R, int Blocks, typename W, typename Out>
+void tile(const Operands& op, const W* w, int64_t row, int64_t block) {
   constexpr int J = 2 * Blocks;  // 16-lane vectors a row
   __m512 acc[R][J];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
   const float* x = op.x + row * op.k;
-  const float* first = op.w + block * op.k * kBlock;
-  const float* second = first + op.k * kBlock;
+  const W* second = w + op.k * kBlock;
   for (int64_t k = 0; k < op.k; ++k) {
-    __m512 w[J];
-    w[0] = _mm512_loadu_ps(first + k * kBlock);
-    w[1] = _mm512_loadu_ps(first + k * kBlock + 16);
+    __m512 wk[J];
+    wk[0] = lanes(w + k * kBlock);
+    wk[1] = lanes(w + k * kBlock + 16);
     if constexpr (Blocks == 2) {
-      w[2] = _mm512_loadu_ps(second + k * kBlock);
-      w[3] = _mm512_loadu_ps(second + k * kBlock + 16);
+      wk[2] = lanes(second + k * kBlock);
+      wk[3] = lanes(second + k * kBlock + 16);
     }
     for (int r = 0; r < R; ++r) {
       const __m512 xr = _mm512_set1_ps(x[r * op.k + k]);
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(xr, w[j], acc[r][j]);
+      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(xr, wk[j], acc[r][j]);
     }
   }
-  float* out = op.out + row * op.width + block * kBlock;
+  const int64_t column = block * kBlock;
+  Out* out = static_cast<Out*>(op.out) + row * op.width + column;
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < J; ++j) {
       __m512 v = acc[r][j];
-      if (op.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(op.bias + block * kBlock + 16 * j));
-      _mm512_storeu_ps(out + r * op.width + 16 * j, v);
+      if (op.scale) v = _mm512_mul_ps(v, _mm512_loadu_ps(op.scale + column + 16 * j));
+      if (op.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(op.bias + column + 16 * j));
+      store_lanes(out + r * op.width + 16 * j, v);
     }
   }
 }
 
-template <int Blocks>
-void rows(const Operands& op, int64_t begin, int64_t end, int64_t block) {
+template <int Blocks, typename W, typename Out>
+void rows(const Operands& op, const W* w, int64_t block, int64_t begin, int64_t end) {
   int64_t row = begin;
-  for (; row + kTileRows <= end; row += kTileRows) tile<kTileRows, Blocks>(op, row, block);
-  for (; row + 4 <= end; row += 4) tile<4, Blocks>(op, row, block);
-  for (; row + 2 <= end; row += 2) tile<2, Blocks>(op, row, block);
-  for (; row < end; ++row) tile<1, Blocks>(op, row, block);
+  for (; row + kTileRows <= end; row += kTileRows) tile<kTileRows, Blocks, W, Out>(op, w, row, block);
+  for (; row + 4 <= end; row += 4) tile<4, Blocks, W, Out>(op, w, row, block);
+  for (; row + 2 <= end; row += 2) tile<2, Blocks, W, Out>(op, w, row, block);
+  for (; row < end; ++row) tile<1, Blocks, W, Out>(op, w, row, block);
 }
 
-// Blocks [begin, end) for rows [row, row_end): in pairs, a last odd one alone.
-void blocks(const Operands& op, int64_t begin, int64_t end, int64_t row, int64_t row_end) {
+// Blocks [begin, end) for rows [row, row_end), in pairs, a last odd one alone; w: block begin's
+// weights, the others' after them.
+template <typename W, typename Out>
+void blocks(const Operands& op, const W* w, int64_t begin, int64_t end, int64_t row,
+            int64_t row_end) {
+  const int64_t size = op.k * kBlock;
   int64_t block = begin;
-  for (; block + 2 <= end; block += 2) rows<2>(op, row, row_end, block);
-  if (block < end) rows<1>(op, row, row_end, block);
+  for (; block + 2 <= end; block += 2) rows<2, W, Out>(op, w + (block - begin) * size, block, row, row_end);
+  if (block < end) rows<1, W, Out>(op, w + (block - begin) * size, block, row, row_end);
+}
+
+// w's first n values as floats, into floats (n a multiple of 16).
+template <typename W>
+void widen(const W* w, int64_t n, float* floats) {
+  for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(floats + i, lanes(w + i));
+}
+
+template <typename W, typename Out>
+void multiply(const Operands& op, const W* w, int64_t count, int64_t n_rows) {
+  const int64_t size = op.k * kBlock;
+  if (n_rows <= kRowChunk) {  // each thread its own run of blocks, read once
+    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+      blocks<W, Out>(op, w + begin * size, begin, end, 0, n_rows);
+    });
+    return;
+  }
+  // Many rows: items of a block pair x a chunk of rows, a pair's chunks in a row, so that the
+  // pair's weights are read from memory once and from cache for its other chunks. int8 codes are
+  // widened once a pair and thread, so the tiles' inner loop is float32's.
+  const int64_t pairs = (count + 1) / 2, chunks = (n_rows + kRowChunk - 1) / kRowChunk;
+  at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
+    at::Tensor widened;  // 64-byte aligned, as the weights' tensor is: no load splits a line
+    if constexpr (!std::is_same_v<W, float>) widened = at::empty({2 * size}, at::kFloat);
+    int64_t widened_pair = -1;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t pair = item / chunks, block = 2 * pair, row = (item % chunks) * kRowChunk;
+      const int64_t last = std::min(block + 2, count), row_end = std::min(n_rows, row + kRowChunk);
+      if constexpr (std::is_same_v<W, float>) {
+        blocks<float, Out>(op, w + block * size, block, last, row, row_end);
+      } else {
+        float* floats = widened.data_ptr<float>();
+        if (pair != widened_pair) widen(w + block * size, (last - block) * size, floats);
+        widened_pair = pair;
+        blocks<float, Out>(op, floats, block, last, row, row_end);
+      }
+    }
+  });
+}
+
+template <typename Out>
+void multiply_by(const at::Tensor& packed, const Operands& op, int64_t n_rows) {
+  const int64_t count = packed.size(0);
+  if (packed.scalar_type() == at::kFloat) {
+    multiply<float, Out>(op, packed.data_ptr<float>(), count, n_rows);
+  } else {
+    multiply<int8_t, Out>(op, packed.data_ptr<int8_t>(), count, n_rows);
+  }
+}
+
+void check_operands(const at::Tensor& x, const at::Tensor& packed,
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
+                  (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "blocked_linear: x must be a float32 or bfloat16 [rows, k] CPU tensor");
+  TORCH_CHECK(packed.device().is_cpu() && packed.dim() == 3 && packed.is_contiguous() &&
+                  (packed.scalar_type() == at::kFloat || packed.scalar_type() == at::kChar) &&
+                  packed.size(1) == x.size(1) && packed.size(2) == kBlock,
+              "blocked_linear: packed must be a contiguous float32 or int8 [n / 32, k, 32] CPU "
+              "tensor");
+  const int64_t width = packed.size(0) * kBlock;
+  const auto is_row = [width](const at::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+           t.numel() == width;
+  };
+  TORCH_CHECK(!bias || is_row(*bias), "blocked_linear: bias must be a contiguous float32 [n] CPU tensor");
+  TORCH_CHECK(scale.has_value() == (packed.scalar_type() == at::kChar),
+              "blocked_linear: int8 codes need a scale, float32 weights take none");
+  TORCH_CHECK(!scale || is_row(*scale), "blocked_linear: scale must be a contiguous float32 [n] CPU tensor");
 }
 
 }  // namespace
 
 at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& packed,
-                          const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2,
-              "blocked_linear: x must be a float32 [rows, k] CPU tensor");
-  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kFloat && packed.dim() == 3 &&
-                  packed.is_contiguous() && packed.size(1) == x.size(1) &&
-                  packed.size(2) == kBlock,
-              "blocked_linear: packed must be a contiguous float32 [n / 32, k, 32] CPU tensor");
-  const int64_t count = packed.size(0), width = count * kBlock, n_rows = x.size(0);
-  TORCH_CHECK(!bias || (bias->device().is_cpu() && bias->scalar_type() == at::kFloat &&
-                        bias->is_contiguous() && bias->numel() == width),
-              "blocked_linear: bias must be a contiguous float32 [n] CPU tensor");
-  const at::Tensor input = x.contiguous();
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& scale) {
+  check_operands(x, packed, bias, scale);
+  const int64_t width = packed.size(0) * kBlock, n_rows = x.size(0);
+  const at::Tensor input = x.to(at::kFloat).contiguous();  // bfloat16 rows widened once
   at::Tensor out = at::empty({n_rows, width}, x.options());
-  const Operands op{input.data_ptr<float>(), packed.data_ptr<float>(),
-                    bias ? bias->data_ptr<float>() : nullptr, out.data_ptr<float>(), x.size(1),
-                    width};
-  if (n_rows <= kRowChunk) {  // each thread its own run of blocks, read once
-    at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      blocks(op, begin, end, 0, n_rows);
-    });
-    return out;
+  const Operands op{input.data_ptr<float>(), scale ? scale->data_ptr<float>() : nullptr,
+                    bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), x.size(1), width};
+  if (x.scalar_type() == at::kFloat) {
+    multiply_by<float>(packed, op, n_rows);
+  } else {
+    multiply_by<c10::BFloat16>(packed, op, n_rows);
   }
-  // Many rows: items of a block pair x a chunk of rows, a pair's chunks in a row, so that the
-  // pair's weights are read from memory once and from cache for its other chunks.
-  const int64_t pairs = (count + 1) / 2, chunks = (n_rows + kRowChunk - 1) / kRowChunk;
-  at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t block = 2 * (item / chunks), row = (item % chunks) * kRowChunk;
-      blocks(op, block, std::min(block + 2, count), row, std::min(n_rows, row + kRowChunk));
-    }
-  });
   return out;
 }
 

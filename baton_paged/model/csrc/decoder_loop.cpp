@@ -49,7 +49,7 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
                   const std::optional<at::Tensor>& bias, const std::vector<int64_t>& buckets) {
 #ifdef __AVX512F__
-  if (!packed.is_mkldnn()) return blocked_linear(x, packed, bias);
+  if (!packed.is_mkldnn()) return blocked_linear(x, packed, bias, std::nullopt);
 #endif
   const int64_t rows = x.size(0), largest = buckets.back();
   if (rows > largest) {

@@ -18,11 +18,12 @@ void silu_and_mul(at::Tensor out, const at::Tensor& x);
 void group_int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& codes,
                        const at::Tensor& scale, const at::Tensor& zero, int64_t group);
 
-// blocked_linear.cpp: float32 x @ W.T (+ b), W packed into blocks of 32 columns ([n / 32, k, 32]);
-// built where the compiler targets AVX-512
+// blocked_linear.cpp: x @ W.T (+ b), W packed into blocks of 32 columns ([n / 32, k, 32]), float32
+// or int8 codes times a scale per column; built where the compiler targets AVX-512
 #ifdef __AVX512F__
 at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& packed,
-                          const std::optional<at::Tensor>& bias);
+                          const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& scale);
 #endif
 
 // row_argmax.cpp: each row's torch.argmax, float32 or bfloat16
