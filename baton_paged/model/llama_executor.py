@@ -33,6 +33,7 @@ from baton_paged.attention.cpu_paged_backend import CpuPagedBackend
 from baton_paged.model import packed_linear
 from baton_paged.model.packed_linear import PackedLinear
 from baton_paged.model.quantized_linear import (
+    BlockedInt8Linear,
     Quantization,
     QuantizedLinear,
     Quantizer,
@@ -119,7 +120,7 @@ class LlamaExecutor:
         self.layers = [_fuse(layer, linear) for layer in model.model.layers]
         self.cos, self.sin = _rope_table(model, max_positions)
         self._loop = _loop_weights(self.layers) if hasattr(kernels, "decoder_layers") else None
-        """The layers' flat weights for the C++ layer loop; None keeps the Python loop."""
+        """The layers' weights for the C++ layer loop; None keeps the Python loop."""
 
     def warm_up(self, head_rows: int) -> int:
         """Have oneDNN build its kernels for every row bucket now (``row_buckets.py``), not in
@@ -181,15 +182,15 @@ class LlamaExecutor:
         self, residual: torch.Tensor, positions: torch.Tensor, step: PagedStep
     ) -> torch.Tensor:
         """``_layers`` as one call into ``csrc/decoder_loop.cpp`` (the same kernels in the same
-        order, so the same bits), for dense packed linears on ``cpu_paged`` attention."""
-        norms, weights, biases = self._loop
-        meta, cache = step.metadata, step.cache
+        order, so the same bits), for packed linears (int8 codes in column blocks too) on
+        ``cpu_paged`` attention."""
+        w, meta, cache = self._loop, step.metadata, step.cache
         write_kv, paged_attention = step.backend.kernel_addresses
         return self.kernels.decoder_layers(
-            residual, norms, weights, biases, ROW_BUCKETS, positions, self.cos, self.sin,
-            cache.layer_keys, cache.layer_values, meta.slot_mapping, meta.block_table,
-            meta.cu_seqlens_q, meta.seqused_k, self.num_heads, self.scale, self.eps, write_kv,
-            paged_attention,
+            residual, w.norms, w.weights, w.codes, w.scales, w.biases, w.code_rows, ROW_BUCKETS,
+            positions, self.cos, self.sin, cache.layer_keys, cache.layer_values,
+            meta.slot_mapping, meta.block_table, meta.cu_seqlens_q, meta.seqused_k,
+            self.num_heads, self.scale, self.eps, write_kv, paged_attention,
         )  # fmt: skip
 
     def _attention(
@@ -211,14 +212,47 @@ class LlamaExecutor:
         return layer.o(out.view(tokens, q_width))
 
 
-def _loop_weights(layers: list[Layer]) -> tuple[list, list, list] | None:
-    """``(norms, weights, biases)`` as ``decoder_layers`` reads them (two norms, four packed
-    weights and their biases a layer), or None where a linear is quantized or not packed."""
-    linears = [linear for layer in layers for linear in layer.linears()]
-    if not all(isinstance(linear, PackedLinear) and linear.packed for linear in linears):
-        return None
+@dataclass(frozen=True)
+class LoopWeights:
+    """The layers as ``decoder_layers`` reads them: two norms a layer, and per linear what it
+    reads (float32 column blocks, oneDNN's packing, or int8 codes alone), its int8 codes where it
+    reads them for up to ``code_rows`` rows beside a dense copy, the scale of its codes, its
+    bias."""
+
+    norms: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    codes: list[torch.Tensor | None]
+    scales: list[torch.Tensor | None]
+    biases: list[torch.Tensor | None]
+    code_rows: int
+
+
+def _loop_weights(layers: list[Layer]) -> LoopWeights | None:
+    """The layers' weights for the C++ loop, or None where a linear is read otherwise."""
     norms = [norm for layer in layers for norm in (layer.input_norm, layer.post_attention_norm)]
-    return norms, [linear.packed_weight for linear in linears], [lin.bias for lin in linears]
+    linears = [linear for layer in layers for linear in layer.linears()]
+    parts = [_loop_parts(linear) for linear in linears]
+    if None in parts:
+        return None
+    code_rows = {lin.kernel_rows for lin, p in zip(linears, parts, strict=True) if p[1] is not None}
+    if len(code_rows) > 1:
+        return None
+    weights, codes, scales, biases = (list(column) for column in zip(*parts, strict=True))
+    return LoopWeights(norms, weights, codes, scales, biases, max(code_rows, default=0))
+
+
+def _loop_parts(linear: Linear) -> tuple | None:
+    """``(weight, codes, scale, bias)`` of ``linear`` as ``LoopWeights`` lists them, or None
+    where the C++ loop cannot read it (unpacked, or quantized other than int8 codes in column
+    blocks)."""
+    if isinstance(linear, PackedLinear):
+        return (linear.packed_weight, None, None, linear.bias) if linear.packed else None
+    if not isinstance(linear, QuantizedLinear) or not isinstance(linear.kernel, BlockedInt8Linear):
+        return None
+    kernel, dense = linear.kernel, linear.dense
+    if dense is None:
+        return kernel.codes, None, kernel.scale, kernel.bias
+    return (dense.packed_weight, kernel.codes, kernel.scale, kernel.bias) if dense.packed else None
 
 
 def _dense(linears: Iterable[Linear]) -> list[PackedLinear]:

@@ -190,7 +190,7 @@ class BlockedInt8Linear:
     def __init__(self, weights: Int8Weights, dtype: torch.dtype, bias, kernel: Callable):
         self.codes = in_column_blocks(weights.q)
         self.scale = weights.scale.to(dtype).float()  # rounded as ``dequantized`` rounds it
-        self.bias = None if bias is None else bias.float().contiguous()
+        self.bias = None if bias is None else bias.contiguous()  # widened by the kernel
         self.in_features = weights.q.shape[1]
         self._kernel = kernel
 

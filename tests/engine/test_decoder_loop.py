@@ -1,6 +1,6 @@
 """The C++ layer loop (``csrc/decoder_loop.cpp``) gives the Python loop's logits to the bit, and
-the executor takes it only where it can run: dense packed linears (float32 column blocks, or
-oneDNN's) on ``cpu_paged`` attention."""
+the executor takes it only where it can run: packed linears (float32 column blocks, oneDNN's, or
+int8 codes in column blocks) on ``cpu_paged`` attention."""
 
 from __future__ import annotations
 
@@ -51,9 +51,36 @@ def test_the_cpp_loop_gives_the_python_loops_logits_to_the_bit(
     assert torch.equal(in_cpp, in_python)
 
 
-def test_quantized_layers_keep_the_python_loop(tiny_model_dir):
-    model = load(tiny_model_dir, "llama", torch.bfloat16)
+BLOCKED = hasattr(DECODER_KERNELS.kernels(), "blocked_linear")
+
+
+@pytest.mark.skipif(not BLOCKED, reason="int8 codes in column blocks need AVX-512")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_int8_codes_in_the_cpp_loop_give_the_python_loops_logits_to_the_bit(
+    tiny_model_dir, arch, dtype
+):
+    """float32 reads the codes at every row count; bfloat16 reads them for a two-token prompt
+    and its dense oneDNN copy for the 69 tokens of three."""
+    model = load(tiny_model_dir, arch, dtype)
     quantization = Quantization.by_method("int8")
+    for prompts in ([[7, 8]], PROMPTS):
+        with torch.inference_mode():
+            executor = llama_executor.LlamaExecutor(
+                model, DECODER_KERNELS.kernels(), 128, quantization
+            )
+            assert executor._loop is not None
+            attach(model, 128)
+            in_cpp = prefill_logits(executor, model, prompts, dtype)
+            executor._loop = None
+            in_python = prefill_logits(executor, model, prompts, dtype)
+            assert torch.equal(in_cpp, in_python)
+        model = load(tiny_model_dir, arch, dtype)  # the executor rewrote its weights
+
+
+def test_int4_layers_keep_the_python_loop(tiny_model_dir):
+    model = load(tiny_model_dir, "llama", torch.bfloat16)
+    quantization = Quantization.by_method("int4")
     executor = llama_executor.LlamaExecutor(model, DECODER_KERNELS.kernels(), 128, quantization)
     assert executor._loop is None
 

@@ -173,14 +173,17 @@ void check_operands(const at::Tensor& x, const at::Tensor& packed,
               "blocked_linear: packed must be a contiguous float32 or int8 [n / 32, k, 32] CPU "
               "tensor");
   const int64_t width = packed.size(0) * kBlock;
-  const auto is_row = [width](const at::Tensor& t) {
-    return t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
-           t.numel() == width;
+  const auto is_row = [width](const at::Tensor& t, bool or_bfloat16) {
+    const bool dtype = t.scalar_type() == at::kFloat ||
+                       (or_bfloat16 && t.scalar_type() == at::kBFloat16);
+    return t.device().is_cpu() && dtype && t.is_contiguous() && t.numel() == width;
   };
-  TORCH_CHECK(!bias || is_row(*bias), "blocked_linear: bias must be a contiguous float32 [n] CPU tensor");
+  TORCH_CHECK(!bias || is_row(*bias, true),
+              "blocked_linear: bias must be a contiguous float32 or bfloat16 [n] CPU tensor");
   TORCH_CHECK(scale.has_value() == (packed.scalar_type() == at::kChar),
               "blocked_linear: int8 codes need a scale, float32 weights take none");
-  TORCH_CHECK(!scale || is_row(*scale), "blocked_linear: scale must be a contiguous float32 [n] CPU tensor");
+  TORCH_CHECK(!scale || is_row(*scale, false),
+              "blocked_linear: scale must be a contiguous float32 [n] CPU tensor");
 }
 
 }  // namespace
@@ -191,9 +194,10 @@ at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& packed,
   check_operands(x, packed, bias, scale);
   const int64_t width = packed.size(0) * kBlock, n_rows = x.size(0);
   const at::Tensor input = x.to(at::kFloat).contiguous();  // bfloat16 rows widened once
+  const std::optional<at::Tensor> plus = bias ? std::optional(bias->to(at::kFloat)) : std::nullopt;
   at::Tensor out = at::empty({n_rows, width}, x.options());
   const Operands op{input.data_ptr<float>(), scale ? scale->data_ptr<float>() : nullptr,
-                    bias ? bias->data_ptr<float>() : nullptr, out.data_ptr(), x.size(1), width};
+                    plus ? plus->data_ptr<float>() : nullptr, out.data_ptr(), x.size(1), width};
   if (x.scalar_type() == at::kFloat) {
     multiply_by<float>(packed, op, n_rows);
   } else {

@@ -5,7 +5,7 @@
 // microseconds of Python and dispatch around a kernel of tens of us (measured: the small Llama's
 // B=32 bfloat16 decode forward 4.8 -> ~4.3 ms), and the loop holds no GIL while it runs.
 //
-// The matmuls are float32 ones in column blocks (blocked_linear.cpp), or go through torch's
+// The matmuls are float32 or int8 ones in column blocks (blocked_linear.cpp), or go through torch's
 // dispatcher to oneDNN (mkldnn::_linear_pointwise on the weights oneDNN packed), their rows padded
 // to the buckets the caller passes (baton_paged/model/row_buckets.py). Attention is the cpu_paged
 // backend's kernels, in the attention library: that library hands over their addresses
@@ -44,19 +44,21 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
 }
 
 // x @ W.T (+ b): PackedLinear.__call__ (packed_linear.py) step for step. A weight in column
-// blocks goes to blocked_linear.cpp as it is; one oneDNN packed, with x's rows padded with zeros
-// to their bucket, in chunks of the largest bucket beyond it.
+// blocks (float32, or int8 codes with their scale) goes to blocked_linear.cpp as it is; one
+// oneDNN packed, with x's rows padded with zeros to their bucket, in chunks of the largest bucket
+// beyond it.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
-                  const std::optional<at::Tensor>& bias, const std::vector<int64_t>& buckets) {
+                  const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                  const std::vector<int64_t>& buckets) {
 #ifdef __AVX512F__
-  if (!packed.is_mkldnn()) return blocked_linear(x, packed, bias, std::nullopt);
+  if (!packed.is_mkldnn()) return blocked_linear(x, packed, bias, scale);
 #endif
   const int64_t rows = x.size(0), largest = buckets.back();
   if (rows > largest) {
     at::Tensor out = at::empty({rows, packed.size(0)}, x.options());
     for (int64_t start = 0; start < rows; start += largest) {
       const int64_t n = std::min(largest, rows - start);
-      out.narrow(0, start, n).copy_(linear(x.narrow(0, start, n), packed, bias, buckets));
+      out.narrow(0, start, n).copy_(linear(x.narrow(0, start, n), packed, bias, scale, buckets));
     }
     return out;
   }
@@ -67,16 +69,38 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
   return onednn_linear(padded, packed, bias).narrow(0, 0, rows);
 }
 
+// The layers' linears as llama_executor._loop_weights lists them: linear i reads weights[i]
+// (float32 column blocks, oneDNN's packing, or int8 codes alone: QuantizedLinear with no dense
+// copy), or its int8 codes[i] for up to code_rows rows where it has both (QuantizedLinear);
+// scales[i] goes with whichever int8 codes it reads.
+struct Linears {
+  const std::vector<at::Tensor>& weights;
+  const std::vector<std::optional<at::Tensor>>& codes;
+  const std::vector<std::optional<at::Tensor>>& scales;
+  const std::vector<std::optional<at::Tensor>>& biases;
+  int64_t code_rows;
+  const std::vector<int64_t>& buckets;
+
+  at::Tensor operator()(const at::Tensor& x, int64_t i) const {
+    const bool read_codes = codes[i] && x.size(0) <= code_rows;
+    const at::Tensor& packed = read_codes ? *codes[i] : weights[i];
+    const bool int8 = packed.scalar_type() == at::kChar;
+    return linear(x, packed, biases[i], int8 ? scales[i] : std::optional<at::Tensor>(), buckets);
+  }
+};
+
 }  // namespace
 
 // residual [T, hidden]: the embedded tokens in, the residual stream after the last layer out (in
 // place); returns the last layer's output, which the caller adds and norms with the final norm.
-// Per layer l: norms[2l], norms[2l + 1] (input, post-attention); weights[4l .. 4l + 3] and
-// biases alike (QKV, output, gate-up, down; as PackedLinear packed them); keys[l], values[l]
-// its pages.
+// Per layer l: norms[2l], norms[2l + 1] (input, post-attention); linears 4l .. 4l + 3 (QKV,
+// output, gate-up, down: weights, codes, scales and biases alike, Linears above); keys[l],
+// values[l] its pages.
 at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& norms,
                           const std::vector<at::Tensor>& weights,
-                          const std::vector<std::optional<at::Tensor>>& biases,
+                          const std::vector<std::optional<at::Tensor>>& codes,
+                          const std::vector<std::optional<at::Tensor>>& scales,
+                          const std::vector<std::optional<at::Tensor>>& biases, int64_t code_rows,
                           const std::vector<int64_t>& buckets, const at::Tensor& positions,
                           const at::Tensor& cos, const at::Tensor& sin,
                           const std::vector<at::Tensor>& keys,
@@ -88,8 +112,10 @@ at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& no
   TORCH_CHECK(layers > 0 && values.size() == keys.size() &&
                   norms.size() == static_cast<size_t>(2 * layers) &&
                   weights.size() == static_cast<size_t>(4 * layers) &&
+                  codes.size() == weights.size() && scales.size() == weights.size() &&
                   biases.size() == weights.size() && !buckets.empty(),
-              "decoder_layers: 2 norms, 4 weights and 4 biases a layer, one K and V each");
+              "decoder_layers: 2 norms, 4 linears a layer, one K and V each");
+  const Linears linear{weights, codes, scales, biases, code_rows, buckets};
   const auto write_kv = reinterpret_cast<WriteKV>(write_kv_address);
   const auto paged_attention = reinterpret_cast<PagedAttention>(paged_attention_address);
   const int64_t tokens = residual.size(0), kv_heads = keys[0].size(2), dim = keys[0].size(3);
@@ -98,7 +124,7 @@ at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& no
   rms_norm(hidden, residual, norms[0], eps);
   for (int64_t l = 0; l < layers; ++l) {
     if (l) add_rms_norm(hidden, residual, norms[2 * l], eps);
-    const at::Tensor qkv = linear(hidden, weights[4 * l], biases[4 * l], buckets);
+    const at::Tensor qkv = linear(hidden, 4 * l);
     at::Tensor query = qkv.narrow(1, 0, q_width).view({tokens, num_heads, dim});
     at::Tensor key = qkv.narrow(1, q_width, kv_width).view({tokens, kv_heads, dim});
     const at::Tensor value = qkv.narrow(1, q_width + kv_width, kv_width).view({tokens, kv_heads, dim});
@@ -107,13 +133,12 @@ at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& no
     at::Tensor attended = at::empty({tokens, num_heads, dim}, query.options());
     paged_attention(attended, query, keys[l], values[l], block_table, cu_seqlens_q, context_lens,
                     scale);
-    hidden = linear(attended.view({tokens, q_width}), weights[4 * l + 1], biases[4 * l + 1],
-                    buckets);
+    hidden = linear(attended.view({tokens, q_width}), 4 * l + 1);
     add_rms_norm(hidden, residual, norms[2 * l + 1], eps);
-    const at::Tensor gate_up = linear(hidden, weights[4 * l + 2], biases[4 * l + 2], buckets);
+    const at::Tensor gate_up = linear(hidden, 4 * l + 2);
     at::Tensor activated = at::empty({tokens, gate_up.size(1) / 2}, gate_up.options());
     silu_and_mul(activated, gate_up);
-    hidden = linear(activated, weights[4 * l + 3], biases[4 * l + 3], buckets);
+    hidden = linear(activated, 4 * l + 3);
   }
   return hidden;
 }

@@ -32,7 +32,9 @@ at::Tensor row_argmax(const at::Tensor& logits);
 // decoder_loop.cpp
 at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& norms,
                           const std::vector<at::Tensor>& weights,
-                          const std::vector<std::optional<at::Tensor>>& biases,
+                          const std::vector<std::optional<at::Tensor>>& codes,
+                          const std::vector<std::optional<at::Tensor>>& scales,
+                          const std::vector<std::optional<at::Tensor>>& biases, int64_t code_rows,
                           const std::vector<int64_t>& buckets, const at::Tensor& positions,
                           const at::Tensor& cos, const at::Tensor& sin,
                           const std::vector<at::Tensor>& keys,
