@@ -4,27 +4,27 @@ files at their own width, each against llama.cpp's server on the same file.
     python benchmarks/bench_quantized.py [--quick] [--repeats 2] [--threads 2] [--no-llama-cpp]
         [--files Q4_1,Q4_K_M,Q8_0]
 
-The default model (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF, which the engine dequantizes to
-a float32 checkpoint on first use. Our systems on that checkpoint: float32, bfloat16, and
-``quantization="int4"`` (32 inputs a group, asymmetric: the Q4_1 layout, so its blocks come back
-as they were in the file) and ``int8`` (one scale per output channel), the LM head int8 in both,
-with bfloat16 activations. Then ``gguf <file>``: a GGUF file at its own width
-(``gguf_weights.py``) in bfloat16, as ``quantization=None`` runs it; ``gguf Q4_1`` is the default
-model as served (no model named). The other files are made from the default model by
-llama.cpp's converter (float32) and ``llama-quantize`` (``build_llama_cpp.sh quantize``): Q4_K_M
-(on this model's 576-wide rows mostly Q5_0 and Q8_0 fallbacks, Q4_K and Q6_K where rows are
+The default model (SmolLM2-135M-Instruct) ships as a Q4_1 GGUF, which the engine dequantizes to a
+float32 checkpoint on first use. Our systems on that checkpoint: float32, bfloat16, and
+``quantization="int4"`` (32 inputs a group, asymmetric: the Q4_1 layout, so its blocks come back as
+they were in the file) and ``int8`` (one scale per output channel), the LM head int8 in both, with
+bfloat16 activations, and int8 with float32 ones (``int8 float32``). Then ``gguf <file>``: a GGUF
+file at its own width (``gguf_weights.py``) in bfloat16, as ``quantization=None`` runs it; ``gguf
+Q4_1`` is the default model as served (no model named). The other files are made from the default
+model by llama.cpp's converter (float32) and ``llama-quantize`` (``build_llama_cpp.sh quantize``):
+Q4_K_M (on this model's 576-wide rows mostly Q5_0 and Q8_0 fallbacks, Q4_K and Q6_K where rows are
 1536 wide) and Q8_0, whose formats we re-quantize to int8. Each repeat builds every system afresh
 (order rotated): a 4-prompt warm-up, one request alone (the single stream: the perplexity text's
 first 64 tokens, 256 greedy tokens), then ``bench_policies``' workload (64 requests, 32 slots,
 budgets <= 512). llama.cpp: ``llama-server`` (``build_llama_cpp.sh``) on each file, with
-``bench_peers``' settings. Reported: tokens/s and ratios within each repeat (median over
-repeats; "x llama.cpp" is against llama.cpp on the system's own file, Q4_1 for the systems on
-the checkpoint), and the share of the single stream's 256 tokens each system keeps equal to
-float32 before the first difference. Targets (issue 35): the default model at its width (gguf
-Q4_1) and int4 single >= 1.0x llama.cpp, int8 single >= 1.6x float32, batch >= 1.5x llama.cpp;
-perplexity on ``tests/data/perplexity.txt`` (``baton_paged/bench/perplexity.py``,
-llama-perplexity's measure in 512-token windows): int8 within 1% of float32, int4 and every GGUF
-file within 1% of ``llama-perplexity`` on the same file.
+``bench_peers``' settings. Reported: tokens/s and ratios within each repeat (median over repeats;
+"x llama.cpp" is against llama.cpp on the system's own file, Q4_1 for the systems on the
+checkpoint), and the share of the single stream's 256 tokens each system keeps equal to float32
+before the first difference. Targets (issue 35): the default model at its width (gguf Q4_1) and
+int4 single >= 1.0x llama.cpp, int8 single >= 1.6x float32, batch >= 1.5x llama.cpp; perplexity on
+``tests/data/perplexity.txt`` (``baton_paged/bench/perplexity.py``, llama-perplexity's measure in
+512-token windows): int8 within 1% of float32, int4 and every GGUF file within 1% of
+``llama-perplexity`` on the same file.
 Results: ``results/quantized-cpu.{json,md,png}``.
 """
 
@@ -61,10 +61,12 @@ SYSTEMS = {
     "float32": System("float32"),
     "bfloat16": System("bfloat16"),
     "int8": System("bfloat16", "int8"),
+    "int8 float32": System("float32", "int8"),
     "int4": System("bfloat16", "int4"),
 }
 """Our systems on the default checkpoint. Quantized weights run with bfloat16 activations,
-where torch's quantized CPU kernels are fast (``quantized_linear.py``)."""
+where every quantized CPU kernel is fast (``quantized_linear.py``), and int8 with float32 ones
+too: on AVX-512 its column-block kernel reads the codes alone at every row count."""
 FILES = ("Q4_1", "Q4_K_M", "Q8_0")
 """GGUF files of the default model: its own (Q4_1), and llama-quantize's of its float32 GGUF."""
 MAX_MODEL_LEN = 2048
