@@ -33,7 +33,7 @@ from baton_paged.attention.cpu_paged_backend import CpuPagedBackend
 from baton_paged.model import packed_linear
 from baton_paged.model.packed_linear import PackedLinear
 from baton_paged.model.quantized_linear import (
-    BlockedInt8Linear,
+    COLUMN_BLOCK_KINDS,
     Quantization,
     QuantizedLinear,
     Quantizer,
@@ -47,6 +47,8 @@ LinearMaker = Callable[[torch.Tensor, torch.Tensor | None, tuple[torch.nn.Module
 """``maker(weight, bias, sources)``: the linear for ``weight``, fused from the HF linears
 ``sources``."""
 
+COLUMN_BLOCKS = tuple(COLUMN_BLOCK_KINDS.values())
+"""The quantized linears the C++ loop reads (int8 codes in column blocks)."""
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 """Rope types whose frequencies do not depend on the sequence length, so one table serves."""
@@ -187,7 +189,8 @@ class LlamaExecutor:
         w, meta, cache = self._loop, step.metadata, step.cache
         write_kv, paged_attention = step.backend.kernel_addresses
         return self.kernels.decoder_layers(
-            residual, w.norms, w.weights, w.codes, w.scales, w.biases, w.code_rows, ROW_BUCKETS,
+            residual, w.norms, w.weights, w.codes, w.scales, w.zeros, w.biases, w.code_rows,
+            ROW_BUCKETS,
             positions, self.cos, self.sin, cache.layer_keys, cache.layer_values,
             meta.slot_mapping, meta.block_table, meta.cu_seqlens_q, meta.seqused_k,
             self.num_heads, self.scale, self.eps, write_kv, paged_attention,
@@ -216,13 +219,14 @@ class LlamaExecutor:
 class LoopWeights:
     """The layers as ``decoder_layers`` reads them: two norms a layer, and per linear what it
     reads (float32 column blocks, oneDNN's packing, or int8 codes alone), its int8 codes where it
-    reads them for up to ``code_rows`` rows beside a dense copy, the scale of its codes, its
-    bias."""
+    reads them for up to ``code_rows`` rows beside a dense copy, the scale (and for groups the
+    offset) of its codes, its bias."""
 
     norms: list[torch.Tensor]
     weights: list[torch.Tensor]
     codes: list[torch.Tensor | None]
     scales: list[torch.Tensor | None]
+    zeros: list[torch.Tensor | None]
     biases: list[torch.Tensor | None]
     code_rows: int
 
@@ -237,22 +241,24 @@ def _loop_weights(layers: list[Layer]) -> LoopWeights | None:
     code_rows = {lin.kernel_rows for lin, p in zip(linears, parts, strict=True) if p[1] is not None}
     if len(code_rows) > 1:
         return None
-    weights, codes, scales, biases = (list(column) for column in zip(*parts, strict=True))
-    return LoopWeights(norms, weights, codes, scales, biases, max(code_rows, default=0))
+    columns = (list(column) for column in zip(*parts, strict=True))
+    return LoopWeights(norms, *columns, code_rows=max(code_rows, default=0))
 
 
 def _loop_parts(linear: Linear) -> tuple | None:
-    """``(weight, codes, scale, bias)`` of ``linear`` as ``LoopWeights`` lists them, or None
-    where the C++ loop cannot read it (unpacked, or quantized other than int8 codes in column
-    blocks)."""
+    """``(weight, codes, scale, zero, bias)`` of ``linear`` as ``LoopWeights`` lists them, or
+    None where the C++ loop cannot read it (unpacked, or quantized other than int8 codes in
+    column blocks)."""
     if isinstance(linear, PackedLinear):
-        return (linear.packed_weight, None, None, linear.bias) if linear.packed else None
-    if not isinstance(linear, QuantizedLinear) or not isinstance(linear.kernel, BlockedInt8Linear):
+        return (linear.packed_weight, None, None, None, linear.bias) if linear.packed else None
+    if not isinstance(linear, QuantizedLinear) or not isinstance(linear.kernel, COLUMN_BLOCKS):
         return None
     kernel, dense = linear.kernel, linear.dense
     if dense is None:
-        return kernel.codes, None, kernel.scale, kernel.bias
-    return (dense.packed_weight, kernel.codes, kernel.scale, kernel.bias) if dense.packed else None
+        return kernel.codes, None, kernel.scale, kernel.zero, kernel.bias
+    if not dense.packed:
+        return None
+    return dense.packed_weight, kernel.codes, kernel.scale, kernel.zero, kernel.bias
 
 
 def _dense(linears: Iterable[Linear]) -> list[PackedLinear]:

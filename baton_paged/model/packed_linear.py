@@ -143,6 +143,12 @@ def in_column_blocks(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().view(n // BLOCK, BLOCK, k).transpose(1, 2).contiguous()
 
 
+def out_of_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """``in_column_blocks`` undone: ``[n / 32, k, 32]`` -> ``[n, k]``."""
+    count, k, _ = blocks.shape
+    return blocks.transpose(1, 2).reshape(count * BLOCK, k)
+
+
 def _pack(weight: torch.Tensor) -> torch.Tensor | None:
     if weight.device.type != "cpu" or weight.dtype not in PACKABLE:
         return None

@@ -10,7 +10,7 @@ a scale, and for int4 a zero, per group). The kernels widen the weights as they 
   in the same kernel, 0.30 for torch's ``_weight_int8pack_mm`` and 0.39 for oneDNN bfloat16; at
   float32 prefill sizes (256-512 rows) on a par with float32's (each block pair is widened once
   and multiplied by every row). So float32 reads int8 codes at every row count, and holds no
-  dense copy; bfloat16 up to ``BLOCKED_INT8_ROWS`` rows, beyond which oneDNN's AMX matmul on the
+  dense copy; bfloat16 up to ``BLOCKED_ROWS`` rows, beyond which oneDNN's AMX matmul on the
   dequantized weight is faster (0.98 against 5.1 ms at 256 rows).
 - Elsewhere, and for int4: PyTorch's CPU kernels (``_weight_int8pack_mm``,
   ``_weight_int4pack_mm_for_cpu``), measured on SmolLM2-135M's 120 projections (bfloat16
@@ -56,7 +56,11 @@ from typing import ClassVar
 import torch
 
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
-from baton_paged.model.int8_groups import GroupInt8Linear, Int8GroupWeights
+from baton_paged.model.int8_groups import (
+    BlockedGroupInt8Linear,
+    GroupInt8Linear,
+    Int8GroupWeights,
+)
 from baton_paged.model.packed_linear import PackedLinear, column_block_kernel, in_column_blocks
 from baton_paged.model.quantize_math import asymmetric_groups, in_row_blocks, row_scales
 
@@ -76,10 +80,10 @@ KERNEL_ROWS = {"int8": 4, "int4": 8, "int8-groups": 4}
 crossovers measured on SmolLM2-135M's projections (module docstring): int8 is faster up to 4
 rows (4.1 against 6.0 ms), int4 up to 8 (5.9 against 6.5 ms), int8 groups (``int8_groups.py``)
 up to 4 (5.8 against 6.4 ms)."""
-BLOCKED_INT8_ROWS = 6
-"""Most rows of bfloat16 activations the column-block int8 kernel (``BlockedInt8Linear``) takes
-before oneDNN's bfloat16 matmul on the dequantized weight: measured on SmolLM2-135M's four layer
-projections (2 threads, weights out of cache), 0.32 against 0.38 ms at 6 rows, even at 7."""
+BLOCKED_ROWS = {"int8": 6, "int8-groups": 6}
+"""Most rows of bfloat16 activations the column-block kernel takes (``COLUMN_BLOCK_KINDS``) before
+oneDNN's bfloat16 matmul on the dequantized weight: measured on SmolLM2-135M's four layer
+projections (2 threads, weights out of cache), int8 0.32 against 0.38 ms at 6 rows, even at 7."""
 
 
 @dataclass(frozen=True)
@@ -191,11 +195,17 @@ class BlockedInt8Linear:
         self.codes = in_column_blocks(weights.q)
         self.scale = weights.scale.to(dtype).float()  # rounded as ``dequantized`` rounds it
         self.bias = None if bias is None else bias.contiguous()  # widened by the kernel
+        self.zero = None  # (no offsets: one symmetric scale a column)
         self.in_features = weights.q.shape[1]
         self._kernel = kernel
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self._kernel(x, self.codes, self.bias, self.scale)
+
+
+COLUMN_BLOCK_KINDS = {"int8": BlockedInt8Linear, "int8-groups": BlockedGroupInt8Linear}
+"""The quantized formats our column-block kernel reads, and the linear that reads each: all
+hold ``codes``, ``scale``, ``zero`` (None: per column) and ``bias`` as that kernel takes them."""
 
 
 class Int4Linear:
@@ -275,12 +285,14 @@ def reads_quantized(method: str, dtype: torch.dtype) -> bool:
 def _kernel_for(weights: QuantizedWeights, dtype: torch.dtype, bias: torch.Tensor | None):
     """``(kernel, rows)``: the quantized kernel for ``weights`` under ``dtype`` activations and
     the most rows it takes (None: every count, so no dense copy); ``(None, 0)``: dense only.
-    int8 codes in column blocks take every row count of float32 and up to ``BLOCKED_INT8_ROWS``
-    of bfloat16; otherwise torch's kernels, and ours for int8 groups, take bfloat16 only."""
-    blocked = column_block_kernel(weights.q) if weights.method == "int8" else None
+    int8 codes in column blocks (a scale per column, or a scale and an offset per group) take
+    every row count of float32 and up to ``BLOCKED_ROWS`` of bfloat16; elsewhere torch's kernels,
+    and our matrix-vector one for int8 groups, take bfloat16 only."""
+    kind = COLUMN_BLOCK_KINDS.get(weights.method)
+    blocked = column_block_kernel(weights.q) if kind is not None else None
     if blocked is not None and dtype in (torch.float32, torch.bfloat16):
-        rows = None if dtype == torch.float32 else BLOCKED_INT8_ROWS
-        return BlockedInt8Linear(weights, dtype, bias, blocked), rows
+        rows = None if dtype == torch.float32 else BLOCKED_ROWS[weights.method]
+        return kind(weights, dtype, bias, blocked), rows
     if dtype != KERNEL_DTYPE:
         return None, 0
     kinds = {"int8": Int8Linear, "int4": Int4Linear, "int8-groups": GroupInt8Linear}

@@ -93,24 +93,38 @@ def test_other_weights_stay_with_onednn(weight):
     assert linear.packed_weight is linear.onednn_weight
 
 
-def int8_operands(n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """int8 codes ``[n, k]``, their ``[n]`` scales, and the weight they stand for in float64."""
+def code_operands(n: int, k: int, kind: str, seed: int) -> tuple[tuple, torch.Tensor]:
+    """int8 codes ``[n, k]`` in column blocks with their scales as the kernel takes them, and the
+    weight they stand for in float64: ``kind`` "column" (``codes * scale[n]``) or "group G"
+    (``codes * scale[n, g] + zero[n, g]`` per G inputs, scales and offsets in blocks too)."""
     generator = torch.Generator().manual_seed(seed)
-    codes = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
-    scale = torch.rand(n, generator=generator) * 0.01
-    return codes, scale, codes.double() * scale.double()[:, None]
+    codes = torch.randint(-128, 128, (n, k), generator=generator, dtype=torch.int8)
+    if kind == "column":
+        scale = torch.rand(n, generator=generator) * 0.01
+        return (blocks(codes), scale), codes.double() * scale.double()[:, None]
+    group = int(kind.removeprefix("group "))
+    scale = torch.rand(n, k // group, generator=generator) * 0.01
+    zero = torch.randn(n, k // group, generator=generator) * 0.1
+    stretch = lambda t: t.double().repeat_interleave(group, dim=1)  # noqa: E731
+    weight = codes.double() * stretch(scale) + stretch(zero)
+    return (blocks(codes), blocks(scale), blocks(zero)), weight
+
+
+CODE_SHAPES = [(32, 1, "column"), (96, 17, "column"), (160, 64, "column"),
+               (32, 16, "group 16"), (96, 64, "group 32"), (160, 96, "group 16")]  # fmt: skip
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5, 7, 48, 49, 100, 600])
-@pytest.mark.parametrize("n, k", [(32, 1), (96, 17), (160, 64)])
+@pytest.mark.parametrize("n, k, kind", CODE_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_int8_codes_equal_the_matmul_on_the_weight_they_stand_for(rows, n, k, dtype):
-    """Codes times a scale per column, for float32 and bfloat16 rows; beyond 48 rows each pair
-    of blocks is widened to floats once (the second work split)."""
-    codes, scale, weight = int8_operands(n, k, rows * 1000 + n + k)
+def test_int8_codes_equal_the_matmul_on_the_weight_they_stand_for(rows, n, k, kind, dtype):
+    """Codes times a scale per column, or per group and column plus an offset (GGUF's 5-8-bit
+    formats), for float32 and bfloat16 rows; beyond 48 rows each pair of blocks is widened to
+    floats once (the second work split)."""
+    (codes, *scales), weight = code_operands(n, k, kind, rows * 1000 + n + k)
     bias = torch.randn(n)
     x = torch.randn(rows, k).to(dtype)
-    got = KERNELS.blocked_linear(x, blocks(codes), bias, scale)
+    got = KERNELS.blocked_linear(x, codes, bias, *scales)
     reference = F.linear(x.double(), weight, bias.double())
     assert got.shape == (rows, n) and got.dtype == dtype
     # bfloat16: the sum's one rounding on the way out
@@ -118,13 +132,15 @@ def test_int8_codes_equal_the_matmul_on_the_weight_they_stand_for(rows, n, k, dt
     torch.testing.assert_close(got.double(), reference, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("kind", ["column", "group 32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_an_int8_rows_result_does_not_depend_on_the_other_rows(dtype):
-    """Alone and among 61 (both work splits), to the bit."""
-    codes, scale, _ = int8_operands(128, 96, 0)
+def test_an_int8_rows_result_does_not_depend_on_the_other_rows(kind, dtype):
+    """Alone and among 61 (both work splits), to the bit: for groups, the tile's codes scaled in
+    registers and the many-rows split's scaled once into floats are the same floats."""
+    (codes, *scales), _ = code_operands(128, 96, kind, 0)
     x = torch.randn(61, 96).to(dtype)
-    together = KERNELS.blocked_linear(x, blocks(codes), None, scale)
-    alone = [KERNELS.blocked_linear(x[i : i + 1], blocks(codes), None, scale) for i in range(61)]
+    together = KERNELS.blocked_linear(x, codes, None, *scales)
+    alone = [KERNELS.blocked_linear(x[i : i + 1], codes, None, *scales) for i in range(61)]
     assert torch.equal(together, torch.cat(alone))
 
 
@@ -140,3 +156,19 @@ def test_an_int8_rows_result_does_not_depend_on_the_other_rows(dtype):
 def test_misfit_scales_are_refused(packed, scale):
     with pytest.raises(RuntimeError, match="blocked_linear"):
         KERNELS.blocked_linear(torch.randn(2, 16), packed, None, scale)
+
+
+@pytest.mark.parametrize(
+    "scale, zero",
+    [
+        (torch.ones(64), torch.zeros(64)),  # offsets need group scales
+        (torch.ones(2, 2, 32), None),  # group scales need their offsets
+        (torch.ones(2, 3, 32), torch.zeros(2, 3, 32)),  # 3 groups misfit k = 16
+        (torch.ones(2, 2, 32), torch.zeros(2, 1, 32)),  # offsets of another shape
+        (torch.ones(1, 2, 32), torch.zeros(1, 2, 32)),  # one block of two
+    ],
+)
+def test_misfit_group_scales_are_refused(scale, zero):
+    codes = torch.zeros(2, 16, 32, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="blocked_linear"):
+        KERNELS.blocked_linear(torch.randn(2, 16), codes, None, scale, zero)

@@ -12,6 +12,7 @@ from test_row_buckets import mixed_batch_tokens
 from baton_paged.attention import attach
 from baton_paged.model import llama_executor
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
+from baton_paged.model.int8_groups import Int8GroupWeights
 from baton_paged.model.quantized_linear import Quantization
 
 PROMPTS = [[5, 17, 300, 2, 9, 44, 100], [7, 8], list(range(30, 90))]
@@ -54,16 +55,28 @@ def test_the_cpp_loop_gives_the_python_loops_logits_to_the_bit(
 BLOCKED = hasattr(DECODER_KERNELS.kernels(), "blocked_linear")
 
 
+def int8_groups(weight: torch.Tensor, sources) -> Int8GroupWeights:
+    return Int8GroupWeights.quantize(weight)
+
+
+QUANTIZATIONS = {
+    "int8": Quantization.by_method("int8"),
+    "int8-groups": Quantization(head=int8_groups, layers=int8_groups),
+}
+
+
 @pytest.mark.skipif(not BLOCKED, reason="int8 codes in column blocks need AVX-512")
+@pytest.mark.parametrize("method", QUANTIZATIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_int8_codes_in_the_cpp_loop_give_the_python_loops_logits_to_the_bit(
-    tiny_model_dir, arch, dtype
+    tiny_model_dir, arch, dtype, method
 ):
-    """float32 reads the codes at every row count; bfloat16 reads them for a two-token prompt
-    and its dense oneDNN copy for the 69 tokens of three."""
+    """A scale per column (int8) or a scale and an offset per group (GGUF's 5-8-bit formats).
+    float32 reads the codes at every row count; bfloat16 reads them for a two-token prompt and
+    its dense oneDNN copy for the 69 tokens of three."""
     model = load(tiny_model_dir, arch, dtype)
-    quantization = Quantization.by_method("int8")
+    quantization = QUANTIZATIONS[method]
     for prompts in ([[7, 8]], PROMPTS):
         with torch.inference_mode():
             executor = llama_executor.LlamaExecutor(

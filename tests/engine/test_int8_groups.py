@@ -1,6 +1,6 @@
 """int8 codes with a scale and offset per group (``int8_groups.py``) and the decoder library's
-kernel that reads them (``csrc/group_int8.cpp``): exact conversions, and the kernel equal to a
-matmul on the dequantized weights."""
+kernels that read them (``csrc/blocked_linear.cpp``, ``csrc/group_int8.cpp`` without AVX-512):
+exact conversions, and the kernels equal to a matmul on the dequantized weights."""
 
 from __future__ import annotations
 
@@ -9,8 +9,14 @@ import torch
 import torch.nn.functional as F
 from test_quantization import check_group_round_trip
 
-from baton_paged.model.int8_groups import GroupInt8Linear, Int8GroupWeights
-from baton_paged.model.quantized_linear import Int4Weights, quantized_linear
+from baton_paged.model.decoder_kernels import DECODER_KERNELS
+from baton_paged.model.int8_groups import BlockedGroupInt8Linear, GroupInt8Linear, Int8GroupWeights
+from baton_paged.model.quantized_linear import (
+    BLOCKED_ROWS,
+    KERNEL_ROWS,
+    Int4Weights,
+    quantized_linear,
+)
 
 
 def test_groups_round_trip_within_half_a_step_with_their_extremes_exact():
@@ -31,18 +37,32 @@ def test_int4_groups_and_coarser_groups_convert_exactly():
     assert torch.equal(both.dequantized(torch.float32), expected)
 
 
+BLOCKED = hasattr(DECODER_KERNELS.kernels(), "blocked_linear")
+"""Whether int8 groups are read in column blocks (the decoder library built for AVX-512)."""
+
+
+def column_blocks(weights: Int8GroupWeights, dtype: torch.dtype, bias=None):
+    if not BLOCKED:
+        pytest.skip("the decoder library is not built for AVX-512")
+    return BlockedGroupInt8Linear(weights, dtype, bias, DECODER_KERNELS.kernels().blocked_linear)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("group", [16, 32])
-@pytest.mark.parametrize("rows", [1, 2, 3, 8])
-def test_the_kernel_equals_a_matmul_on_the_dequantized_weights(dtype, group, rows):
+@pytest.mark.parametrize(
+    "kernel, rows",
+    [*((GroupInt8Linear, r) for r in (1, 2, 3, 8)), *((column_blocks, r) for r in (1, 5, 60))],
+)
+def test_the_kernels_equal_a_matmul_on_the_dequantized_weights(dtype, group, kernel, rows):
+    """The matrix-vector kernel (up to 8 rows) and the column-block one (any count)."""
     torch.manual_seed(rows)
-    weight = torch.randn(80, 192) * 0.1 + 0.02  # offsets away from zero: the zero term counts
+    weight = torch.randn(96, 192) * 0.1 + 0.02  # offsets away from zero: the zero term counts
     weights = Int8GroupWeights.quantize(weight, group_size=group)
-    bias = torch.randn(80, dtype=dtype)
+    bias = torch.randn(96, dtype=dtype)
     x = torch.randn(rows, 192, dtype=dtype)
     expected = F.linear(x.double(), weights.dequantized(torch.float64), bias.double())
-    got = GroupInt8Linear(weights, dtype, bias)(x)
-    assert got.dtype == dtype and got.shape == (rows, 80)
+    got = kernel(weights, dtype, bias)(x)
+    assert got.dtype == dtype and got.shape == (rows, 96)
     tolerance = 1e-4 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(got.double(), expected, atol=tolerance, rtol=tolerance)
 
@@ -70,6 +90,22 @@ def test_no_rows_give_no_rows():
 
 def test_a_few_rows_of_bfloat16_take_the_kernel_and_more_take_onednn():
     weight = torch.randn(64, 64, dtype=torch.bfloat16)
-    layer = quantized_linear(weight, None, Int8GroupWeights.quantize(weight))
-    assert isinstance(layer.kernel, GroupInt8Linear) and layer.kernel_rows == 4
-    assert torch.equal(weight, Int8GroupWeights.quantize(weight).dequantized(torch.bfloat16))
+    weights = Int8GroupWeights.quantize(weight)
+    layer = quantized_linear(weight, None, weights)
+    kernel, rows = (BlockedGroupInt8Linear, BLOCKED_ROWS["int8-groups"]) if BLOCKED else (
+        GroupInt8Linear, KERNEL_ROWS["int8-groups"])  # fmt: skip
+    assert isinstance(layer.kernel, kernel) and layer.kernel_rows == rows
+    assert torch.equal(weight, weights.dequantized(torch.bfloat16))
+    if BLOCKED:  # the codes, scales and offsets as they were, out of their blocks
+        for field in ("q", "scale", "zero"):
+            assert torch.equal(getattr(layer.kernel.weights, field), getattr(weights, field))
+
+
+def test_float32_reads_the_groups_alone_at_every_row_count():
+    weight = torch.randn(64, 64)
+    weights = Int8GroupWeights.quantize(weight)
+    column_blocks(weights, torch.float32)  # skips without AVX-512
+    layer = quantized_linear(weight, None, weights)
+    assert isinstance(layer.kernel, BlockedGroupInt8Linear) and layer.dense is None
+    x = torch.randn(70, 64)
+    torch.testing.assert_close(layer(x), F.linear(x, weight), atol=1e-4, rtol=1e-4)

@@ -18,7 +18,7 @@ from baton_paged.model import llama_executor, quantize_math
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
 from baton_paged.model.int8_groups import Int8GroupWeights
 from baton_paged.model.quantized_linear import (
-    BLOCKED_INT8_ROWS,
+    BLOCKED_ROWS,
     BlockedInt8Linear,
     Int4Weights,
     Int8Weights,
@@ -117,7 +117,7 @@ BLOCKED = hasattr(DECODER_KERNELS.kernels(), "blocked_linear")
 @pytest.mark.parametrize(
     ("method", "dtype", "kernel_rows"),
     [
-        ("int8", torch.bfloat16, BLOCKED_INT8_ROWS if BLOCKED else 4),
+        ("int8", torch.bfloat16, BLOCKED_ROWS["int8"] if BLOCKED else 4),
         ("int4", torch.bfloat16, 8),
         ("int4", torch.float32, 0),
     ],

@@ -1,7 +1,10 @@
 // out = x @ W.T (+ b) on AVX-512, W packed once into blocks of 32 output columns:
 // packed[b, k, c] = W[32 b + c, k] (baton_paged/model/packed_linear.py packs it), its values
 // float32, or int8 codes with a float32 scale per output column (W[n, k] = codes[n, k] * scale[n]:
-// quantized_linear.py's int8). x and out are float32 or bfloat16; the sums are float32.
+// quantized_linear.py's int8), or with a scale and an offset per group of inputs and column
+// (W[n, k] = codes[n, k] * scale[n, g] + zero[n, g], g = k / group: int8_groups.py, GGUF's 5-, 6-
+// and 8-bit formats; the scales and offsets in blocks too, [n / 32, groups, 32]). x and out are
+// float32 or bfloat16; the sums are float32.
 //
 // Why our own: oneDNN's float32 kernels on their own packed weights read that weight at 30-40
 // GB/s in a decode step of one row, where a plain matrix-vector product reads it at ~50 (an
@@ -34,15 +37,36 @@
 namespace {
 
 constexpr int64_t kBlock = 32;     // output columns a block holds
-constexpr int64_t kTileRows = 6;   // rows a tile of two blocks keeps in registers (24 zmm)
 constexpr int64_t kRowChunk = 48;  // rows one work item covers, for larger calls
 
 struct Operands {
-  const float* x;      // [rows, k]
-  const float* scale;  // [blocks * 32] (int8 codes) or null
-  const float* bias;   // [blocks * 32] or null
-  void* out;           // [rows, blocks * 32], float or bfloat16
-  int64_t k, width;    // inputs; output columns
+  const float* x;        // [rows, k]
+  const float* scale;    // [blocks * 32]: int8 codes' scale per column; or null
+  const float* g_scale;  // [blocks, groups, 32]: int8 codes' scale per group and column; or null
+  const float* g_zero;   // the same for the value code 0 stands for
+  const float* bias;     // [blocks * 32] or null
+  void* out;             // [rows, blocks * 32], float or bfloat16
+  int64_t k, width;      // inputs; output columns
+  int64_t group;         // inputs a group (k where not grouped)
+};
+
+// The weights' three kinds: float32, int8 codes times a scale per column (applied to the sums),
+// int8 codes with a scale and an offset per group of inputs and column (applied to the codes as
+// they are widened, so two vectors of each live in registers beside the tile's accumulators).
+struct Floats {
+  using type = float;
+  static constexpr bool grouped = false;
+  static constexpr int tile_rows = 6;  // 24 accumulators
+};
+struct Codes {
+  using type = int8_t;
+  static constexpr bool grouped = false;
+  static constexpr int tile_rows = 6;
+};
+struct GroupCodes {
+  using type = int8_t;
+  static constexpr bool grouped = true;
+  static constexpr int tile_rows = 4;  // 16 accumulators, 4 weight, 8 scale and offset vectors
 };
 
 // 16 weights as floats: int8 codes are widened (exactly).
@@ -60,26 +84,41 @@ inline void store_lanes(c10::BFloat16* p, __m512 v) {
 }
 
 // Rows [row, row + R) x blocks [block, block + Blocks) (Blocks: 1 or 2); w: the first block's
-// [k, 32] weights, the second's after them.
-template <int R, int Blocks, typename W, typename Out>
-void tile(const Operands& op, const W* w, int64_t row, int64_t block) {
+// [k, 32] weights, the second's after them. The inputs run group by group (one run where the
+// weights are not grouped), each group's scales and offsets loaded once.
+template <int R, int Blocks, typename Kind, typename Out>
+void tile(const Operands& op, const typename Kind::type* w, int64_t row, int64_t block) {
   constexpr int J = 2 * Blocks;  // 16-lane vectors a row
   __m512 acc[R][J];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
   const float* x = op.x + row * op.k;
-  const W* second = w + op.k * kBlock;
-  for (int64_t k = 0; k < op.k; ++k) {
-    __m512 wk[J];
-    wk[0] = lanes(w + k * kBlock);
-    wk[1] = lanes(w + k * kBlock + 16);
-    if constexpr (Blocks == 2) {
-      wk[2] = lanes(second + k * kBlock);
-      wk[3] = lanes(second + k * kBlock + 16);
+  const typename Kind::type* second = w + op.k * kBlock;
+  const int64_t step = Kind::grouped ? op.group : op.k, groups = op.k / step;
+  for (int64_t g = 0; g < groups; ++g) {
+    __m512 scale[J], zero[J];
+    if constexpr (Kind::grouped) {
+      for (int j = 0; j < J; ++j) {  // block (block + j / 2), group g, lanes 16 (j % 2)
+        const int64_t at = ((block + j / 2) * groups + g) * kBlock + 16 * (j % 2);
+        scale[j] = _mm512_loadu_ps(op.g_scale + at);
+        zero[j] = _mm512_loadu_ps(op.g_zero + at);
+      }
     }
-    for (int r = 0; r < R; ++r) {
-      const __m512 xr = _mm512_set1_ps(x[r * op.k + k]);
-      for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(xr, wk[j], acc[r][j]);
+    for (int64_t k = g * step; k < (g + 1) * step; ++k) {
+      __m512 wk[J];
+      wk[0] = lanes(w + k * kBlock);
+      wk[1] = lanes(w + k * kBlock + 16);
+      if constexpr (Blocks == 2) {
+        wk[2] = lanes(second + k * kBlock);
+        wk[3] = lanes(second + k * kBlock + 16);
+      }
+      if constexpr (Kind::grouped) {
+        for (int j = 0; j < J; ++j) wk[j] = _mm512_fmadd_ps(wk[j], scale[j], zero[j]);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 xr = _mm512_set1_ps(x[r * op.k + k]);
+        for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(xr, wk[j], acc[r][j]);
+      }
     }
   }
   const int64_t column = block * kBlock;
@@ -94,38 +133,57 @@ void tile(const Operands& op, const W* w, int64_t row, int64_t block) {
   }
 }
 
-template <int Blocks, typename W, typename Out>
-void rows(const Operands& op, const W* w, int64_t block, int64_t begin, int64_t end) {
+template <int Blocks, typename Kind, typename Out>
+void rows(const Operands& op, const typename Kind::type* w, int64_t block, int64_t begin,
+          int64_t end) {
+  constexpr int64_t most = Kind::tile_rows;
   int64_t row = begin;
-  for (; row + kTileRows <= end; row += kTileRows) tile<kTileRows, Blocks, W, Out>(op, w, row, block);
-  for (; row + 4 <= end; row += 4) tile<4, Blocks, W, Out>(op, w, row, block);
-  for (; row + 2 <= end; row += 2) tile<2, Blocks, W, Out>(op, w, row, block);
-  for (; row < end; ++row) tile<1, Blocks, W, Out>(op, w, row, block);
+  for (; row + most <= end; row += most) tile<most, Blocks, Kind, Out>(op, w, row, block);
+  for (; row + 4 <= end; row += 4) tile<4, Blocks, Kind, Out>(op, w, row, block);
+  for (; row + 2 <= end; row += 2) tile<2, Blocks, Kind, Out>(op, w, row, block);
+  for (; row < end; ++row) tile<1, Blocks, Kind, Out>(op, w, row, block);
 }
 
 // Blocks [begin, end) for rows [row, row_end), in pairs, a last odd one alone; w: block begin's
 // weights, the others' after them.
-template <typename W, typename Out>
-void blocks(const Operands& op, const W* w, int64_t begin, int64_t end, int64_t row,
-            int64_t row_end) {
+template <typename Kind, typename Out>
+void blocks(const Operands& op, const typename Kind::type* w, int64_t begin, int64_t end,
+            int64_t row, int64_t row_end) {
   const int64_t size = op.k * kBlock;
   int64_t block = begin;
-  for (; block + 2 <= end; block += 2) rows<2, W, Out>(op, w + (block - begin) * size, block, row, row_end);
-  if (block < end) rows<1, W, Out>(op, w + (block - begin) * size, block, row, row_end);
+  for (; block + 2 <= end; block += 2) {
+    rows<2, Kind, Out>(op, w + (block - begin) * size, block, row, row_end);
+  }
+  if (block < end) rows<1, Kind, Out>(op, w + (block - begin) * size, block, row, row_end);
 }
 
-// w's first n values as floats, into floats (n a multiple of 16).
-template <typename W>
-void widen(const W* w, int64_t n, float* floats) {
-  for (int64_t i = 0; i < n; i += 16) _mm512_storeu_ps(floats + i, lanes(w + i));
+// Blocks [begin, end) of codes as the floats a tile multiplies by (scaled and offset where
+// grouped: the very values the tile computes), into floats.
+template <typename Kind>
+void widen(const Operands& op, const typename Kind::type* w, int64_t begin, int64_t end,
+           float* floats) {
+  const int64_t groups = op.k / op.group;
+  for (int64_t block = begin; block < end; ++block) {
+    for (int64_t k = 0; k < op.k; ++k) {
+      const int64_t at = (block - begin) * op.k * kBlock + k * kBlock;
+      for (int64_t half = 0; half < kBlock; half += 16) {
+        __m512 v = lanes(w + at + half);
+        if constexpr (Kind::grouped) {
+          const int64_t g = (block * groups + k / op.group) * kBlock + half;
+          v = _mm512_fmadd_ps(v, _mm512_loadu_ps(op.g_scale + g), _mm512_loadu_ps(op.g_zero + g));
+        }
+        _mm512_storeu_ps(floats + at + half, v);
+      }
+    }
+  }
 }
 
-template <typename W, typename Out>
-void multiply(const Operands& op, const W* w, int64_t count, int64_t n_rows) {
+template <typename Kind, typename Out>
+void multiply(const Operands& op, const typename Kind::type* w, int64_t count, int64_t n_rows) {
   const int64_t size = op.k * kBlock;
   if (n_rows <= kRowChunk) {  // each thread its own run of blocks, read once
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
-      blocks<W, Out>(op, w + begin * size, begin, end, 0, n_rows);
+      blocks<Kind, Out>(op, w + begin * size, begin, end, 0, n_rows);
     });
     return;
   }
@@ -135,18 +193,18 @@ void multiply(const Operands& op, const W* w, int64_t count, int64_t n_rows) {
   const int64_t pairs = (count + 1) / 2, chunks = (n_rows + kRowChunk - 1) / kRowChunk;
   at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor widened;  // 64-byte aligned, as the weights' tensor is: no load splits a line
-    if constexpr (!std::is_same_v<W, float>) widened = at::empty({2 * size}, at::kFloat);
+    if constexpr (!std::is_same_v<Kind, Floats>) widened = at::empty({2 * size}, at::kFloat);
     int64_t widened_pair = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t pair = item / chunks, block = 2 * pair, row = (item % chunks) * kRowChunk;
       const int64_t last = std::min(block + 2, count), row_end = std::min(n_rows, row + kRowChunk);
-      if constexpr (std::is_same_v<W, float>) {
-        blocks<float, Out>(op, w + block * size, block, last, row, row_end);
+      if constexpr (std::is_same_v<Kind, Floats>) {
+        blocks<Floats, Out>(op, w + block * size, block, last, row, row_end);
       } else {
         float* floats = widened.data_ptr<float>();
-        if (pair != widened_pair) widen(w + block * size, (last - block) * size, floats);
+        if (pair != widened_pair) widen<Kind>(op, w + block * size, block, last, floats);
         widened_pair = pair;
-        blocks<float, Out>(op, floats, block, last, row, row_end);
+        blocks<Floats, Out>(op, floats, block, last, row, row_end);
       }
     }
   });
@@ -156,48 +214,69 @@ template <typename Out>
 void multiply_by(const at::Tensor& packed, const Operands& op, int64_t n_rows) {
   const int64_t count = packed.size(0);
   if (packed.scalar_type() == at::kFloat) {
-    multiply<float, Out>(op, packed.data_ptr<float>(), count, n_rows);
+    multiply<Floats, Out>(op, packed.data_ptr<float>(), count, n_rows);
+  } else if (op.g_scale) {
+    multiply<GroupCodes, Out>(op, packed.data_ptr<int8_t>(), count, n_rows);
   } else {
-    multiply<int8_t, Out>(op, packed.data_ptr<int8_t>(), count, n_rows);
+    multiply<Codes, Out>(op, packed.data_ptr<int8_t>(), count, n_rows);
   }
 }
 
 void check_operands(const at::Tensor& x, const at::Tensor& packed,
-                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale) {
+                    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
+                    const std::optional<at::Tensor>& zero) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "blocked_linear: x must be a float32 or bfloat16 [rows, k] CPU tensor");
   TORCH_CHECK(packed.device().is_cpu() && packed.dim() == 3 && packed.is_contiguous() &&
                   (packed.scalar_type() == at::kFloat || packed.scalar_type() == at::kChar) &&
-                  packed.size(1) == x.size(1) && packed.size(2) == kBlock,
-              "blocked_linear: packed must be a contiguous float32 or int8 [n / 32, k, 32] CPU "
-              "tensor");
+                  packed.size(1) == x.size(1) && x.size(1) > 0 && packed.size(2) == kBlock,
+              "blocked_linear: packed must be a contiguous float32 or int8 [n / 32, k > 0, 32] "
+              "CPU tensor");
   const int64_t width = packed.size(0) * kBlock;
-  const auto is_row = [width](const at::Tensor& t, bool or_bfloat16) {
+  const auto is_float = [](const at::Tensor& t, bool or_bfloat16) {
     const bool dtype = t.scalar_type() == at::kFloat ||
                        (or_bfloat16 && t.scalar_type() == at::kBFloat16);
-    return t.device().is_cpu() && dtype && t.is_contiguous() && t.numel() == width;
+    return t.device().is_cpu() && dtype && t.is_contiguous();
   };
-  TORCH_CHECK(!bias || is_row(*bias, true),
+  TORCH_CHECK(!bias || (is_float(*bias, true) && bias->numel() == width),
               "blocked_linear: bias must be a contiguous float32 or bfloat16 [n] CPU tensor");
   TORCH_CHECK(scale.has_value() == (packed.scalar_type() == at::kChar),
               "blocked_linear: int8 codes need a scale, float32 weights take none");
-  TORCH_CHECK(!scale || is_row(*scale, false),
-              "blocked_linear: scale must be a contiguous float32 [n] CPU tensor");
+  if (!scale) return;
+  if (!zero) {
+    TORCH_CHECK(is_float(*scale, false) && scale->dim() == 1 && scale->numel() == width,
+                "blocked_linear: a scale per column must be a contiguous float32 [n] CPU tensor");
+    return;
+  }
+  const int64_t groups = scale->dim() == 3 ? scale->size(1) : 0;
+  for (const at::Tensor* t : {&*scale, &*zero}) {
+    TORCH_CHECK(is_float(*t, false) && t->dim() == 3 && t->size(0) == packed.size(0) &&
+                    t->size(1) == groups && t->size(2) == kBlock,
+                "blocked_linear: group scales and offsets must be contiguous float32 "
+                "[n / 32, groups, 32] CPU tensors");
+  }
+  TORCH_CHECK(groups > 0 && x.size(1) % groups == 0, "blocked_linear: ", groups,
+              " groups misfit k ", x.size(1));
 }
 
 }  // namespace
 
 at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& packed,
                           const std::optional<at::Tensor>& bias,
-                          const std::optional<at::Tensor>& scale) {
-  check_operands(x, packed, bias, scale);
-  const int64_t width = packed.size(0) * kBlock, n_rows = x.size(0);
+                          const std::optional<at::Tensor>& scale,
+                          const std::optional<at::Tensor>& zero) {
+  check_operands(x, packed, bias, scale, zero);
+  const int64_t width = packed.size(0) * kBlock, n_rows = x.size(0), k = x.size(1);
   const at::Tensor input = x.to(at::kFloat).contiguous();  // bfloat16 rows widened once
   const std::optional<at::Tensor> plus = bias ? std::optional(bias->to(at::kFloat)) : std::nullopt;
   at::Tensor out = at::empty({n_rows, width}, x.options());
-  const Operands op{input.data_ptr<float>(), scale ? scale->data_ptr<float>() : nullptr,
-                    plus ? plus->data_ptr<float>() : nullptr, out.data_ptr(), x.size(1), width};
+  const float* per_column = scale && !zero ? scale->data_ptr<float>() : nullptr;
+  const float* g_scale = zero ? scale->data_ptr<float>() : nullptr;
+  const float* g_zero = zero ? zero->data_ptr<float>() : nullptr;
+  const int64_t group = zero ? k / scale->size(1) : k;
+  const Operands op{input.data_ptr<float>(), per_column, g_scale, g_zero,
+                    plus ? plus->data_ptr<float>() : nullptr, out.data_ptr(), k, width, group};
   if (x.scalar_type() == at::kFloat) {
     multiply_by<float>(packed, op, n_rows);
   } else {

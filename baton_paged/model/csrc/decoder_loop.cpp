@@ -49,16 +49,16 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
 // beyond it.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
-                  const std::vector<int64_t>& buckets) {
+                  const std::optional<at::Tensor>& zero, const std::vector<int64_t>& buckets) {
 #ifdef __AVX512F__
-  if (!packed.is_mkldnn()) return blocked_linear(x, packed, bias, scale);
+  if (!packed.is_mkldnn()) return blocked_linear(x, packed, bias, scale, zero);
 #endif
   const int64_t rows = x.size(0), largest = buckets.back();
   if (rows > largest) {
     at::Tensor out = at::empty({rows, packed.size(0)}, x.options());
     for (int64_t start = 0; start < rows; start += largest) {
       const int64_t n = std::min(largest, rows - start);
-      out.narrow(0, start, n).copy_(linear(x.narrow(0, start, n), packed, bias, scale, buckets));
+      out.narrow(0, start, n).copy_(linear(x.narrow(0, start, n), packed, bias, scale, zero, buckets));
     }
     return out;
   }
@@ -72,11 +72,12 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
 // The layers' linears as llama_executor._loop_weights lists them: linear i reads weights[i]
 // (float32 column blocks, oneDNN's packing, or int8 codes alone: QuantizedLinear with no dense
 // copy), or its int8 codes[i] for up to code_rows rows where it has both (QuantizedLinear);
-// scales[i] goes with whichever int8 codes it reads.
+// scales[i] and zeros[i] (grouped codes' offsets) go with whichever int8 codes it reads.
 struct Linears {
   const std::vector<at::Tensor>& weights;
   const std::vector<std::optional<at::Tensor>>& codes;
   const std::vector<std::optional<at::Tensor>>& scales;
+  const std::vector<std::optional<at::Tensor>>& zeros;
   const std::vector<std::optional<at::Tensor>>& biases;
   int64_t code_rows;
   const std::vector<int64_t>& buckets;
@@ -85,7 +86,8 @@ struct Linears {
     const bool read_codes = codes[i] && x.size(0) <= code_rows;
     const at::Tensor& packed = read_codes ? *codes[i] : weights[i];
     const bool int8 = packed.scalar_type() == at::kChar;
-    return linear(x, packed, biases[i], int8 ? scales[i] : std::optional<at::Tensor>(), buckets);
+    const std::optional<at::Tensor> none;
+    return linear(x, packed, biases[i], int8 ? scales[i] : none, int8 ? zeros[i] : none, buckets);
   }
 };
 
@@ -94,12 +96,13 @@ struct Linears {
 // residual [T, hidden]: the embedded tokens in, the residual stream after the last layer out (in
 // place); returns the last layer's output, which the caller adds and norms with the final norm.
 // Per layer l: norms[2l], norms[2l + 1] (input, post-attention); linears 4l .. 4l + 3 (QKV,
-// output, gate-up, down: weights, codes, scales and biases alike, Linears above); keys[l],
+// output, gate-up, down: weights, codes, scales, zeros and biases alike, Linears above); keys[l],
 // values[l] its pages.
 at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& norms,
                           const std::vector<at::Tensor>& weights,
                           const std::vector<std::optional<at::Tensor>>& codes,
                           const std::vector<std::optional<at::Tensor>>& scales,
+                          const std::vector<std::optional<at::Tensor>>& zeros,
                           const std::vector<std::optional<at::Tensor>>& biases, int64_t code_rows,
                           const std::vector<int64_t>& buckets, const at::Tensor& positions,
                           const at::Tensor& cos, const at::Tensor& sin,
@@ -113,9 +116,10 @@ at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& no
                   norms.size() == static_cast<size_t>(2 * layers) &&
                   weights.size() == static_cast<size_t>(4 * layers) &&
                   codes.size() == weights.size() && scales.size() == weights.size() &&
+                  zeros.size() == weights.size() &&
                   biases.size() == weights.size() && !buckets.empty(),
               "decoder_layers: 2 norms, 4 linears a layer, one K and V each");
-  const Linears linear{weights, codes, scales, biases, code_rows, buckets};
+  const Linears linear{weights, codes, scales, zeros, biases, code_rows, buckets};
   const auto write_kv = reinterpret_cast<WriteKV>(write_kv_address);
   const auto paged_attention = reinterpret_cast<PagedAttention>(paged_attention_address);
   const int64_t tokens = residual.size(0), kv_heads = keys[0].size(2), dim = keys[0].size(3);

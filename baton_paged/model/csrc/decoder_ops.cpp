@@ -173,7 +173,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("row_argmax", &row_argmax);
 #ifdef __AVX512F__
   m.def("blocked_linear", &blocked_linear, py::arg("x"), py::arg("packed"), py::arg("bias"),
-        py::arg("scale") = py::none());
+        py::arg("scale") = py::none(), py::arg("zero") = py::none());
 #endif
   m.def("decoder_layers", &decoder_layers, py::call_guard<py::gil_scoped_release>());
 }

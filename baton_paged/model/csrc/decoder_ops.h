@@ -19,11 +19,13 @@ void group_int8_linear(at::Tensor out, const at::Tensor& x, const at::Tensor& co
                        const at::Tensor& scale, const at::Tensor& zero, int64_t group);
 
 // blocked_linear.cpp: x @ W.T (+ b), W packed into blocks of 32 columns ([n / 32, k, 32]), float32
-// or int8 codes times a scale per column; built where the compiler targets AVX-512
+// or int8 codes times a scale per column, or per group and column plus an offset; built where the
+// compiler targets AVX-512
 #ifdef __AVX512F__
 at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& packed,
                           const std::optional<at::Tensor>& bias,
-                          const std::optional<at::Tensor>& scale);
+                          const std::optional<at::Tensor>& scale,
+                          const std::optional<at::Tensor>& zero);
 #endif
 
 // row_argmax.cpp: each row's torch.argmax, float32 or bfloat16
@@ -34,6 +36,7 @@ at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& no
                           const std::vector<at::Tensor>& weights,
                           const std::vector<std::optional<at::Tensor>>& codes,
                           const std::vector<std::optional<at::Tensor>>& scales,
+                          const std::vector<std::optional<at::Tensor>>& zeros,
                           const std::vector<std::optional<at::Tensor>>& biases, int64_t code_rows,
                           const std::vector<int64_t>& buckets, const at::Tensor& positions,
                           const at::Tensor& cos, const at::Tensor& sin,
