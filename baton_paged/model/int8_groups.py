@@ -1,16 +1,21 @@
 """int8 codes with a scale and an offset per group of 16 or 32 inputs: GGUF's 5-, 6- and 8-bit
-formats kept exactly (``gguf_int8_blocks.py``), read by the decoder library's own kernel
-(``csrc/group_int8.cpp``).
+formats kept exactly (``gguf_int8_blocks.py``), read by the decoder library's own kernels.
 
 torch's int8 kernel takes one scale per output row, which re-rounds a file whose scales change
 every 32 inputs (0.8-0.9% relative error on SmolLM2's Q5_0 / Q8_0 tensors, +1.6% perplexity on a
 Q4_K_M file of it). Here ``w = code * scale + zero`` per group, in float32, holds them as they
 are, and holds int4 groups too (``code = q - 8``), so a fused projection whose parts the file
-stores in different formats stays exact. Measured on SmolLM2-135M's 120 projections (bfloat16
-activations, 2 threads, weights out of cache): 4.5 / 4.8 / 5.8 / 8.9 ms at 1 / 2 / 4 / 8 rows,
-against torch's per-row int8 kernel's 4.2 / 3.8 / 4.2 / 7.9 and oneDNN bfloat16's 6.7 / 6.5 /
-6.4 / 7.0: so it takes up to 4 rows (``KERNEL_ROWS``) and oneDNN the rest, on the same weights
-dequantized.
+stores in different formats stays exact.
+
+Where the CPU has AVX-512 the column-block kernel reads them (``csrc/blocked_linear.cpp``,
+``BlockedGroupInt8Linear``), each code scaled and offset as it is widened: on SmolLM2-135M's four
+layer projections (2 threads, weights out of cache) 0.19 / 0.34 ms at 1 / 6 rows of bfloat16
+against oneDNN bfloat16's 0.37 / 0.38, so it takes every row count of float32 and up to 6 of
+bfloat16 (``quantized_linear.BLOCKED_ROWS``). Elsewhere a matrix-vector kernel
+(``csrc/group_int8.cpp``, ``GroupInt8Linear``): on the 120 projections 4.5 / 4.8 / 5.8 / 8.9 ms
+at 1 / 2 / 4 / 8 rows, against torch's per-row int8 kernel's 4.2 / 3.8 / 4.2 / 7.9 and oneDNN's
+6.7 / 6.5 / 6.4 / 7.0: so it takes up to 4 rows (``KERNEL_ROWS``) of bfloat16 and oneDNN the
+rest, on the same weights dequantized.
 """
 
 from __future__ import annotations

@@ -251,6 +251,8 @@ def _loop_parts(linear: Linear) -> tuple | None:
     column blocks)."""
     if isinstance(linear, PackedLinear):
         return (linear.packed_weight, None, None, None, linear.bias) if linear.packed else None
+    if isinstance(linear, QuantizedLinear) and linear.kernel is None:
+        return _loop_parts(linear.dense)  # read densely (int4 under float32)
     if not isinstance(linear, QuantizedLinear) or not isinstance(linear.kernel, COLUMN_BLOCKS):
         return None
     kernel, dense = linear.kernel, linear.dense

@@ -206,7 +206,7 @@ def choose_executor(
     started = time.perf_counter()
     built = executor.warm_up(head_rows=config.max_batch_size)
     logger.info("oneDNN kernels for %d row buckets built in %.2f s (none where every linear "
-                "is float32 in column blocks)", built,
+                "is in column blocks: float32, or int8 under float32)", built,
                 time.perf_counter() - started)  # fmt: skip
     if executor.released:
         logger.info("released %.0f MiB of dense weights the executor does not read",

@@ -34,7 +34,7 @@ from baton_paged.model.row_buckets import LARGEST, bucket_for, buckets_up_to, ro
 
 PACKABLE = (torch.float32, torch.bfloat16)
 BLOCK = 32
-"""Output columns per block of the float32 kernel's packing."""
+"""Output columns per block of the column-block kernel's packing (float32 weights, int8 codes)."""
 
 
 class PackedLinear:

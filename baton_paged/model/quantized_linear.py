@@ -74,12 +74,14 @@ INT4_INNER_K_TILES = 2
 INT4_OUT_MULTIPLE = 16
 """torch's int4 packing takes output counts that are a multiple of 16 only."""
 KERNEL_DTYPE = torch.bfloat16
-"""The activations' dtype the quantized kernels are fast for; others read the weights densely."""
+"""The activations' dtype every quantized kernel is fast for; under float32 only the column-block
+kernel's formats (``COLUMN_BLOCK_KINDS``) are read quantized, the others densely."""
 KERNEL_ROWS = {"int8": 4, "int4": 8, "int8-groups": 4}
-"""Most rows of bfloat16 activations a quantized kernel takes; more run densely (oneDNN). The
-crossovers measured on SmolLM2-135M's projections (module docstring): int8 is faster up to 4
-rows (4.1 against 6.0 ms), int4 up to 8 (5.9 against 6.5 ms), int8 groups (``int8_groups.py``)
-up to 4 (5.8 against 6.4 ms)."""
+"""Most rows of bfloat16 activations torch's quantized kernels (and, without AVX-512, our
+matrix-vector one for int8 groups) take; more run densely (oneDNN). The crossovers measured on
+SmolLM2-135M's projections (module docstring): int8 is faster up to 4 rows (4.1 against 6.0 ms),
+int4 up to 8 (5.9 against 6.5 ms), int8 groups (``int8_groups.py``) up to 4 (5.8 against 6.4
+ms). With AVX-512 int8 and int8 groups take the column-block kernel instead (``BLOCKED_ROWS``)."""
 BLOCKED_ROWS = {"int8": 6, "int8-groups": 6}
 """Most rows of bfloat16 activations the column-block kernel takes (``COLUMN_BLOCK_KINDS``) before
 oneDNN's bfloat16 matmul on the dequantized weight: measured on SmolLM2-135M's four layer
@@ -242,7 +244,7 @@ class QuantizedLinear:
         self.in_features = (dense or kernel).in_features
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dense is None or x.shape[0] <= self.kernel_rows:
+        if self.kernel is not None and (self.dense is None or x.shape[0] <= self.kernel_rows):
             return self.kernel(x)
         return self.dense(x)
 
@@ -275,11 +277,13 @@ def quantized_linear(
 
 def reads_quantized(method: str, dtype: torch.dtype) -> bool:
     """Whether a quantized kernel reads ``method``'s weights under ``dtype`` activations on this
-    machine (else the dequantized weights are read densely: no faster than unquantized)."""
+    machine (else the dequantized weights are read densely: no faster than unquantized). Under
+    float32 the column-block kernel reads int8 and a GGUF file's 5-8-bit formats (its 4-bit ones
+    are read densely)."""
     if dtype == KERNEL_DTYPE:
         return True
     blocked = hasattr(DECODER_KERNELS.kernels(), "blocked_linear")
-    return method == "int8" and dtype == torch.float32 and blocked
+    return method in ("int8", "gguf") and dtype == torch.float32 and blocked
 
 
 def _kernel_for(weights: QuantizedWeights, dtype: torch.dtype, bias: torch.Tensor | None):

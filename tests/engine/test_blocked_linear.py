@@ -135,12 +135,15 @@ def test_int8_codes_equal_the_matmul_on_the_weight_they_stand_for(rows, n, k, ki
 @pytest.mark.parametrize("kind", ["column", "group 32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_an_int8_rows_result_does_not_depend_on_the_other_rows(kind, dtype):
-    """Alone and among 61 (both work splits), to the bit: for groups, the tile's codes scaled in
-    registers and the many-rows split's scaled once into floats are the same floats."""
-    (codes, *scales), _ = code_operands(128, 96, kind, 0)
+    """Alone and among 61 (both work splits), to the bit, with a bias and an odd block count (a
+    block left over from the pairs): for groups, the tile's codes scaled in registers and the
+    many-rows split's scaled once into floats are the same floats; a column's scale and the bias
+    are one fused multiply-add in every tile."""
+    (codes, *scales), _ = code_operands(160, 96, kind, 0)
+    bias = torch.randn(160)
     x = torch.randn(61, 96).to(dtype)
-    together = KERNELS.blocked_linear(x, codes, None, *scales)
-    alone = [KERNELS.blocked_linear(x[i : i + 1], codes, None, *scales) for i in range(61)]
+    together = KERNELS.blocked_linear(x, codes, bias, *scales)
+    alone = [KERNELS.blocked_linear(x[i : i + 1], codes, bias, *scales) for i in range(61)]
     assert torch.equal(together, torch.cat(alone))
 
 
@@ -166,9 +169,11 @@ def test_misfit_scales_are_refused(packed, scale):
         (torch.ones(2, 3, 32), torch.zeros(2, 3, 32)),  # 3 groups misfit k = 16
         (torch.ones(2, 2, 32), torch.zeros(2, 1, 32)),  # offsets of another shape
         (torch.ones(1, 2, 32), torch.zeros(1, 2, 32)),  # one block of two
+        (None, torch.zeros(2, 2, 32)),  # offsets alone
     ],
 )
-def test_misfit_group_scales_are_refused(scale, zero):
-    codes = torch.zeros(2, 16, 32, dtype=torch.int8)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32], ids=str)
+def test_misfit_group_scales_are_refused(scale, zero, dtype):
+    packed = torch.zeros(2, 16, 32, dtype=dtype)
     with pytest.raises(RuntimeError, match="blocked_linear"):
-        KERNELS.blocked_linear(torch.randn(2, 16), codes, None, scale, zero)
+        KERNELS.blocked_linear(torch.randn(2, 16), packed, None, scale, zero)

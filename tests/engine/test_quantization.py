@@ -139,6 +139,15 @@ def test_the_kernel_takes_a_few_rows_of_bfloat16_and_the_dense_copy_the_rest(
     assert calls == expected
 
 
+def test_a_dense_only_layer_takes_an_empty_batch():
+    """int4 under float32 has no quantized kernel; a chunked step that ends no prompt hands the
+    LM head no rows."""
+    weight = torch.randn(64, 64)
+    layer = quantized_linear(weight, None, quantize(weight, "int4"))
+    assert layer.kernel is None
+    assert layer(torch.zeros(0, 64)).shape == (0, 64)
+
+
 @pytest.mark.skipif(not BLOCKED, reason="the decoder library is not built for AVX-512")
 def test_float32_int8_reads_only_its_codes_at_every_row_count():
     """No dense copy packed beside the codes, so the layer lets the float weight go."""

@@ -83,6 +83,19 @@ inline void store_lanes(c10::BFloat16* p, __m512 v) {
   baton::store(p + baton::kLanes, half[1]);
 }
 
+// 16 sums of columns [column, column + 16) scaled and biased. One fused multiply-add where both
+// apply, written out: left to the compiler, a multiply and an add may be fused in one tile and not
+// in another, and a row's result would depend on the tile it lands in.
+inline __m512 finished(const Operands& op, __m512 sums, int64_t column) {
+  if (op.scale && op.bias) {
+    return _mm512_fmadd_ps(sums, _mm512_loadu_ps(op.scale + column),
+                           _mm512_loadu_ps(op.bias + column));
+  }
+  if (op.scale) return _mm512_mul_ps(sums, _mm512_loadu_ps(op.scale + column));
+  if (op.bias) return _mm512_add_ps(sums, _mm512_loadu_ps(op.bias + column));
+  return sums;
+}
+
 // Rows [row, row + R) x blocks [block, block + Blocks) (Blocks: 1 or 2); w: the first block's
 // [k, 32] weights, the second's after them. The inputs run group by group (one run where the
 // weights are not grouped), each group's scales and offsets loaded once.
@@ -125,10 +138,7 @@ void tile(const Operands& op, const typename Kind::type* w, int64_t row, int64_t
   Out* out = static_cast<Out*>(op.out) + row * op.width + column;
   for (int r = 0; r < R; ++r) {
     for (int j = 0; j < J; ++j) {
-      __m512 v = acc[r][j];
-      if (op.scale) v = _mm512_mul_ps(v, _mm512_loadu_ps(op.scale + column + 16 * j));
-      if (op.bias) v = _mm512_add_ps(v, _mm512_loadu_ps(op.bias + column + 16 * j));
-      store_lanes(out + r * op.width + 16 * j, v);
+      store_lanes(out + r * op.width + 16 * j, finished(op, acc[r][j], column + 16 * j));
     }
   }
 }
@@ -243,6 +253,7 @@ void check_operands(const at::Tensor& x, const at::Tensor& packed,
               "blocked_linear: bias must be a contiguous float32 or bfloat16 [n] CPU tensor");
   TORCH_CHECK(scale.has_value() == (packed.scalar_type() == at::kChar),
               "blocked_linear: int8 codes need a scale, float32 weights take none");
+  TORCH_CHECK(!zero || scale, "blocked_linear: offsets need group scales");
   if (!scale) return;
   if (!zero) {
     TORCH_CHECK(is_float(*scale, false) && scale->dim() == 1 && scale->numel() == width,

@@ -58,7 +58,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
     at::Tensor out = at::empty({rows, packed.size(0)}, x.options());
     for (int64_t start = 0; start < rows; start += largest) {
       const int64_t n = std::min(largest, rows - start);
-      out.narrow(0, start, n).copy_(linear(x.narrow(0, start, n), packed, bias, scale, zero, buckets));
+      const at::Tensor part = linear(x.narrow(0, start, n), packed, bias, scale, zero, buckets);
+      out.narrow(0, start, n).copy_(part);
     }
     return out;
   }
