@@ -193,12 +193,11 @@ def choose_executor(
             raise ValueError(f"{wanted} needs the native executor, which cannot run here: {reason}")
         logger.info("running the model through the transformers bridge: %s", reason)
         return None
-    if quantized and not reads_quantized(config.quantization, config.torch_dtype):
+    if quantized and not reads_quantized(config.torch_dtype):
         logger.warning(
             "quantization=%s with %s activations runs the quantized weights densely (no "
-            "quantized kernel here is faster than the %s matmuls): no speed-up; use bfloat16%s",
+            "quantized kernel here is faster than the %s matmuls): no speed-up; use bfloat16",
             config.quantization, config.dtype, config.dtype,
-            ", or int8 on a CPU with AVX-512" if config.quantization != "int8" else "",
         )  # fmt: skip
     quantization = _quantization(config, model)
     kernels = DECODER_KERNELS.kernels()

@@ -4,21 +4,21 @@ Why: a CPU decode step at small batch sizes reads every weight once per step, an
 those bytes over the memory bandwidth. int8 reads half of bfloat16's bytes, int4 a quarter (plus
 a scale, and for int4 a zero, per group). The kernels widen the weights as they read them:
 
-- int8 on AVX-512: our column-block kernel (``csrc/blocked_linear.cpp``, ``BlockedInt8Linear``),
-  float32 or bfloat16 activations, float32 sums. On SmolLM2-135M's four layer projections (an
-  Intel Xeon, 2 threads, weights out of cache) at 1 row: 0.16-0.18 ms against 0.50 for float32
-  in the same kernel, 0.30 for torch's ``_weight_int8pack_mm`` and 0.39 for oneDNN bfloat16; at
-  float32 prefill sizes (256-512 rows) on a par with float32's (each block pair is widened once
-  and multiplied by every row). So float32 reads int8 codes at every row count, and holds no
-  dense copy; bfloat16 up to ``BLOCKED_ROWS`` rows, beyond which oneDNN's AMX matmul on the
-  dequantized weight is faster (0.98 against 5.1 ms at 256 rows).
-- Elsewhere, and for int4: PyTorch's CPU kernels (``_weight_int8pack_mm``,
-  ``_weight_int4pack_mm_for_cpu``), measured on SmolLM2-135M's 120 projections (bfloat16
-  activations) per token at 1 row: oneDNN bfloat16 5.42 ms, int8 3.96 ms, int4 2.48 ms. They
-  are matrix-vector kernels: at 8 rows int8 takes 8.3 ms against oneDNN's 6.5, and with float32
-  activations they are 7-17x slower than float32's own matmuls at any row count. So they take
-  up to ``KERNEL_ROWS`` rows of bfloat16 (decode steps of small batches, a single stream), and
-  float32 reads those weights densely.
+- On AVX-512: our column-block kernel (``csrc/blocked_linear.cpp``; ``BlockedInt8Linear``, and
+  ``BlockedInt4Linear`` with two 4-bit codes a byte and a scale and an offset per group), float32
+  or bfloat16 activations, float32 sums. On SmolLM2-135M's four layer projections (an Intel
+  Xeon, 2 threads, weights out of cache) at 1 row: int8 0.16-0.18 ms, int4 0.09-0.11, against
+  0.50 for float32 in the same kernel, 0.30 / 0.11 for torch's int8 / int4 kernels and 0.39 for
+  oneDNN bfloat16; at float32 prefill sizes (256-512 rows) on a par with float32's (each block
+  pair is widened once and multiplied by every row). So float32 reads the codes at every row
+  count, and holds no dense copy; bfloat16 up to ``BLOCKED_ROWS`` rows, beyond which oneDNN's
+  AMX matmul on the dequantized weight is faster (0.98 against 4.7-5.1 ms at 256 rows).
+- Elsewhere: PyTorch's CPU kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``),
+  measured on SmolLM2-135M's 120 projections (bfloat16 activations) per token at 1 row: oneDNN
+  bfloat16 5.42 ms, int8 3.96 ms, int4 2.48 ms. They are matrix-vector kernels: at 8 rows int8
+  takes 8.3 ms against oneDNN's 6.5, and with float32 activations they are 7-17x slower than
+  float32's own matmuls at any row count. So they take up to ``KERNEL_ROWS`` rows of bfloat16
+  (decode steps of small batches, a single stream), and float32 reads those weights densely.
 
 A ``QuantizedLinear`` runs the quantized kernel for the rows it takes and otherwise a
 ``PackedLinear`` on the same weights dequantized: one model, two ways to read it.
@@ -35,9 +35,10 @@ Scales and zeros are kept in float32 and handed to the kernels in the activation
 ``quantized_linear`` writes the dequantized values into the weight it is given (the executor's
 fused weights, which the HF modules view), so the model the engine holds is the quantized model
 whichever path reads it. Memory: for bfloat16 the int8 / int4 copy comes on top of oneDNN's
-packed one (+50% / +31% of the weights' bytes; the HF modules' dense weights go too for a model
+packed one (+50% / +38% of the weights' bytes; the HF modules' dense weights go too for a model
 the engine loaded itself): quantization there makes reading faster, not the model smaller. int8
-under float32 activations on AVX-512 keeps its codes alone: a quarter of float32's bytes.
+and int4 under float32 activations on AVX-512 keep their codes alone: a quarter and an eighth of
+float32's bytes (plus the scales).
 
 Quantized at every load, not cached: with the arithmetic in blocks of rows
 (``quantize_math.in_row_blocks``), building a Llama-3.2-1B-shaped executor in bfloat16 took
@@ -61,7 +62,12 @@ from baton_paged.model.int8_groups import (
     GroupInt8Linear,
     Int8GroupWeights,
 )
-from baton_paged.model.packed_linear import PackedLinear, column_block_kernel, in_column_blocks
+from baton_paged.model.packed_linear import (
+    BLOCK,
+    PackedLinear,
+    column_block_kernel,
+    in_column_blocks,
+)
 from baton_paged.model.quantize_math import asymmetric_groups, in_row_blocks, row_scales
 
 METHODS = ("int8", "int4")
@@ -82,10 +88,11 @@ matrix-vector one for int8 groups) take; more run densely (oneDNN). The crossove
 SmolLM2-135M's projections (module docstring): int8 is faster up to 4 rows (4.1 against 6.0 ms),
 int4 up to 8 (5.9 against 6.5 ms), int8 groups (``int8_groups.py``) up to 4 (5.8 against 6.4
 ms). With AVX-512 int8 and int8 groups take the column-block kernel instead (``BLOCKED_ROWS``)."""
-BLOCKED_ROWS = {"int8": 6, "int8-groups": 6}
+BLOCKED_ROWS = {"int8": 6, "int8-groups": 6, "int4": 8}
 """Most rows of bfloat16 activations the column-block kernel takes (``COLUMN_BLOCK_KINDS``) before
 oneDNN's bfloat16 matmul on the dequantized weight: measured on SmolLM2-135M's four layer
-projections (2 threads, weights out of cache), int8 0.32 against 0.38 ms at 6 rows, even at 7."""
+projections (2 threads, weights out of cache), int8 0.32 against 0.38 ms at 6 rows (even at 7),
+int8 groups 0.34 against 0.38 at 6, int4 0.30 against 0.40 at 8 (0.41 against 0.38 at 12)."""
 
 
 @dataclass(frozen=True)
@@ -205,9 +212,26 @@ class BlockedInt8Linear:
         return self._kernel(x, self.codes, self.bias, self.scale)
 
 
-COLUMN_BLOCK_KINDS = {"int8": BlockedInt8Linear, "int8-groups": BlockedGroupInt8Linear}
-"""The quantized formats our column-block kernel reads, and the linear that reads each: all
-hold ``codes``, ``scale``, ``zero`` (None: per column) and ``bias`` as that kernel takes them."""
+class BlockedInt4Linear:
+    """``layer(x)`` = ``F.linear(x, weights.dequantized(x.dtype), bias)``, reading the 4-bit codes
+    in column blocks two a byte (``csrc/blocked_linear.cpp``), with a scale and an offset per
+    group and column: float32 sums, float32 or bfloat16 ``x``, any row count, each row's result
+    independent of the others in the call."""
+
+    def __init__(self, weights: Int4Weights, dtype: torch.dtype, bias, kernel: Callable):
+        blocks = in_column_blocks(weights.q.to(torch.uint8))  # [n / 32, k, 32]
+        half = BLOCK // 2  # byte c: column c's code low, column c + 16's high
+        self.codes = (blocks[..., :half] | (blocks[..., half:] << 4)).contiguous()
+        # w = (q - 8) * scale + zero = q * scale + offset, scale and zero rounded as
+        # ``dequantized`` rounds them
+        scale, zero = (t.to(dtype).float() for t in (weights.scale, weights.zero))
+        self.scale, self.zero = in_column_blocks(scale), in_column_blocks(zero - 8 * scale)
+        self.bias = None if bias is None else bias.contiguous()  # widened by the kernel
+        self.in_features = weights.q.shape[1]
+        self._kernel = kernel
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._kernel(x, self.codes, self.bias, self.scale, self.zero)
 
 
 class Int4Linear:
@@ -228,6 +252,15 @@ class Int4Linear:
             x, self.packed, self.group_size, self.scale_and_zero
         )
         return _plus(out, self.bias)
+
+
+COLUMN_BLOCK_KINDS = {
+    "int8": BlockedInt8Linear,
+    "int8-groups": BlockedGroupInt8Linear,
+    "int4": BlockedInt4Linear,
+}
+"""The quantized formats our column-block kernel reads, and the linear that reads each: all
+hold ``codes``, ``scale``, ``zero`` (None: per column) and ``bias`` as that kernel takes them."""
 
 
 def _plus(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -275,15 +308,13 @@ def quantized_linear(
     return QuantizedLinear(kernel, dense, rows)
 
 
-def reads_quantized(method: str, dtype: torch.dtype) -> bool:
-    """Whether a quantized kernel reads ``method``'s weights under ``dtype`` activations on this
-    machine (else the dequantized weights are read densely: no faster than unquantized). Under
-    float32 the column-block kernel reads int8 and a GGUF file's 5-8-bit formats (its 4-bit ones
-    are read densely)."""
+def reads_quantized(dtype: torch.dtype) -> bool:
+    """Whether quantized kernels read the codes under ``dtype`` activations on this machine (else
+    the dequantized weights are read densely: no faster than unquantized): bfloat16 always,
+    float32 where the column-block kernel is built (AVX-512)."""
     if dtype == KERNEL_DTYPE:
         return True
-    blocked = hasattr(DECODER_KERNELS.kernels(), "blocked_linear")
-    return method in ("int8", "gguf") and dtype == torch.float32 and blocked
+    return dtype == torch.float32 and hasattr(DECODER_KERNELS.kernels(), "blocked_linear")
 
 
 def _kernel_for(weights: QuantizedWeights, dtype: torch.dtype, bias: torch.Tensor | None):

@@ -94,33 +94,40 @@ def test_other_weights_stay_with_onednn(weight):
 
 
 def code_operands(n: int, k: int, kind: str, seed: int) -> tuple[tuple, torch.Tensor]:
-    """int8 codes ``[n, k]`` in column blocks with their scales as the kernel takes them, and the
-    weight they stand for in float64: ``kind`` "column" (``codes * scale[n]``) or "group G"
-    (``codes * scale[n, g] + zero[n, g]`` per G inputs, scales and offsets in blocks too)."""
+    """Codes ``[n, k]`` in column blocks with their scales as the kernel takes them, and the
+    weight they stand for in float64: ``kind`` "column" (int8, ``codes * scale[n]``), "group G"
+    (int8, ``codes * scale[n, g] + zero[n, g]`` per G inputs, scales and offsets in blocks too)
+    or "nibbles G" (4-bit codes alike)."""
     generator = torch.Generator().manual_seed(seed)
     codes = torch.randint(-128, 128, (n, k), generator=generator, dtype=torch.int8)
     if kind == "column":
         scale = torch.rand(n, generator=generator) * 0.01
         return (blocks(codes), scale), codes.double() * scale.double()[:, None]
-    group = int(kind.removeprefix("group "))
+    nibbles, group = kind.split()[0] == "nibbles", int(kind.split()[1])
+    if nibbles:  # 4-bit codes, two a byte: column c low, c + 16 high, in each block
+        codes = torch.randint(0, 16, (n, k), generator=generator, dtype=torch.uint8)
     scale = torch.rand(n, k // group, generator=generator) * 0.01
     zero = torch.randn(n, k // group, generator=generator) * 0.1
     stretch = lambda t: t.double().repeat_interleave(group, dim=1)  # noqa: E731
     weight = codes.double() * stretch(scale) + stretch(zero)
-    return (blocks(codes), blocks(scale), blocks(zero)), weight
+    packed = blocks(codes)
+    if nibbles:
+        packed = (packed[..., :16] | (packed[..., 16:] << 4)).contiguous()
+    return (packed, blocks(scale), blocks(zero)), weight
 
 
 CODE_SHAPES = [(32, 1, "column"), (96, 17, "column"), (160, 64, "column"),
-               (32, 16, "group 16"), (96, 64, "group 32"), (160, 96, "group 16")]  # fmt: skip
+               (32, 16, "group 16"), (96, 64, "group 32"), (160, 96, "group 16"),
+               (32, 32, "nibbles 32"), (160, 96, "nibbles 32")]  # fmt: skip
 
 
 @pytest.mark.parametrize("rows", [0, 1, 5, 7, 48, 49, 100, 600])
 @pytest.mark.parametrize("n, k, kind", CODE_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_int8_codes_equal_the_matmul_on_the_weight_they_stand_for(rows, n, k, kind, dtype):
-    """Codes times a scale per column, or per group and column plus an offset (GGUF's 5-8-bit
-    formats), for float32 and bfloat16 rows; beyond 48 rows each pair of blocks is widened to
-    floats once (the second work split)."""
+def test_codes_equal_the_matmul_on_the_weight_they_stand_for(rows, n, k, kind, dtype):
+    """int8 codes times a scale per column, or per group and column plus an offset (GGUF's 5-8-bit
+    formats), and 4-bit codes alike (int4, GGUF's 4-bit formats), for float32 and bfloat16 rows;
+    beyond 48 rows each pair of blocks is widened to floats once (the second work split)."""
     (codes, *scales), weight = code_operands(n, k, kind, rows * 1000 + n + k)
     bias = torch.randn(n)
     x = torch.randn(rows, k).to(dtype)
@@ -132,9 +139,9 @@ def test_int8_codes_equal_the_matmul_on_the_weight_they_stand_for(rows, n, k, ki
     torch.testing.assert_close(got.double(), reference, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("kind", ["column", "group 32"])
+@pytest.mark.parametrize("kind", ["column", "group 32", "nibbles 32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_an_int8_rows_result_does_not_depend_on_the_other_rows(kind, dtype):
+def test_a_coded_rows_result_does_not_depend_on_the_other_rows(kind, dtype):
     """Alone and among 61 (both work splits), to the bit, with a bias and an odd block count (a
     block left over from the pairs): for groups, the tile's codes scaled in registers and the
     many-rows split's scaled once into floats are the same floats; a column's scale and the bias
@@ -154,9 +161,12 @@ def test_an_int8_rows_result_does_not_depend_on_the_other_rows(kind, dtype):
         (torch.randn(2, 16, 32), torch.ones(64)),  # a scale for float weights
         (torch.zeros(2, 16, 32, dtype=torch.int8), torch.ones(32)),  # a scale of one block
         (torch.zeros(2, 16, 32, dtype=torch.int8), torch.ones(64, dtype=torch.float64)),
+        (torch.zeros(2, 16, 16, dtype=torch.uint8), torch.ones(64)),  # 4-bit, one scale a column
+        (torch.zeros(2, 16, 32, dtype=torch.uint8), torch.ones(64)),  # 4-bit, 32 bytes a row
     ],
 )
 def test_misfit_scales_are_refused(packed, scale):
+    """(Also 4-bit codes with a scale per column: they take groups only.)"""
     with pytest.raises(RuntimeError, match="blocked_linear"):
         KERNELS.blocked_linear(torch.randn(2, 16), packed, None, scale)
 
@@ -172,8 +182,8 @@ def test_misfit_scales_are_refused(packed, scale):
         (None, torch.zeros(2, 2, 32)),  # offsets alone
     ],
 )
-@pytest.mark.parametrize("dtype", [torch.int8, torch.float32], ids=str)
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32, torch.uint8], ids=str)
 def test_misfit_group_scales_are_refused(scale, zero, dtype):
-    packed = torch.zeros(2, 16, 32, dtype=dtype)
+    packed = torch.zeros(2, 16, 16 if dtype == torch.uint8 else 32, dtype=dtype)
     with pytest.raises(RuntimeError, match="blocked_linear"):
         KERNELS.blocked_linear(torch.randn(2, 16), packed, None, scale, zero)

@@ -10,7 +10,7 @@ from test_llama_executor import load, prefill_logits
 from test_row_buckets import mixed_batch_tokens
 
 from baton_paged.attention import attach
-from baton_paged.model import llama_executor
+from baton_paged.model import llama_executor, quantized_linear
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
 from baton_paged.model.int8_groups import Int8GroupWeights
 from baton_paged.model.quantized_linear import Quantization
@@ -62,6 +62,7 @@ def int8_groups(weight: torch.Tensor, sources) -> Int8GroupWeights:
 QUANTIZATIONS = {
     "int8": Quantization.by_method("int8"),
     "int8-groups": Quantization(head=int8_groups, layers=int8_groups),
+    "int4": Quantization.by_method("int4"),
 }
 
 
@@ -72,9 +73,10 @@ QUANTIZATIONS = {
 def test_int8_codes_in_the_cpp_loop_give_the_python_loops_logits_to_the_bit(
     tiny_model_dir, arch, dtype, method
 ):
-    """A scale per column (int8) or a scale and an offset per group (GGUF's 5-8-bit formats).
-    float32 reads the codes at every row count; bfloat16 reads them for a two-token prompt and
-    its dense oneDNN copy for the 69 tokens of three."""
+    """int8 codes with a scale per column, or a scale and an offset per group (GGUF's 5-8-bit
+    formats), and 4-bit codes (int4, its LM head int8). float32 reads the codes at every row
+    count; bfloat16 reads them for a two-token prompt and its dense oneDNN copy for the 69 tokens
+    of three."""
     model = load(tiny_model_dir, arch, dtype)
     quantization = QUANTIZATIONS[method]
     for prompts in ([[7, 8]], PROMPTS):
@@ -91,7 +93,9 @@ def test_int8_codes_in_the_cpp_loop_give_the_python_loops_logits_to_the_bit(
         model = load(tiny_model_dir, arch, dtype)  # the executor rewrote its weights
 
 
-def test_int4_layers_keep_the_python_loop(tiny_model_dir):
+def test_torchs_int4_kernel_keeps_the_python_loop(tiny_model_dir, monkeypatch):
+    """As without AVX-512 (no column blocks)."""
+    monkeypatch.setattr(quantized_linear, "column_block_kernel", lambda weight: None)
     model = load(tiny_model_dir, "llama", torch.bfloat16)
     quantization = Quantization.by_method("int4")
     executor = llama_executor.LlamaExecutor(model, DECODER_KERNELS.kernels(), 128, quantization)

@@ -23,7 +23,7 @@ from baton_paged.model.int8_groups import BlockedGroupInt8Linear, GroupInt8Linea
 from baton_paged.model.llama_executor import LlamaExecutor
 from baton_paged.model.loading import load_model, resolve_quantization
 from baton_paged.model.packed_linear import PackedLinear
-from baton_paged.model.quantized_linear import Int4Linear, Quantization
+from baton_paged.model.quantized_linear import BlockedInt4Linear, Int4Linear, Quantization
 
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 ALL_Q4 = {**dict.fromkeys(PROJECTIONS, QuantType.Q4_0), "output": QuantType.Q4_1}
@@ -40,6 +40,8 @@ MIXED = {
 PROMPTS = [[5, 17, 300], [7, 8], list(range(30, 90))]
 GROUP_KERNELS = (BlockedGroupInt8Linear, GroupInt8Linear)
 """What reads int8 groups: the column-block kernel, or without AVX-512 the matrix-vector one."""
+INT4_KERNELS = (BlockedInt4Linear, Int4Linear)
+"""What reads int4 groups: the column-block kernel, or without AVX-512 torch's."""
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +93,8 @@ def test_a_q4_file_runs_on_its_own_codes(gguf_of):
     executor = LlamaExecutor(
         model, DECODER_KERNELS.kernels(), 128, Quantization(quantizer, quantizer)
     )
-    assert isinstance(executor.layers[0].qkv.kernel, Int4Linear)
-    assert isinstance(executor.lm_head.kernel, Int4Linear)  # Q4_1 in the file: int4 too
+    assert isinstance(executor.layers[0].qkv.kernel, INT4_KERNELS)
+    assert isinstance(executor.lm_head.kernel, INT4_KERNELS)  # Q4_1 in the file: int4 too
     for ours, theirs in zip(model.parameters(), reference.parameters(), strict=True):
         atol = theirs.abs().max().item() * 2**-7
         torch.testing.assert_close(ours.float(), theirs, rtol=0, atol=atol)
@@ -126,7 +128,7 @@ def test_mixed_formats_take_their_widest_parts_form_exactly(gguf_of):
     layer = executor.layers[0]
     assert isinstance(layer.qkv.kernel, GROUP_KERNELS)
     assert isinstance(layer.o, PackedLinear)
-    assert isinstance(layer.gate_up.kernel, Int4Linear)
+    assert isinstance(layer.gate_up.kernel, INT4_KERNELS)
     assert isinstance(layer.down.kernel, GROUP_KERNELS)
     assert isinstance(executor.lm_head.kernel, GROUP_KERNELS)
     attn = reference.model.layers[0].self_attn

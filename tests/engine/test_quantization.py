@@ -15,10 +15,12 @@ from baton_paged import LLM, SamplingParams
 from baton_paged.attention import attach
 from baton_paged.config import EngineConfig
 from baton_paged.model import llama_executor, quantize_math
+from baton_paged.model import quantized_linear as quantized_linear_module
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
 from baton_paged.model.int8_groups import Int8GroupWeights
 from baton_paged.model.quantized_linear import (
     BLOCKED_ROWS,
+    BlockedInt4Linear,
     BlockedInt8Linear,
     Int4Weights,
     Int8Weights,
@@ -114,18 +116,31 @@ BLOCKED = hasattr(DECODER_KERNELS.kernels(), "blocked_linear")
 """Whether int8 codes are read in column blocks (the decoder library built for AVX-512)."""
 
 
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """Quantized layers on torch's kernels, as without AVX-512 (no column blocks)."""
+    monkeypatch.setattr(quantized_linear_module, "column_block_kernel", lambda weight: None)
+
+
 @pytest.mark.parametrize(
-    ("method", "dtype", "kernel_rows"),
+    ("method", "dtype", "kernel_rows", "blocked"),
     [
-        ("int8", torch.bfloat16, BLOCKED_ROWS["int8"] if BLOCKED else 4),
-        ("int4", torch.bfloat16, 8),
-        ("int4", torch.float32, 0),
+        ("int8", torch.bfloat16, 4, False),
+        ("int4", torch.bfloat16, 8, False),
+        ("int4", torch.float32, 0, False),
+        ("int8", torch.bfloat16, BLOCKED_ROWS["int8"], True),
+        ("int4", torch.bfloat16, BLOCKED_ROWS["int4"], True),
     ],
 )
 def test_the_kernel_takes_a_few_rows_of_bfloat16_and_the_dense_copy_the_rest(
-    method, dtype, kernel_rows
+    method, dtype, kernel_rows, blocked, request
 ):
-    """float32 never takes torch's quantized kernels (far slower than the dense matmuls there)."""
+    """Column blocks (AVX-512) or torch's kernels; float32 never takes torch's (far slower than
+    the dense matmuls there)."""
+    if not blocked:
+        request.getfixturevalue("torch_kernels")
+    elif not BLOCKED:
+        pytest.skip("the decoder library is not built for AVX-512")
     weight = torch.randn(64, 64, dtype=dtype)
     layer = quantized_linear(weight, None, quantize(weight, method))
     assert layer.kernel_rows == kernel_rows
@@ -139,9 +154,9 @@ def test_the_kernel_takes_a_few_rows_of_bfloat16_and_the_dense_copy_the_rest(
     assert calls == expected
 
 
-def test_a_dense_only_layer_takes_an_empty_batch():
-    """int4 under float32 has no quantized kernel; a chunked step that ends no prompt hands the
-    LM head no rows."""
+def test_a_dense_only_layer_takes_an_empty_batch(torch_kernels):
+    """int4 under float32 on torch's kernels has no quantized kernel; a chunked step that ends no
+    prompt hands the LM head no rows."""
     weight = torch.randn(64, 64)
     layer = quantized_linear(weight, None, quantize(weight, "int4"))
     assert layer.kernel is None
@@ -149,13 +164,16 @@ def test_a_dense_only_layer_takes_an_empty_batch():
 
 
 @pytest.mark.skipif(not BLOCKED, reason="the decoder library is not built for AVX-512")
-def test_float32_int8_reads_only_its_codes_at_every_row_count():
+@pytest.mark.parametrize(
+    ("method", "kind"), [("int8", BlockedInt8Linear), ("int4", BlockedInt4Linear)]
+)
+def test_float32_reads_only_the_codes_at_every_row_count(method, kind):
     """No dense copy packed beside the codes, so the layer lets the float weight go."""
     weight, bias = torch.randn(96, 64), torch.randn(96)
-    layer = quantized_linear(weight, bias, quantize(weight, "int8"))
-    assert isinstance(layer.kernel, BlockedInt8Linear) and layer.dense is None
-    assert layer.kernel.codes.dtype == torch.int8 and layer.release_weight()
-    for rows in (1, 49, 300):
+    layer = quantized_linear(weight, bias, quantize(weight, method))
+    assert isinstance(layer.kernel, kind) and layer.dense is None
+    assert layer.kernel.codes.element_size() == 1 and layer.release_weight()
+    for rows in (0, 1, 49, 300):
         x = torch.randn(rows, 64)
         torch.testing.assert_close(layer(x), F.linear(x, weight, bias), atol=1e-4, rtol=1e-4)
 

@@ -3,8 +3,9 @@
 // float32, or int8 codes with a float32 scale per output column (W[n, k] = codes[n, k] * scale[n]:
 // quantized_linear.py's int8), or with a scale and an offset per group of inputs and column
 // (W[n, k] = codes[n, k] * scale[n, g] + zero[n, g], g = k / group: int8_groups.py, GGUF's 5-, 6-
-// and 8-bit formats; the scales and offsets in blocks too, [n / 32, groups, 32]). x and out are
-// float32 or bfloat16; the sums are float32.
+// and 8-bit formats; the scales and offsets in blocks too, [n / 32, groups, 32]), or 4-bit codes
+// alike, two a byte ([n / 32, k, 16]: quantized_linear.py's int4, GGUF's 4-bit formats). x and out
+// are float32 or bfloat16; the sums are float32.
 //
 // Why our own: oneDNN's float32 kernels on their own packed weights read that weight at 30-40
 // GB/s in a decode step of one row, where a plain matrix-vector product reads it at ~50 (an
@@ -50,29 +51,50 @@ struct Operands {
   int64_t group;         // inputs a group (k where not grouped)
 };
 
-// The weights' three kinds: float32, int8 codes times a scale per column (applied to the sums),
-// int8 codes with a scale and an offset per group of inputs and column (applied to the codes as
-// they are widened, so two vectors of each live in registers beside the tile's accumulators).
+// The weights' four kinds: float32, int8 codes times a scale per column (applied to the sums),
+// int8 codes or 4-bit ones with a scale and an offset per group of inputs and column (applied to
+// the codes as they are widened, so two vectors of each live in registers beside the tile's
+// accumulators). `row`: a block's values per input, in `type`s (4-bit codes two to a byte: byte c
+// holds column c in its low half, column c + 16 in its high one).
 struct Floats {
   using type = float;
   static constexpr bool grouped = false;
   static constexpr int tile_rows = 6;  // 24 accumulators
+  static constexpr int64_t row = kBlock;
 };
 struct Codes {
   using type = int8_t;
   static constexpr bool grouped = false;
   static constexpr int tile_rows = 6;
+  static constexpr int64_t row = kBlock;
 };
 struct GroupCodes {
   using type = int8_t;
   static constexpr bool grouped = true;
   static constexpr int tile_rows = 4;  // 16 accumulators, 4 weight, 8 scale and offset vectors
+  static constexpr int64_t row = kBlock;
+};
+struct GroupNibbles {
+  using type = uint8_t;
+  static constexpr bool grouped = true;
+  static constexpr int tile_rows = 4;
+  static constexpr int64_t row = kBlock / 2;
 };
 
-// 16 weights as floats: int8 codes are widened (exactly).
-inline __m512 lanes(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 lanes(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)));
+// One block's 32 values at one input, as two vectors of floats (codes widened exactly).
+inline void load_row(const float* p, __m512 out[2]) {
+  out[0] = _mm512_loadu_ps(p);
+  out[1] = _mm512_loadu_ps(p + 16);
+}
+inline __m512 widened(__m128i bytes) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)); }
+inline void load_row(const int8_t* p, __m512 out[2]) {
+  out[0] = widened(_mm_loadu_si128((const __m128i*)p));
+  out[1] = widened(_mm_loadu_si128((const __m128i*)(p + 16)));
+}
+inline void load_row(const uint8_t* p, __m512 out[2]) {
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+  out[0] = _mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15)));
+  out[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4));
 }
 
 inline void store_lanes(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
@@ -106,7 +128,7 @@ void tile(const Operands& op, const typename Kind::type* w, int64_t row, int64_t
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
   const float* x = op.x + row * op.k;
-  const typename Kind::type* second = w + op.k * kBlock;
+  const typename Kind::type* second = w + op.k * Kind::row;
   const int64_t step = Kind::grouped ? op.group : op.k, groups = op.k / step;
   for (int64_t g = 0; g < groups; ++g) {
     __m512 scale[J], zero[J];
@@ -119,12 +141,8 @@ void tile(const Operands& op, const typename Kind::type* w, int64_t row, int64_t
     }
     for (int64_t k = g * step; k < (g + 1) * step; ++k) {
       __m512 wk[J];
-      wk[0] = lanes(w + k * kBlock);
-      wk[1] = lanes(w + k * kBlock + 16);
-      if constexpr (Blocks == 2) {
-        wk[2] = lanes(second + k * kBlock);
-        wk[3] = lanes(second + k * kBlock + 16);
-      }
+      load_row(w + k * Kind::row, wk);
+      if constexpr (Blocks == 2) load_row(second + k * Kind::row, wk + 2);
       if constexpr (Kind::grouped) {
         for (int j = 0; j < J; ++j) wk[j] = _mm512_fmadd_ps(wk[j], scale[j], zero[j]);
       }
@@ -159,7 +177,7 @@ void rows(const Operands& op, const typename Kind::type* w, int64_t block, int64
 template <typename Kind, typename Out>
 void blocks(const Operands& op, const typename Kind::type* w, int64_t begin, int64_t end,
             int64_t row, int64_t row_end) {
-  const int64_t size = op.k * kBlock;
+  const int64_t size = op.k * Kind::row;
   int64_t block = begin;
   for (; block + 2 <= end; block += 2) {
     rows<2, Kind, Out>(op, w + (block - begin) * size, block, row, row_end);
@@ -168,21 +186,23 @@ void blocks(const Operands& op, const typename Kind::type* w, int64_t begin, int
 }
 
 // Blocks [begin, end) of codes as the floats a tile multiplies by (scaled and offset where
-// grouped: the very values the tile computes), into floats.
+// grouped: the very values the tile computes), into floats ([end - begin, k, 32]).
 template <typename Kind>
 void widen(const Operands& op, const typename Kind::type* w, int64_t begin, int64_t end,
            float* floats) {
   const int64_t groups = op.k / op.group;
   for (int64_t block = begin; block < end; ++block) {
     for (int64_t k = 0; k < op.k; ++k) {
-      const int64_t at = (block - begin) * op.k * kBlock + k * kBlock;
-      for (int64_t half = 0; half < kBlock; half += 16) {
-        __m512 v = lanes(w + at + half);
+      __m512 v[2];
+      load_row(w + ((block - begin) * op.k + k) * Kind::row, v);
+      float* into = floats + ((block - begin) * op.k + k) * kBlock;
+      for (int half = 0; half < 2; ++half) {
         if constexpr (Kind::grouped) {
-          const int64_t g = (block * groups + k / op.group) * kBlock + half;
-          v = _mm512_fmadd_ps(v, _mm512_loadu_ps(op.g_scale + g), _mm512_loadu_ps(op.g_zero + g));
+          const int64_t g = (block * groups + k / op.group) * kBlock + 16 * half;
+          v[half] = _mm512_fmadd_ps(v[half], _mm512_loadu_ps(op.g_scale + g),
+                                    _mm512_loadu_ps(op.g_zero + g));
         }
-        _mm512_storeu_ps(floats + at + half, v);
+        _mm512_storeu_ps(into + 16 * half, v[half]);
       }
     }
   }
@@ -190,7 +210,7 @@ void widen(const Operands& op, const typename Kind::type* w, int64_t begin, int6
 
 template <typename Kind, typename Out>
 void multiply(const Operands& op, const typename Kind::type* w, int64_t count, int64_t n_rows) {
-  const int64_t size = op.k * kBlock;
+  const int64_t size = op.k * Kind::row;
   if (n_rows <= kRowChunk) {  // each thread its own run of blocks, read once
     at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
       blocks<Kind, Out>(op, w + begin * size, begin, end, 0, n_rows);
@@ -203,7 +223,9 @@ void multiply(const Operands& op, const typename Kind::type* w, int64_t count, i
   const int64_t pairs = (count + 1) / 2, chunks = (n_rows + kRowChunk - 1) / kRowChunk;
   at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
     at::Tensor widened;  // 64-byte aligned, as the weights' tensor is: no load splits a line
-    if constexpr (!std::is_same_v<Kind, Floats>) widened = at::empty({2 * size}, at::kFloat);
+    if constexpr (!std::is_same_v<Kind, Floats>) {
+      widened = at::empty({2 * op.k * kBlock}, at::kFloat);
+    }
     int64_t widened_pair = -1;
     for (int64_t item = begin; item < end; ++item) {
       const int64_t pair = item / chunks, block = 2 * pair, row = (item % chunks) * kRowChunk;
@@ -225,6 +247,8 @@ void multiply_by(const at::Tensor& packed, const Operands& op, int64_t n_rows) {
   const int64_t count = packed.size(0);
   if (packed.scalar_type() == at::kFloat) {
     multiply<Floats, Out>(op, packed.data_ptr<float>(), count, n_rows);
+  } else if (packed.scalar_type() == at::kByte) {
+    multiply<GroupNibbles, Out>(op, packed.data_ptr<uint8_t>(), count, n_rows);
   } else if (op.g_scale) {
     multiply<GroupCodes, Out>(op, packed.data_ptr<int8_t>(), count, n_rows);
   } else {
@@ -238,11 +262,14 @@ void check_operands(const at::Tensor& x, const at::Tensor& packed,
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
                   (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
               "blocked_linear: x must be a float32 or bfloat16 [rows, k] CPU tensor");
+  const auto dtype = packed.scalar_type();
+  const bool nibbles = dtype == at::kByte;
   TORCH_CHECK(packed.device().is_cpu() && packed.dim() == 3 && packed.is_contiguous() &&
-                  (packed.scalar_type() == at::kFloat || packed.scalar_type() == at::kChar) &&
-                  packed.size(1) == x.size(1) && x.size(1) > 0 && packed.size(2) == kBlock,
+                  (dtype == at::kFloat || dtype == at::kChar || nibbles) &&
+                  packed.size(1) == x.size(1) && x.size(1) > 0 &&
+                  packed.size(2) == (nibbles ? kBlock / 2 : kBlock),
               "blocked_linear: packed must be a contiguous float32 or int8 [n / 32, k > 0, 32] "
-              "CPU tensor");
+              "or uint8 (4-bit codes, two a byte) [n / 32, k > 0, 16] CPU tensor");
   const int64_t width = packed.size(0) * kBlock;
   const auto is_float = [](const at::Tensor& t, bool or_bfloat16) {
     const bool dtype = t.scalar_type() == at::kFloat ||
@@ -251,9 +278,10 @@ void check_operands(const at::Tensor& x, const at::Tensor& packed,
   };
   TORCH_CHECK(!bias || (is_float(*bias, true) && bias->numel() == width),
               "blocked_linear: bias must be a contiguous float32 or bfloat16 [n] CPU tensor");
-  TORCH_CHECK(scale.has_value() == (packed.scalar_type() == at::kChar),
-              "blocked_linear: int8 codes need a scale, float32 weights take none");
+  TORCH_CHECK(scale.has_value() == (dtype != at::kFloat),
+              "blocked_linear: codes need a scale, float32 weights take none");
   TORCH_CHECK(!zero || scale, "blocked_linear: offsets need group scales");
+  TORCH_CHECK(!nibbles || zero, "blocked_linear: 4-bit codes need group scales and offsets");
   if (!scale) return;
   if (!zero) {
     TORCH_CHECK(is_float(*scale, false) && scale->dim() == 1 && scale->numel() == width,

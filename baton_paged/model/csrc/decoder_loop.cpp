@@ -5,12 +5,12 @@
 // microseconds of Python and dispatch around a kernel of tens of us (measured: the small Llama's
 // B=32 bfloat16 decode forward 4.8 -> ~4.3 ms), and the loop holds no GIL while it runs.
 //
-// The matmuls are float32 or int8 ones in column blocks (blocked_linear.cpp), or go through torch's
-// dispatcher to oneDNN (mkldnn::_linear_pointwise on the weights oneDNN packed), their rows padded
-// to the buckets the caller passes (baton_paged/model/row_buckets.py). Attention is the cpu_paged
-// backend's kernels, in the attention library: that library hands over their addresses
-// (attention/csrc/bindings.cpp), so they are called directly, in the same process and against
-// the same torch, with no trip through Python.
+// The matmuls are float32, int8 or 4-bit ones in column blocks (blocked_linear.cpp), or go through
+// torch's dispatcher to oneDNN (mkldnn::_linear_pointwise on the weights oneDNN packed), their rows
+// padded to the buckets the caller passes (baton_paged/model/row_buckets.py). Attention is the
+// cpu_paged backend's kernels, in the attention library: that library hands over their addresses
+// (attention/csrc/bindings.cpp), so they are called directly, in the same process and against the
+// same torch, with no trip through Python.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -71,9 +71,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
 }
 
 // The layers' linears as llama_executor._loop_weights lists them: linear i reads weights[i]
-// (float32 column blocks, oneDNN's packing, or int8 codes alone: QuantizedLinear with no dense
-// copy), or its int8 codes[i] for up to code_rows rows where it has both (QuantizedLinear);
-// scales[i] and zeros[i] (grouped codes' offsets) go with whichever int8 codes it reads.
+// (float32 column blocks, oneDNN's packing, or int8 / 4-bit codes alone: QuantizedLinear with no
+// dense copy), or its codes[i] for up to code_rows rows where it has both (QuantizedLinear);
+// scales[i] and zeros[i] (grouped codes' offsets) go with whichever codes it reads.
 struct Linears {
   const std::vector<at::Tensor>& weights;
   const std::vector<std::optional<at::Tensor>>& codes;
@@ -86,9 +86,10 @@ struct Linears {
   at::Tensor operator()(const at::Tensor& x, int64_t i) const {
     const bool read_codes = codes[i] && x.size(0) <= code_rows;
     const at::Tensor& packed = read_codes ? *codes[i] : weights[i];
-    const bool int8 = packed.scalar_type() == at::kChar;
+    const bool coded = packed.scalar_type() == at::kChar || packed.scalar_type() == at::kByte;
     const std::optional<at::Tensor> none;
-    return linear(x, packed, biases[i], int8 ? scales[i] : none, int8 ? zeros[i] : none, buckets);
+    return linear(x, packed, biases[i], coded ? scales[i] : none, coded ? zeros[i] : none,
+                  buckets);
   }
 };
 
