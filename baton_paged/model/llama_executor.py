@@ -218,9 +218,9 @@ class LlamaExecutor:
 @dataclass(frozen=True)
 class LoopWeights:
     """The layers as ``decoder_layers`` reads them: two norms a layer, and per linear what it
-    reads (float32 column blocks, oneDNN's packing, or int8 codes alone), its int8 codes where it
-    reads them for up to ``code_rows`` rows beside a dense copy, the scale (and for groups the
-    offset) of its codes, its bias."""
+    reads (float32 column blocks, oneDNN's packing, or codes alone), its codes where it reads
+    them for up to ``code_rows`` rows beside a dense copy (0: none), the scale (and for groups
+    the offset) of its codes, its bias."""
 
     norms: list[torch.Tensor]
     weights: list[torch.Tensor]
@@ -228,7 +228,7 @@ class LoopWeights:
     scales: list[torch.Tensor | None]
     zeros: list[torch.Tensor | None]
     biases: list[torch.Tensor | None]
-    code_rows: int
+    code_rows: list[int]
 
 
 def _loop_weights(layers: list[Layer]) -> LoopWeights | None:
@@ -238,11 +238,10 @@ def _loop_weights(layers: list[Layer]) -> LoopWeights | None:
     parts = [_loop_parts(linear) for linear in linears]
     if None in parts:
         return None
-    code_rows = {lin.kernel_rows for lin, p in zip(linears, parts, strict=True) if p[1] is not None}
-    if len(code_rows) > 1:
-        return None
+    pairs = zip(linears, parts, strict=True)
+    code_rows = [linear.kernel_rows if part[1] is not None else 0 for linear, part in pairs]
     columns = (list(column) for column in zip(*parts, strict=True))
-    return LoopWeights(norms, *columns, code_rows=max(code_rows, default=0))
+    return LoopWeights(norms, *columns, code_rows=code_rows)
 
 
 def _loop_parts(linear: Linear) -> tuple | None:

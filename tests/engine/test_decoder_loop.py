@@ -4,6 +4,8 @@ int8 codes in column blocks) on ``cpu_paged`` attention."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from test_llama_executor import load, prefill_logits
@@ -13,7 +15,7 @@ from baton_paged.attention import attach
 from baton_paged.model import llama_executor, quantized_linear
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
 from baton_paged.model.int8_groups import Int8GroupWeights
-from baton_paged.model.quantized_linear import Quantization
+from baton_paged.model.quantized_linear import Int4Weights, Quantization
 
 PROMPTS = [[5, 17, 300, 2, 9, 44, 100], [7, 8], list(range(30, 90))]
 
@@ -59,10 +61,22 @@ def int8_groups(weight: torch.Tensor, sources) -> Int8GroupWeights:
     return Int8GroupWeights.quantize(weight)
 
 
+def mixed_formats():
+    """A quantizer giving int4 and int8 groups by turns: codes read up to different row counts in
+    one loop, as a GGUF file that mixes its formats has them."""
+    calls = itertools.count()
+
+    def quantize(weight: torch.Tensor, sources) -> Int8GroupWeights | Int4Weights:
+        return (Int4Weights if next(calls) % 2 else Int8GroupWeights).quantize(weight)
+
+    return quantize
+
+
 QUANTIZATIONS = {
     "int8": Quantization.by_method("int8"),
     "int8-groups": Quantization(head=int8_groups, layers=int8_groups),
     "int4": Quantization.by_method("int4"),
+    "mixed": Quantization(head=int8_groups, layers=mixed_formats()),
 }
 
 

@@ -72,7 +72,7 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
 
 // The layers' linears as llama_executor._loop_weights lists them: linear i reads weights[i]
 // (float32 column blocks, oneDNN's packing, or int8 / 4-bit codes alone: QuantizedLinear with no
-// dense copy), or its codes[i] for up to code_rows rows where it has both (QuantizedLinear);
+// dense copy), or its codes[i] for up to code_rows[i] rows where it has both (QuantizedLinear);
 // scales[i] and zeros[i] (grouped codes' offsets) go with whichever codes it reads.
 struct Linears {
   const std::vector<at::Tensor>& weights;
@@ -80,11 +80,11 @@ struct Linears {
   const std::vector<std::optional<at::Tensor>>& scales;
   const std::vector<std::optional<at::Tensor>>& zeros;
   const std::vector<std::optional<at::Tensor>>& biases;
-  int64_t code_rows;
+  const std::vector<int64_t>& code_rows;
   const std::vector<int64_t>& buckets;
 
   at::Tensor operator()(const at::Tensor& x, int64_t i) const {
-    const bool read_codes = codes[i] && x.size(0) <= code_rows;
+    const bool read_codes = codes[i] && x.size(0) <= code_rows[i];
     const at::Tensor& packed = read_codes ? *codes[i] : weights[i];
     const bool coded = packed.scalar_type() == at::kChar || packed.scalar_type() == at::kByte;
     const std::optional<at::Tensor> none;
@@ -105,7 +105,8 @@ at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& no
                           const std::vector<std::optional<at::Tensor>>& codes,
                           const std::vector<std::optional<at::Tensor>>& scales,
                           const std::vector<std::optional<at::Tensor>>& zeros,
-                          const std::vector<std::optional<at::Tensor>>& biases, int64_t code_rows,
+                          const std::vector<std::optional<at::Tensor>>& biases,
+                          const std::vector<int64_t>& code_rows,
                           const std::vector<int64_t>& buckets, const at::Tensor& positions,
                           const at::Tensor& cos, const at::Tensor& sin,
                           const std::vector<at::Tensor>& keys,
@@ -118,7 +119,7 @@ at::Tensor decoder_layers(at::Tensor residual, const std::vector<at::Tensor>& no
                   norms.size() == static_cast<size_t>(2 * layers) &&
                   weights.size() == static_cast<size_t>(4 * layers) &&
                   codes.size() == weights.size() && scales.size() == weights.size() &&
-                  zeros.size() == weights.size() &&
+                  zeros.size() == weights.size() && code_rows.size() == weights.size() &&
                   biases.size() == weights.size() && !buckets.empty(),
               "decoder_layers: 2 norms, 4 linears a layer, one K and V each");
   const Linears linear{weights, codes, scales, zeros, biases, code_rows, buckets};
