@@ -5,7 +5,8 @@ llama.cpp stores Q4_0, Q4_1 and Q4_K as blocks whose every weight is ``code * sc
 one ``scale`` and ``low`` per 32 consecutive inputs (Q4_K: per 32-weight sub-block of its
 256-weight super-block, the scale and low themselves 6-bit multiples of the block's ``d`` and
 ``dmin``). That is exactly the int4 layout of ``quantized_linear.Int4Weights`` at group size 32,
-so these files run on torch's int4 kernel with the file's own codes, not re-quantized values.
+so these files run on the int4 kernels (``quantized_linear.py``) with the file's own codes, not
+re-quantized values.
 The layouts (llama.cpp's ``ggml-common.h``; every float is IEEE half, little-endian):
 
 - Q4_0, 18 bytes: ``d``, 16 bytes of codes; weight = ``d * (code - 8)``.

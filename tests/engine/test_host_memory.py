@@ -79,10 +79,13 @@ def test_prefill_forwards_fault_far_less_once_freed_memory_is_kept(in_thread):
 
 @pytest.mark.parametrize("value", ["0", "off"])
 def test_the_environment_can_opt_out(value):
-    default = probe(configure=False)
+    """Opted out, the probe faults as glibc's default does: far more than kept. (Not against
+    the default's own count: from one fresh process to the next that count is one of two, 77k or
+    166k here, and an opted-out 77k once fell below half a default 166k.)"""
+    kept = probe(configure=True)
     opted_out = probe(configure=True, env={OPT_OUT_ENV: value})
     assert opted_out["kept"] is False
-    assert opted_out["faults"] > default["faults"] / 2
+    assert opted_out["faults"] > 2 * kept["faults"]
 
 
 def test_a_cpu_engine_configures_it():
