@@ -26,7 +26,7 @@ from typing import ClassVar
 import torch
 
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
-from baton_paged.model.packed_linear import in_column_blocks, out_of_blocks
+from baton_paged.model.packed_linear import ColumnBlockCodes, in_column_blocks, out_of_blocks
 from baton_paged.model.quantize_math import asymmetric_groups, in_row_blocks
 
 GROUP_SIZE = 16
@@ -85,23 +85,15 @@ class Int8GroupWeights:
         return in_row_blocks(rows, self.q, self.scale, self.zero)[0]
 
 
-class BlockedGroupInt8Linear:
-    """``layer(x)`` = ``F.linear(x, weights.dequantized(float32), bias)``, reading the codes in
-    column blocks (``csrc/blocked_linear.cpp``), their scales and offsets in blocks too: each
-    code widened and scaled in registers, float32 sums, float32 or bfloat16 ``x``, any row count,
-    each row's result independent of the others in the call."""
+class BlockedGroupInt8Linear(ColumnBlockCodes):
+    """``layer(x)`` = ``F.linear(x, weights.dequantized(float32), bias)``: the codes in column
+    blocks, their scales and offsets in blocks too, applied as each code is widened."""
 
     def __init__(self, weights: Int8GroupWeights, dtype: torch.dtype, bias, kernel):
         """Any ``dtype`` of activations: the scales and offsets stay float32, as
         ``dequantized`` applies them."""
-        self.codes = in_column_blocks(weights.q)
-        self.scale, self.zero = in_column_blocks(weights.scale), in_column_blocks(weights.zero)
-        self.bias = None if bias is None else bias.contiguous()  # widened by the kernel
-        self.in_features = weights.q.shape[1]
-        self._kernel = kernel
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._kernel(x, self.codes, self.bias, self.scale, self.zero)
+        blocked = (in_column_blocks(t) for t in (weights.q, weights.scale, weights.zero))
+        super().__init__(*blocked, bias, weights.q.shape[1], kernel)
 
     @property
     def weights(self) -> Int8GroupWeights:

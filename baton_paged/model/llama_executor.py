@@ -31,9 +31,8 @@ import torch.nn.functional as F
 from baton_paged.attention import PagedStep
 from baton_paged.attention.cpu_paged_backend import CpuPagedBackend
 from baton_paged.model import packed_linear
-from baton_paged.model.packed_linear import PackedLinear
+from baton_paged.model.packed_linear import ColumnBlockCodes, PackedLinear
 from baton_paged.model.quantized_linear import (
-    COLUMN_BLOCK_KINDS,
     Quantization,
     QuantizedLinear,
     Quantizer,
@@ -47,8 +46,6 @@ LinearMaker = Callable[[torch.Tensor, torch.Tensor | None, tuple[torch.nn.Module
 """``maker(weight, bias, sources)``: the linear for ``weight``, fused from the HF linears
 ``sources``."""
 
-COLUMN_BLOCKS = tuple(COLUMN_BLOCK_KINDS.values())
-"""The quantized linears the C++ loop reads (int8 codes in column blocks)."""
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 """Rope types whose frequencies do not depend on the sequence length, so one table serves."""
@@ -252,7 +249,7 @@ def _loop_parts(linear: Linear) -> tuple | None:
         return (linear.packed_weight, None, None, None, linear.bias) if linear.packed else None
     if isinstance(linear, QuantizedLinear) and linear.kernel is None:
         return _loop_parts(linear.dense)  # read densely (int4 under float32)
-    if not isinstance(linear, QuantizedLinear) or not isinstance(linear.kernel, COLUMN_BLOCKS):
+    if not isinstance(linear, QuantizedLinear) or not isinstance(linear.kernel, ColumnBlockCodes):
         return None
     kernel, dense = linear.kernel, linear.dense
     if dense is None:

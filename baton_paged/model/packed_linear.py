@@ -114,6 +114,23 @@ def warm_up(linears: Iterable[PackedLinear], max_rows: int) -> int:
     return built
 
 
+class ColumnBlockCodes:
+    """``layer(x)`` = ``x @ W.T (+ bias)`` with ``W`` quantized codes in column blocks, read by
+    ``csrc/blocked_linear.cpp``: ``scale`` per column (``zero`` None), or ``scale`` and ``zero``
+    per group and column in blocks too. float32 sums, float32 or bfloat16 ``x``, any row count,
+    each row's result independent of the others in the call. The formats' subclasses
+    (``quantized_linear.py``, ``int8_groups.py``) say how their weights are laid out so."""
+
+    def __init__(self, codes, scale, zero, bias, in_features: int, kernel: Callable):
+        self.codes, self.scale, self.zero = codes, scale, zero
+        self.bias = None if bias is None else bias.contiguous()  # widened by the kernel
+        self.in_features = in_features
+        self._kernel = kernel
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._kernel(x, self.codes, self.bias, self.scale, self.zero)
+
+
 def column_block_kernel(weight: torch.Tensor) -> Callable | None:
     """``csrc/blocked_linear.cpp`` where it can read ``weight`` (float32 or int8 codes) in
     column blocks: a CPU weight whose output count is a multiple of 32, on a library built for

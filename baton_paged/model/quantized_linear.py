@@ -64,6 +64,7 @@ from baton_paged.model.int8_groups import (
 )
 from baton_paged.model.packed_linear import (
     BLOCK,
+    ColumnBlockCodes,
     PackedLinear,
     column_block_kernel,
     in_column_blocks,
@@ -195,43 +196,29 @@ class Int8Linear:
         return _plus(torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale), self.bias)
 
 
-class BlockedInt8Linear:
-    """``layer(x)`` = ``F.linear(x, weights.dequantized(x.dtype), bias)``, reading the int8 codes
-    in column blocks (``csrc/blocked_linear.cpp``): float32 sums, float32 or bfloat16 ``x``, any
-    row count, each row's result independent of the others in the call."""
+class BlockedInt8Linear(ColumnBlockCodes):
+    """``layer(x)`` = ``F.linear(x, weights.dequantized(x.dtype), bias)``: the int8 codes in
+    column blocks, one scale a column applied to the sums."""
 
     def __init__(self, weights: Int8Weights, dtype: torch.dtype, bias, kernel: Callable):
-        self.codes = in_column_blocks(weights.q)
-        self.scale = weights.scale.to(dtype).float()  # rounded as ``dequantized`` rounds it
-        self.bias = None if bias is None else bias.contiguous()  # widened by the kernel
-        self.zero = None  # (no offsets: one symmetric scale a column)
-        self.in_features = weights.q.shape[1]
-        self._kernel = kernel
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._kernel(x, self.codes, self.bias, self.scale)
+        scale = weights.scale.to(dtype).float()  # rounded as ``dequantized`` rounds it
+        codes = in_column_blocks(weights.q)
+        super().__init__(codes, scale, None, bias, weights.q.shape[1], kernel)
 
 
-class BlockedInt4Linear:
-    """``layer(x)`` = ``F.linear(x, weights.dequantized(x.dtype), bias)``, reading the 4-bit codes
-    in column blocks two a byte (``csrc/blocked_linear.cpp``), with a scale and an offset per
-    group and column: float32 sums, float32 or bfloat16 ``x``, any row count, each row's result
-    independent of the others in the call."""
+class BlockedInt4Linear(ColumnBlockCodes):
+    """``layer(x)`` = ``F.linear(x, weights.dequantized(x.dtype), bias)``: the 4-bit codes in
+    column blocks two a byte, with a scale and an offset per group and column."""
 
     def __init__(self, weights: Int4Weights, dtype: torch.dtype, bias, kernel: Callable):
         blocks = in_column_blocks(weights.q.to(torch.uint8))  # [n / 32, k, 32]
         half = BLOCK // 2  # byte c: column c's code low, column c + 16's high
-        self.codes = (blocks[..., :half] | (blocks[..., half:] << 4)).contiguous()
+        codes = (blocks[..., :half] | (blocks[..., half:] << 4)).contiguous()
         # w = (q - 8) * scale + zero = q * scale + offset, scale and zero rounded as
         # ``dequantized`` rounds them
         scale, zero = (t.to(dtype).float() for t in (weights.scale, weights.zero))
-        self.scale, self.zero = in_column_blocks(scale), in_column_blocks(zero - 8 * scale)
-        self.bias = None if bias is None else bias.contiguous()  # widened by the kernel
-        self.in_features = weights.q.shape[1]
-        self._kernel = kernel
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self._kernel(x, self.codes, self.bias, self.scale, self.zero)
+        offset = in_column_blocks(zero - 8 * scale)
+        super().__init__(codes, in_column_blocks(scale), offset, bias, weights.q.shape[1], kernel)
 
 
 class Int4Linear:
@@ -259,8 +246,8 @@ COLUMN_BLOCK_KINDS = {
     "int8-groups": BlockedGroupInt8Linear,
     "int4": BlockedInt4Linear,
 }
-"""The quantized formats our column-block kernel reads, and the linear that reads each: all
-hold ``codes``, ``scale``, ``zero`` (None: per column) and ``bias`` as that kernel takes them."""
+"""The quantized formats our column-block kernel reads, and the linear that reads each (a
+``ColumnBlockCodes``)."""
 
 
 def _plus(out: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
