@@ -416,8 +416,11 @@ void attend_block(const PagedInputs<scalar_t>& in, Scratch<Math>& s,
       Math::rescale(s.acc.data() + row * dim, correction, dim);
     }
   }
+  // V's pages are asked for ahead like K's: with only the next page's share (each_page), the
+  // values pass ran 6% slower (B=32 decode, context 300, both dtypes and both Llama shapes, Intel
+  // Xeon with AMX).
   each_page(
-      in.value_cache, [](int64_t) {},
+      in.value_cache, [&](int64_t index) { ask(in.value_cache, index + kPrefetchPages); },
       [&](int64_t row0, int64_t offset, int64_t n, const auto* v, int64_t stride) {
         for (int64_t r = 0; r < rows; r += in.group) {  // a token's rows see the same keys
           const int64_t visible = std::min(n, seen(r) - offset);
