@@ -1,6 +1,7 @@
 """The native executor's small per-layer ops (RMSNorm, its fused residual add, rotary embedding,
 SiLU-and-mul, in ``baton_paged/model/csrc/decoder_ops.cpp``), its int8-group linear without
 AVX-512 (``group_int8.cpp``), its float32 and int8 linear on AVX-512 (``blocked_linear.cpp``),
+its bfloat16 linear on AMX (``amx_linear.cpp``),
 greedy sampling's argmax (``row_argmax.cpp``) and its layer loop (``decoder_loop.cpp``) as a
 kernel library of their own, so attention's library holds only attention. They share
 attention's vector helpers (``attention/csrc/cpu_common.h``)."""
@@ -20,6 +21,7 @@ DECODER_KERNELS = KernelLibrary(
             "decoder_ops.cpp",
             "group_int8.cpp",
             "blocked_linear.cpp",
+            "amx_linear.cpp",
             "row_argmax.cpp",
             "decoder_loop.cpp",
         )

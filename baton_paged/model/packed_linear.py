@@ -3,12 +3,16 @@ plain F.linear.
 
 At decode batch sizes a CPU matmul is dominated by how the weight is read: MKL's ``F.linear``
 re-streams the row-major weight every call, while a packed copy is laid out for the kernel's own
-loop. Two packings:
+loop. Three packings:
 
 - float32 where the decoder library is built for AVX-512 and the output width is a multiple of
   32: column blocks for our own kernel (``csrc/blocked_linear.cpp``). Measured on an Intel Xeon
   (2 threads) against oneDNN on its own packing: 0.56-0.82x its time at one row (a single stream's
   every step), 0.81-0.96x at 32, 0.93-1.10x at 256-512; and it compiles nothing per row count.
+- bfloat16 where the library is built for AMX and the kernel lets the process use its tiles,
+  both widths multiples of 32: pair blocks for our AMX kernel (``csrc/amx_linear.cpp``), on the
+  same machine 0.62-0.71x oneDNN's time at 1-32 rows, 0.85-1.07x at 256-1024; nothing compiled
+  per row count either.
 - otherwise oneDNN's blocked layout (what inductor's CPU weight freezing uses): 1.1-2x faster
   than ``F.linear`` at M = 8-32 rows, about even at prefill sizes (M = 256). oneDNN compiles a
   kernel per row count and the first call at a new count is slow, so rows are padded to a fixed
@@ -34,7 +38,9 @@ from baton_paged.model.row_buckets import LARGEST, bucket_for, buckets_up_to, ro
 
 PACKABLE = (torch.float32, torch.bfloat16)
 BLOCK = 32
-"""Output columns per block of the column-block kernel's packing (float32 weights, int8 codes)."""
+"""Output columns per block of our kernels' packings (float32 weights, codes, bfloat16 pairs)."""
+PAIR_STEP = 32
+"""Inputs one AMX multiply covers: a bfloat16 weight's input count must be a multiple."""
 
 
 class PackedLinear:
@@ -44,9 +50,8 @@ class PackedLinear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias
         self.in_features = weight.shape[1]
-        self._blocked = _blocked_kernel(weight, bias)
-        self._blocks = in_column_blocks(weight) if self._blocked else None
-        self._packed = None if self._blocked else _pack(weight)
+        self._kernel, self._blocks = _own_kernel(weight, bias)
+        self._packed = None if self._kernel else _pack(weight)
 
     @property
     def packed(self) -> bool:
@@ -61,8 +66,8 @@ class PackedLinear:
 
     @property
     def packed_weight(self) -> torch.Tensor | None:
-        """The packed copy a call reads, column blocks or oneDNN's (None where unpacked): what
-        the C++ layer loop reads."""
+        """The packed copy a call reads, our kernels' blocks or oneDNN's (None where unpacked):
+        what the C++ layer loop reads."""
         return self._blocks if self._blocks is not None else self._packed
 
     @property
@@ -76,8 +81,8 @@ class PackedLinear:
         return (*self._packed.shape, self._packed.dtype, self.bias is not None)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._blocked is not None:
-            return self._blocked(x, self._blocks, self.bias)
+        if self._kernel is not None:
+            return self._kernel(x, self._blocks, self.bias)
         if self._packed is None:
             return F.linear(x, self.weight, self.bias)
         rows = x.shape[0]
@@ -140,18 +145,55 @@ def column_block_kernel(weight: torch.Tensor) -> Callable | None:
     return getattr(DECODER_KERNELS.kernels(), "blocked_linear", None)  # None: no AVX-512
 
 
+def in_pair_blocks(weight: torch.Tensor) -> torch.Tensor:
+    """``[n, k]`` -> ``[n / 32, k / 2, 32, 2]``: ``pairs[b, p, c, i] = weight[32 b + c, 2 p + i]``,
+    the AMX kernel's packing (``csrc/amx_linear.cpp``)."""
+    n, k = weight.shape
+    return weight.detach().view(n // BLOCK, BLOCK, k // 2, 2).transpose(1, 2).contiguous()
+
+
+def _own_kernel(
+    weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[Callable | None, torch.Tensor | None]:
+    """One of our kernels and ``weight`` packed for it, where one takes this weight and bias
+    (float32 in column blocks, bfloat16 in pair blocks on AMX), else ``(None, None)``."""
+    if (kernel := _blocked_kernel(weight, bias)) is not None:
+        return kernel, in_column_blocks(weight)
+    if (kernel := _pair_kernel(weight, bias)) is not None:
+        return kernel, in_pair_blocks(weight)
+    return None, None
+
+
 def _blocked_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable | None:
     """The float32 column-block kernel where it takes this weight and bias, else None."""
-    if weight.dtype != torch.float32:
-        return None
-    if bias is not None and (
-        bias.dtype != torch.float32
-        or bias.device.type != "cpu"
-        or not bias.is_contiguous()
-        or bias.shape != (weight.shape[0],)
-    ):
+    if weight.dtype != torch.float32 or not _fits(bias, weight, (torch.float32,)):
         return None
     return column_block_kernel(weight)
+
+
+def _pair_kernel(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable | None:
+    """The AMX kernel where it takes this weight and bias (bfloat16, whole blocks of 32
+    outputs and 32 inputs, a library built for AMX that the kernel lets use its tiles), else
+    None."""
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+        return None
+    if weight.shape[0] % BLOCK or weight.shape[1] % PAIR_STEP or not _fits(bias, weight, PACKABLE):
+        return None
+    kernels = DECODER_KERNELS.kernels()
+    if kernels is None or not hasattr(kernels, "amx_linear") or not kernels.amx_linear_usable():
+        return None
+    return kernels.amx_linear
+
+
+def _fits(bias: torch.Tensor | None, weight: torch.Tensor, dtypes: tuple) -> bool:
+    """Whether our kernels read ``bias`` as it is: none, or a contiguous CPU ``[n]`` of
+    ``dtypes``."""
+    return bias is None or (
+        bias.dtype in dtypes
+        and bias.device.type == "cpu"
+        and bias.is_contiguous()
+        and bias.shape == (weight.shape[0],)
+    )
 
 
 def in_column_blocks(weight: torch.Tensor) -> torch.Tensor:

@@ -23,11 +23,12 @@ models, where the defaults (1 GiB each, zeroed at start) cost every test half a 
 
 @pytest.fixture
 def onednn(monkeypatch):
-    """float32 linears packed for oneDNN, as on a CPU without AVX-512 (where the column-block
-    kernel would take them, it pads nothing and builds no kernels)."""
+    """float32 and bfloat16 linears packed for oneDNN, as on a CPU without AVX-512 or AMX (where
+    our column-block or AMX kernel would take them, it pads nothing and builds no kernels)."""
     from baton_paged.model import packed_linear
 
     monkeypatch.setattr(packed_linear, "_blocked_kernel", lambda weight, bias: None)
+    monkeypatch.setattr(packed_linear, "_pair_kernel", lambda weight, bias: None)
 
 
 @pytest.fixture

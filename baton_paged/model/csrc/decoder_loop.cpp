@@ -5,7 +5,8 @@
 // microseconds of Python and dispatch around a kernel of tens of us (measured: the small Llama's
 // B=32 bfloat16 decode forward 4.8 -> ~4.3 ms), and the loop holds no GIL while it runs.
 //
-// The matmuls are float32, int8 or 4-bit ones in column blocks (blocked_linear.cpp), or go through
+// The matmuls are float32, int8 or 4-bit ones in column blocks (blocked_linear.cpp), bfloat16 ones
+// on AMX tiles (amx_linear.cpp), or go through
 // torch's dispatcher to oneDNN (mkldnn::_linear_pointwise on the weights oneDNN packed), their rows
 // padded to the buckets the caller passes (baton_paged/model/row_buckets.py). Attention is the
 // cpu_paged backend's kernels, in the attention library: that library hands over their addresses
@@ -43,13 +44,17 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
   return op.call(x, packed, bias, "none", c10::List<std::optional<at::Scalar>>(), std::nullopt);
 }
 
-// x @ W.T (+ b): PackedLinear.__call__ (packed_linear.py) step for step. A weight in column
-// blocks (float32, or int8 codes with their scale) goes to blocked_linear.cpp as it is; one
+// x @ W.T (+ b): PackedLinear.__call__ (packed_linear.py) step for step. A bfloat16 weight in
+// pair blocks goes to amx_linear.cpp, one in column blocks (float32, or int8 codes with their
+// scale) to blocked_linear.cpp, as they are; one
 // oneDNN packed, with x's rows padded with zeros to their bucket, in chunks of the largest bucket
 // beyond it.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& zero, const std::vector<int64_t>& buckets) {
+#ifdef BATON_AMX
+  if (packed.dim() == 4) return amx_linear(x, packed, bias);
+#endif
 #ifdef __AVX512F__
   if (!packed.is_mkldnn()) return blocked_linear(x, packed, bias, scale, zero);
 #endif

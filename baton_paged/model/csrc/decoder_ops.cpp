@@ -175,5 +175,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("blocked_linear", &blocked_linear, py::arg("x"), py::arg("packed"), py::arg("bias"),
         py::arg("scale") = py::none(), py::arg("zero") = py::none());
 #endif
+#ifdef BATON_AMX
+  m.def("amx_linear_usable", &amx_linear_usable);
+  m.def("amx_linear", &amx_linear, py::arg("x"), py::arg("packed"), py::arg("bias"));
+#endif
   m.def("decoder_layers", &decoder_layers, py::call_guard<py::gil_scoped_release>());
 }

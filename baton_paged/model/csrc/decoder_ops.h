@@ -1,5 +1,6 @@
 // The decoder library's functions (decoder_ops.cpp, group_int8.cpp, blocked_linear.cpp,
-// row_argmax.cpp, decoder_loop.cpp), declared once for the files that call or bind them.
+// amx_linear.cpp, row_argmax.cpp, decoder_loop.cpp), declared once for the files that call or
+// bind them.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -26,6 +27,16 @@ at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& packed,
                           const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& scale,
                           const std::optional<at::Tensor>& zero);
+#endif
+
+// amx_linear.cpp: x @ W.T (+ b) for bfloat16 x and W, W packed into blocks of 32 columns with
+// their inputs in pairs ([n / 32, k / 2, 32, 2]), on AMX tiles; built where the compiler targets
+// AMX-BF16 (and usable once the kernel grants the process its tiles: amx_linear_usable)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define BATON_AMX 1
+bool amx_linear_usable();
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed,
+                      const std::optional<at::Tensor>& bias);
 #endif
 
 // row_argmax.cpp: each row's torch.argmax, float32 or bfloat16

@@ -1,0 +1,208 @@
+// out = x @ W.T (+ b) for bfloat16 x and W on Intel AMX tiles, W packed once into blocks of 32
+// output columns whose inputs go in pairs: packed[b, p, c, i] = W[32 b + c, 2 p + i]
+// ([n / 32, k / 2, 32, 2], baton_paged/model/packed_linear.py packs it). That is the layout an
+// AMX bfloat16 multiply takes its second operand in (pairs of inputs side by side per column), so
+// a tile of 16 pairs x 16 columns loads straight from the packing, 128 bytes a row apart.
+//
+// Why our own: oneDNN's bfloat16 matmul on its own packed weights reads them at 26-28 GB/s in a
+// decode step of one row (an Intel Xeon with AMX, 2 threads), half what a plain sum reads, and no
+// better at 32 rows. This kernel, measured on the two Llama shapes' per-step linears: 0.62-0.71x
+// oneDNN's time at 1-32 rows, 0.8-1.0x at 64, 0.85-1.07x at 256-1024. One packing serves every row
+// count, and with no kernel to compile per row count there is nothing to pad rows to.
+//
+// The loop: each thread takes a run of blocks; a work item is one block of 32 columns x a chunk of
+// 32 rows, four 16 x 16 float accumulator tiles; per 32 inputs it loads two tiles of x's rows and
+// two of the weights and multiplies each pair. A last chunk of fewer rows is copied into zeroed scratch first (the rows
+// past it are computed and dropped). Each output is a sum over k in the hardware's order, the same
+// whatever the other rows: a row's result does not depend on the call it is in. The sums are
+// float32, the bias added in float32, then rounded to bfloat16 to nearest even, as torch rounds.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include "decoder_ops.h"
+
+#ifdef BATON_AMX
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // output columns a block holds
+constexpr int64_t kChunk = 32;  // rows a work item covers: two tiles of 16
+constexpr int64_t kStep = 32;   // inputs a tile multiply covers: 16 pairs
+constexpr int64_t kStepBytes = kStep * kBlock * sizeof(c10::BFloat16);  // a block's, per step
+// How far ahead of the step being multiplied its weights are asked for (the next block's, near a
+// block's end: a thread's next item). The hardware does not run ahead of tile loads on its own:
+// without it a one-row call over SmolLM2's weights read them at ~18 GB/s, with 8 KiB ahead at
+// ~25 (2 threads, Intel Xeon with AMX; 2 and 16 KiB did less well).
+constexpr int64_t kPrefetchBytes = 8192;
+// Blocks whose chunks run together, chunk by chunk: their weights stay in cache from one chunk to
+// the next, and each output row is written 8 blocks (512 bytes) on end. One block's chunks in a
+// row wrote 64 bytes a row at a time, scattered: a 256-row gate-up projection took 1.3x oneDNN's
+// time, a third of it those writes; with 8 blocks 1.0x, and 0.9x at 2048 rows (from 1.85x).
+constexpr int64_t kGroupBlocks = 8;
+
+// ldtilecfg's 64-byte operand: palette 1, then each tile's bytes a row and rows.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t bytes_per_row[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Tiles: 0-3 the sums (rows 0-15 x columns 0-15, 0-15 x 16-31, 16-31 x 0-15, 16-31 x 16-31), 4-5
+// x's rows 0-15 and 16-31 at 32 inputs, 6-7 the weights' 16 pairs x columns 0-15 and 16-31.
+// Each thread loads it before its first multiply: the tile state is per thread.
+void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.bytes_per_row[t] = 64;
+  }
+  _tile_loadconfig(&config);
+}
+
+// One work item: rows [0, 32) of x (k apart; only the first 16 where `two` is false) against one
+// block's weights, the sums into sums[32][32].
+template <bool Two>
+void multiply_chunk(const c10::BFloat16* x, int64_t k, const c10::BFloat16* block, float* sums) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (Two) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const int64_t x_stride = k * sizeof(c10::BFloat16);
+  constexpr int64_t w_stride = kBlock * 2 * sizeof(c10::BFloat16);  // one pair of inputs
+  for (int64_t input = 0; input < k; input += kStep) {
+    const c10::BFloat16* pairs = block + input * kBlock;  // pair input / 2, column 0
+    const char* ahead = reinterpret_cast<const char*>(pairs) + kPrefetchBytes;
+    for (int64_t line = 0; line < kStepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
+    _tile_loadd(4, x + input, x_stride);
+    if constexpr (Two) _tile_loadd(5, x + 16 * k + input, x_stride);
+    _tile_loadd(6, pairs, w_stride);
+    _tile_loadd(7, pairs + 32, w_stride);  // columns 16-31: 16 pairs on
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (Two) {
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  constexpr int64_t sums_stride = kBlock * sizeof(float);
+  _tile_stored(0, sums, sums_stride);
+  _tile_stored(1, sums + 16, sums_stride);
+  if constexpr (Two) {
+    _tile_stored(2, sums + 16 * kBlock, sums_stride);
+    _tile_stored(3, sums + 16 * kBlock + 16, sums_stride);
+  }
+}
+
+inline __m512 load_floats(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load_floats(const c10::BFloat16* p) {
+  const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+}
+
+// rows x 32 sums plus the block's bias, rounded to bfloat16 into out (width apart).
+template <typename Bias>
+void finish(const float* sums, int64_t rows, const Bias* bias, c10::BFloat16* out, int64_t width) {
+  __m512 plus[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  if (bias) {
+    plus[0] = load_floats(bias);
+    plus[1] = load_floats(bias + 16);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int half = 0; half < 2; ++half) {
+      const __m512 v = _mm512_add_ps(_mm512_loadu_ps(sums + r * kBlock + 16 * half), plus[half]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * width + 16 * half),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+    }
+  }
+}
+
+template <typename Bias>
+void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, at::Tensor& out) {
+  const int64_t n_rows = x.size(0), k = x.size(1), count = packed.size(0);
+  const int64_t width = count * kBlock, chunks = (n_rows + kChunk - 1) / kChunk;
+  const int64_t full = n_rows / kChunk, left = n_rows - full * kChunk;
+  at::Tensor tail;  // the last chunk's rows, zero-padded to 32
+  if (left) {
+    tail = at::zeros({kChunk, k}, x.options());
+    tail.narrow(0, 0, left).copy_(x.narrow(0, full * kChunk, left));
+  }
+  const auto* rows = x.data_ptr<c10::BFloat16>();
+  const auto* weights = packed.data_ptr<c10::BFloat16>();
+  auto* into = out.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {  // each thread its blocks
+    configure_tiles();
+    alignas(64) float sums[kChunk * kBlock];
+    for (int64_t group = begin; group < end; group += kGroupBlocks) {
+      const int64_t group_end = std::min(end, group + kGroupBlocks);
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const int64_t first = chunk * kChunk, n = std::min(kChunk, n_rows - first);
+        const c10::BFloat16* x_rows = chunk < full ? rows + first * k : tail.data_ptr<c10::BFloat16>();
+        for (int64_t block = group; block < group_end; ++block) {
+          const c10::BFloat16* w = weights + block * k * kBlock;
+          if (n > 16) {
+            multiply_chunk<true>(x_rows, k, w, sums);
+          } else {
+            multiply_chunk<false>(x_rows, k, w, sums);
+          }
+          finish(sums, n, bias ? bias + block * kBlock : bias,
+                 into + first * width + block * kBlock, width);
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+
+}  // namespace
+
+bool amx_linear_usable() {
+  // Linux hands a process the AMX tile state only once asked (arch_prctl ARCH_REQ_XCOMP_PERM for
+  // XTILEDATA); without it the first tile instruction faults. oneDNN asks the same, so asking
+  // again is harmless.
+  static const bool granted = [] {
+    constexpr long kRequestPermission = 0x1023, kTileData = 18;
+    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+  }();
+  return granted;
+}
+
+at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed,
+                      const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_linear_usable(), "amx_linear: the kernel refused this process AMX tiles");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16,
+              "amx_linear: x must be a bfloat16 [rows, k] CPU tensor");
+  TORCH_CHECK(packed.device().is_cpu() && packed.dim() == 4 && packed.is_contiguous() &&
+                  packed.scalar_type() == at::kBFloat16 && packed.size(2) == kBlock &&
+                  packed.size(3) == 2 && 2 * packed.size(1) == x.size(1) &&
+                  x.size(1) % kStep == 0 && x.size(1) > 0,
+              "amx_linear: packed must be a contiguous bfloat16 [n / 32, k / 2, 32, 2] CPU tensor, "
+              "k a multiple of 32 > 0 and x's");
+  const int64_t width = packed.size(0) * kBlock;
+  TORCH_CHECK(!bias || (bias->device().is_cpu() && bias->is_contiguous() &&
+                        bias->numel() == width &&
+                        (bias->scalar_type() == at::kFloat ||
+                         bias->scalar_type() == at::kBFloat16)),
+              "amx_linear: bias must be a contiguous float32 or bfloat16 [n] CPU tensor");
+  at::Tensor out = at::empty({x.size(0), width}, x.options());
+  if (x.size(0) == 0) return out;
+  const at::Tensor input = x.contiguous();
+  if (bias && bias->scalar_type() == at::kFloat) {
+    multiply(input, packed, bias->data_ptr<float>(), out);
+  } else {
+    multiply(input, packed, bias ? bias->data_ptr<c10::BFloat16>() : nullptr, out);
+  }
+  return out;
+}
+
+#endif  // BATON_AMX

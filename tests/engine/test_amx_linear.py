@@ -1,0 +1,102 @@
+"""The bfloat16 AMX linear (csrc/amx_linear.cpp): x @ W.T (+ b) for every row count around its
+tile (16) and chunk (32) sizes, each row's result independent of the others in the call, misfit
+operands refused, and PackedLinear choosing it only where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baton_paged.model import packed_linear
+from baton_paged.model.decoder_kernels import DECODER_KERNELS
+from baton_paged.model.packed_linear import PackedLinear
+
+KERNELS = DECODER_KERNELS.kernels()
+pytestmark = pytest.mark.skipif(
+    not hasattr(KERNELS, "amx_linear") or not KERNELS.amx_linear_usable(),
+    reason="the decoder library is not built for AMX, or the kernel grants no AMX tiles",
+)
+
+
+def pairs(weight: torch.Tensor) -> torch.Tensor:
+    return packed_linear.in_pair_blocks(weight)
+
+
+def operands(rows: int, n: int, k: int, bias_dtype, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, k, generator=generator).bfloat16()
+    bias = None if bias_dtype is None else torch.randn(n, generator=generator).to(bias_dtype)
+    x = torch.randn(rows, k, generator=generator).bfloat16()
+    return x, weight, bias
+
+
+def test_pair_blocks_lay_out_each_blocks_inputs_in_pairs():
+    weight = torch.arange(64 * 32, dtype=torch.float32).view(64, 32).bfloat16()
+    packed = pairs(weight)
+    assert packed.shape == (2, 16, 32, 2)
+    assert packed[1, 3, 5, 1] == weight[32 + 5, 2 * 3 + 1]
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 15, 16, 17, 31, 32, 33, 48, 64, 100, 300])
+@pytest.mark.parametrize("n, k", [(32, 32), (96, 64), (160, 576)])
+@pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16], ids=str)
+def test_equals_the_matmul_for_every_row_count(rows, n, k, bias_dtype):
+    """Within bfloat16's rounding of a float64 matmul of the same bfloat16 values: the sums are
+    float32, rounded once to bfloat16."""
+    x, weight, bias = operands(rows, n, k, bias_dtype, seed=rows * 1000 + n + k)
+    got = KERNELS.amx_linear(x, pairs(weight), bias)
+    reference = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), reference, atol=1e-3 * k**0.5, rtol=2**-8)
+
+
+@pytest.mark.parametrize("rows", [5, 40, 70])
+def test_a_rows_result_does_not_depend_on_the_other_rows(rows):
+    """Row by row alone and all together, to the bit: a row alone is a chunk of zero-padded
+    scratch, in a batch it is read in place, in either of a chunk's two tiles."""
+    x, weight, bias = operands(rows, 128, 96, torch.float32, seed=rows)
+    together = KERNELS.amx_linear(x, pairs(weight), bias)
+    alone = torch.cat([KERNELS.amx_linear(x[i : i + 1], pairs(weight), bias) for i in range(rows)])
+    assert torch.equal(together, alone)
+
+
+def test_a_non_contiguous_input_is_read_as_its_values():
+    _, weight, _ = operands(0, 64, 64, None, seed=1)
+    x = torch.randn(9, 128).bfloat16()[:, ::2]
+    got = KERNELS.amx_linear(x, pairs(weight), None)
+    torch.testing.assert_close(got, F.linear(x.contiguous(), weight), atol=0.05, rtol=2**-7)
+
+
+@pytest.mark.parametrize(
+    "x, packed, bias",
+    [
+        (torch.randn(2, 64).bfloat16(), torch.randn(2, 16, 32, 2).bfloat16(), None),  # k differs
+        (torch.randn(2, 48).bfloat16(), torch.randn(2, 24, 32, 2).bfloat16(), None),  # k % 32
+        (torch.randn(2, 64), torch.randn(2, 32, 32, 2).bfloat16(), None),  # float32 x
+        (torch.randn(2, 64).bfloat16(), torch.randn(2, 32, 32, 2), None),  # float32 weights
+        (torch.randn(2, 64).bfloat16(), torch.randn(2, 64, 32).bfloat16(), None),  # not pairs
+        (torch.randn(2, 64).bfloat16(), torch.randn(2, 32, 32, 2).bfloat16(), torch.randn(32)),
+        (
+            torch.randn(2, 64).bfloat16(),
+            torch.randn(2, 32, 32, 2).bfloat16(),
+            torch.randn(64, dtype=torch.float64),
+        ),
+    ],
+    ids=["k", "k48", "x-fp32", "w-fp32", "blocks", "bias-short", "bias-fp64"],
+)
+def test_misfit_operands_are_refused(x, packed, bias):
+    with pytest.raises(RuntimeError, match="amx_linear"):
+        KERNELS.amx_linear(x, packed, bias)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_packed_linear_takes_it_for_bfloat16_widths_of_whole_blocks(with_bias):
+    x, weight, bias = operands(5, 96, 64, torch.bfloat16 if with_bias else None, seed=3)
+    linear = PackedLinear(weight.clone(), bias)
+    assert linear.packed and linear.onednn_weight is None
+    assert linear.packed_weight.shape == (3, 32, 32, 2)
+    expected = KERNELS.amx_linear(x, pairs(weight), bias)
+    assert torch.equal(linear(x), expected)
+    assert linear.release_weight() and linear.weight is None
+    assert torch.equal(linear(x), expected)
