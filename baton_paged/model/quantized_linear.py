@@ -11,8 +11,9 @@ a scale, and for int4 a zero, per group). The kernels widen the weights as they 
   0.50 for float32 in the same kernel, 0.30 / 0.11 for torch's int8 / int4 kernels and 0.39 for
   oneDNN bfloat16; at float32 prefill sizes (256-512 rows) on a par with float32's (each block
   pair is widened once and multiplied by every row). So float32 reads the codes at every row
-  count, and holds no dense copy; bfloat16 up to ``BLOCKED_ROWS`` rows, beyond which oneDNN's
-  AMX matmul on the dequantized weight is faster (0.98 against 4.7-5.1 ms at 256 rows).
+  count, and holds no dense copy; bfloat16 up to ``BLOCKED_ROWS`` rows, beyond which an AMX
+  matmul on the dequantized weight is faster (oneDNN's: 0.98 against 4.7-5.1 ms at 256 rows;
+  ours, ``csrc/amx_linear.cpp``, where the CPU has AMX).
 - Elsewhere: PyTorch's CPU kernels (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``),
   measured on SmolLM2-135M's 120 projections (bfloat16 activations) per token at 1 row: oneDNN
   bfloat16 5.42 ms, int8 3.96 ms, int4 2.48 ms. They are matrix-vector kernels: at 8 rows int8
@@ -34,9 +35,11 @@ The formats (``Int8Weights``, ``Int4Weights``), each with its dequantized form:
 Scales and zeros are kept in float32 and handed to the kernels in the activations' dtype.
 ``quantized_linear`` writes the dequantized values into the weight it is given (the executor's
 fused weights, which the HF modules view), so the model the engine holds is the quantized model
-whichever path reads it. Memory: for bfloat16 the int8 / int4 copy comes on top of oneDNN's
-packed one (+50% / +38% of the weights' bytes; the HF modules' dense weights go too for a model
-the engine loaded itself): quantization there makes reading faster, not the model smaller. int8
+whichever path reads it. Memory: for bfloat16 the int8 / int4 copy comes on top of the dense
+packed one (AMX pairs or oneDNN's: +50% / +38% of the weights' bytes; the HF modules' dense
+weights go too for a model the engine loaded itself): quantization there makes reading faster,
+not the model smaller (codes widened onto AMX tiles instead of the copy measured 12-14 ms for
+SmolLM2-135M's 30 layers at 1-12 rows, against ~10 on the copy: slower from 7 rows up). int8
 and int4 under float32 activations on AVX-512 keep their codes alone: a quarter and an eighth of
 float32's bytes (plus the scales).
 
@@ -91,9 +94,11 @@ int4 up to 8 (5.9 against 6.5 ms), int8 groups (``int8_groups.py``) up to 4 (5.8
 ms). With AVX-512 int8 and int8 groups take the column-block kernel instead (``BLOCKED_ROWS``)."""
 BLOCKED_ROWS = {"int8": 6, "int8-groups": 6, "int4": 8}
 """Most rows of bfloat16 activations the column-block kernel takes (``COLUMN_BLOCK_KINDS``) before
-oneDNN's bfloat16 matmul on the dequantized weight: measured on SmolLM2-135M's four layer
-projections (2 threads, weights out of cache), int8 0.32 against 0.38 ms at 6 rows (even at 7),
-int8 groups 0.34 against 0.38 at 6, int4 0.30 against 0.40 at 8 (0.41 against 0.38 at 12)."""
+the dense bfloat16 matmul on the dequantized weight: measured on SmolLM2-135M's four layer
+projections (2 threads, weights out of cache) against oneDNN's, int8 0.32 against 0.38 ms at 6
+rows (even at 7), int8 groups 0.34 against 0.38 at 6, int4 0.30 against 0.40 at 8 (0.41 against
+0.38 at 12); against our AMX kernel (30 layers' projections, one run) still even at the limits:
+int8 1.04x its time at 6 rows (0.83x at 4), int4 1.01x at 8 (0.91x at 6)."""
 
 
 @dataclass(frozen=True)
