@@ -215,9 +215,9 @@ class LlamaExecutor:
 @dataclass(frozen=True)
 class LoopWeights:
     """The layers as ``decoder_layers`` reads them: two norms a layer, and per linear what it
-    reads (float32 column blocks, oneDNN's packing, or codes alone), its codes where it reads
-    them for up to ``code_rows`` rows beside a dense copy (0: none), the scale (and for groups
-    the offset) of its codes, its bias."""
+    reads (float32 column blocks, bfloat16 pair blocks, oneDNN's packing, or codes alone), its
+    codes where it reads them for up to ``code_rows`` rows beside a dense copy (0: none), the
+    scale (and for groups the offset) of its codes, its bias."""
 
     norms: list[torch.Tensor]
     weights: list[torch.Tensor]

@@ -45,7 +45,8 @@ PAIR_STEP = 32
 
 class PackedLinear:
     """``layer(x)`` = ``F.linear(x, weight, bias)`` for 2-D ``x``; ``packed``: whether it reads a
-    packed copy (column blocks or oneDNN's), ``onednn_weight``: whether that copy is oneDNN's."""
+    packed copy (float32 column blocks, bfloat16 pair blocks or oneDNN's), ``onednn_weight``:
+    whether that copy is oneDNN's."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.weight, self.bias = weight, bias

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +57,19 @@ def test_each_library_loads_with_its_own_ops_only(library, ops):
     assert exposed - by_target == set(ops)
     if library is DECODER_KERNELS and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         assert "blocked_linear" in exposed
+    if library is DECODER_KERNELS and {"amx_tile", "amx_bf16", "avx512_bf16"} <= _cpu_flags():
+        # an AMX CPU: the kernel is built and the process gets its tiles (else bfloat16 linears
+        # would quietly stay on oneDNN and the AMX tests skip)
+        assert "amx_linear" in exposed and kernels.amx_linear_usable()
+
+
+def _cpu_flags() -> set[str]:
+    """The instruction sets /proc/cpuinfo lists (none where there is no such file)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return {flag for line in text.splitlines() if line.startswith("flags") for flag in line.split()}
 
 
 def test_no_compiler_means_one_warning_and_none(fresh_build_state, monkeypatch, caplog):

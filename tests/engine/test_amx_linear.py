@@ -38,8 +38,8 @@ def test_pair_blocks_lay_out_each_blocks_inputs_in_pairs():
     assert packed[1, 3, 5, 1] == weight[32 + 5, 2 * 3 + 1]
 
 
-@pytest.mark.parametrize("rows", [0, 1, 2, 15, 16, 17, 31, 32, 33, 48, 64, 100, 300])
-@pytest.mark.parametrize("n, k", [(32, 32), (96, 64), (160, 576)])
+@pytest.mark.parametrize("rows", [0, 1, 2, 15, 16, 17, 31, 32, 33, 48, 50, 64, 100, 300])
+@pytest.mark.parametrize("n, k", [(32, 32), (96, 64), (160, 576), (576, 96)])
 @pytest.mark.parametrize("bias_dtype", [None, torch.float32, torch.bfloat16], ids=str)
 def test_equals_the_matmul_for_every_row_count(rows, n, k, bias_dtype):
     """Within bfloat16's rounding of a float64 matmul of the same bfloat16 values: the sums are
@@ -49,6 +49,21 @@ def test_equals_the_matmul_for_every_row_count(rows, n, k, bias_dtype):
     reference = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
     assert got.shape == (rows, n) and got.dtype == torch.bfloat16
     torch.testing.assert_close(got.double(), reference, atol=1e-3 * k**0.5, rtol=2**-8)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_thread_runs_every_group_of_blocks(threads):
+    """18 blocks: groups of 8, 8 and 2 on one thread (9 and 9 on two), each run chunk by chunk
+    over 70 rows (two full chunks, then 6 rows of zero-padded scratch)."""
+    x, weight, bias = operands(70, 576, 64, torch.float32, seed=threads)
+    reference = F.linear(x.double(), weight.double(), bias.double())
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = KERNELS.amx_linear(x, pairs(weight), bias)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got.double(), reference, atol=1e-3 * 64**0.5, rtol=2**-8)
 
 
 @pytest.mark.parametrize("rows", [5, 40, 70])

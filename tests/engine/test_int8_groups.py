@@ -88,7 +88,7 @@ def test_no_rows_give_no_rows():
     assert out.shape == (0, 16) and out.dtype == torch.bfloat16
 
 
-def test_a_few_rows_of_bfloat16_take_the_kernel_and_more_take_onednn():
+def test_a_few_rows_of_bfloat16_take_the_kernel_and_more_take_the_dense_copy():
     weight = torch.randn(64, 64, dtype=torch.bfloat16)
     weights = Int8GroupWeights.quantize(weight)
     layer = quantized_linear(weight, None, weights)

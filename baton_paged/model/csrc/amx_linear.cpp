@@ -7,15 +7,17 @@
 // Why our own: oneDNN's bfloat16 matmul on its own packed weights reads them at 26-28 GB/s in a
 // decode step of one row (an Intel Xeon with AMX, 2 threads), half what a plain sum reads, and no
 // better at 32 rows. This kernel, measured on the two Llama shapes' per-step linears: 0.62-0.71x
-// oneDNN's time at 1-32 rows, 0.8-1.0x at 64, 0.85-1.07x at 256-1024. One packing serves every row
-// count, and with no kernel to compile per row count there is nothing to pad rows to.
+// oneDNN's time at 1-32 rows, on a par or faster at 256-2048 (kGroupBlocks). One packing serves
+// every row count, and with no kernel to compile per row count there is nothing to pad rows to.
 //
 // The loop: each thread takes a run of blocks; a work item is one block of 32 columns x a chunk of
 // 32 rows, four 16 x 16 float accumulator tiles; per 32 inputs it loads two tiles of x's rows and
-// two of the weights and multiplies each pair. A last chunk of fewer rows is copied into zeroed scratch first (the rows
-// past it are computed and dropped). Each output is a sum over k in the hardware's order, the same
-// whatever the other rows: a row's result does not depend on the call it is in. The sums are
-// float32, the bias added in float32, then rounded to bfloat16 to nearest even, as torch rounds.
+// two of the weights and multiplies each pair. A last chunk of fewer rows is copied into zeroed
+// scratch first (the rows past it are computed and dropped). Each output is a sum over k in the
+// hardware's order, the same whatever the other rows: a row's result does not depend on the call
+// it is in. The sums are float32, the bias added in float32, then rounded to bfloat16 to nearest
+// even, as torch rounds, except that the tile multiply and the rounding take denormal values as
+// zero (torch keeps them).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -38,10 +40,11 @@ constexpr int64_t kBlock = 32;  // output columns a block holds
 constexpr int64_t kChunk = 32;  // rows a work item covers: two tiles of 16
 constexpr int64_t kStep = 32;   // inputs a tile multiply covers: 16 pairs
 constexpr int64_t kStepBytes = kStep * kBlock * sizeof(c10::BFloat16);  // a block's, per step
-// How far ahead of the step being multiplied its weights are asked for (the next block's, near a
-// block's end: a thread's next item). The hardware does not run ahead of tile loads on its own:
-// without it a one-row call over SmolLM2's weights read them at ~18 GB/s, with 8 KiB ahead at
-// ~25 (2 threads, Intel Xeon with AMX; 2 and 16 KiB did less well).
+// How far ahead of the step being multiplied its weights are asked for (near a block's end, the
+// next block's: the next one a chunk multiplies, but for a group's last). The hardware does not
+// run ahead of tile loads on its own: without it a one-row call over SmolLM2's weights read them
+// at ~18 GB/s, with 8 KiB ahead at ~25 (2 threads, Intel Xeon with AMX; 2 and 16 KiB did less
+// well).
 constexpr int64_t kPrefetchBytes = 8192;
 // Blocks whose chunks run together, chunk by chunk: their weights stay in cache from one chunk to
 // the next, and each output row is written 8 blocks (512 bytes) on end. One block's chunks in a
@@ -68,7 +71,7 @@ void configure_tiles() {
   _tile_loadconfig(&config);
 }
 
-// One work item: rows [0, 32) of x (k apart; only the first 16 where `two` is false) against one
+// One work item: rows [0, 32) of x (k apart; only the first 16 where Two is false) against one
 // block's weights, the sums into sums[32][32].
 template <bool Two>
 void multiply_chunk(const c10::BFloat16* x, int64_t k, const c10::BFloat16* block, float* sums) {
@@ -147,7 +150,8 @@ void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, a
       const int64_t group_end = std::min(end, group + kGroupBlocks);
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
         const int64_t first = chunk * kChunk, n = std::min(kChunk, n_rows - first);
-        const c10::BFloat16* x_rows = chunk < full ? rows + first * k : tail.data_ptr<c10::BFloat16>();
+        const c10::BFloat16* x_rows =
+            chunk < full ? rows + first * k : tail.data_ptr<c10::BFloat16>();
         for (int64_t block = group; block < group_end; ++block) {
           const c10::BFloat16* w = weights + block * k * kBlock;
           if (n > 16) {

@@ -6,9 +6,9 @@
 // B=32 bfloat16 decode forward 4.8 -> ~4.3 ms), and the loop holds no GIL while it runs.
 //
 // The matmuls are float32, int8 or 4-bit ones in column blocks (blocked_linear.cpp), bfloat16 ones
-// on AMX tiles (amx_linear.cpp), or go through
-// torch's dispatcher to oneDNN (mkldnn::_linear_pointwise on the weights oneDNN packed), their rows
-// padded to the buckets the caller passes (baton_paged/model/row_buckets.py). Attention is the
+// on AMX tiles (amx_linear.cpp), or go through torch's dispatcher to oneDNN
+// (mkldnn::_linear_pointwise on the weights oneDNN packed), their rows padded to the buckets the
+// caller passes (baton_paged/model/row_buckets.py). Attention is the
 // cpu_paged backend's kernels, in the attention library: that library hands over their addresses
 // (attention/csrc/bindings.cpp), so they are called directly, in the same process and against the
 // same torch, with no trip through Python.
@@ -46,9 +46,8 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& packed,
 
 // x @ W.T (+ b): PackedLinear.__call__ (packed_linear.py) step for step. A bfloat16 weight in
 // pair blocks goes to amx_linear.cpp, one in column blocks (float32, or int8 codes with their
-// scale) to blocked_linear.cpp, as they are; one
-// oneDNN packed, with x's rows padded with zeros to their bucket, in chunks of the largest bucket
-// beyond it.
+// scale) to blocked_linear.cpp, as they are; one oneDNN packed, with x's rows padded with zeros to
+// their bucket, in chunks of the largest bucket beyond it.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
                   const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& scale,
                   const std::optional<at::Tensor>& zero, const std::vector<int64_t>& buckets) {
@@ -76,8 +75,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
 }
 
 // The layers' linears as llama_executor._loop_weights lists them: linear i reads weights[i]
-// (float32 column blocks, oneDNN's packing, or int8 / 4-bit codes alone: QuantizedLinear with no
-// dense copy), or its codes[i] for up to code_rows[i] rows where it has both (QuantizedLinear);
+// (float32 column blocks, bfloat16 pair blocks, oneDNN's packing, or int8 / 4-bit codes alone:
+// QuantizedLinear with no dense copy), or its codes[i] for up to code_rows[i] rows where it has
+// both (QuantizedLinear);
 // scales[i] and zeros[i] (grouped codes' offsets) go with whichever codes it reads.
 struct Linears {
   const std::vector<at::Tensor>& weights;
