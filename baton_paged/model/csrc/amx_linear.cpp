@@ -12,8 +12,8 @@
 //
 // The loop: each thread takes a run of blocks; a work item is one block of 32 columns x a chunk of
 // 32 rows, four 16 x 16 float accumulator tiles; per 32 inputs it loads two tiles of x's rows and
-// two of the weights and multiplies each pair. A last chunk of fewer rows is copied into zeroed
-// scratch first (the rows past it are computed and dropped). Each output is a sum over k in the
+// two of the weights and multiplies each pair. A last chunk of fewer rows is copied into scratch
+// first (the rows past it are computed and dropped). Each output is a sum over k in the
 // hardware's order, the same whatever the other rows: a row's result does not depend on the call
 // it is in. The sums are float32, the bias added in float32, then rounded to bfloat16 to nearest
 // even, as torch rounds, except that the tile multiply and the rounding take denormal values as
@@ -22,7 +22,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
 #include "decoder_ops.h"
 
@@ -33,6 +32,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -130,17 +130,24 @@ void finish(const float* sums, int64_t rows, const Bias* bias, c10::BFloat16* ou
   }
 }
 
+// A last chunk of `left` < 32 rows (k inputs each) copied into this thread's 32-row scratch, kept
+// from call to call: a fresh zeroed tensor per call cost 6-17 us, a decode step's whole budget
+// for a small linear. The scratch's rows past `left` hold zeros or an earlier call's rows, finite
+// values whose outputs are dropped (a row's sums never mix with another's).
+const c10::BFloat16* last_chunk(const c10::BFloat16* rows, int64_t left, int64_t k) {
+  static thread_local std::vector<c10::BFloat16> scratch;
+  if (static_cast<int64_t>(scratch.size()) < kChunk * k) scratch.resize(kChunk * k);
+  std::memcpy(scratch.data(), rows, left * k * sizeof(c10::BFloat16));
+  return scratch.data();
+}
+
 template <typename Bias>
 void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, at::Tensor& out) {
   const int64_t n_rows = x.size(0), k = x.size(1), count = packed.size(0);
   const int64_t width = count * kBlock, chunks = (n_rows + kChunk - 1) / kChunk;
   const int64_t full = n_rows / kChunk, left = n_rows - full * kChunk;
-  at::Tensor tail;  // the last chunk's rows, zero-padded to 32
-  if (left) {
-    tail = at::zeros({kChunk, k}, x.options());
-    tail.narrow(0, 0, left).copy_(x.narrow(0, full * kChunk, left));
-  }
   const auto* rows = x.data_ptr<c10::BFloat16>();
+  const c10::BFloat16* tail = left ? last_chunk(rows + full * kChunk * k, left, k) : nullptr;
   const auto* weights = packed.data_ptr<c10::BFloat16>();
   auto* into = out.data_ptr<c10::BFloat16>();
   at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {  // each thread its blocks
@@ -150,8 +157,7 @@ void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, a
       const int64_t group_end = std::min(end, group + kGroupBlocks);
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
         const int64_t first = chunk * kChunk, n = std::min(kChunk, n_rows - first);
-        const c10::BFloat16* x_rows =
-            chunk < full ? rows + first * k : tail.data_ptr<c10::BFloat16>();
+        const c10::BFloat16* x_rows = chunk < full ? rows + first * k : tail;
         for (int64_t block = group; block < group_end; ++block) {
           const c10::BFloat16* w = weights + block * k * kBlock;
           if (n > 16) {

@@ -8,10 +8,10 @@
 // The matmuls are float32, int8 or 4-bit ones in column blocks (blocked_linear.cpp), bfloat16 ones
 // on AMX tiles (amx_linear.cpp), or go through torch's dispatcher to oneDNN
 // (mkldnn::_linear_pointwise on the weights oneDNN packed), their rows padded to the buckets the
-// caller passes (baton_paged/model/row_buckets.py). Attention is the
-// cpu_paged backend's kernels, in the attention library: that library hands over their addresses
-// (attention/csrc/bindings.cpp), so they are called directly, in the same process and against the
-// same torch, with no trip through Python.
+// caller passes (baton_paged/model/row_buckets.py). Attention is the cpu_paged backend's kernels,
+// in the attention library: that library hands over their addresses (attention/csrc/bindings.cpp),
+// so they are called directly, in the same process and against the same torch, with no trip
+// through Python.
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -77,8 +77,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& packed,
 // The layers' linears as llama_executor._loop_weights lists them: linear i reads weights[i]
 // (float32 column blocks, bfloat16 pair blocks, oneDNN's packing, or int8 / 4-bit codes alone:
 // QuantizedLinear with no dense copy), or its codes[i] for up to code_rows[i] rows where it has
-// both (QuantizedLinear);
-// scales[i] and zeros[i] (grouped codes' offsets) go with whichever codes it reads.
+// both (QuantizedLinear); scales[i] and zeros[i] (grouped codes' offsets) go with whichever codes
+// it reads.
 struct Linears {
   const std::vector<at::Tensor>& weights;
   const std::vector<std::optional<at::Tensor>>& codes;
