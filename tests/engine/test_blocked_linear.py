@@ -22,12 +22,13 @@ def blocks(weight: torch.Tensor) -> torch.Tensor:
     return packed_linear.in_column_blocks(weight)
 
 
-@pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 6, 7, 13, 48, 49, 100, 600])
+@pytest.mark.parametrize("rows", [0, 1, 2, 3, 5, 6, 7, 11, 13, 32, 48, 49, 64, 100, 600])
 @pytest.mark.parametrize("n, k", [(32, 1), (96, 17), (160, 64), (256, 300)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_equals_the_matmul_for_every_row_count(rows, n, k, with_bias):
     """Odd block counts (96, 160: a block left over from the pairs), row counts around the tile
-    (6) and the chunk (48) sizes, and many rows (the pairs x chunks split)."""
+    (6) and the chunk (48) sizes, tiles of every size asking for the next pair's weights (11, 32;
+    64: two chunks), and many rows (the pairs x chunks split)."""
     generator = torch.Generator().manual_seed(rows * 1000 + n + k)
     weight = torch.randn(n, k, generator=generator)
     bias = torch.randn(n, generator=generator) if with_bias else None
@@ -123,7 +124,7 @@ CODE_SHAPES = [(32, 1, "column"), (96, 17, "column"), (160, 64, "column"),
                (32, 32, "nibbles 32"), (160, 96, "nibbles 32")]  # fmt: skip
 
 
-@pytest.mark.parametrize("rows", [0, 1, 5, 7, 48, 49, 100, 600])
+@pytest.mark.parametrize("rows", [0, 1, 5, 7, 11, 32, 48, 49, 64, 100, 600])
 @pytest.mark.parametrize("n, k, kind", CODE_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_codes_equal_the_matmul_on_the_weight_they_stand_for(rows, n, k, kind, dtype):
