@@ -4,7 +4,7 @@ AVX-512 (``group_int8.cpp``), its float32 and int8 linear on AVX-512 (``blocked_
 its bfloat16 linear on AMX (``amx_linear.cpp``),
 greedy sampling's argmax (``row_argmax.cpp``) and its layer loop (``decoder_loop.cpp``) as a
 kernel library of their own, so attention's library holds only attention. They share
-attention's vector helpers (``attention/csrc/cpu_common.h``)."""
+attention's vector helpers (``attention/csrc/cpu_common.h``, ``wide_math.h``)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,10 @@ DECODER_KERNELS = KernelLibrary(
             "decoder_loop.cpp",
         )
     ),
-    headers=(ATTENTION_CSRC / "cpu_common.h", Path(__file__).with_name("csrc") / "decoder_ops.h"),
+    headers=(
+        ATTENTION_CSRC / "cpu_common.h",
+        ATTENTION_CSRC / "wide_math.h",
+        Path(__file__).with_name("csrc") / "decoder_ops.h",
+    ),
     fallback="the model runs through the transformers bridge",
 )

@@ -46,14 +46,25 @@ def test_rms_norm_and_fused_residual_add(kernels, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("width", [40, 37])
+@pytest.mark.parametrize("width", [40, 37, 61])
 def test_silu_and_mul_on_vector_widths_and_tails(kernels, dtype, width):
-    """37 leaves a tail past the last 8-lane vector; the gate spans values whose exp clamps."""
+    """37 leaves a tail past the last 16- or 8-lane vector, 61 runs all three (bfloat16 takes 16
+    lanes on AVX-512); the gate spans values whose exp clamps."""
     x = torch.randn(5, 2 * width, dtype=torch.float64).mul(30).to(dtype)
     out = x.new_empty(5, width)
     kernels.silu_and_mul(out, x)
     expected = F.silu(x[:, :width]) * x[:, width:]
     torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("width", [61, 1536])
+def test_bfloat16_silu_and_mul_rounds_as_torch_does(kernels, width):
+    """silu in float rounded to bfloat16, times the up half rounded again: torch's own roundings,
+    to the bit, on every vector width."""
+    x = torch.randn(7, 2 * width).mul(4).bfloat16()
+    out = x.new_empty(7, width)
+    kernels.silu_and_mul(out, x)
+    assert torch.equal(out, F.silu(x[:, :width].float()).bfloat16() * x[:, width:])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
