@@ -62,22 +62,27 @@ inline vfloat lanes_largest(const T* p, int64_t n, vint* nan = nullptr) {
 }
 
 // The bfloat16 bits of each lane, rounded to nearest even as c10::BFloat16 rounds (a NaN stays a
-// quiet NaN), in the low half of each 32-bit lane.
-inline vint bfloat16_bits(vfloat v) {
-  vint bits;
+// quiet NaN), in the low half of each 32-bit lane (Bits: V's lanes as int32, for any width of V).
+template <typename Bits, typename V>
+inline Bits bfloat16_bits_of(V v) {
+  Bits bits;
   std::memcpy(&bits, &v, sizeof bits);
-  const vint rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16;
-  const vint is_nan = (bits & 0x7FFFFFFF) > 0x7F800000;  // all ones where the lane is a NaN
+  const Bits rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16;
+  const Bits is_nan = (bits & 0x7FFFFFFF) > 0x7F800000;  // all ones where the lane is a NaN
   return ((rounded & 0xFFFF) & ~is_nan) | (0x7FC0 & is_nan);
 }
 
 // v rounded to bfloat16 and widened back: what a float takes from a bfloat16 round trip.
-inline vfloat round_to_bfloat16(vfloat v) {
-  const vint bits = bfloat16_bits(v) << 16;
-  vfloat out;
+template <typename Bits, typename V>
+inline V rounded_to_bfloat16(V v) {
+  const Bits bits = bfloat16_bits_of<Bits>(v) << 16;
+  V out;
   std::memcpy(&out, &bits, sizeof out);
   return out;
 }
+
+inline vint bfloat16_bits(vfloat v) { return bfloat16_bits_of<vint>(v); }
+inline vfloat round_to_bfloat16(vfloat v) { return rounded_to_bfloat16<vint>(v); }
 
 inline void store(c10::BFloat16* p, vfloat v) {
   const vhalf h = __builtin_convertvector(bfloat16_bits(v), vhalf);

@@ -56,22 +56,9 @@ inline vwide load_wide(const c10::BFloat16* p) {
 
 inline void store_wide(float* p, vwide v) { std::memcpy(p, &v, sizeof v); }
 
-// bfloat16_bits (cpu_common.h) on 16 lanes: each lane rounded to nearest even as c10 rounds.
-inline vwide_int wide_bfloat16_bits(vwide v) {
-  vwide_int bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  const vwide_int rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16;
-  const vwide_int is_nan = (bits & 0x7FFFFFFF) > 0x7F800000;
-  return ((rounded & 0xFFFF) & ~is_nan) | (0x7FC0 & is_nan);
-}
-
-// v rounded to bfloat16 and widened back.
-inline vwide rounded_wide(vwide v) {
-  const vwide_int bits = wide_bfloat16_bits(v) << 16;
-  vwide out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
-}
+// cpu_common.h's bfloat16 roundings on 16 lanes.
+inline vwide_int wide_bfloat16_bits(vwide v) { return bfloat16_bits_of<vwide_int>(v); }
+inline vwide rounded_wide(vwide v) { return rounded_to_bfloat16<vwide_int>(v); }
 
 inline void store_wide(c10::BFloat16* p, vwide v) {
   const vwide_half h = __builtin_convertvector(wide_bfloat16_bits(v), vwide_half);
