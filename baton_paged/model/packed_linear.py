@@ -8,7 +8,9 @@ loop. Three packings:
 - float32 where the decoder library is built for AVX-512 and the output width is a multiple of
   32: column blocks for our own kernel (``csrc/blocked_linear.cpp``). Measured on an Intel Xeon
   (2 threads) against oneDNN on its own packing: 0.56-0.82x its time at one row (a single stream's
-  every step), 0.81-0.96x at 32, 0.93-1.10x at 256-512; and it compiles nothing per row count.
+  every step), 0.81-0.96x at 32 (since then 0.76-0.86x of that at 8-32 rows, by asking for the
+  next blocks' weights while a block pair's later tiles run), 0.93-1.10x at 256-512; and it
+  compiles nothing per row count.
 - bfloat16 where the library is built for AMX and the kernel lets the process use its tiles,
   both widths multiples of 32: pair blocks for our AMX kernel (``csrc/amx_linear.cpp``), on the
   same machine 0.62-0.71x oneDNN's time at 1-32 rows, 0.85-1.07x at 256-1024; nothing compiled
