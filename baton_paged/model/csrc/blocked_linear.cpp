@@ -17,7 +17,8 @@
 //
 // The loop: a tile of up to 6 rows x 64 columns (two blocks) keeps 24 accumulators in registers;
 // per input k it loads the 64 weights once and multiplies them into every row's accumulators.
-// While a pair's later tiles run, the next pair's weights are asked for (Ahead).
+// A pair's first tile asks for its weights a little ahead of the one it multiplies (Asks::kStream);
+// while its later tiles run, the next pair's weights are asked for (Ahead).
 // Each output is summed over k in order, in one accumulator, whatever the tile, and scaled after:
 // a row's result does not depend on the other rows in the call.
 
@@ -40,6 +41,8 @@ namespace {
 
 constexpr int64_t kBlock = 32;     // output columns a block holds
 constexpr int64_t kRowChunk = 48;  // rows one work item covers, for larger calls
+constexpr int64_t kStreamAhead = 16;  // inputs ahead a first pass asks for its weights
+constexpr int kStreamRows = 2;        // the narrowest first pass that asks (one row needs not)
 
 struct Operands {
   const float* x;        // [rows, k]
@@ -145,7 +148,25 @@ struct Ahead {
   }
 };
 
-template <int R, int Blocks, typename Kind, typename Out, bool Asks = false>
+// One input's worth of a block's weights asked for, a line per 64 bytes of it.
+template <typename Kind>
+inline void stream(const typename Kind::type* at) {
+  const char* bytes = reinterpret_cast<const char*>(at);
+  for (int64_t line = 0; line < Kind::row * static_cast<int64_t>(sizeof(*at)); line += 64) {
+    _mm_prefetch(bytes + line, _MM_HINT_T0);
+  }
+}
+
+// What a tile asks the memory for besides its own loads: nothing, the next blocks' weights
+// (Ahead), or its own weights kStreamAhead inputs ahead of the one it multiplies (kStream: a
+// pair's first pass, which reads them from memory). A tile of several rows runs too long a loop
+// for the core to keep enough of its own loads in flight: a call of 6 rows over SmolLM2's weights
+// streamed from memory took 1.35x a call of one, where its arithmetic would hide under the memory
+// time. With kStream, and the widest tile first: 0.82-0.85x the time at 4-8 rows, 0.93x at 2,
+// 0.95-0.99x at 12-64 (SmolLM2's per-step linears, 2 threads, Intel Xeon with AMX).
+enum class Asks { kNothing, kAhead, kStream };
+
+template <int R, int Blocks, typename Kind, typename Out, Asks Mode = Asks::kNothing>
 void tile(const Operands& op, const typename Kind::type* w, int64_t row, int64_t block,
           Ahead* ahead = nullptr) {
   constexpr int J = 2 * Blocks;  // 16-lane vectors a row
@@ -165,7 +186,11 @@ void tile(const Operands& op, const typename Kind::type* w, int64_t row, int64_t
       }
     }
     for (int64_t k = g * step; k < (g + 1) * step; ++k) {
-      if constexpr (Asks) ahead->at(k);
+      if constexpr (Mode == Asks::kAhead) ahead->at(k);
+      if constexpr (Mode == Asks::kStream) {
+        stream<Kind>(w + (k + kStreamAhead) * Kind::row);
+        if constexpr (Blocks == 2) stream<Kind>(second + (k + kStreamAhead) * Kind::row);
+      }
       __m512 wk[J];
       load_row(w + k * Kind::row, wk);
       if constexpr (Blocks == 2) load_row(second + k * Kind::row, wk + 2);
@@ -178,7 +203,7 @@ void tile(const Operands& op, const typename Kind::type* w, int64_t row, int64_t
       }
     }
   }
-  if constexpr (Asks) ahead->passed(op.k);
+  if constexpr (Mode == Asks::kAhead) ahead->passed(op.k);
   const int64_t column = block * kBlock;
   Out* out = static_cast<Out*>(op.out) + row * op.width + column;
   for (int r = 0; r < R; ++r) {
@@ -188,37 +213,48 @@ void tile(const Operands& op, const typename Kind::type* w, int64_t row, int64_t
   }
 }
 
-// Rows [begin, end) x one or two blocks, tile by tile: the small tiles first, then those of 4
-// and 6 rows, which ask for `next`'s bytes (the next blocks, null where none) between them, all
-// but the first pass (that one waits on its own weights).
+// Rows [begin, end) x one or two blocks, tile by tile: the widest first, which streams the
+// blocks' weights from memory (Asks::kStream), then the narrow ones, then the other wide ones,
+// which ask for `next_bytes` of `next` (the next blocks, null where none) between them.
 template <int Blocks, typename Kind, typename Out>
 void rows(const Operands& op, const typename Kind::type* w, int64_t block, int64_t begin,
           int64_t end, const char* next, int64_t next_bytes) {
   constexpr int64_t most = Kind::tile_rows;
   const int64_t n = end - begin, rest = n % most;  // rows left to tiles of 4, 2 and 1
-  const int64_t wide = n / most + rest / 4, narrow = rest % 4 / 2 + rest % 2;
-  const int64_t asking = wide - (narrow == 0 ? 1 : 0);
+  int64_t count[4] = {n / most, rest / 4, rest % 4 / 2, rest % 2};  // tiles of most, 4, 2, 1
+  const int64_t wide = count[0] + count[1], asking = wide - (wide > 0 ? 1 : 0);
   Ahead ahead{next, next ? next_bytes / 64 : 0, 0};
   if (asking > 0) ahead.per_k = (ahead.lines + asking * op.k - 1) / (asking * op.k);
   int64_t row = begin;
-  if (rest % 2) tile<1, Blocks, Kind, Out>(op, w, row++, block);
-  if (rest % 4 / 2) {
-    tile<2, Blocks, Kind, Out>(op, w, row, block);
-    row += 2;
-  }
-  bool first = narrow == 0;
-  const auto wide_tile = [&](auto rows_constant) {
+  bool first = true;
+  const auto pass = [&](auto rows_constant) {
     constexpr int R = decltype(rows_constant)::value;
-    if (first || ahead.per_k == 0) {
-      tile<R, Blocks, Kind, Out>(op, w, row, block);
+    if (first) {
+      tile<R, Blocks, Kind, Out, R >= kStreamRows ? Asks::kStream : Asks::kNothing>(op, w, row,
+                                                                                 block);
+    } else if (R >= 4 && ahead.per_k > 0) {
+      tile<R, Blocks, Kind, Out, Asks::kAhead>(op, w, row, block, &ahead);
     } else {
-      tile<R, Blocks, Kind, Out, true>(op, w, row, block, &ahead);
+      tile<R, Blocks, Kind, Out>(op, w, row, block);
     }
     first = false;
     row += R;
   };
-  if (rest / 4) wide_tile(std::integral_constant<int, 4>{});
-  while (row < end) wide_tile(std::integral_constant<int, most>{});
+  using Most = std::integral_constant<int, most>;
+  using Four = std::integral_constant<int, 4>;
+  using Two = std::integral_constant<int, 2>;
+  using One = std::integral_constant<int, 1>;
+  if (count[0] && count[0]--) {
+    pass(Most{});
+  } else if (count[1] && count[1]--) {
+    pass(Four{});
+  } else if (count[2] && count[2]--) {
+    pass(Two{});
+  }
+  for (; count[3]; --count[3]) pass(One{});
+  for (; count[2]; --count[2]) pass(Two{});
+  for (; count[1]; --count[1]) pass(Four{});
+  for (; count[0]; --count[0]) pass(Most{});
 }
 
 // Blocks [begin, end) for rows [row, row_end), in pairs, a last odd one alone; w: block begin's
