@@ -56,12 +56,11 @@ inline vwide load_wide(const c10::BFloat16* p) {
 
 inline void store_wide(float* p, vwide v) { std::memcpy(p, &v, sizeof v); }
 
-// cpu_common.h's bfloat16 roundings on 16 lanes.
-inline vwide_int wide_bfloat16_bits(vwide v) { return bfloat16_bits_of<vwide_int>(v); }
+// cpu_common.h's bfloat16 rounding on 16 lanes: widened back, or stored.
 inline vwide rounded_wide(vwide v) { return rounded_to_bfloat16<vwide_int>(v); }
 
 inline void store_wide(c10::BFloat16* p, vwide v) {
-  const vwide_half h = __builtin_convertvector(wide_bfloat16_bits(v), vwide_half);
+  const vwide_half h = __builtin_convertvector(bfloat16_bits_of<vwide_int>(v), vwide_half);
   std::memcpy(p, &h, sizeof h);
 }
 

@@ -122,9 +122,6 @@ inline __m512 finished(const Operands& op, __m512 sums, int64_t column) {
   return sums;
 }
 
-// Rows [row, row + R) x blocks [block, block + Blocks) (Blocks: 1 or 2); w: the first block's
-// [k, 32] weights, the second's after them. The inputs run group by group (one run where the
-// weights are not grouped), each group's scales and offsets loaded once.
 // The next blocks' weights, asked into L2 while this pair's tiles after the first one run: the
 // first pass over a pair waits on memory for its weights, the others multiply them from cache,
 // and without the asking the two took turns. Spread over those passes, `per_k` 64-byte lines an
@@ -148,7 +145,8 @@ struct Ahead {
   }
 };
 
-// One input's worth of a block's weights asked for, a line per 64 bytes of it.
+// One input's worth of a block's weights asked for, a line per 64 bytes of it (past a block's end,
+// the next block's or nothing of ours: a prefetch never faults).
 template <typename Kind>
 inline void stream(const typename Kind::type* at) {
   const char* bytes = reinterpret_cast<const char*>(at);
@@ -166,6 +164,9 @@ inline void stream(const typename Kind::type* at) {
 // 0.95-0.99x at 12-64 (SmolLM2's per-step linears, 2 threads, Intel Xeon with AMX).
 enum class Asks { kNothing, kAhead, kStream };
 
+// Rows [row, row + R) x blocks [block, block + Blocks) (Blocks: 1 or 2); w: the first block's
+// [k, 32] weights, the second's after them. The inputs run group by group (one run where the
+// weights are not grouped), each group's scales and offsets loaded once.
 template <int R, int Blocks, typename Kind, typename Out, Asks Mode = Asks::kNothing>
 void tile(const Operands& op, const typename Kind::type* w, int64_t row, int64_t block,
           Ahead* ahead = nullptr) {
@@ -244,11 +245,14 @@ void rows(const Operands& op, const typename Kind::type* w, int64_t block, int64
   using Four = std::integral_constant<int, 4>;
   using Two = std::integral_constant<int, 2>;
   using One = std::integral_constant<int, 1>;
-  if (count[0] && count[0]--) {
+  if (count[0] > 0) {  // the first pass: the widest tile there is
+    --count[0];
     pass(Most{});
-  } else if (count[1] && count[1]--) {
+  } else if (count[1] > 0) {
+    --count[1];
     pass(Four{});
-  } else if (count[2] && count[2]--) {
+  } else if (count[2] > 0) {
+    --count[2];
     pass(Two{});
   }
   for (; count[3]; --count[3]) pass(One{});

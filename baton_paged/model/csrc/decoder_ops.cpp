@@ -132,7 +132,7 @@ inline void silu_and_mul_row(float* dst, const float* gate, const float* up, int
 
 // The bfloat16 row in 16-lane float vectors where the build has AVX-512 (else 8), with the
 // generic loop's roundings: silu rounded to bfloat16, then the product rounded, each to nearest
-// even as c10 rounds (wide_bfloat16_bits). Element by element, with a libm call each, it took 9x
+// even as c10 rounds (cpu_common.h's bfloat16_bits_of). Element by element, with a libm call each, it took 9x
 // the float row's time; in 8-lane vectors, with their bit-exact roundings, still 3x (172 us for
 // 214 rows of SmolLM2's 1536, 2 threads, Intel Xeon with AMX); in 16, 148 us. Most of the rest is
 // the exp and the division, kept exact (AVX512-BF16's own rounding, which flushes denormals,
