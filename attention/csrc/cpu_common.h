@@ -110,15 +110,17 @@ inline float horizontal_sum(vfloat v) {
 // exp(x) in float lanes: x = n ln2 + r with |r| <= ln2 / 2, exp(r) by its Taylor series to r^7
 // (relative error < 1e-7), times 2^n built in the exponent bits. x is clamped to [-87, 88], where
 // 2^n stays a normal float: below, a softmax weight or a sigmoid is 0 to float precision anyway;
-// above, exp overflows float.
-inline vfloat exp_clamped(vfloat x) {
-  const vfloat low = vfloat{} - 87.0f, high = vfloat{} + 88.0f;
+// above, exp overflows float. Any width of V (Bits: its lanes as int32), each lane's result the
+// same whatever the width.
+template <typename V, typename Bits>
+inline V exp_clamped_lanes(V x) {
+  const V low = V{} - 87.0f, high = V{} + 88.0f;
   x = x < low ? low : x;
   x = x > high ? high : x;
-  const vfloat round = vfloat{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const vfloat n = (x * 1.44269504088896341f + round) - round;
-  const vfloat r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
-  vfloat p = vfloat{} + 1.0f / 5040;
+  const V round = V{} + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const V n = (x * 1.44269504088896341f + round) - round;
+  const V r = (x - n * 0.693145751953125f) - n * 1.428606765330187045e-06f;
+  V p = V{} + 1.0f / 5040;
   p = p * r + 1.0f / 720;
   p = p * r + 1.0f / 120;
   p = p * r + 1.0f / 24;
@@ -126,10 +128,12 @@ inline vfloat exp_clamped(vfloat x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const vint bits = (__builtin_convertvector(n, vint) + 127) << 23;
-  vfloat scale;
+  const Bits bits = (__builtin_convertvector(n, Bits) + 127) << 23;
+  V scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
+
+inline vfloat exp_clamped(vfloat x) { return exp_clamped_lanes<vfloat, vint>(x); }
 
 }  // namespace baton

@@ -90,6 +90,32 @@ def test_rotary_embedding_on_strided_views_of_one_qkv_tensor(kernels, dtype):
     assert torch.equal(qkv[:, (heads + kv_heads) * dim :], untouched)  # V left alone
 
 
+@pytest.mark.parametrize("dim", [64, 80])
+def test_bfloat16_rotary_and_residual_add_round_as_torch_does(kernels, dim):
+    """bfloat16 rows on the 16-lane path (dim 80 also leaves its scalar tail): each product and
+    sum rounded where torch's bfloat16 ops round, so every bit is HF's formula's."""
+    tokens, heads, kv_heads = 5, 3, 1
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).bfloat16()
+    query = qkv[:, : heads * dim].view(tokens, heads, dim)
+    key = qkv[:, heads * dim : (heads + kv_heads) * dim].view(tokens, kv_heads, dim)
+    positions = torch.tensor([0, 7, 3, 11, 1])
+    freqs = torch.arange(12, dtype=torch.float32)[:, None] * torch.rand(dim // 2)[None]
+    emb = torch.cat((freqs, freqs), -1)
+    cos, sin = emb.cos().bfloat16(), emb.sin().bfloat16()
+
+    def rotate(x):
+        c, s = cos[positions][:, None], sin[positions][:, None]
+        return x * c + torch.cat((-x[..., dim // 2 :], x[..., : dim // 2]), -1) * s
+
+    expected = rotate(query.clone()), rotate(key.clone())
+    kernels.rotary_embedding(query, key, positions, cos, sin)
+    assert torch.equal(query, expected[0]) and torch.equal(key, expected[1])
+    x, residual = torch.randn(2, 3, dim).bfloat16().unbind()
+    summed = residual + x
+    kernels.add_rms_norm(x, residual, torch.ones(dim).bfloat16(), 1e-5)
+    assert torch.equal(residual, summed)
+
+
 def test_kernels_refuse_what_they_cannot_read(kernels):
     x = torch.randn(4, 8).t()  # last dimension not contiguous
     with pytest.raises(RuntimeError, match="last dimension must be contiguous"):
