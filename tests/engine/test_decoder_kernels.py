@@ -92,8 +92,9 @@ def test_rotary_embedding_on_strided_views_of_one_qkv_tensor(kernels, dtype):
 
 @pytest.mark.parametrize("dim", [64, 80])
 def test_bfloat16_rotary_and_residual_add_round_as_torch_does(kernels, dim):
-    """bfloat16 rows on the 16-lane path (dim 80 also leaves its scalar tail): each product and
-    sum rounded where torch's bfloat16 ops round, so every bit is HF's formula's."""
+    """The bfloat16 rotary embedding on its 16-lane path (dim 80 also leaves its scalar tail),
+    and the residual add: each product and sum rounded where torch's bfloat16 ops round, so every
+    bit is HF's formula's."""
     tokens, heads, kv_heads = 5, 3, 1
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim).bfloat16()
     query = qkv[:, : heads * dim].view(tokens, heads, dim)

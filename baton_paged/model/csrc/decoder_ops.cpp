@@ -23,32 +23,6 @@ using namespace baton;
 
 namespace {
 
-// The bfloat16 loops below run in 16-lane float vectors where the build has AVX-512, rounding
-// where c10::BFloat16's operators round (each product or sum of two bfloat16 values is exact in
-// float, then rounded to nearest even), so every bit is the scalar loop's; the scalar loop takes
-// the tail. Element by element, each operator a round trip through float with a call's worth of
-// checks, they took 2-4x the float32 ops' time (SmolLM2's 286-row prefill: a residual add and
-// norm 52 us, the rotary embedding 69).
-template <typename scalar_t>
-constexpr bool kWideBfloat16 =
-#if defined(__AVX512F__)
-    std::is_same_v<scalar_t, c10::BFloat16>;
-#else
-    false;
-#endif
-
-// r[i] += h[i] for i < n.
-template <typename scalar_t>
-void add_into(scalar_t* r, const scalar_t* h, int64_t n) {
-  int64_t i = 0;
-  if constexpr (kWideBfloat16<scalar_t>) {
-    for (; i + kWideLanes <= n; i += kWideLanes) {
-      store_wide(r + i, load_wide(r + i) + load_wide(h + i));
-    }
-  }
-  for (; i < n; ++i) r[i] = r[i] + h[i];
-}
-
 // Hugging Face's Llama RMSNorm, step for step: normalise in float32 (for every input dtype),
 // cast back, then scale by the weight in the input dtype.
 template <typename scalar_t>
@@ -58,22 +32,22 @@ void rms_norm_row(scalar_t* dst, const scalar_t* x, const scalar_t* weight, int6
 #pragma omp simd reduction(+ : squares)
   for (int64_t i = 0; i < n; ++i) squares += static_cast<float>(x[i]) * static_cast<float>(x[i]);
   const float inv = 1.0f / std::sqrt(squares / n + static_cast<float>(eps));
-  int64_t i = 0;
-  if constexpr (kWideBfloat16<scalar_t>) {
-    for (; i + kWideLanes <= n; i += kWideLanes) {
-      store_wide(dst + i, load_wide(weight + i) * rounded_wide(load_wide(x + i) * inv));
-    }
-  }
-  for (; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     dst[i] = weight[i] * static_cast<scalar_t>(static_cast<float>(x[i]) * inv);
   }
 }
 
 // One head of one token rotated in place: v the head's D values, c and s its position's rows.
+// bfloat16 heads run in 16-lane float vectors where the build has AVX-512, each product rounded
+// to bfloat16 and then their sum, where c10::BFloat16's operators round (a product of two
+// bfloat16 values is exact in float), so every bit is the scalar loop's, which takes the tail.
+// Element by element, each operator a round trip through float, SmolLM2's 286-token prefill
+// took 69 us a layer here, 2.4x float32's (48 us in vectors).
 template <typename scalar_t>
 void rotate_head(scalar_t* v, const scalar_t* c, const scalar_t* s, int64_t half) {
   int64_t i = 0;
-  if constexpr (kWideBfloat16<scalar_t>) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     for (; i + kWideLanes <= half; i += kWideLanes) {
       const vwide lo = load_wide(v + i), hi = load_wide(v + i + half);
       const vwide low_cos = rounded_wide(lo * load_wide(c + i));
@@ -84,6 +58,7 @@ void rotate_head(scalar_t* v, const scalar_t* c, const scalar_t* s, int64_t half
       store_wide(v + i + half, high_cos + low_sin);
     }
   }
+#endif
   for (; i < half; ++i) {
     const scalar_t lo = v[i], hi = v[i + half];
     v[i] = lo * c[i] - hi * s[i];
@@ -119,7 +94,7 @@ void add_rms_norm(at::Tensor x, at::Tensor residual, const at::Tensor& weight, d
       for (int64_t t = begin; t < end; ++t) {
         scalar_t* h = x.data_ptr<scalar_t>() + t * x.stride(0);
         scalar_t* r = residual.data_ptr<scalar_t>() + t * residual.stride(0);
-        add_into(r, h, n);
+        for (int64_t i = 0; i < n; ++i) r[i] = r[i] + h[i];
         rms_norm_row(h, r, weight.data_ptr<scalar_t>(), n, eps);
       }
     });
