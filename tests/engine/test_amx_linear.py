@@ -83,6 +83,28 @@ def test_a_non_contiguous_input_is_read_as_its_values():
     torch.testing.assert_close(got, F.linear(x.contiguous(), weight), atol=0.05, rtol=2**-7)
 
 
+@pytest.mark.parametrize("rows", [0, 1, 5, 16, 17, 32, 33, 70, 300])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gate_up_with_silu_is_the_two_calls_to_the_bit(rows, threads):
+    """amx_silu_linear: gate block j and up block j + n / 2 into one block of silu(gate) * up,
+    every bit that of amx_linear then silu_and_mul (18 output blocks: groups of 8 and a last of
+    2 on one thread), with gates that reach exp's clamp."""
+    x, weight, _ = operands(rows, 2 * 576, 96, None, seed=rows + threads)
+    x = x * 4
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gate_up = KERNELS.amx_linear(x, pairs(weight), None)
+        expected = gate_up.new_empty(rows, 576)
+        KERNELS.silu_and_mul(expected, gate_up)
+        got = KERNELS.amx_silu_linear(x, pairs(weight))
+    finally:
+        torch.set_num_threads(before)
+    assert got.shape == (rows, 576) and torch.equal(got, expected)
+    with pytest.raises(RuntimeError, match="as many up blocks"):
+        KERNELS.amx_silu_linear(x, pairs(weight[:96]))
+
+
 @pytest.mark.parametrize(
     "x, packed, bias",
     [

@@ -24,6 +24,7 @@
 #include <ATen/ops/empty.h>
 
 #include "decoder_ops.h"
+#include "wide_math.h"
 
 #ifdef BATON_AMX
 #include <immintrin.h>
@@ -41,7 +42,7 @@ constexpr int64_t kChunk = 32;  // rows a work item covers: two tiles of 16
 constexpr int64_t kStep = 32;   // inputs a tile multiply covers: 16 pairs
 constexpr int64_t kStepBytes = kStep * kBlock * sizeof(c10::BFloat16);  // a block's, per step
 // How far ahead of the step being multiplied its weights are asked for (near a block's end, the
-// next block's: the next one a chunk multiplies, but for a group's last). The hardware does not
+// next block's that the item names: the next one a chunk multiplies, but for a group's last). The hardware does not
 // run ahead of tile loads on its own: without it a one-row call over SmolLM2's weights read them
 // at ~18 GB/s, with 8 KiB ahead at ~25 (2 threads, Intel Xeon with AMX; 2 and 16 KiB did less
 // well).
@@ -72,9 +73,10 @@ void configure_tiles() {
 }
 
 // One work item: rows [0, 32) of x (k apart; only the first 16 where Two is false) against one
-// block's weights, the sums into sums[32][32].
+// block's weights, the sums into sums[32][32]; `next`: the block multiplied after it.
 template <bool Two>
-void multiply_chunk(const c10::BFloat16* x, int64_t k, const c10::BFloat16* block, float* sums) {
+void multiply_chunk(const c10::BFloat16* x, int64_t k, const c10::BFloat16* block,
+                    const c10::BFloat16* next, float* sums) {
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (Two) {
@@ -85,7 +87,11 @@ void multiply_chunk(const c10::BFloat16* x, int64_t k, const c10::BFloat16* bloc
   constexpr int64_t w_stride = kBlock * 2 * sizeof(c10::BFloat16);  // one pair of inputs
   for (int64_t input = 0; input < k; input += kStep) {
     const c10::BFloat16* pairs = block + input * kBlock;  // pair input / 2, column 0
-    const char* ahead = reinterpret_cast<const char*>(pairs) + kPrefetchBytes;
+    const int64_t ahead_at = (input * kBlock) * sizeof(c10::BFloat16) + kPrefetchBytes;
+    const int64_t block_bytes = k * kBlock * sizeof(c10::BFloat16);
+    const char* ahead = ahead_at < block_bytes
+                            ? reinterpret_cast<const char*>(block) + ahead_at
+                            : reinterpret_cast<const char*>(next) + (ahead_at - block_bytes);
     for (int64_t line = 0; line < kStepBytes; line += 64) _mm_prefetch(ahead + line, _MM_HINT_T0);
     _tile_loadd(4, x + input, x_stride);
     if constexpr (Two) _tile_loadd(5, x + 16 * k + input, x_stride);
@@ -130,6 +136,25 @@ void finish(const float* sums, int64_t rows, const Bias* bias, c10::BFloat16* ou
   }
 }
 
+// The gated MLP's activation on a gate block's and its up block's rows x 32 sums, into out
+// (width apart): each rounded to bfloat16 as finish rounds it, then silu_and_mul's (decoder_ops.cpp)
+// math on those values, so every bit is the two calls' (the test holds it to them).
+void finish_silu(const float* gate, const float* up, int64_t rows, c10::BFloat16* out,
+                 int64_t width) {
+  const auto as_stored = [](const float* sums) {  // finish's rounding, widened back
+    const __m256i bits = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sums)));
+    return (baton::vwide)_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16);
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int half = 0; half < 2; ++half) {
+      const int64_t at = r * kBlock + 16 * half;
+      const baton::vwide g = as_stored(gate + at);
+      const baton::vwide activated = baton::rounded_wide(g / (1.0f + baton::exp_wide(-g)));
+      baton::store_wide(out + r * width + 16 * half, activated * as_stored(up + at));
+    }
+  }
+}
+
 // A last chunk of `left` < 32 rows (k inputs each) copied into this thread's 32-row scratch, kept
 // from call to call: a fresh zeroed tensor per call cost 6-17 us, a decode step's whole budget
 // for a small linear. The scratch's rows past `left` hold zeros or an earlier call's rows, finite
@@ -141,37 +166,65 @@ const c10::BFloat16* last_chunk(const c10::BFloat16* rows, int64_t left, int64_t
   return scratch.data();
 }
 
+// Each thread takes a run of output blocks. An output block is one block of the weights, or with
+// `silu` (a gate-up projection whose up blocks follow its gate blocks) gate block j and up block
+// j + count / 2 multiplied in turn and finished into one block of activations.
 template <typename Bias>
-void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, at::Tensor& out) {
+void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, at::Tensor& out,
+              bool silu = false) {
   const int64_t n_rows = x.size(0), k = x.size(1), count = packed.size(0);
-  const int64_t width = count * kBlock, chunks = (n_rows + kChunk - 1) / kChunk;
+  const int64_t outputs = silu ? count / 2 : count;
+  const int64_t width = outputs * kBlock, chunks = (n_rows + kChunk - 1) / kChunk;
   const int64_t full = n_rows / kChunk, left = n_rows - full * kChunk;
   const auto* rows = x.data_ptr<c10::BFloat16>();
   const c10::BFloat16* tail = left ? last_chunk(rows + full * kChunk * k, left, k) : nullptr;
   const auto* weights = packed.data_ptr<c10::BFloat16>();
   auto* into = out.data_ptr<c10::BFloat16>();
-  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {  // each thread its blocks
+  at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {  // each thread its blocks
     configure_tiles();
-    alignas(64) float sums[kChunk * kBlock];
+    alignas(64) float sums[kChunk * kBlock], up_sums[kChunk * kBlock];
+    // block's sums into `to`, asking ahead for block `next`'s weights
+    const auto product = [&](const c10::BFloat16* x_rows, int64_t n, int64_t block, int64_t next,
+                             float* to) {
+      const c10::BFloat16 *w = weights + block * k * kBlock, *after = weights + next * k * kBlock;
+      if (n > 16) {
+        multiply_chunk<true>(x_rows, k, w, after, to);
+      } else {
+        multiply_chunk<false>(x_rows, k, w, after, to);
+      }
+    };
     for (int64_t group = begin; group < end; group += kGroupBlocks) {
       const int64_t group_end = std::min(end, group + kGroupBlocks);
       for (int64_t chunk = 0; chunk < chunks; ++chunk) {
         const int64_t first = chunk * kChunk, n = std::min(kChunk, n_rows - first);
         const c10::BFloat16* x_rows = chunk < full ? rows + first * k : tail;
         for (int64_t block = group; block < group_end; ++block) {
-          const c10::BFloat16* w = weights + block * k * kBlock;
-          if (n > 16) {
-            multiply_chunk<true>(x_rows, k, w, sums);
+          c10::BFloat16* to = into + first * width + block * kBlock;
+          if (silu) {  // the gate block, its up block, then the next gate block
+            product(x_rows, n, block, block + outputs, sums);
+            product(x_rows, n, block + outputs, block + 1, up_sums);
+            finish_silu(sums, up_sums, n, to, width);
           } else {
-            multiply_chunk<false>(x_rows, k, w, sums);
+            product(x_rows, n, block, block + 1, sums);
+            finish(sums, n, bias ? bias + block * kBlock : bias, to, width);
           }
-          finish(sums, n, bias ? bias + block * kBlock : bias,
-                 into + first * width + block * kBlock, width);
         }
       }
     }
     _tile_release();
   });
+}
+
+void check_operands(const at::Tensor& x, const at::Tensor& packed, const char* name) {
+  TORCH_CHECK(amx_linear_usable(), name, ": the kernel refused this process AMX tiles");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16, name,
+              ": x must be a bfloat16 [rows, k] CPU tensor");
+  TORCH_CHECK(packed.device().is_cpu() && packed.dim() == 4 && packed.is_contiguous() &&
+                  packed.scalar_type() == at::kBFloat16 && packed.size(2) == kBlock &&
+                  packed.size(3) == 2 && 2 * packed.size(1) == x.size(1) &&
+                  x.size(1) % kStep == 0 && x.size(1) > 0,
+              name, ": packed must be a contiguous bfloat16 [n / 32, k / 2, 32, 2] CPU tensor, "
+              "k a multiple of 32 > 0 and x's");
 }
 
 }  // namespace
@@ -189,15 +242,7 @@ bool amx_linear_usable() {
 
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed,
                       const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(amx_linear_usable(), "amx_linear: the kernel refused this process AMX tiles");
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == at::kBFloat16,
-              "amx_linear: x must be a bfloat16 [rows, k] CPU tensor");
-  TORCH_CHECK(packed.device().is_cpu() && packed.dim() == 4 && packed.is_contiguous() &&
-                  packed.scalar_type() == at::kBFloat16 && packed.size(2) == kBlock &&
-                  packed.size(3) == 2 && 2 * packed.size(1) == x.size(1) &&
-                  x.size(1) % kStep == 0 && x.size(1) > 0,
-              "amx_linear: packed must be a contiguous bfloat16 [n / 32, k / 2, 32, 2] CPU tensor, "
-              "k a multiple of 32 > 0 and x's");
+  check_operands(x, packed, "amx_linear");
   const int64_t width = packed.size(0) * kBlock;
   TORCH_CHECK(!bias || (bias->device().is_cpu() && bias->is_contiguous() &&
                         bias->numel() == width &&
@@ -212,6 +257,16 @@ at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed,
   } else {
     multiply(input, packed, bias ? bias->data_ptr<c10::BFloat16>() : nullptr, out);
   }
+  return out;
+}
+
+at::Tensor amx_silu_linear(const at::Tensor& x, const at::Tensor& packed) {
+  check_operands(x, packed, "amx_silu_linear");
+  TORCH_CHECK(packed.size(0) % 2 == 0,
+              "amx_silu_linear: a gate-up projection has as many up blocks as gate blocks");
+  at::Tensor out = at::empty({x.size(0), packed.size(0) / 2 * kBlock}, x.options());
+  if (x.size(0) == 0) return out;
+  multiply(x.contiguous(), packed, static_cast<const float*>(nullptr), out, true);
   return out;
 }
 

@@ -222,6 +222,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef BATON_AMX
   m.def("amx_linear_usable", &amx_linear_usable);
   m.def("amx_linear", &amx_linear, py::arg("x"), py::arg("packed"), py::arg("bias"));
+  m.def("amx_silu_linear", &amx_silu_linear, py::arg("x"), py::arg("packed"));
 #endif
   m.def("decoder_layers", &decoder_layers, py::call_guard<py::gil_scoped_release>());
 }

@@ -37,6 +37,9 @@ at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& packed,
 bool amx_linear_usable();
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed,
                       const std::optional<at::Tensor>& bias);
+// silu_and_mul(amx_linear(x, packed, none)) in one pass, to the bit, for a gate-up projection
+// (its up blocks after its gate blocks): [rows, n / 2]
+at::Tensor amx_silu_linear(const at::Tensor& x, const at::Tensor& packed);
 #endif
 
 // row_argmax.cpp: each row's torch.argmax, float32 or bfloat16
