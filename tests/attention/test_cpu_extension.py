@@ -53,14 +53,15 @@ def test_each_library_loads_with_its_own_ops_only(library, ops):
     kernels = library.kernels()
     assert kernels is not None, library.unavailable_reason()
     exposed = {name for name in dir(kernels) if not name.startswith("_")}
-    by_target = {"blocked_linear", "amx_linear", "amx_linear_usable"}  # AVX-512, AMX builds
+    # AVX-512 builds, AMX builds
+    by_target = {"blocked_linear", "amx_linear", "amx_silu_linear", "amx_linear_usable"}
     assert exposed - by_target == set(ops)
     if library is DECODER_KERNELS and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
         assert "blocked_linear" in exposed
     if library is DECODER_KERNELS and {"amx_tile", "amx_bf16", "avx512_bf16"} <= _cpu_flags():
         # an AMX CPU: the kernel is built and the process gets its tiles (else bfloat16 linears
         # would quietly stay on oneDNN and the AMX tests skip)
-        assert "amx_linear" in exposed and kernels.amx_linear_usable()
+        assert {"amx_linear", "amx_silu_linear"} <= exposed and kernels.amx_linear_usable()
 
 
 def _cpu_flags() -> set[str]:
