@@ -17,7 +17,9 @@
 // hardware's order, the same whatever the other rows: a row's result does not depend on the call
 // it is in. The sums are float32, the bias added in float32, then rounded to bfloat16 to nearest
 // even, as torch rounds, except that the tile multiply and the rounding take denormal values as
-// zero (torch keeps them).
+// zero (torch keeps them). amx_silu_linear runs a gate-up projection's gate and up blocks in turn
+// and writes silu(gate) * up instead: the activation's pass over rows both threads had just
+// written is gone.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -41,11 +43,11 @@ constexpr int64_t kBlock = 32;  // output columns a block holds
 constexpr int64_t kChunk = 32;  // rows a work item covers: two tiles of 16
 constexpr int64_t kStep = 32;   // inputs a tile multiply covers: 16 pairs
 constexpr int64_t kStepBytes = kStep * kBlock * sizeof(c10::BFloat16);  // a block's, per step
-// How far ahead of the step being multiplied its weights are asked for (near a block's end, the
-// next block's that the item names: the next one a chunk multiplies, but for a group's last). The hardware does not
-// run ahead of tile loads on its own: without it a one-row call over SmolLM2's weights read them
-// at ~18 GB/s, with 8 KiB ahead at ~25 (2 threads, Intel Xeon with AMX; 2 and 16 KiB did less
-// well).
+// How far ahead of the step being multiplied its weights are asked for (near a block's end, those
+// of the block multiplied next: the next one a chunk multiplies, but for a group's last). The
+// hardware does not run ahead of tile loads on its own: without it a one-row call over SmolLM2's
+// weights read them at ~18 GB/s, with 8 KiB ahead at ~25 (2 threads, Intel Xeon with AMX; 2 and
+// 16 KiB did less well).
 constexpr int64_t kPrefetchBytes = 8192;
 // Blocks whose chunks run together, chunk by chunk: their weights stay in cache from one chunk to
 // the next, and each output row is written 8 blocks (512 bytes) on end. One block's chunks in a
@@ -137,8 +139,8 @@ void finish(const float* sums, int64_t rows, const Bias* bias, c10::BFloat16* ou
 }
 
 // The gated MLP's activation on a gate block's and its up block's rows x 32 sums, into out
-// (width apart): each rounded to bfloat16 as finish rounds it, then silu_and_mul's (decoder_ops.cpp)
-// math on those values, so every bit is the two calls' (the test holds it to them).
+// (width apart): each rounded to bfloat16 as finish rounds it, then silu_and_mul's math
+// (decoder_ops.cpp) on those values, so every bit is the two calls' (the test holds it to them).
 void finish_silu(const float* gate, const float* up, int64_t rows, c10::BFloat16* out,
                  int64_t width) {
   const auto as_stored = [](const float* sums) {  // finish's rounding, widened back

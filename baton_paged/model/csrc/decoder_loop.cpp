@@ -2,9 +2,10 @@
 // rotary embedding, K/V write, paged attention, output matmul, norm, gate-up matmul, SiLU-and-mul
 // and down matmul, the same calls in the same order as the Python loop in llama_executor.py, so
 // their results are the same to the bit (where the AMX kernel reads the gate-up weights, it and
-// SiLU-and-mul are one pass, to the same bits: Linears::activated). Why: at decode sizes each of a layer's ~15 calls cost
-// microseconds of Python and dispatch around a kernel of tens of us (measured: the small Llama's
-// B=32 bfloat16 decode forward 4.8 -> ~4.3 ms), and the loop holds no GIL while it runs.
+// SiLU-and-mul are one pass, to the same bits: Linears::activated). Why: at decode sizes each of a
+// layer's ~15 calls cost microseconds of Python and dispatch around a kernel of tens of us
+// (measured: the small Llama's B=32 bfloat16 decode forward 4.8 -> ~4.3 ms), and the loop holds no
+// GIL while it runs.
 //
 // The matmuls are float32, int8 or 4-bit ones in column blocks (blocked_linear.cpp), bfloat16 ones
 // on AMX tiles (amx_linear.cpp), or go through torch's dispatcher to oneDNN
