@@ -54,6 +54,28 @@ def test_the_cpp_loop_gives_the_python_loops_logits_to_the_bit(
     assert torch.equal(in_cpp, in_python)
 
 
+@pytest.mark.parametrize("intermediate", [96, 48], ids=["gate-up-at-a-block", "gate-up-in-one"])
+def test_bfloat16_gate_up_whose_halves_share_a_block_runs_as_two_calls(intermediate):
+    """On AMX a gate-up projection runs with its activation in one pass when gate and up split at a
+    block of 32 columns (96: three blocks each); 48 + 48 share the middle block, so the loop
+    makes the two calls. Both give the Python loop's logits to the bit."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(
+        vocab_size=512, hidden_size=64, num_hidden_layers=2, intermediate_size=intermediate,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    calls = []
+    with torch.inference_mode():
+        executor = llama_executor.LlamaExecutor(model, DECODER_KERNELS.kernels(), 128)
+        attach(model, 128)
+        in_cpp, in_python = both_loops(executor, model, torch.bfloat16, calls)
+    assert calls == ["_layers_in_cpp", "_layers"]
+    assert torch.equal(in_cpp, in_python)
+
+
 BLOCKED = hasattr(DECODER_KERNELS.kernels(), "blocked_linear")
 
 

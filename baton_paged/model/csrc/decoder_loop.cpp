@@ -103,11 +103,15 @@ struct Linears {
   }
 
   // silu_and_mul of gate-up linear i: in the AMX kernel's pass where it reads bfloat16 pair
-  // blocks (the same bits; no gate-up rows written, then read back by both threads: SmolLM2's
-  // bfloat16 decode step 0.95x the time at B=32 and 0.96x at B=4, interleaved), else two calls.
+  // blocks and gate and up split at a block (the same bits; no gate-up rows written, then read
+  // back by both threads: SmolLM2's bfloat16 decode step 0.95x the time at B=32 and 0.96x at B=4,
+  // interleaved), else two calls.
   at::Tensor activated(const at::Tensor& x, int64_t i) const {
 #ifdef BATON_AMX
-    if (read(x, i).dim() == 4 && !biases[i]) return amx_silu_linear(x, read(x, i));
+    const at::Tensor& packed = read(x, i);
+    if (packed.dim() == 4 && packed.size(0) % 2 == 0 && !biases[i]) {
+      return amx_silu_linear(x, packed);
+    }
 #endif
     const at::Tensor gate_up = (*this)(x, i);
     at::Tensor out = at::empty({x.size(0), gate_up.size(1) / 2}, gate_up.options());
