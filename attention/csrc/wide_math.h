@@ -108,6 +108,14 @@ inline vwide sum_each_wide(const vwide* a) {
 // most of its time on exp and the division).
 inline vwide exp_wide(vwide x) { return exp_clamped_lanes<vwide, vwide_int>(x); }
 
+// silu(gate) * up into 16 bfloat16 values, gate and up being bfloat16 values widened: the silu
+// rounded to bfloat16, then the product, as torch's bfloat16 ops round. decoder_ops.cpp's
+// silu_and_mul and amx_linear.cpp's fused gate-up pass both store through it, so they agree to
+// the bit.
+inline void store_silu_and_mul(c10::BFloat16* dst, vwide gate, vwide up) {
+  store_wide(dst, rounded_wide(gate / (1.0f + exp_wide(-gate))) * up);
+}
+
 // The same interface as paged_attention.cpp's ScalarMath and VectorMath.
 template <typename scalar_t>
 struct WideMath {

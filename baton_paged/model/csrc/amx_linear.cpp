@@ -86,11 +86,11 @@ void multiply_chunk(const c10::BFloat16* x, int64_t k, const c10::BFloat16* bloc
     _tile_zero(3);
   }
   const int64_t x_stride = k * sizeof(c10::BFloat16);
+  const int64_t block_bytes = k * kBlock * sizeof(c10::BFloat16);
   constexpr int64_t w_stride = kBlock * 2 * sizeof(c10::BFloat16);  // one pair of inputs
   for (int64_t input = 0; input < k; input += kStep) {
     const c10::BFloat16* pairs = block + input * kBlock;  // pair input / 2, column 0
-    const int64_t ahead_at = (input * kBlock) * sizeof(c10::BFloat16) + kPrefetchBytes;
-    const int64_t block_bytes = k * kBlock * sizeof(c10::BFloat16);
+    const int64_t ahead_at = input * kBlock * sizeof(c10::BFloat16) + kPrefetchBytes;
     const char* ahead = ahead_at < block_bytes
                             ? reinterpret_cast<const char*>(block) + ahead_at
                             : reinterpret_cast<const char*>(next) + (ahead_at - block_bytes);
@@ -139,8 +139,8 @@ void finish(const float* sums, int64_t rows, const Bias* bias, c10::BFloat16* ou
 }
 
 // The gated MLP's activation on a gate block's and its up block's rows x 32 sums, into out
-// (width apart): each rounded to bfloat16 as finish rounds it, then silu_and_mul's math
-// (decoder_ops.cpp) on those values, so every bit is the two calls' (the test holds it to them).
+// (width apart): each rounded to bfloat16 as finish rounds it, then silu_and_mul's own step
+// (wide_math.h's store_silu_and_mul) on those values, so every bit is the two calls'.
 void finish_silu(const float* gate, const float* up, int64_t rows, c10::BFloat16* out,
                  int64_t width) {
   const auto as_stored = [](const float* sums) {  // finish's rounding, widened back
@@ -150,9 +150,8 @@ void finish_silu(const float* gate, const float* up, int64_t rows, c10::BFloat16
   for (int64_t r = 0; r < rows; ++r) {
     for (int half = 0; half < 2; ++half) {
       const int64_t at = r * kBlock + 16 * half;
-      const baton::vwide g = as_stored(gate + at);
-      const baton::vwide activated = baton::rounded_wide(g / (1.0f + baton::exp_wide(-g)));
-      baton::store_wide(out + r * width + 16 * half, activated * as_stored(up + at));
+      baton::store_silu_and_mul(out + r * width + 16 * half, as_stored(gate + at),
+                                as_stored(up + at));
     }
   }
 }

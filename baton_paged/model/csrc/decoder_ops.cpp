@@ -175,9 +175,7 @@ inline void silu_and_mul_row(c10::BFloat16* dst, const c10::BFloat16* gate,
   int64_t i = 0;
 #if defined(__AVX512F__)
   for (; i + kWideLanes <= width; i += kWideLanes) {
-    const vwide g = load_wide(gate + i);
-    const vwide activated = rounded_wide(g / (1.0f + exp_wide(-g)));
-    store_wide(dst + i, activated * load_wide(up + i));
+    store_silu_and_mul(dst + i, load_wide(gate + i), load_wide(up + i));
   }
 #endif
   for (; i + kLanes <= width; i += kLanes) {
