@@ -8,7 +8,9 @@ and threads.
 What a user of each runs: a fresh engine, a 4-prompt warm-up, then one ``generate`` over the
 workload. Every repeat builds every system afresh (order rotated) and times that first
 ``generate`` (the headline), a second one on the same engine (warm), then one request alone (the
-single stream: the longest prompt cut to 64 tokens, 256 greedy tokens). Systems: baton-paged
+single stream: the longest prompt cut to 64 tokens, 256 greedy tokens), and the seconds one
+request of 2000 tokens (the workload's prompts joined) takes to its first token (the long prompt).
+Systems: baton-paged
 through its ``LLM`` API (the fast path: native Llama executor on the CPU kernels, ``cpu_paged``
 attention), the same engine on its general path (``model_impl=transformers``,
 ``attention_backend=torch``), and vLLM CPU 0.32 (``vllm_peer.py`` in ``.venv-vllm``, which
@@ -24,10 +26,11 @@ vocabulary.
 
 Reported per system: tokens/s of the first and the warm ``generate`` and of the single stream, and
 their ratios to vLLM at its default and to llama.cpp in the same repeat (median over repeats),
-and to vLLM eager. Also measured: time from process start to the first token of a one-request
-generate (baton with a cold kernel cache, so the one-time kernel build is included; warm; the
-general path; the peers' build times), and on ``small`` the decode step at B=32 against the same
-step's weight matmuls alone (the floor any engine pays). Targets: baton's first ``generate``
+and to vLLM eager; the long prompt's seconds and their ratio to vLLM's. Also measured: time
+from process start to the first token of a one-request generate (baton with a cold kernel
+cache, so the one-time kernel build is included; warm; the general path; the peers' build
+times), and on ``small`` the decode step at B=32 against the same step's weight matmuls alone
+(the floor any engine pays). Targets: baton's first ``generate``
 >= 1.3x vLLM's default (milestone 1.0x) and >= 1.5x llama.cpp's, its single stream >= 1.0x
 llama.cpp's, start to first token <= 0.5x vLLM's, decode step <= 1.3x its matmuls. Results:
 ``results/peers-cpu.{json,md,png}``.
@@ -68,6 +71,9 @@ MAX_MODEL_LEN = 2048
 SINGLE_PROMPT, SINGLE_BUDGET = 64, 256
 """The single stream: one request alone, the workload's longest prompt cut to 64 tokens, 256
 greedy tokens (a chat turn as one CPU user sees it)."""
+LONG_PROMPT = 2000
+"""The long prompt: one request alone, the workload's prompts joined and cut to 2000 tokens,
+timed to its first token (a document or a long conversation sent at once)."""
 TARGET, MILESTONE, STEP_TARGET = 1.3, 1.0, 1.3
 LLAMA_CPP_SINGLE, LLAMA_CPP_BATCH, STARTUP_SHARE = 1.0, 1.5, 0.5
 
@@ -247,6 +253,7 @@ def fresh_run(system: str, args, model_dir: Path, work, workload_file: Path) -> 
         engine.warm_up(4, 4)
         (first, tokens), (warm, warm_tokens) = engine.run(), engine.run()
         single = engine.single(single_prompt(work), SINGLE_BUDGET)
+        long = engine.single(long_prompt(work), 1)
     finally:
         engine.close()
     per_s = work.total_budget
@@ -255,6 +262,7 @@ def fresh_run(system: str, args, model_dir: Path, work, workload_file: Path) -> 
         "first_tok_s": per_s / first,
         "warm_tok_s": per_s / warm,
         "single_tok_s": SINGLE_BUDGET / single,
+        "long_prompt_s": long,
         "unparsed": sum(t is None for t in (*tokens, *warm_tokens)),
         "tokens": tokens,
     }
@@ -262,6 +270,10 @@ def fresh_run(system: str, args, model_dir: Path, work, workload_file: Path) -> 
 
 def single_prompt(work) -> list[int]:
     return max(work.prompts, key=len)[:SINGLE_PROMPT]
+
+
+def long_prompt(work) -> list[int]:
+    return [token for prompt in work.prompts for token in prompt][:LONG_PROMPT]
 
 
 def measure_model(args, size: str) -> dict:
@@ -321,7 +333,7 @@ def summarise(model: dict, size: str) -> list[dict]:
     rows = []
     runs = model["runs"]
     base = {(r["repeat"], k): r[k] for r in runs if r["system"] == "vllm"
-            for k in ("first_tok_s", "warm_tok_s")}  # fmt: skip
+            for k in ("first_tok_s", "warm_tok_s", "long_prompt_s")}  # fmt: skip
     eager = {r["repeat"]: r["first_tok_s"] for r in runs if r["system"] == "vllm-eager"}
     llama = {(r["repeat"], k): r[k] for r in runs if r["system"] == LLAMA_CPP
              for k in ("first_tok_s", "single_tok_s")}  # fmt: skip
@@ -350,6 +362,10 @@ def summarise(model: dict, size: str) -> list[dict]:
                     (r["warm_tok_s"] / base[r["repeat"], "warm_tok_s"] for r in mine), 3
                 ),
                 "single tok/s": median((r["single_tok_s"] for r in mine), 1),
+                "long prompt s": median((r["long_prompt_s"] for r in mine), 3),
+                "long prompt x vLLM time": median(
+                    (r["long_prompt_s"] / base[r["repeat"], "long_prompt_s"] for r in mine), 3
+                ),
                 **to_llama,
                 "unparsed": sum(r["unparsed"] for r in mine),
                 "startup_s": round(model["startup_s"].get(system), 1),
@@ -363,7 +379,8 @@ def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
     lines = [
         "# baton-paged vs vLLM CPU and llama.cpp (useful output tokens/s, same workload, fresh"
         " engines: the first generate, then a warm one; then one request alone, the single"
-        f" stream: a {SINGLE_PROMPT}-token prompt, {SINGLE_BUDGET} tokens)",
+        f" stream: a {SINGLE_PROMPT}-token prompt, {SINGLE_BUDGET} tokens; then the long prompt:"
+        f" seconds to the first token of {LONG_PROMPT} tokens sent alone)",
         "",
         *markdown(rows),
         "",

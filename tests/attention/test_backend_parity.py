@@ -115,6 +115,49 @@ def test_cpu_paged_kernel_on_one_long_prompt_split_into_tiles():
     torch.testing.assert_close(out, naive_attention(batch, 0.1), **TOLERANCE[torch.float64])
 
 
+@pytest.mark.parametrize(
+    ("dtype", "query_lens", "context_lens", "by_torch"),
+    [
+        # a whole prompt, a decode row, 40 new tokens after 300 cached, a short prompt
+        (torch.bfloat16, [96, 1, 40, 20], [96, 300, 340, 20], [True, False, True, False]),
+        # float32 goes only from ~1M (query, key) pairs: 1500 tokens do, 1000 do not
+        (torch.float32, [1500, 1000, 1], [1500, 1000, 64], [True, False, False]),
+    ],
+    ids=["bfloat16", "float32"],
+)
+def test_cpu_paged_hands_requests_of_many_new_tokens_to_torch_attention(
+    dtype, query_lens, context_lens, by_torch
+):
+    """A request whose new tokens see enough keys is attended by torch's own attention on its
+    context gathered from the pages (paged_attention.cpp's ``by_torch``): its rows equal
+    ``scaled_dot_product_attention`` on that context to the bit, the mask aligned bottom-right
+    where earlier tokens are cached; the other rows of the same call stay the kernel's. Every
+    row matches naive attention."""
+    heads, kv_heads, dim, scale = 9, 3, 64, 0.125
+    batch = make_batch(
+        query_lens, context_lens, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
+        page_size=16, dtype=dtype, seed=5,
+    )  # fmt: skip
+    req = AttentionRequirements(torch.device("cpu"), dtype, 16, dim, heads, kv_heads)
+    out = create_backend("cpu_paged", req).forward(
+        batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, scale
+    )
+    torch.testing.assert_close(out.double(), naive_attention(batch, scale), **TOLERANCE[dtype])
+    starts = np.cumsum([0, *query_lens])
+    for b, torch_rows in enumerate(by_torch):
+        rows = slice(starts[b], starts[b + 1])
+        q_len, context = query_lens[b], context_lens[b]
+        visible = torch.ones(q_len, context, dtype=torch.bool).tril(context - q_len)
+        mask = None if q_len == context else visible
+        heads_first = lambda t: t.unsqueeze(0).transpose(1, 2)  # noqa: E731
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            heads_first(batch.query[rows]), heads_first(batch.full_keys[b]),
+            heads_first(batch.full_values[b]), attn_mask=mask, is_causal=mask is None,
+            scale=scale, enable_gqa=True,
+        )[0].transpose(0, 1)  # fmt: skip
+        assert torch.equal(out[rows], expected) == torch_rows, b
+
+
 @pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="runs under Triton's CPU interpreter only"
 )
