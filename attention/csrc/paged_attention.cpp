@@ -301,7 +301,7 @@ bool by_torch(const PagedInputs<scalar_t>& in, int64_t b) {
   return q_len >= kTorchQueries && pairs >= torch_pairs<scalar_t>();
 }
 
-// Request b's K (or V) for its first `count` positions, gathered from its pages: [count, heads, dim].
+// Request b's K (or V) for its first `count` positions, from its pages: [count, heads, dim].
 template <typename scalar_t>
 at::Tensor gathered(const PagedInputs<scalar_t>& in, const scalar_t* cache, int64_t b,
                     int64_t count, const at::TensorOptions& options) {
@@ -319,23 +319,35 @@ at::Tensor gathered(const PagedInputs<scalar_t>& in, const scalar_t* cache, int6
 }
 
 // Request b's rows of out, by torch's attention over its context gathered from the pages, the
-// mask aligned bottom-right (the last new token sees the whole context) as the kernels' is.
+// mask aligned bottom-right (the last new token sees the whole context) as the kernels' is. A whole
+// prompt needs no mask (causal as torch aligns it); with earlier tokens cached the mask is
+// explicit, which torch widens to the query's type, so the rows go in pieces of at most
+// kMaskEntries (row, key) entries, each against the keys its rows see (a 4096-token chunk after
+// 28k cached tokens would otherwise hold a 256 MiB mask).
+constexpr int64_t kMaskEntries = int64_t{1} << 20;
+
 template <typename scalar_t>
 void attend_by_torch(const at::Tensor& out, const at::Tensor& query,
                      const PagedInputs<scalar_t>& in, int64_t b) {
   const int64_t first = in.cu_seqlens_q[b], q_len = in.cu_seqlens_q[b + 1] - first;
   const int64_t context = in.context_lens[b];
-  const auto heads_first = [](const at::Tensor& rows) { return rows.unsqueeze(0).transpose(1, 2); };
+  const auto heads_first = [](const at::Tensor& t) { return t.unsqueeze(0).transpose(1, 2); };
   const at::Tensor key = gathered(in, in.key_cache, b, context, query.options());
   const at::Tensor value = gathered(in, in.value_cache, b, context, query.options());
-  std::optional<at::Tensor> mask;  // none for a whole prompt: causal as torch aligns it
-  if (q_len < context) {
-    mask = at::ones({q_len, context}, query.options().dtype(at::kBool)).tril(context - q_len);
+  const auto attend = [&](int64_t row, int64_t rows, int64_t keys,
+                          const std::optional<at::Tensor>& mask) {
+    const at::Tensor attended = at::scaled_dot_product_attention(
+        heads_first(query.narrow(0, first + row, rows)), heads_first(key.narrow(0, 0, keys)),
+        heads_first(value.narrow(0, 0, keys)), mask, 0.0, !mask, in.scale, /*enable_gqa=*/true);
+    out.narrow(0, first + row, rows).copy_(attended[0].transpose(0, 1));
+  };
+  if (q_len == context) return attend(0, q_len, context, std::nullopt);
+  const int64_t piece = std::max<int64_t>(1, kMaskEntries / context);
+  for (int64_t row = 0; row < q_len; row += piece) {
+    const int64_t rows = std::min(piece, q_len - row), keys = context - q_len + row + rows;
+    const at::Tensor seen = at::ones({rows, keys}, query.options().dtype(at::kBool));
+    attend(row, rows, keys, seen.tril(keys - rows));
   }
-  const at::Tensor attended = at::scaled_dot_product_attention(
-      heads_first(query.narrow(0, first, q_len)), heads_first(key), heads_first(value), mask, 0.0,
-      !mask, in.scale, /*enable_gqa=*/true);
-  out.narrow(0, first, q_len).copy_(attended[0].transpose(0, 1));
 }
 
 // Whole requests (all heads, so a page is read front to back once) unless that leaves threads

@@ -120,10 +120,12 @@ def test_cpu_paged_kernel_on_one_long_prompt_split_into_tiles():
     [
         # a whole prompt, a decode row, 40 new tokens after 300 cached, a short prompt
         (torch.bfloat16, [96, 1, 40, 20], [96, 300, 340, 20], [True, False, True, False]),
+        # 600 new tokens after 1200 cached: a mask of 1.08M entries, so in two pieces of rows
+        (torch.bfloat16, [600], [1800], [True]),
         # float32 goes only from ~1M (query, key) pairs: 1500 tokens do, 1000 do not
         (torch.float32, [1500, 1000, 1], [1500, 1000, 64], [True, False, False]),
     ],
-    ids=["bfloat16", "float32"],
+    ids=["bfloat16", "bfloat16-pieces", "float32"],
 )
 def test_cpu_paged_hands_requests_of_many_new_tokens_to_torch_attention(
     dtype, query_lens, context_lens, by_torch
@@ -131,8 +133,9 @@ def test_cpu_paged_hands_requests_of_many_new_tokens_to_torch_attention(
     """A request whose new tokens see enough keys is attended by torch's own attention on its
     context gathered from the pages (paged_attention.cpp's ``by_torch``): its rows equal
     ``scaled_dot_product_attention`` on that context to the bit, the mask aligned bottom-right
-    where earlier tokens are cached; the other rows of the same call stay the kernel's. Every
-    row matches naive attention."""
+    where earlier tokens are cached (in pieces of rows where that mask would be large, each
+    against the keys its rows see); the other rows of the same call stay the kernel's. Every row
+    matches naive attention."""
     heads, kv_heads, dim, scale = 9, 3, 64, 0.125
     batch = make_batch(
         query_lens, context_lens, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
@@ -145,17 +148,28 @@ def test_cpu_paged_hands_requests_of_many_new_tokens_to_torch_attention(
     torch.testing.assert_close(out.double(), naive_attention(batch, scale), **TOLERANCE[dtype])
     starts = np.cumsum([0, *query_lens])
     for b, torch_rows in enumerate(by_torch):
-        rows = slice(starts[b], starts[b + 1])
-        q_len, context = query_lens[b], context_lens[b]
-        visible = torch.ones(q_len, context, dtype=torch.bool).tril(context - q_len)
-        mask = None if q_len == context else visible
+        expected = torch.cat(list(torch_pieces(batch, b, scale)))
+        assert torch.equal(out[starts[b] : starts[b + 1]], expected) == torch_rows, b
+
+
+def torch_pieces(batch, b: int, scale: float):
+    """Request b's rows by ``scaled_dot_product_attention`` as ``attend_by_torch`` calls it: a
+    whole prompt causal, else pieces of rows of at most 2**20 mask entries (its kMaskEntries),
+    each with its bottom-right mask over the keys it sees."""
+    start = sum(batch.meta.query_lens[:b])
+    q_len, context = batch.meta.query_lens[b], batch.meta.context_lens[b]
+    piece = q_len if q_len == context else max(1, 2**20 // context)
+    for row in range(0, q_len, piece):
+        rows = min(piece, q_len - row)
+        keys = context - q_len + row + rows
+        seen = torch.ones(rows, keys, dtype=torch.bool).tril(keys - rows)
+        mask = None if q_len == context else seen
         heads_first = lambda t: t.unsqueeze(0).transpose(1, 2)  # noqa: E731
-        expected = torch.nn.functional.scaled_dot_product_attention(
-            heads_first(batch.query[rows]), heads_first(batch.full_keys[b]),
-            heads_first(batch.full_values[b]), attn_mask=mask, is_causal=mask is None,
-            scale=scale, enable_gqa=True,
+        yield torch.nn.functional.scaled_dot_product_attention(
+            heads_first(batch.query[start + row : start + row + rows]),
+            heads_first(batch.full_keys[b][:keys]), heads_first(batch.full_values[b][:keys]),
+            attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
         )[0].transpose(0, 1)  # fmt: skip
-        assert torch.equal(out[rows], expected) == torch_rows, b
 
 
 @pytest.mark.skipif(
