@@ -322,8 +322,8 @@ at::Tensor gathered(const PagedInputs<scalar_t>& in, const scalar_t* cache, int6
 // mask aligned bottom-right (the last new token sees the whole context) as the kernels' is. A whole
 // prompt needs no mask (causal as torch aligns it); with earlier tokens cached the mask is
 // explicit, which torch widens to the query's type, so the rows go in pieces of at most
-// kMaskEntries (row, key) entries, each against the keys its rows see (a 4096-token chunk after
-// 28k cached tokens would otherwise hold a 256 MiB mask).
+// kMaskEntries (row, key) entries (at least kTorchQueries rows), each against the keys its rows
+// see (a 4096-token chunk after 28k cached tokens would otherwise hold a 256 MiB mask).
 constexpr int64_t kMaskEntries = int64_t{1} << 20;
 
 template <typename scalar_t>
@@ -342,7 +342,7 @@ void attend_by_torch(const at::Tensor& out, const at::Tensor& query,
     out.narrow(0, first + row, rows).copy_(attended[0].transpose(0, 1));
   };
   if (q_len == context) return attend(0, q_len, context, std::nullopt);
-  const int64_t piece = std::max<int64_t>(1, kMaskEntries / context);
+  const int64_t piece = std::max(kTorchQueries, kMaskEntries / context);  // not 1-row calls
   for (int64_t row = 0; row < q_len; row += piece) {
     const int64_t rows = std::min(piece, q_len - row), keys = context - q_len + row + rows;
     const at::Tensor seen = at::ones({rows, keys}, query.options().dtype(at::kBool));

@@ -154,11 +154,11 @@ def test_cpu_paged_hands_requests_of_many_new_tokens_to_torch_attention(
 
 def torch_pieces(batch, b: int, scale: float):
     """Request b's rows by ``scaled_dot_product_attention`` as ``attend_by_torch`` calls it: a
-    whole prompt causal, else pieces of rows of at most 2**20 mask entries (its kMaskEntries),
-    each with its bottom-right mask over the keys it sees."""
+    whole prompt causal, else pieces of rows of at most 2**20 mask entries (its kMaskEntries; at
+    least 32 rows), each with its bottom-right mask over the keys it sees."""
     start = sum(batch.meta.query_lens[:b])
     q_len, context = batch.meta.query_lens[b], batch.meta.context_lens[b]
-    piece = q_len if q_len == context else max(1, 2**20 // context)
+    piece = q_len if q_len == context else max(32, 2**20 // context)
     for row in range(0, q_len, piece):
         rows = min(piece, q_len - row)
         keys = context - q_len + row + rows
