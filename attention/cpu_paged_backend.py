@@ -8,9 +8,10 @@ query heads sharing that KV head, in blocks of 128 keys with an online softmax (
 block, one softmax update, then its values), so K/V is read once, in place, and the whole step's
 attention is one call. New K/V is written into the pages by one kernel call too. A request
 whose new tokens see many keys (a long prompt, or a long chunk of one: from ~4k (query, key)
-pairs in bfloat16, ~1M in float32) is a matrix product, which the same call hands to torch's own
-attention (flash attention on oneDNN's microkernels) over its context gathered from the pages: a
-2000-token bfloat16 prompt's first token in 0.45x the time on the SmolLM2 shape.
+pairs in bfloat16; in float32 only whole prompts of ~1M pairs) is a matrix product, which the
+same call hands to torch's own attention (flash attention on oneDNN's microkernels) over its
+context gathered from the pages: a 2000-token bfloat16 prompt's first token in 0.45x the time on
+the SmolLM2 shape.
 """
 
 from __future__ import annotations

@@ -282,8 +282,10 @@ struct PagedInputs {
 // - bfloat16, SmolLM2's 9/3 heads of 64: whole prompts of 64 tokens (2k pairs) on a par; 96
 //   tokens 101 vs 79 us; 286 687 vs 497; 2048 34.5 vs 9.3 ms; 32 new tokens after 300 cached
 //   164 vs 151 us.
-// - float32, 8/4 heads of 64: on a par up to ~1024 tokens (7.0 vs 6.4 ms), 2048 32.0 vs 23.6 ms,
-//   but 256 new tokens after 1024 cached 4.3 vs 4.8 ms: only the largest go.
+// - float32, 8/4 heads of 64: whole prompts on a par up to ~1024 tokens (7.0 vs 6.4 ms), 2048
+//   32.0 vs 23.6 ms; but with earlier tokens cached torch's is the slower (256 new tokens after
+//   1024 cached 4.3 vs 4.8 ms, 512 after 2048 20.8 vs 21.6, 256 after 4096 18.0 vs 20.1): only
+//   whole prompts of ~1450 tokens and more go.
 // Decode rows, short prompts and chunks stay ours, and so does float64, the exactness runs' type.
 constexpr int64_t kTorchQueries = 32;
 
@@ -296,9 +298,11 @@ constexpr int64_t torch_pairs() {
 
 template <typename scalar_t>
 bool by_torch(const PagedInputs<scalar_t>& in, int64_t b) {
-  const int64_t q_len = in.cu_seqlens_q[b + 1] - in.cu_seqlens_q[b];
-  const int64_t pairs = q_len * (in.context_lens[b] - (q_len - 1) / 2);  // causal: a triangle
-  return q_len >= kTorchQueries && pairs >= torch_pairs<scalar_t>();
+  const int64_t q_len = in.cu_seqlens_q[b + 1] - in.cu_seqlens_q[b], context = in.context_lens[b];
+  const int64_t pairs = q_len * (context - (q_len - 1) / 2);  // causal: a triangle
+  const bool whole = q_len == context;  // float32 goes only then
+  return q_len >= kTorchQueries && pairs >= torch_pairs<scalar_t>() &&
+         (whole || !std::is_same_v<scalar_t, float>);
 }
 
 // Request b's K (or V) for its first `count` positions, from its pages: [count, heads, dim].

@@ -122,8 +122,9 @@ def test_cpu_paged_kernel_on_one_long_prompt_split_into_tiles():
         (torch.bfloat16, [96, 1, 40, 20], [96, 300, 340, 20], [True, False, True, False]),
         # 600 new tokens after 1200 cached: a mask of 1.08M entries, so in two pieces of rows
         (torch.bfloat16, [600], [1800], [True]),
-        # float32 goes only from ~1M (query, key) pairs: 1500 tokens do, 1000 do not
-        (torch.float32, [1500, 1000, 1], [1500, 1000, 64], [True, False, False]),
+        # float32 goes only as a whole prompt of ~1M (query, key) pairs: 1500 tokens do, 1000 do
+        # not, nor do 600 after 1200 cached (1.08M pairs)
+        (torch.float32, [1500, 1000, 600, 1], [1500, 1000, 1800, 64], [True, False, False, False]),
     ],
     ids=["bfloat16", "bfloat16-pieces", "float32"],
 )
