@@ -349,8 +349,8 @@ void attend_by_torch(const at::Tensor& out, const at::Tensor& query,
   const int64_t piece = std::max(kTorchQueries, kMaskEntries / context);  // not 1-row calls
   for (int64_t row = 0; row < q_len; row += piece) {
     const int64_t rows = std::min(piece, q_len - row), keys = context - q_len + row + rows;
-    const at::Tensor seen = at::ones({rows, keys}, query.options().dtype(at::kBool));
-    attend(row, rows, keys, seen.tril(keys - rows));
+    at::Tensor seen = at::ones({rows, keys}, query.options().dtype(at::kBool));
+    attend(row, rows, keys, seen.tril_(keys - rows));  // in place: one mask a piece, not two
   }
 }
 
