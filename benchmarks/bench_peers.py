@@ -108,6 +108,12 @@ class VllmPeer:
         reply = self._read()
         return reply["wall_s"], reply["tokens"]
 
+    def run_rounds(self) -> list[float]:
+        """The workload run once: each round's wall time (the workload file's ``rounds``)."""
+        self.process.stdin.write("run\n")
+        self.process.stdin.flush()
+        return self._read()["round_s"]
+
     def warm_up(self, count: int, budget: int) -> None:
         self.process.stdin.write(f"warmup {count} {budget}\n")
         self.process.stdin.flush()

@@ -1,7 +1,7 @@
 """vLLM's side of ``bench_peers``: one vLLM engine kept alive, running the workload on request.
 
-Runs in the vLLM environment (``.venv-vllm``, built by ``.ci/vllm-tests``), never in ours:
-vLLM pins its own torch and transformers. ``bench_peers`` starts it as
+Runs in the vLLM environment (``.venv-vllm``, built by ``.ci/vllm-tests``), never in ours: vLLM
+pins its own torch and transformers. ``bench_peers`` starts it as
 
     .venv-vllm/bin/python benchmarks/vllm_peer.py WORKLOAD.json MODEL_DIR MAX_NUM_SEQS \
         [DTYPE [eager|default]]
@@ -9,13 +9,14 @@ vLLM pins its own torch and transformers. ``bench_peers`` starts it as
 (dtype float32 unless given; ``eager`` sets ``enforce_eager``, ``default`` leaves vLLM's own
 choice, its compiled graphs) and talks over stdin/stdout, one JSON object per line: it prints
 ``{"ready": seconds}`` once the engine is built (seconds from process start to the first token of
-a one-request warm-up), then answers each ``run`` line with the workload's wall time and every
-request's token ids, ``warmup N BUDGET`` by generating the first N prompts with at most BUDGET
-tokens each (``{"warm": seconds}``), ``single [IDS] BUDGET`` with the wall time of that one
-prompt (a JSON list, no spaces) generating BUDGET tokens alone (``{"wall_s": seconds}``), and
-stops at ``quit`` or end of input. Everything else vLLM prints goes to stderr. A workload with
-``"rounds"`` (lists of request indices) runs them one ``generate`` after another, as multi-turn
-chat does (``bench_prefix``), and each ``run`` starts from a reset prefix cache.
+a one-request warm-up), then answers each ``run`` line with the workload's wall time (each
+round's in ``round_s``) and every request's token ids, ``warmup N BUDGET`` by generating the first
+N prompts with at most BUDGET tokens each (``{"warm": seconds}``), ``single [IDS] BUDGET`` with
+the wall time of that one prompt (a JSON list, no spaces) generating BUDGET tokens alone
+(``{"wall_s": seconds}``), and stops at ``quit`` or end of input. Everything else vLLM prints
+goes to stderr. A workload with ``"rounds"`` (lists of request indices) runs them one
+``generate`` after another, as multi-turn chat does (``bench_prefix``), and each ``run`` starts
+from a reset prefix cache.
 """
 
 from __future__ import annotations
@@ -75,13 +76,16 @@ def main() -> None:
         llm.reset_prefix_cache()
         tokens: list = [None] * len(prompts)
         start = time.perf_counter()
+        round_s = []
         for batch in rounds:
+            began = time.perf_counter()
             outs = llm.generate([prompts[i] for i in batch], [params[i] for i in batch],
                                 use_tqdm=False)  # fmt: skip
+            round_s.append(time.perf_counter() - began)
             for i, out in zip(batch, outs, strict=True):
                 tokens[i] = list(out.outputs[0].token_ids)
         wall = time.perf_counter() - start
-        answer(reply, {"wall_s": wall, "tokens": tokens})
+        answer(reply, {"wall_s": wall, "round_s": round_s, "tokens": tokens})
 
 
 def answer(stream, message: dict) -> None:
