@@ -27,7 +27,8 @@ from pathlib import Path
 import harness
 import numpy as np
 import torch
-from bench_peers import VLLM_PYTHON, BatonSystem, VllmPeer, baton_llm
+from bench_peers import MAX_MODEL_LEN, VLLM_PYTHON, VllmPeer, baton_llm, baton_run
+from transformers import AutoTokenizer
 from workload import Workload
 
 from baton_paged.model.builder import cached_model
@@ -35,7 +36,8 @@ from baton_paged.model.builder import cached_model
 BATCHES = (1, 8, 32)
 SHORT, LONG = 128, 896
 GENERATED = 64
-CASES = [(b, SHORT) for b in BATCHES] + [(32, LONG)]
+SLOTS = max(BATCHES)  # both engines' batch size, and the B of the long-context case
+CASES = [(b, SHORT) for b in BATCHES] + [(SLOTS, LONG)]
 
 
 def case_workloads(vocab: int, seed: int) -> dict[tuple[int, int, int], Workload]:
@@ -59,36 +61,31 @@ def vllm_rounds(works: dict, scratch: Path) -> tuple[Path, list]:
         budgets += work.budgets
     path = scratch / "cases.json"
     path.write_text(json.dumps({"prompts": prompts, "budgets": budgets, "rounds": rounds,
-                                "max_model_len": 2048}))  # fmt: skip
+                                "max_model_len": MAX_MODEL_LEN}))  # fmt: skip
     return path, list(works)
 
 
 def measure(args) -> dict[str, dict]:
     model_dir = cached_model("llama", args.model)
-    works = case_workloads(_vocab(model_dir), args.seed)
+    works = case_workloads(len(AutoTokenizer.from_pretrained(model_dir)), args.seed)
     times: dict[str, dict] = {"baton": {}, "vllm": {}}
-    llm = baton_llm(model_dir, 32, "baton", args.dtype)
+    llm = baton_llm(model_dir, SLOTS, "baton", args.dtype)
     with tempfile.TemporaryDirectory() as scratch:
         workload_file, keys = vllm_rounds(works, Path(scratch))
-        peer = VllmPeer(workload_file, model_dir, 32, args.threads, args.dtype, "default")
+        peer = VllmPeer(workload_file, model_dir, SLOTS, args.threads, args.dtype, "default")
         try:
-            for repeat in range(args.repeats + 1):  # the first: a warm-up, not counted
-                walls = {"baton": [BatonSystem(llm, work).run()[0] for work in works.values()]}
+            for repeat in range(args.repeats + 1):
+                walls = {"baton": [baton_run(llm, work)[0] for work in works.values()]}
                 walls["vllm"] = peer.run_rounds()
+                if repeat == 0:  # the warm-up run, not counted
+                    continue
                 for system, found in walls.items():
                     for key, wall in zip(keys, found, strict=True):
-                        if repeat:
-                            times[system][key] = min(wall, times[system].get(key, wall))
+                        times[system][key] = min(wall, times[system].get(key, wall))
         finally:
             peer.close()
             llm.close()
     return {system: costs(found) for system, found in times.items()}
-
-
-def _vocab(model_dir: Path) -> int:
-    from transformers import AutoTokenizer
-
-    return len(AutoTokenizer.from_pretrained(model_dir))
 
 
 def costs(times: dict[tuple[int, int, int], float]) -> dict:
@@ -98,11 +95,11 @@ def costs(times: dict[tuple[int, int, int], float]) -> dict:
         return (times[(batch, length, GENERATED)] - times[(batch, length, 1)]) / (GENERATED - 1)
 
     out = {f"decode step B={b} ms": 1e3 * step(b, SHORT) for b in BATCHES}
-    out[f"decode step B=32 L={LONG} ms"] = 1e3 * step(32, LONG)
-    growth = step(32, LONG) - step(32, SHORT)
-    out["attention us per context token-row"] = 1e6 * growth / (32 * (LONG - SHORT))
+    out[f"decode step B={SLOTS} L={LONG} ms"] = 1e3 * step(SLOTS, LONG)
+    growth = step(SLOTS, LONG) - step(SLOTS, SHORT)
+    out["attention us per context token-row"] = 1e6 * growth / (SLOTS * (LONG - SHORT))
     for length in (SHORT, LONG):
-        out[f"prefill us per token L={length}"] = 1e6 * times[(32, length, 1)] / (32 * length)
+        out[f"prefill us per token L={length}"] = 1e6 * times[(SLOTS, length, 1)] / (SLOTS * length)
     return out
 
 
