@@ -15,7 +15,6 @@
 #include <ATen/ops/scaled_dot_product_attention.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -23,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "claimed_items.h"
 #include "cpu_common.h"
 #include "wide_math.h"
 
@@ -565,15 +565,9 @@ void attend_item(const WorkItem& item, const PagedInputs<scalar_t>& in, Scratch<
 template <typename Math, typename scalar_t>
 void run_items(const PagedInputs<scalar_t>& in, int64_t batch) {
   const std::vector<WorkItem> items = plan_items(in, batch, at::get_num_threads());
-  std::atomic<int64_t> next{0};
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), items.size());
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+  run_claimed(static_cast<int64_t>(items.size()), [&](const auto& claim) {
     Scratch<Math> scratch;
-    for (int64_t w = begin; w < end; ++w) {
-      for (int64_t i = next++; i < static_cast<int64_t>(items.size()); i = next++) {
-        attend_item<Math>(items[i], in, scratch);
-      }
-    }
+    for (int64_t i = claim(); i >= 0; i = claim()) attend_item<Math>(items[i], in, scratch);
   });
 }
 

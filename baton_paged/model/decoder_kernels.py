@@ -4,7 +4,8 @@ AVX-512 (``group_int8.cpp``), its float32 and int8 linear on AVX-512 (``blocked_
 its bfloat16 linear on AMX (``amx_linear.cpp``),
 greedy sampling's argmax (``row_argmax.cpp``) and its layer loop (``decoder_loop.cpp``) as a
 kernel library of their own, so attention's library holds only attention. They share
-attention's vector helpers (``attention/csrc/cpu_common.h``, ``wide_math.h``)."""
+attention's vector helpers (``attention/csrc/cpu_common.h``, ``wide_math.h``) and its way of
+sharing work items out among threads (``claimed_items.h``)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ DECODER_KERNELS = KernelLibrary(
         )
     ),
     headers=(
+        ATTENTION_CSRC / "claimed_items.h",
         ATTENTION_CSRC / "cpu_common.h",
         ATTENTION_CSRC / "wide_math.h",
         Path(__file__).with_name("csrc") / "decoder_ops.h",

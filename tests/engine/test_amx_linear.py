@@ -76,6 +76,30 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(rows):
     assert torch.equal(together, alone)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("silu", [False, True])
+def test_claimed_items_give_the_static_splits_bits(threads, silu):
+    """Above 128 rows threads claim (group, 128-row slab) items as they come free; every row's
+    bits are those of calls of at most 128 rows (each thread its run of blocks). 300 rows: slabs of
+    4, 4 and 2 chunks, the last chunk part scratch; 18 output blocks: groups of 8, 8 and 2."""
+    x, weight, bias = operands(300, 1152 if silu else 576, 96, torch.float32, seed=threads)
+    packed = pairs(weight)
+
+    def call(rows: torch.Tensor) -> torch.Tensor:
+        if silu:
+            return KERNELS.amx_silu_linear(rows, packed)
+        return KERNELS.amx_linear(rows, packed, bias)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        claimed = call(x)
+        static = torch.cat([call(x[start : start + 128]) for start in range(0, 300, 128)])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(claimed, static)
+
+
 def test_a_non_contiguous_input_is_read_as_its_values():
     _, weight, _ = operands(0, 64, 64, None, seed=1)
     x = torch.randn(9, 128).bfloat16()[:, ::2]

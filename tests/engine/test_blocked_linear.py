@@ -39,10 +39,11 @@ def test_equals_the_matmul_for_every_row_count(rows, n, k, with_bias):
     torch.testing.assert_close(got.double(), reference, atol=1e-4 * k**0.5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("rows", [7, 61])
+@pytest.mark.parametrize("rows", [7, 61, 200])
 def test_a_rows_result_does_not_depend_on_the_other_rows(rows):
     """Row by row alone and all together, to the bit: each output is summed over k in order in
-    one accumulator, whatever tile the row lands in."""
+    one accumulator, whatever tile the row lands in and whichever thread claims its item (200
+    rows: five chunks, claimed as threads come free)."""
     weight, bias = torch.randn(128, 96), torch.randn(128)
     x = torch.randn(rows, 96)
     together = KERNELS.blocked_linear(x, blocks(weight), bias)
@@ -144,16 +145,17 @@ def test_codes_equal_the_matmul_on_the_weight_they_stand_for(rows, n, k, kind, d
 
 @pytest.mark.parametrize("kind", ["column", "group 32", "nibbles 32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_a_coded_rows_result_does_not_depend_on_the_other_rows(kind, dtype):
-    """Alone and among 61 (both work splits), to the bit, with a bias and an odd block count (a
-    block left over from the pairs): for groups, the tile's codes scaled in registers and the
-    many-rows split's scaled once into floats are the same floats; a column's scale and the bias
-    are one fused multiply-add in every tile."""
+@pytest.mark.parametrize("rows", [61, 200])
+def test_a_coded_rows_result_does_not_depend_on_the_other_rows(kind, dtype, rows):
+    """Alone and among 61 or 200 (both work splits; 200 rows' items claimed), to the bit, with a
+    bias and an odd block count (a block left over from the pairs): for groups, the tile's codes
+    scaled in registers and the many-rows split's scaled once into floats are the same floats; a
+    column's scale and the bias are one fused multiply-add in every tile."""
     (codes, *scales), _ = code_operands(160, 96, kind, 0)
     bias = torch.randn(160)
-    x = torch.randn(61, 96).to(dtype)
+    x = torch.randn(rows, 96).to(dtype)
     together = KERNELS.blocked_linear(x, codes, bias, *scales)
-    alone = [KERNELS.blocked_linear(x[i : i + 1], codes, bias, *scales) for i in range(61)]
+    alone = [KERNELS.blocked_linear(x[i : i + 1], codes, bias, *scales) for i in range(rows)]
     assert torch.equal(together, torch.cat(alone))
 
 

@@ -31,6 +31,7 @@
 #include <optional>
 #include <type_traits>
 
+#include "claimed_items.h"
 #include "cpu_common.h"
 #include "decoder_ops.h"
 
@@ -314,15 +315,16 @@ void multiply(const Operands& op, const typename Kind::type* w, int64_t count, i
   }
   // Many rows: items of a block pair x a chunk of rows, a pair's chunks in a row, so that the
   // pair's weights are read from memory once and from cache for its other chunks. int8 codes are
-  // widened once a pair and thread, so the tiles' inner loop is float32's.
+  // widened once a pair and thread, so the tiles' inner loop is float32's. A thread runs the items
+  // next() hands it (-1: none left); `end` bounds its run where the runs are split up front.
   const int64_t pairs = (count + 1) / 2, chunks = (n_rows + kRowChunk - 1) / kRowChunk;
-  at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
+  const auto run = [&](const auto& next, int64_t end) {
     at::Tensor widened;  // 64-byte aligned, as the weights' tensor is: no load splits a line
     if constexpr (!std::is_same_v<Kind, Floats>) {
       widened = at::empty({2 * op.k * kBlock}, at::kFloat);
     }
     int64_t widened_pair = -1;
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t item = next(); item >= 0; item = next()) {
       const int64_t pair = item / chunks, block = 2 * pair, row = (item % chunks) * kRowChunk;
       const int64_t last = std::min(block + 2, count), row_end = std::min(n_rows, row + kRowChunk);
       if constexpr (std::is_same_v<Kind, Floats>) {
@@ -343,7 +345,17 @@ void multiply(const Operands& op, const typename Kind::type* w, int64_t count, i
         blocks<Floats, Out>(op, floats, block, last, row, row_end);
       }
     }
-  });
+  };
+  if (chunks == 2) {  // split up front: the look-ahead needs to know this thread's next item
+    at::parallel_for(0, pairs * chunks, 1, [&](int64_t begin, int64_t end) {
+      int64_t item = begin;
+      run([&] { return item < end ? item++ : int64_t{-1}; }, end);
+    });
+    return;
+  }
+  // Claimed as threads come free (claimed_items.h): a 4096-token float32 prefill of SmolLM2's
+  // shape took 0.87-0.92x the time of runs split up front (interleaved, 2 threads), the same bits.
+  baton::run_claimed(pairs * chunks, [&](const auto& claim) { run(claim, pairs * chunks); });
 }
 
 template <typename Out>
