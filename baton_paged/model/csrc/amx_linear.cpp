@@ -217,8 +217,9 @@ struct Product {
 // Few rows (a decode step): each thread a run of output blocks, read front to back, so that
 // multiply_chunk's look-ahead always asks for the block this thread multiplies next. Many rows
 // (a prefill): items of a group x kSlabChunks chunks, group by group, claimed as threads come free
-// (claimed_items.h): a 4096-token SmolLM2 bfloat16 prefill took 0.83-0.89x the time of the
-// static split (interleaved, 2 threads), the same bits.
+// (claimed_items.h): a 4096-token SmolLM2 bfloat16 prefill took 0.72-0.93x the time of the
+// static split (medians of interleaved runs, 2 threads; the more the two vCPUs' speeds differed,
+// the more it gained), the same bits. A decode-heavy workload measured no different.
 template <typename Bias>
 void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, at::Tensor& out,
               bool silu = false) {
