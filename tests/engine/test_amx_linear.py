@@ -4,6 +4,8 @@ operands refused, and PackedLinear choosing it only where it applies."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +19,17 @@ pytestmark = pytest.mark.skipif(
     not hasattr(KERNELS, "amx_linear") or not KERNELS.amx_linear_usable(),
     reason="the decoder library is not built for AMX, or the kernel grants no AMX tiles",
 )
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's thread count set to ``count`` inside the block, restored after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def pairs(weight: torch.Tensor) -> torch.Tensor:
@@ -57,12 +70,8 @@ def test_one_thread_runs_every_group_of_blocks(threads):
     over 70 rows (two full chunks, then 6 rows of zero-padded scratch)."""
     x, weight, bias = operands(70, 576, 64, torch.float32, seed=threads)
     reference = F.linear(x.double(), weight.double(), bias.double())
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         got = KERNELS.amx_linear(x, pairs(weight), bias)
-    finally:
-        torch.set_num_threads(before)
     torch.testing.assert_close(got.double(), reference, atol=1e-3 * 64**0.5, rtol=2**-8)
 
 
@@ -90,13 +99,9 @@ def test_claimed_items_give_the_static_splits_bits(threads, silu):
             return KERNELS.amx_silu_linear(rows, packed)
         return KERNELS.amx_linear(rows, packed, bias)
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         claimed = call(x)
         static = torch.cat([call(x[start : start + 128]) for start in range(0, 300, 128)])
-    finally:
-        torch.set_num_threads(before)
     assert torch.equal(claimed, static)
 
 
@@ -115,15 +120,11 @@ def test_gate_up_with_silu_is_the_two_calls_to_the_bit(rows, threads):
     2 on one thread), with gates that reach exp's clamp."""
     x, weight, _ = operands(rows, 2 * 576, 96, None, seed=rows + threads)
     x = x * 4
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         gate_up = KERNELS.amx_linear(x, pairs(weight), None)
         expected = gate_up.new_empty(rows, 576)
         KERNELS.silu_and_mul(expected, gate_up)
         got = KERNELS.amx_silu_linear(x, pairs(weight))
-    finally:
-        torch.set_num_threads(before)
     assert got.shape == (rows, 576) and torch.equal(got, expected)
     with pytest.raises(RuntimeError, match="as many up blocks"):
         KERNELS.amx_silu_linear(x, pairs(weight[:96]))

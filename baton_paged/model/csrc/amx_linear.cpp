@@ -231,7 +231,6 @@ void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, a
                               packed.data_ptr<c10::BFloat16>(), bias,
                               out.data_ptr<c10::BFloat16>(), n_rows, k, outputs,
                               outputs * kBlock, full, (n_rows + kChunk - 1) / kChunk, silu};
-  const int64_t groups = (outputs + kGroupBlocks - 1) / kGroupBlocks;
   const int64_t slabs = (product.chunks + kSlabChunks - 1) / kSlabChunks;
   if (slabs < kClaimedSlabs) {
     at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
@@ -243,6 +242,7 @@ void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, a
     });
     return;
   }
+  const int64_t groups = (outputs + kGroupBlocks - 1) / kGroupBlocks;
   baton::run_claimed(groups * slabs, [&](const auto& claim) {
     configure_tiles();
     for (int64_t item = claim(); item >= 0; item = claim()) {
