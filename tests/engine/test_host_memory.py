@@ -53,16 +53,29 @@ print(json.dumps({{"kept": kept, "faults": counted[0]}}))
 """
 
 
-def probe(configure: bool, env: dict[str, str] | None = None, in_thread: bool = False) -> dict:
+def probes(*runs: dict) -> list[dict]:
+    """Each run's probe (``probe_process``'s keywords) in a fresh interpreter, side by side: a
+    probe counts its own process's faults, and each runs on one thread."""
+    started = [probe_process(**run) for run in runs]
+    results = []
+    for process in started:
+        out, err = process.communicate()
+        assert process.returncode == 0, err[-3000:]
+        results.append(json.loads(out.splitlines()[-1]))
+    return results
+
+
+def probe_process(
+    configure: bool, env: dict[str, str] | None = None, in_thread: bool = False
+) -> subprocess.Popen:
     code = PROBE.format(configure=configure, in_thread=in_thread)
-    run = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", code],
         env=os.environ | (env or {}),
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        check=True,
     )
-    return json.loads(run.stdout.splitlines()[-1])
 
 
 @pytest.mark.parametrize("in_thread", [False, True], ids=["main thread", "engine thread"])
@@ -71,8 +84,9 @@ def test_prefill_forwards_fault_far_less_once_freed_memory_is_kept(in_thread):
     in afresh; kept, most blocks land in memory an earlier forward freed (this probe: 8.2-9.4x
     fewer faults measured here with float32 in column blocks, 3.0-3.4x with oneDNN's padded
     copies; at least 2x asked), on a thread of its own too (one arena)."""
-    default = probe(configure=False, in_thread=in_thread)
-    kept = probe(configure=True, in_thread=in_thread)
+    default, kept = probes(
+        {"configure": False, "in_thread": in_thread}, {"configure": True, "in_thread": in_thread}
+    )
     assert kept["kept"] is True
     assert kept["faults"] * 2 < default["faults"]
 
@@ -82,8 +96,7 @@ def test_the_environment_can_opt_out(value):
     """Opted out, the probe faults as glibc's default does: far more than kept. (Not against
     the default's own count: from one fresh process to the next that count is one of two, 77k or
     166k here, and an opted-out 77k once fell below half a default 166k.)"""
-    kept = probe(configure=True)
-    opted_out = probe(configure=True, env={OPT_OUT_ENV: value})
+    kept, opted_out = probes({"configure": True}, {"configure": True, "env": {OPT_OUT_ENV: value}})
     assert opted_out["kept"] is False
     assert opted_out["faults"] > 2 * kept["faults"]
 
