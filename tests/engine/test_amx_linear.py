@@ -105,6 +105,30 @@ def test_claimed_items_give_the_static_splits_bits(threads, silu):
     assert torch.equal(claimed, static)
 
 
+@pytest.mark.parametrize("threads", [2, 3, 4])
+@pytest.mark.parametrize("rows", [1, 32, 100])
+@pytest.mark.parametrize("silu", [False, True])
+def test_blocks_taken_from_both_ends_are_each_multiplied_once(rows, threads, silu):
+    """Up to 128 rows, threads go in pairs over runs of output blocks, one from each end, and
+    claim the middle quarter block by block (claimed_items.h's run_from_both_ends); with 3
+    threads one run has a thread alone. 37 output blocks split into runs of 18 and 19 (2 and 3
+    threads) or 4 of 9-10: every output's bits are one thread's, which takes the blocks front to
+    back, so none is left out or written twice with other values."""
+    x, weight, bias = operands(rows, 37 * 32 * (2 if silu else 1), 64, torch.float32, seed=rows)
+    packed = pairs(weight)
+
+    def call() -> torch.Tensor:
+        if silu:
+            return KERNELS.amx_silu_linear(x, packed)
+        return KERNELS.amx_linear(x, packed, bias)
+
+    with torch_threads(1):
+        alone = call()
+    with torch_threads(threads):
+        shared = call()
+    assert torch.equal(shared, alone)
+
+
 def test_a_non_contiguous_input_is_read_as_its_values():
     _, weight, _ = operands(0, 64, 64, None, seed=1)
     x = torch.randn(9, 128).bfloat16()[:, ::2]

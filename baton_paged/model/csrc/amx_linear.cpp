@@ -194,32 +194,52 @@ struct Product {
     }
   }
 
+  // Output block `block` for chunk `chunk`, asking ahead for output block `next` (gate and up
+  // sums into this thread's scratch).
+  void one(int64_t chunk, int64_t block, int64_t next, float* gate, float* up) const {
+    const int64_t first = chunk * kChunk, n = std::min(kChunk, n_rows - first);
+    const c10::BFloat16* x_rows = chunk < full ? rows + first * k : tail;
+    c10::BFloat16* to = into + first * width + block * kBlock;
+    if (silu) {  // the gate block, its up block, then the next gate block
+      sums(x_rows, n, block, block + outputs, gate);
+      sums(x_rows, n, block + outputs, next, up);
+      finish_silu(gate, up, n, to, width);
+    } else {
+      sums(x_rows, n, block, next, gate);
+      finish(gate, n, bias ? bias + block * kBlock : bias, to, width);
+    }
+  }
+
+  // Blocks [group, group_end) for chunks [chunk, chunk_end), the blocks chunk by chunk.
   void run(int64_t group, int64_t group_end, int64_t chunk, int64_t chunk_end) const {
     alignas(64) float gate[kChunk * kBlock], up[kChunk * kBlock];
     for (; chunk < chunk_end; ++chunk) {
-      const int64_t first = chunk * kChunk, n = std::min(kChunk, n_rows - first);
-      const c10::BFloat16* x_rows = chunk < full ? rows + first * k : tail;
       for (int64_t block = group; block < group_end; ++block) {
-        c10::BFloat16* to = into + first * width + block * kBlock;
-        if (silu) {  // the gate block, its up block, then the next gate block
-          sums(x_rows, n, block, block + outputs, gate);
-          sums(x_rows, n, block + outputs, block + 1, up);
-          finish_silu(gate, up, n, to, width);
-        } else {
-          sums(x_rows, n, block, block + 1, gate);
-          finish(gate, n, bias ? bias + block * kBlock : bias, to, width);
-        }
+        one(chunk, block, block + 1, gate, up);
       }
+    }
+  }
+
+  // Output block `block` for every chunk, then output block `next`'s weights asked for.
+  void all_chunks(int64_t block, int64_t next) const {
+    alignas(64) float gate[kChunk * kBlock], up[kChunk * kBlock];
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      one(chunk, block, chunk + 1 < chunks ? block : next, gate, up);
     }
   }
 };
 
-// Few rows (a decode step): each thread a run of output blocks, read front to back, so that
-// multiply_chunk's look-ahead always asks for the block this thread multiplies next. Many rows
-// (a prefill): items of a group x kSlabChunks chunks, group by group, claimed as threads come free
-// (claimed_items.h): a 4096-token SmolLM2 bfloat16 prefill took 0.72-0.93x the time of the
-// static split (medians of interleaved runs, 2 threads; the more the two vCPUs' speeds differed,
-// the more it gained), the same bits. A decode-heavy workload measured no different.
+// Few rows (a decode step): output blocks taken from both ends of runs shared by pairs of
+// threads (claimed_items.h's run_from_both_ends), each block for every chunk, so that
+// multiply_chunk's look-ahead still asks for the block this thread multiplies next, while where a
+// pair meets follows the two vCPUs' speeds. Against equal runs split up front (SmolLM2's 30
+// layers of bfloat16 linears, interleaved in one process, 2 threads; three runs): 0.88-1.04x the
+// time at 1-16 rows, 0.80-0.99x at 32 and 48, 0.78-1.01x at 96-128; its B=24 / 32 decode step
+// 0.92x / 0.97x (medians of 20-30 interleaved rounds, in an hour 1.5-2x slower than most), the
+// same bits. Many rows (a prefill): items of a group x kSlabChunks chunks, group by group,
+// claimed as threads come free (claimed_items.h): a 4096-token SmolLM2 bfloat16 prefill took
+// 0.72-0.93x the time of the static split (medians of interleaved runs, 2 threads; the more the
+// two vCPUs' speeds differed, the more it gained), the same bits.
 template <typename Bias>
 void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, at::Tensor& out,
               bool silu = false) {
@@ -233,10 +253,10 @@ void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, a
                               outputs * kBlock, full, (n_rows + kChunk - 1) / kChunk, silu};
   const int64_t slabs = (product.chunks + kSlabChunks - 1) / kSlabChunks;
   if (slabs < kClaimedSlabs) {
-    at::parallel_for(0, outputs, 1, [&](int64_t begin, int64_t end) {
+    baton::run_from_both_ends(outputs, [&](const auto& claim) {
       configure_tiles();
-      for (int64_t group = begin; group < end; group += kGroupBlocks) {
-        product.run(group, std::min(end, group + kGroupBlocks), 0, product.chunks);
+      for (baton::EndItem taken = claim(); taken.item >= 0; taken = claim()) {
+        product.all_chunks(taken.item, taken.next);
       }
       _tile_release();
     });
