@@ -107,14 +107,18 @@ def test_claimed_items_give_the_static_splits_bits(threads, silu):
 
 @pytest.mark.parametrize("threads", [2, 3, 4])
 @pytest.mark.parametrize("rows", [1, 32, 100])
+@pytest.mark.parametrize("blocks", [1, 2, 3, 37])
 @pytest.mark.parametrize("silu", [False, True])
-def test_blocks_taken_from_both_ends_are_each_multiplied_once(rows, threads, silu):
+def test_blocks_taken_from_both_ends_give_one_threads_bits(silu, blocks, rows, threads):
     """Up to 128 rows, threads go in pairs over runs of output blocks, one from each end, and
-    claim the middle quarter block by block (claimed_items.h's run_from_both_ends); with 3
-    threads one run has a thread alone. 37 output blocks split into runs of 18 and 19 (2 and 3
-    threads) or 4 of 9-10: every output's bits are one thread's, which takes the blocks front to
-    back, so none is left out or written twice with other values."""
-    x, weight, bias = operands(rows, 37 * 32 * (2 if silu else 1), 64, torch.float32, seed=rows)
+    claim the middle quarter block by block (claimed_items.h's run_from_both_ends), a thread
+    without a partner (3 threads) alone over half a pair's share. 37 blocks: one run of 37 (2
+    threads: 13 from each end, 11 claimed), runs of 24 and 13 (3), of 18 and 19 (4); 1-3
+    blocks: runs of one or two, a pair's claimed from the start. Every output's bits are one
+    thread's, which takes the blocks front to back, and near the float64 matmul: none is left
+    out."""
+    n = blocks * 32 * (2 if silu else 1)
+    x, weight, bias = operands(rows, n, 64, torch.float32, seed=1000 * blocks + 10 * rows + threads)
     packed = pairs(weight)
 
     def call() -> torch.Tensor:
@@ -127,6 +131,9 @@ def test_blocks_taken_from_both_ends_are_each_multiplied_once(rows, threads, sil
     with torch_threads(threads):
         shared = call()
     assert torch.equal(shared, alone)
+    if not silu:
+        reference = F.linear(x.double(), weight.double(), bias.double())
+        torch.testing.assert_close(shared.double(), reference, atol=1e-3 * 64**0.5, rtol=2**-8)
 
 
 def test_a_non_contiguous_input_is_read_as_its_values():

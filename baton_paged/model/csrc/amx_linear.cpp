@@ -10,16 +10,16 @@
 // oneDNN's time at 1-32 rows, on a par or faster at 256-2048 (kGroupBlocks). One packing serves
 // every row count, and with no kernel to compile per row count there is nothing to pad rows to.
 //
-// The loop: each thread takes a run of blocks; a work item is one block of 32 columns x a chunk of
-// 32 rows, four 16 x 16 float accumulator tiles; per 32 inputs it loads two tiles of x's rows and
-// two of the weights and multiplies each pair. A last chunk of fewer rows is copied into scratch
-// first (the rows past it are computed and dropped). Each output is a sum over k in the
-// hardware's order, the same whatever the other rows: a row's result does not depend on the call
-// it is in. The sums are float32, the bias added in float32, then rounded to bfloat16 to nearest
-// even, as torch rounds, except that the tile multiply and the rounding take denormal values as
-// zero (torch keeps them). amx_silu_linear runs a gate-up projection's gate and up blocks in turn
-// and writes silu(gate) * up instead: the activation's pass over rows both threads had just
-// written is gone.
+// The loop (multiply, below, says how threads share it): a work item is one block of 32 columns x a
+// chunk of 32 rows, four 16 x 16 float accumulator tiles; per 32 inputs it loads two tiles of x's
+// rows and two of the weights and multiplies each pair. A last chunk of fewer rows is copied into
+// scratch first (the rows past it are computed and dropped). Each output is a sum over k in the
+// hardware's order, the same whatever the other rows: a row's result does not depend on the call it
+// is in. The sums are float32, the bias added in float32, then rounded to bfloat16 to nearest even,
+// as torch rounds, except that the tile multiply and the rounding take denormal values as zero
+// (torch keeps them). amx_silu_linear runs a gate-up projection's gate and up blocks in turn and
+// writes silu(gate) * up instead: the activation's pass over rows both threads had just written is
+// gone.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -45,15 +45,15 @@ constexpr int64_t kChunk = 32;  // rows a work item covers: two tiles of 16
 constexpr int64_t kStep = 32;   // inputs a tile multiply covers: 16 pairs
 constexpr int64_t kStepBytes = kStep * kBlock * sizeof(c10::BFloat16);  // a block's, per step
 // How far ahead of the step being multiplied its weights are asked for (near a block's end, those
-// of the block multiplied next: the next one a chunk multiplies, but for a group's last). The
-// hardware does not run ahead of tile loads on its own: without it a one-row call over SmolLM2's
-// weights read them at ~18 GB/s, with 8 KiB ahead at ~25 (2 threads, Intel Xeon with AMX; 2 and
-// 16 KiB did less well).
+// of the block the thread multiplies next, as its caller names it). The hardware does not run ahead
+// of tile loads on its own: without it a one-row call over SmolLM2's weights read them at ~18 GB/s,
+// with 8 KiB ahead at ~25 (2 threads, Intel Xeon with AMX; 2 and 16 KiB did less well).
 constexpr int64_t kPrefetchBytes = 8192;
-// Blocks whose chunks run together, chunk by chunk: their weights stay in cache from one chunk to
-// the next, and each output row is written 8 blocks (512 bytes) on end. One block's chunks in a
-// row wrote 64 bytes a row at a time, scattered: a 256-row gate-up projection took 1.3x oneDNN's
-// time, a third of it those writes; with 8 blocks 1.0x, and 0.9x at 2048 rows (from 1.85x).
+// Blocks whose chunks run together, chunk by chunk, in a prefill's items: their weights stay in
+// cache from one chunk to the next, and each output row is written 8 blocks (512 bytes) on end. One
+// block's chunks in a row wrote 64 bytes a row at a time, scattered: a 256-row gate-up projection
+// took 1.3x oneDNN's time, a third of it those writes; with 8 blocks 1.0x, and 0.9x at 2048 rows
+// (from 1.85x).
 constexpr int64_t kGroupBlocks = 8;
 // A claimed item's chunks: a group's blocks for 128 rows, 15-40 us of a SmolLM2 layer's work, and
 // the fewest such slabs a call needs for its items to be claimed rather than split up front.
@@ -172,10 +172,11 @@ const c10::BFloat16* last_chunk(const c10::BFloat16* rows, int64_t left, int64_t
   return scratch.data();
 }
 
-// What one call multiplies, and one thread's share of it: output blocks [group, group_end) for
-// chunks [chunk, chunk_end), a group's blocks chunk by chunk. An output block is one block of the
-// weights, or with `silu` (a gate-up projection whose up blocks follow its gate blocks) gate block
-// j and up block j + count / 2 multiplied in turn and finished into one block of activations.
+// What one call multiplies, and a thread's share of it: `run` for a prefill's items (a group of
+// output blocks, chunk by chunk), `all_chunks` for a decode step's (one output block, every chunk).
+// An output block is one block of the weights, or with `silu` (a gate-up projection whose up blocks
+// follow its gate blocks) gate block j and up block j + count / 2 multiplied in turn and finished
+// into one block of activations.
 template <typename Bias>
 struct Product {
   const c10::BFloat16 *rows, *tail, *weights;  // tail: the last chunk's rows (last_chunk)
@@ -215,12 +216,13 @@ struct Product {
     alignas(64) float gate[kChunk * kBlock], up[kChunk * kBlock];
     for (; chunk < chunk_end; ++chunk) {
       for (int64_t block = group; block < group_end; ++block) {
-        one(chunk, block, block + 1, gate, up);
+        one(chunk, block, std::min(block + 1, outputs - 1), gate, up);
       }
     }
   }
 
-  // Output block `block` for every chunk, then output block `next`'s weights asked for.
+  // Output block `block` for every chunk: before each next chunk the look-ahead asks for this
+  // block's weights again, during the last for block `next`'s.
   void all_chunks(int64_t block, int64_t next) const {
     alignas(64) float gate[kChunk * kBlock], up[kChunk * kBlock];
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
@@ -229,17 +231,17 @@ struct Product {
   }
 };
 
-// Few rows (a decode step): output blocks taken from both ends of runs shared by pairs of
-// threads (claimed_items.h's run_from_both_ends), each block for every chunk, so that
-// multiply_chunk's look-ahead still asks for the block this thread multiplies next, while where a
-// pair meets follows the two vCPUs' speeds. Against equal runs split up front (SmolLM2's 30
-// layers of bfloat16 linears, interleaved in one process, 2 threads; three runs): 0.88-1.04x the
-// time at 1-16 rows, 0.80-0.99x at 32 and 48, 0.78-1.01x at 96-128; its B=24 / 32 decode step
-// 0.92x / 0.97x (medians of 20-30 interleaved rounds, in an hour 1.5-2x slower than most), the
-// same bits. Many rows (a prefill): items of a group x kSlabChunks chunks, group by group,
-// claimed as threads come free (claimed_items.h): a 4096-token SmolLM2 bfloat16 prefill took
-// 0.72-0.93x the time of the static split (medians of interleaved runs, 2 threads; the more the
-// two vCPUs' speeds differed, the more it gained), the same bits.
+// Few rows (a decode step): each output block for every chunk, the blocks taken from both ends
+// of runs shared by pairs of threads (claimed_items.h's run_from_both_ends), so that
+// multiply_chunk's look-ahead still asks for the block this thread multiplies next while where a
+// pair meets follows the two vCPUs' speeds. Against equal runs of blocks split up front, groups
+// of 8 chunk by chunk (SmolLM2's 30 layers of bfloat16 linears, interleaved in one process, 2
+// threads; three A/B runs): 0.88-1.04x the time at 1-16 rows, 0.80-0.99x at 32 and 48,
+// 0.78-1.01x at 96-128; an engine's B=24 / 32 decode step 0.92x / 0.97x (medians of 20-30
+// rounds); the same bits. Many rows (a prefill): items of a group x kSlabChunks chunks, group by
+// group, claimed as threads come free (claimed_items.h): a 4096-token SmolLM2 bfloat16 prefill
+// took 0.72-0.93x the time of the static split (medians of interleaved runs, 2 threads; the more
+// the two vCPUs' speeds differed, the more it gained), the same bits.
 template <typename Bias>
 void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, at::Tensor& out,
               bool silu = false) {
@@ -255,8 +257,8 @@ void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, a
   if (slabs < kClaimedSlabs) {
     baton::run_from_both_ends(outputs, [&](const auto& claim) {
       configure_tiles();
-      for (baton::EndItem taken = claim(); taken.item >= 0; taken = claim()) {
-        product.all_chunks(taken.item, taken.next);
+      for (baton::EndItem mine = claim(); mine.item >= 0; mine = claim()) {
+        product.all_chunks(mine.item, mine.next);
       }
       _tile_release();
     });
