@@ -87,7 +87,7 @@ void run_from_both_ends(int64_t count, const Worker& worker) {
   const BothEnds ends{count, workers};
   std::vector<BothEnds::Counter> claims((workers + 1) / 2);
   for (int64_t run = 0; run < static_cast<int64_t>(claims.size()); ++run) {
-    claims[run].n = (ends.shared(run) ? 2 : 1) * ends.unclaimed(run);
+    claims[run].n = 2 * ends.unclaimed(run);  // both ends' (a worker alone never claims)
   }
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
     for (int64_t w = begin; w < end; ++w) {

@@ -65,9 +65,9 @@ def test_equals_the_matmul_for_every_row_count(rows, n, k, bias_dtype):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_one_thread_runs_every_group_of_blocks(threads):
-    """18 blocks: groups of 8, 8 and 2 on one thread (9 and 9 on two), each run chunk by chunk
-    over 70 rows (two full chunks, then 6 rows of zero-padded scratch)."""
+def test_one_or_two_threads_run_every_block_for_every_chunk(threads):
+    """18 blocks, each for every chunk of 70 rows (two full chunks, then 6 rows of zero-padded
+    scratch): on one thread front to back, on two from both ends of one run."""
     x, weight, bias = operands(70, 576, 64, torch.float32, seed=threads)
     reference = F.linear(x.double(), weight.double(), bias.double())
     with torch_threads(threads):
@@ -87,9 +87,9 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(rows):
 
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("silu", [False, True])
-def test_claimed_items_give_the_static_splits_bits(threads, silu):
+def test_claimed_items_give_the_few_row_calls_bits(threads, silu):
     """Above 128 rows threads claim (group, 128-row slab) items as they come free; every row's
-    bits are those of calls of at most 128 rows (each thread its run of blocks). 300 rows: slabs of
+    bits are those of calls of at most 128 rows (blocks taken from both ends). 300 rows: slabs of
     4, 4 and 2 chunks, the last chunk part scratch; 18 output blocks: groups of 8, 8 and 2."""
     x, weight, bias = operands(300, 1152 if silu else 576, 96, torch.float32, seed=threads)
     packed = pairs(weight)
@@ -147,8 +147,8 @@ def test_a_non_contiguous_input_is_read_as_its_values():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gate_up_with_silu_is_the_two_calls_to_the_bit(rows, threads):
     """amx_silu_linear: gate block j and up block j + n / 2 into one block of silu(gate) * up,
-    every bit that of amx_linear then silu_and_mul (18 output blocks: groups of 8 and a last of
-    2 on one thread), with gates that reach exp's clamp."""
+    every bit that of amx_linear then silu_and_mul (18 output blocks: taken from both ends up to
+    128 rows, in groups of 8, 8 and 2 at 300), with gates that reach exp's clamp."""
     x, weight, _ = operands(rows, 2 * 576, 96, None, seed=rows + threads)
     x = x * 4
     with torch_threads(threads):
