@@ -86,7 +86,14 @@ CSRC = Path(__file__).with_name("csrc")
 ATTENTION_KERNELS = KernelLibrary(
     name="baton_attention_kernels",
     sources=(CSRC / "paged_attention.cpp", CSRC / "page_copy.cpp", CSRC / "bindings.cpp"),
-    headers=(CSRC / "claimed_items.h", CSRC / "cpu_common.h", CSRC / "wide_math.h"),
+    headers=(
+        CSRC / "amx_attention.h",
+        CSRC / "amx_tiles.h",
+        CSRC / "claimed_items.h",
+        CSRC / "cpu_common.h",
+        CSRC / "paged_inputs.h",
+        CSRC / "wide_math.h",
+    ),
     fallback="attention uses the plain torch backend",
 )
 

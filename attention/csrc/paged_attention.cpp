@@ -15,6 +15,7 @@
 #include <ATen/ops/scaled_dot_product_attention.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -22,8 +23,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "amx_attention.h"
 #include "claimed_items.h"
 #include "cpu_common.h"
+#include "paged_inputs.h"
 #include "wide_math.h"
 
 using namespace baton;
@@ -35,6 +38,10 @@ constexpr int64_t kPrefetchPages = 2;  // how far ahead of the page being read i
 // Keys per softmax update, in whole pages (at least one): a block's K, then its V, stay in cache
 // between the two passes, and its scores fit the per-thread scratch.
 constexpr int64_t kBlockKeys = 128;
+
+// Whether bfloat16 items run on AMX tiles where the CPU has them (amx_attention.h); the vector
+// maths otherwise. A switch for the tests and benchmarks that compare the two.
+std::atomic<bool> amx_attention_enabled{true};
 
 // ---- Per-row math: scores, softmax weights, weighted values -------------------------------------
 // Three implementations with one interface. ScalarMath is plain loops for any dtype and head size
@@ -248,30 +255,6 @@ void accumulate_rows(acc_t* acc, const acc_t* p, int64_t p_stride, int64_t count
   }
 }
 
-// ---- Work items and their inputs -----------------------------------------------------------------
-
-// A tile of one request's new tokens against KV heads [first_head, last_head), each with all the
-// query heads sharing it (rows = tokens x group).
-struct WorkItem {
-  int64_t request, first_token, num_tokens, first_head, last_head, cost;
-};
-
-// Pointers and strides of one call, read once so the inner loops see plain integers.
-template <typename scalar_t>
-struct PagedInputs {
-  const scalar_t* query;
-  const scalar_t* key_cache;
-  const scalar_t* value_cache;
-  scalar_t* out;
-  const int32_t* block_table;
-  const int32_t* cu_seqlens_q;
-  const int32_t* context_lens;
-  int64_t table_stride, query_token_stride, query_head_stride, out_token_stride, out_head_stride;
-  int64_t page_stride, slot_stride, head_stride;
-  int64_t page_size, head_dim, group, num_kv_heads;
-  double scale;
-};
-
 // ---- Many new tokens of one request: torch's attention ------------------------------------------
 // A prompt's tokens against its keys are matrix products, which torch's CPU attention
 // (at::scaled_dot_product_attention: flash attention on oneDNN's microkernels, AMX tiles for
@@ -286,12 +269,18 @@ struct PagedInputs {
 //   32.0 vs 23.6 ms; but with earlier tokens cached torch's is the slower (256 new tokens after
 //   1024 cached 4.3 vs 4.8 ms, 512 after 2048 20.8 vs 21.6, 256 after 4096 18.0 vs 20.1): only
 //   whole prompts of ~1450 tokens and more go.
+// - bfloat16 on AMX tiles (amx_attention.h; same shape, interleaved, calls of 2048 new tokens in
+//   all): whole prompts of 128 tokens 0.71x torch's time, 256 0.96x, 512 0.89x, 1024 1.22x, 2048
+//   1.41x; 32 new tokens after 300 cached 0.43x, 64 after 936 0.92x, 128 after 1024 1.07x, 256
+//   after 2048 1.24x. So where the tiles run, requests of fewer than kTilesTorchPairs pairs stay
+//   ours.
 // Decode rows, short prompts and chunks stay ours, and so does float64, the exactness runs' type.
 constexpr int64_t kTorchQueries = 32;
+constexpr int64_t kTilesTorchPairs = 1 << 17;
 
 template <typename scalar_t>
-constexpr int64_t torch_pairs() {
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return 4096;
+int64_t torch_pairs(bool on_tiles) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return on_tiles ? kTilesTorchPairs : 4096;
   if constexpr (std::is_same_v<scalar_t, float>) return 1 << 20;
   return std::numeric_limits<int64_t>::max();
 }
@@ -301,7 +290,7 @@ bool by_torch(const PagedInputs<scalar_t>& in, int64_t b) {
   const int64_t q_len = in.cu_seqlens_q[b + 1] - in.cu_seqlens_q[b], context = in.context_lens[b];
   const int64_t pairs = q_len * (context - (q_len - 1) / 2);  // causal: a triangle
   const bool whole = q_len == context;  // float32 goes only then
-  return q_len >= kTorchQueries && pairs >= torch_pairs<scalar_t>() &&
+  return q_len >= kTorchQueries && pairs >= torch_pairs<scalar_t>(in.on_tiles) &&
          (whole || !std::is_same_v<scalar_t, float>);
 }
 
@@ -571,8 +560,49 @@ void run_items(const PagedInputs<scalar_t>& in, int64_t batch) {
   });
 }
 
+#ifdef BATON_AMX_ATTENTION
+// Items with a chunk's worth of rows a KV head (a prompt's tiles of 16 tokens) on AMX tiles; the
+// rest on the 16-lane math: for a decode row's few rows the tile loads, waiting on K and V, ran
+// 1.3x its time (B=32, context 160, SmolLM2's heads), while a tile of 16 tokens after 160 cached
+// ran in 0.55x.
+void run_items_on_tiles(const PagedInputs<c10::BFloat16>& in, int64_t batch) {
+  using Math = WideMath<c10::BFloat16>;
+  const std::vector<WorkItem> items = plan_items(in, batch, at::get_num_threads());
+  const int64_t block_keys = std::max<int64_t>(1, kBlockKeys / in.page_size) * in.page_size;
+  run_claimed(static_cast<int64_t>(items.size()), [&](const auto& claim) {
+    configure_tiles();
+    AmxAttention tiles(in, block_keys);
+    Scratch<Math> scratch;
+    for (int64_t i = claim(); i >= 0; i = claim()) {
+      if (items[i].num_tokens * in.group >= AmxAttention::kTile) {
+        tiles.attend(items[i]);
+      } else {
+        attend_item<Math>(items[i], in, scratch);
+      }
+    }
+  });
+}
+#endif
+
+// Whether a call's bfloat16 work may run on AMX tiles: built for them, switched on, and the
+// head and page sizes fit.
+template <typename scalar_t>
+bool tiles_fit(int64_t head_dim, int64_t page_size) {
+#ifdef BATON_AMX_ATTENTION
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return amx_attention_enabled && AmxAttention::fits(head_dim, page_size);
+  }
+#endif
+  return false;
+}
+
 template <typename scalar_t>
 void dispatch_math(const PagedInputs<scalar_t>& in, int64_t batch) {
+#ifdef BATON_AMX_ATTENTION
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (in.on_tiles) return run_items_on_tiles(in, batch);
+  }
+#endif
   if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
     if (WideMath<scalar_t>::fits(in.head_dim)) return run_items<WideMath<scalar_t>>(in, batch);
     if (VectorMath<scalar_t>::fits(in.head_dim)) return run_items<VectorMath<scalar_t>>(in, batch);
@@ -611,12 +641,25 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
         context_lens.data_ptr<int32_t>(), block_table.stride(0), query.stride(0),
         query.stride(1), out.stride(0), out.stride(1), key_cache.stride(0), key_cache.stride(1),
         key_cache.stride(2), key_cache.size(1), query.size(2), num_heads / num_kv_heads,
-        num_kv_heads, scale};
+        num_kv_heads, scale, tiles_fit<scalar_t>(query.size(2), key_cache.size(1))};
     for (int64_t b = 0; b < context_lens.size(0); ++b) {
       if (by_torch(in, b)) attend_by_torch(out, query, in, b);
     }
     dispatch_math(in, context_lens.size(0));
   });
+}
+
+// Whether bfloat16 attention may run on AMX tiles (where the CPU has them and the head and page
+// sizes fit); returns the previous setting.
+bool use_amx_attention(bool enabled) { return amx_attention_enabled.exchange(enabled); }
+
+// Whether this build and process can run bfloat16 attention on AMX tiles at all.
+bool amx_attention_available() {
+#ifdef BATON_AMX_ATTENTION
+  return amx_tiles_granted();
+#else
+  return false;
+#endif
 }
 
 // key_cache/value_cache[slot // page, slot % page] = key/value[t] for every new token t.

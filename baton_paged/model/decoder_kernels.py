@@ -28,6 +28,7 @@ DECODER_KERNELS = KernelLibrary(
         )
     ),
     headers=(
+        ATTENTION_CSRC / "amx_tiles.h",
         ATTENTION_CSRC / "claimed_items.h",
         ATTENTION_CSRC / "cpu_common.h",
         ATTENTION_CSRC / "wide_math.h",

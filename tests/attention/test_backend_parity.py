@@ -10,6 +10,7 @@ import torch
 from paged_batch import KINDS, make_batch, naive_attention, random_lengths
 
 from baton_paged.attention import AttentionRequirements, create_backend
+from baton_paged.attention.cpu_extension import cpu_kernels
 from baton_paged.attention.registry import BACKENDS, backend_class
 
 TOLERANCE = {
@@ -54,6 +55,20 @@ def check_backend(
     torch.testing.assert_close(out.double().cpu(), expected.cpu(), **TOLERANCE[dtype])
 
 
+@pytest.fixture(params=[True, False], ids=["tiles", "vectors"])
+def amx_tiles(request):
+    """The cpu_paged kernel with bfloat16 prompt tiles on AMX tiles (amx_attention.h; skipped
+    where the CPU or build has none), then with every item on its vector maths."""
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("the attention kernels cannot be built here")
+    if request.param and not kernels.amx_attention_available():
+        pytest.skip("no AMX tiles on this CPU or build")
+    previous = kernels.use_amx_attention(request.param)
+    yield request.param
+    kernels.use_amx_attention(previous)
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("page_size", [1, 16, 256])
 @pytest.mark.parametrize("heads", sorted(HEADS))
@@ -61,6 +76,16 @@ def check_backend(
 @pytest.mark.parametrize("name", ["cpu_paged", "torch", "padded"])
 def test_cpu_backend_matches_naive_attention(name, kind, heads, page_size, dtype):
     check_backend(name, kind, heads, page_size, dtype, "cpu")
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+@pytest.mark.parametrize("heads", [(8, 2), (9, 3), (4, 4)], ids=["gqa4", "gqa3", "mha"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_cpu_paged_bfloat16_on_tiles_and_vectors(kind, heads, page_size, amx_tiles):
+    """bfloat16 at head size 64 on both of the kernel's bfloat16 paths: prompt tiles of 16
+    tokens (48 rows a KV head at 3 query heads a KV head, 16 at one) on AMX tiles, decode rows
+    on the vector math."""
+    check_backend("cpu_paged", kind, heads, page_size, torch.bfloat16, "cpu", seed=11, head_dim=64)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -71,7 +96,7 @@ def test_cpu_backend_on_more_random_mixed_batches(name, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("head_dim", [20, 8, 16, 48, 96, 128])
-def test_cpu_paged_kernel_on_head_sizes_off_and_on_its_vector_widths(head_dim, dtype):
+def test_cpu_paged_kernel_on_head_sizes_off_and_on_its_vector_widths(head_dim, dtype, amx_tiles):
     """Each of the kernel's three maths: head sizes that are not a multiple of 8 take its scalar
     loops, 8 its 8-lane vectors, multiples of 16 its 16-lane ones (bfloat16's dot products need
     a multiple of 32, so bfloat16 at 16 and 48 stays on 8 lanes); 48 and 96 also run the values'
@@ -81,7 +106,7 @@ def test_cpu_paged_kernel_on_head_sizes_off_and_on_its_vector_widths(head_dim, d
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("group", [2, 3, 5, 6, 8])
-def test_cpu_paged_kernel_on_every_query_group_size(group, dtype):
+def test_cpu_paged_kernel_on_every_query_group_size(group, dtype, amx_tiles):
     """The 16-lane path weighs the values for up to four query heads of a KV head at once (a
     token's rows); groups of 2 and 3 take its narrower variants, 5, 6 and 8 a four followed by
     the rest. Mixed batches: prompts' tiles hold several tokens, whose rows see different keys."""
@@ -90,10 +115,11 @@ def test_cpu_paged_kernel_on_every_query_group_size(group, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("kind", ["decode", "mixed"])
-def test_cpu_paged_kernel_across_several_softmax_blocks(kind, dtype):
+@pytest.mark.parametrize("kind", ["decode", "prefill_with_context", "mixed"])
+def test_cpu_paged_kernel_across_several_softmax_blocks(kind, dtype, amx_tiles):
     """Contexts up to 700 keys on 16-token pages: several of the kernel's 128-key softmax blocks
-    and a ragged last one, on its 16-lane path (scores sixteen keys at a time)."""
+    and a ragged last one, on its 16-lane path (scores sixteen keys at a time) and on tiles, where
+    a tile's first chunks of rows may see none of a block its later ones see."""
     check_backend("cpu_paged", kind, "gqa", 16, dtype, "cpu", seed=7, max_context=700)
 
 
@@ -116,20 +142,28 @@ def test_cpu_paged_kernel_on_one_long_prompt_split_into_tiles():
 
 
 @pytest.mark.parametrize(
-    ("dtype", "query_lens", "context_lens", "by_torch"),
+    ("dtype", "query_lens", "context_lens", "by_torch", "by_torch_on_tiles"),
     [
-        # a whole prompt, a decode row, 40 new tokens after 300 cached, a short prompt
-        (torch.bfloat16, [96, 1, 40, 20], [96, 300, 340, 20], [True, False, True, False]),
+        # a whole prompt, a decode row, 40 new tokens after 300 cached, a short prompt, a whole
+        # prompt of 144k (query, key) pairs: from 4096 pairs on, 131072 where prompt tiles run
+        # on AMX tiles
+        (
+            torch.bfloat16, [96, 1, 40, 20, 536], [96, 300, 340, 20, 536],
+            [True, False, True, False, True], [False, False, False, False, True],
+        ),
         # 600 new tokens after 1200 cached: a mask of 1.08M entries, so in two pieces of rows
-        (torch.bfloat16, [600], [1800], [True]),
+        (torch.bfloat16, [600], [1800], [True], [True]),
         # float32 goes only as a whole prompt of ~1M (query, key) pairs: 1500 tokens do, 1000 do
         # not, nor do 600 after 1200 cached (1.08M pairs)
-        (torch.float32, [1500, 1000, 600, 1], [1500, 1000, 1800, 64], [True, False, False, False]),
+        (
+            torch.float32, [1500, 1000, 600, 1], [1500, 1000, 1800, 64],
+            [True, False, False, False], [True, False, False, False],
+        ),
     ],
     ids=["bfloat16", "bfloat16-pieces", "float32"],
-)
+)  # fmt: skip
 def test_cpu_paged_hands_requests_of_many_new_tokens_to_torch_attention(
-    dtype, query_lens, context_lens, by_torch
+    dtype, query_lens, context_lens, by_torch, by_torch_on_tiles, amx_tiles
 ):
     """A request whose new tokens see enough keys is attended by torch's own attention on its
     context gathered from the pages (paged_attention.cpp's ``by_torch``): its rows equal
@@ -148,9 +182,76 @@ def test_cpu_paged_hands_requests_of_many_new_tokens_to_torch_attention(
     )
     torch.testing.assert_close(out.double(), naive_attention(batch, scale), **TOLERANCE[dtype])
     starts = np.cumsum([0, *query_lens])
-    for b, torch_rows in enumerate(by_torch):
+    expected_by_torch = by_torch_on_tiles if amx_tiles else by_torch
+    for b, torch_rows in enumerate(expected_by_torch):
         expected = torch.cat(list(torch_pieces(batch, b, scale)))
         assert torch.equal(out[starts[b] : starts[b + 1]], expected) == torch_rows, b
+
+
+def test_cpu_paged_prompt_tiles_take_the_tiles_and_decode_rows_the_vector_math():
+    """With AMX tiles on, a prompt's tiles of 16 tokens run on them (their weights rounded to
+    bfloat16: other bits than the vector math's, both near naive attention), while decode rows
+    and a prompt's last tile of fewer rows than a tile holds keep the vector math's bits."""
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.amx_attention_available():
+        pytest.skip("no AMX tiles on this CPU or build")
+    batch = make_batch(
+        [1, 20, 1], [200, 20, 33], num_heads=9, num_kv_heads=3, head_dim=64, page_size=16,
+        dtype=torch.bfloat16, seed=2,
+    )  # fmt: skip
+    req = AttentionRequirements(torch.device("cpu"), torch.bfloat16, 16, 64, 9, 3)
+    backend = create_backend("cpu_paged", req)
+    outs = {}
+    for tiles in (True, False):
+        previous = kernels.use_amx_attention(tiles)
+        try:
+            outs[tiles] = backend.forward(
+                batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.125
+            )
+        finally:
+            kernels.use_amx_attention(previous)
+        torch.testing.assert_close(
+            outs[tiles].double(), naive_attention(batch, 0.125), **TOLERANCE[torch.bfloat16]
+        )
+    same = (outs[True] == outs[False]).all(dim=-1).all(dim=-1).tolist()
+    # tokens: decode, the prompt's 16-token tile (48 rows a KV head; its first token sees one key
+    # of weight 1, the same bits either way), its 4-token tile (12 rows), decode
+    assert same[:1] + same[17:] == [True] * 6
+    assert same[1:17].count(False) >= 14
+
+
+@pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
+def test_cpu_paged_bfloat16_ignores_stale_slots_past_each_context(kind, amx_tiles):
+    """Slots of a request's last page past its context (and pages nobody owns) hold NaN: no row
+    reads them, on either path (on tiles, keys past the context weigh zero and their values are
+    laid out as zeros: a zero weight times a NaN would be NaN)."""
+    num_heads, num_kv_heads, page_size = 9, 3, 16
+    rng = np.random.default_rng(4)
+    query_lens, context_lens = random_lengths(kind, 6, 300, rng)
+    batch = make_batch(
+        query_lens, context_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=64,
+        page_size=page_size, dtype=torch.bfloat16, seed=4,
+    )  # fmt: skip
+    used = {
+        (int(batch.meta.block_table[row, t // page_size]), t % page_size)
+        for row, length in enumerate(context_lens)
+        for t in range(length)
+    }
+    for pages in (batch.cache.key(0), batch.cache.value(0)):
+        for page in range(pages.shape[0]):
+            for slot in range(page_size):
+                if (page, slot) not in used:
+                    pages[page, slot] = float("nan")
+    req = AttentionRequirements(
+        torch.device("cpu"), torch.bfloat16, page_size, 64, num_heads, num_kv_heads
+    )
+    out = create_backend("cpu_paged", req).forward(
+        batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.125
+    )
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(
+        out.double(), naive_attention(batch, 0.125), **TOLERANCE[torch.bfloat16]
+    )
 
 
 def torch_pieces(batch, b: int, scale: float):

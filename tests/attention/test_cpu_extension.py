@@ -39,7 +39,8 @@ def fresh_build_state():
         (
             ATTENTION_KERNELS,
             ("paged_attention", "write_kv", "copy_pages")
-            + ("paged_attention_address", "write_kv_address"),
+            + ("paged_attention_address", "write_kv_address")
+            + ("use_amx_attention", "amx_attention_available"),
         ),
         (
             DECODER_KERNELS,
@@ -62,6 +63,9 @@ def test_each_library_loads_with_its_own_ops_only(library, ops):
         # an AMX CPU: the kernel is built and the process gets its tiles (else bfloat16 linears
         # would quietly stay on oneDNN and the AMX tests skip)
         assert {"amx_linear", "amx_silu_linear"} <= exposed and kernels.amx_linear_usable()
+    if library is ATTENTION_KERNELS and {"amx_tile", "amx_bf16", "avx512_bf16"} <= _cpu_flags():
+        # and bfloat16 prompt tiles run on AMX tiles (else their tests skip)
+        assert kernels.amx_attention_available()
 
 
 def _cpu_flags() -> set[str]:

@@ -25,14 +25,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include "amx_tiles.h"
 #include "claimed_items.h"
 #include "decoder_ops.h"
 #include "wide_math.h"
 
 #ifdef BATON_AMX
 #include <immintrin.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -60,24 +59,10 @@ constexpr int64_t kGroupBlocks = 8;
 constexpr int64_t kSlabChunks = 4;
 constexpr int64_t kClaimedSlabs = 2;
 
-// ldtilecfg's 64-byte operand: palette 1, then each tile's bytes a row and rows.
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// Tiles: 0-3 the sums (rows 0-15 x columns 0-15, 0-15 x 16-31, 16-31 x 0-15, 16-31 x 16-31), 4-5
-// x's rows 0-15 and 16-31 at 32 inputs, 6-7 the weights' 16 pairs x columns 0-15 and 16-31.
-// Each thread loads it before its first multiply: the tile state is per thread.
-void configure_tiles() {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.bytes_per_row[t] = 64;
-  }
-  _tile_loadconfig(&config);
-}
+// Tiles (amx_tiles.h's configure_tiles, each 16 rows of 64 bytes): 0-3 the sums (rows 0-15 x
+// columns 0-15, 0-15 x 16-31, 16-31 x 0-15, 16-31 x 16-31), 4-5 x's rows 0-15 and 16-31 at 32
+// inputs, 6-7 the weights' 16 pairs x columns 0-15 and 16-31.
+using baton::configure_tiles;
 
 // One work item: rows [0, 32) of x (k apart; only the first 16 where Two is false) against one
 // block's weights, the sums into sums[32][32]; `next`: the block multiplied after it.
@@ -290,16 +275,7 @@ void check_operands(const at::Tensor& x, const at::Tensor& packed, const char* n
 
 }  // namespace
 
-bool amx_linear_usable() {
-  // Linux hands a process the AMX tile state only once asked (arch_prctl ARCH_REQ_XCOMP_PERM for
-  // XTILEDATA); without it the first tile instruction faults. oneDNN asks the same, so asking
-  // again is harmless.
-  static const bool granted = [] {
-    constexpr long kRequestPermission = 0x1023, kTileData = 18;
-    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-  }();
-  return granted;
-}
+bool amx_linear_usable() { return baton::amx_tiles_granted(); }
 
 at::Tensor amx_linear(const at::Tensor& x, const at::Tensor& packed,
                       const std::optional<at::Tensor>& bias) {

@@ -1,0 +1,379 @@
+// Paged attention's prompt tiles on Intel AMX tiles, for bfloat16 pages: the scores and the
+// weighted values as tile multiplies, the softmax in 16-lane vectors between them.
+//
+// Why: the vector maths (wide_math.h) score one query row against one key at a time, and a
+// prompt's rows against its keys are matrix products. Above 4096 (query, key) pairs a request went
+// to torch's flash attention (paged_attention.cpp's by_torch), its context gathered from the pages
+// first; below, the vector maths ran. On tiles (2 threads, SmolLM2's 9/3 heads of 64): a tile of 16
+// new tokens after 160 cached in 0.55x the vector maths' time, whole prompts of 128-512 tokens in
+// 0.71-0.96x torch's; the bench workload's 128 prompts of 16-256 tokens prefilled in 0.90x the
+// time. Decode rows stay on the vector maths: their 3 rows a KV head ran 1.3x its time on tiles,
+// waiting on K and V as much as it does, with the per-chunk work added.
+//
+// How, per KV head: its rows (tokens x the query heads sharing the KV head) in chunks of 16, and
+// its keys in blocks (128, or a page), each block laid out once for all the chunks that see it:
+// - keys: K transposed in pairs of dims (the right operand's layout: 16 keys' pairs side by side),
+//   a 16 x 16 transpose of 32-bit pairs per tile of 16 keys and 32 dims; keys past the block
+//   are zeros;
+// - values: V's keys interleaved in pairs (the right operand's layout), 16 dims to a tile; keys
+//   past the block zero, as a zero weight times a stale NaN would be NaN;
+// - scores: S = Q K^T, the chunk's query rows (left) against four tiles of keys at once;
+// - softmax: each row's largest score, its exponentials and their sum in float, the running max /
+//   sum / output rescaled as in the vector maths (an online softmax); the weights are then rounded
+//   to bfloat16 (as torch's flash attention rounds its second product's operand), keys a row does
+//   not see weighing zero;
+// - values: O += P V, four 16-dim slices at once.
+//
+// Rows are independent: a row's result does not depend on the other rows of its chunk or call.
+// Built where the compiler targets AMX-BF16 (-march=native on such a CPU); used once Linux grants
+// the process its tile state (amx_tiles_granted).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "amx_tiles.h"
+#include "paged_inputs.h"
+#include "wide_math.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define BATON_AMX_ATTENTION 1
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace baton {
+
+class AmxAttention {
+ public:
+  using bf16 = c10::BFloat16;
+  static constexpr int64_t kTile = 16;   // keys of a score tile; query rows of a chunk
+  static constexpr int64_t kPairs = 32;  // dims a score multiply covers; keys a values one covers
+
+  static bool fits(int64_t head_dim, int64_t page_size) {
+    return head_dim % kPairs == 0 && page_size % kTile == 0 && amx_tiles_granted();
+  }
+
+  // Tiles (amx_tiles.h's configure_tiles: each 16 rows of 64 bytes): for the scores, 0 and 3-5
+  // the sums of four tiles of keys, 2 the queries (left), 1, 6 and 7 the keys (right); for the
+  // values, 3-6 the sums of four 16-dim slices, 7 the weights (left), 0-2 the values (right).
+
+  AmxAttention(const PagedInputs<bf16>& in, int64_t block_keys)
+      : in_(in), dim_(in.head_dim), block_(round_up(block_keys, kPairs)), slices_(dim_ / kTile) {
+    keys_.resize(block_ / kTile * (dim_ / kPairs) * kTile * kPairs);
+    scores_.resize(kTile * (block_ + kTile));
+    weights_.resize(kTile * block_);
+    values_.resize(block_ / kPairs * slices_ * kTile * kPairs);
+    block_sums_.resize(kTile * dim_);
+  }
+
+  // Each KV head's rows in chunks of 16, block by block of keys: a block's keys and values are
+  // laid out once for all the chunks that see it.
+  void attend(const WorkItem& item) {
+    const int64_t rows = item.num_tokens * in_.group;
+    chunks_.resize((rows + kTile - 1) / kTile);
+    for (int64_t head = item.first_head; head < item.last_head; ++head) {
+      for (size_t c = 0; c < chunks_.size(); ++c) {
+        start_chunk(chunks_[c], item, head, c * kTile, std::min<int64_t>(kTile, rows - c * kTile));
+      }
+      const int64_t num_keys = chunks_.back().limit[chunks_.back().count - 1];
+      for (int64_t start = 0; start < num_keys; start += block_) {
+        const int64_t len = std::min(block_, num_keys - start);
+        lay_out_keys(item.request, head, start, len);
+        lay_out_values(item.request, head, start, len);
+        for (Chunk& chunk : chunks_) {
+          // The keys of the block the chunk's last row sees (rows see more as they go).
+          const int64_t seen = std::min(len, chunk.limit[chunk.count - 1] - start);
+          if (seen <= 0) continue;
+          score_block(seen, chunk);
+          attend_block(chunk, start, seen);
+        }
+      }
+      for (const Chunk& chunk : chunks_) finish_chunk(chunk, item, head);
+    }
+  }
+
+ private:
+  // A chunk of up to 16 rows of one KV head: its query rows side by side (rows past count zero:
+  // the left operand of the score multiplies), the keys each row sees (< limit), and its online
+  // softmax's state.
+  struct Chunk {
+    int64_t row0 = 0, count = 0;
+    int64_t limit[kTile];
+    float max[kTile], sum[kTile];
+    std::vector<bf16> queries;
+    std::vector<float> sums;  // [row][dim]: the weighted values so far
+  };
+
+  static int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+  // The first n of 16 lanes (none for n <= 0, all for n >= 16).
+  static __mmask16 first_lanes(int64_t n) {
+    return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, kTile)) - 1);
+  }
+
+  // Row `row` of a head's rows is query head head * group + row % group of token row / group.
+  const bf16* query_of(const WorkItem& item, int64_t head, int64_t row) const {
+    const int64_t token = in_.cu_seqlens_q[item.request] + item.first_token + row / in_.group;
+    return in_.query + token * in_.query_token_stride +
+           (head * in_.group + row % in_.group) * in_.query_head_stride;
+  }
+
+  bf16* out_of(const WorkItem& item, int64_t head, int64_t row) const {
+    const int64_t token = in_.cu_seqlens_q[item.request] + item.first_token + row / in_.group;
+    return in_.out + token * in_.out_token_stride +
+           (head * in_.group + row % in_.group) * in_.out_head_stride;
+  }
+
+  void start_chunk(Chunk& chunk, const WorkItem& item, int64_t head, int64_t row0,
+                   int64_t count) {
+    chunk.row0 = row0;
+    chunk.count = count;
+    const int64_t q_len = in_.cu_seqlens_q[item.request + 1] - in_.cu_seqlens_q[item.request];
+    // Row r (of the head's rows) sees keys < first_limit + r / group + 1.
+    const int64_t first_limit = in_.context_lens[item.request] - q_len + item.first_token;
+    for (int64_t n = 0; n < count; ++n) chunk.limit[n] = first_limit + (row0 + n) / in_.group + 1;
+    std::fill(chunk.max, chunk.max + kTile, -std::numeric_limits<float>::infinity());
+    std::fill(chunk.sum, chunk.sum + kTile, 0.0f);
+    chunk.sums.assign(kTile * dim_, 0.0f);
+    lay_out_queries(chunk, item, head);
+  }
+
+  // The chunk's rows against the block's first `seen` keys (from start), its scores in scores_.
+  void attend_block(Chunk& chunk, int64_t start, int64_t seen) {
+    float correction[kTile];
+    for (int64_t n = 0; n < chunk.count; ++n) {
+      correction[n] = weigh_row(chunk, n, std::clamp<int64_t>(chunk.limit[n] - start, 0, seen),
+                                seen);
+    }
+    weigh_values(round_up(seen, kPairs));
+    for (int64_t n = 0; n < chunk.count; ++n) {
+      float* sums = chunk.sums.data() + n * dim_;
+      const float* block = block_sums_.data() + n * dim_;
+      for (int64_t d = 0; d < dim_; d += kTile) {
+        store_wide(sums + d, load_wide(sums + d) * correction[n] + load_wide(block + d));
+      }
+    }
+  }
+
+  void finish_chunk(const Chunk& chunk, const WorkItem& item, int64_t head) const {
+    for (int64_t n = 0; n < chunk.count; ++n) {
+      bf16* dst = out_of(item, head, chunk.row0 + n);
+      const float inverse = 1.0f / chunk.sum[n];
+      for (int64_t d = 0; d < dim_; d += kTile) {
+        store_wide(dst + d, load_wide(chunk.sums.data() + n * dim_ + d) * inverse);
+      }
+    }
+  }
+
+  void lay_out_queries(Chunk& chunk, const WorkItem& item, int64_t head) {
+    chunk.queries.assign(kTile * dim_, bf16(0));
+    for (int64_t n = 0; n < chunk.count; ++n) {
+      std::memcpy(chunk.queries.data() + n * dim_, query_of(item, head, chunk.row0 + n),
+                  dim_ * sizeof(bf16));
+    }
+  }
+
+  // keys_[tile][step][pair][key] = the two dims 32 step + 2 pair and the next of key 16 tile + key
+  // of the block (keys past len zero): K transposed in pairs of dims, the right operand of a
+  // score multiply, laid out once a block for all its chunks. (Asking for the next block's K and
+  // this block's V ahead, as the vector maths do, changed nothing measurable here: 0.97-1.02x.)
+  void lay_out_keys(int64_t b, int64_t head, int64_t start, int64_t len) {
+    const int64_t steps = dim_ / kPairs;
+    for (int64_t key = 0; key < len; key += kTile) {
+      const bf16* k = in_.at(in_.key_cache, b, start + key, head);
+      const int64_t valid = std::min(kTile, len - key);
+      for (int64_t step = 0; step < steps; ++step) {
+        __m512i rows[kTile];
+        for (int64_t j = 0; j < kTile; ++j) {
+          rows[j] = j < valid ? _mm512_loadu_si512(k + j * in_.slot_stride + step * kPairs)
+                              : _mm512_setzero_si512();
+        }
+        transpose(rows);
+        auto* out = keys_.data() + (key / kTile * steps + step) * kTile * kPairs;
+        for (int64_t pair = 0; pair < kTile; ++pair) {
+          _mm512_storeu_si512(out + pair * kPairs, rows[pair]);
+        }
+      }
+    }
+  }
+
+  // Sixteen rows of sixteen 32-bit lanes transposed: pairs within each 128-bit lane, then
+  // fours, then the 128-bit lanes themselves.
+  static void transpose(__m512i r[kTile]) {
+    __m512i t[kTile];
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    // r[4 i + c]'s 128-bit lane L: rows 4 i .. 4 i + 3 at column 4 L + c.
+    for (int i = 0; i < 4; ++i) {
+      r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+      r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+      r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+      r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int c = 0; c < 4; ++c) {
+      const __m512i x0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44);
+      const __m512i x1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
+      const __m512i x2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+      const __m512i x3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
+      t[c] = _mm512_shuffle_i32x4(x0, x2, 0x88);
+      t[4 + c] = _mm512_shuffle_i32x4(x0, x2, 0xDD);
+      t[8 + c] = _mm512_shuffle_i32x4(x1, x3, 0x88);
+      t[12 + c] = _mm512_shuffle_i32x4(x1, x3, 0xDD);
+    }
+    for (int i = 0; i < kTile; ++i) r[i] = t[i];
+  }
+
+  // scores_[row][j] = q_row . k_(start + j) (unscaled) for the block's first `len` keys and the
+  // chunk's rows, four tiles of 16 keys at a time: tiles are not renamed, so one sum tile reused
+  // tile after tile waited on each store (the store alone was 11% of a 2048-token prompt's time).
+  void score_block(int64_t len, const Chunk& chunk) {
+    const int64_t steps = dim_ / kPairs, tiles = (len + kTile - 1) / kTile;
+    const int64_t q_stride = dim_ * sizeof(bf16), out_stride = (block_ + kTile) * sizeof(float);
+    const auto keys = [&](int64_t tile, int64_t step) {
+      return keys_.data() + (tile * steps + step) * kTile * kPairs;
+    };
+    for (int64_t t = 0; t < tiles; t += 4) {
+      const int64_t n = std::min<int64_t>(4, tiles - t);
+      _tile_zero(0);
+      if (n > 1) _tile_zero(3);
+      if (n > 2) _tile_zero(4);
+      if (n > 3) _tile_zero(5);
+      for (int64_t step = 0; step < steps; ++step) {
+        _tile_loadd(2, chunk.queries.data() + step * kPairs, q_stride);
+        _tile_loadd(1, keys(t, step), 64);
+        _tile_dpbf16ps(0, 2, 1);
+        if (n > 1) {
+          _tile_loadd(6, keys(t + 1, step), 64);
+          _tile_dpbf16ps(3, 2, 6);
+        }
+        if (n > 2) {
+          _tile_loadd(7, keys(t + 2, step), 64);
+          _tile_dpbf16ps(4, 2, 7);
+        }
+        if (n > 3) {
+          _tile_loadd(1, keys(t + 3, step), 64);
+          _tile_dpbf16ps(5, 2, 1);
+        }
+      }
+      float* out = scores_.data() + t * kTile;
+      _tile_stored(0, out, out_stride);
+      if (n > 1) _tile_stored(3, out + kTile, out_stride);
+      if (n > 2) _tile_stored(4, out + 2 * kTile, out_stride);
+      if (n > 3) _tile_stored(5, out + 3 * kTile, out_stride);
+    }
+  }
+
+  // Row n's online softmax over the block's first `seen` keys (of len), its scores scaled first:
+  // its weights into weights_ as bfloat16 (zero past seen); returns how much its earlier sums
+  // shrink. Rows of weights_ past the chunk's count hold whatever an earlier chunk left: their
+  // results are not read, and rows do not mix.
+  float weigh_row(Chunk& chunk, int64_t n, int64_t seen, int64_t len) {
+    bf16* weights = weights_.data() + n * block_;
+    if (seen == 0) {
+      std::fill(weights, weights + round_up(len, kPairs), bf16(0));
+      return 1.0f;
+    }
+    float* score = scores_.data() + n * (block_ + kTile);
+    const __m512 scale = _mm512_set1_ps(static_cast<float>(in_.scale));
+    __m512 lanes = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int64_t j = 0; j < seen; j += kTile) {
+      const __m512 scaled = _mm512_mul_ps(_mm512_loadu_ps(score + j), scale);
+      _mm512_storeu_ps(score + j, scaled);
+      lanes = _mm512_mask_max_ps(lanes, first_lanes(seen - j), lanes, scaled);
+    }
+    const float block_max = _mm512_reduce_max_ps(lanes);
+    const float new_max = std::max(chunk.max[n], block_max);
+    const float correction = std::exp(chunk.max[n] - new_max);
+    chunk.sum[n] = chunk.sum[n] * correction + WideMath<bf16>::exp_sum(score, seen, new_max);
+    chunk.max[n] = new_max;
+    for (int64_t j = 0; j < round_up(len, kPairs); j += kTile) {
+      store_wide(weights + j, (vwide)_mm512_maskz_loadu_ps(first_lanes(seen - j), score + j));
+    }
+    return correction;
+  }
+
+  // values_[pair block][slice][pair][32] = keys 2 pair and 2 pair + 1 of 32-key group `pair
+  // block` interleaved over the slice's 16 dims: the right operand of a values multiply. Keys past
+  // len are zeros.
+  void lay_out_values(int64_t b, int64_t head, int64_t start, int64_t len) {
+    const __m512i low = pair_index(0), high = pair_index(kTile);
+    for (int64_t j = 0; j < round_up(len, kPairs); j += 2) {
+      const bf16* first = j < len ? in_.at(in_.value_cache, b, start + j, head) : nullptr;
+      const bf16* second = j + 1 < len ? first + in_.slot_stride : nullptr;
+      bf16* row = values_.data() + ((j / kPairs * slices_) * kTile + j % kPairs / 2) * kPairs;
+      for (int64_t d = 0; d < dim_; d += kPairs) {
+        const __m512i a = first ? _mm512_loadu_si512(first + d) : _mm512_setzero_si512();
+        const __m512i c = second ? _mm512_loadu_si512(second + d) : _mm512_setzero_si512();
+        bf16* slice = row + (d / kTile) * kTile * kPairs;
+        _mm512_storeu_si512(slice, _mm512_permutex2var_epi16(a, low, c));
+        _mm512_storeu_si512(slice + kTile * kPairs, _mm512_permutex2var_epi16(a, high, c));
+      }
+    }
+  }
+
+  // Lanes 2i and 2i + 1: element first + i of the first and of the second vector.
+  static __m512i pair_index(int first) {
+    alignas(64) uint16_t index[32];
+    for (int i = 0; i < 16; ++i) {
+      index[2 * i] = static_cast<uint16_t>(first + i);
+      index[2 * i + 1] = static_cast<uint16_t>(32 + first + i);
+    }
+    return _mm512_load_si512(index);
+  }
+
+  // block_sums_ = weights_ values_ over `keys` (a multiple of 32) keys, four 16-dim slices at a
+  // time.
+  void weigh_values(int64_t keys) {
+    for (int64_t slice = 0; slice < slices_; slice += 4) {
+      const int64_t n = std::min<int64_t>(4, slices_ - slice);
+      _tile_zero(3);
+      if (n > 1) _tile_zero(4);
+      if (n > 2) _tile_zero(5);
+      if (n > 3) _tile_zero(6);
+      for (int64_t key = 0; key < keys; key += kPairs) {
+        _tile_loadd(7, weights_.data() + key, block_ * sizeof(bf16));
+        const bf16* values = values_.data() + (key / kPairs * slices_ + slice) * kTile * kPairs;
+        constexpr int64_t kSlice = kTile * kPairs, kRow = 64;
+        // Each slice's values in a tile of its own, as the scores' are.
+        _tile_loadd(0, values, kRow);
+        _tile_dpbf16ps(3, 7, 0);
+        if (n > 1) {
+          _tile_loadd(1, values + kSlice, kRow);
+          _tile_dpbf16ps(4, 7, 1);
+        }
+        if (n > 2) {
+          _tile_loadd(2, values + 2 * kSlice, kRow);
+          _tile_dpbf16ps(5, 7, 2);
+        }
+        if (n > 3) {
+          _tile_loadd(0, values + 3 * kSlice, kRow);
+          _tile_dpbf16ps(6, 7, 0);
+        }
+      }
+      float* out = block_sums_.data() + slice * kTile;
+      const int64_t stride = dim_ * sizeof(float);
+      _tile_stored(3, out, stride);
+      if (n > 1) _tile_stored(4, out + kTile, stride);
+      if (n > 2) _tile_stored(5, out + 2 * kTile, stride);
+      if (n > 3) _tile_stored(6, out + 3 * kTile, stride);
+    }
+  }
+
+  const PagedInputs<bf16>& in_;
+  const int64_t dim_, block_, slices_;
+  std::vector<Chunk> chunks_;
+  std::vector<bf16> keys_, weights_, values_;
+  std::vector<float> scores_, block_sums_;
+};
+
+}  // namespace baton
+#endif

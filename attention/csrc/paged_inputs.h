@@ -1,0 +1,38 @@
+// What paged attention's work runs on: one call's pointers and strides, and the work items its
+// threads claim. Shared by paged_attention.cpp's vector maths and amx_attention.h.
+#pragma once
+
+#include <cstdint>
+
+namespace baton {
+
+// A tile of one request's new tokens against KV heads [first_head, last_head), each with all the
+// query heads sharing it (rows = tokens x group).
+struct WorkItem {
+  int64_t request, first_token, num_tokens, first_head, last_head, cost;
+};
+
+// Pointers and strides of one call, read once so the inner loops see plain integers.
+template <typename scalar_t>
+struct PagedInputs {
+  const scalar_t* query;
+  const scalar_t* key_cache;
+  const scalar_t* value_cache;
+  scalar_t* out;
+  const int32_t* block_table;
+  const int32_t* cu_seqlens_q;
+  const int32_t* context_lens;
+  int64_t table_stride, query_token_stride, query_head_stride, out_token_stride, out_head_stride;
+  int64_t page_stride, slot_stride, head_stride;
+  int64_t page_size, head_dim, group, num_kv_heads;
+  double scale;
+  bool on_tiles;  // bfloat16 items of a chunk's rows run on AMX tiles (amx_attention.h)
+
+  // Where request b's K (or V) of position `key`, KV head `head`, lies in `cache`.
+  const scalar_t* at(const scalar_t* cache, int64_t b, int64_t key, int64_t head) const {
+    const int32_t page = block_table[b * table_stride + key / page_size];
+    return cache + page * page_stride + (key % page_size) * slot_stride + head * head_stride;
+  }
+};
+
+}  // namespace baton
