@@ -12,8 +12,9 @@ pairs in bfloat16; in float32 only whole prompts of ~1M pairs) is a matrix produ
 same call hands to torch's own attention (flash attention on oneDNN's microkernels) over its
 context gathered from the pages: a 2000-token bfloat16 prompt's first token in 0.45x the time on
 the SmolLM2 shape. On a CPU with AMX, bfloat16 prompt tiles run as tile multiplies instead
-(``attention/csrc/amx_attention.h``), and requests stay with the kernel up to ~131k pairs
-(whole prompts of ~512 tokens), where the tiles measured faster than torch's attention.
+(``attention/csrc/amx_attention.h``), and requests stay with the kernel below 2^17 pairs
+(whole prompts of up to 511 tokens), where the tiles measured as fast as torch's attention or
+faster.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@
 // waiting on K and V as much as it does, with the per-chunk work added.
 //
 // How, per KV head: its rows (tokens x the query heads sharing the KV head) in chunks of 16, and
-// its keys in blocks (128, or a page), each block laid out once for all the chunks that see it:
+// its keys in blocks (paged_attention.cpp's, rounded up to 32 keys: 128 on pages of 16 or 32),
+// each block laid out once for all the chunks that see it:
 // - keys: K transposed in pairs of dims (the right operand's layout: 16 keys' pairs side by side),
 //   a 16 x 16 transpose of 32-bit pairs per tile of 16 keys and 32 dims; keys past the block
 //   are zeros;
@@ -24,7 +25,10 @@
 //   not see weighing zero;
 // - values: O += P V, four 16-dim slices at once.
 //
-// Rows are independent: a row's result does not depend on the other rows of its chunk or call.
+// On tiles, rows are independent: a row's result does not depend on the other rows of its chunk
+// or call. Which path a token takes does depend on its item (paged_attention.cpp sends items of
+// fewer than 16 rows to the vector maths), so a prompt's last tokens may take other bits when
+// the same prompt is prefilled in other chunks.
 // Built where the compiler targets AMX-BF16 (-march=native on such a CPU); used once Linux grants
 // the process its tile state (amx_tiles_granted).
 #pragma once
@@ -67,7 +71,7 @@ class AmxAttention {
   AmxAttention(const PagedInputs<bf16>& in, int64_t block_keys)
       : in_(in), dim_(in.head_dim), block_(round_up(block_keys, kPairs)), slices_(dim_ / kTile) {
     keys_.resize(block_ / kTile * (dim_ / kPairs) * kTile * kPairs);
-    scores_.resize(kTile * (block_ + kTile));
+    scores_.resize(kTile * block_);
     weights_.resize(kTile * block_);
     values_.resize(block_ / kPairs * slices_ * kTile * kPairs);
     block_sums_.resize(kTile * dim_);
@@ -78,11 +82,15 @@ class AmxAttention {
   void attend(const WorkItem& item) {
     const int64_t rows = item.num_tokens * in_.group;
     chunks_.resize((rows + kTile - 1) / kTile);
+    const int64_t q_len = in_.cu_seqlens_q[item.request + 1] - in_.cu_seqlens_q[item.request];
+    // Row r sees keys < first_limit + r / group + 1; the last row sees num_keys.
+    const int64_t first_limit = in_.context_lens[item.request] - q_len + item.first_token;
+    const int64_t num_keys = first_limit + item.num_tokens;
     for (int64_t head = item.first_head; head < item.last_head; ++head) {
       for (size_t c = 0; c < chunks_.size(); ++c) {
-        start_chunk(chunks_[c], item, head, c * kTile, std::min<int64_t>(kTile, rows - c * kTile));
+        const int64_t row0 = c * kTile;
+        start_chunk(chunks_[c], item, head, row0, std::min(kTile, rows - row0), first_limit);
       }
-      const int64_t num_keys = chunks_.back().limit[chunks_.back().count - 1];
       for (int64_t start = 0; start < num_keys; start += block_) {
         const int64_t len = std::min(block_, num_keys - start);
         lay_out_keys(item.request, head, start, len);
@@ -118,26 +126,27 @@ class AmxAttention {
     return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, kTile)) - 1);
   }
 
-  // Row `row` of a head's rows is query head head * group + row % group of token row / group.
-  const bf16* query_of(const WorkItem& item, int64_t head, int64_t row) const {
+  // Row `row` of a head's rows is query head head * group + row % group of token row / group:
+  // where it lies in a [tokens, heads, dim] tensor with these strides.
+  template <typename T>
+  T* row_of(T* base, int64_t token_stride, int64_t head_stride, const WorkItem& item,
+            int64_t head, int64_t row) const {
     const int64_t token = in_.cu_seqlens_q[item.request] + item.first_token + row / in_.group;
-    return in_.query + token * in_.query_token_stride +
-           (head * in_.group + row % in_.group) * in_.query_head_stride;
+    return base + token * token_stride + (head * in_.group + row % in_.group) * head_stride;
+  }
+
+  const bf16* query_of(const WorkItem& item, int64_t head, int64_t row) const {
+    return row_of(in_.query, in_.query_token_stride, in_.query_head_stride, item, head, row);
   }
 
   bf16* out_of(const WorkItem& item, int64_t head, int64_t row) const {
-    const int64_t token = in_.cu_seqlens_q[item.request] + item.first_token + row / in_.group;
-    return in_.out + token * in_.out_token_stride +
-           (head * in_.group + row % in_.group) * in_.out_head_stride;
+    return row_of(in_.out, in_.out_token_stride, in_.out_head_stride, item, head, row);
   }
 
-  void start_chunk(Chunk& chunk, const WorkItem& item, int64_t head, int64_t row0,
-                   int64_t count) {
+  void start_chunk(Chunk& chunk, const WorkItem& item, int64_t head, int64_t row0, int64_t count,
+                   int64_t first_limit) {
     chunk.row0 = row0;
     chunk.count = count;
-    const int64_t q_len = in_.cu_seqlens_q[item.request + 1] - in_.cu_seqlens_q[item.request];
-    // Row r (of the head's rows) sees keys < first_limit + r / group + 1.
-    const int64_t first_limit = in_.context_lens[item.request] - q_len + item.first_token;
     for (int64_t n = 0; n < count; ++n) chunk.limit[n] = first_limit + (row0 + n) / in_.group + 1;
     std::fill(chunk.max, chunk.max + kTile, -std::numeric_limits<float>::infinity());
     std::fill(chunk.sum, chunk.sum + kTile, 0.0f);
@@ -232,12 +241,13 @@ class AmxAttention {
     for (int i = 0; i < kTile; ++i) r[i] = t[i];
   }
 
-  // scores_[row][j] = q_row . k_(start + j) (unscaled) for the block's first `len` keys and the
-  // chunk's rows, four tiles of 16 keys at a time: tiles are not renamed, so one sum tile reused
-  // tile after tile waited on each store (the store alone was 11% of a 2048-token prompt's time).
-  void score_block(int64_t len, const Chunk& chunk) {
-    const int64_t steps = dim_ / kPairs, tiles = (len + kTile - 1) / kTile;
-    const int64_t q_stride = dim_ * sizeof(bf16), out_stride = (block_ + kTile) * sizeof(float);
+  // scores_[row][j] = q_row . k_(start + j) (unscaled) for the block's first `chunk_seen` keys
+  // (those its last row sees) and the chunk's rows, four tiles of 16 keys at a time: tiles are
+  // not renamed, so one sum tile reused tile after tile waited on each store (the store alone was
+  // 11% of a 2048-token prompt's time).
+  void score_block(int64_t chunk_seen, const Chunk& chunk) {
+    const int64_t steps = dim_ / kPairs, tiles = (chunk_seen + kTile - 1) / kTile;
+    const int64_t q_stride = dim_ * sizeof(bf16), out_stride = block_ * sizeof(float);
     const auto keys = [&](int64_t tile, int64_t step) {
       return keys_.data() + (tile * steps + step) * kTile * kPairs;
     };
@@ -272,17 +282,17 @@ class AmxAttention {
     }
   }
 
-  // Row n's online softmax over the block's first `seen` keys (of len), its scores scaled first:
-  // its weights into weights_ as bfloat16 (zero past seen); returns how much its earlier sums
-  // shrink. Rows of weights_ past the chunk's count hold whatever an earlier chunk left: their
-  // results are not read, and rows do not mix.
-  float weigh_row(Chunk& chunk, int64_t n, int64_t seen, int64_t len) {
+  // Row n's online softmax over the `seen` keys of the block it sees, its scores scaled first:
+  // its weights into weights_ as bfloat16 for the chunk's keys (zero past seen); returns how much
+  // its earlier sums shrink. Rows of weights_ past the chunk's count hold whatever an earlier
+  // chunk left: their results are not read, and rows do not mix.
+  float weigh_row(Chunk& chunk, int64_t n, int64_t seen, int64_t chunk_seen) {
     bf16* weights = weights_.data() + n * block_;
     if (seen == 0) {
-      std::fill(weights, weights + round_up(len, kPairs), bf16(0));
+      std::fill(weights, weights + round_up(chunk_seen, kPairs), bf16(0));
       return 1.0f;
     }
-    float* score = scores_.data() + n * (block_ + kTile);
+    float* score = scores_.data() + n * block_;
     const __m512 scale = _mm512_set1_ps(static_cast<float>(in_.scale));
     __m512 lanes = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
     for (int64_t j = 0; j < seen; j += kTile) {
@@ -295,7 +305,7 @@ class AmxAttention {
     const float correction = std::exp(chunk.max[n] - new_max);
     chunk.sum[n] = chunk.sum[n] * correction + WideMath<bf16>::exp_sum(score, seen, new_max);
     chunk.max[n] = new_max;
-    for (int64_t j = 0; j < round_up(len, kPairs); j += kTile) {
+    for (int64_t j = 0; j < round_up(chunk_seen, kPairs); j += kTile) {
       store_wide(weights + j, (vwide)_mm512_maskz_loadu_ps(first_lanes(seen - j), score + j));
     }
     return correction;

@@ -36,8 +36,13 @@ namespace {
 constexpr int64_t kQueryTile = 16;  // new tokens of one request handled by one work item
 constexpr int64_t kPrefetchPages = 2;  // how far ahead of the page being read its K/V is asked for
 // Keys per softmax update, in whole pages (at least one): a block's K, then its V, stay in cache
-// between the two passes, and its scores fit the per-thread scratch.
+// between the two passes, and its scores fit the per-thread scratch. (The tiles round it up to
+// 32 keys: amx_attention.h.)
 constexpr int64_t kBlockKeys = 128;
+
+int64_t block_keys(int64_t page_size) {
+  return std::max<int64_t>(1, kBlockKeys / page_size) * page_size;
+}
 
 // Whether bfloat16 items run on AMX tiles where the CPU has them (amx_attention.h); the vector
 // maths otherwise. A switch for the tests and benchmarks that compare the two.
@@ -273,7 +278,7 @@ void accumulate_rows(acc_t* acc, const acc_t* p, int64_t p_stride, int64_t count
 //   all): whole prompts of 128 tokens 0.71x torch's time, 256 0.96x, 512 0.89x, 1024 1.22x, 2048
 //   1.41x; 32 new tokens after 300 cached 0.43x, 64 after 936 0.92x, 128 after 1024 1.07x, 256
 //   after 2048 1.24x. So where the tiles run, requests of fewer than kTilesTorchPairs pairs stay
-//   ours.
+//   ours: whole prompts of up to 511 tokens (512 have 131584 pairs, on a par either way).
 // Decode rows, short prompts and chunks stay ours, and so does float64, the exactness runs' type.
 constexpr int64_t kTorchQueries = 32;
 constexpr int64_t kTilesTorchPairs = 1 << 17;
@@ -515,8 +520,8 @@ void attend_item(const WorkItem& item, const PagedInputs<scalar_t>& in, Scratch<
   const int64_t rows = item.num_tokens * group, heads = item.last_head - item.first_head;
   const int64_t q_len = in.cu_seqlens_q[item.request + 1] - in.cu_seqlens_q[item.request];
   const int64_t first_token = in.cu_seqlens_q[item.request] + item.first_token;
-  const int64_t block_keys = std::max<int64_t>(1, kBlockKeys / page) * page;
-  s.fit(heads * rows, dim, page, block_keys);
+  const int64_t block = block_keys(page);
+  s.fit(heads * rows, dim, page, block);
   // Row (h, r) is query head (first_head + h) * group + r % group of token r / group.
   auto row_of = [&](int64_t h, int64_t r) { return (h * rows + r) * dim; };
   auto head_of = [&](int64_t h, int64_t r) { return (item.first_head + h) * group + r % group; };
@@ -535,9 +540,9 @@ void attend_item(const WorkItem& item, const PagedInputs<scalar_t>& in, Scratch<
   for (int64_t p = 0; p < kPrefetchPages && p < num_pages; ++p) {
     prefetch_page(in, in.key_cache, pages[p], item.first_head, item.last_head);
   }
-  for (int64_t start = 0; start < num_keys; start += block_keys) {
+  for (int64_t start = 0; start < num_keys; start += block) {
     attend_block<Math>(in, s, item, pages, num_pages, first_limit, start,
-                       std::min(block_keys, num_keys - start));
+                       std::min(block, num_keys - start));
   }
 
   for (int64_t h = 0; h < heads; ++h) {
@@ -568,10 +573,9 @@ void run_items(const PagedInputs<scalar_t>& in, int64_t batch) {
 void run_items_on_tiles(const PagedInputs<c10::BFloat16>& in, int64_t batch) {
   using Math = WideMath<c10::BFloat16>;
   const std::vector<WorkItem> items = plan_items(in, batch, at::get_num_threads());
-  const int64_t block_keys = std::max<int64_t>(1, kBlockKeys / in.page_size) * in.page_size;
   run_claimed(static_cast<int64_t>(items.size()), [&](const auto& claim) {
     configure_tiles();
-    AmxAttention tiles(in, block_keys);
+    AmxAttention tiles(in, block_keys(in.page_size));
     Scratch<Math> scratch;
     for (int64_t i = claim(); i >= 0; i = claim()) {
       if (items[i].num_tokens * in.group >= AmxAttention::kTile) {
@@ -580,6 +584,7 @@ void run_items_on_tiles(const PagedInputs<c10::BFloat16>& in, int64_t batch) {
         attend_item<Math>(items[i], in, scratch);
       }
     }
+    _tile_release();  // the thread's tile state, so context switches no longer save it
   });
 }
 #endif

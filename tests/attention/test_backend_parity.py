@@ -64,6 +64,14 @@ def amx_tiles(request):
         pytest.skip("the attention kernels cannot be built here")
     if request.param and not kernels.amx_attention_available():
         pytest.skip("no AMX tiles on this CPU or build")
+    params = request.node.callspec.params
+    never_on_tiles = (
+        params.get("dtype", torch.bfloat16) != torch.bfloat16
+        or params.get("head_dim", 64) % 32
+        or params.get("kind") == "decode"
+    )
+    if request.param and never_on_tiles:
+        pytest.skip("never reaches the tiles (bfloat16 prompt tiles, head sizes of 32k)")
     previous = kernels.use_amx_attention(request.param)
     yield request.param
     kernels.use_amx_attention(previous)
@@ -78,14 +86,31 @@ def test_cpu_backend_matches_naive_attention(name, kind, heads, page_size, dtype
     check_backend(name, kind, heads, page_size, dtype, "cpu")
 
 
-@pytest.mark.parametrize("page_size", [16, 32])
+@pytest.mark.parametrize("page_size", [16, 32, 80])
 @pytest.mark.parametrize("heads", [(8, 2), (9, 3), (4, 4)], ids=["gqa4", "gqa3", "mha"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_cpu_paged_bfloat16_on_tiles_and_vectors(kind, heads, page_size, amx_tiles):
     """bfloat16 at head size 64 on both of the kernel's bfloat16 paths: prompt tiles of 16
     tokens (48 rows a KV head at 3 query heads a KV head, 16 at one) on AMX tiles, decode rows
-    on the vector math."""
+    on the vector math. Pages of 80 tokens make blocks of 96 keys that start mid-page."""
     check_backend("cpu_paged", kind, heads, page_size, torch.bfloat16, "cpu", seed=11, head_dim=64)
+
+
+@pytest.mark.parametrize("head_dim", [32, 256])
+def test_cpu_paged_tiles_on_one_thread_walk_every_head_of_each_item(head_dim, amx_tiles):
+    """On one thread, a batch of at least four items keeps each item's KV heads together
+    (plan_items splits them by head only when threads would idle), so the tiles walk several
+    heads an item, laying out keys and restarting chunks per head; head sizes of one step of 32
+    dims and of eight (two groups of four 16-dim slices for the values)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        check_backend(
+            "cpu_paged", "prefill_with_context", (6, 3), 16, torch.bfloat16, "cpu", seed=6,
+            head_dim=head_dim, max_context=200,
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("seed", range(5))
