@@ -569,10 +569,8 @@ void run_items(const PagedInputs<scalar_t>& in, int64_t batch) {
 }
 
 #ifdef BATON_AMX_ATTENTION
-// Items with a chunk's worth of rows a KV head (a prompt's tiles of 16 tokens) on AMX tiles; the
-// rest on the 16-lane math: for a decode row's few rows the tile loads, waiting on K and V, ran
-// 1.3x its time (B=32, context 160, SmolLM2's heads), while a tile of 16 tokens after 160 cached
-// ran in 0.55x.
+// Whether any of the call's items has a chunk's worth of rows a KV head (a request's first tile
+// is its largest), so that the call has work for the tiles.
 bool has_tile_items(const PagedInputs<c10::BFloat16>& in, int64_t batch) {
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t q_len = in.cu_seqlens_q[b + 1] - in.cu_seqlens_q[b];
@@ -583,6 +581,10 @@ bool has_tile_items(const PagedInputs<c10::BFloat16>& in, int64_t batch) {
   return false;
 }
 
+// Items with a chunk's worth of rows a KV head (a prompt's tiles of 16 tokens) on AMX tiles; the
+// rest on the 16-lane math: for a decode row's few rows the tile loads, waiting on K and V, ran
+// 1.3x its time (B=32, context 160, SmolLM2's heads), while a tile of 16 tokens after 160 cached
+// ran in 0.55x.
 void run_items_on_tiles(const PagedInputs<c10::BFloat16>& in, int64_t batch) {
   using Math = WideMath<c10::BFloat16>;
   const std::vector<WorkItem> items = plan_items(in, batch, at::get_num_threads());
