@@ -64,9 +64,10 @@ class AmxAttention {
     return head_dim % kPairs == 0 && page_size % kTile == 0 && amx_tiles_granted();
   }
 
-  // Tiles (amx_tiles.h's configure_tiles: each 16 rows of 64 bytes): for the scores, 0 and 3-5
-  // the sums of four tiles of keys, 2 the queries (left), 1, 6 and 7 the keys (right); for the
-  // values, 3-6 the sums of four 16-dim slices, 7 the weights (left), 0-2 the values (right).
+  // Tiles (amx_tiles.h's configure_tiles: each 16 rows of 64 bytes): 3-6 the sums of up to four
+  // multiplies at a time (four tiles of keys for the scores, four 16-dim slices for the values);
+  // for the scores 2 the queries (left), 0, 1 and 7 the keys (right); for the values 7 the weights
+  // (left), 0-2 the values (right).
 
   AmxAttention(const PagedInputs<bf16>& in, int64_t block_keys)
       : in_(in), dim_(in.head_dim), block_(round_up(block_keys, kPairs)), slices_(dim_ / kTile) {
@@ -120,6 +121,22 @@ class AmxAttention {
   };
 
   static int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+  // Sum tiles 3 .. 3 + n - 1 (n <= 4) zeroed; stored side by side, 16 floats apart, rows
+  // `stride` bytes apart. (Tile numbers are immediates, hence the ladder.)
+  static void zero_sums(int64_t n) {
+    _tile_zero(3);
+    if (n > 1) _tile_zero(4);
+    if (n > 2) _tile_zero(5);
+    if (n > 3) _tile_zero(6);
+  }
+
+  static void store_sums(int64_t n, float* out, int64_t stride) {
+    _tile_stored(3, out, stride);
+    if (n > 1) _tile_stored(4, out + kTile, stride);
+    if (n > 2) _tile_stored(5, out + 2 * kTile, stride);
+    if (n > 3) _tile_stored(6, out + 3 * kTile, stride);
+  }
 
   // The first n of 16 lanes (none for n <= 0, all for n >= 16).
   static __mmask16 first_lanes(int64_t n) {
@@ -253,32 +270,25 @@ class AmxAttention {
     };
     for (int64_t t = 0; t < tiles; t += 4) {
       const int64_t n = std::min<int64_t>(4, tiles - t);
-      _tile_zero(0);
-      if (n > 1) _tile_zero(3);
-      if (n > 2) _tile_zero(4);
-      if (n > 3) _tile_zero(5);
+      zero_sums(n);
       for (int64_t step = 0; step < steps; ++step) {
         _tile_loadd(2, chunk.queries.data() + step * kPairs, q_stride);
-        _tile_loadd(1, keys(t, step), 64);
-        _tile_dpbf16ps(0, 2, 1);
+        _tile_loadd(0, keys(t, step), 64);
+        _tile_dpbf16ps(3, 2, 0);
         if (n > 1) {
-          _tile_loadd(6, keys(t + 1, step), 64);
-          _tile_dpbf16ps(3, 2, 6);
+          _tile_loadd(1, keys(t + 1, step), 64);
+          _tile_dpbf16ps(4, 2, 1);
         }
         if (n > 2) {
           _tile_loadd(7, keys(t + 2, step), 64);
-          _tile_dpbf16ps(4, 2, 7);
+          _tile_dpbf16ps(5, 2, 7);
         }
         if (n > 3) {
-          _tile_loadd(1, keys(t + 3, step), 64);
-          _tile_dpbf16ps(5, 2, 1);
+          _tile_loadd(0, keys(t + 3, step), 64);
+          _tile_dpbf16ps(6, 2, 0);
         }
       }
-      float* out = scores_.data() + t * kTile;
-      _tile_stored(0, out, out_stride);
-      if (n > 1) _tile_stored(3, out + kTile, out_stride);
-      if (n > 2) _tile_stored(4, out + 2 * kTile, out_stride);
-      if (n > 3) _tile_stored(5, out + 3 * kTile, out_stride);
+      store_sums(n, scores_.data() + t * kTile, out_stride);
     }
   }
 
@@ -345,10 +355,7 @@ class AmxAttention {
   void weigh_values(int64_t keys) {
     for (int64_t slice = 0; slice < slices_; slice += 4) {
       const int64_t n = std::min<int64_t>(4, slices_ - slice);
-      _tile_zero(3);
-      if (n > 1) _tile_zero(4);
-      if (n > 2) _tile_zero(5);
-      if (n > 3) _tile_zero(6);
+      zero_sums(n);
       for (int64_t key = 0; key < keys; key += kPairs) {
         _tile_loadd(7, weights_.data() + key, block_ * sizeof(bf16));
         const bf16* values = values_.data() + (key / kPairs * slices_ + slice) * kTile * kPairs;
@@ -369,12 +376,7 @@ class AmxAttention {
           _tile_dpbf16ps(6, 7, 0);
         }
       }
-      float* out = block_sums_.data() + slice * kTile;
-      const int64_t stride = dim_ * sizeof(float);
-      _tile_stored(3, out, stride);
-      if (n > 1) _tile_stored(4, out + kTile, stride);
-      if (n > 2) _tile_stored(5, out + 2 * kTile, stride);
-      if (n > 3) _tile_stored(6, out + 3 * kTile, stride);
+      store_sums(n, block_sums_.data() + slice * kTile, dim_ * sizeof(float));
     }
   }
 

@@ -305,12 +305,9 @@ at::Tensor gathered(const PagedInputs<scalar_t>& in, const scalar_t* cache, int6
                     int64_t count, const at::TensorOptions& options) {
   at::Tensor out = at::empty({count, in.num_kv_heads, in.head_dim}, options);
   scalar_t* dst = out.data_ptr<scalar_t>();
-  const int32_t* pages = in.block_table + b * in.table_stride;
   for (int64_t t = 0; t < count; ++t) {
-    const scalar_t* slot = cache + pages[t / in.page_size] * in.page_stride +
-                           (t % in.page_size) * in.slot_stride;
     for (int64_t h = 0; h < in.num_kv_heads; ++h, dst += in.head_dim) {
-      std::memcpy(dst, slot + h * in.head_stride, in.head_dim * sizeof(scalar_t));
+      std::memcpy(dst, in.at(cache, b, t, h), in.head_dim * sizeof(scalar_t));
     }
   }
   return out;

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
 import pytest
 import torch
 from paged_batch import KINDS, make_batch, naive_attention, random_lengths
+from threads import torch_threads
 
 from baton_paged.attention import AttentionRequirements, create_backend
 from baton_paged.attention.cpu_extension import cpu_kernels
@@ -72,9 +74,18 @@ def amx_tiles(request):
     )
     if request.param and never_on_tiles:
         pytest.skip("never reaches the tiles (bfloat16 prompt tiles, head sizes of 32k)")
-    previous = kernels.use_amx_attention(request.param)
-    yield request.param
-    kernels.use_amx_attention(previous)
+    with amx_attention(kernels, request.param):
+        yield request.param
+
+
+@contextlib.contextmanager
+def amx_attention(kernels, enabled: bool):
+    """The kernel's AMX prompt tiles switched on or off inside the block, restored after it."""
+    previous = kernels.use_amx_attention(enabled)
+    try:
+        yield
+    finally:
+        kernels.use_amx_attention(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -102,15 +113,11 @@ def test_cpu_paged_tiles_on_one_thread_walk_every_head_of_each_item(head_dim, am
     (plan_items splits them by head only when threads would idle), so the tiles walk several
     heads an item, laying out keys and restarting chunks per head; head sizes of one step of 32
     dims and of eight (two groups of four 16-dim slices for the values)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         check_backend(
             "cpu_paged", "prefill_with_context", (6, 3), 16, torch.bfloat16, "cpu", seed=6,
             head_dim=head_dim, max_context=200,
         )  # fmt: skip
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -228,13 +235,10 @@ def test_cpu_paged_prompt_tiles_take_the_tiles_and_decode_rows_the_vector_math()
     backend = create_backend("cpu_paged", req)
     outs = {}
     for tiles in (True, False):
-        previous = kernels.use_amx_attention(tiles)
-        try:
+        with amx_attention(kernels, tiles):
             outs[tiles] = backend.forward(
                 batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.125
             )
-        finally:
-            kernels.use_amx_attention(previous)
         torch.testing.assert_close(
             outs[tiles].double(), naive_attention(batch, 0.125), **TOLERANCE[torch.bfloat16]
         )

@@ -4,11 +4,10 @@ operands refused, and PackedLinear choosing it only where it applies."""
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
 import torch.nn.functional as F
+from threads import torch_threads
 
 from baton_paged.model import packed_linear
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
@@ -19,17 +18,6 @@ pytestmark = pytest.mark.skipif(
     not hasattr(KERNELS, "amx_linear") or not KERNELS.amx_linear_usable(),
     reason="the decoder library is not built for AMX, or the kernel grants no AMX tiles",
 )
-
-
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """torch's thread count set to ``count`` inside the block, restored after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def pairs(weight: torch.Tensor) -> torch.Tensor:
