@@ -6,7 +6,10 @@ Why page-major: all of one page's K and V, for every layer, is one contiguous bl
 run of consecutive pages between device and host is a single ``copy_`` whatever the model depth
 (a layer-major layout would need 2 x num_layers copies per run). Each layer's K and V are still
 the ``[num_pages, page_size, num_kv_heads, head_dim]`` tensors paged kernels take: strided views
-whose last dimension is contiguous; flash-attn reads the page stride from the tensor.
+whose last dimension is contiguous; flash-attn reads the page stride from the tensor. Within a
+page, what a layer's ``[token, kv_head, dim]`` block holds is its backend's: token by token for
+all but ``cpu_paged``'s bfloat16 keys, which lie in pairs of dims per head
+(``attention/csrc/key_pairs.h``). Nothing here reads inside a page; pages move whole.
 """
 
 from __future__ import annotations

@@ -82,9 +82,22 @@ class AttentionBackend(ABC):
         key: torch.Tensor,
         value: torch.Tensor,
     ) -> None:
-        """Store the step's new K/V at ``meta.slot_mapping``; a backend with its own cache-write
-        kernel overrides this alone."""
-        cache.write(layer, meta.slot_mapping, key, value)
+        """Store the step's new K/V at ``meta.slot_mapping``."""
+        self.write_slots(cache, layer, meta.slot_mapping, key, value)
+
+    def write_slots(
+        self,
+        cache: KVCache,
+        layer: int,
+        slot_mapping: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+    ) -> None:
+        """Store K/V ``[T, kv_heads, head_dim]`` at slots ``[T]`` as this backend's ``attend``
+        reads its pages: ``KVCache.write``'s token by token, unless the backend lays its pages out
+        otherwise (``cpu_paged``'s bfloat16 keys lie in pairs of dims). A backend with its own
+        cache-write kernel overrides this alone."""
+        cache.write(layer, slot_mapping, key, value)
 
     @abstractmethod
     def attend(

@@ -15,6 +15,12 @@ the SmolLM2 shape. On a CPU with AMX, bfloat16 prompt tiles run as tile multipli
 (``attention/csrc/amx_attention.h``), and requests stay with the kernel below 2^17 pairs
 (whole prompts of up to 511 tokens), where the tiles measured as fast as torch's attention or
 faster.
+
+Its bfloat16 K pages hold each KV head's keys transposed in pairs of dims
+(``attention/csrc/key_pairs.h``: a decode row's scores need no sum across vector lanes, and an AMX
+score multiply reads keys as they lie), so they are written through ``write_slots`` (the kernel's
+``write_kv``), never ``KVCache.write``; float32 and float64 pages, and all V pages, are token by
+token as every backend's.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class CpuPagedBackend(AttentionBackend):
             return "runs on the CPU only"
         if req.dtype not in DTYPES:
             return f"takes float32, bfloat16 or float64, not {req.dtype}"
+        if req.dtype == torch.bfloat16 and req.head_dim % 2:
+            return f"lays bfloat16 keys out in pairs of dims: head size {req.head_dim} is odd"
         return unavailable_reason()
 
     def __init__(self) -> None:
@@ -49,15 +57,15 @@ class CpuPagedBackend(AttentionBackend):
         """``(write_kv, paged_attention)``'s addresses, for the native executor's C++ layer loop
         (``baton_paged/model/csrc/decoder_loop.cpp``), which calls them directly."""
 
-    def write(
+    def write_slots(
         self,
         cache: KVCache,
         layer: int,
-        meta: AttentionMetadata,
+        slot_mapping: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
     ) -> None:
-        self._kernels.write_kv(cache.key(layer), cache.value(layer), meta.slot_mapping, key, value)
+        self._kernels.write_kv(cache.key(layer), cache.value(layer), slot_mapping, key, value)
 
     def attend(
         self,

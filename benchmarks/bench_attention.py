@@ -76,7 +76,12 @@ import torch.nn.functional as F
 from harness import environment, interleaved, synchronizer
 
 from baton_paged.allocator import KVCache, KVCacheSpec, pages_needed, slot_mapping
-from baton_paged.attention import AttentionMetadata, AttentionRequirements, create_backend
+from baton_paged.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    AttentionRequirements,
+    create_backend,
+)
 from baton_paged.attention.registry import backend_class, unsupported_reasons
 
 BATCH = 32
@@ -159,14 +164,17 @@ def dense_attention(w: Workload, layer: int, scale: float) -> torch.Tensor:
     return out.view(BATCH, QUERY_HEADS, HEAD_DIM)
 
 
-def fill_cache(cache: KVCache, layer: int, w: Workload, table: np.ndarray) -> None:
-    """Write every request's K/V into its pages through the cache's own slot-mapping write."""
+def fill_cache(
+    backend: AttentionBackend, cache: KVCache, layer: int, w: Workload, table: np.ndarray
+) -> None:
+    """Write every request's K/V into its pages through the backend's own slot-mapping write (in
+    the layout its ``attend`` reads: ``cpu_paged``'s bfloat16 keys lie in pairs of dims)."""
     contexts = np.array(w.contexts)
     slots = slot_mapping(table, np.zeros_like(contexts), contexts, cache.spec.page_size)
     keys = [w.keys[layer, row, :, :n].transpose(0, 1) for row, n in enumerate(w.contexts)]
     values = [w.values[layer, row, :, :n].transpose(0, 1) for row, n in enumerate(w.contexts)]
     mapping = torch.from_numpy(slots).to(cache.device)
-    cache.write(layer, mapping, torch.cat(keys), torch.cat(values))
+    backend.write_slots(cache, layer, mapping, torch.cat(keys), torch.cat(values))
 
 
 def shuffled_cache(
@@ -183,13 +191,15 @@ def shuffled_cache(
     return cache, table
 
 
-def paged_batch(w: Workload, page_size: int, seed: int, device: torch.device) -> PagedBatch:
-    """The batch written at shuffled pages of a random cache (``shuffled_cache``)."""
+def paged_batch(
+    w: Workload, backend: AttentionBackend, page_size: int, seed: int, device: torch.device
+) -> PagedBatch:
+    """The batch written by ``backend`` at shuffled pages of a random cache (``shuffled_cache``)."""
     dtype = w.keys.dtype
     spec = KVCacheSpec(len(w.keys), KV_HEADS, HEAD_DIM, page_size=page_size, dtype=dtype)
     cache, table = shuffled_cache(spec, w.contexts, seed, device)
     for layer in range(spec.num_layers):
-        fill_cache(cache, layer, w, table)
+        fill_cache(backend, cache, layer, w, table)
     meta = AttentionMetadata.build([1] * BATCH, w.contexts, table, page_size, device)
     last = torch.tensor(w.contexts, device=device) - 1
     rows = torch.arange(BATCH, device=device)
@@ -222,14 +232,14 @@ def backend_page_sizes(
 
 
 def backend_cases(
-    w: Workload, batches: dict[int, PagedBatch], sizes: dict[str, int], scale: float
+    w: Workload, sizes: dict[str, int], seed: int, scale: float
 ) -> dict[str, tuple[LayerCase, LayerCase]]:
     """name -> (attend, forward) of one layer, each checked on every layer against dense."""
     tol = TOLERANCE[w.keys.dtype]
     cases = {}
     for name, page_size in sizes.items():
-        b = batches[page_size]
         backend = create_backend(name, requirements(w.query.device, w.keys.dtype, page_size))
+        b = paged_batch(w, backend, page_size, seed, w.query.device)
 
         def attend(layer: int, backend=backend, b=b) -> torch.Tensor:
             k, v = b.cache.key(layer), b.cache.value(layer)
@@ -251,9 +261,7 @@ def backend_cases(
 def run_workload(w: Workload, sizes: dict[str, int], args, scale: float, sync) -> dict:
     """Median seconds per layer of dense and of every backend's attend and forward, the cases
     interleaved step by step."""
-    device = w.query.device
-    batches = {ps: paged_batch(w, ps, args.seed, device) for ps in set(sizes.values())}
-    paged = backend_cases(w, batches, sizes, scale)
+    paged = backend_cases(w, sizes, args.seed, scale)
     layer_cases = {"dense": lambda layer: dense_attention(w, layer, scale)}
     for name, (attend, forward) in paged.items():
         layer_cases |= {name: attend, f"{name} forward": forward}

@@ -11,13 +11,13 @@
 // waiting on K and V as much as it does, with the per-chunk work added.
 //
 // How, per KV head: its rows (tokens x the query heads sharing the KV head) in chunks of 16, and
-// its keys in blocks (paged_attention.cpp's, rounded up to 32 keys: 128 on pages of 16 or 32),
-// each block laid out once for all the chunks that see it:
-// - keys: K transposed in pairs of dims (the right operand's layout: 16 keys' pairs side by side),
-//   a 16 x 16 transpose of 32-bit pairs per tile of 16 keys and 32 dims; keys past the block
-//   are zeros;
-// - values: V's keys interleaved in pairs (the right operand's layout), 16 dims to a tile; keys
-//   past the block zero, as a zero weight times a stale NaN would be NaN;
+// its keys in blocks (paged_attention.cpp's, rounded up to 32 keys: 128 on pages of 16 or 32):
+// - keys: loaded from the pages as they lie, K being in pairs of dims there (key_pairs.h: the
+//   right operand's layout, 16 keys' pairs side by side); scores of keys past the block are
+//   never read;
+// - values: V's keys interleaved in pairs (the right operand's layout), 16 dims to a tile, laid
+//   out once a block for all the chunks that see it; keys past the block zero, as a zero weight
+//   times a stale NaN would be NaN;
 // - scores: S = Q K^T, the chunk's query rows (left) against four tiles of keys at once;
 // - softmax: each row's largest score, its exponentials and their sum in float, the running max /
 //   sum / output rescaled as in the vector maths (an online softmax); the weights are then rounded
@@ -71,15 +71,15 @@ class AmxAttention {
 
   AmxAttention(const PagedInputs<bf16>& in, int64_t block_keys)
       : in_(in), dim_(in.head_dim), block_(round_up(block_keys, kPairs)), slices_(dim_ / kTile) {
-    keys_.resize(block_ / kTile * (dim_ / kPairs) * kTile * kPairs);
+    key_tiles_.resize(block_ / kTile);
     scores_.resize(kTile * block_);
     weights_.resize(kTile * block_);
     values_.resize(block_ / kPairs * slices_ * kTile * kPairs);
     block_sums_.resize(kTile * dim_);
   }
 
-  // Each KV head's rows in chunks of 16, block by block of keys: a block's keys and values are
-  // laid out once for all the chunks that see it.
+  // Each KV head's rows in chunks of 16, block by block of keys: a block's values are laid out
+  // once for all the chunks that see it.
   void attend(const WorkItem& item) {
     const int64_t rows = item.num_tokens * in_.group;
     chunks_.resize((rows + kTile - 1) / kTile);
@@ -94,7 +94,7 @@ class AmxAttention {
       }
       for (int64_t start = 0; start < num_keys; start += block_) {
         const int64_t len = std::min(block_, num_keys - start);
-        lay_out_keys(item.request, head, start, len);
+        locate_keys(item.request, head, start, len);
         lay_out_values(item.request, head, start, len);
         for (Chunk& chunk : chunks_) {
           // The keys of the block the chunk's last row sees (rows see more as they go).
@@ -206,56 +206,15 @@ class AmxAttention {
     }
   }
 
-  // keys_[tile][step][pair][key] = the two dims 32 step + 2 pair and the next of key 16 tile + key
-  // of the block (keys past len zero): K transposed in pairs of dims, the right operand of a
-  // score multiply, laid out once a block for all its chunks. (Asking for the next block's K and
-  // this block's V ahead, as the vector maths do, changed nothing measurable here: 0.97-1.02x.)
-  void lay_out_keys(int64_t b, int64_t head, int64_t start, int64_t len) {
-    const int64_t steps = dim_ / kPairs;
+  // key_tiles_[tile] = where the pairs of the block's keys 16 tile .. 16 tile + 15 start in their
+  // page (a page holds whole tiles: fits). (Asking for the next block's K and this block's V
+  // ahead, as the vector maths do, changed nothing measurable here: 0.97-1.02x.)
+  void locate_keys(int64_t b, int64_t head, int64_t start, int64_t len) {
     for (int64_t key = 0; key < len; key += kTile) {
-      const bf16* k = in_.at(in_.key_cache, b, start + key, head);
-      const int64_t valid = std::min(kTile, len - key);
-      for (int64_t step = 0; step < steps; ++step) {
-        __m512i rows[kTile];
-        for (int64_t j = 0; j < kTile; ++j) {
-          rows[j] = j < valid ? _mm512_loadu_si512(k + j * in_.slot_stride + step * kPairs)
-                              : _mm512_setzero_si512();
-        }
-        transpose(rows);
-        auto* out = keys_.data() + (key / kTile * steps + step) * kTile * kPairs;
-        for (int64_t pair = 0; pair < kTile; ++pair) {
-          _mm512_storeu_si512(out + pair * kPairs, rows[pair]);
-        }
-      }
+      const int64_t position = start + key;
+      const int32_t page = in_.block_table[b * in_.table_stride + position / in_.page_size];
+      key_tiles_[key / kTile] = in_.key_head(page, head) + 2 * (position % in_.page_size);
     }
-  }
-
-  // Sixteen rows of sixteen 32-bit lanes transposed: pairs within each 128-bit lane, then
-  // fours, then the 128-bit lanes themselves.
-  static void transpose(__m512i r[kTile]) {
-    __m512i t[kTile];
-    for (int i = 0; i < 8; ++i) {
-      t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
-      t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
-    }
-    // r[4 i + c]'s 128-bit lane L: rows 4 i .. 4 i + 3 at column 4 L + c.
-    for (int i = 0; i < 4; ++i) {
-      r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
-      r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
-      r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
-      r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
-    }
-    for (int c = 0; c < 4; ++c) {
-      const __m512i x0 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44);
-      const __m512i x1 = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xEE);
-      const __m512i x2 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
-      const __m512i x3 = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xEE);
-      t[c] = _mm512_shuffle_i32x4(x0, x2, 0x88);
-      t[4 + c] = _mm512_shuffle_i32x4(x0, x2, 0xDD);
-      t[8 + c] = _mm512_shuffle_i32x4(x1, x3, 0x88);
-      t[12 + c] = _mm512_shuffle_i32x4(x1, x3, 0xDD);
-    }
-    for (int i = 0; i < kTile; ++i) r[i] = t[i];
   }
 
   // scores_[row][j] = q_row . k_(start + j) (unscaled) for the block's first `chunk_seen` keys
@@ -265,26 +224,28 @@ class AmxAttention {
   void score_block(int64_t chunk_seen, const Chunk& chunk) {
     const int64_t steps = dim_ / kPairs, tiles = (chunk_seen + kTile - 1) / kTile;
     const int64_t q_stride = dim_ * sizeof(bf16), out_stride = block_ * sizeof(float);
+    // A step's 16 pairs of dims for a tile's keys: rows a page's pair rows apart.
+    const int64_t pair_row = 2 * in_.page_size, k_stride = pair_row * sizeof(bf16);
     const auto keys = [&](int64_t tile, int64_t step) {
-      return keys_.data() + (tile * steps + step) * kTile * kPairs;
+      return key_tiles_[tile] + step * kTile * pair_row;
     };
     for (int64_t t = 0; t < tiles; t += 4) {
       const int64_t n = std::min<int64_t>(4, tiles - t);
       zero_sums(n);
       for (int64_t step = 0; step < steps; ++step) {
         _tile_loadd(2, chunk.queries.data() + step * kPairs, q_stride);
-        _tile_loadd(0, keys(t, step), 64);
+        _tile_loadd(0, keys(t, step), k_stride);
         _tile_dpbf16ps(3, 2, 0);
         if (n > 1) {
-          _tile_loadd(1, keys(t + 1, step), 64);
+          _tile_loadd(1, keys(t + 1, step), k_stride);
           _tile_dpbf16ps(4, 2, 1);
         }
         if (n > 2) {
-          _tile_loadd(7, keys(t + 2, step), 64);
+          _tile_loadd(7, keys(t + 2, step), k_stride);
           _tile_dpbf16ps(5, 2, 7);
         }
         if (n > 3) {
-          _tile_loadd(0, keys(t + 3, step), 64);
+          _tile_loadd(0, keys(t + 3, step), k_stride);
           _tile_dpbf16ps(6, 2, 0);
         }
       }
@@ -383,7 +344,8 @@ class AmxAttention {
   const PagedInputs<bf16>& in_;
   const int64_t dim_, block_, slices_;
   std::vector<Chunk> chunks_;
-  std::vector<bf16> keys_, weights_, values_;
+  std::vector<const bf16*> key_tiles_;
+  std::vector<bf16> weights_, values_;
   std::vector<float> scores_, block_sums_;
 };
 

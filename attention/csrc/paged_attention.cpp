@@ -55,13 +55,16 @@ std::atomic<bool> amx_attention_enabled{true};
 // allows, which every common model's does. ``load_query`` gives a query row in the form the scores
 // read; ``view`` hands the math one page's K or V of one head in the type it reads: VectorMath
 // widens bfloat16 pages into float scratch once per page and head, so the rows of a query group
-// (and both passes over the page) never convert a value twice.
+// (and both passes over the page) never convert a value twice. bfloat16 keys lie in pairs of dims
+// (key_pairs.h): WideMath reads them so (``kReadsKeyPairs``), the others get them unpaired
+// (``keys_view``).
 
 template <typename scalar_t, typename acc_type>
 struct ScalarMath {
   using acc_t = acc_type;
   using kv_t = scalar_t;
   using query_t = acc_t;
+  static constexpr bool kReadsKeyPairs = false;  // keys in pairs come unpaired (keys_view)
   static bool fits(int64_t) { return true; }
 
   // The query row as the scores read it: widened and scaled.
@@ -78,7 +81,7 @@ struct ScalarMath {
 
   // score[j] = q . k_j for n keys (keys `stride` elements apart).
   static void scores(acc_t* score, const acc_t* q, const kv_t* k, int64_t n, int64_t stride,
-                     int64_t dim, acc_t /*scale: already in q*/) {
+                     int64_t dim) {
     for (int64_t j = 0; j < n; ++j, k += stride) {
       acc_t sum = 0;
       for (int64_t d = 0; d < dim; ++d) sum += q[d] * static_cast<acc_t>(k[d]);
@@ -103,6 +106,11 @@ struct ScalarMath {
     for (int64_t j = 0; j < n; ++j, v += stride) {
       for (int64_t d = 0; d < dim; ++d) acc[d] += p[j] * static_cast<acc_t>(v[d]);
     }
+  }
+
+  // dst = acc * inverse, one finished row.
+  static void finish(scalar_t* dst, const acc_t* acc, acc_t inverse, int64_t dim) {
+    for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(acc[d] * inverse);
   }
 };
 
@@ -129,10 +137,15 @@ struct VectorMath {
   using acc_t = float;
   using kv_t = float;
   using query_t = float;
+  static constexpr bool kReadsKeyPairs = false;
   static bool fits(int64_t dim) { return dim % kLanes == 0; }
 
   static void load_query(float* dst, const scalar_t* src, int64_t dim, double scale) {
     ScalarMath<scalar_t, float>::load_query(dst, src, dim, scale);
+  }
+
+  static void finish(scalar_t* dst, const float* acc, float inverse, int64_t dim) {
+    ScalarMath<scalar_t, float>::finish(dst, acc, inverse, dim);
   }
 
   static const float* view(const scalar_t* page, int64_t n, int64_t stride, int64_t dim,
@@ -154,7 +167,7 @@ struct VectorMath {
 
   // Eight keys at a time, their sums gathered into one vector (sum_each); the rest one by one.
   static void scores(float* score, const float* q, const float* k, int64_t n, int64_t stride,
-                     int64_t dim, float /*scale: already in q*/) {
+                     int64_t dim) {
     int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes, k += kLanes * stride) {
       vfloat a[kLanes] = {};
@@ -260,6 +273,25 @@ void accumulate_rows(acc_t* acc, const acc_t* p, int64_t p_stride, int64_t count
   }
 }
 
+// One page's n keys of one head (starting at `head`: PagedInputs::key_head) as Math reads them:
+// where they lie (`stride` the slot stride, or the page size for keys in pairs), or, where they
+// lie in pairs (bfloat16, key_pairs.h) and the math reads keys token by token, unpaired into
+// scratch.
+template <typename Math, typename scalar_t>
+const typename Math::kv_t* keys_view(const PagedInputs<scalar_t>& in, const scalar_t* head,
+                                     int64_t n, typename Math::kv_t* scratch, int64_t& stride) {
+  if constexpr (kKeysInPairs<scalar_t> && !Math::kReadsKeyPairs) {
+    for (int64_t j = 0; j < n; ++j) {
+      load_key_pairs(scratch + j * in.head_dim, head, j, in.head_dim, in.page_size);
+    }
+    stride = in.head_dim;
+    return scratch;
+  } else {
+    const int64_t slots = kKeysInPairs<scalar_t> ? in.page_size : in.slot_stride;
+    return Math::view(head, n, slots, in.head_dim, scratch, stride);
+  }
+}
+
 // ---- Many new tokens of one request: torch's attention ------------------------------------------
 // A prompt's tokens against its keys are matrix products, which torch's CPU attention
 // (at::scaled_dot_product_attention: flash attention on oneDNN's microkernels, AMX tiles for
@@ -299,15 +331,22 @@ bool by_torch(const PagedInputs<scalar_t>& in, int64_t b) {
          (whole || !std::is_same_v<scalar_t, float>);
 }
 
-// Request b's K (or V) for its first `count` positions, from its pages: [count, heads, dim].
+// Request b's K (keys) or V for its first `count` positions, from its pages: [count, heads, dim].
 template <typename scalar_t>
-at::Tensor gathered(const PagedInputs<scalar_t>& in, const scalar_t* cache, int64_t b,
-                    int64_t count, const at::TensorOptions& options) {
+at::Tensor gathered(const PagedInputs<scalar_t>& in, bool keys, int64_t b, int64_t count,
+                    const at::TensorOptions& options) {
   at::Tensor out = at::empty({count, in.num_kv_heads, in.head_dim}, options);
   scalar_t* dst = out.data_ptr<scalar_t>();
+  const int64_t page = in.page_size;
   for (int64_t t = 0; t < count; ++t) {
     for (int64_t h = 0; h < in.num_kv_heads; ++h, dst += in.head_dim) {
-      std::memcpy(dst, in.at(cache, b, t, h), in.head_dim * sizeof(scalar_t));
+      if (keys && kKeysInPairs<scalar_t>) {
+        const int32_t index = in.block_table[b * in.table_stride + t / page];
+        load_key_pairs(dst, in.key_head(index, h), t % page, in.head_dim, page);
+      } else {
+        const scalar_t* cache = keys ? in.key_cache : in.value_cache;
+        std::memcpy(dst, in.at(cache, b, t, h), in.head_dim * sizeof(scalar_t));
+      }
     }
   }
   return out;
@@ -327,8 +366,8 @@ void attend_by_torch(const at::Tensor& out, const at::Tensor& query,
   const int64_t first = in.cu_seqlens_q[b], q_len = in.cu_seqlens_q[b + 1] - first;
   const int64_t context = in.context_lens[b];
   const auto heads_first = [](const at::Tensor& t) { return t.unsqueeze(0).transpose(1, 2); };
-  const at::Tensor key = gathered(in, in.key_cache, b, context, query.options());
-  const at::Tensor value = gathered(in, in.value_cache, b, context, query.options());
+  const at::Tensor key = gathered(in, /*keys=*/true, b, context, query.options());
+  const at::Tensor value = gathered(in, /*keys=*/false, b, context, query.options());
   const auto attend = [&](int64_t row, int64_t rows, int64_t keys,
                           const std::optional<at::Tensor>& mask) {
     const at::Tensor attended = at::scaled_dot_product_attention(
@@ -402,15 +441,19 @@ struct Scratch {
 // asking for every line (128 prefetches a page) stalled on an Intel Xeon (AMX) once the line
 // fill buffers ran out: 46% of the kernel's samples sat on prefetches, and the B=32 decode
 // microbenchmark (bfloat16, context 256, 4 KV heads) ran 1.1x slower than with starts only.
+// (Keys in pairs hold each head's slots together: any run of heads is one run.)
 template <typename scalar_t>
 void prefetch_page(const PagedInputs<scalar_t>& in, const scalar_t* cache, int64_t page,
                    int64_t first, int64_t last) {
   const bool whole = first == 0 && last == in.num_kv_heads;
-  const int64_t runs = whole ? 1 : in.page_size;
-  const int64_t run_bytes = (whole ? in.page_size * in.slot_stride : (last - first) * in.head_stride)
-                            * sizeof(scalar_t);
-  const char* start = reinterpret_cast<const char*>(cache + page * in.page_stride +
-                                                    first * in.head_stride);
+  const bool pairs = kKeysInPairs<scalar_t> && cache == in.key_cache;
+  const int64_t runs = whole || pairs ? 1 : in.page_size;
+  const int64_t run_elements = whole   ? in.page_size * in.slot_stride
+                               : pairs ? (last - first) * in.page_size * in.head_dim
+                                       : (last - first) * in.head_stride;
+  const int64_t run_bytes = run_elements * sizeof(scalar_t);
+  const char* start = reinterpret_cast<const char*>(
+      pairs ? in.key_head(page, first) : cache + page * in.page_stride + first * in.head_stride);
   for (int64_t r = 0; r < runs; ++r) {
     const char* run = start + r * in.slot_stride * sizeof(scalar_t);
     for (int64_t i = 0; i < run_bytes; i += 4096) {
@@ -448,10 +491,11 @@ template <typename Math, typename scalar_t>
   auto seen = [&](int64_t r) {  // keys of the block row r sees
     return std::clamp<int64_t>(first_limit + r / in.group + 1 - start, 0, len);
   };
-  // use(row0, offset, n, kv, stride) for each page of the block and head of the item; an item of
-  // every head asks for the next page of the same cache a head's share at a time.
+  // use(row0, offset, n, kv, stride) for each page of the block and head of the item, the page's
+  // n keys or values of the head as view(page, head, n, stride) hands them to the math; an item
+  // of every head asks for the next page of the same cache a head's share at a time.
   const bool all_heads = item.first_head == 0 && item.last_head == in.num_kv_heads;
-  auto each_page = [&](const scalar_t* cache, auto&& before, auto&& use) {
+  auto each_page = [&](const scalar_t* cache, auto&& view, auto&& before, auto&& use) {
     for (int64_t offset = 0; offset < len; offset += page) {
       const int64_t n = std::min(page, len - offset), index = (start + offset) / page;
       before(index);
@@ -459,28 +503,38 @@ template <typename Math, typename scalar_t>
         if (all_heads && index + 1 < num_pages) {
           prefetch_share(in, cache, pages[index + 1], head, in.num_kv_heads);
         }
-        const scalar_t* at = cache + pages[index] * in.page_stride + head * in.head_stride;
         int64_t stride = 0;
-        const auto* kv = Math::view(at, n, in.slot_stride, dim, s.page.data(), stride);
+        const auto* kv = view(pages[index], head, n, stride);
         use((head - item.first_head) * rows, offset, n, kv, stride);
       }
     }
+  };
+  auto keys = [&](int64_t index, int64_t head, int64_t n, int64_t& stride) {
+    return keys_view<Math>(in, in.key_head(index, head), n, s.page.data(), stride);
+  };
+  auto values = [&](int64_t index, int64_t head, int64_t n, int64_t& stride) {
+    const scalar_t* at = in.value_cache + index * in.page_stride + head * in.head_stride;
+    return Math::view(at, n, in.slot_stride, dim, s.page.data(), stride);
   };
   auto ask = [&](const scalar_t* cache, int64_t index) {
     if (index < num_pages) prefetch_page(in, cache, pages[index], item.first_head, item.last_head);
   };
   using acc_t = typename Math::acc_t;
-  const acc_t scale = static_cast<acc_t>(in.scale);  // for maths that score an unscaled query
   acc_t* scores = s.scores.data();
   each_page(
-      in.key_cache,
-      [&](int64_t index) { ask(in.key_cache, index + kPrefetchPages); },
+      in.key_cache, keys, [&](int64_t index) { ask(in.key_cache, index + kPrefetchPages); },
       [&](int64_t row0, int64_t offset, int64_t n, const auto* k, int64_t stride) {
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t visible = std::min(n, seen(r) - offset);
-          if (visible <= 0) continue;
-          Math::scores(scores + (row0 + r) * s.score_stride + offset,
-                       s.query.data() + (row0 + r) * dim, k, visible, stride, dim, scale);
+        if constexpr (Math::kReadsKeyPairs) {
+          // Every row against all n keys: a row's scores past what it sees are never read.
+          Math::rows_scores(scores + row0 * s.score_stride + offset, s.score_stride,
+                            s.query.data() + row0 * dim, rows, k, n, stride, dim);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t visible = std::min(n, seen(r) - offset);
+            if (visible <= 0) continue;
+            Math::scores(scores + (row0 + r) * s.score_stride + offset,
+                         s.query.data() + (row0 + r) * dim, k, visible, stride, dim);
+          }
         }
       });
   for (int64_t h = 0; h < item.last_head - item.first_head; ++h) {
@@ -500,7 +554,7 @@ template <typename Math, typename scalar_t>
   // values pass ran 6% slower (B=32 decode, context 300, both dtypes and both Llama shapes, Intel
   // Xeon with AMX).
   each_page(
-      in.value_cache, [&](int64_t index) { ask(in.value_cache, index + kPrefetchPages); },
+      in.value_cache, values, [&](int64_t index) { ask(in.value_cache, index + kPrefetchPages); },
       [&](int64_t row0, int64_t offset, int64_t n, const auto* v, int64_t stride) {
         for (int64_t r = 0; r < rows; r += in.group) {  // a token's rows see the same keys
           const int64_t visible = std::min(n, seen(r) - offset);
@@ -549,9 +603,7 @@ template <typename Math, typename scalar_t>
     for (int64_t r = 0; r < rows; ++r) {
       scalar_t* dst = in.out + (first_token + r / group) * in.out_token_stride +
                       head_of(h, r) * in.out_head_stride;
-      const acc_t inv = acc_t(1) / s.sum[h * rows + r];
-      const acc_t* acc = s.acc.data() + row_of(h, r);
-      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<scalar_t>(acc[d] * inv);
+      Math::finish(dst, s.acc.data() + row_of(h, r), acc_t(1) / s.sum[h * rows + r], dim);
     }
   }
 }
@@ -635,6 +687,17 @@ void dispatch_math(const PagedInputs<scalar_t>& in, int64_t batch) {
 }
 }  // namespace
 
+// bfloat16 K pages hold each head's keys in pairs of dims (key_pairs.h), within each page's
+// [page_size, heads, dim] block: that block must lie contiguous, and dims come in pairs.
+static void check_key_pages(const at::Tensor& key_cache) {
+  if (key_cache.scalar_type() != at::kBFloat16) return;
+  TORCH_CHECK(key_cache.size(3) % 2 == 0, "bfloat16 K pages need an even head size, got ",
+              key_cache.size(3));
+  TORCH_CHECK(key_cache.stride(2) == key_cache.size(3) &&
+                  key_cache.stride(1) == key_cache.size(2) * key_cache.size(3),
+              "bfloat16 K pages must each lie contiguous");
+}
+
 // out[T, Hq, D] = causal attention of every packed query token to its request's context, read
 // from the pages block_table lists (bottom-right aligned: the last new token sees the whole
 // context). One call covers every request and head of one layer's step.
@@ -646,6 +709,7 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
   check_rows(key_cache, 4, "key_cache");
   check_rows(value_cache, 4, "value_cache");
   TORCH_CHECK(key_cache.strides() == value_cache.strides(), "K and V pages must share strides");
+  check_key_pages(key_cache);
   TORCH_CHECK(query.scalar_type() == key_cache.scalar_type() &&
                   out.scalar_type() == query.scalar_type(),
               "query, pages and out must share a dtype");
@@ -694,6 +758,7 @@ void write_kv(at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& sl
   TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous(),
               "slot_mapping must be contiguous int64");
   TORCH_CHECK(key.scalar_type() == key_cache.scalar_type(), "key and pages must share a dtype");
+  check_key_pages(key_cache);
   const int64_t page = key_cache.size(1), heads = key.size(1), dim = key.size(2);
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, key.scalar_type(), "write_kv", [&] {
@@ -705,8 +770,22 @@ void write_kv(at::Tensor key_cache, at::Tensor value_cache, const at::Tensor& sl
         std::memcpy(dst + h * cache.stride(2), from + h * src.stride(1), dim * sizeof(scalar_t));
       }
     };
+    // Keys in pairs (key_pairs.h): each head's pairs of the slot, page_size * dim apart.
+    auto copy_key_pairs = [&](int64_t t) {
+      scalar_t* first_head =
+          key_cache.data_ptr<scalar_t>() + (slots[t] / page) * key_cache.stride(0);
+      const scalar_t* from = key.data_ptr<scalar_t>() + t * key.stride(0);
+      for (int64_t h = 0; h < heads; ++h) {
+        store_key_pairs(first_head + h * page * dim, slots[t] % page, from + h * key.stride(1), dim,
+                        page);
+      }
+    };
     for (int64_t t = 0; t < key.size(0); ++t) {
-      copy(key_cache, key, t);
+      if (kKeysInPairs<scalar_t>) {
+        copy_key_pairs(t);
+      } else {
+        copy(key_cache, key, t);
+      }
       copy(value_cache, value, t);
     }
   });

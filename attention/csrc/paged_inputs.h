@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "key_pairs.h"
+
 namespace baton {
 
 // A tile of one request's new tokens against KV heads [first_head, last_head), each with all the
@@ -28,10 +30,18 @@ struct PagedInputs {
   double scale;
   bool on_tiles;  // bfloat16 items of a chunk's rows run on AMX tiles (amx_attention.h)
 
-  // Where request b's K (or V) of position `key`, KV head `head`, lies in `cache`.
+  // Where request b's V (or K of a token-by-token dtype) of position `key`, KV head `head`, lies
+  // in `cache`.
   const scalar_t* at(const scalar_t* cache, int64_t b, int64_t key, int64_t head) const {
     const int32_t page = block_table[b * table_stride + key / page_size];
     return cache + page * page_stride + (key % page_size) * slot_stride + head * head_stride;
+  }
+
+  // Where KV head `head`'s keys of page `page` start: its slot 0 token by token, or the start of
+  // its pairs (key_pairs.h).
+  const scalar_t* key_head(int64_t page, int64_t head) const {
+    return key_cache + page * page_stride +
+           head * (kKeysInPairs<scalar_t> ? page_size * head_dim : head_stride);
   }
 };
 

@@ -1,6 +1,5 @@
 // WideMath: paged attention's per-row math on 16-lane float vectors, for heads whose size is a
-// multiple of 16 (float32: 64, 80, 96, 128, ...; bfloat16 with AVX512-BF16 dot products: a
-// multiple of 32, so 80 and 112 stay on 8 lanes).
+// multiple of 16 (64, 80, 96, 128, ...).
 //
 // Why a second vector width: cpu_common.h's 8-lane vectors fill half of an AVX-512 register, and
 // on a core with full-width AVX-512 units (AMD Zen 5, Intel server cores) half the arithmetic is
@@ -12,14 +11,14 @@
 // widened value vector feeds four rows' FMAs: on the SmolLM2 shape (3 query heads a KV head) that
 // took a B=32 bfloat16 decode step's attention from 444 to 240 us a layer on an Intel Xeon (AMX).
 //
-// What else differs from VectorMath: bfloat16 K/V is never widened into scratch. Where the CPU
-// has AVX512-BF16, scores are bfloat16 dot products of the unscaled bfloat16 query and the keys
-// as they lie (``vdpbf16ps``: exact products summed in float), scaled afterwards; values are
-// widened in registers as they are read (a bfloat16 is the top half of a float's bits).
+// What else differs from VectorMath: bfloat16 K/V is never widened into scratch. Keys are read in
+// their pages' pairs of dims (key_pairs.h), all the rows of a head at once (``rows_scores``);
+// values are widened in registers as they are read (a bfloat16 is the top half of a float's
+// bits).
 //
 // Only on AVX-512 builds: elsewhere GCC lowers each 16-lane vector with spills (a review built it
 // for AVX2 and measured 4.5-6.7x the 8-lane kernel's time), so ``fits`` refuses and VectorMath
-// runs. Without AVX512-BF16, bfloat16 scores widen the keys in registers too.
+// runs.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -34,6 +33,7 @@
 #endif
 
 #include "cpu_common.h"
+#include "key_pairs.h"
 
 namespace baton {
 
@@ -121,16 +121,17 @@ template <typename scalar_t>
 struct WideMath {
   using acc_t = float;
   using kv_t = scalar_t;  // pages are read as they lie
-#if defined(__AVX512BF16__)
-  static constexpr bool kBf16Dots = std::is_same_v<scalar_t, c10::BFloat16>;
+  using query_t = float;  // widened and scaled
+  // bfloat16 keys are read in their pages' pairs (key_pairs.h): `k` is a head's start and
+  // `stride` the page size.
+#if defined(__AVX512F__)
+  static constexpr bool kReadsKeyPairs = kKeysInPairs<scalar_t>;
 #else
-  static constexpr bool kBf16Dots = false;
+  static constexpr bool kReadsKeyPairs = false;  // never runs there (fits)
 #endif
-  // bfloat16 dot products take the query as it came, unscaled; float math takes it scaled.
-  using query_t = std::conditional_t<kBf16Dots, c10::BFloat16, float>;
 
 #if defined(__AVX512F__)
-  static bool fits(int64_t dim) { return dim % (kBf16Dots ? 2 * kWideLanes : kWideLanes) == 0; }
+  static bool fits(int64_t dim) { return dim % kWideLanes == 0; }
 #else
   static bool fits(int64_t) { return false; }
 #endif
@@ -142,34 +143,48 @@ struct WideMath {
   }
 
   static void load_query(query_t* dst, const scalar_t* src, int64_t dim, double scale) {
-    for (int64_t d = 0; d < dim; ++d) {
-      if constexpr (kBf16Dots) {
-        dst[d] = src[d];
-      } else {
-        dst[d] = static_cast<float>(src[d]) * scale;
-      }
-    }
+    for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<float>(src[d]) * scale;
   }
 
-  // score[j] = q . k_j (times scale where the query was left unscaled): sixteen keys at a time,
-  // their sums gathered into one vector; the rest one by one.
+  // score[j] = q . k_j for n float keys `stride` apart: sixteen keys at a time, their sums
+  // gathered into one vector; the rest one by one.
   static void scores(float* score, const query_t* q, const kv_t* k, int64_t n, int64_t stride,
-                     int64_t dim, float scale) {
+                     int64_t dim) {
+    static_assert(!kReadsKeyPairs, "bfloat16 keys are scored by rows_scores");
     int64_t j = 0;
     for (; j + kWideLanes <= n; j += kWideLanes, k += kWideLanes * stride) {
       vwide a[kWideLanes] = {};
-      for (int64_t d = 0; d < dim; d += step()) {
-        for (int64_t i = 0; i < kWideLanes; ++i) a[i] = dot(a[i], q + d, k + i * stride + d);
+      for (int64_t d = 0; d < dim; d += kWideLanes) {
+        const vwide qd = load_wide(q + d);
+        for (int64_t i = 0; i < kWideLanes; ++i) a[i] += qd * load_wide(k + i * stride + d);
       }
-      const vwide sums = sum_each_wide(a);
-      store_wide(score + j, kBf16Dots ? sums * scale : sums);
+      store_wide(score + j, sum_each_wide(a));
     }
     for (; j < n; ++j, k += stride) {
       vwide sum = {};
-      for (int64_t d = 0; d < dim; d += step()) sum = dot(sum, q + d, k + d);
-      score[j] = kBf16Dots ? wide_sum(sum) * scale : wide_sum(sum);
+      for (int64_t d = 0; d < dim; d += kWideLanes) sum += load_wide(q + d) * load_wide(k + d);
+      score[j] = wide_sum(sum);
     }
   }
+
+#if defined(__AVX512F__)
+  // The scores of `rows` query rows (dim apart; row r's into score + r * score_stride) against
+  // the n bfloat16 keys of one head of one page, its pairs starting at k on pages of `page`
+  // slots: sixteen keys a vector, four rows at a time, each pair of dims widened once for them
+  // all.
+  static void rows_scores(float* score, int64_t score_stride, const query_t* q, int64_t rows,
+                          const kv_t* k, int64_t n, int64_t page, int64_t dim) {
+    for (int64_t r = 0; r < rows; r += 4) {
+      float* out = score + r * score_stride;
+      switch (std::min<int64_t>(4, rows - r)) {
+        case 4: pair_scores<4>(out, score_stride, q + r * dim, k, n, page, dim); break;
+        case 3: pair_scores<3>(out, score_stride, q + r * dim, k, n, page, dim); break;
+        case 2: pair_scores<2>(out, score_stride, q + r * dim, k, n, page, dim); break;
+        default: pair_scores<1>(out, score_stride, q + r * dim, k, n, page, dim);
+      }
+    }
+  }
+#endif
 
   // The score buffer has room for n rounded up to whole 8-lane vectors (paged_attention.cpp's
   // Scratch); the tail past n is computed and ignored.
@@ -196,11 +211,11 @@ struct WideMath {
     }
   }
 
-  // acc += sum_j p[j] v_j: four 16-lane slices of the head at a time, two keys at a time into two
-  // sets of accumulators (eight independent FMA chains), then any remaining slices one by one.
+  // acc += sum_j p[j] v_j: four 16-lane slices of the head at a time (load_slice's order), two
+  // keys at a time into two sets of accumulators (eight independent FMA chains), then any
+  // remaining slices one by one.
   static void accumulate(float* acc, const float* p, const kv_t* v, int64_t n, int64_t stride,
                          int64_t dim) {
-    constexpr int64_t kSlice = 4 * kWideLanes;
     int64_t d = 0;
     for (; d + kSlice <= dim; d += kSlice) {
       vwide even[4], odd[4] = {};
@@ -208,13 +223,18 @@ struct WideMath {
       const kv_t* row = v + d;
       int64_t j = 0;
       for (; j + 2 <= n; j += 2, row += 2 * stride) {
+        vwide x[4], y[4];
+        load_slice(row, x);
+        load_slice(row + stride, y);
         for (int s = 0; s < 4; ++s) {
-          even[s] += p[j] * load_wide(row + s * kWideLanes);
-          odd[s] += p[j + 1] * load_wide(row + stride + s * kWideLanes);
+          even[s] += p[j] * x[s];
+          odd[s] += p[j + 1] * y[s];
         }
       }
       if (j < n) {
-        for (int s = 0; s < 4; ++s) even[s] += p[j] * load_wide(row + s * kWideLanes);
+        vwide x[4];
+        load_slice(row, x);
+        for (int s = 0; s < 4; ++s) even[s] += p[j] * x[s];
       }
       for (int s = 0; s < 4; ++s) store_wide(acc + d + s * kWideLanes, even[s] + odd[s]);
     }
@@ -243,13 +263,113 @@ struct WideMath {
     }
   }
 
+  // dst = acc * inverse, one finished row (rounded to bfloat16 as c10's conversion rounds), each
+  // whole 64-dim slice put back in order from load_slice's.
+  static void finish(scalar_t* dst, const float* acc, float inverse, int64_t dim) {
+    int64_t d = 0;
+#if defined(__AVX512F__)
+    if constexpr (kSlicesInPairs) {
+      const __m512i low = interleave_index(0), high = interleave_index(8);
+      for (; d + kSlice <= dim; d += kSlice) {
+        for (int64_t half = d; half < d + kSlice; half += 2 * kWideLanes) {
+          const __m512 even = _mm512_loadu_ps(acc + half);
+          const __m512 odd = _mm512_loadu_ps(acc + half + kWideLanes);
+          store_wide(dst + half, (vwide)_mm512_permutex2var_ps(even, low, odd) * inverse);
+          store_wide(dst + half + kWideLanes,
+                     (vwide)_mm512_permutex2var_ps(even, high, odd) * inverse);
+        }
+      }
+    }
+#endif
+    for (; d < dim; d += kWideLanes) store_wide(dst + d, load_wide(acc + d) * inverse);
+  }
+
  private:
+  static constexpr int64_t kSlice = 4 * kWideLanes;  // dims a value pass holds in registers
+#if defined(__AVX512F__)
+  static constexpr bool kSlicesInPairs = std::is_same_v<scalar_t, c10::BFloat16>;
+#else
+  static constexpr bool kSlicesInPairs = false;
+#endif
+
+  // A 64-dim slice of one value row as four float vectors. bfloat16 comes widened by pairs: each
+  // 32-dim half's even dims (its 32-bit lanes' low halves, shifted up), then its odd dims (the
+  // high halves, masked), so each half costs one load and two operations where widening 16 dims
+  // at a time took a widening load and a shift per 16 (a B=32 decode step's attention: 0.96-0.98x
+  // the time). The sums stay in this order until finish puts them back.
+  static void load_slice(const kv_t* row, vwide x[4]) {
+#if defined(__AVX512F__)
+    if constexpr (kSlicesInPairs) {
+      const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+      for (int half = 0; half < 2; ++half) {
+        const __m512i pairs = _mm512_loadu_si512(row + half * 2 * kWideLanes);
+        x[2 * half] = (vwide)_mm512_slli_epi32(pairs, 16);
+        x[2 * half + 1] = (vwide)_mm512_and_si512(pairs, high);
+      }
+      return;
+    }
+#endif
+    for (int s = 0; s < 4; ++s) x[s] = load_wide(row + s * kWideLanes);
+  }
+
+#if defined(__AVX512F__)
+  // Lanes 2i and 2i + 1: lane first + i of the even and of the odd vector.
+  static __m512i interleave_index(int first) {
+    alignas(64) int32_t index[kWideLanes];
+    for (int i = 0; i < 8; ++i) {
+      index[2 * i] = first + i;
+      index[2 * i + 1] = kWideLanes + first + i;
+    }
+    return _mm512_load_si512(index);
+  }
+
+  // R rows of rows_scores. Per 16 keys, each 64-byte load holds one pair of dims of them all: its
+  // low halves shifted up are the even dim's floats, its high halves masked the odd one's. Each row
+  // sums into four vectors (even and odd dims of two pairs), so four chains of FMAs per row
+  // overlap. Lanes past n are read as zeros and their scores stored nowhere.
+  template <int R>
+  static void pair_scores(float* score, int64_t score_stride, const float* q, const kv_t* k,
+                          int64_t n, int64_t page, int64_t dim) {
+    const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+    const auto widen = [&](const kv_t* pairs, __mmask16 lanes, __m512& even, __m512& odd) {
+      const __m512i x = _mm512_maskz_loadu_epi32(lanes, pairs);
+      even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+      odd = _mm512_castsi512_ps(_mm512_and_si512(x, high));
+    };
+    for (int64_t first = 0; first < n; first += kWideLanes) {
+      const __mmask16 lanes = static_cast<__mmask16>(
+          n - first >= kWideLanes ? 0xFFFF : (1u << (n - first)) - 1);
+      __m512 a[R][4];
+      for (int r = 0; r < R; ++r) {
+        for (int i = 0; i < 4; ++i) a[r][i] = _mm512_setzero_ps();
+      }
+      const kv_t* pairs = k + 2 * first;
+      for (int64_t d = 0; d < dim; d += 4, pairs += 4 * page) {
+        __m512 e0, o0, e1, o1;
+        widen(pairs, lanes, e0, o0);
+        widen(pairs + 2 * page, lanes, e1, o1);
+        for (int r = 0; r < R; ++r) {
+          const float* qr = q + r * dim + d;
+          a[r][0] = _mm512_fmadd_ps(_mm512_set1_ps(qr[0]), e0, a[r][0]);
+          a[r][1] = _mm512_fmadd_ps(_mm512_set1_ps(qr[1]), o0, a[r][1]);
+          a[r][2] = _mm512_fmadd_ps(_mm512_set1_ps(qr[2]), e1, a[r][2]);
+          a[r][3] = _mm512_fmadd_ps(_mm512_set1_ps(qr[3]), o1, a[r][3]);
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m512 sum = _mm512_add_ps(_mm512_add_ps(a[r][0], a[r][1]),
+                                         _mm512_add_ps(a[r][2], a[r][3]));
+        _mm512_mask_storeu_ps(score + r * score_stride + first, lanes, sum);
+      }
+    }
+  }
+#endif
+
   // R rows of accumulate_rows: four 16-lane slices of the head at a time (4R accumulators), then
   // any remaining slices one by one.
   template <int R>
   static void rows_of(float* acc, const float* p, int64_t p_stride, const kv_t* v, int64_t n,
                       int64_t stride, int64_t dim) {
-    constexpr int64_t kSlice = 4 * kWideLanes;
     int64_t d = 0;
     for (; d + kSlice <= dim; d += kSlice) {
       vwide a[R][4];
@@ -259,7 +379,7 @@ struct WideMath {
       const kv_t* row = v + d;
       for (int64_t j = 0; j < n; ++j, row += stride) {
         vwide x[4];
-        for (int s = 0; s < 4; ++s) x[s] = load_wide(row + s * kWideLanes);
+        load_slice(row, x);
         for (int r = 0; r < R; ++r) {
           const float w = p[r * p_stride + j];
           for (int s = 0; s < 4; ++s) a[r][s] += w * x[s];
@@ -281,20 +401,6 @@ struct WideMath {
     }
   }
 
-  static constexpr int64_t step() { return kBf16Dots ? 2 * kWideLanes : kWideLanes; }
-
-  // sum + q[0:step] * k[0:step], lane-wise (bfloat16: pairs of products per float lane).
-  static vwide dot(vwide sum, const query_t* q, const kv_t* k) {
-#if defined(__AVX512BF16__)
-    if constexpr (kBf16Dots) {
-      const __m512bh qv = (__m512bh)_mm512_loadu_si512(q);
-      const __m512bh kv = (__m512bh)_mm512_loadu_si512(k);
-      return (vwide)_mm512_dpbf16_ps((__m512)sum, qv, kv);
-    }
-#endif
-    if constexpr (!kBf16Dots) return sum + load_wide(q) * load_wide(k);
-    return sum;  // unreachable: kBf16Dots implies __AVX512BF16__
-  }
 };
 
 }  // namespace baton

@@ -31,6 +31,7 @@ DECODER_KERNELS = KernelLibrary(
         ATTENTION_CSRC / "amx_tiles.h",
         ATTENTION_CSRC / "claimed_items.h",
         ATTENTION_CSRC / "cpu_common.h",
+        ATTENTION_CSRC / "key_pairs.h",
         ATTENTION_CSRC / "wide_math.h",
         Path(__file__).with_name("csrc") / "decoder_ops.h",
     ),

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from baton_paged.allocator import KVCache, KVCacheSpec, pages_needed, slot_mapping
-from baton_paged.attention import AttentionMetadata
+from baton_paged.attention import AttentionBackend, AttentionMetadata
 
 KINDS = ("decode", "prefill", "prefill_with_context", "mixed")
 
@@ -56,8 +56,11 @@ def make_batch(
     dtype: torch.dtype,
     device: str = "cpu",
     seed: int = 0,
+    backend: AttentionBackend | None = None,
 ) -> PagedBatch:
-    """Write each request's earlier tokens into shuffled pages; return the rest as new tokens."""
+    """Write each request's earlier tokens into shuffled pages (through ``backend``'s own
+    ``write_slots`` where given, in the layout its ``attend`` reads; else token by token); return
+    the rest as new tokens."""
     gen = torch.Generator().manual_seed(seed)
     widths = [pages_needed(c, page_size) for c in context_lens]
     spare = 3  # pages nobody owns, so reading a wrong page shows up as a wrong answer
@@ -78,7 +81,11 @@ def make_batch(
     for row, (q_len, k_len, keys, values) in enumerate(rows):
         slots = slot_mapping(table[[row], : widths[row]], [0], [k_len - q_len], page_size)
         earlier = slice(0, k_len - q_len)
-        cache.write(0, torch.from_numpy(slots).to(device), keys[earlier], values[earlier])
+        slots = torch.from_numpy(slots).to(device)
+        if backend is None:
+            cache.write(0, slots, keys[earlier], values[earlier])
+        else:
+            backend.write_slots(cache, 0, slots, keys[earlier], values[earlier])
     new = [slice(k_len - q_len, k_len) for q_len, k_len, _, _ in rows]
     return PagedBatch(
         cache=cache,

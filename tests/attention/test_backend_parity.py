@@ -38,6 +38,7 @@ def check_backend(
     rng = np.random.default_rng(seed)
     max_context = max_context or min(max(3 * page_size, 40), 600)
     query_lens, context_lens = random_lengths(kind, 6, max_context, rng)
+    backend = create_backend(name, req)
     batch = make_batch(
         query_lens,
         context_lens,
@@ -48,9 +49,9 @@ def check_backend(
         dtype=dtype,
         device=device,
         seed=seed,
+        backend=backend,
     )
     scale = head_dim**-0.5
-    backend = create_backend(name, req)
     out = backend.forward(batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, scale)
     assert out.shape == batch.query.shape and out.dtype == dtype
     expected = naive_attention(batch, scale)
@@ -130,18 +131,21 @@ def test_cpu_backend_on_more_random_mixed_batches(name, seed):
 @pytest.mark.parametrize("head_dim", [20, 8, 16, 48, 96, 128])
 def test_cpu_paged_kernel_on_head_sizes_off_and_on_its_vector_widths(head_dim, dtype, amx_tiles):
     """Each of the kernel's three maths: head sizes that are not a multiple of 8 take its scalar
-    loops, 8 its 8-lane vectors, multiples of 16 its 16-lane ones (bfloat16's dot products need
-    a multiple of 32, so bfloat16 at 16 and 48 stays on 8 lanes); 48 and 96 also run the values'
-    leftover 16-lane slices beside (96) or instead of (48) whole 64-lane groups."""
+    loops, 8 its 8-lane vectors, multiples of 16 its 16-lane ones; 48 and 96 also run the values'
+    leftover 16-lane slices beside (96) or instead of (48) whole 64-lane groups (whose bfloat16
+    sums run in pairs' order until finished). bfloat16 keys lie in pairs of dims: the 16-lane
+    path reads them so, the others unpaired."""
     check_backend("cpu_paged", "mixed", "gqa", 16, dtype, "cpu", seed=3, head_dim=head_dim)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("group", [2, 3, 5, 6, 8])
+@pytest.mark.parametrize("group", [1, 2, 3, 5, 6, 8])
 def test_cpu_paged_kernel_on_every_query_group_size(group, dtype, amx_tiles):
     """The 16-lane path weighs the values for up to four query heads of a KV head at once (a
     token's rows); groups of 2 and 3 take its narrower variants, 5, 6 and 8 a four followed by
-    the rest. Mixed batches: prompts' tiles hold several tokens, whose rows see different keys."""
+    the rest, 1 its one-row loop (two keys at a time); and scores keys for up to four rows at
+    once likewise. Mixed batches: prompts' tiles hold several tokens, whose rows see different
+    keys."""
     heads = (2 * group, 2)
     check_backend("cpu_paged", "mixed", heads, 16, dtype, "cpu", seed=group, head_dim=64)
 
@@ -158,6 +162,8 @@ def test_cpu_paged_kernel_across_several_softmax_blocks(kind, dtype, amx_tiles):
 def test_cpu_paged_kernel_on_one_long_prompt_split_into_tiles():
     """One request's 300 new tokens after 200 of context: 19 tiles of the same request, each with
     its own causal limit, across threads."""
+    req = AttentionRequirements(torch.device("cpu"), torch.float64, 16, HEAD_DIM, 8, 2)
+    backend = create_backend("cpu_paged", req)
     batch = make_batch(
         [300],
         [500],
@@ -166,9 +172,8 @@ def test_cpu_paged_kernel_on_one_long_prompt_split_into_tiles():
         head_dim=HEAD_DIM,
         page_size=16,
         dtype=torch.float64,
+        backend=backend,
     )
-    req = AttentionRequirements(torch.device("cpu"), torch.float64, 16, HEAD_DIM, 8, 2)
-    backend = create_backend("cpu_paged", req)
     out = backend.forward(batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.1)
     torch.testing.assert_close(out, naive_attention(batch, 0.1), **TOLERANCE[torch.float64])
 
@@ -204,14 +209,13 @@ def test_cpu_paged_hands_requests_of_many_new_tokens_to_torch_attention(
     against the keys its rows see); the other rows of the same call stay the kernel's. Every row
     matches naive attention."""
     heads, kv_heads, dim, scale = 9, 3, 64, 0.125
+    req = AttentionRequirements(torch.device("cpu"), dtype, 16, dim, heads, kv_heads)
+    backend = create_backend("cpu_paged", req)
     batch = make_batch(
         query_lens, context_lens, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
-        page_size=16, dtype=dtype, seed=5,
+        page_size=16, dtype=dtype, seed=5, backend=backend,
     )  # fmt: skip
-    req = AttentionRequirements(torch.device("cpu"), dtype, 16, dim, heads, kv_heads)
-    out = create_backend("cpu_paged", req).forward(
-        batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, scale
-    )
+    out = backend.forward(batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, scale)
     torch.testing.assert_close(out.double(), naive_attention(batch, scale), **TOLERANCE[dtype])
     starts = np.cumsum([0, *query_lens])
     expected_by_torch = by_torch_on_tiles if amx_tiles else by_torch
@@ -227,12 +231,12 @@ def test_cpu_paged_prompt_tiles_take_the_tiles_and_decode_rows_the_vector_math()
     kernels = cpu_kernels()
     if kernels is None or not kernels.amx_attention_available():
         pytest.skip("no AMX tiles on this CPU or build")
-    batch = make_batch(
-        [1, 20, 1], [200, 20, 33], num_heads=9, num_kv_heads=3, head_dim=64, page_size=16,
-        dtype=torch.bfloat16, seed=2,
-    )  # fmt: skip
     req = AttentionRequirements(torch.device("cpu"), torch.bfloat16, 16, 64, 9, 3)
     backend = create_backend("cpu_paged", req)
+    batch = make_batch(
+        [1, 20, 1], [200, 20, 33], num_heads=9, num_kv_heads=3, head_dim=64, page_size=16,
+        dtype=torch.bfloat16, seed=2, backend=backend,
+    )  # fmt: skip
     outs = {}
     for tiles in (True, False):
         with amx_attention(kernels, tiles):
@@ -257,26 +261,23 @@ def test_cpu_paged_bfloat16_ignores_stale_slots_past_each_context(kind, amx_tile
     num_heads, num_kv_heads, page_size = 9, 3, 16
     rng = np.random.default_rng(4)
     query_lens, context_lens = random_lengths(kind, 6, 300, rng)
-    batch = make_batch(
-        query_lens, context_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=64,
-        page_size=page_size, dtype=torch.bfloat16, seed=4,
-    )  # fmt: skip
-    used = {
-        (int(batch.meta.block_table[row, t // page_size]), t % page_size)
-        for row, length in enumerate(context_lens)
-        for t in range(length)
-    }
-    for pages in (batch.cache.key(0), batch.cache.value(0)):
-        for page in range(pages.shape[0]):
-            for slot in range(page_size):
-                if (page, slot) not in used:
-                    pages[page, slot] = float("nan")
     req = AttentionRequirements(
         torch.device("cpu"), torch.bfloat16, page_size, 64, num_heads, num_kv_heads
     )
-    out = create_backend("cpu_paged", req).forward(
-        batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.125
-    )
+    backend = create_backend("cpu_paged", req)
+    batch = make_batch(
+        query_lens, context_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=64,
+        page_size=page_size, dtype=torch.bfloat16, seed=4, backend=backend,
+    )  # fmt: skip
+    used = {
+        int(batch.meta.block_table[row, t // page_size]) * page_size + t % page_size
+        for row, length in enumerate(context_lens)
+        for t in range(length)
+    }
+    stale = [slot for slot in range(batch.cache.key(0).shape[0] * page_size) if slot not in used]
+    nan = torch.full((len(stale), num_kv_heads, 64), float("nan"), dtype=torch.bfloat16)
+    backend.write_slots(batch.cache, 0, torch.tensor(stale), nan, nan)  # in the pages' layout
+    out = backend.forward(batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.125)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(
         out.double(), naive_attention(batch, 0.125), **TOLERANCE[torch.bfloat16]
