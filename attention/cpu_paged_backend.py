@@ -4,7 +4,7 @@ The torch backend copies every page a step reads into a contiguous buffer and th
 the copy (a CPU profile of B=32 decode: the gather 18% of the step, SDPA 12.5% in ~130 calls per
 step). This backend's kernel (``attention/csrc/paged_attention.cpp``) walks each request's
 block table instead: one work item per (request, KV head, tile of 16 new tokens) computes all the
-query heads sharing that KV head, in blocks of 128 keys with an online softmax (the scores of a
+query heads sharing that KV head, in blocks of 256 keys with an online softmax (the scores of a
 block, one softmax update, then its values), so K/V is read once, in place, and the whole step's
 attention is one call. New K/V is written into the pages by one kernel call too. A request
 whose new tokens see many keys (a long prompt, or a long chunk of one: from ~4k (query, key)

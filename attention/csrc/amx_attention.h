@@ -11,7 +11,7 @@
 // waiting on K and V as much as it does, with the per-chunk work added.
 //
 // How, per KV head: its rows (tokens x the query heads sharing the KV head) in chunks of 16, and
-// its keys in blocks (paged_attention.cpp's, rounded up to 32 keys: 128 on pages of 16 or 32):
+// its keys in blocks (paged_attention.cpp's, rounded up to 32 keys: 256 on pages of 16 or 32):
 // - keys: loaded from the pages as they lie, K being in pairs of dims there (key_pairs.h: the
 //   right operand's layout, 16 keys' pairs side by side); scores of keys past the block are
 //   never read;

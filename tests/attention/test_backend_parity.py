@@ -153,7 +153,7 @@ def test_cpu_paged_kernel_on_every_query_group_size(group, dtype, amx_tiles):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["decode", "prefill_with_context", "mixed"])
 def test_cpu_paged_kernel_across_several_softmax_blocks(kind, dtype, amx_tiles):
-    """Contexts up to 700 keys on 16-token pages: several of the kernel's 128-key softmax blocks
+    """Contexts up to 700 keys on 16-token pages: several of the kernel's 256-key softmax blocks
     and a ragged last one, on its 16-lane path (scores sixteen keys at a time) and on tiles, where
     a tile's first chunks of rows may see none of a block its later ones see."""
     check_backend("cpu_paged", kind, "gqa", 16, dtype, "cpu", seed=7, max_context=700)
