@@ -168,8 +168,8 @@ inline void silu_and_mul_row(float* dst, const float* gate, const float* up, int
 // each, it took 9x the float row's time; in 8-lane vectors, with their bit-exact roundings, still
 // 3x (172 us for 214 rows of SmolLM2's 1536, 2 threads, Intel Xeon with AMX); in 16, 148 us, and
 // 110 once exp_wide ran in one pass rather than two halves. Most of the rest is the exp and the
-// division, kept exact (AVX512-BF16's own rounding, which flushes denormals, measured 107 before
-// that).
+// division; where the CPU has AVX512-BF16 the two roundings are its own conversion (wide_math.h's
+// store_silu_and_mul: the same bits but for denormal results, which it flushes).
 inline void silu_and_mul_row(c10::BFloat16* dst, const c10::BFloat16* gate,
                              const c10::BFloat16* up, int64_t width) {
   int64_t i = 0;
