@@ -76,8 +76,8 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(rows):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("silu", [False, True])
 def test_claimed_items_give_the_few_row_calls_bits(threads, silu):
-    """Above 128 rows threads claim (group, 128-row slab) items as they come free; every row's
-    bits are those of calls of at most 128 rows (blocks taken from both ends). 300 rows: slabs of
+    """Above 256 rows threads claim (group, 128-row slab) items as they come free; every row's
+    bits are those of calls of at most 256 rows (blocks taken from both ends). 300 rows: slabs of
     4, 4 and 2 chunks, the last chunk part scratch; 18 output blocks: groups of 8, 8 and 2."""
     x, weight, bias = operands(300, 1152 if silu else 576, 96, torch.float32, seed=threads)
     packed = pairs(weight)
@@ -94,11 +94,11 @@ def test_claimed_items_give_the_few_row_calls_bits(threads, silu):
 
 
 @pytest.mark.parametrize("threads", [2, 3, 4])
-@pytest.mark.parametrize("rows", [1, 32, 100])
+@pytest.mark.parametrize("rows", [1, 32, 100, 200])
 @pytest.mark.parametrize("blocks", [1, 2, 3, 37])
 @pytest.mark.parametrize("silu", [False, True])
 def test_blocks_taken_from_both_ends_give_one_threads_bits(silu, blocks, rows, threads):
-    """Up to 128 rows, threads go in pairs over runs of output blocks, one from each end, and
+    """Up to 256 rows, threads go in pairs over runs of output blocks, one from each end, and
     claim the middle quarter block by block (claimed_items.h's run_from_both_ends), a thread
     without a partner (3 threads) alone over half a pair's share. 37 blocks: one run of 37 (2
     threads: 13 from each end, 11 claimed), runs of 24 and 13 (3), of 18 and 19 (4); 1-3
@@ -131,12 +131,12 @@ def test_a_non_contiguous_input_is_read_as_its_values():
     torch.testing.assert_close(got, F.linear(x.contiguous(), weight), atol=0.05, rtol=2**-7)
 
 
-@pytest.mark.parametrize("rows", [0, 1, 5, 16, 17, 32, 33, 70, 300])
+@pytest.mark.parametrize("rows", [0, 1, 5, 16, 17, 32, 33, 70, 200, 300])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gate_up_with_silu_is_the_two_calls_to_the_bit(rows, threads):
     """amx_silu_linear: gate block j and up block j + n / 2 into one block of silu(gate) * up,
     every bit that of amx_linear then silu_and_mul (18 output blocks: taken from both ends up to
-    128 rows, in groups of 8, 8 and 2 at 300), with gates that reach exp's clamp."""
+    256 rows, in groups of 8, 8 and 2 at 300), with gates that reach exp's clamp."""
     x, weight, _ = operands(rows, 2 * 576, 96, None, seed=rows + threads)
     x = x * 4
     with torch_threads(threads):

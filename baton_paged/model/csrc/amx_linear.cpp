@@ -54,10 +54,15 @@ constexpr int64_t kPrefetchBytes = 8192;
 // took 1.3x oneDNN's time, a third of it those writes; with 8 blocks 1.0x, and 0.9x at 2048 rows
 // (from 1.85x).
 constexpr int64_t kGroupBlocks = 8;
-// A claimed item's chunks: a group's blocks for 128 rows, 15-40 us of a SmolLM2 layer's work, and
-// the fewest such slabs a call needs for its items to be claimed rather than split up front.
+// A claimed item's chunks: a group's blocks for 128 rows, 15-40 us of a SmolLM2 layer's work.
 constexpr int64_t kSlabChunks = 4;
-constexpr int64_t kClaimedSlabs = 2;
+// The most chunks a call takes block by block (every chunk of a block, then the next block) rather
+// than in slabs: up to 256 rows, where each block's weights are then read once, from memory, for
+// all its rows. SmolLM2's 30 layers of bfloat16 linears, weights rotated over three copies as an
+// engine reads them from memory (2 threads, interleaved), against up to 128 rows: 160 rows 0.79x
+// the time, 200 0.82x, 247 0.95x; 300 and 384 rows 1.01-1.02x block by block, so they stay in
+// slabs.
+constexpr int64_t kBlockByBlockChunks = 8;
 
 // Tiles (amx_tiles.h's configure_tiles, each 16 rows of 64 bytes): 0-3 the sums (rows 0-15 x
 // columns 0-15, 0-15 x 16-31, 16-31 x 0-15, 16-31 x 16-31), 4-5 x's rows 0-15 and 16-31 at 32
@@ -216,17 +221,18 @@ struct Product {
   }
 };
 
-// Few rows (a decode step): each output block for every chunk, the blocks taken from both ends
-// of runs shared by pairs of threads (claimed_items.h's run_from_both_ends), so that
-// multiply_chunk's look-ahead still asks for the block this thread multiplies next while where a
-// pair meets follows the two vCPUs' speeds. Against equal runs of blocks split up front, groups
-// of 8 chunk by chunk (SmolLM2's 30 layers of bfloat16 linears, interleaved in one process, 2
-// threads; three A/B runs): 0.88-1.04x the time at 1-16 rows, 0.80-0.99x at 32 and 48,
-// 0.78-1.01x at 96-128; an engine's B=24 / 32 decode step 0.92x / 0.97x (medians of 20-30
-// rounds); the same bits. Many rows (a prefill): items of a group x kSlabChunks chunks, group by
-// group, claimed as threads come free (claimed_items.h): a 4096-token SmolLM2 bfloat16 prefill
-// took 0.72-0.93x the time of the static split (medians of interleaved runs, 2 threads; the more
-// the two vCPUs' speeds differed, the more it gained), the same bits.
+// Few rows (a decode step, or up to kBlockByBlockChunks chunks): each output block for every
+// chunk, the blocks taken from both ends of runs shared by pairs of threads (claimed_items.h's
+// run_from_both_ends), so that multiply_chunk's look-ahead still asks for the block this thread
+// multiplies next while where a pair meets follows the two vCPUs' speeds. Against equal runs of
+// blocks split up front, groups of 8 chunk by chunk (SmolLM2's 30 layers of bfloat16 linears,
+// interleaved in one process, 2 threads; three A/B runs): 0.88-1.04x the time at 1-16 rows,
+// 0.80-0.99x at 32 and 48, 0.78-1.01x at 96-128; an engine's B=24 / 32 decode step 0.92x / 0.97x
+// (medians of 20-30 rounds); the same bits. Many rows (a prefill): items of a group x
+// kSlabChunks chunks, group by group, claimed as threads come free (claimed_items.h): a
+// 4096-token SmolLM2 bfloat16 prefill took 0.72-0.93x the time of the static split (medians of
+// interleaved runs, 2 threads; the more the two vCPUs' speeds differed, the more it gained), the
+// same bits.
 template <typename Bias>
 void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, at::Tensor& out,
               bool silu = false) {
@@ -238,8 +244,7 @@ void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, a
                               packed.data_ptr<c10::BFloat16>(), bias,
                               out.data_ptr<c10::BFloat16>(), n_rows, k, outputs,
                               outputs * kBlock, full, (n_rows + kChunk - 1) / kChunk, silu};
-  const int64_t slabs = (product.chunks + kSlabChunks - 1) / kSlabChunks;
-  if (slabs < kClaimedSlabs) {
+  if (product.chunks <= kBlockByBlockChunks) {
     baton::run_from_both_ends(outputs, [&](const auto& claim) {
       configure_tiles();
       for (baton::EndItem mine = claim(); mine.item >= 0; mine = claim()) {
@@ -249,6 +254,7 @@ void multiply(const at::Tensor& x, const at::Tensor& packed, const Bias* bias, a
     });
     return;
   }
+  const int64_t slabs = (product.chunks + kSlabChunks - 1) / kSlabChunks;
   const int64_t groups = (outputs + kGroupBlocks - 1) / kGroupBlocks;
   baton::run_claimed(groups * slabs, [&](const auto& claim) {
     configure_tiles();
