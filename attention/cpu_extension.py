@@ -91,6 +91,7 @@ ATTENTION_KERNELS = KernelLibrary(
         CSRC / "amx_tiles.h",
         CSRC / "claimed_items.h",
         CSRC / "cpu_common.h",
+        CSRC / "float_tiles.h",
         CSRC / "key_pairs.h",
         CSRC / "paged_inputs.h",
         CSRC / "wide_math.h",

@@ -64,6 +64,11 @@ class AmxAttention {
     return head_dim % kPairs == 0 && page_size % kTile == 0 && amx_tiles_granted();
   }
 
+  // A thread's tile state: its configuration loaded before its first multiply, and given back
+  // after its last, so that context switches no longer save it.
+  static void claim() { configure_tiles(); }
+  static void release() { _tile_release(); }
+
   // Tiles (amx_tiles.h's configure_tiles: each 16 rows of 64 bytes): 3-6 the sums of up to four
   // multiplies at a time (four tiles of keys for the scores, four 16-dim slices for the values);
   // for the scores 2 the queries (left), 0, 1 and 7 the keys (right); for the values 7 the weights
@@ -83,9 +88,8 @@ class AmxAttention {
   void attend(const WorkItem& item) {
     const int64_t rows = item.num_tokens * in_.group;
     chunks_.resize((rows + kTile - 1) / kTile);
-    const int64_t q_len = in_.cu_seqlens_q[item.request + 1] - in_.cu_seqlens_q[item.request];
     // Row r sees keys < first_limit + r / group + 1; the last row sees num_keys.
-    const int64_t first_limit = in_.context_lens[item.request] - q_len + item.first_token;
+    const int64_t first_limit = in_.first_limit(item);
     const int64_t num_keys = first_limit + item.num_tokens;
     for (int64_t head = item.first_head; head < item.last_head; ++head) {
       for (size_t c = 0; c < chunks_.size(); ++c) {
@@ -143,23 +147,6 @@ class AmxAttention {
     return static_cast<__mmask16>((1u << std::clamp<int64_t>(n, 0, kTile)) - 1);
   }
 
-  // Row `row` of a head's rows is query head head * group + row % group of token row / group:
-  // where it lies in a [tokens, heads, dim] tensor with these strides.
-  template <typename T>
-  T* row_of(T* base, int64_t token_stride, int64_t head_stride, const WorkItem& item,
-            int64_t head, int64_t row) const {
-    const int64_t token = in_.cu_seqlens_q[item.request] + item.first_token + row / in_.group;
-    return base + token * token_stride + (head * in_.group + row % in_.group) * head_stride;
-  }
-
-  const bf16* query_of(const WorkItem& item, int64_t head, int64_t row) const {
-    return row_of(in_.query, in_.query_token_stride, in_.query_head_stride, item, head, row);
-  }
-
-  bf16* out_of(const WorkItem& item, int64_t head, int64_t row) const {
-    return row_of(in_.out, in_.out_token_stride, in_.out_head_stride, item, head, row);
-  }
-
   void start_chunk(Chunk& chunk, const WorkItem& item, int64_t head, int64_t row0, int64_t count,
                    int64_t first_limit) {
     chunk.row0 = row0;
@@ -190,7 +177,7 @@ class AmxAttention {
 
   void finish_chunk(const Chunk& chunk, const WorkItem& item, int64_t head) const {
     for (int64_t n = 0; n < chunk.count; ++n) {
-      bf16* dst = out_of(item, head, chunk.row0 + n);
+      bf16* dst = in_.out_row(item, head, chunk.row0 + n);
       const float inverse = 1.0f / chunk.sum[n];
       for (int64_t d = 0; d < dim_; d += kTile) {
         store_wide(dst + d, load_wide(chunk.sums.data() + n * dim_ + d) * inverse);
@@ -201,7 +188,7 @@ class AmxAttention {
   void lay_out_queries(Chunk& chunk, const WorkItem& item, int64_t head) {
     chunk.queries.assign(kTile * dim_, bf16(0));
     for (int64_t n = 0; n < chunk.count; ++n) {
-      std::memcpy(chunk.queries.data() + n * dim_, query_of(item, head, chunk.row0 + n),
+      std::memcpy(chunk.queries.data() + n * dim_, in_.query_row(item, head, chunk.row0 + n),
                   dim_ * sizeof(bf16));
     }
   }

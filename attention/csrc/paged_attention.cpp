@@ -26,6 +26,7 @@
 #include "amx_attention.h"
 #include "claimed_items.h"
 #include "cpu_common.h"
+#include "float_tiles.h"
 #include "paged_inputs.h"
 #include "wide_math.h"
 
@@ -47,9 +48,10 @@ int64_t block_keys(int64_t page_size) {
   return std::max<int64_t>(1, kBlockKeys / page_size) * page_size;
 }
 
-// Whether bfloat16 items run on AMX tiles where the CPU has them (amx_attention.h); the vector
+// Whether a prompt's items run on tiles where they fit: bfloat16 ones on AMX tiles where the CPU
+// has them (amx_attention.h), float32 ones on AVX-512 register tiles (float_tiles.h); the vector
 // maths otherwise. A switch for the tests and benchmarks that compare the two.
-std::atomic<bool> amx_attention_enabled{true};
+std::atomic<bool> prompt_tiles_enabled{true};
 
 // ---- Per-row math: scores, softmax weights, weighted values -------------------------------------
 // Three implementations with one interface. ScalarMath is plain loops for any dtype and head size
@@ -308,20 +310,24 @@ const typename Math::kv_t* keys_view(const PagedInputs<scalar_t>& in, const scal
 // - float32, 8/4 heads of 64: whole prompts on a par up to ~1024 tokens (7.0 vs 6.4 ms), 2048
 //   32.0 vs 23.6 ms; but with earlier tokens cached torch's is the slower (256 new tokens after
 //   1024 cached 4.3 vs 4.8 ms, 512 after 2048 20.8 vs 21.6, 256 after 4096 18.0 vs 20.1): only
-//   whole prompts of ~1450 tokens and more go.
+//   whole prompts of ~1450 tokens and more go (where the register tiles are off or do not fit).
 // - bfloat16 on AMX tiles (amx_attention.h; same shape, interleaved, calls of 2048 new tokens in
 //   all): whole prompts of 128 tokens 0.71x torch's time, 256 0.96x, 512 0.89x, 1024 1.22x, 2048
 //   1.41x; 32 new tokens after 300 cached 0.43x, 64 after 936 0.92x, 128 after 1024 1.07x, 256
 //   after 2048 1.24x. So where the tiles run, requests of fewer than kTilesTorchPairs pairs stay
 //   ours: whole prompts of up to 511 tokens (512 have 131584 pairs, on a par either way).
+// - float32 on register tiles (float_tiles.h; 8/4 heads of 64, against torch's on the gathered
+//   context): whole prompts of 2048 tokens 0.90x torch's time, 2500 0.95x, 3000 1.00x, 4096 1.08x:
+//   whole prompts of up to ~2900 tokens (kFloatTilesTorchPairs) stay ours.
 // Decode rows, short prompts and chunks stay ours, and so does float64, the exactness runs' type.
 constexpr int64_t kTorchQueries = 32;
 constexpr int64_t kTilesTorchPairs = 1 << 17;
+constexpr int64_t kFloatTilesTorchPairs = 1 << 22;
 
 template <typename scalar_t>
 int64_t torch_pairs(bool on_tiles) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return on_tiles ? kTilesTorchPairs : 4096;
-  if constexpr (std::is_same_v<scalar_t, float>) return 1 << 20;
+  if constexpr (std::is_same_v<scalar_t, float>) return on_tiles ? kFloatTilesTorchPairs : 1 << 20;
   return std::numeric_limits<int64_t>::max();
 }
 
@@ -575,22 +581,17 @@ template <typename Math, typename scalar_t>
   using acc_t = typename Math::acc_t;
   const int64_t dim = in.head_dim, group = in.group, page = in.page_size;
   const int64_t rows = item.num_tokens * group, heads = item.last_head - item.first_head;
-  const int64_t q_len = in.cu_seqlens_q[item.request + 1] - in.cu_seqlens_q[item.request];
-  const int64_t first_token = in.cu_seqlens_q[item.request] + item.first_token;
   const int64_t block = block_keys(page);
   s.fit(heads * rows, dim, page, block);
-  // Row (h, r) is query head (first_head + h) * group + r % group of token r / group.
+  // Row (h, r) is row r of KV head first_head + h (PagedInputs::query_row).
   auto row_of = [&](int64_t h, int64_t r) { return (h * rows + r) * dim; };
-  auto head_of = [&](int64_t h, int64_t r) { return (item.first_head + h) * group + r % group; };
   for (int64_t h = 0; h < heads; ++h) {
     for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* src = in.query + (first_token + r / group) * in.query_token_stride +
-                            head_of(h, r) * in.query_head_stride;
-      Math::load_query(s.query.data() + row_of(h, r), src, dim, in.scale);
+      Math::load_query(s.query.data() + row_of(h, r), in.query_row(item, item.first_head + h, r),
+                       dim, in.scale);
     }
   }
-  // Token i of the tile (absolute position context - q_len + first_token + i) sees keys <= it.
-  const int64_t first_limit = in.context_lens[item.request] - q_len + item.first_token;
+  const int64_t first_limit = in.first_limit(item);
   const int64_t num_keys = first_limit + item.num_tokens;
   const int32_t* pages = in.block_table + item.request * in.table_stride;
   const int64_t num_pages = (num_keys + page - 1) / page;
@@ -604,9 +605,8 @@ template <typename Math, typename scalar_t>
 
   for (int64_t h = 0; h < heads; ++h) {
     for (int64_t r = 0; r < rows; ++r) {
-      scalar_t* dst = in.out + (first_token + r / group) * in.out_token_stride +
-                      head_of(h, r) * in.out_head_stride;
-      Math::finish(dst, s.acc.data() + row_of(h, r), acc_t(1) / s.sum[h * rows + r], dim);
+      Math::finish(in.out_row(item, item.first_head + h, r), s.acc.data() + row_of(h, r),
+                   acc_t(1) / s.sum[h * rows + r], dim);
     }
   }
 }
@@ -620,66 +620,81 @@ void run_items(const PagedInputs<scalar_t>& in, int64_t batch) {
   });
 }
 
-#ifdef BATON_AMX_ATTENTION
 // Whether any of the call's items has a chunk's worth of rows a KV head (a request's first tile
 // is its largest), so that the call has work for the tiles.
-bool has_tile_items(const PagedInputs<c10::BFloat16>& in, int64_t batch) {
+template <typename Tiles, typename scalar_t>
+bool has_tile_items(const PagedInputs<scalar_t>& in, int64_t batch) {
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t q_len = in.cu_seqlens_q[b + 1] - in.cu_seqlens_q[b];
-    if (std::min(q_len, kQueryTile) * in.group >= AmxAttention::kTile && !by_torch(in, b)) {
-      return true;
-    }
+    if (std::min(q_len, kQueryTile) * in.group >= Tiles::kTile && !by_torch(in, b)) return true;
   }
   return false;
 }
 
-// Items with a chunk's worth of rows a KV head (a prompt's tiles of 16 tokens) on AMX tiles; the
-// rest on the 16-lane math: for a decode row's few rows the tile loads, waiting on K and V, ran
+// Items with a chunk's worth of rows a KV head (a prompt's tiles of 16 tokens) on tiles; the rest
+// on the 16-lane math: for a decode row's few rows the AMX tile loads, waiting on K and V, ran
 // 1.3x its time (B=32, context 160, SmolLM2's heads), while a tile of 16 tokens after 160 cached
 // ran in 0.55x.
-void run_items_on_tiles(const PagedInputs<c10::BFloat16>& in, int64_t batch) {
-  using Math = WideMath<c10::BFloat16>;
+template <typename Tiles, typename scalar_t>
+void run_items_on_tiles(const PagedInputs<scalar_t>& in, int64_t batch) {
+  using Math = WideMath<scalar_t>;
   const std::vector<WorkItem> items = plan_items(in, batch, at::get_num_threads());
   run_claimed(static_cast<int64_t>(items.size()), [&](const auto& claim) {
-    // The tiles' scratch (~40 KiB, zeroed) and state only once a thread claims a tile item.
-    std::optional<AmxAttention> tiles;
+    // The tiles' scratch and state only once a thread claims a tile item.
+    std::optional<Tiles> tiles;
     Scratch<Math> scratch;
     for (int64_t i = claim(); i >= 0; i = claim()) {
-      if (items[i].num_tokens * in.group < AmxAttention::kTile) {
+      if (items[i].num_tokens * in.group < Tiles::kTile) {
         attend_item<Math>(items[i], in, scratch);
         continue;
       }
       if (!tiles) {
-        configure_tiles();
+        Tiles::claim();
         tiles.emplace(in, block_keys(in.page_size));
       }
       tiles->attend(items[i]);
     }
-    if (tiles) _tile_release();  // the thread's tile state, so context switches no longer save it
+    if (tiles) Tiles::release();
   });
 }
-#endif
 
-// Whether a call's bfloat16 work may run on AMX tiles: built for them, switched on, and the
-// head and page sizes fit.
+// Whether a call's prompt items may run on tiles: built for them, switched on, and the head and
+// page sizes fit.
 template <typename scalar_t>
 bool tiles_fit(int64_t head_dim, int64_t page_size) {
 #ifdef BATON_AMX_ATTENTION
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    return amx_attention_enabled && AmxAttention::fits(head_dim, page_size);
+    return prompt_tiles_enabled && AmxAttention::fits(head_dim, page_size);
+  }
+#endif
+#ifdef BATON_FLOAT_TILES
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    return prompt_tiles_enabled && FloatTiles::fits(head_dim);
   }
 #endif
   return false;
+}
+
+// A call with no tile items (a decode step) runs the vector maths' own loop: through the mixed
+// loop, with the AMX tiles' scratch built up front, a B=32 bfloat16 decode step's attention took
+// 1.10x its time (context 160) and 1.25x at B=8.
+template <typename Tiles, typename scalar_t>
+bool ran_on_tiles(const PagedInputs<scalar_t>& in, int64_t batch) {
+  if (!in.on_tiles || !has_tile_items<Tiles>(in, batch)) return false;
+  run_items_on_tiles<Tiles>(in, batch);
+  return true;
 }
 
 template <typename scalar_t>
 void dispatch_math(const PagedInputs<scalar_t>& in, int64_t batch) {
 #ifdef BATON_AMX_ATTENTION
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    // A call with no tile items (a decode step) runs the vector maths' own loop: through the
-    // mixed loop, with the tiles' scratch built up front, a B=32 decode step's attention took
-    // 1.10x its time (context 160) and 1.25x at B=8.
-    if (in.on_tiles && has_tile_items(in, batch)) return run_items_on_tiles(in, batch);
+    if (ran_on_tiles<AmxAttention>(in, batch)) return;
+  }
+#endif
+#ifdef BATON_FLOAT_TILES
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (ran_on_tiles<FloatTiles>(in, batch)) return;
   }
 #endif
   if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
@@ -740,9 +755,18 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
   });
 }
 
-// Whether bfloat16 attention may run on AMX tiles (where the CPU has them and the head and page
-// sizes fit); returns the previous setting.
-bool use_amx_attention(bool enabled) { return amx_attention_enabled.exchange(enabled); }
+// Whether prompt items may run on tiles (bfloat16 on AMX tiles where the CPU has them, float32 on
+// register tiles, where the head and page sizes fit); returns the previous setting.
+bool use_prompt_tiles(bool enabled) { return prompt_tiles_enabled.exchange(enabled); }
+
+// Whether this build can run float32 prompt items on register tiles at all (an AVX-512 build).
+bool float_tiles_available() {
+#ifdef BATON_FLOAT_TILES
+  return true;
+#else
+  return false;
+#endif
+}
 
 // Whether this build and process can run bfloat16 attention on AMX tiles at all.
 bool amx_attention_available() {

@@ -37,11 +37,34 @@ struct PagedInputs {
     return cache + page * page_stride + (key % page_size) * slot_stride + head * head_stride;
   }
 
+  // Keys < first_limit(item) + 1 + i are what the item's token i sees (causal, the last new
+  // token of its request seeing the whole context).
+  int64_t first_limit(const WorkItem& item) const {
+    const int64_t q_len = cu_seqlens_q[item.request + 1] - cu_seqlens_q[item.request];
+    return context_lens[item.request] - q_len + item.first_token;
+  }
+
+  // Row `row` of KV head `head`'s rows of the item (query head head * group + row % group of
+  // token row / group): where it lies in query, or in out.
+  const scalar_t* query_row(const WorkItem& item, int64_t head, int64_t row) const {
+    return query + token_of(item, row) * query_token_stride +
+           (head * group + row % group) * query_head_stride;
+  }
+  scalar_t* out_row(const WorkItem& item, int64_t head, int64_t row) const {
+    return out + token_of(item, row) * out_token_stride +
+           (head * group + row % group) * out_head_stride;
+  }
+
   // Where KV head `head`'s keys of page `page` start: its slot 0 token by token, or the start of
   // its pairs (key_pairs.h).
   const scalar_t* key_head(int64_t page, int64_t head) const {
     return key_cache + page * page_stride +
            head * (kKeysInPairs<scalar_t> ? page_size * head_dim : head_stride);
+  }
+
+ private:
+  int64_t token_of(const WorkItem& item, int64_t row) const {
+    return cu_seqlens_q[item.request] + item.first_token + row / group;
   }
 };
 

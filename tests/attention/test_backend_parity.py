@@ -59,34 +59,41 @@ def check_backend(
 
 
 @pytest.fixture(params=[True, False], ids=["tiles", "vectors"])
-def amx_tiles(request):
-    """The cpu_paged kernel with bfloat16 prompt tiles on AMX tiles (amx_attention.h; skipped
-    where the CPU or build has none), then with every item on its vector maths."""
+def prompt_tiles(request):
+    """The cpu_paged kernel with its prompt tiles on (bfloat16 on AMX tiles: amx_attention.h;
+    float32 on AVX-512 register tiles: float_tiles.h; skipped where the CPU or build has none),
+    then with every item on its vector maths."""
     kernels = cpu_kernels()
     if kernels is None:
         pytest.skip("the attention kernels cannot be built here")
-    if request.param and not kernels.amx_attention_available():
-        pytest.skip("no AMX tiles on this CPU or build")
     params = request.node.callspec.params
-    never_on_tiles = (
-        params.get("dtype", torch.bfloat16) != torch.bfloat16
-        or params.get("head_dim", 64) % 32
-        or params.get("kind") == "decode"
-    )
-    if request.param and never_on_tiles:
-        pytest.skip("never reaches the tiles (bfloat16 prompt tiles, head sizes of 32k)")
-    with amx_attention(kernels, request.param):
+    dtype, head_dim = params.get("dtype", torch.bfloat16), params.get("head_dim", 64)
+    if request.param and params.get("kind") == "decode":
+        pytest.skip("decode rows never reach the tiles")
+    if request.param and dtype == torch.bfloat16:
+        if not kernels.amx_attention_available():
+            pytest.skip("no AMX tiles on this CPU or build")
+        if head_dim % 32:
+            pytest.skip("bfloat16 tiles take head sizes of 32k")
+    if request.param and dtype == torch.float32:
+        if not kernels.float_tiles_available():
+            pytest.skip("no AVX-512 build here")
+        if head_dim % 16:
+            pytest.skip("float32 tiles take head sizes of 16k")
+    if request.param and dtype not in (torch.bfloat16, torch.float32):
+        pytest.skip(f"no tiles for {dtype}")
+    with tiles_switched(kernels, request.param):
         yield request.param
 
 
 @contextlib.contextmanager
-def amx_attention(kernels, enabled: bool):
-    """The kernel's AMX prompt tiles switched on or off inside the block, restored after it."""
-    previous = kernels.use_amx_attention(enabled)
+def tiles_switched(kernels, enabled: bool):
+    """The kernel's prompt tiles switched on or off inside the block, restored after it."""
+    previous = kernels.use_prompt_tiles(enabled)
     try:
         yield
     finally:
-        kernels.use_amx_attention(previous)
+        kernels.use_prompt_tiles(previous)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
@@ -98,25 +105,28 @@ def test_cpu_backend_matches_naive_attention(name, kind, heads, page_size, dtype
     check_backend(name, kind, heads, page_size, dtype, "cpu")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("page_size", [16, 32, 80])
 @pytest.mark.parametrize("heads", [(8, 2), (9, 3), (4, 4)], ids=["gqa4", "gqa3", "mha"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_cpu_paged_bfloat16_on_tiles_and_vectors(kind, heads, page_size, amx_tiles):
-    """bfloat16 at head size 64 on both of the kernel's bfloat16 paths: prompt tiles of 16
-    tokens (48 rows a KV head at 3 query heads a KV head, 16 at one) on AMX tiles, decode rows
-    on the vector math. Pages of 80 tokens make blocks of 96 keys that start mid-page."""
-    check_backend("cpu_paged", kind, heads, page_size, torch.bfloat16, "cpu", seed=11, head_dim=64)
+def test_cpu_paged_prompts_on_tiles_and_vectors(kind, heads, page_size, dtype, prompt_tiles):
+    """Head size 64 on both of the kernel's paths: prompt tiles of 16 tokens (48 rows a KV head
+    at 3 query heads a KV head, 16 at one) on tiles (bfloat16: AMX; float32: chunks of 32 rows
+    in two vectors, the last one of up to 16 in one), decode rows on the vector math. Pages of
+    80 tokens make blocks of 240 keys (96 on AMX tiles, rounded to 32) that start mid-page."""
+    check_backend("cpu_paged", kind, heads, page_size, dtype, "cpu", seed=11, head_dim=64)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("head_dim", [32, 256])
-def test_cpu_paged_tiles_on_one_thread_walk_every_head_of_each_item(head_dim, amx_tiles):
+def test_cpu_paged_tiles_on_one_thread_walk_every_head_of_each_item(head_dim, dtype, prompt_tiles):
     """On one thread, a batch of at least four items keeps each item's KV heads together
     (plan_items splits them by head only when threads would idle), so the tiles walk several
-    heads an item, laying out keys and restarting chunks per head; head sizes of one step of 32
-    dims and of eight (two groups of four 16-dim slices for the values)."""
+    heads an item, locating keys and restarting chunks per head; head sizes of one step of 32
+    dims and of eight (on AMX: two groups of four 16-dim slices for the values)."""
     with torch_threads(1):
         check_backend(
-            "cpu_paged", "prefill_with_context", (6, 3), 16, torch.bfloat16, "cpu", seed=6,
+            "cpu_paged", "prefill_with_context", (6, 3), 16, dtype, "cpu", seed=6,
             head_dim=head_dim, max_context=200,
         )  # fmt: skip
 
@@ -129,7 +139,7 @@ def test_cpu_backend_on_more_random_mixed_batches(name, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("head_dim", [20, 8, 16, 48, 96, 128])
-def test_cpu_paged_kernel_on_head_sizes_off_and_on_its_vector_widths(head_dim, dtype, amx_tiles):
+def test_cpu_paged_kernel_on_head_sizes_off_and_on_its_vector_widths(head_dim, dtype, prompt_tiles):
     """Each of the kernel's three maths: head sizes that are not a multiple of 8 take its scalar
     loops, 8 its 8-lane vectors, multiples of 16 its 16-lane ones; 48 and 96 also run the values'
     leftover 16-lane slices beside (96) or instead of (48) whole 64-lane groups (whose bfloat16
@@ -140,7 +150,7 @@ def test_cpu_paged_kernel_on_head_sizes_off_and_on_its_vector_widths(head_dim, d
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("group", [1, 2, 3, 5, 6, 8])
-def test_cpu_paged_kernel_on_every_query_group_size(group, dtype, amx_tiles):
+def test_cpu_paged_kernel_on_every_query_group_size(group, dtype, prompt_tiles):
     """The 16-lane path weighs the values for up to four query heads of a KV head at once (a
     token's rows); groups of 2 and 3 take its narrower variants, 5, 6 and 8 a four followed by
     the rest, 1 its one-row loop (two keys at a time); and scores keys for up to four rows at
@@ -152,7 +162,7 @@ def test_cpu_paged_kernel_on_every_query_group_size(group, dtype, amx_tiles):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["decode", "prefill_with_context", "mixed"])
-def test_cpu_paged_kernel_across_several_softmax_blocks(kind, dtype, amx_tiles):
+def test_cpu_paged_kernel_across_several_softmax_blocks(kind, dtype, prompt_tiles):
     """Contexts up to 700 keys on 16-token pages: several of the kernel's 256-key softmax blocks
     and a ragged last one, on its 16-lane path (scores sixteen keys at a time) and on tiles, where
     a tile's first chunks of rows may see none of a block its later ones see."""
@@ -191,16 +201,17 @@ def test_cpu_paged_kernel_on_one_long_prompt_split_into_tiles():
         # 600 new tokens after 1200 cached: a mask of 1.08M entries, so in two pieces of rows
         (torch.bfloat16, [600], [1800], [True], [True]),
         # float32 goes only as a whole prompt of ~1M (query, key) pairs: 1500 tokens do, 1000 do
-        # not, nor do 600 after 1200 cached (1.08M pairs)
+        # not, nor do 600 after 1200 cached (1.08M pairs); on register tiles only from 4M pairs
+        # (~2900 tokens)
         (
             torch.float32, [1500, 1000, 600, 1], [1500, 1000, 1800, 64],
-            [True, False, False, False], [True, False, False, False],
+            [True, False, False, False], [False, False, False, False],
         ),
     ],
     ids=["bfloat16", "bfloat16-pieces", "float32"],
 )  # fmt: skip
 def test_cpu_paged_hands_requests_of_many_new_tokens_to_torch_attention(
-    dtype, query_lens, context_lens, by_torch, by_torch_on_tiles, amx_tiles
+    dtype, query_lens, context_lens, by_torch, by_torch_on_tiles, prompt_tiles
 ):
     """A request whose new tokens see enough keys is attended by torch's own attention on its
     context gathered from the pages (paged_attention.cpp's ``by_torch``): its rows equal
@@ -218,33 +229,41 @@ def test_cpu_paged_hands_requests_of_many_new_tokens_to_torch_attention(
     out = backend.forward(batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, scale)
     torch.testing.assert_close(out.double(), naive_attention(batch, scale), **TOLERANCE[dtype])
     starts = np.cumsum([0, *query_lens])
-    expected_by_torch = by_torch_on_tiles if amx_tiles else by_torch
+    expected_by_torch = by_torch_on_tiles if prompt_tiles else by_torch
     for b, torch_rows in enumerate(expected_by_torch):
         expected = torch.cat(list(torch_pieces(batch, b, scale)))
         assert torch.equal(out[starts[b] : starts[b + 1]], expected) == torch_rows, b
 
 
-def test_cpu_paged_prompt_tiles_take_the_tiles_and_decode_rows_the_vector_math():
-    """With AMX tiles on, a prompt's tiles of 16 tokens run on them (their weights rounded to
-    bfloat16: other bits than the vector math's, both near naive attention), while decode rows
-    and a prompt's last tile of fewer rows than a tile holds keep the vector math's bits."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cpu_paged_prompt_tiles_take_the_tiles_and_decode_rows_the_vector_math(dtype):
+    """With tiles on, a prompt's tiles of 16 tokens run on them (other bits than the vector
+    math's: bfloat16's weights rounded on AMX, float32's sums in another order; both near naive
+    attention), while decode rows and a prompt's last tile of fewer rows than a chunk's vector
+    holds keep the vector math's bits."""
     kernels = cpu_kernels()
-    if kernels is None or not kernels.amx_attention_available():
-        pytest.skip("no AMX tiles on this CPU or build")
-    req = AttentionRequirements(torch.device("cpu"), torch.bfloat16, 16, 64, 9, 3)
+    if kernels is None:
+        pytest.skip("the attention kernels cannot be built here")
+    available = {
+        torch.bfloat16: kernels.amx_attention_available,
+        torch.float32: kernels.float_tiles_available,
+    }
+    if not available[dtype]():
+        pytest.skip(f"no {dtype} tiles on this CPU or build")
+    req = AttentionRequirements(torch.device("cpu"), dtype, 16, 64, 9, 3)
     backend = create_backend("cpu_paged", req)
     batch = make_batch(
         [1, 20, 1], [200, 20, 33], num_heads=9, num_kv_heads=3, head_dim=64, page_size=16,
-        dtype=torch.bfloat16, seed=2, backend=backend,
+        dtype=dtype, seed=2, backend=backend,
     )  # fmt: skip
     outs = {}
     for tiles in (True, False):
-        with amx_attention(kernels, tiles):
+        with tiles_switched(kernels, tiles):
             outs[tiles] = backend.forward(
                 batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.125
             )
         torch.testing.assert_close(
-            outs[tiles].double(), naive_attention(batch, 0.125), **TOLERANCE[torch.bfloat16]
+            outs[tiles].double(), naive_attention(batch, 0.125), **TOLERANCE[dtype]
         )
     same = (outs[True] == outs[False]).all(dim=-1).all(dim=-1).tolist()
     # tokens: decode, the prompt's 16-token tile (48 rows a KV head; its first token sees one key
@@ -253,21 +272,21 @@ def test_cpu_paged_prompt_tiles_take_the_tiles_and_decode_rows_the_vector_math()
     assert same[1:17].count(False) >= 14
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
-def test_cpu_paged_bfloat16_ignores_stale_slots_past_each_context(kind, amx_tiles):
+def test_cpu_paged_ignores_stale_slots_past_each_context(kind, dtype, prompt_tiles):
     """Slots of a request's last page past its context (and pages nobody owns) hold NaN: no row
-    reads them, on either path (on tiles, keys past the context weigh zero and their values are
-    laid out as zeros: a zero weight times a NaN would be NaN)."""
+    reads them, on either path (on AMX tiles, keys past the context weigh zero and their values
+    are laid out as zeros: a zero weight times a NaN would be NaN; float32 tiles score a block's
+    last group of eight keys with its first key's K where the context ends inside it)."""
     num_heads, num_kv_heads, page_size = 9, 3, 16
     rng = np.random.default_rng(4)
     query_lens, context_lens = random_lengths(kind, 6, 300, rng)
-    req = AttentionRequirements(
-        torch.device("cpu"), torch.bfloat16, page_size, 64, num_heads, num_kv_heads
-    )
+    req = AttentionRequirements(torch.device("cpu"), dtype, page_size, 64, num_heads, num_kv_heads)
     backend = create_backend("cpu_paged", req)
     batch = make_batch(
         query_lens, context_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=64,
-        page_size=page_size, dtype=torch.bfloat16, seed=4, backend=backend,
+        page_size=page_size, dtype=dtype, seed=4, backend=backend,
     )  # fmt: skip
     used = {
         int(batch.meta.block_table[row, t // page_size]) * page_size + t % page_size
@@ -275,13 +294,11 @@ def test_cpu_paged_bfloat16_ignores_stale_slots_past_each_context(kind, amx_tile
         for t in range(length)
     }
     stale = [slot for slot in range(batch.cache.key(0).shape[0] * page_size) if slot not in used]
-    nan = torch.full((len(stale), num_kv_heads, 64), float("nan"), dtype=torch.bfloat16)
+    nan = torch.full((len(stale), num_kv_heads, 64), float("nan"), dtype=dtype)
     backend.write_slots(batch.cache, 0, torch.tensor(stale), nan, nan)  # in the pages' layout
     out = backend.forward(batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.125)
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(
-        out.double(), naive_attention(batch, 0.125), **TOLERANCE[torch.bfloat16]
-    )
+    torch.testing.assert_close(out.double(), naive_attention(batch, 0.125), **TOLERANCE[dtype])
 
 
 def torch_pieces(batch, b: int, scale: float):

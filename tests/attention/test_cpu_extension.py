@@ -40,7 +40,7 @@ def fresh_build_state():
             ATTENTION_KERNELS,
             ("paged_attention", "write_kv", "copy_pages")
             + ("paged_attention_address", "write_kv_address")
-            + ("use_amx_attention", "amx_attention_available"),
+            + ("use_prompt_tiles", "amx_attention_available", "float_tiles_available"),
         ),
         (
             DECODER_KERNELS,
@@ -66,6 +66,9 @@ def test_each_library_loads_with_its_own_ops_only(library, ops):
     if library is ATTENTION_KERNELS and {"amx_tile", "amx_bf16", "avx512_bf16"} <= _cpu_flags():
         # and bfloat16 prompt tiles run on AMX tiles (else their tests skip)
         assert kernels.amx_attention_available()
+    if library is ATTENTION_KERNELS and "avx512f" in _cpu_flags():
+        # float32 prompt tiles on AVX-512 registers (else their tests skip)
+        assert kernels.float_tiles_available()
 
 
 def _cpu_flags() -> set[str]:
