@@ -1,22 +1,25 @@
-// Paged attention's prompt tiles for float32 pages on AVX-512 registers: a chunk of 16 query rows
-// side by side, one row a lane, against the keys and values read where they lie.
+// Paged attention's prompt tiles for float32 pages on AVX-512 registers: a chunk of 32 query rows
+// in two vectors, one row a lane, against the keys and values read where they lie.
 //
 // Why: the vector maths (wide_math.h) score one query row against 16 keys at a time, each key's
 // dot product summed across lanes (a transposing tree per 16 keys), and weigh a row's values with
 // at most a KV head's group of rows sharing each value vector: a 256-token prompt ran at ~150
 // GFLOP/s on 2 threads of an Intel Xeon (AMX), a third of what its FMA units give. A prompt's rows
-// against its keys are matrix products; here they run as such, with no sums across lanes.
+// against its keys are matrix products; here they run as such, with no sums across lanes:
+// whole prompts of 256-1024 tokens in 0.60-0.62x the time (benchmarks/bench_prompt_tiles.py).
 //
-// How, per KV head: its rows (tokens x the query heads sharing the KV head) in chunks of 16, its
-// keys in blocks (paged_attention.cpp's block_keys), all as lanes = rows:
-// - queries: each chunk's rows laid out dim by dim, [dim][16 rows], scaled, once;
-// - scores: S^T[key][16 rows] = sum over dims of k[dim] (one float broadcast) x that dim's 16 query
-//   lanes, eight keys at a time (eight independent FMA chains, one query load for eight FMAs);
-// - softmax: a key's 16 scores are the chunk's 16 rows, so each row's largest score, its
+// How, per KV head: its rows (tokens x the query heads sharing the KV head) in chunks of 32 (a
+// last one of up to 16 in one vector), its keys in blocks (paged_attention.cpp's block_keys), all
+// as lanes = rows:
+// - queries: each chunk's rows laid out dim by dim, [dim][32 rows], scaled, once;
+// - scores: S^T[key][rows] = sum over dims of k[dim] (one float broadcast) x that dim's query
+//   lanes, eight keys at a time into both vectors (16 independent FMA chains, each broadcast and
+//   query load serving two and eight FMAs);
+// - softmax: a key's scores in a vector are 16 rows', so each row's largest score, its
 //   exponentials and their sum are lane-wise maxima, exponentials and adds; keys a row does not
 //   see (causal) weigh zero by mask;
-// - values: O^T[dim][16 rows] += v[dim] (broadcast) x the key's 16 weights, 16 dims at a time;
-//   the running max / sum / output rescaled as in the vector maths (an online softmax);
+// - values: O^T[dim][rows] += v[dim] (broadcast) x the key's weights, 8 dims at a time for both
+//   vectors; the running max / sum / output rescaled as in the vector maths (an online softmax);
 // - finish: each row's dims back out of the lanes, divided by its sum.
 // Rows are independent (a row's lane never mixes with another's); a chunk's lanes past its rows
 // repeat its last row, so every lane sees at least one key and no lane divides zero by zero.
