@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from threads import torch_threads
 
 from baton_paged.model import packed_linear
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
@@ -51,6 +52,26 @@ def test_a_rows_result_does_not_depend_on_the_other_rows(rows):
         [KERNELS.blocked_linear(x[i : i + 1], blocks(weight), bias) for i in range(rows)]
     )
     assert torch.equal(together, alone)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 5, 6, 7, 32, 48, 49, 64, 97, 200])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gate_up_with_silu_is_the_two_calls_to_the_bit(rows, threads):
+    """blocked_silu_linear: gate block j and up block j + n / 2 in one tile into one block of
+    silu(gate) * up, every bit that of blocked_linear then silu_and_mul, on every work split (up
+    to 48 rows each thread its own blocks; 49-96 two chunks; more, items claimed), with gates that
+    reach exp's clamp; an odd block count is refused."""
+    generator = torch.Generator().manual_seed(rows * 10 + threads)
+    weight = torch.randn(2 * 96, 40, generator=generator)
+    x = torch.randn(rows, 40, generator=generator) * 8
+    with torch_threads(threads):
+        gate_up = KERNELS.blocked_linear(x, blocks(weight), None)
+        expected = gate_up.new_empty(rows, 96)
+        KERNELS.silu_and_mul(expected, gate_up)
+        got = KERNELS.blocked_silu_linear(x, blocks(weight))
+    assert got.shape == (rows, 96) and torch.equal(got, expected)
+    with pytest.raises(RuntimeError, match="as many up blocks"):
+        KERNELS.blocked_silu_linear(x, blocks(weight[:96]))
 
 
 def test_a_non_contiguous_input_is_read_as_its_values():

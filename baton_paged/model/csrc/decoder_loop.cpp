@@ -1,11 +1,11 @@
 // The native executor's decoder layers in one C++ call: per layer the fused norm, QKV matmul,
 // rotary embedding, K/V write, paged attention, output matmul, norm, gate-up matmul, SiLU-and-mul
 // and down matmul, the same calls in the same order as the Python loop in llama_executor.py, so
-// their results are the same to the bit (where the AMX kernel reads the gate-up weights, it and
-// SiLU-and-mul are one pass, to the same bits: Linears::activated). Why: at decode sizes each of a
-// layer's ~15 calls cost microseconds of Python and dispatch around a kernel of tens of us
-// (measured: the small Llama's B=32 bfloat16 decode forward 4.8 -> ~4.3 ms), and the loop holds no
-// GIL while it runs.
+// their results are the same to the bit (where the AMX or the column-block kernel reads the
+// gate-up weights, it and SiLU-and-mul are one pass, to the same bits: Linears::activated). Why:
+// at decode sizes each of a layer's ~15 calls cost microseconds of Python and dispatch around a
+// kernel of tens of us (measured: the small Llama's B=32 bfloat16 decode forward 4.8 -> ~4.3 ms),
+// and the loop holds no GIL while it runs.
 //
 // The matmuls are float32, int8 or 4-bit ones in column blocks (blocked_linear.cpp), bfloat16 ones
 // on AMX tiles (amx_linear.cpp), or go through torch's dispatcher to oneDNN
@@ -102,15 +102,20 @@ struct Linears {
                   buckets);
   }
 
-  // silu_and_mul of gate-up linear i: in the AMX kernel's pass where it reads bfloat16 pair
-  // blocks and gate and up split at a block (the same bits; no gate-up rows written, then read
-  // back by both threads: SmolLM2's bfloat16 decode step 0.95x the time at B=32 and 0.96x at B=4,
-  // interleaved), else two calls.
+  // silu_and_mul of gate-up linear i: in the matmul's own pass where gate and up split at a
+  // block, the AMX kernel's on bfloat16 pair blocks or the column-block kernel's on float32
+  // blocks (the same bits; no gate-up rows written, then read back by both threads: SmolLM2's
+  // bfloat16 decode step 0.95x the time at B=32 and 0.96x at B=4, interleaved), else two calls.
   at::Tensor activated(const at::Tensor& x, int64_t i) const {
-#ifdef BATON_AMX
     const at::Tensor& packed = read(x, i);
-    if (packed.dim() == 4 && packed.size(0) % 2 == 0 && !biases[i]) {
-      return amx_silu_linear(x, packed);
+    const bool splits = packed.size(0) % 2 == 0 && !biases[i];
+#ifdef BATON_AMX
+    if (packed.dim() == 4 && splits) return amx_silu_linear(x, packed);
+#endif
+#ifdef __AVX512F__
+    if (packed.dim() == 3 && !packed.is_mkldnn() && packed.scalar_type() == at::kFloat &&
+        x.scalar_type() == at::kFloat && splits) {
+      return blocked_silu_linear(x, packed);
     }
 #endif
     const at::Tensor gate_up = (*this)(x, i);

@@ -217,6 +217,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef __AVX512F__
   m.def("blocked_linear", &blocked_linear, py::arg("x"), py::arg("packed"), py::arg("bias"),
         py::arg("scale") = py::none(), py::arg("zero") = py::none());
+  m.def("blocked_silu_linear", &blocked_silu_linear, py::arg("x"), py::arg("packed"));
 #endif
 #ifdef BATON_AMX
   m.def("amx_linear_usable", &amx_linear_usable);

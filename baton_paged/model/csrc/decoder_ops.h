@@ -27,6 +27,10 @@ at::Tensor blocked_linear(const at::Tensor& x, const at::Tensor& packed,
                           const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& scale,
                           const std::optional<at::Tensor>& zero);
+// silu_and_mul of a float32 gate-up projection (gate blocks first, then as many up blocks, no
+// bias) in the matmul's own pass: gate block b and up block b in one tile, out [rows, n / 2]; the
+// same bits as blocked_linear then silu_and_mul.
+at::Tensor blocked_silu_linear(const at::Tensor& x, const at::Tensor& packed);
 #endif
 
 // amx_linear.cpp: x @ W.T (+ b) for bfloat16 x and W, W packed into blocks of 32 columns with
