@@ -50,7 +50,7 @@ class FloatTiles {
   static constexpr int64_t kMaxVectors = 2;  // vectors of rows a chunk
   static constexpr int64_t kKeys = 8;        // keys scored at once
 
-  static bool fits(int64_t head_dim) { return head_dim % kTile == 0; }
+  static bool fits(int64_t head_dim, int64_t /*page_size: any*/) { return head_dim % kTile == 0; }
 
   // A thread's tile state: registers need none claimed (AMX tiles do: amx_attention.h).
   static void claim() {}

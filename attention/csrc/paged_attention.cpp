@@ -658,21 +658,35 @@ void run_items_on_tiles(const PagedInputs<scalar_t>& in, int64_t batch) {
   });
 }
 
+// The tiles a dtype's prompt items run on where the build has them (void where it has none):
+// bfloat16 on AMX tiles, float32 on AVX-512 registers.
+template <typename scalar_t>
+struct TilesFor {
+  using type = void;
+};
+#ifdef BATON_AMX_ATTENTION
+template <>
+struct TilesFor<c10::BFloat16> {
+  using type = AmxAttention;
+};
+#endif
+#ifdef BATON_FLOAT_TILES
+template <>
+struct TilesFor<float> {
+  using type = FloatTiles;
+};
+#endif
+
 // Whether a call's prompt items may run on tiles: built for them, switched on, and the head and
 // page sizes fit.
 template <typename scalar_t>
 bool tiles_fit(int64_t head_dim, int64_t page_size) {
-#ifdef BATON_AMX_ATTENTION
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    return prompt_tiles_enabled && AmxAttention::fits(head_dim, page_size);
+  using Tiles = typename TilesFor<scalar_t>::type;
+  if constexpr (std::is_void_v<Tiles>) {
+    return false;
+  } else {
+    return prompt_tiles_enabled && Tiles::fits(head_dim, page_size);
   }
-#endif
-#ifdef BATON_FLOAT_TILES
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return prompt_tiles_enabled && FloatTiles::fits(head_dim);
-  }
-#endif
-  return false;
 }
 
 // A call with no tile items (a decode step) runs the vector maths' own loop: through the mixed
@@ -687,16 +701,10 @@ bool ran_on_tiles(const PagedInputs<scalar_t>& in, int64_t batch) {
 
 template <typename scalar_t>
 void dispatch_math(const PagedInputs<scalar_t>& in, int64_t batch) {
-#ifdef BATON_AMX_ATTENTION
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    if (ran_on_tiles<AmxAttention>(in, batch)) return;
+  using Tiles = typename TilesFor<scalar_t>::type;
+  if constexpr (!std::is_void_v<Tiles>) {
+    if (ran_on_tiles<Tiles>(in, batch)) return;
   }
-#endif
-#ifdef BATON_FLOAT_TILES
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    if (ran_on_tiles<FloatTiles>(in, batch)) return;
-  }
-#endif
   if constexpr (std::is_same_v<at::opmath_type<scalar_t>, float>) {
     if (WideMath<scalar_t>::fits(in.head_dim)) return run_items<WideMath<scalar_t>>(in, batch);
     if (VectorMath<scalar_t>::fits(in.head_dim)) return run_items<VectorMath<scalar_t>>(in, batch);
@@ -760,13 +768,7 @@ void paged_attention(at::Tensor out, const at::Tensor& query, const at::Tensor& 
 bool use_prompt_tiles(bool enabled) { return prompt_tiles_enabled.exchange(enabled); }
 
 // Whether this build can run float32 prompt items on register tiles at all (an AVX-512 build).
-bool float_tiles_available() {
-#ifdef BATON_FLOAT_TILES
-  return true;
-#else
-  return false;
-#endif
-}
+bool float_tiles_available() { return !std::is_void_v<TilesFor<float>::type>; }
 
 // Whether this build and process can run bfloat16 attention on AMX tiles at all.
 bool amx_attention_available() {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from fused_silu import check_fused_silu
 from threads import torch_threads
 
 from baton_paged.model import packed_linear
@@ -139,14 +140,10 @@ def test_gate_up_with_silu_is_the_two_calls_to_the_bit(rows, threads):
     256 rows, in groups of 8, 8 and 2 at 300), with gates that reach exp's clamp."""
     x, weight, _ = operands(rows, 2 * 576, 96, None, seed=rows + threads)
     x = x * 4
-    with torch_threads(threads):
-        gate_up = KERNELS.amx_linear(x, pairs(weight), None)
-        expected = gate_up.new_empty(rows, 576)
-        KERNELS.silu_and_mul(expected, gate_up)
-        got = KERNELS.amx_silu_linear(x, pairs(weight))
-    assert got.shape == (rows, 576) and torch.equal(got, expected)
-    with pytest.raises(RuntimeError, match="as many up blocks"):
-        KERNELS.amx_silu_linear(x, pairs(weight[:96]))
+    linear = lambda x, packed: KERNELS.amx_linear(x, packed, None)  # noqa: E731
+    check_fused_silu(
+        KERNELS, linear, KERNELS.amx_silu_linear, x, pairs(weight), pairs(weight[:96]), threads
+    )
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from threads import torch_threads
+from fused_silu import check_fused_silu
 
 from baton_paged.model import packed_linear
 from baton_paged.model.decoder_kernels import DECODER_KERNELS
@@ -64,14 +64,16 @@ def test_gate_up_with_silu_is_the_two_calls_to_the_bit(rows, threads):
     generator = torch.Generator().manual_seed(rows * 10 + threads)
     weight = torch.randn(2 * 96, 40, generator=generator)
     x = torch.randn(rows, 40, generator=generator) * 8
-    with torch_threads(threads):
-        gate_up = KERNELS.blocked_linear(x, blocks(weight), None)
-        expected = gate_up.new_empty(rows, 96)
-        KERNELS.silu_and_mul(expected, gate_up)
-        got = KERNELS.blocked_silu_linear(x, blocks(weight))
-    assert got.shape == (rows, 96) and torch.equal(got, expected)
-    with pytest.raises(RuntimeError, match="as many up blocks"):
-        KERNELS.blocked_silu_linear(x, blocks(weight[:96]))
+    linear = lambda x, packed: KERNELS.blocked_linear(x, packed, None)  # noqa: E731
+    check_fused_silu(
+        KERNELS,
+        linear,
+        KERNELS.blocked_silu_linear,
+        x,
+        blocks(weight),
+        blocks(weight[:96]),
+        threads,
+    )
 
 
 def test_a_non_contiguous_input_is_read_as_its_values():
