@@ -5,11 +5,12 @@
 One request's new tokens over its paged context, one layer's attention per call, 8 layers each
 with its own K/V (pages shuffled, as a pool hands them out after churn), reported in us per layer:
 whole prompts of 64-2048 tokens and chunks of 16-256 new tokens after 160-1024 cached. float32 on
-the small Llama's heads (8 query / 4 KV of 64), bfloat16 on SmolLM2's (9 / 3 of 64) where the CPU
-has AMX. Cases, interleaved: ``tiles`` (the kernel as the engine runs it: float32 prompt tiles on
-AVX-512 registers, ``attention/csrc/float_tiles.h``; bfloat16 ones on AMX tiles,
-``amx_attention.h``), ``vectors`` (the tiles switched off: the 16-lane per-row maths, or torch's
-attention on the gathered context for the requests the kernel hands it), and ``dense``
+the small Llama's heads (8 query / 4 KV of 64) and on SmolLM2's (9 / 3 of 64: a 16-token item's 48
+rows are a chunk of 32 and one of 16), bfloat16 on SmolLM2's where the CPU has AMX. Cases,
+interleaved: ``tiles`` (the kernel as the engine runs it: float32 prompt tiles on AVX-512
+registers, ``attention/csrc/float_tiles.h``; bfloat16 ones on AMX tiles, ``amx_attention.h``),
+``vectors`` (the tiles switched off: the 16-lane per-row maths, or torch's attention on the
+gathered context for the requests the kernel hands it), and ``dense``
 (``scaled_dot_product_attention`` on contiguous K/V, no pages: a floor from outside). Both kernel
 cases are checked against dense first. Checked: float32's tiles within 1.05x of the time without
 them on every shape (bfloat16's requests from 2^17 pairs on take torch's attention on either
@@ -28,7 +29,8 @@ from baton_paged.attention.cpu_extension import cpu_kernels
 LAYERS = 8
 PAGE = 16
 HEAD_DIM = 64
-HEADS = {torch.float32: (8, 4), torch.bfloat16: (9, 3)}
+SMALL_HEADS, SMOLLM2_HEADS = (8, 4), (9, 3)
+"""(query heads, KV heads) of the small Llama and of SmolLM2-135M."""
 SHAPES = [(64, 64), (256, 256), (512, 512), (1024, 1024), (2048, 2048)]
 SHAPES += [(16, 176), (64, 512), (256, 1280)]
 """(new tokens, context including them): whole prompts, then chunks after cached tokens."""
@@ -38,9 +40,9 @@ TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 class Layers:
     """One request's query and ``LAYERS`` layers of K/V, paged and dense."""
 
-    def __init__(self, new: int, context: int, dtype: torch.dtype, seed: int):
+    def __init__(self, new: int, context: int, dtype: torch.dtype, heads: tuple, seed: int):
         generator = torch.Generator().manual_seed(seed)
-        heads, kv_heads = HEADS[dtype]
+        heads, kv_heads = heads
         pages = -(-context // PAGE)
         self.table = torch.randperm(2 * pages, generator=generator)[:pages].to(torch.int32)[None]
         self.query = torch.randn(new, heads, HEAD_DIM, generator=generator).to(dtype)
@@ -94,8 +96,8 @@ def switched(tiles: bool, run):
     return call
 
 
-def measure(new: int, context: int, dtype: torch.dtype, repeats: int, seed: int) -> dict:
-    layers = Layers(new, context, dtype, seed)
+def measure(new: int, context: int, dtype: torch.dtype, heads: tuple, repeats: int, seed: int):
+    layers = Layers(new, context, dtype, heads, seed)
     cases = {
         "tiles": switched(True, layers.attend),
         "vectors": switched(False, layers.attend),
@@ -113,6 +115,7 @@ def measure(new: int, context: int, dtype: torch.dtype, repeats: int, seed: int)
     us = {name: round(seconds / LAYERS * 1e6, 1) for name, seconds in times.items()}
     return {
         "dtype": str(dtype).removeprefix("torch."),
+        "heads": "{}/{}".format(*heads),
         "new": new,
         "context": context,
         "tiles_us": us["tiles"],
@@ -127,7 +130,8 @@ def report(saved: dict) -> tuple[list[str], str, harness.Panels]:
     rows = saved["rows"]
     lines = ["# Prompt tiles: us per layer, the kernel with and without them", ""]
     lines += harness.markdown(rows)
-    panel = harness.series(rows, "context", "dtype", "tiles_x_vectors")
+    cased = [row | {"case": f"{row['dtype']} {row['heads']}"} for row in rows]
+    panel = harness.series(cased, "context", "case", "tiles_x_vectors")
     return lines, "cpu_paged prompt tiles / without them", {"time ratio by context": panel}
 
 
@@ -142,16 +146,18 @@ def main() -> None:
         raise SystemExit("the attention kernels cannot be built here")
     if not kernels.float_tiles_available():
         raise SystemExit("no AVX-512 build here: float32 has no prompt tiles to compare")
-    dtypes = [torch.float32] + ([torch.bfloat16] if kernels.amx_attention_available() else [])
+    cases = [(torch.float32, SMALL_HEADS), (torch.float32, SMOLLM2_HEADS)]
+    if kernels.amx_attention_available():
+        cases.append((torch.bfloat16, SMOLLM2_HEADS))
     rows = []
     with torch.inference_mode():
-        for dtype in dtypes:
+        for dtype, heads in cases:
             for new, context in SHAPES:
-                rows.append(measure(new, context, dtype, args.repeats, args.seed))
+                rows.append(measure(new, context, dtype, heads, args.repeats, args.seed))
                 print(rows[-1], flush=True)
     checks = [  # float32's: bfloat16's larger requests take torch's attention either way
         harness.check(
-            f"{r['dtype']} {r['new']}/{r['context']}: tiles / vectors",
+            f"{r['dtype']} {r['heads']} heads, {r['new']}/{r['context']}: tiles / vectors",
             r["tiles_x_vectors"],
             1.05,
             "<=",

@@ -6,7 +6,8 @@
 // at most a KV head's group of rows sharing each value vector: a 256-token prompt ran at ~150
 // GFLOP/s on 2 threads of an Intel Xeon (AMX), a third of what its FMA units give. A prompt's rows
 // against its keys are matrix products; here they run as such, with no sums across lanes:
-// whole prompts of 256-1024 tokens in 0.60-0.62x the time (benchmarks/bench_prompt_tiles.py).
+// whole prompts of 256-1024 tokens in 0.62-0.65x the time on the small Llama's heads, 0.66-0.68x on
+// SmolLM2's (benchmarks/bench_prompt_tiles.py).
 //
 // How, per KV head: its rows (tokens x the query heads sharing the KV head) in chunks of 32 (a
 // last one of up to 16 in one vector), its keys in blocks (paged_attention.cpp's block_keys), all
@@ -150,30 +151,36 @@ class FloatTiles {
   }
 
   // scores_[j][lane] = q_lane . k_(start + j) for the block's first `seen` keys (rounded up to
-  // eight), eight keys at a time over every dim: each key's dim broadcast once for all V vectors
-  // of rows (V = 2 ran 1.3x the FMAs a second of V = 1 on one core of an Intel Xeon).
+  // eight), eight keys at a time.
   template <int V>
   void score_block(const Chunk& chunk, int64_t seen) {
     for (int64_t j = 0; j < seen; j += kKeys) {
-      const float* const* k = keys_.data() + j;
-      __m512 acc[V][kKeys];
-      for (int v = 0; v < V; ++v) {
-        for (int64_t i = 0; i < kKeys; ++i) acc[v][i] = _mm512_setzero_ps();
-      }
-      for (int64_t d = 0; d < dim_; ++d) {
-        const float* queries = chunk.queries.data() + d * V * kTile;
-        __m512 q[V];
-        for (int v = 0; v < V; ++v) q[v] = _mm512_loadu_ps(queries + v * kTile);
-        for (int64_t i = 0; i < kKeys; ++i) {
-          const __m512 key = _mm512_set1_ps(k[i][d]);
-          for (int v = 0; v < V; ++v) acc[v][i] = _mm512_fmadd_ps(key, q[v], acc[v][i]);
-        }
-      }
+      score_keys<V>(keys_.data() + j, chunk.queries.data(), dim_, scores_.data() + j * V * kTile);
+    }
+  }
+
+  // Eight keys' scores (k: their rows) against V vectors of rows, over every dim: each key's dim
+  // broadcast once for all V vectors (V = 2 ran 1.3x the FMAs a second of V = 1 on one core of an
+  // Intel Xeon). Its own function, never inlined: inlined into attend, GCC 12 stored the eight
+  // accumulators of V = 1 to the stack on every dim (eight stores per eight FMAs); alone, they
+  // stay in registers (a whole SmolLM2-shaped prompt of 512-2000 tokens: 0.90x the time).
+  template <int V>
+  __attribute__((noinline)) static void score_keys(const float* const* k, const float* queries,
+                                                   int64_t dims, float* scores) {
+    __m512 acc[V][kKeys];
+    for (int v = 0; v < V; ++v) {
+      for (int64_t i = 0; i < kKeys; ++i) acc[v][i] = _mm512_setzero_ps();
+    }
+    for (int64_t d = 0; d < dims; ++d) {
+      __m512 q[V];
+      for (int v = 0; v < V; ++v) q[v] = _mm512_loadu_ps(queries + (d * V + v) * kTile);
       for (int64_t i = 0; i < kKeys; ++i) {
-        for (int v = 0; v < V; ++v) {
-          _mm512_storeu_ps(scores_.data() + ((j + i) * V + v) * kTile, acc[v][i]);
-        }
+        const __m512 key = _mm512_set1_ps(k[i][d]);
+        for (int v = 0; v < V; ++v) acc[v][i] = _mm512_fmadd_ps(key, q[v], acc[v][i]);
       }
+    }
+    for (int64_t i = 0; i < kKeys; ++i) {
+      for (int v = 0; v < V; ++v) _mm512_storeu_ps(scores + (i * V + v) * kTile, acc[v][i]);
     }
   }
 
