@@ -11,12 +11,12 @@ whose new tokens see many keys (a long prompt, or a long chunk of one: from ~4k 
 pairs in bfloat16; in float32 only whole prompts of ~1M pairs) is a matrix product, which the
 same call hands to torch's own attention (flash attention on oneDNN's microkernels) over its
 context gathered from the pages: a 2000-token bfloat16 prompt's first token in 0.45x the time on
-the SmolLM2 shape. Prompt tiles (16 new tokens of a request) run as matrix products in the
-kernel instead: bfloat16 ones as AMX tile multiplies where the CPU has them
-(``attention/csrc/amx_attention.h``; requests stay with the kernel below 2^17 pairs, whole prompts
-of up to 511 tokens), float32 ones on AVX-512 registers, a query row a lane
-(``attention/csrc/float_tiles.h``; below 2^22 pairs, whole prompts of up to ~2900 tokens), where
-each measured as fast as torch's attention or faster.
+the SmolLM2 shape. Prompt tiles (16 new tokens of a request; float32's up to 128, sized by the
+group and the context) run as matrix products in the kernel instead: bfloat16 ones as AMX tile
+multiplies where the CPU has them (``attention/csrc/amx_attention.h``; requests stay with the
+kernel below 2^17 pairs, whole prompts of up to 511 tokens), float32 ones on AVX-512 registers, a
+query row a lane (``attention/csrc/float_tiles.h``; below 2^22 pairs, whole prompts of up to ~2900
+tokens), where each measured as fast as torch's attention or faster.
 
 Its bfloat16 K pages hold each KV head's keys transposed in pairs of dims
 (``attention/csrc/key_pairs.h``: a decode row's scores need no sum across vector lanes, and an AMX

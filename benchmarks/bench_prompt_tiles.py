@@ -5,12 +5,12 @@
 One request's new tokens over its paged context, one layer's attention per call, 8 layers each
 with its own K/V (pages shuffled, as a pool hands them out after churn), reported in us per layer:
 whole prompts of 64-2048 tokens and chunks of 16-256 new tokens after 160-1024 cached. float32 on
-the small Llama's heads (8 query / 4 KV of 64) and on SmolLM2's (9 / 3 of 64: a 16-token item's 48
-rows are a chunk of 32 and one of 16), bfloat16 on SmolLM2's where the CPU has AMX. Cases,
-interleaved: ``tiles`` (the kernel as the engine runs it: float32 prompt tiles on AVX-512
-registers, ``attention/csrc/float_tiles.h``; bfloat16 ones on AMX tiles, ``amx_attention.h``),
-``vectors`` (the tiles switched off: the 16-lane per-row maths, or torch's attention on the
-gathered context for the requests the kernel hands it), and ``dense``
+the small Llama's heads (8 query / 4 KV of 64), on SmolLM2's (9 / 3 of 64) and on 8 / 8 (no
+grouping: one query head a KV head, as in MHA models), bfloat16 on SmolLM2's where the CPU has
+AMX. Cases, interleaved: ``tiles`` (the kernel as the engine runs it: float32 prompt tiles on
+AVX-512 registers, ``attention/csrc/float_tiles.h``; bfloat16 ones on AMX tiles,
+``amx_attention.h``), ``vectors`` (the tiles switched off: the 16-lane per-row maths, or torch's
+attention on the gathered context for the requests the kernel hands it), and ``dense``
 (``scaled_dot_product_attention`` on contiguous K/V, no pages: a floor from outside). Both kernel
 cases are checked against dense first. Checked: float32's tiles within 1.05x of the time without
 them on every shape (bfloat16's requests from 2^17 pairs on take torch's attention on either
@@ -29,8 +29,8 @@ from baton_paged.attention.cpu_extension import cpu_kernels
 LAYERS = 8
 PAGE = 16
 HEAD_DIM = 64
-SMALL_HEADS, SMOLLM2_HEADS = (8, 4), (9, 3)
-"""(query heads, KV heads) of the small Llama and of SmolLM2-135M."""
+SMALL_HEADS, SMOLLM2_HEADS, MHA_HEADS = (8, 4), (9, 3), (8, 8)
+"""(query heads, KV heads) of the small Llama, of SmolLM2-135M, and of a model without grouping."""
 SHAPES = [(64, 64), (256, 256), (512, 512), (1024, 1024), (2048, 2048)]
 SHAPES += [(16, 176), (64, 512), (256, 1280)]
 """(new tokens, context including them): whole prompts, then chunks after cached tokens."""
@@ -146,7 +146,7 @@ def main() -> None:
         raise SystemExit("the attention kernels cannot be built here")
     if not kernels.float_tiles_available():
         raise SystemExit("no AVX-512 build here: float32 has no prompt tiles to compare")
-    cases = [(torch.float32, SMALL_HEADS), (torch.float32, SMOLLM2_HEADS)]
+    cases = [(torch.float32, heads) for heads in (SMALL_HEADS, SMOLLM2_HEADS, MHA_HEADS)]
     if kernels.amx_attention_available():
         cases.append((torch.bfloat16, SMOLLM2_HEADS))
     rows = []

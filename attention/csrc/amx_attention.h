@@ -60,6 +60,11 @@ class AmxAttention {
   static constexpr int64_t kTile = 16;   // keys of a score tile; query rows of a chunk
   static constexpr int64_t kPairs = 32;  // dims a score multiply covers; keys a values one covers
 
+  // Rows of a chunk, and the most new tokens of a request a work item takes
+  // (paged_attention.cpp's plan_tile_items).
+  static constexpr int64_t kChunkRows = kTile;
+  static constexpr int64_t kMostItemTokens = 16;
+
   static bool fits(int64_t head_dim, int64_t page_size) {
     return head_dim % kPairs == 0 && page_size % kTile == 0 && amx_tiles_granted();
   }

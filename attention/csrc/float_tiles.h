@@ -6,8 +6,9 @@
 // at most a KV head's group of rows sharing each value vector: a 256-token prompt ran at ~150
 // GFLOP/s on 2 threads of an Intel Xeon (AMX), a third of what its FMA units give. A prompt's rows
 // against its keys are matrix products; here they run as such, with no sums across lanes:
-// whole prompts of 256-1024 tokens in 0.62-0.65x the time on the small Llama's heads, 0.66-0.68x on
-// SmolLM2's (benchmarks/bench_prompt_tiles.py).
+// whole prompts of 256-1024 tokens in 0.57-0.64x the time on the small Llama's heads, 0.58-0.64x on
+// SmolLM2's, 0.54-0.68x without grouping (benchmarks/bench_prompt_tiles.py; items sized by
+// paged_attention.cpp's plan_tile_items).
 //
 // How, per KV head: its rows (tokens x the query heads sharing the KV head) in chunks of 32 (a
 // last one of up to 16 in one vector), its keys in blocks (paged_attention.cpp's block_keys), all
@@ -52,6 +53,13 @@ class FloatTiles {
   static constexpr int64_t kKeys = 8;        // keys scored at once
 
   static bool fits(int64_t head_dim, int64_t /*page_size: any*/) { return head_dim % kTile == 0; }
+
+  // Rows of a whole chunk, and the most new tokens of a request a work item takes
+  // (paged_attention.cpp's plan_tile_items): a chunk of 16 rows scores and weighs one vector a
+  // broadcast and costs a pass over each block's keys of its own, so items are sized for whole
+  // chunks where they can be.
+  static constexpr int64_t kChunkRows = kMaxVectors * kTile;
+  static constexpr int64_t kMostItemTokens = 128;
 
   // A thread's tile state: registers need none claimed (AMX tiles do: amx_attention.h).
   static void claim() {}

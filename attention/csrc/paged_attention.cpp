@@ -34,7 +34,7 @@ using namespace baton;
 
 namespace {
 
-constexpr int64_t kQueryTile = 16;  // new tokens of one request handled by one work item
+constexpr int64_t kQueryTile = 16;  // new tokens of one request a work item (tiles: at least)
 constexpr int64_t kPrefetchPages = 2;  // how far ahead of the page being read its K/V is asked for
 // Keys per softmax update, in whole pages (at least one): a block's K, then its V, stay in cache
 // (L2) between the two passes, and its scores fit the per-thread scratch. (The tiles round it up
@@ -393,17 +393,27 @@ void attend_by_torch(const at::Tensor& out, const at::Tensor& query,
   }
 }
 
+// New tokens of a request a work item takes: `base`, or `long_context` for a request whose
+// context (cached and new tokens) is at least kLongItemKeys.
+constexpr int64_t kLongItemKeys = 512;
+struct ItemTokens {
+  int64_t base = kQueryTile, long_context = kQueryTile;
+  int64_t of(int64_t context) const { return context >= kLongItemKeys ? long_context : base; }
+};
+
 // Whole requests (all heads, so a page is read front to back once) unless that leaves threads
 // idle; then each KV head is its own item. Longest first, taken dynamically: ragged contexts
 // still keep every thread busy.
 template <typename scalar_t>
-std::vector<WorkItem> plan_items(const PagedInputs<scalar_t>& in, int64_t batch, int64_t threads) {
+std::vector<WorkItem> plan_items(const PagedInputs<scalar_t>& in, int64_t batch, int64_t threads,
+                                 ItemTokens item_tokens = {}) {
   std::vector<WorkItem> items;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t q_len = in.cu_seqlens_q[b + 1] - in.cu_seqlens_q[b];
     if (by_torch(in, b)) continue;  // attend_by_torch's
-    for (int64_t t = 0; t < q_len; t += kQueryTile) {
-      const int64_t n = std::min(kQueryTile, q_len - t);
+    const int64_t tokens = item_tokens.of(in.context_lens[b]);
+    for (int64_t t = 0; t < q_len; t += tokens) {
+      const int64_t n = std::min(tokens, q_len - t);
       const int64_t keys = in.context_lens[b] - q_len + t + n;  // what the tile's last token sees
       items.push_back({b, t, n, 0, in.num_kv_heads, n * keys * in.num_kv_heads});
     }
@@ -631,14 +641,39 @@ bool has_tile_items(const PagedInputs<scalar_t>& in, int64_t batch) {
   return false;
 }
 
-// Items with a chunk's worth of rows a KV head (a prompt's tiles of 16 tokens) on tiles; the rest
+// A call's items on tiles. Each request's items take whole chunks of rows (tokens x group): 16
+// tokens, or 32 where 16 would leave a chunk short (float32's chunks of 32 rows, odd groups). A
+// request of a long context takes longer items (up to Tiles::kMostItemTokens, halving) while the
+// call keeps 2 items a thread: an item reads its context's K and V once for all its chunks, so
+// longer items read less, where a short context gains nothing and fewer items balance worse.
+// float32 on 2 threads of an Intel Xeon (AMX), against items of 16 tokens (us a layer): SmolLM2's
+// 9/3 heads of 64, whole prompts of 128-512 tokens 0.91-1.0x the time, 1024 0.91x, 2000 0.84x;
+// 8/8 (no grouping) 0.74-0.89x and 0.51x at 2000; 8/4 and 16/4 at 1024-2000 tokens 0.80-0.95x,
+// 256 new after 1024 cached 0.80-0.87x, short contexts unchanged (their items still 16 tokens).
+template <typename Tiles, typename scalar_t>
+std::vector<WorkItem> plan_tile_items(const PagedInputs<scalar_t>& in, int64_t batch,
+                                      int64_t threads) {
+  const auto enough = [&](const std::vector<WorkItem>& items) {
+    return static_cast<int64_t>(items.size()) >= 2 * threads;
+  };
+  int64_t base = kQueryTile;
+  while (base * in.group % Tiles::kChunkRows != 0) base *= 2;
+  for (int64_t tokens = Tiles::kMostItemTokens; tokens > base; tokens /= 2) {
+    std::vector<WorkItem> items = plan_items(in, batch, threads, {base, tokens});
+    if (enough(items)) return items;
+  }
+  std::vector<WorkItem> items = plan_items(in, batch, threads, {base, base});
+  return enough(items) ? items : plan_items(in, batch, threads);
+}
+
+// Items with a chunk's worth of rows a KV head (plan_tile_items' prompt items) on tiles; the rest
 // on the 16-lane math: for a decode row's few rows the AMX tile loads, waiting on K and V, ran
 // 1.3x its time (B=32, context 160, SmolLM2's heads), while a tile of 16 tokens after 160 cached
 // ran in 0.55x.
 template <typename Tiles, typename scalar_t>
 void run_items_on_tiles(const PagedInputs<scalar_t>& in, int64_t batch) {
   using Math = WideMath<scalar_t>;
-  const std::vector<WorkItem> items = plan_items(in, batch, at::get_num_threads());
+  const std::vector<WorkItem> items = plan_tile_items<Tiles>(in, batch, at::get_num_threads());
   run_claimed(static_cast<int64_t>(items.size()), [&](const auto& claim) {
     // The tiles' scratch and state only once a thread claims a tile item.
     std::optional<Tiles> tiles;

@@ -237,10 +237,11 @@ def test_cpu_paged_hands_requests_of_many_new_tokens_to_torch_attention(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_paged_prompt_tiles_take_the_tiles_and_decode_rows_the_vector_math(dtype):
-    """With tiles on, a prompt's tiles of 16 tokens run on them (other bits than the vector
-    math's: bfloat16's weights rounded on AMX, float32's sums in another order; both near naive
-    attention), while decode rows and a prompt's last tile of fewer rows than a chunk's vector
-    holds keep the vector math's bits."""
+    """With tiles on, a prompt's items run on them (other bits than the vector math's: bfloat16's
+    weights rounded on AMX, float32's sums in another order; both near naive attention), while
+    decode rows and a prompt's last item of fewer rows than a chunk's vector holds keep the vector
+    math's bits. Items here: bfloat16's of 16 tokens, float32's of 32 (SmolLM2's group of 3 makes
+    16 tokens a chunk and a half of rows)."""
     kernels = cpu_kernels()
     if kernels is None:
         pytest.skip("the attention kernels cannot be built here")
@@ -253,7 +254,7 @@ def test_cpu_paged_prompt_tiles_take_the_tiles_and_decode_rows_the_vector_math(d
     req = AttentionRequirements(torch.device("cpu"), dtype, 16, 64, 9, 3)
     backend = create_backend("cpu_paged", req)
     batch = make_batch(
-        [1, 20, 1], [200, 20, 33], num_heads=9, num_kv_heads=3, head_dim=64, page_size=16,
+        [1, 36, 1], [200, 36, 33], num_heads=9, num_kv_heads=3, head_dim=64, page_size=16,
         dtype=dtype, seed=2, backend=backend,
     )  # fmt: skip
     outs = {}
@@ -266,10 +267,62 @@ def test_cpu_paged_prompt_tiles_take_the_tiles_and_decode_rows_the_vector_math(d
             outs[tiles].double(), naive_attention(batch, 0.125), **TOLERANCE[dtype]
         )
     same = (outs[True] == outs[False]).all(dim=-1).all(dim=-1).tolist()
-    # tokens: decode, the prompt's 16-token tile (48 rows a KV head; its first token sees one key
-    # of weight 1, the same bits either way), its 4-token tile (12 rows), decode
-    assert same[:1] + same[17:] == [True] * 6
-    assert same[1:17].count(False) >= 14
+    # tokens: decode, the prompt's first 32 tokens (items of 48 or 96 rows a KV head; its first
+    # token sees one key of weight 1, the same bits either way), its last 4 (12 rows), decode
+    assert same[:1] + same[33:] == [True] * 6
+    assert same[1:33].count(False) >= 30
+
+
+def float_tiles_or_skip():
+    kernels = cpu_kernels()
+    if kernels is None or not kernels.float_tiles_available():
+        pytest.skip("no float32 prompt tiles on this CPU or build")
+    return kernels
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("heads", [(8, 4), (9, 3), (4, 4)], ids=["gqa2", "gqa3", "mha"])
+def test_cpu_paged_float_tiles_take_longer_items_on_long_contexts(heads, threads):
+    """float32 tile items: 16 tokens, 32 at odd groups (whole chunks of 32 rows), and up to 128
+    for a request whose context is 512 keys or more while the call keeps 2 items a thread: a whole
+    prompt of 1100 tokens (items of 128, the last of 76), 200 new tokens after 500 cached, a short
+    prompt and a decode row beside them, on two threads and on one (other item sizes)."""
+    kernels = float_tiles_or_skip()
+    num_heads, num_kv_heads = heads
+    req = AttentionRequirements(torch.device("cpu"), torch.float32, 16, 64, *heads)
+    backend = create_backend("cpu_paged", req)
+    batch = make_batch(
+        [1100, 200, 40, 1], [1100, 700, 40, 300], num_heads=num_heads, num_kv_heads=num_kv_heads,
+        head_dim=64, page_size=16, dtype=torch.float32, seed=8, backend=backend,
+    )  # fmt: skip
+    with torch_threads(threads), tiles_switched(kernels, True):
+        out = backend.forward(
+            batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.125
+        )
+    torch.testing.assert_close(
+        out.double(), naive_attention(batch, 0.125), **TOLERANCE[torch.float32]
+    )
+
+
+def test_cpu_paged_float_tiles_keep_an_odd_group_s_chunks_whole():
+    """Without grouping (one query head a KV head), float32 tile items take 32 tokens: a 20-token
+    prompt is one item of 20 rows a KV head, all of it on the tiles (16-token items would leave
+    its last 4 tokens, 4 rows, to the vector maths)."""
+    kernels = float_tiles_or_skip()
+    req = AttentionRequirements(torch.device("cpu"), torch.float32, 16, 64, 4, 4)
+    backend = create_backend("cpu_paged", req)
+    batch = make_batch(
+        [20], [20], num_heads=4, num_kv_heads=4, head_dim=64, page_size=16, dtype=torch.float32,
+        seed=9, backend=backend,
+    )  # fmt: skip
+    outs = {}
+    for tiles in (True, False):
+        with tiles_switched(kernels, tiles):
+            outs[tiles] = backend.forward(
+                batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.125
+            )
+    same = (outs[True] == outs[False]).all(dim=-1).all(dim=-1).tolist()
+    assert same[16:].count(False) >= 3
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
