@@ -235,6 +235,21 @@ def test_cpu_paged_hands_requests_of_many_new_tokens_to_torch_attention(
         assert torch.equal(out[starts[b] : starts[b + 1]], expected) == torch_rows, b
 
 
+def same_bits_with_and_without_tiles(kernels, backend, batch, dtype) -> list[bool]:
+    """Per token: whether the kernel gives it the same bits with its prompt tiles on as off (both
+    checked against naive attention first)."""
+    outs = {}
+    for tiles in (True, False):
+        with tiles_switched(kernels, tiles):
+            outs[tiles] = backend.forward(
+                batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.125
+            )
+        torch.testing.assert_close(
+            outs[tiles].double(), naive_attention(batch, 0.125), **TOLERANCE[dtype]
+        )
+    return (outs[True] == outs[False]).all(dim=-1).all(dim=-1).tolist()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_cpu_paged_prompt_tiles_take_the_tiles_and_decode_rows_the_vector_math(dtype):
     """With tiles on, a prompt's items run on them (other bits than the vector math's: bfloat16's
@@ -257,16 +272,7 @@ def test_cpu_paged_prompt_tiles_take_the_tiles_and_decode_rows_the_vector_math(d
         [1, 36, 1], [200, 36, 33], num_heads=9, num_kv_heads=3, head_dim=64, page_size=16,
         dtype=dtype, seed=2, backend=backend,
     )  # fmt: skip
-    outs = {}
-    for tiles in (True, False):
-        with tiles_switched(kernels, tiles):
-            outs[tiles] = backend.forward(
-                batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.125
-            )
-        torch.testing.assert_close(
-            outs[tiles].double(), naive_attention(batch, 0.125), **TOLERANCE[dtype]
-        )
-    same = (outs[True] == outs[False]).all(dim=-1).all(dim=-1).tolist()
+    same = same_bits_with_and_without_tiles(kernels, backend, batch, dtype)
     # tokens: decode, the prompt's first 32 tokens (items of 48 or 96 rows a KV head; its first
     # token sees one key of weight 1, the same bits either way), its last 4 (12 rows), decode
     assert same[:1] + same[33:] == [True] * 6
@@ -315,13 +321,7 @@ def test_cpu_paged_float_tiles_keep_an_odd_group_s_chunks_whole():
         [20], [20], num_heads=4, num_kv_heads=4, head_dim=64, page_size=16, dtype=torch.float32,
         seed=9, backend=backend,
     )  # fmt: skip
-    outs = {}
-    for tiles in (True, False):
-        with tiles_switched(kernels, tiles):
-            outs[tiles] = backend.forward(
-                batch.query, batch.key, batch.value, batch.cache, 0, batch.meta, 0.125
-            )
-    same = (outs[True] == outs[False]).all(dim=-1).all(dim=-1).tolist()
+    same = same_bits_with_and_without_tiles(kernels, backend, batch, torch.float32)
     assert same[16:].count(False) >= 3
 
 
