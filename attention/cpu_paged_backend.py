@@ -14,7 +14,7 @@ context gathered from the pages: a 2000-token bfloat16 prompt's first token in 0
 the SmolLM2 shape. Prompt tiles (16 new tokens of a request; float32's up to 128, sized by the
 group and the context) run as matrix products in the kernel instead: bfloat16 ones as AMX tile
 multiplies where the CPU has them (``attention/csrc/amx_attention.h``; requests stay with the
-kernel below 2^17 pairs, whole prompts of up to 511 tokens), float32 ones on AVX-512 registers, a
+kernel but for whole prompts from 2^20 pairs, ~1450 tokens), float32 ones on AVX-512 registers, a
 query row a lane (``attention/csrc/float_tiles.h``; below 2^22 pairs, whole prompts of up to ~2900
 tokens), where each measured as fast as torch's attention or faster.
 

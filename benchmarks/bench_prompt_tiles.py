@@ -13,8 +13,9 @@ AVX-512 registers, ``attention/csrc/float_tiles.h``; bfloat16 ones on AMX tiles,
 attention on the gathered context for the requests the kernel hands it), and ``dense``
 (``scaled_dot_product_attention`` on contiguous K/V, no pages: a floor from outside). Both kernel
 cases are checked against dense first. Checked: float32's tiles within 1.05x of the time without
-them on every shape (bfloat16's requests from 2^17 pairs on take torch's attention on either
-path, so their rows are the same call twice). Results: ``results/prompt-tiles-cpu.*``.
+them on every shape (bfloat16's whole prompts from 2^20 pairs on take torch's attention on
+either path, so their rows are the same call twice; without tiles, every request from 4096).
+Results: ``results/prompt-tiles-cpu.*``.
 """
 
 from __future__ import annotations

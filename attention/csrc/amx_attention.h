@@ -5,9 +5,9 @@
 // prompt's rows against its keys are matrix products. Above 4096 (query, key) pairs a request went
 // to torch's flash attention (paged_attention.cpp's by_torch), its context gathered from the pages
 // first; below, the vector maths ran. On tiles (2 threads, SmolLM2's 9/3 heads of 64): a tile of 16
-// new tokens after 160 cached in 0.55x the vector maths' time, whole prompts of 128-512 tokens in
-// 0.71-0.96x torch's; the bench workload's 128 prompts of 16-256 tokens prefilled in 0.90x the
-// time. Decode rows stay on the vector maths: their 3 rows a KV head ran 1.3x its time on tiles,
+// new tokens after 160 cached in 0.55x the vector maths' time, whole prompts of 128-1024 tokens in
+// 0.66-0.96x torch's, chunks after cached tokens 0.80-0.90x at every size tried; the bench
+// workload's 128 prompts of 16-256 tokens prefilled in 0.90x the time. Decode rows stay on the vector maths: their 3 rows a KV head ran 1.3x its time on tiles,
 // waiting on K and V as much as it does, with the per-chunk work added.
 //
 // How, per KV head: its rows (tokens x the query heads sharing the KV head) in chunks of 16, and
@@ -60,10 +60,12 @@ class AmxAttention {
   static constexpr int64_t kTile = 16;   // keys of a score tile; query rows of a chunk
   static constexpr int64_t kPairs = 32;  // dims a score multiply covers; keys a values one covers
 
-  // Rows of a chunk, and the most new tokens of a request a work item takes
-  // (paged_attention.cpp's plan_tile_items).
+  // Rows of a chunk, and the most new tokens of a request a work item takes on a long context
+  // (paged_attention.cpp's plan_tile_items): a block's values are laid out once for all of an
+  // item's chunks. Against items of 16 tokens, 2 threads: whole prompts of 512-1024 tokens
+  // 0.91-0.94x the time, 256 new after 1024 cached 0.91x (items of 128: no better, 1.05x at 2000).
   static constexpr int64_t kChunkRows = kTile;
-  static constexpr int64_t kMostItemTokens = 16;
+  static constexpr int64_t kMostItemTokens = 64;
 
   static bool fits(int64_t head_dim, int64_t page_size) {
     return head_dim % kPairs == 0 && page_size % kTile == 0 && amx_tiles_granted();

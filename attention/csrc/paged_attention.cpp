@@ -311,17 +311,18 @@ const typename Math::kv_t* keys_view(const PagedInputs<scalar_t>& in, const scal
 //   32.0 vs 23.6 ms; but with earlier tokens cached torch's is the slower (256 new tokens after
 //   1024 cached 4.3 vs 4.8 ms, 512 after 2048 20.8 vs 21.6, 256 after 4096 18.0 vs 20.1): only
 //   whole prompts of ~1450 tokens and more go (where the register tiles are off or do not fit).
-// - bfloat16 on AMX tiles (amx_attention.h; same shape, interleaved, calls of 2048 new tokens in
-//   all): whole prompts of 128 tokens 0.71x torch's time, 256 0.96x, 512 0.89x, 1024 1.22x, 2048
-//   1.41x; 32 new tokens after 300 cached 0.43x, 64 after 936 0.92x, 128 after 1024 1.07x, 256
-//   after 2048 1.24x. So where the tiles run, requests of fewer than kTilesTorchPairs pairs stay
-//   ours: whole prompts of up to 511 tokens (512 have 131584 pairs, on a par either way).
+// - bfloat16 on AMX tiles (amx_attention.h; same shape, one request a call, us a layer), with
+//   items of up to 64 tokens on long contexts (plan_tile_items): whole prompts of 512 tokens
+//   0.66x torch's time, 768 0.81x, 1024 0.80x, 1400 0.98x, 1700 1.01x, 2000 1.02x; new tokens
+//   after cached ones stay ahead at every size tried (256 after 1024 0.80x, 512 after 1536 0.86x,
+//   1024 after 1024 0.85x, 2048 after 2048 0.90x). So where the tiles run, only whole prompts of
+//   kTilesTorchPairs pairs or more go (~1450 tokens and more), as float32's do.
 // - float32 on register tiles (float_tiles.h; 8/4 heads of 64, against torch's on the gathered
 //   context): whole prompts of 2048 tokens 0.90x torch's time, 2500 0.95x, 3000 1.00x, 4096 1.08x:
 //   whole prompts of up to ~2900 tokens (kFloatTilesTorchPairs) stay ours.
 // Decode rows, short prompts and chunks stay ours, and so does float64, the exactness runs' type.
 constexpr int64_t kTorchQueries = 32;
-constexpr int64_t kTilesTorchPairs = 1 << 17;
+constexpr int64_t kTilesTorchPairs = 1 << 20;
 constexpr int64_t kFloatTilesTorchPairs = 1 << 22;
 
 template <typename scalar_t>
@@ -335,9 +336,10 @@ template <typename scalar_t>
 bool by_torch(const PagedInputs<scalar_t>& in, int64_t b) {
   const int64_t q_len = in.cu_seqlens_q[b + 1] - in.cu_seqlens_q[b], context = in.context_lens[b];
   const int64_t pairs = q_len * (context - (q_len - 1) / 2);  // causal: a triangle
-  const bool whole = q_len == context;  // float32 goes only then
+  // Only as a whole prompt: float32, and any dtype where its tiles run.
+  const bool whole = q_len == context, whole_only = std::is_same_v<scalar_t, float> || in.on_tiles;
   return q_len >= kTorchQueries && pairs >= torch_pairs<scalar_t>(in.on_tiles) &&
-         (whole || !std::is_same_v<scalar_t, float>);
+         (whole || !whole_only);
 }
 
 // Request b's K (keys) or V for its first `count` positions, from its pages: [count, heads, dim].

@@ -192,14 +192,15 @@ def test_cpu_paged_kernel_on_one_long_prompt_split_into_tiles():
     ("dtype", "query_lens", "context_lens", "by_torch", "by_torch_on_tiles"),
     [
         # a whole prompt, a decode row, 40 new tokens after 300 cached, a short prompt, a whole
-        # prompt of 144k (query, key) pairs: from 4096 pairs on, 131072 where prompt tiles run
-        # on AMX tiles
+        # prompt of 1.13M (query, key) pairs: from 4096 pairs on; where prompt tiles run on AMX
+        # tiles, only whole prompts from 2^20 pairs (~1450 tokens)
         (
-            torch.bfloat16, [96, 1, 40, 20, 536], [96, 300, 340, 20, 536],
+            torch.bfloat16, [96, 1, 40, 20, 1500], [96, 300, 340, 20, 1500],
             [True, False, True, False, True], [False, False, False, False, True],
         ),
         # 600 new tokens after 1200 cached: a mask of 1.08M entries, so in two pieces of rows
-        (torch.bfloat16, [600], [1800], [True], [True]),
+        # (on AMX tiles the kernel's: new tokens after cached ones stay with the tiles)
+        (torch.bfloat16, [600], [1800], [True], [False]),
         # float32 goes only as a whole prompt of ~1M (query, key) pairs: 1500 tokens do, 1000 do
         # not, nor do 600 after 1200 cached (1.08M pairs); on register tiles only from 4M pairs
         # (~2900 tokens)
