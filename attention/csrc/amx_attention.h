@@ -7,8 +7,9 @@
 // first; below, the vector maths ran. On tiles (2 threads, SmolLM2's 9/3 heads of 64): a tile of 16
 // new tokens after 160 cached in 0.55x the vector maths' time, whole prompts of 128-1024 tokens in
 // 0.66-0.96x torch's, chunks after cached tokens 0.80-0.90x at every size tried; the bench
-// workload's 128 prompts of 16-256 tokens prefilled in 0.90x the time. Decode rows stay on the vector maths: their 3 rows a KV head ran 1.3x its time on tiles,
-// waiting on K and V as much as it does, with the per-chunk work added.
+// workload's 128 prompts of 16-256 tokens prefilled in 0.90x the time. Decode rows stay on the
+// vector maths: their 3 rows a KV head ran 1.3x its time on tiles, waiting on K and V as much as
+// it does, with the per-chunk work added.
 //
 // How, per KV head: its rows (tokens x the query heads sharing the KV head) in chunks of 16, and
 // its keys in blocks (paged_attention.cpp's, rounded up to 32 keys: 256 on pages of 16 or 32):

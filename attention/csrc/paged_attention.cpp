@@ -660,7 +660,10 @@ std::vector<WorkItem> plan_tile_items(const PagedInputs<scalar_t>& in, int64_t b
   };
   int64_t base = kQueryTile;
   while (base * in.group % Tiles::kChunkRows != 0) base *= 2;
-  for (int64_t tokens = Tiles::kMostItemTokens; tokens > base; tokens /= 2) {
+  // Without a long context every plan would be the base one.
+  const bool any_long = std::any_of(in.context_lens, in.context_lens + batch,
+                                    [](int32_t context) { return context >= kLongItemKeys; });
+  for (int64_t tokens = any_long ? Tiles::kMostItemTokens : base; tokens > base; tokens /= 2) {
     std::vector<WorkItem> items = plan_items(in, batch, threads, {base, tokens});
     if (enough(items)) return items;
   }
